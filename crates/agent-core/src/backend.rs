@@ -1,0 +1,138 @@
+//! The `Backend` contract every store implements (etcd, git, in-memory) and the event stream it
+//! feeds. The contract is what the claim loop and the router rely on; the conformance suite in
+//! `testing` checks it against every implementation.
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::error::BackendResult;
+use crate::ids::{SessionId, TaskId};
+use crate::model::{
+    ClaimOutcome, FencingToken, Listing, PutOutcome, ReleaseOutcome, ReleaseTo, Task, TaskEvent,
+    TaskPatch,
+};
+
+/// What a subscription delivers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendEvent {
+    /// A task's effective state changed.
+    Task(TaskEvent),
+    /// A claim this backend made for `session` has ended without a release: its lease expired or
+    /// could not be kept alive, or another session took the task. The holder must stop the task
+    /// and must not report it done.
+    ClaimLost {
+        /// The task.
+        task: TaskId,
+        /// The session that held it.
+        session: SessionId,
+        /// The fencing token of the lost claim.
+        token: FencingToken,
+    },
+}
+
+/// A live stream of events that starts right after a consistent snapshot.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Every task at `revision`.
+    pub snapshot: Listing,
+    events: mpsc::UnboundedReceiver<BackendEvent>,
+}
+
+impl Subscription {
+    /// A subscription over `events`, which must carry exactly the changes after `snapshot.revision`.
+    pub fn new(snapshot: Listing, events: mpsc::UnboundedReceiver<BackendEvent>) -> Self {
+        Subscription { snapshot, events }
+    }
+
+    /// The next event; `None` once the backend has shut down.
+    pub async fn next(&mut self) -> Option<BackendEvent> {
+        self.events.recv().await
+    }
+
+    /// An event that is already waiting, if any.
+    pub fn try_next(&mut self) -> Option<BackendEvent> {
+        self.events.try_recv().ok()
+    }
+}
+
+/// Health of the backend's connection, for `/health` and the router.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// Whether the store answered.
+    pub reachable: bool,
+    /// What was tried and what went wrong, when it did not.
+    pub detail: String,
+}
+
+/// A task store that sessions coordinate through.
+///
+/// Every method takes `&self` and may be called concurrently from many tasks; implementations are
+/// shared as `Arc<dyn Backend>`. Ids are validated before they get here.
+///
+/// # Correctness
+///
+/// Across every client of the same store (other processes and machines included):
+/// - at most one session holds a task at a time, and every win gets a fencing token greater than
+///   every earlier claim's token of that task;
+/// - a release by anyone but the current holder changes nothing;
+/// - every change is visible to every subscriber, once, in revision order;
+/// - a claim made under a lease ends when the lease ends; the task then reads `available` and the
+///   record itself is kept.
+#[async_trait]
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// A short name for logs and metrics (`etcd`, `git`, `memory`).
+    fn name(&self) -> &'static str;
+
+    /// One task's effective state, or `None` if there is no such task.
+    ///
+    /// # Correctness
+    /// Linearizable: reflects every operation that returned before the call. A claim whose lease has
+    /// expired reads `available` with no holder.
+    async fn get(&self, task: &TaskId) -> BackendResult<Option<Task>>;
+
+    /// Every task at one revision. Records that cannot be read are listed in `corrupt`, not fatal.
+    ///
+    /// # Correctness
+    /// A consistent snapshot: all tasks as of `revision`.
+    async fn list(&self) -> BackendResult<Listing>;
+
+    /// Creates a task or updates its title, status or blockers, keeping every other stored field.
+    ///
+    /// # Correctness
+    /// Atomic read-modify-write: nothing written concurrently is lost. A status change of a task a
+    /// session holds is refused (`Held`) and changes nothing.
+    async fn put(&self, task: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome>;
+
+    /// Tries to take `task` for `session`.
+    ///
+    /// # Correctness
+    /// Atomic compare-and-swap: of any number of concurrent claimers, across processes, at most
+    /// one gets `Won`; the others get `Lost` with the winner. When it returns `Won`, the claim is
+    /// durable and visible to every later `get`, `list` and subscriber. A holder claiming its own
+    /// task again gets `Won` with a new token that supersedes the old one.
+    async fn claim(&self, task: &TaskId, session: &SessionId) -> BackendResult<ClaimOutcome>;
+
+    /// Ends `session`'s claim on `task`, leaving it `complete` or `available`.
+    ///
+    /// # Correctness
+    /// Fenced: succeeds only while `session` still holds the claim (and, when `token` is given, only
+    /// for the claim with that token). Otherwise returns `NotHolder` and changes nothing. When it
+    /// returns `Released`, the new status is durable and the claim is gone.
+    async fn release(
+        &self,
+        task: &TaskId,
+        session: &SessionId,
+        to: ReleaseTo,
+        token: Option<FencingToken>,
+    ) -> BackendResult<ReleaseOutcome>;
+
+    /// A snapshot of every task and the stream of changes after it.
+    ///
+    /// # Correctness
+    /// No change after the snapshot is missed or delivered twice, across reconnects; events come
+    /// in revision order.
+    async fn subscribe(&self) -> BackendResult<Subscription>;
+
+    /// Whether the store answers now (one round trip, bounded by the request deadline).
+    async fn health(&self) -> Health;
+}

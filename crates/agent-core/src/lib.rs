@@ -1,0 +1,24 @@
+//! agent-core: the task model, the `Backend` contract, an in-memory backend and (behind the
+//! `testing` feature) the conformance suite every backend runs.
+//!
+//! Architecture invariant: nothing here talks to etcd or git; everything is tested against any
+//! `Backend`.
+
+pub mod backend;
+pub mod error;
+pub mod ids;
+pub mod memory;
+pub mod model;
+pub mod retry;
+pub mod yaml;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use backend::{Backend, BackendEvent, Health, Subscription};
+pub use error::{BackendError, BackendResult};
+pub use ids::{InvalidId, SessionId, TaskId};
+pub use model::{
+    Claim, ClaimOutcome, Claimability, CorruptRecord, FencingToken, Listing, PutOutcome,
+    ReleaseOutcome, ReleaseTo, Task, TaskEvent, TaskPatch, TaskStatus,
+};

@@ -1,0 +1,470 @@
+//! An in-memory `Backend`: one `MemoryStore` shared by any number of `MemoryBackend` clients, with
+//! the same semantics as etcd (revisions, lease-bound claims that expire, fenced releases, events).
+//! For tests of pure logic and as the reference the conformance suite is checked against.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::backend::{Backend, BackendEvent, Health, Subscription};
+use crate::error::BackendResult;
+use crate::ids::{SessionId, TaskId};
+use crate::model::{
+    Claim, ClaimOutcome, Claimability, FencingToken, Listing, PutOutcome, ReleaseOutcome,
+    ReleaseTo, Task, TaskEvent, TaskPatch, TaskStatus,
+};
+
+#[derive(Debug, Clone)]
+struct Record {
+    /// As stored; `status`/`claimed_by` may describe a claim whose lease is gone.
+    task: Task,
+    /// The lease the stored claim was made under, if any.
+    lease: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct ClaimKey {
+    session: SessionId,
+    lease: Option<u64>,
+    token: u64,
+}
+
+#[derive(Debug)]
+struct Lease {
+    deadline: Instant,
+    owner: u64,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    owner: u64,
+    tx: mpsc::UnboundedSender<BackendEvent>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    revision: u64,
+    tasks: BTreeMap<TaskId, Record>,
+    claims: BTreeMap<TaskId, ClaimKey>,
+    leases: HashMap<u64, Lease>,
+    next_lease: u64,
+    subscribers: Vec<Subscriber>,
+}
+
+impl State {
+    /// The task as readers see it: a leased claim whose claim key is gone reads available.
+    fn effective(&self, id: &TaskId) -> Option<Task> {
+        let rec = self.tasks.get(id)?;
+        let mut task = rec.task.clone();
+        if task.status == TaskStatus::Claimed
+            && rec.lease.is_some()
+            && !self.claims.contains_key(id)
+        {
+            task.status = TaskStatus::Available;
+            task.claimed_by = None;
+            task.claimed_at = None;
+        }
+        Some(task)
+    }
+
+    fn status_of(&self, id: &TaskId) -> Option<TaskStatus> {
+        self.effective(id).map(|t| t.status)
+    }
+
+    /// Applies `change` as one revision and tells subscribers what it changed for `id`.
+    fn mutate(&mut self, id: &TaskId, change: impl FnOnce(&mut State)) -> u64 {
+        let before = self.effective(id);
+        self.revision += 1;
+        change(self);
+        let after = self.effective(id);
+        self.notify(id, before, after);
+        self.revision
+    }
+
+    fn notify(&mut self, id: &TaskId, before: Option<Task>, after: Option<Task>) {
+        let key = |t: &Option<Task>| t.as_ref().map(|t| (t.status, t.claimed_by.clone()));
+        if key(&before) == key(&after) {
+            return;
+        }
+        let event = BackendEvent::Task(TaskEvent {
+            task: id.clone(),
+            old_status: before.map(|t| t.status),
+            new_status: after.as_ref().map(|t| t.status),
+            holder: after.and_then(|t| t.claimed_by),
+            revision: self.revision,
+            time: SystemTime::now(),
+        });
+        self.broadcast(None, event);
+    }
+
+    /// Sends to every subscriber, or only to those of backend `owner`.
+    fn broadcast(&mut self, owner: Option<u64>, event: BackendEvent) {
+        self.subscribers.retain(|s| {
+            if owner.is_some_and(|o| o != s.owner) {
+                return !s.tx.is_closed();
+            }
+            s.tx.send(event.clone()).is_ok()
+        });
+    }
+
+    /// Ends every lease past its deadline: its claim keys go, and the records read available again.
+    fn expire(&mut self, now: Instant) {
+        let dead: Vec<(u64, u64)> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.deadline <= now)
+            .map(|(id, l)| (*id, l.owner))
+            .collect();
+        for (lease, owner) in dead {
+            self.leases.remove(&lease);
+            let held: Vec<(TaskId, ClaimKey)> = self
+                .claims
+                .iter()
+                .filter(|(_, c)| c.lease == Some(lease))
+                .map(|(t, c)| (t.clone(), c.clone()))
+                .collect();
+            for (task, claim) in held {
+                self.mutate(&task, |s| {
+                    s.claims.remove(&task);
+                });
+                // Whoever sees the expiry first resets the record; here that is the store itself.
+                self.mutate(&task, |s| {
+                    if let Some(rec) = s.tasks.get_mut(&task) {
+                        rec.task.status = TaskStatus::Available;
+                        rec.task.claimed_by = None;
+                        rec.task.claimed_at = None;
+                        rec.lease = None;
+                    }
+                });
+                let lost = BackendEvent::ClaimLost {
+                    task,
+                    session: claim.session,
+                    token: FencingToken(claim.token),
+                };
+                self.broadcast(Some(owner), lost);
+            }
+        }
+    }
+
+    fn listing(&self) -> Listing {
+        Listing {
+            tasks: self
+                .tasks
+                .keys()
+                .filter_map(|id| self.effective(id))
+                .collect(),
+            corrupt: Vec::new(),
+            revision: self.revision,
+        }
+    }
+}
+
+/// The shared store: what one etcd cluster is to many etcd clients.
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+    sweeper: Arc<JoinHandle<()>>,
+}
+
+impl MemoryStore {
+    /// A new empty store. Must be called inside a tokio runtime: a background sweeper ends expired
+    /// leases (every 20 ms) so that subscribers hear of them without anyone asking.
+    pub fn new() -> Self {
+        let state = Arc::new(Mutex::new(State::default()));
+        let weak: Weak<Mutex<State>> = Arc::downgrade(&state);
+        let sweeper = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            loop {
+                tick.tick().await;
+                let Some(state) = weak.upgrade() else { return };
+                lock(&state).expire(Instant::now());
+            }
+        });
+        MemoryStore {
+            state,
+            sweeper: Arc::new(sweeper),
+        }
+    }
+
+    /// Ends, now, the lease behind the current claim on `task` (as if its holder had stopped
+    /// keeping it alive). For tests.
+    pub fn end_lease_of(&self, task: &TaskId) {
+        let mut state = lock(&self.state);
+        let lease = state.claims.get(task).and_then(|c| c.lease);
+        if let Some(l) = lease.and_then(|l| state.leases.get_mut(&l)) {
+            l.deadline = Instant::now();
+        }
+        state.expire(Instant::now());
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        let mut state = lock(&self.state);
+        state.expire(Instant::now());
+        state
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for MemoryStore {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.sweeper) == 1 {
+            self.sweeper.abort();
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panic while holding the lock leaves consistent data (every mutation is one assignment
+    // sequence without await points), so a poisoned lock is still usable.
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+static NEXT_BACKEND: AtomicU64 = AtomicU64::new(1);
+
+/// One client of a `MemoryStore`. Claims it makes are bound to one lease per session (when
+/// `lease_ttl` is set), kept alive in the background while this client lives; dropping the client
+/// without releasing is how a test simulates a crashed session.
+#[derive(Debug)]
+pub struct MemoryBackend {
+    store: MemoryStore,
+    id: u64,
+    lease_ttl: Option<Duration>,
+    leases: Mutex<HashMap<SessionId, (u64, JoinHandle<()>)>>,
+}
+
+impl MemoryBackend {
+    /// A client of `store`; claims are leased with `lease_ttl` (`None`: held until released).
+    pub fn new(store: MemoryStore, lease_ttl: Option<Duration>) -> Self {
+        MemoryBackend {
+            store,
+            id: NEXT_BACKEND.fetch_add(1, Ordering::Relaxed),
+            lease_ttl,
+            leases: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The live lease of `session` for this client, granting one (and its keep-alive) if needed.
+    fn session_lease(&self, state: &mut State, session: &SessionId) -> Option<u64> {
+        let ttl = self.lease_ttl?;
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((lease, _)) = leases.get(session) {
+            if state.leases.contains_key(lease) {
+                return Some(*lease);
+            }
+        }
+        state.next_lease += 1;
+        let lease = state.next_lease;
+        state.leases.insert(
+            lease,
+            Lease {
+                deadline: Instant::now() + ttl,
+                owner: self.id,
+            },
+        );
+        let weak = Arc::downgrade(&self.store.state);
+        let keeper = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                let Some(state) = weak.upgrade() else { return };
+                let mut state = lock(&state);
+                match state.leases.get_mut(&lease) {
+                    Some(l) => l.deadline = Instant::now() + ttl,
+                    None => return,
+                }
+            }
+        });
+        if let Some((_, old)) = leases.insert(session.clone(), (lease, keeper)) {
+            old.abort();
+        }
+        Some(lease)
+    }
+
+    /// The lease this client holds for `session`, if it holds one.
+    fn my_lease(&self, session: &SessionId) -> Option<u64> {
+        let leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        leases.get(session).map(|(l, _)| *l)
+    }
+}
+
+impl Drop for MemoryBackend {
+    fn drop(&mut self) {
+        let leases = self.leases.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (_, keeper) in leases.values() {
+            keeper.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for MemoryBackend {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn get(&self, task: &TaskId) -> BackendResult<Option<Task>> {
+        Ok(self.store.lock().effective(task))
+    }
+
+    async fn list(&self) -> BackendResult<Listing> {
+        Ok(self.store.lock().listing())
+    }
+
+    async fn put(&self, task: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {
+        let mut state = self.store.lock();
+        let current = state.effective(task);
+        let Some(current) = current else {
+            let mut new = Task::new(task.clone(), patch.status.unwrap_or(TaskStatus::Available));
+            new.title = patch.title.clone();
+            new.blocked_by = patch.blocked_by.clone().unwrap_or_default();
+            state.mutate(task, |s| {
+                s.tasks.insert(
+                    task.clone(),
+                    Record {
+                        task: new,
+                        lease: None,
+                    },
+                );
+            });
+            return Ok(PutOutcome::Created);
+        };
+        let mut next = current.clone();
+        if let Some(title) = &patch.title {
+            next.title = Some(title.clone());
+        }
+        if let Some(blocked_by) = &patch.blocked_by {
+            next.blocked_by = blocked_by.clone();
+        }
+        if let Some(status) = patch.status {
+            if status != current.status {
+                if current.status == TaskStatus::Claimed {
+                    return Ok(PutOutcome::Held {
+                        holder: current.claimed_by,
+                    });
+                }
+                next.status = status;
+                if status != TaskStatus::Complete {
+                    next.claimed_by = None;
+                    next.claimed_at = None;
+                }
+            }
+        }
+        if next == current {
+            return Ok(PutOutcome::Unchanged);
+        }
+        state.mutate(task, |s| {
+            if let Some(rec) = s.tasks.get_mut(task) {
+                rec.task = next;
+            }
+        });
+        Ok(PutOutcome::Updated)
+    }
+
+    async fn claim(&self, task: &TaskId, session: &SessionId) -> BackendResult<ClaimOutcome> {
+        let mut state = self.store.lock();
+        let Some(current) = state.effective(task) else {
+            return Ok(ClaimOutcome::NotFound);
+        };
+        match current.claimability(session, |b| state.status_of(b)) {
+            Claimability::Held(holder) => return Ok(ClaimOutcome::Lost { holder }),
+            Claimability::No(status) => return Ok(ClaimOutcome::NotClaimable { status }),
+            Claimability::Yes => {}
+        }
+        let lease = self.session_lease(&mut state, session);
+        let revision = state.revision + 1;
+        let mut next = current;
+        next.status = TaskStatus::Claimed;
+        next.claimed_by = Some(session.clone());
+        next.claimed_at = Some(Utc::now());
+        state.mutate(task, |s| {
+            s.tasks.insert(task.clone(), Record { task: next, lease });
+            s.claims.insert(
+                task.clone(),
+                ClaimKey {
+                    session: session.clone(),
+                    lease,
+                    token: revision,
+                },
+            );
+        });
+        Ok(ClaimOutcome::Won(Claim {
+            task: task.clone(),
+            session: session.clone(),
+            token: FencingToken(revision),
+            leased: lease.is_some(),
+        }))
+    }
+
+    async fn release(
+        &self,
+        task: &TaskId,
+        session: &SessionId,
+        to: ReleaseTo,
+        token: Option<FencingToken>,
+    ) -> BackendResult<ReleaseOutcome> {
+        let my_lease = self.my_lease(session);
+        let mut state = self.store.lock();
+        let Some(current) = state.effective(task) else {
+            return Ok(ReleaseOutcome::NotFound);
+        };
+        let holder = (current.status == TaskStatus::Claimed)
+            .then(|| current.claimed_by.clone())
+            .flatten();
+        let claim = state.claims.get(task).cloned();
+        // The claim's token: the claim key's, or (for a claim made without one) the record's.
+        let held_token = claim.as_ref().map(|c| c.token).unwrap_or(state.revision);
+        let holds = holder.as_ref() == Some(session)
+            && token.is_none_or(|t| t.0 == held_token)
+            && match (&claim, my_lease) {
+                (Some(c), Some(mine)) => c.lease.is_none_or(|l| l == mine),
+                _ => true,
+            };
+        if !holds {
+            return Ok(ReleaseOutcome::NotHolder { holder });
+        }
+        let mut next = current;
+        next.status = to.status();
+        if to == ReleaseTo::Available {
+            next.claimed_by = None;
+            next.claimed_at = None;
+        }
+        state.mutate(task, |s| {
+            s.claims.remove(task);
+            s.tasks.insert(
+                task.clone(),
+                Record {
+                    task: next,
+                    lease: None,
+                },
+            );
+        });
+        Ok(ReleaseOutcome::Released {
+            token: FencingToken(held_token),
+        })
+    }
+
+    async fn subscribe(&self) -> BackendResult<Subscription> {
+        let mut state = self.store.lock();
+        let (tx, rx) = mpsc::unbounded_channel();
+        state.subscribers.push(Subscriber { owner: self.id, tx });
+        Ok(Subscription::new(state.listing(), rx))
+    }
+
+    async fn health(&self) -> Health {
+        Health {
+            reachable: true,
+            detail: "in-memory store".into(),
+        }
+    }
+}

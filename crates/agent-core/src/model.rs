@@ -1,0 +1,354 @@
+//! The task model shared by every backend: tasks, statuses, events, claims and the outcomes of
+//! claim and release. Pure data and pure rules (what is claimable); no IO.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{SessionId, TaskId};
+
+/// A task's status, as stored (`available`, `blocked`, `claimed`, `complete`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    /// Nobody holds it and nothing blocks it (if it lists blockers, they are all complete).
+    Available,
+    /// Waits for the tasks in `blocked_by`; claimable once they are all complete.
+    Blocked,
+    /// Held by `claimed_by`.
+    Claimed,
+    /// Done. Never claimable again.
+    Complete,
+}
+
+impl TaskStatus {
+    /// Every status, in lifecycle order.
+    pub const ALL: [TaskStatus; 4] = [
+        TaskStatus::Available,
+        TaskStatus::Blocked,
+        TaskStatus::Claimed,
+        TaskStatus::Complete,
+    ];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Available => "available",
+            TaskStatus::Blocked => "blocked",
+            TaskStatus::Claimed => "claimed",
+            TaskStatus::Complete => "complete",
+        }
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TaskStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                format!("unknown status {s:?} (expected available, blocked, claimed or complete)")
+            })
+    }
+}
+
+/// The status a release leaves the task in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReleaseTo {
+    /// Done: the task is never claimable again; `claimed_by` keeps the session that did it.
+    Complete,
+    /// Given back: claimable again, `claimed_by` cleared.
+    Available,
+}
+
+impl ReleaseTo {
+    /// The status the task has after the release.
+    pub fn status(self) -> TaskStatus {
+        match self {
+            ReleaseTo::Complete => TaskStatus::Complete,
+            ReleaseTo::Available => TaskStatus::Available,
+        }
+    }
+}
+
+/// A task as every backend reports it. `status` and `claimed_by` are *effective*: a claim whose
+/// lease has expired reads `available` with no holder, whatever the stored record still says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    /// The task's id.
+    pub id: TaskId,
+    /// Human-readable title, if any.
+    pub title: Option<String>,
+    /// Effective status.
+    pub status: TaskStatus,
+    /// The holder while `claimed`; the session that completed it when `complete`.
+    pub claimed_by: Option<SessionId>,
+    /// When the current (or completing) claim was made.
+    pub claimed_at: Option<DateTime<Utc>>,
+    /// Tasks that must be complete before this one is claimable.
+    pub blocked_by: Vec<TaskId>,
+    /// Fields this version of ifc does not know, kept verbatim through every write.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Task {
+    /// A new task with the given status and nothing else set.
+    pub fn new(id: TaskId, status: TaskStatus) -> Self {
+        Task {
+            id,
+            title: None,
+            status,
+            claimed_by: None,
+            claimed_at: None,
+            blocked_by: Vec::new(),
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    /// Whether `session` may claim this task now, given the status of other tasks (`None` for a
+    /// task that does not exist). A task is claimable when it is available or blocked, every task
+    /// it is blocked by is complete, and nobody holds it; its own holder may claim it again.
+    pub fn claimability(
+        &self,
+        session: &SessionId,
+        status_of: impl Fn(&TaskId) -> Option<TaskStatus>,
+    ) -> Claimability {
+        match self.status {
+            TaskStatus::Complete => Claimability::No(TaskStatus::Complete),
+            TaskStatus::Claimed => match &self.claimed_by {
+                Some(holder) if holder == session => Claimability::Yes,
+                holder => Claimability::Held(holder.clone()),
+            },
+            TaskStatus::Available | TaskStatus::Blocked => {
+                let unblocked = self
+                    .blocked_by
+                    .iter()
+                    .all(|b| status_of(b) == Some(TaskStatus::Complete));
+                if unblocked {
+                    Claimability::Yes
+                } else {
+                    Claimability::No(TaskStatus::Blocked)
+                }
+            }
+        }
+    }
+}
+
+/// The answer of [`Task::claimability`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimability {
+    /// The session may claim it.
+    Yes,
+    /// Another session holds it (`None`: a claimed record that names no holder).
+    Held(Option<SessionId>),
+    /// Not claimable for this status (`Blocked`: some blocker is not complete).
+    No(TaskStatus),
+}
+
+/// The value a serving backend hands to the task's command: monotonically increasing per task
+/// across successive claims (in etcd, the revision of the claim transaction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct FencingToken(pub u64);
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A claim that was won.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The claimed task.
+    pub task: TaskId,
+    /// The holder.
+    pub session: SessionId,
+    /// The fencing token of this claim.
+    pub token: FencingToken,
+    /// Whether the claim is bound to the session's lease (and so ends by itself if the session dies).
+    pub leased: bool,
+}
+
+/// What a claim attempt came to. Losing is a normal answer, not an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The session holds the task.
+    Won(Claim),
+    /// Another session holds it.
+    Lost {
+        /// The holder (`None` if the stored record names none).
+        holder: Option<SessionId>,
+    },
+    /// The task cannot be claimed in this status (`Blocked`: a blocker is not complete).
+    NotClaimable {
+        /// The task's effective status.
+        status: TaskStatus,
+    },
+    /// There is no such task.
+    NotFound,
+}
+
+/// What a release attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// The task now has the requested status; the claim is gone.
+    Released {
+        /// The fencing token of the claim that was released.
+        token: FencingToken,
+    },
+    /// The caller does not hold the claim (it expired, was taken over or never existed). Nothing
+    /// was changed.
+    NotHolder {
+        /// The current holder, if anyone holds it.
+        holder: Option<SessionId>,
+    },
+    /// There is no such task.
+    NotFound,
+}
+
+/// Fields for creating or updating a task record with [`crate::Backend::put`]. `None` keeps what is
+/// stored (or, for a new task: no title, `available`, no blockers).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskPatch {
+    /// New title.
+    pub title: Option<String>,
+    /// New status: `available`, `blocked` or `complete` (claims go through `claim`).
+    pub status: Option<TaskStatus>,
+    /// New blocker list (replaces the old one).
+    pub blocked_by: Option<Vec<TaskId>>,
+}
+
+/// What a put came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The record did not exist and was created.
+    Created,
+    /// The record existed and was changed.
+    Updated,
+    /// The record already said this; nothing was written.
+    Unchanged,
+    /// The patch would change the status of a task a session holds; nothing was written.
+    Held {
+        /// The holder.
+        holder: Option<SessionId>,
+    },
+}
+
+/// One change of a task's effective state, as watchers see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskEvent {
+    /// The task.
+    pub task: TaskId,
+    /// Effective status before (`None`: the task did not exist).
+    pub old_status: Option<TaskStatus>,
+    /// Effective status after (`None`: the task was deleted).
+    pub new_status: Option<TaskStatus>,
+    /// The holder after the change (`claimed`), or the completer (`complete`).
+    pub holder: Option<SessionId>,
+    /// The backend's revision of the change; strictly increasing along one subscription.
+    pub revision: u64,
+    /// When this process observed the change.
+    pub time: SystemTime,
+}
+
+/// A consistent list of every task at one revision.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    /// The tasks that could be read, sorted by id.
+    pub tasks: Vec<Task>,
+    /// Records that could not be read (bad JSON, wrong shape); listing goes on past them.
+    pub corrupt: Vec<CorruptRecord>,
+    /// The revision the listing reflects.
+    pub revision: u64,
+}
+
+/// A stored record that is not a valid task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorruptRecord {
+    /// Where it is stored (an etcd key, a file and line).
+    pub key: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Index tasks by id (for claimability look-ups).
+pub fn status_index(tasks: &[Task]) -> BTreeMap<TaskId, TaskStatus> {
+    tasks.iter().map(|t| (t.id.clone(), t.status)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> TaskId {
+        TaskId::parse(s).expect("valid id")
+    }
+    fn sid(s: &str) -> SessionId {
+        SessionId::parse(s).expect("valid id")
+    }
+
+    #[test]
+    fn status_names_round_trip() {
+        for st in TaskStatus::ALL {
+            assert_eq!(st.as_str().parse::<TaskStatus>(), Ok(st));
+            assert_eq!(
+                serde_json::to_string(&st).expect("ser"),
+                format!("\"{st}\"")
+            );
+        }
+        assert!("done".parse::<TaskStatus>().is_err());
+    }
+
+    #[test]
+    fn claimability_rules() {
+        let me = sid("s1");
+        let done = |_: &TaskId| Some(TaskStatus::Complete);
+        let open = |_: &TaskId| Some(TaskStatus::Available);
+        let missing = |_: &TaskId| None;
+
+        let mut t = Task::new(id("T"), TaskStatus::Available);
+        assert_eq!(t.claimability(&me, open), Claimability::Yes);
+
+        t.blocked_by = vec![id("B")];
+        assert_eq!(
+            t.claimability(&me, open),
+            Claimability::No(TaskStatus::Blocked)
+        );
+        assert_eq!(
+            t.claimability(&me, missing),
+            Claimability::No(TaskStatus::Blocked)
+        );
+        assert_eq!(t.claimability(&me, done), Claimability::Yes);
+
+        t.status = TaskStatus::Blocked;
+        assert_eq!(t.claimability(&me, done), Claimability::Yes);
+
+        t.status = TaskStatus::Claimed;
+        t.claimed_by = Some(sid("other"));
+        assert_eq!(
+            t.claimability(&me, done),
+            Claimability::Held(Some(sid("other")))
+        );
+        t.claimed_by = Some(me.clone());
+        assert_eq!(t.claimability(&me, done), Claimability::Yes);
+
+        t.status = TaskStatus::Complete;
+        assert_eq!(
+            t.claimability(&me, done),
+            Claimability::No(TaskStatus::Complete)
+        );
+    }
+}

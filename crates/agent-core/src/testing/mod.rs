@@ -1,0 +1,603 @@
+//! The backend conformance suite: the `Backend` contract as executable cases. Every backend's
+//! tests run all of it with `agent_core::conformance_suite!(make_harness())`; each case gets a
+//! fresh store from the harness. Cases use real time only for bounded waits, never to assert speed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::{
+    Backend, BackendEvent, ClaimOutcome, FencingToken, PutOutcome, ReleaseOutcome, ReleaseTo,
+    SessionId, Task, TaskEvent, TaskId, TaskPatch, TaskStatus,
+};
+
+/// What a backend's tests provide to run the suite against a fresh store.
+#[async_trait]
+pub trait Harness: Send + Sync {
+    /// A new, independent client of the store (its own connection), which leases its claims
+    /// with [`Harness::lease_ttl`]. Dropping every clone of it is a session crash: no release, no
+    /// lease revocation, the keep-alive stops.
+    async fn client(&self) -> Arc<dyn Backend>;
+    /// The lease TTL clients use.
+    fn lease_ttl(&self) -> Duration;
+    /// Ends the lease behind the current claim on `task` now, as the store does when the holder
+    /// has not kept it alive for a whole TTL.
+    async fn end_lease(&self, task: &TaskId);
+    /// How many tasks the many-claimers race uses.
+    fn race_tasks(&self) -> usize {
+        200
+    }
+}
+
+/// Generates one `#[tokio::test]` per conformance case. `$harness` is an expression of type
+/// `impl Future<Output = impl Harness>`, evaluated once per case.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($harness:expr) => {
+        $crate::conformance_suite!(@cases $harness;
+            claim_success, claim_race_two, claim_race_many, claim_of_missing_task,
+            realtime_event, events_in_revision_order, lease_expiry_recovery,
+            fencing_after_lease_end, release_fencing, release_available_then_reclaim,
+            holder_reclaim_supersedes, blockers_gate_claims, put_rules);
+    };
+    (@cases $harness:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let harness = $harness.await;
+                $crate::testing::$case(&harness).await;
+            }
+        )*
+    };
+}
+
+fn tid(s: &str) -> TaskId {
+    TaskId::parse(s).expect("test ids are valid")
+}
+
+fn sid(s: &str) -> SessionId {
+    SessionId::parse(s).expect("test ids are valid")
+}
+
+async fn put_status(b: &dyn Backend, id: &TaskId, status: TaskStatus) {
+    let patch = TaskPatch {
+        status: Some(status),
+        ..TaskPatch::default()
+    };
+    let out = b.put(id, &patch).await.expect("put");
+    assert!(
+        matches!(
+            out,
+            PutOutcome::Created | PutOutcome::Updated | PutOutcome::Unchanged
+        ),
+        "{out:?}"
+    );
+}
+
+async fn get(b: &dyn Backend, id: &TaskId) -> Task {
+    b.get(id)
+        .await
+        .expect("get")
+        .unwrap_or_else(|| panic!("task {id} missing"))
+}
+
+async fn won(b: &dyn Backend, id: &TaskId, s: &SessionId) -> FencingToken {
+    match b.claim(id, s).await.expect("claim") {
+        ClaimOutcome::Won(c) => {
+            assert_eq!(&c.task, id);
+            assert_eq!(&c.session, s);
+            c.token
+        }
+        other => panic!("{s} expected to win {id}, got {other:?}"),
+    }
+}
+
+/// Polls `check` until it returns `Some`, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The next task event on `sub` for `task`, skipping others; waits at most `limit`.
+pub async fn next_event_for(
+    sub: &mut crate::Subscription,
+    task: &TaskId,
+    limit: Duration,
+) -> TaskEvent {
+    let wait = async {
+        loop {
+            match sub.next().await {
+                Some(BackendEvent::Task(e)) if &e.task == task => return e,
+                Some(_) => continue,
+                None => panic!("subscription ended while waiting for an event of {task}"),
+            }
+        }
+    };
+    tokio::time::timeout(limit, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no event for {task} within {limit:?}"))
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Guide test 1: a claim of an available task wins and is visible.
+pub async fn claim_success(h: &impl Harness) {
+    let b = h.client().await;
+    let (t, s) = (tid("TEST-CLAIM"), sid("test-session"));
+    put_status(&*b, &t, TaskStatus::Available).await;
+    won(&*b, &t, &s).await;
+    let task = get(&*b, &t).await;
+    assert_eq!(task.status, TaskStatus::Claimed);
+    assert_eq!(task.claimed_by.as_ref(), Some(&s));
+    assert!(task.claimed_at.is_some());
+    // Another client sees the same.
+    let other = h.client().await;
+    assert_eq!(get(&*other, &t).await.claimed_by.as_ref(), Some(&s));
+}
+
+/// Guide test 2: two sessions claim at once; exactly one wins and the other learns who.
+pub async fn claim_race_two(h: &impl Harness) {
+    for round in 0..20 {
+        let t = tid(&format!("TEST-RACE-{round}"));
+        let (a, b) = (h.client().await, h.client().await);
+        put_status(&*a, &t, TaskStatus::Available).await;
+        let (s1, s2) = (sid("session-1"), sid("session-2"));
+        let (r1, r2) = tokio::join!(a.claim(&t, &s1), b.claim(&t, &s2));
+        let (r1, r2) = (r1.expect("claim 1"), r2.expect("claim 2"));
+        match (&r1, &r2) {
+            (ClaimOutcome::Won(_), ClaimOutcome::Lost { holder }) => {
+                assert_eq!(holder.as_ref(), Some(&s1))
+            }
+            (ClaimOutcome::Lost { holder }, ClaimOutcome::Won(_)) => {
+                assert_eq!(holder.as_ref(), Some(&s2))
+            }
+            other => panic!("round {round}: expected exactly one winner, got {other:?}"),
+        }
+    }
+}
+
+/// Ten sessions race over many tasks, each in its own order: exactly one winner per task, and the
+/// store names that winner.
+pub async fn claim_race_many(h: &impl Harness) {
+    let n = h.race_tasks();
+    let admin = h.client().await;
+    let ids: Vec<TaskId> = (0..n).map(|i| tid(&format!("RACE-{i:05}"))).collect();
+    for id in &ids {
+        put_status(&*admin, id, TaskStatus::Available).await;
+    }
+    let mut handles = Vec::new();
+    for k in 0..10u64 {
+        let client = h.client().await;
+        let session = sid(&format!("racer-{k}"));
+        let mut order = ids.clone();
+        // A different deterministic order per racer so they collide everywhere.
+        order.rotate_left((k as usize * n / 10) % n.max(1));
+        if k % 2 == 1 {
+            order.reverse();
+        }
+        handles.push(tokio::spawn(async move {
+            let mut wins = Vec::new();
+            for id in order {
+                match client.claim(&id, &session).await.expect("claim") {
+                    ClaimOutcome::Won(_) => wins.push(id),
+                    ClaimOutcome::Lost { holder } => assert!(holder.is_some_and(|h| h != session)),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            (session, wins)
+        }));
+    }
+    let mut winner: BTreeMap<TaskId, SessionId> = BTreeMap::new();
+    for handle in handles {
+        let (session, wins) = handle.await.expect("racer panicked");
+        for id in wins {
+            if let Some(first) = winner.insert(id.clone(), session.clone()) {
+                panic!("double claim of {id}: {first} and {session}");
+            }
+        }
+    }
+    assert_eq!(winner.len(), n, "every task has exactly one winner");
+    let listing = admin.list().await.expect("list");
+    for task in listing
+        .tasks
+        .iter()
+        .filter(|t| t.id.as_str().starts_with("RACE-"))
+    {
+        assert_eq!(task.status, TaskStatus::Claimed);
+        assert_eq!(
+            task.claimed_by.as_ref(),
+            winner.get(&task.id),
+            "{}",
+            task.id
+        );
+    }
+}
+
+/// Claiming or releasing a task that does not exist says so.
+pub async fn claim_of_missing_task(h: &impl Harness) {
+    let b = h.client().await;
+    let (t, s) = (tid("NO-SUCH-TASK"), sid("s"));
+    assert_eq!(
+        b.claim(&t, &s).await.expect("claim"),
+        ClaimOutcome::NotFound
+    );
+    assert_eq!(
+        b.release(&t, &s, ReleaseTo::Complete, None)
+            .await
+            .expect("release"),
+        ReleaseOutcome::NotFound
+    );
+    assert!(b.get(&t).await.expect("get").is_none());
+}
+
+/// Guide test 3: a subscriber on another client sees the claim of TEST-EVENT.
+pub async fn realtime_event(h: &impl Harness) {
+    let (writer, watcher) = (h.client().await, h.client().await);
+    let (t, s) = (tid("TEST-EVENT"), sid("test-session"));
+    put_status(&*writer, &t, TaskStatus::Available).await;
+    let mut sub = watcher.subscribe().await.expect("subscribe");
+    assert!(sub
+        .snapshot
+        .tasks
+        .iter()
+        .any(|x| x.id == t && x.status == TaskStatus::Available));
+    won(&*writer, &t, &s).await;
+    let e = next_event_for(&mut sub, &t, WAIT).await;
+    assert_eq!(e.old_status, Some(TaskStatus::Available));
+    assert_eq!(e.new_status, Some(TaskStatus::Claimed));
+    assert_eq!(e.holder.as_ref(), Some(&s));
+    assert!(e.revision > sub.snapshot.revision);
+}
+
+/// A run of transitions reaches a subscriber once each, in order, with rising revisions.
+pub async fn events_in_revision_order(h: &impl Harness) {
+    let (writer, watcher) = (h.client().await, h.client().await);
+    let s = sid("s1");
+    let mut sub = watcher.subscribe().await.expect("subscribe");
+    let ids: Vec<TaskId> = (0..5).map(|i| tid(&format!("ORDER-{i}"))).collect();
+    let mut expected = Vec::new();
+    for id in &ids {
+        put_status(&*writer, id, TaskStatus::Available).await;
+        expected.push((id.clone(), None, Some(TaskStatus::Available)));
+        won(&*writer, id, &s).await;
+        expected.push((
+            id.clone(),
+            Some(TaskStatus::Available),
+            Some(TaskStatus::Claimed),
+        ));
+        writer
+            .release(id, &s, ReleaseTo::Complete, None)
+            .await
+            .expect("release");
+        expected.push((
+            id.clone(),
+            Some(TaskStatus::Claimed),
+            Some(TaskStatus::Complete),
+        ));
+    }
+    let mut seen = Vec::new();
+    let mut last = sub.snapshot.revision;
+    while seen.len() < expected.len() {
+        let next = tokio::time::timeout(WAIT, sub.next())
+            .await
+            .expect("events arrive");
+        match next {
+            Some(BackendEvent::Task(e)) if ids.contains(&e.task) => {
+                assert!(e.revision > last, "revision {} after {last}", e.revision);
+                last = e.revision;
+                seen.push((e.task, e.old_status, e.new_status));
+            }
+            Some(_) => {}
+            None => panic!("subscription ended"),
+        }
+    }
+    assert_eq!(seen, expected);
+    // Nothing more (no duplicates) once the writer is quiet.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Some(e) = sub.try_next() {
+        if let BackendEvent::Task(e) = e {
+            assert!(!ids.contains(&e.task), "duplicate or stray event {e:?}");
+        }
+    }
+}
+
+/// Guide test 5: a holder dies without releasing; within the TTL its task reads available again,
+/// the record is still there, and another session claims it with a larger token.
+pub async fn lease_expiry_recovery(h: &impl Harness) {
+    let t = tid("TEST-TTL");
+    let observer = h.client().await;
+    put_status(&*observer, &t, TaskStatus::Available).await;
+    let crashed = h.client().await;
+    let old = won(&*crashed, &t, &sid("crashed-session")).await;
+    drop(crashed); // the session dies: no release, no keep-alive
+    let limit = h.lease_ttl() * 3 + WAIT;
+    let task = eventually(
+        limit,
+        "the dead holder's task to read available",
+        || async {
+            let task = observer
+                .get(&t)
+                .await
+                .expect("get")
+                .expect("the record is never deleted");
+            (task.status == TaskStatus::Available).then_some(task)
+        },
+    )
+    .await;
+    assert_eq!(task.claimed_by, None);
+    let next = won(&*observer, &t, &sid("rescuer")).await;
+    assert!(
+        next > old,
+        "token {next} must exceed the dead holder's {old}"
+    );
+}
+
+/// After a holder's lease ends, its release and completion change nothing, and it is told.
+pub async fn fencing_after_lease_end(h: &impl Harness) {
+    let t = tid("TEST-FENCE");
+    let (a, b) = (h.client().await, h.client().await);
+    let (sa, sb) = (sid("stale-holder"), sid("new-holder"));
+    put_status(&*b, &t, TaskStatus::Available).await;
+    let mut a_events = a.subscribe().await.expect("subscribe");
+    let old = won(&*a, &t, &sa).await;
+    h.end_lease(&t).await;
+    let lost = tokio::time::timeout(WAIT, async {
+        loop {
+            match a_events.next().await {
+                Some(BackendEvent::ClaimLost {
+                    task,
+                    session,
+                    token,
+                }) => return (task, session, token),
+                Some(_) => continue,
+                None => panic!("subscription ended"),
+            }
+        }
+    })
+    .await
+    .expect("the holder is told its claim is lost");
+    assert_eq!(lost, (t.clone(), sa.clone(), old));
+
+    let read = eventually(WAIT, "the task to read available", || async {
+        let task = b.get(&t).await.expect("get")?;
+        (task.status == TaskStatus::Available).then_some(task)
+    })
+    .await;
+    assert_eq!(read.claimed_by, None);
+    // Stale holder, nobody else yet.
+    let r = a
+        .release(&t, &sa, ReleaseTo::Complete, Some(old))
+        .await
+        .expect("release");
+    assert_eq!(r, ReleaseOutcome::NotHolder { holder: None });
+    assert_eq!(get(&*b, &t).await.status, TaskStatus::Available);
+    // Stale holder after someone else took it.
+    won(&*b, &t, &sb).await;
+    let before = get(&*b, &t).await;
+    for to in [ReleaseTo::Complete, ReleaseTo::Available] {
+        let r = a.release(&t, &sa, to, Some(old)).await.expect("release");
+        assert_eq!(
+            r,
+            ReleaseOutcome::NotHolder {
+                holder: Some(sb.clone())
+            }
+        );
+    }
+    assert_eq!(
+        get(&*b, &t).await,
+        before,
+        "a stale release changed nothing"
+    );
+}
+
+/// Only the holder releases; completion keeps the completer and is final.
+pub async fn release_fencing(h: &impl Harness) {
+    let t = tid("TEST-RELEASE");
+    let (a, b) = (h.client().await, h.client().await);
+    let (sa, sb) = (sid("holder"), sid("intruder"));
+    put_status(&*a, &t, TaskStatus::Available).await;
+    let token = won(&*a, &t, &sa).await;
+    let r = b
+        .release(&t, &sb, ReleaseTo::Available, None)
+        .await
+        .expect("release");
+    assert_eq!(
+        r,
+        ReleaseOutcome::NotHolder {
+            holder: Some(sa.clone())
+        }
+    );
+    let wrong = FencingToken(token.0 + 1_000_000);
+    let r = a
+        .release(&t, &sa, ReleaseTo::Complete, Some(wrong))
+        .await
+        .expect("release");
+    assert_eq!(
+        r,
+        ReleaseOutcome::NotHolder {
+            holder: Some(sa.clone())
+        }
+    );
+    assert_eq!(get(&*a, &t).await.status, TaskStatus::Claimed);
+
+    let r = a
+        .release(&t, &sa, ReleaseTo::Complete, Some(token))
+        .await
+        .expect("release");
+    assert_eq!(r, ReleaseOutcome::Released { token });
+    let done = get(&*b, &t).await;
+    assert_eq!(done.status, TaskStatus::Complete);
+    assert_eq!(
+        done.claimed_by.as_ref(),
+        Some(&sa),
+        "complete keeps who did it"
+    );
+    assert_eq!(
+        b.claim(&t, &sb).await.expect("claim"),
+        ClaimOutcome::NotClaimable {
+            status: TaskStatus::Complete
+        }
+    );
+    assert_eq!(
+        a.claim(&t, &sa).await.expect("claim"),
+        ClaimOutcome::NotClaimable {
+            status: TaskStatus::Complete
+        }
+    );
+    let r = a
+        .release(&t, &sa, ReleaseTo::Available, None)
+        .await
+        .expect("release");
+    assert_eq!(r, ReleaseOutcome::NotHolder { holder: None });
+    assert_eq!(get(&*b, &t).await.status, TaskStatus::Complete);
+}
+
+/// A task given back is claimable by anyone, with a larger token.
+pub async fn release_available_then_reclaim(h: &impl Harness) {
+    let t = tid("TEST-GIVE-BACK");
+    let (a, b) = (h.client().await, h.client().await);
+    put_status(&*a, &t, TaskStatus::Available).await;
+    let first = won(&*a, &t, &sid("a")).await;
+    let r = a
+        .release(&t, &sid("a"), ReleaseTo::Available, None)
+        .await
+        .expect("release");
+    assert_eq!(r, ReleaseOutcome::Released { token: first });
+    let task = get(&*b, &t).await;
+    assert_eq!(
+        (task.status, task.claimed_by),
+        (TaskStatus::Available, None)
+    );
+    let second = won(&*b, &t, &sid("b")).await;
+    assert!(second > first);
+}
+
+/// The holder claiming again wins with a new token; the old token no longer releases.
+pub async fn holder_reclaim_supersedes(h: &impl Harness) {
+    let t = tid("TEST-RECLAIM");
+    let a = h.client().await;
+    let s = sid("a");
+    put_status(&*a, &t, TaskStatus::Available).await;
+    let first = won(&*a, &t, &s).await;
+    let second = won(&*a, &t, &s).await;
+    assert!(second > first);
+    let r = a
+        .release(&t, &s, ReleaseTo::Complete, Some(first))
+        .await
+        .expect("release");
+    assert_eq!(
+        r,
+        ReleaseOutcome::NotHolder {
+            holder: Some(s.clone())
+        }
+    );
+    let r = a
+        .release(&t, &s, ReleaseTo::Complete, Some(second))
+        .await
+        .expect("release");
+    assert_eq!(r, ReleaseOutcome::Released { token: second });
+}
+
+/// A task is claimable only once every blocker is complete.
+pub async fn blockers_gate_claims(h: &impl Harness) {
+    let b = h.client().await;
+    let s = sid("s");
+    let (t, b1, b2) = (tid("P0.2.1"), tid("P0.1.1"), tid("P0.1.2"));
+    put_status(&*b, &b1, TaskStatus::Available).await;
+    put_status(&*b, &b2, TaskStatus::Available).await;
+    let patch = TaskPatch {
+        status: Some(TaskStatus::Blocked),
+        blocked_by: Some(vec![b1.clone(), b2.clone()]),
+        title: Some("blocked on two".into()),
+    };
+    assert_eq!(b.put(&t, &patch).await.expect("put"), PutOutcome::Created);
+    let blocked = ClaimOutcome::NotClaimable {
+        status: TaskStatus::Blocked,
+    };
+    assert_eq!(b.claim(&t, &s).await.expect("claim"), blocked);
+    put_status(&*b, &b1, TaskStatus::Complete).await;
+    assert_eq!(b.claim(&t, &s).await.expect("claim"), blocked);
+    let tok = won(&*b, &b2, &s).await;
+    b.release(&b2, &s, ReleaseTo::Complete, Some(tok))
+        .await
+        .expect("release");
+    won(&*b, &t, &s).await;
+    // An available task that names a blocker that does not exist is not claimable either.
+    let orphan = tid("ORPHAN");
+    let patch = TaskPatch {
+        blocked_by: Some(vec![tid("GHOST")]),
+        ..TaskPatch::default()
+    };
+    b.put(&orphan, &patch).await.expect("put");
+    assert_eq!(b.claim(&orphan, &s).await.expect("claim"), blocked);
+}
+
+/// `put` creates, updates, reports no-ops, keeps the claim on a title change, and refuses to change
+/// the status of a held task.
+pub async fn put_rules(h: &impl Harness) {
+    let b = h.client().await;
+    let t = tid("TEST-PUT");
+    let s = sid("s");
+    let titled = TaskPatch {
+        title: Some("first".into()),
+        ..TaskPatch::default()
+    };
+    assert_eq!(b.put(&t, &titled).await.expect("put"), PutOutcome::Created);
+    assert_eq!(
+        b.put(&t, &titled).await.expect("put"),
+        PutOutcome::Unchanged
+    );
+    let task = get(&*b, &t).await;
+    assert_eq!(
+        (task.status, task.title.as_deref()),
+        (TaskStatus::Available, Some("first"))
+    );
+    won(&*b, &t, &s).await;
+    let retitle = TaskPatch {
+        title: Some("second".into()),
+        ..TaskPatch::default()
+    };
+    assert_eq!(b.put(&t, &retitle).await.expect("put"), PutOutcome::Updated);
+    let task = get(&*b, &t).await;
+    assert_eq!(
+        (task.status, task.claimed_by.as_ref()),
+        (TaskStatus::Claimed, Some(&s))
+    );
+    assert_eq!(task.title.as_deref(), Some("second"));
+    let reset = TaskPatch {
+        status: Some(TaskStatus::Available),
+        ..TaskPatch::default()
+    };
+    assert_eq!(
+        b.put(&t, &reset).await.expect("put"),
+        PutOutcome::Held {
+            holder: Some(s.clone())
+        }
+    );
+    assert_eq!(get(&*b, &t).await, task, "a refused put changed nothing");
+    let names: HashSet<String> = b
+        .list()
+        .await
+        .expect("list")
+        .tasks
+        .into_iter()
+        .map(|t| t.id.to_string())
+        .collect();
+    assert!(names.contains("TEST-PUT"));
+}
