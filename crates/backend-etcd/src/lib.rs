@@ -1,1 +1,184 @@
-//! placeholder
+//! backend-etcd: the `Backend` on etcd. A claim is one compare-and-swap transaction (when the
+//! watch cache is current), ownership is a lease-bound claim key, releases are fenced on that key,
+//! and subscribers are fed by one list-then-watch informer per backend.
+//!
+//! Key layout and record shape: see `keys` and `record`. Nothing here knows about git or the
+//! claim loop.
+
+mod cache;
+mod config;
+mod conn;
+mod informer;
+mod inner;
+mod keys;
+mod lease;
+mod ops;
+mod record;
+mod view;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::sync::Arc;
+
+use agent_core::{
+    Backend, BackendError, BackendResult, ClaimOutcome, FencingToken, Health, Listing, PutOutcome,
+    ReleaseOutcome, ReleaseTo, SessionId, Subscription, Task, TaskId, TaskPatch,
+};
+use async_trait::async_trait;
+use tokio::sync::{mpsc, OnceCell};
+
+pub use config::{EtcdConfig, TlsFiles};
+
+use inner::Inner;
+
+/// A client of one etcd cluster (one namespace). Share it as `Arc<EtcdBackend>`; dropping it stops
+/// its background tasks without revoking its leases (to etcd, a crash: leased claims expire).
+#[derive(Debug)]
+pub struct EtcdBackend {
+    inner: Arc<Inner>,
+    informer: OnceCell<()>,
+}
+
+impl EtcdBackend {
+    /// Connects and checks that etcd answers within `config.dial_timeout`.
+    pub async fn connect(config: EtcdConfig) -> BackendResult<Self> {
+        let conn = conn::Conn::connect(&config).await?;
+        let (repairs_tx, mut repairs) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner::new(conn, config, repairs_tx));
+        let repairer = {
+            let inner = Arc::clone(&inner);
+            tokio::spawn(async move {
+                while let Some(r) = repairs.recv().await {
+                    match inner.repair(&r.task, r.record_rev).await {
+                        Ok(true) => {
+                            tracing::info!(task = %r.task, "reset a claim whose lease expired to available")
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::debug!(task = %r.task, error = %e, "expired-claim reset failed; another client will do it")
+                        }
+                    }
+                }
+            })
+        };
+        inner.adopt(repairer.abort_handle());
+        Ok(EtcdBackend {
+            inner,
+            informer: OnceCell::new(),
+        })
+    }
+
+    /// Starts the watch cache (once) and waits until it has listed every task. Claims and releases
+    /// use the cache for their compare values from then on; `subscribe` calls this.
+    pub async fn start_watch(&self) -> BackendResult<()> {
+        self.informer
+            .get_or_init(|| async {
+                let inner = Arc::clone(&self.inner);
+                let handle = tokio::spawn(inner.inform());
+                self.inner.adopt(handle.abort_handle());
+            })
+            .await;
+        let deadline = self.inner.config.dial_timeout + self.inner.config.request_timeout;
+        let wait = async {
+            loop {
+                let synced = self.inner.synced.notified();
+                if self.inner.cache().synced {
+                    return;
+                }
+                synced.await;
+            }
+        };
+        tokio::time::timeout(deadline, wait)
+            .await
+            .map_err(|_| BackendError::Timeout {
+                endpoint: self.inner.conn.endpoints().to_owned(),
+                operation: "initial list of tasks".into(),
+                after: deadline,
+            })
+    }
+
+    /// The endpoints this backend talks to, comma-separated.
+    pub fn endpoints(&self) -> &str {
+        self.inner.conn.endpoints()
+    }
+}
+
+impl Drop for EtcdBackend {
+    fn drop(&mut self) {
+        self.inner.abort_all();
+    }
+}
+
+#[async_trait]
+impl Backend for EtcdBackend {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    async fn get(&self, task: &TaskId) -> BackendResult<Option<Task>> {
+        self.inner.get(task).await
+    }
+
+    async fn list(&self) -> BackendResult<Listing> {
+        self.inner.list().await
+    }
+
+    async fn put(&self, task: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {
+        self.inner.put(task, patch).await
+    }
+
+    async fn claim(&self, task: &TaskId, session: &SessionId) -> BackendResult<ClaimOutcome> {
+        self.inner.claim(task, session).await
+    }
+
+    async fn release(
+        &self,
+        task: &TaskId,
+        session: &SessionId,
+        to: ReleaseTo,
+        token: Option<FencingToken>,
+    ) -> BackendResult<ReleaseOutcome> {
+        self.inner.release(task, session, to, token).await
+    }
+
+    async fn subscribe(&self) -> BackendResult<Subscription> {
+        self.start_watch().await?;
+        let mut cache = self.inner.cache();
+        let snapshot = cache.listing(&self.inner.keys);
+        let events = cache.subscribe();
+        Ok(Subscription::new(snapshot, events))
+    }
+
+    async fn health(&self) -> Health {
+        let mut kv = self.inner.conn.client().kv_client();
+        let probe = etcd_client::GetOptions::new()
+            .with_count_only()
+            .with_prefix();
+        match self
+            .inner
+            .conn
+            .call(
+                "health",
+                kv.get(self.inner.keys.tasks_prefix(), Some(probe)),
+            )
+            .await
+        {
+            Ok(_) => {
+                let watch = match self.informer.initialized() {
+                    false => "",
+                    true if self.inner.is_watching() => ", watch stream open",
+                    true => ", watch stream reconnecting",
+                };
+                Health {
+                    reachable: true,
+                    detail: format!("{}: ok{watch}", self.endpoints()),
+                }
+            }
+            Err(e) => Health {
+                reachable: false,
+                detail: e.to_string(),
+            },
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! The watch cache: a mirror of every task record and claim key at one revision, the event diff
+//! that turns key changes into `TaskEvent`s, the subscribers, and the claims this client holds
+//! (so it can tell a holder that its claim is gone). Pure state; the informer feeds it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::SystemTime;
+
+use agent_core::{
+    BackendEvent, CorruptRecord, FencingToken, Listing, SessionId, TaskEvent, TaskId, TaskStatus,
+};
+use tokio::sync::mpsc;
+
+use crate::record::{effective, StoredClaim, StoredRecord};
+use crate::view::View;
+
+/// A claim this client won and has not released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Held {
+    pub session: SessionId,
+    pub token: i64,
+    pub lease: Option<i64>,
+}
+
+/// One key change from the watch (or a re-list).
+#[derive(Debug, Clone)]
+pub(crate) enum Change {
+    Record(TaskId, Option<StoredRecord>),
+    Claim(TaskId, Option<StoredClaim>),
+}
+
+/// A record left `claimed` under a lease whose claim key is gone: to be reset to `available`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Repair {
+    pub task: TaskId,
+    pub record_rev: i64,
+}
+
+type Face = Option<(TaskStatus, Option<SessionId>)>;
+
+#[derive(Debug, Default)]
+pub(crate) struct Cache {
+    pub synced: bool,
+    pub revision: i64,
+    records: HashMap<TaskId, StoredRecord>,
+    claims: HashMap<TaskId, StoredClaim>,
+    subscribers: Vec<mpsc::UnboundedSender<BackendEvent>>,
+    held: HashMap<TaskId, Held>,
+}
+
+impl Cache {
+    /// What watchers see of a task: its effective status and holder.
+    fn face(&self, id: &TaskId) -> Face {
+        let stored = self.records.get(id)?;
+        match effective(stored, self.claims.get(id)) {
+            Ok((task, _)) => Some((task.status, task.claimed_by)),
+            // A corrupt record has no status to report; it reads as absent to watchers.
+            Err(_) => None,
+        }
+    }
+
+    /// Applies the changes of one revision; returns the repairs it calls for.
+    pub fn apply(&mut self, revision: i64, changes: Vec<Change>) -> Vec<Repair> {
+        let touched: BTreeSet<TaskId> = changes
+            .iter()
+            .map(|c| match c {
+                Change::Record(id, _) | Change::Claim(id, _) => id.clone(),
+            })
+            .collect();
+        let before: BTreeMap<TaskId, Face> = touched
+            .iter()
+            .map(|id| (id.clone(), self.face(id)))
+            .collect();
+        for change in changes {
+            match change {
+                Change::Record(id, Some(r)) => {
+                    self.records.insert(id, r);
+                }
+                Change::Record(id, None) => {
+                    self.records.remove(&id);
+                }
+                Change::Claim(id, Some(c)) => {
+                    self.claims.insert(id, c);
+                }
+                Change::Claim(id, None) => {
+                    self.claims.remove(&id);
+                }
+            }
+        }
+        self.revision = self.revision.max(revision);
+        self.after_change(revision, before)
+    }
+
+    /// Replaces the whole mirror (after a list); emits the difference as events at `revision`.
+    pub fn replace(
+        &mut self,
+        revision: i64,
+        records: HashMap<TaskId, StoredRecord>,
+        claims: HashMap<TaskId, StoredClaim>,
+    ) -> Vec<Repair> {
+        let touched: BTreeSet<TaskId> = self
+            .records
+            .keys()
+            .chain(records.keys())
+            .chain(self.claims.keys())
+            .chain(claims.keys())
+            .cloned()
+            .collect();
+        let before: BTreeMap<TaskId, Face> = touched
+            .iter()
+            .map(|id| (id.clone(), self.face(id)))
+            .collect();
+        self.records = records;
+        self.claims = claims;
+        self.revision = revision;
+        self.synced = true;
+        self.after_change(revision, before)
+    }
+
+    fn after_change(&mut self, revision: i64, before: BTreeMap<TaskId, Face>) -> Vec<Repair> {
+        let mut repairs = Vec::new();
+        for (id, old) in before {
+            let new = self.face(&id);
+            if old != new {
+                let event = TaskEvent {
+                    task: id.clone(),
+                    old_status: old.map(|(s, _)| s),
+                    new_status: new.as_ref().map(|(s, _)| *s),
+                    holder: new.as_ref().and_then(|(_, h)| h.clone()),
+                    revision: u64::try_from(revision).unwrap_or_default(),
+                    time: SystemTime::now(),
+                };
+                self.broadcast(BackendEvent::Task(event));
+            }
+            self.check_held(&id);
+            if let Some(stored) = self.records.get(&id) {
+                let dead_claim = matches!(&stored.record, Ok(r) if r.task.status == TaskStatus::Claimed && r.lease.is_some())
+                    && !self.claims.contains_key(&id);
+                if dead_claim {
+                    repairs.push(Repair {
+                        task: id.clone(),
+                        record_rev: stored.mod_rev,
+                    });
+                }
+            }
+        }
+        repairs
+    }
+
+    /// Tells the holder if the cache, at or past its claim's revision, no longer shows the claim.
+    fn check_held(&mut self, id: &TaskId) {
+        let Some(held) = self.held.get(id) else {
+            return;
+        };
+        if self.revision < held.token {
+            return; // the cache has not caught up with the claim yet
+        }
+        let still = self
+            .records
+            .get(id)
+            .and_then(|s| effective(s, self.claims.get(id)).ok())
+            .is_some_and(|(task, token)| {
+                task.claimed_by.as_ref() == Some(&held.session) && token == Some(held.token)
+            });
+        if !still {
+            self.lose(id);
+        }
+    }
+
+    fn lose(&mut self, id: &TaskId) {
+        if let Some(held) = self.held.remove(id) {
+            let token = FencingToken(u64::try_from(held.token).unwrap_or_default());
+            self.broadcast(BackendEvent::ClaimLost {
+                task: id.clone(),
+                session: held.session,
+                token,
+            });
+        }
+    }
+
+    /// Every claim held under `lease` is lost (the lease ended).
+    pub fn lease_lost(&mut self, lease: i64) {
+        let ids: Vec<TaskId> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.lease == Some(lease))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.lose(&id);
+        }
+    }
+
+    pub fn hold(&mut self, task: TaskId, held: Held) {
+        self.held.insert(task, held);
+    }
+
+    pub fn unhold(&mut self, task: &TaskId) {
+        self.held.remove(task);
+    }
+
+    fn broadcast(&mut self, event: BackendEvent) {
+        self.subscribers.retain(|tx| tx.send(event.clone()).is_ok());
+    }
+
+    pub fn subscribe(&mut self) -> mpsc::UnboundedReceiver<BackendEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.subscribers.push(tx);
+        rx
+    }
+
+    /// The view of one task, if the cache is synced.
+    pub fn view(&self, id: &TaskId) -> Option<View> {
+        if !self.synced {
+            return None;
+        }
+        let record = self.records.get(id).cloned();
+        let mut view = View {
+            record,
+            claim: self.claims.get(id).cloned(),
+            blockers: BTreeMap::new(),
+        };
+        for b in view.missing_blockers() {
+            let stored = self.records.get(&b).cloned();
+            view.blockers.insert(b, stored);
+        }
+        Some(view)
+    }
+
+    /// Every task as the cache has it.
+    pub fn listing(&self, keys: &crate::keys::Keys) -> Listing {
+        listing(keys, self.revision, &self.records, &self.claims)
+    }
+}
+
+/// Effective tasks (sorted by id) and corrupt records from raw records and claim keys.
+pub(crate) fn listing(
+    keys: &crate::keys::Keys,
+    revision: i64,
+    records: &HashMap<TaskId, StoredRecord>,
+    claims: &HashMap<TaskId, StoredClaim>,
+) -> Listing {
+    let mut out = Listing {
+        revision: u64::try_from(revision).unwrap_or_default(),
+        ..Listing::default()
+    };
+    for (id, stored) in records {
+        match effective(stored, claims.get(id)) {
+            Ok((task, _)) => out.tasks.push(task),
+            Err(reason) => out.corrupt.push(CorruptRecord {
+                key: keys.task(id),
+                reason,
+            }),
+        }
+    }
+    out.tasks.sort_by(|a, b| a.id.cmp(&b.id));
+    out.corrupt.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}

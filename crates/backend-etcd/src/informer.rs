@@ -1,0 +1,166 @@
+//! List-then-watch: keeps the cache a mirror of etcd and feeds subscribers. Lists once, watches
+//! from the next revision, resumes from the last revision seen after a disconnect, re-lists after
+//! a compaction, and treats a stream that answers no progress request as dead.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_core::retry::Backoff;
+use agent_core::BackendResult;
+use etcd_client::{EventType, GetOptions, Txn, TxnOp, WatchOptions};
+use tokio::time::Instant;
+
+use crate::cache::Change;
+use crate::inner::Inner;
+use crate::keys::KeyKind;
+use crate::view::{stored_claim, stored_record};
+
+enum WatchEnd {
+    /// The start revision was compacted away: list again.
+    Compacted,
+    /// The stream broke; resume from the last revision seen.
+    Broken(String),
+}
+
+impl Inner {
+    /// Runs forever (until aborted with the backend).
+    pub(crate) async fn inform(self: Arc<Self>) {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let mut need_list = true;
+        loop {
+            if need_list {
+                if let Err(e) = self.relist().await {
+                    tracing::warn!(error = %e, "listing tasks failed; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+                need_list = false;
+            }
+            let start = self.cache().revision + 1;
+            match self.watch_from(start, &mut backoff).await {
+                WatchEnd::Compacted => {
+                    tracing::info!(start, "watch start revision compacted; listing again");
+                    need_list = true;
+                }
+                WatchEnd::Broken(reason) => {
+                    tracing::warn!(%reason, resume_from = self.cache().revision + 1, "watch stream broke; resuming");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+            self.watching.store(false, Ordering::Relaxed);
+        }
+    }
+
+    async fn relist(&self) -> BackendResult<()> {
+        let prefix = || Some(GetOptions::new().with_prefix());
+        let txn = Txn::new().and_then(vec![
+            TxnOp::get(self.keys.tasks_prefix(), prefix()),
+            TxnOp::get(self.keys.claims_prefix(), prefix()),
+        ]);
+        let resp = self.conn.txn("list", txn).await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let (records, claims, _) = self.split_kvs(resp.op_responses());
+        let repairs = self.cache().replace(revision, records, claims);
+        self.queue_repairs(repairs);
+        self.synced.notify_waiters();
+        Ok(())
+    }
+
+    fn queue_repairs(&self, repairs: Vec<crate::cache::Repair>) {
+        for r in repairs {
+            let _ = self.repairs.send(r);
+        }
+    }
+
+    async fn watch_from(&self, start: i64, backoff: &mut Backoff) -> WatchEnd {
+        let (from, to) = self.keys.watch_range();
+        let options = WatchOptions::new()
+            .with_range(to)
+            .with_start_revision(start)
+            .with_progress_notify();
+        let mut client = self.conn.client();
+        let stream = match self
+            .conn
+            .call("watch", client.watch(from, Some(options)))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return WatchEnd::Broken(e.to_string()),
+        };
+        let (mut requests, mut responses) = stream.split();
+        let interval = self.config.watch_progress_interval;
+        let silence_limit = interval * 2 + self.conn.request_timeout();
+        let mut last_heard = Instant::now();
+        let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
+        loop {
+            tokio::select! {
+                message = responses.message() => {
+                    let resp = match message {
+                        Ok(Some(resp)) => resp,
+                        Ok(None) => return WatchEnd::Broken("stream closed by the server".into()),
+                        Err(e) => return WatchEnd::Broken(self.conn.error(e).to_string()),
+                    };
+                    last_heard = Instant::now();
+                    if resp.canceled() {
+                        if resp.compact_revision() > 0 {
+                            return WatchEnd::Compacted;
+                        }
+                        return WatchEnd::Broken(format!("watch cancelled: {}", resp.cancel_reason()));
+                    }
+                    if resp.created() {
+                        self.watching.store(true, Ordering::Relaxed);
+                        backoff.reset();
+                    }
+                    self.apply_events(&resp);
+                }
+                _ = tick.tick() => {
+                    if last_heard.elapsed() > silence_limit {
+                        return WatchEnd::Broken(format!("no answer to progress requests for {silence_limit:?}"));
+                    }
+                    if let Err(e) = requests.request_progress().await {
+                        return WatchEnd::Broken(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_events(&self, resp: &etcd_client::WatchResponse) {
+        let events = resp.events();
+        if events.is_empty() {
+            // A progress report: every event up to the header's revision has been delivered.
+            if !resp.created() {
+                if let Some(h) = resp.header() {
+                    let mut cache = self.cache();
+                    cache.revision = cache.revision.max(h.revision());
+                }
+            }
+            return;
+        }
+        // Group by revision so one transaction's keys become one event.
+        let mut groups: BTreeMap<i64, Vec<Change>> = BTreeMap::new();
+        for event in events {
+            let Some(kv) = event.kv() else { continue };
+            let put = event.event_type() == EventType::Put;
+            let change = match self.keys.parse(kv.key()) {
+                Some(KeyKind::Task(id)) => {
+                    let stored = put.then(|| stored_record(&id, kv));
+                    Change::Record(id, stored)
+                }
+                Some(KeyKind::Claim(id)) => Change::Claim(id, put.then(|| stored_claim(kv))),
+                None => continue,
+            };
+            groups.entry(kv.mod_revision()).or_default().push(change);
+        }
+        let mut repairs = Vec::new();
+        {
+            let mut cache = self.cache();
+            for (revision, changes) in groups {
+                repairs.extend(cache.apply(revision, changes));
+            }
+        }
+        self.queue_repairs(repairs);
+    }
+}

@@ -1,0 +1,75 @@
+//! The state one `EtcdBackend` shares with its background tasks: the connection, the key layout,
+//! the watch cache, the session leases, and the handles of every task it spawned.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use agent_core::SessionId;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::AbortHandle;
+
+use crate::cache::{Cache, Repair};
+use crate::config::EtcdConfig;
+use crate::conn::Conn;
+use crate::keys::Keys;
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub conn: Conn,
+    pub keys: Keys,
+    pub config: EtcdConfig,
+    cache: Mutex<Cache>,
+    /// Signalled each time the cache (re)syncs with a list.
+    pub synced: Notify,
+    /// Whether the watch stream is currently open and answering.
+    pub watching: AtomicBool,
+    /// Each session's live lease (granted on its first leased claim).
+    pub leases: tokio::sync::Mutex<HashMap<SessionId, i64>>,
+    pub repairs: mpsc::UnboundedSender<Repair>,
+    tasks: Mutex<Vec<AbortHandle>>,
+}
+
+impl Inner {
+    pub fn new(conn: Conn, config: EtcdConfig, repairs: mpsc::UnboundedSender<Repair>) -> Self {
+        Inner {
+            keys: Keys::new(&config.prefix),
+            conn,
+            config,
+            cache: Mutex::new(Cache::default()),
+            synced: Notify::new(),
+            watching: AtomicBool::new(false),
+            leases: tokio::sync::Mutex::new(HashMap::new()),
+            repairs,
+            tasks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The watch cache. Never held across an await.
+    pub fn cache(&self) -> MutexGuard<'_, Cache> {
+        // Cache updates do not leave it half-changed on panic (no early returns between paired
+        // writes), so a poisoned lock is still consistent.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers a background task so it ends with the backend.
+    pub fn adopt(&self, handle: AbortHandle) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(handle);
+    }
+
+    /// Ends every background task (watch, keep-alives, repairs). Leases are not revoked: to
+    /// etcd this looks like a crash, and claims expire after their TTL.
+    pub fn abort_all(&self) {
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        for t in tasks.iter() {
+            t.abort();
+        }
+    }
+
+    /// Whether the watch stream is open and answering.
+    pub fn is_watching(&self) -> bool {
+        self.watching.load(Ordering::Relaxed)
+    }
+}

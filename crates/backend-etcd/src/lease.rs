@@ -1,0 +1,112 @@
+//! Session leases: one per session, granted on its first leased claim and kept alive every TTL/3
+//! by our own loop (etcd-client sends one keep-alive per call). When the lease cannot be renewed
+//! before its deadline, or etcd says it is gone, every claim under it is reported lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_core::retry::Backoff;
+use agent_core::{BackendResult, SessionId};
+use tokio::time::Instant;
+
+use crate::inner::Inner;
+
+impl Inner {
+    /// The lease `session`'s claims are bound to (granting it on first use); `None` when claims
+    /// are not leased.
+    pub(crate) async fn lease_for(
+        self: &Arc<Self>,
+        session: &SessionId,
+    ) -> BackendResult<Option<i64>> {
+        let Some(ttl) = self.config.lease_ttl else {
+            return Ok(None);
+        };
+        let mut leases = self.leases.lock().await;
+        if let Some(id) = leases.get(session) {
+            return Ok(Some(*id));
+        }
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let mut client = self.conn.client();
+        let granted_at = Instant::now();
+        let resp = self
+            .conn
+            .call("lease grant", client.lease_grant(secs, None))
+            .await?;
+        let id = resp.id();
+        leases.insert(session.clone(), id);
+        let ttl = Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(1));
+        let inner = Arc::clone(self);
+        let session = session.clone();
+        let keeper = tokio::spawn(async move {
+            inner.keep_alive(id, ttl, granted_at + ttl).await;
+            inner
+                .leases
+                .lock()
+                .await
+                .retain(|s, l| !(*l == id && *s == session));
+            inner.cache().lease_lost(id);
+            tracing::warn!(%session, lease = id, "session lease lost; its claims are gone");
+        });
+        self.adopt(keeper.abort_handle());
+        Ok(Some(id))
+    }
+
+    /// The lease `session` currently holds through this backend, if any.
+    pub(crate) async fn current_lease(&self, session: &SessionId) -> Option<i64> {
+        self.leases.lock().await.get(session).copied()
+    }
+
+    /// Renews `lease` until it cannot be: returns when etcd says it is gone or `deadline` passes
+    /// without a renewal.
+    async fn keep_alive(&self, lease: i64, ttl: Duration, mut deadline: Instant) {
+        let period = ttl / 3;
+        let mut backoff = Backoff::new(
+            Duration::from_millis(100),
+            period.max(Duration::from_millis(200)),
+        );
+        let mut stream = None;
+        let mut next = Instant::now() + period;
+        loop {
+            tokio::time::sleep_until(next.min(deadline)).await;
+            if Instant::now() >= deadline {
+                return;
+            }
+            if stream.is_none() {
+                let mut client = self.conn.client();
+                match self
+                    .conn
+                    .call("lease keep-alive", client.lease_keep_alive(lease))
+                    .await
+                {
+                    Ok(pair) => stream = Some(pair),
+                    Err(e) => {
+                        tracing::debug!(lease, error = %e, "lease keep-alive stream could not open");
+                        next = Instant::now() + backoff.next_delay();
+                        continue;
+                    }
+                }
+            }
+            let Some((keeper, responses)) = stream.as_mut() else {
+                continue;
+            };
+            let sent = Instant::now();
+            let renewed = async {
+                keeper.keep_alive().await?;
+                responses.message().await
+            };
+            match tokio::time::timeout(self.conn.request_timeout(), renewed).await {
+                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                    deadline = sent + Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0));
+                    next = sent + period;
+                    backoff.reset();
+                }
+                Ok(Ok(Some(_))) => return, // etcd: the lease is gone (expired or revoked)
+                other => {
+                    tracing::debug!(lease, result = ?other.map(|r| r.map(|_| ())), "lease keep-alive failed; retrying");
+                    stream = None;
+                    next = Instant::now() + backoff.next_delay();
+                }
+            }
+        }
+    }
+}

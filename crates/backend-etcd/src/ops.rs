@@ -1,0 +1,393 @@
+//! The operations as compare-and-swap transactions: claim (one transaction when the cache is
+//! current), release (fenced on the claim key), put (read-modify-write), get and list.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use agent_core::{
+    BackendError, BackendResult, Claim, ClaimOutcome, Claimability, FencingToken, Listing,
+    PutOutcome, ReleaseOutcome, ReleaseTo, SessionId, Task, TaskId, TaskPatch, TaskStatus,
+};
+use chrono::Utc;
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+
+use crate::cache::{listing, Held};
+use crate::inner::Inner;
+use crate::record::{effective, encode_claim, Record};
+use crate::view::{parse_view, read_ops, stored_claim, stored_record, View};
+
+/// How many compare-and-swap rounds an operation tries before reporting contention.
+const MAX_ROUNDS: usize = 16;
+
+fn token(rev: i64) -> FencingToken {
+    FencingToken(u64::try_from(rev).unwrap_or_default())
+}
+
+impl Inner {
+    /// Reads a fresh view of `id` (two round trips if the record names blockers not yet read).
+    pub(crate) async fn read_view(&self, id: &TaskId, with_blockers: bool) -> BackendResult<View> {
+        let mut blockers: Vec<TaskId> = Vec::new();
+        loop {
+            let txn = Txn::new().and_then(read_ops(&self.keys, id, &blockers));
+            let resp = self.conn.txn("read", txn).await?;
+            let view = parse_view(id, &blockers, resp.op_responses());
+            let missing = if with_blockers {
+                view.missing_blockers()
+            } else {
+                Vec::new()
+            };
+            if missing.is_empty() {
+                return Ok(view);
+            }
+            blockers.extend(missing);
+        }
+    }
+
+    /// The cached view if the cache is synced, else a fresh read. The flag says which.
+    async fn view(&self, id: &TaskId) -> BackendResult<(View, bool)> {
+        let cached = self.cache().view(id);
+        match cached {
+            Some(view) => Ok((view, false)),
+            None => Ok((self.read_view(id, true).await?, true)),
+        }
+    }
+
+    /// Completes `view` after a failed compare: the else branch read the same keys.
+    async fn refreshed(
+        &self,
+        id: &TaskId,
+        blockers: &[TaskId],
+        responses: Vec<TxnOpResponse>,
+    ) -> BackendResult<View> {
+        let mut view = parse_view(id, blockers, responses);
+        if !view.missing_blockers().is_empty() {
+            view = self.read_view(id, true).await?;
+        }
+        Ok(view)
+    }
+
+    fn corrupt(&self, id: &TaskId, reason: String) -> BackendError {
+        BackendError::Corrupt {
+            key: self.keys.task(id),
+            reason,
+        }
+    }
+
+    fn contention(&self, id: &TaskId) -> BackendError {
+        BackendError::Unavailable {
+            endpoint: self.conn.endpoints().to_owned(),
+            reason: format!(
+                "{}: still changing after {MAX_ROUNDS} compare-and-swap rounds",
+                self.keys.task(id)
+            ),
+        }
+    }
+
+    pub(crate) async fn get(&self, id: &TaskId) -> BackendResult<Option<Task>> {
+        let view = self.read_view(id, false).await?;
+        let Some(stored) = &view.record else {
+            return Ok(None);
+        };
+        effective(stored, view.claim.as_ref())
+            .map(|(t, _)| Some(t))
+            .map_err(|r| self.corrupt(id, r))
+    }
+
+    pub(crate) async fn list(&self) -> BackendResult<Listing> {
+        let prefix = || Some(GetOptions::new().with_prefix());
+        let txn = Txn::new().and_then(vec![
+            TxnOp::get(self.keys.tasks_prefix(), prefix()),
+            TxnOp::get(self.keys.claims_prefix(), prefix()),
+        ]);
+        let resp = self.conn.txn("list", txn).await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let (records, claims, bad_keys) = self.split_kvs(resp.op_responses());
+        let mut out = listing(&self.keys, revision, &records, &claims);
+        out.corrupt.extend(bad_keys);
+        out.corrupt.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Sorts list responses into records and claim keys; keys with invalid ids are reported.
+    pub(crate) fn split_kvs(
+        &self,
+        responses: Vec<TxnOpResponse>,
+    ) -> (
+        HashMap<TaskId, crate::record::StoredRecord>,
+        HashMap<TaskId, crate::record::StoredClaim>,
+        Vec<agent_core::CorruptRecord>,
+    ) {
+        let (mut records, mut claims, mut bad) = (HashMap::new(), HashMap::new(), Vec::new());
+        for resp in responses {
+            let TxnOpResponse::Get(get) = resp else {
+                continue;
+            };
+            for kv in get.kvs() {
+                match self.keys.parse(kv.key()) {
+                    Some(crate::keys::KeyKind::Task(id)) => {
+                        records.insert(id.clone(), stored_record(&id, kv));
+                    }
+                    Some(crate::keys::KeyKind::Claim(id)) => {
+                        claims.insert(id, stored_claim(kv));
+                    }
+                    None if kv.key().starts_with(self.keys.tasks_prefix().as_bytes()) => {
+                        bad.push(agent_core::CorruptRecord {
+                            key: String::from_utf8_lossy(kv.key()).into_owned(),
+                            reason: "the key is not a valid task id".into(),
+                        });
+                    }
+                    None => {}
+                }
+            }
+        }
+        (records, claims, bad)
+    }
+
+    pub(crate) async fn claim(
+        self: &Arc<Self>,
+        id: &TaskId,
+        session: &SessionId,
+    ) -> BackendResult<ClaimOutcome> {
+        let lease = self.lease_for(session).await?;
+        let (mut view, mut fresh) = self.view(id).await?;
+        for _ in 0..MAX_ROUNDS {
+            let Some(stored) = &view.record else {
+                if fresh {
+                    return Ok(ClaimOutcome::NotFound);
+                }
+                (view, fresh) = (self.read_view(id, true).await?, true);
+                continue;
+            };
+            let (current, _) =
+                effective(stored, view.claim.as_ref()).map_err(|r| self.corrupt(id, r))?;
+            let verdict = current.claimability(session, |b| view.blocker_status(b));
+            if verdict != Claimability::Yes {
+                // A "no" from the cache is confirmed by a read before it is reported.
+                if !fresh {
+                    (view, fresh) = (self.read_view(id, true).await?, true);
+                    continue;
+                }
+                return Ok(match verdict {
+                    Claimability::Held(holder) => ClaimOutcome::Lost { holder },
+                    Claimability::No(status) => ClaimOutcome::NotClaimable { status },
+                    Claimability::Yes => unreachable!("handled above"),
+                });
+            }
+            let mut next = current.clone();
+            next.status = TaskStatus::Claimed;
+            next.claimed_by = Some(session.clone());
+            next.claimed_at = Some(Utc::now());
+            let record = Record { task: next, lease };
+            let (task_key, claim_key) = (self.keys.task(id), self.keys.claim(id));
+            let mut compares = vec![
+                Compare::mod_revision(task_key.clone(), CompareOp::Equal, view.record_rev()),
+                Compare::mod_revision(claim_key.clone(), CompareOp::Equal, view.claim_rev()),
+            ];
+            for b in &current.blocked_by {
+                let rev = view
+                    .blockers
+                    .get(b)
+                    .and_then(|s| s.as_ref())
+                    .map_or(0, |s| s.mod_rev);
+                compares.push(Compare::mod_revision(
+                    self.keys.task(b),
+                    CompareOp::Equal,
+                    rev,
+                ));
+            }
+            let claim_opts = lease.map(|l| PutOptions::new().with_lease(l));
+            let txn = Txn::new()
+                .when(compares)
+                .and_then(vec![
+                    TxnOp::put(task_key, record.encode(), None),
+                    TxnOp::put(claim_key, encode_claim(session), claim_opts),
+                ])
+                .or_else(read_ops(&self.keys, id, &current.blocked_by));
+            let resp = self.conn.txn("claim", txn).await?;
+            if resp.succeeded() {
+                let rev = resp.header().map_or(0, |h| h.revision());
+                self.cache().hold(
+                    id.clone(),
+                    Held {
+                        session: session.clone(),
+                        token: rev,
+                        lease,
+                    },
+                );
+                return Ok(ClaimOutcome::Won(Claim {
+                    task: id.clone(),
+                    session: session.clone(),
+                    token: token(rev),
+                    leased: lease.is_some(),
+                }));
+            }
+            view = self
+                .refreshed(id, &current.blocked_by, resp.op_responses())
+                .await?;
+            fresh = true;
+        }
+        Err(self.contention(id))
+    }
+
+    pub(crate) async fn release(
+        &self,
+        id: &TaskId,
+        session: &SessionId,
+        to: ReleaseTo,
+        want: Option<FencingToken>,
+    ) -> BackendResult<ReleaseOutcome> {
+        let my_lease = self.current_lease(session).await;
+        let (mut view, mut fresh) = self.view(id).await?;
+        for _ in 0..MAX_ROUNDS {
+            let Some(stored) = &view.record else {
+                if fresh {
+                    return Ok(ReleaseOutcome::NotFound);
+                }
+                (view, fresh) = (self.read_view(id, false).await?, true);
+                continue;
+            };
+            let (current, live_token) =
+                effective(stored, view.claim.as_ref()).map_err(|r| self.corrupt(id, r))?;
+            let holder = if current.status == TaskStatus::Claimed {
+                current.claimed_by.clone()
+            } else {
+                None
+            };
+            let lease_ok = match (my_lease, &view.claim) {
+                (Some(mine), Some(claim)) => claim.lease == 0 || claim.lease == mine,
+                _ => true,
+            };
+            let holds = holder.as_ref() == Some(session)
+                && want.is_none_or(|t| Some(t) == live_token.map(token))
+                && lease_ok;
+            if !holds {
+                if !fresh {
+                    (view, fresh) = (self.read_view(id, false).await?, true);
+                    continue;
+                }
+                return Ok(ReleaseOutcome::NotHolder { holder });
+            }
+            let mut next = current.clone();
+            next.status = to.status();
+            if to == ReleaseTo::Available {
+                next.claimed_by = None;
+                next.claimed_at = None;
+            }
+            let record = Record {
+                task: next,
+                lease: None,
+            };
+            let (task_key, claim_key) = (self.keys.task(id), self.keys.claim(id));
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::mod_revision(task_key.clone(), CompareOp::Equal, view.record_rev()),
+                    Compare::mod_revision(claim_key.clone(), CompareOp::Equal, view.claim_rev()),
+                ])
+                .and_then(vec![
+                    TxnOp::put(task_key, record.encode(), None),
+                    TxnOp::delete(claim_key, None),
+                ])
+                .or_else(read_ops(&self.keys, id, &[]));
+            let resp = self.conn.txn("release", txn).await?;
+            if resp.succeeded() {
+                self.cache().unhold(id);
+                return Ok(ReleaseOutcome::Released {
+                    token: token(live_token.unwrap_or_default()),
+                });
+            }
+            view = parse_view(id, &[], resp.op_responses());
+            fresh = true;
+        }
+        Err(self.contention(id))
+    }
+
+    pub(crate) async fn put(&self, id: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {
+        if patch.status == Some(TaskStatus::Claimed) {
+            return Err(BackendError::InvalidInput(format!(
+                "{id}: status claimed is set by claiming the task, not by put"
+            )));
+        }
+        for _ in 0..MAX_ROUNDS {
+            let view = self.read_view(id, false).await?;
+            let (record, outcome) = match &view.record {
+                None => {
+                    let mut task =
+                        Task::new(id.clone(), patch.status.unwrap_or(TaskStatus::Available));
+                    task.title = patch.title.clone();
+                    task.blocked_by = patch.blocked_by.clone().unwrap_or_default();
+                    (Record { task, lease: None }, PutOutcome::Created)
+                }
+                Some(stored) => {
+                    let (current, _) =
+                        effective(stored, view.claim.as_ref()).map_err(|r| self.corrupt(id, r))?;
+                    let mut next = current.clone();
+                    if let Some(title) = &patch.title {
+                        next.title = Some(title.clone());
+                    }
+                    if let Some(blocked_by) = &patch.blocked_by {
+                        next.blocked_by = blocked_by.clone();
+                    }
+                    if let Some(status) = patch.status.filter(|s| *s != current.status) {
+                        if current.status == TaskStatus::Claimed {
+                            return Ok(PutOutcome::Held {
+                                holder: current.claimed_by,
+                            });
+                        }
+                        next.status = status;
+                        if status != TaskStatus::Complete {
+                            next.claimed_by = None;
+                            next.claimed_at = None;
+                        }
+                    }
+                    if next == current {
+                        return Ok(PutOutcome::Unchanged);
+                    }
+                    let lease = stored
+                        .record
+                        .as_ref()
+                        .ok()
+                        .and_then(|r| r.lease)
+                        .filter(|_| next.status == TaskStatus::Claimed);
+                    (Record { task: next, lease }, PutOutcome::Updated)
+                }
+            };
+            let task_key = self.keys.task(id);
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::mod_revision(task_key.clone(), CompareOp::Equal, view.record_rev()),
+                    Compare::mod_revision(self.keys.claim(id), CompareOp::Equal, view.claim_rev()),
+                ])
+                .and_then(vec![TxnOp::put(task_key, record.encode(), None)]);
+            if self.conn.txn("put", txn).await?.succeeded() {
+                return Ok(outcome);
+            }
+        }
+        Err(self.contention(id))
+    }
+
+    /// Resets a record left `claimed` under a lease that is gone, if nothing changed since.
+    pub(crate) async fn repair(&self, id: &TaskId, record_rev: i64) -> BackendResult<bool> {
+        let view = self.read_view(id, false).await?;
+        let Some(stored) = &view.record else {
+            return Ok(false);
+        };
+        if stored.mod_rev != record_rev || view.claim.is_some() {
+            return Ok(false);
+        }
+        let Ok((task, _)) = effective(stored, None) else {
+            return Ok(false);
+        };
+        let task_key = self.keys.task(id);
+        let txn = Txn::new()
+            .when(vec![
+                Compare::mod_revision(task_key.clone(), CompareOp::Equal, record_rev),
+                Compare::mod_revision(self.keys.claim(id), CompareOp::Equal, 0),
+            ])
+            .and_then(vec![TxnOp::put(
+                task_key,
+                Record { task, lease: None }.encode(),
+                None,
+            )]);
+        Ok(self.conn.txn("repair", txn).await?.succeeded())
+    }
+}

@@ -1,0 +1,167 @@
+//! Watch resilience: etcd restarted under a live subscriber, and compaction past a subscriber
+//! that was cut off. No transition lost or delivered twice.
+
+use std::time::Duration;
+
+use agent_core::{
+    Backend, BackendEvent, ClaimOutcome, ReleaseTo, SessionId, TaskEvent, TaskId, TaskPatch,
+    TaskStatus,
+};
+use backend_etcd::testing::{EtcdServer, TcpProxy};
+use backend_etcd::EtcdConfig;
+
+fn tid(s: &str) -> TaskId {
+    TaskId::parse(s).expect("valid")
+}
+fn sid(s: &str) -> SessionId {
+    SessionId::parse(s).expect("valid")
+}
+
+/// Collects task events until `done` says the list is complete (or panics after `limit`).
+async fn collect(
+    sub: &mut agent_core::Subscription,
+    limit: Duration,
+    done: impl Fn(&[TaskEvent]) -> bool,
+) -> Vec<TaskEvent> {
+    let mut seen = Vec::new();
+    let result = tokio::time::timeout(limit, async {
+        while !done(&seen) {
+            match sub.next().await {
+                Some(BackendEvent::Task(e)) => seen.push(e),
+                Some(_) => {}
+                None => panic!("subscription ended"),
+            }
+        }
+    })
+    .await;
+    assert!(result.is_ok(), "timed out; saw {seen:#?}");
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_survives_an_etcd_restart_without_losing_or_repeating_events() {
+    let mut server = EtcdServer::start();
+    let watcher = crate::backend(&server, false).await;
+    let mut sub = watcher.subscribe().await.expect("subscribe");
+    let ids: Vec<TaskId> = (0..4).map(|i| tid(&format!("R-{i}"))).collect();
+    {
+        let writer = crate::backend(&server, false).await;
+        writer
+            .put(&ids[0], &TaskPatch::default())
+            .await
+            .expect("put");
+    }
+    let first = collect(&mut sub, Duration::from_secs(10), |s| !s.is_empty()).await;
+    assert_eq!(first[0].task, ids[0]);
+
+    server.restart();
+    // Transitions after the restart, through a new client.
+    let writer = crate::backend(&server, false).await;
+    let s = sid("s");
+    let mut expected = Vec::new();
+    for id in &ids[1..] {
+        writer.put(id, &TaskPatch::default()).await.expect("put");
+        expected.push((id.clone(), None, Some(TaskStatus::Available)));
+        assert!(matches!(
+            writer.claim(id, &s).await.expect("claim"),
+            ClaimOutcome::Won(_)
+        ));
+        expected.push((
+            id.clone(),
+            Some(TaskStatus::Available),
+            Some(TaskStatus::Claimed),
+        ));
+        writer
+            .release(id, &s, ReleaseTo::Complete, None)
+            .await
+            .expect("release");
+        expected.push((
+            id.clone(),
+            Some(TaskStatus::Claimed),
+            Some(TaskStatus::Complete),
+        ));
+    }
+    let n = expected.len();
+    let seen = collect(&mut sub, Duration::from_secs(30), |s| s.len() >= n).await;
+    let got: Vec<_> = seen
+        .iter()
+        .map(|e| (e.task.clone(), e.old_status, e.new_status))
+        .collect();
+    assert_eq!(got, expected, "every transition once, in order");
+    assert!(seen.windows(2).all(|w| w[0].revision < w[1].revision));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(sub.try_next().is_none(), "no duplicate after the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_past_a_cut_off_subscriber_relists_and_emits_the_difference() {
+    let server = EtcdServer::start();
+    let proxy = TcpProxy::start(server.addr()).await;
+    let via_proxy = EtcdConfig {
+        endpoints: vec![proxy.endpoint()],
+        watch_progress_interval: Duration::from_millis(300),
+        ..server.config()
+    };
+    let watcher = crate::backend_with(via_proxy, false).await;
+    let writer = crate::backend(&server, false).await;
+    let s = sid("s");
+    for i in 0..3 {
+        writer
+            .put(&tid(&format!("C-{i}")), &TaskPatch::default())
+            .await
+            .expect("put");
+    }
+    let mut sub = watcher.subscribe().await.expect("subscribe");
+    assert_eq!(sub.snapshot.tasks.len(), 3);
+
+    proxy.cut();
+    // While it is cut off: C-0 claimed and completed, C-1 claimed, C-3 created; then compaction.
+    let won = |o: ClaimOutcome| matches!(o, ClaimOutcome::Won(_));
+    assert!(won(writer.claim(&tid("C-0"), &s).await.expect("claim")));
+    writer
+        .release(&tid("C-0"), &s, ReleaseTo::Complete, None)
+        .await
+        .expect("release");
+    assert!(won(writer.claim(&tid("C-1"), &s).await.expect("claim")));
+    writer
+        .put(&tid("C-3"), &TaskPatch::default())
+        .await
+        .expect("put");
+    let mut raw = crate::raw_client(&server).await;
+    let rev = raw
+        .get("tasks/C-3", None)
+        .await
+        .expect("get")
+        .header()
+        .expect("header")
+        .revision();
+    raw.compact(rev, None).await.expect("compact");
+    // Give the watcher time to notice the cut before restoring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.restore();
+
+    let seen = collect(&mut sub, Duration::from_secs(30), |s| s.len() >= 3).await;
+    let mut got: Vec<_> = seen
+        .iter()
+        .map(|e| (e.task.to_string(), e.new_status, e.holder.clone()))
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        vec![
+            ("C-0".into(), Some(TaskStatus::Complete), Some(s.clone())),
+            ("C-1".into(), Some(TaskStatus::Claimed), Some(s.clone())),
+            ("C-3".into(), Some(TaskStatus::Available), None),
+        ]
+    );
+    // And the stream goes on normally after the re-list.
+    writer
+        .release(&tid("C-1"), &s, ReleaseTo::Available, None)
+        .await
+        .expect("release");
+    let next = collect(&mut sub, Duration::from_secs(10), |s| !s.is_empty()).await;
+    assert_eq!(
+        (next[0].task.as_str(), next[0].new_status),
+        ("C-1", Some(TaskStatus::Available))
+    );
+}
