@@ -29,6 +29,8 @@ impl Inner {
     pub(crate) async fn inform(self: Arc<Self>) {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         let mut need_list = true;
+        // Consecutive failures: the first is a warning, the rest are quiet until it recovers.
+        let mut failures = 0u32;
         loop {
             if need_list {
                 if let Err(e) = self.relist().await {
@@ -39,17 +41,24 @@ impl Inner {
                 need_list = false;
             }
             let start = self.cache().revision + 1;
-            match self.watch_from(start, &mut backoff).await {
+            let end = self.watch_from(start, &mut backoff, &mut failures).await;
+            self.watching.store(false, Ordering::Relaxed);
+            match end {
                 WatchEnd::Compacted => {
                     tracing::info!(start, "watch start revision compacted; listing again");
                     need_list = true;
                 }
                 WatchEnd::Broken(reason) => {
-                    tracing::warn!(%reason, resume_from = self.cache().revision + 1, "watch stream broke; resuming");
+                    let resume_from = self.cache().revision + 1;
+                    if failures == 0 {
+                        tracing::warn!(%reason, resume_from, "watch stream broke; resuming");
+                    } else {
+                        tracing::debug!(%reason, resume_from, failures, "watch still down; retrying");
+                    }
+                    failures += 1;
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
-            self.watching.store(false, Ordering::Relaxed);
         }
     }
 
@@ -74,7 +83,7 @@ impl Inner {
         }
     }
 
-    async fn watch_from(&self, start: i64, backoff: &mut Backoff) -> WatchEnd {
+    async fn watch_from(&self, start: i64, backoff: &mut Backoff, failures: &mut u32) -> WatchEnd {
         let (from, to) = self.keys.watch_range();
         let options = WatchOptions::new()
             .with_range(to)
@@ -112,6 +121,10 @@ impl Inner {
                     if resp.created() {
                         self.watching.store(true, Ordering::Relaxed);
                         backoff.reset();
+                        if *failures > 0 {
+                            tracing::info!(start, "watch resumed");
+                            *failures = 0;
+                        }
                     }
                     self.apply_events(&resp);
                 }

@@ -1,0 +1,208 @@
+//! The command line: every flag, its environment twin and its help text. Parsing only; the
+//! commands live in `cmd`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agent_core::{SessionId, TaskId, TaskStatus};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  a normal \"no\": claim lost, task not claimable or not found, not the holder
+  2  bad input: usage, an invalid task or session id, an unreadable file
+  3  infrastructure: etcd unreachable, timed out or refusing (names the endpoint)
+  4  corrupt data: a stored record is not a valid task (names its key)
+
+Environment: IFC_ENDPOINTS, IFC_PREFIX, IFC_PASSWORD; RUST_LOG sets the log level (default warn).";
+
+/// ifc (IF.coordinator): claim, run and complete tasks from a shared task board over etcd.
+#[derive(Debug, Parser)]
+#[command(name = "ifc", version, about, after_help = EXIT_CODES, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// etcd client URLs, comma-separated (a cluster: every member)
+    #[arg(
+        long,
+        env = "IFC_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379",
+        global = true
+    )]
+    pub endpoints: Vec<String>,
+
+    /// Key namespace: tasks live at <PREFIX>tasks/<id> (empty: the migration guide's keys)
+    #[arg(long, env = "IFC_PREFIX", default_value = "", global = true)]
+    pub prefix: String,
+
+    /// Output format
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
+    pub output: Output,
+
+    /// How long to wait for etcd to answer when connecting (e.g. 2s, 500ms)
+    #[arg(long, value_parser = parse_duration, default_value = "2s", global = true)]
+    pub dial_timeout: Duration,
+
+    /// Deadline of each request to etcd
+    #[arg(long, value_parser = parse_duration, default_value = "1s", global = true)]
+    pub request_timeout: Duration,
+
+    /// CA bundle to verify etcd's TLS certificate (PEM)
+    #[arg(long, global = true)]
+    pub cacert: Option<PathBuf>,
+
+    /// Client certificate for TLS (PEM; with --key)
+    #[arg(long, global = true, requires = "key")]
+    pub cert: Option<PathBuf>,
+
+    /// Client key for TLS (PEM; with --cert)
+    #[arg(long, global = true, requires = "cert")]
+    pub key: Option<PathBuf>,
+
+    /// etcd user, as USER or USER:PASSWORD (the password may instead come from IFC_PASSWORD)
+    #[arg(long, global = true, hide_env_values = true)]
+    pub user: Option<String>,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people
+    Table,
+    /// JSON for programs (one object, an array, or one object per line for streams)
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a task or update its title, status or blockers (other stored fields are kept)
+    Put(PutArgs),
+    /// Show one task
+    Get {
+        /// Task id
+        task: TaskId,
+    },
+    /// Claim tasks for a session: one compare-and-swap per task; exactly one claimer wins
+    Claim(ClaimArgs),
+    /// End a session's claim, marking the task complete or giving it back
+    Release(ReleaseArgs),
+    /// List every task
+    Status,
+    /// Stream task changes as they happen (until interrupted)
+    Watch,
+}
+
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// Task id
+    pub task: TaskId,
+    /// Title
+    #[arg(long)]
+    pub title: Option<String>,
+    /// Status to set (claims are made with `ifc claim`)
+    #[arg(long, value_parser = parse_put_status)]
+    pub status: Option<TaskStatus>,
+    /// Tasks that must be complete first, comma-separated (an empty value clears them)
+    #[arg(long, value_delimiter = ',', num_args = 0..)]
+    pub blocked_by: Option<Vec<String>>,
+}
+
+#[derive(Debug, Args)]
+pub struct ClaimArgs {
+    /// Task ids, tried in order
+    #[arg(required = true)]
+    pub tasks: Vec<TaskId>,
+    /// The claiming session
+    #[arg(long)]
+    pub session: SessionId,
+    /// Bind the claim to a lease of this many seconds: it ends by itself that long after this
+    /// command exits, unless the session keeps the lease alive (as `ifc agent` does). Without it
+    /// the claim holds until released.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub ttl: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    /// Task id
+    pub task: TaskId,
+    /// The holding session
+    #[arg(long)]
+    pub session: SessionId,
+    /// What the task becomes
+    #[arg(long, value_enum)]
+    pub status: ReleaseStatus,
+    /// Release only the claim with this fencing token (as handed to the task's command)
+    #[arg(long)]
+    pub fencing_token: Option<u64>,
+}
+
+/// The status a release leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReleaseStatus {
+    /// Done for good
+    Complete,
+    /// Given back: claimable again
+    Available,
+}
+
+fn parse_put_status(s: &str) -> Result<TaskStatus, String> {
+    match s.parse::<TaskStatus>()? {
+        TaskStatus::Claimed => Err("claimed is not set with put: use `ifc claim`".into()),
+        other => Ok(other),
+    }
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (use e.g. 10s, 500ms, 2m)"))?;
+    let secs = match unit {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {s:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

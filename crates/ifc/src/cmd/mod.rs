@@ -1,0 +1,281 @@
+//! The operator commands over one etcd backend: put, get, claim, release, status, watch. Each
+//! returns the exit code of a normal outcome; failures are errors mapped in `exit`.
+
+use std::io::Write;
+
+use agent_core::{
+    Backend, BackendEvent, ClaimOutcome, FencingToken, PutOutcome, ReleaseOutcome, ReleaseTo,
+    TaskId, TaskPatch,
+};
+use anyhow::{Context, Result};
+use backend_etcd::{EtcdBackend, EtcdConfig, TlsFiles};
+use serde_json::json;
+
+use crate::cli::{ClaimArgs, Command, Global, Output, PutArgs, ReleaseArgs, ReleaseStatus};
+use crate::exit;
+use crate::output::{event_json, event_line, printable, task_json, task_table};
+
+/// The backend settings the global flags describe.
+pub fn etcd_config(g: &Global, lease_ttl: Option<std::time::Duration>) -> Result<EtcdConfig> {
+    let user = match &g.user {
+        None => None,
+        Some(spec) => Some(match spec.split_once(':') {
+            Some((user, password)) => (user.to_owned(), password.to_owned()),
+            None => {
+                let password = std::env::var("IFC_PASSWORD").map_err(|_| {
+                    agent_core::BackendError::InvalidInput(format!(
+                        "no password for etcd user {spec:?}: use --user {spec}:PASSWORD or set IFC_PASSWORD"
+                    ))
+                })?;
+                (spec.clone(), password)
+            }
+        }),
+    };
+    let tls = (g.cacert.is_some() || g.cert.is_some()).then(|| TlsFiles {
+        ca: g.cacert.clone(),
+        cert: g.cert.clone(),
+        key: g.key.clone(),
+    });
+    Ok(EtcdConfig {
+        endpoints: g
+            .endpoints
+            .iter()
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty())
+            .collect(),
+        prefix: g.prefix.clone(),
+        dial_timeout: g.dial_timeout,
+        request_timeout: g.request_timeout,
+        lease_ttl,
+        tls,
+        user,
+        ..EtcdConfig::default()
+    })
+}
+
+/// Runs one command; returns its exit code.
+pub async fn run(g: &Global, command: &Command) -> Result<u8> {
+    let ttl = match command {
+        Command::Claim(args) => args.ttl.map(std::time::Duration::from_secs),
+        _ => None,
+    };
+    let backend = EtcdBackend::connect(etcd_config(g, ttl)?)
+        .await
+        .context("cannot connect to etcd")?;
+    let mut out = std::io::stdout().lock();
+    match command {
+        Command::Put(args) => put(&backend, g.output, args, &mut out).await,
+        Command::Get { task } => get(&backend, g.output, task, &mut out).await,
+        Command::Claim(args) => claim(&backend, g.output, args, &mut out).await,
+        Command::Release(args) => release(&backend, g.output, args, &mut out).await,
+        Command::Status => status(&backend, g.output, &mut out).await,
+        Command::Watch => {
+            drop(out);
+            watch(&backend, g.output).await
+        }
+    }
+}
+
+async fn put(b: &EtcdBackend, output: Output, args: &PutArgs, out: &mut impl Write) -> Result<u8> {
+    let blocked_by = match &args.blocked_by {
+        None => None,
+        Some(ids) => Some(
+            ids.iter()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| TaskId::parse(s.trim()))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let patch = TaskPatch {
+        title: args.title.clone(),
+        status: args.status,
+        blocked_by,
+    };
+    let outcome = b.put(&args.task, &patch).await?;
+    let (word, code, holder) = match &outcome {
+        PutOutcome::Created => ("created", 0, None),
+        PutOutcome::Updated => ("updated", 0, None),
+        PutOutcome::Unchanged => ("unchanged", 0, None),
+        PutOutcome::Held { holder } => ("held", exit::NO, holder.clone()),
+    };
+    match output {
+        Output::Json => writeln!(
+            out,
+            "{}",
+            json!({"task_id": args.task.as_str(), "outcome": word, "holder": holder.as_ref().map(|h| h.as_str())})
+        )?,
+        Output::Table if code == 0 => writeln!(out, "{word} {}", args.task)?,
+        Output::Table => {
+            let who = holder.map_or("a session".into(), |h| h.to_string());
+            writeln!(
+                out,
+                "{} is claimed by {who}: its status is changed by releasing it, not by put",
+                args.task
+            )?
+        }
+    }
+    Ok(code)
+}
+
+async fn get(b: &EtcdBackend, output: Output, task: &TaskId, out: &mut impl Write) -> Result<u8> {
+    let Some(t) = b.get(task).await? else {
+        match output {
+            Output::Json => writeln!(out, "null")?,
+            Output::Table => eprintln!("task {task} not found"),
+        }
+        return Ok(exit::NO);
+    };
+    match output {
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&task_json(&t))?)?,
+        Output::Table => write!(out, "{}", task_table(std::slice::from_ref(&t)))?,
+    }
+    Ok(0)
+}
+
+async fn claim(
+    b: &EtcdBackend,
+    output: Output,
+    args: &ClaimArgs,
+    out: &mut impl Write,
+) -> Result<u8> {
+    let mut code = 0;
+    for task in &args.tasks {
+        let outcome = b.claim(task, &args.session).await?;
+        let (word, holder, status, token) = match &outcome {
+            ClaimOutcome::Won(c) => ("won", None, None, Some(c.token.0)),
+            ClaimOutcome::Lost { holder } => ("lost", holder.clone(), None, None),
+            ClaimOutcome::NotClaimable { status } => ("not_claimable", None, Some(*status), None),
+            ClaimOutcome::NotFound => ("not_found", None, None, None),
+        };
+        if word != "won" {
+            code = exit::NO;
+        }
+        match output {
+            Output::Json => writeln!(
+                out,
+                "{}",
+                json!({
+                    "task_id": task.as_str(), "session": args.session.as_str(), "outcome": word,
+                    "holder": holder.as_ref().map(|h| h.as_str()), "status": status.map(|s| s.as_str()),
+                    "fencing_token": token,
+                })
+            )?,
+            Output::Table => match &outcome {
+                ClaimOutcome::Won(c) => writeln!(
+                    out,
+                    "claimed {task} for {} (fencing token {})",
+                    args.session, c.token
+                )?,
+                ClaimOutcome::Lost { holder } => {
+                    let who = holder
+                        .as_ref()
+                        .map_or("another session".into(), |h| h.to_string());
+                    writeln!(out, "lost {task}: held by {who}")?
+                }
+                ClaimOutcome::NotClaimable { status } => {
+                    writeln!(out, "{task} is not claimable: {status}")?
+                }
+                ClaimOutcome::NotFound => writeln!(out, "task {task} not found")?,
+            },
+        }
+    }
+    Ok(code)
+}
+
+async fn release(
+    b: &EtcdBackend,
+    output: Output,
+    args: &ReleaseArgs,
+    out: &mut impl Write,
+) -> Result<u8> {
+    let to = match args.status {
+        ReleaseStatus::Complete => ReleaseTo::Complete,
+        ReleaseStatus::Available => ReleaseTo::Available,
+    };
+    let outcome = b
+        .release(
+            &args.task,
+            &args.session,
+            to,
+            args.fencing_token.map(FencingToken),
+        )
+        .await?;
+    let (word, code) = match &outcome {
+        ReleaseOutcome::Released { .. } => ("released", 0),
+        ReleaseOutcome::NotHolder { .. } => ("not_holder", exit::NO),
+        ReleaseOutcome::NotFound => ("not_found", exit::NO),
+    };
+    match (output, &outcome) {
+        (Output::Json, _) => {
+            let holder = match &outcome {
+                ReleaseOutcome::NotHolder { holder } => holder.as_ref().map(|h| h.as_str()),
+                _ => None,
+            };
+            writeln!(
+                out,
+                "{}",
+                json!({"task_id": args.task.as_str(), "outcome": word, "status": to.status().as_str(), "holder": holder})
+            )?
+        }
+        (Output::Table, ReleaseOutcome::Released { .. }) => {
+            writeln!(out, "released {} as {}", args.task, to.status())?
+        }
+        (Output::Table, ReleaseOutcome::NotHolder { holder }) => {
+            let who = holder.as_ref().map_or("nobody".into(), |h| h.to_string());
+            writeln!(
+                out,
+                "not the holder: {} is held by {who}; nothing changed",
+                args.task
+            )?
+        }
+        (Output::Table, ReleaseOutcome::NotFound) => writeln!(out, "task {} not found", args.task)?,
+    }
+    Ok(code)
+}
+
+async fn status(b: &EtcdBackend, output: Output, out: &mut impl Write) -> Result<u8> {
+    let listing = b.list().await?;
+    match output {
+        Output::Json => {
+            let tasks: Vec<_> = listing.tasks.iter().map(task_json).collect();
+            writeln!(out, "{}", serde_json::to_string_pretty(&tasks)?)?
+        }
+        Output::Table => write!(out, "{}", task_table(&listing.tasks))?,
+    }
+    for c in &listing.corrupt {
+        eprintln!(
+            "error: corrupt record at {}: {}",
+            c.key,
+            printable(&c.reason)
+        );
+    }
+    Ok(if listing.corrupt.is_empty() {
+        0
+    } else {
+        exit::CORRUPT
+    })
+}
+
+async fn watch(b: &EtcdBackend, output: Output) -> Result<u8> {
+    let mut sub = b.subscribe().await?;
+    let mut out = std::io::stdout();
+    loop {
+        tokio::select! {
+            event = sub.next() => {
+                let Some(BackendEvent::Task(e)) = event else {
+                    if event.is_none() { return Ok(0) }
+                    continue;
+                };
+                let line = match output {
+                    Output::Json => event_json(&e).to_string(),
+                    Output::Table => event_line(&e),
+                };
+                // A closed pipe (`ifc watch | head`) ends the watch quietly.
+                if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+                    return Ok(0);
+                }
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(0),
+        }
+    }
+}

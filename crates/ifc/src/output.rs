@@ -1,0 +1,125 @@
+//! Rendering tasks, outcomes and events as tables for people or JSON for programs.
+
+use agent_core::{Task, TaskEvent};
+use serde_json::{json, Value};
+
+/// The JSON object of one task: the guide's fields plus `blocked_by` and `title`.
+pub fn task_json(t: &Task) -> Value {
+    json!({
+        "task_id": t.id.as_str(),
+        "status": t.status.as_str(),
+        "claimed_by": t.claimed_by.as_ref().map(|s| s.as_str()),
+        "claimed_at": t.claimed_at.map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        "blocked_by": t.blocked_by.iter().map(|b| b.as_str()).collect::<Vec<_>>(),
+        "title": t.title,
+    })
+}
+
+/// The JSON object of one event (one line of `ifc watch --output json`).
+pub fn event_json(e: &TaskEvent) -> Value {
+    let time: chrono::DateTime<chrono::Utc> = e.time.into();
+    json!({
+        "task_id": e.task.as_str(),
+        "old_status": e.old_status.map(|s| s.as_str()),
+        "new_status": e.new_status.map(|s| s.as_str()),
+        "claimed_by": e.holder.as_ref().map(|s| s.as_str()),
+        "revision": e.revision,
+        "time": time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+    })
+}
+
+/// One human line per event.
+pub fn event_line(e: &TaskEvent) -> String {
+    let status = |s: Option<agent_core::TaskStatus>| s.map_or("(none)", |s| s.as_str());
+    let holder = e
+        .holder
+        .as_ref()
+        .map(|h| format!(" by {h}"))
+        .unwrap_or_default();
+    format!(
+        "{} {} -> {}{holder} (revision {})",
+        e.task,
+        status(e.old_status),
+        status(e.new_status),
+        e.revision
+    )
+}
+
+/// Tasks as aligned columns with a header.
+pub fn task_table(tasks: &[Task]) -> String {
+    let header = [
+        "TASK",
+        "STATUS",
+        "CLAIMED BY",
+        "CLAIMED AT",
+        "BLOCKED BY",
+        "TITLE",
+    ]
+    .map(String::from);
+    let rows: Vec<[String; 6]> = tasks
+        .iter()
+        .map(|t| {
+            [
+                t.id.to_string(),
+                t.status.to_string(),
+                t.claimed_by.as_ref().map_or("-".into(), |s| s.to_string()),
+                t.claimed_at
+                    .map_or("-".into(), |at| at.format("%Y-%m-%d %H:%M:%S").to_string()),
+                if t.blocked_by.is_empty() {
+                    "-".into()
+                } else {
+                    t.blocked_by
+                        .iter()
+                        .map(|b| b.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
+                t.title.as_deref().map(printable).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `s` with control characters escaped, so a stored title cannot move the terminal's cursor.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(printable("a\u{1b}[2Jb\n"), "a\\u{1b}[2Jb\\n");
+        assert_eq!(printable("plain ✅"), "plain ✅");
+    }
+}

@@ -1,0 +1,461 @@
+//! End-to-end tests of the `ifc` binary against a real etcd: the guide's checklist through the
+//! CLI, races between real processes, exit codes and output formats.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use backend_etcd::testing::EtcdServer;
+use serde_json::Value;
+
+fn ifc(server: &EtcdServer) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ifc"));
+    cmd.env("IFC_ENDPOINTS", server.endpoint())
+        .env_remove("IFC_PREFIX")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("ifc runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[track_caller]
+fn code(out: &Output) -> i32 {
+    out.status
+        .code()
+        .unwrap_or_else(|| panic!("killed by a signal: {out:?}"))
+}
+
+async fn raw(server: &EtcdServer) -> etcd_client::Client {
+    etcd_client::Client::connect([server.endpoint()], None)
+        .await
+        .expect("raw client")
+}
+
+#[tokio::test]
+async fn claim_release_status_and_get_through_the_cli() {
+    let server = EtcdServer::start();
+    assert_eq!(
+        code(&run(ifc(&server).args([
+            "put",
+            "P0.1.1",
+            "--title",
+            "Set up etcd"
+        ]))),
+        0
+    );
+    let out = run(ifc(&server).args([
+        "put",
+        "P0.1.2",
+        "--status",
+        "blocked",
+        "--blocked-by",
+        "P0.1.1",
+    ]));
+    assert_eq!(code(&out), 0, "{out:?}");
+    let out = run(ifc(&server).args(["claim", "P0.1.2", "--session", "s1"]));
+    assert_eq!(
+        (code(&out), text(&out.stdout)),
+        (1, "P0.1.2 is not claimable: blocked\n".to_owned())
+    );
+    let out = run(ifc(&server).args(["claim", "P0.1.1", "--session", "s1", "-o", "json"]));
+    assert_eq!(code(&out), 0, "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        (v["outcome"].as_str(), v["task_id"].as_str()),
+        (Some("won"), Some("P0.1.1"))
+    );
+    assert!(v["fencing_token"].as_u64().is_some_and(|t| t > 0));
+
+    let out = run(ifc(&server).args([
+        "release",
+        "P0.1.1",
+        "--session",
+        "s2",
+        "--status",
+        "complete",
+    ]));
+    assert_eq!(code(&out), 1);
+    assert!(text(&out.stdout).contains("not the holder"), "{out:?}");
+    let out = run(ifc(&server).args([
+        "release",
+        "P0.1.1",
+        "--session",
+        "s1",
+        "--status",
+        "complete",
+    ]));
+    assert_eq!(code(&out), 0, "{out:?}");
+
+    let out = run(ifc(&server).args(["status", "--output", "json"]));
+    assert_eq!(code(&out), 0);
+    let tasks: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json array");
+    let by_id: BTreeMap<&str, &Value> = tasks
+        .iter()
+        .map(|t| (t["task_id"].as_str().expect("id"), t))
+        .collect();
+    assert_eq!(by_id["P0.1.1"]["status"], "complete");
+    assert_eq!(by_id["P0.1.1"]["claimed_by"], "s1");
+    assert_eq!(by_id["P0.1.1"]["title"], "Set up etcd");
+    assert_eq!(by_id["P0.1.2"]["blocked_by"], serde_json::json!(["P0.1.1"]));
+    for key in [
+        "task_id",
+        "status",
+        "claimed_by",
+        "claimed_at",
+        "blocked_by",
+        "title",
+    ] {
+        assert!(by_id["P0.1.2"].get(key).is_some(), "{key} present");
+    }
+    // The blocker is complete: now it can be claimed.
+    assert_eq!(
+        code(&run(ifc(&server).args([
+            "claim",
+            "P0.1.2",
+            "--session",
+            "s1"
+        ]))),
+        0
+    );
+    let out = run(ifc(&server).args(["get", "P0.1.2", "-o", "json"]));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        (v["status"].as_str(), v["claimed_by"].as_str()),
+        (Some("claimed"), Some("s1"))
+    );
+    let out = run(ifc(&server).args(["get", "NOPE"]));
+    assert_eq!(code(&out), 1);
+    assert!(text(&out.stderr).contains("NOPE not found"));
+}
+
+#[tokio::test]
+async fn a_guide_shaped_record_is_claimed_and_the_other_client_sees_it() {
+    let server = EtcdServer::start();
+    let mut raw = raw(&server).await;
+    raw.put(
+        "tasks/X",
+        r#"{"task_id":"X","status":"available","claimed_by":null,"claimed_at":null}"#,
+        None,
+    )
+    .await
+    .expect("put");
+    let out = run(ifc(&server).args(["claim", "X", "--session", "session-1-ndi"]));
+    assert_eq!(code(&out), 0, "{out:?}");
+    let resp = raw.get("tasks/X", None).await.expect("get");
+    let v: Value = serde_json::from_slice(resp.kvs()[0].value()).expect("json");
+    assert_eq!(
+        (v["status"].as_str(), v["claimed_by"].as_str()),
+        (Some("claimed"), Some("session-1-ndi"))
+    );
+}
+
+/// Ten real processes race over 1,000 tasks, each in its own order: exactly one winner per task.
+#[tokio::test]
+async fn ten_processes_race_over_a_thousand_tasks_with_exactly_one_winner_each() {
+    let server = EtcdServer::start();
+    let mut raw = raw(&server).await;
+    let ids: Vec<String> = (0..1000).map(|i| format!("T{i:04}")).collect();
+    for chunk in ids.chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|id| {
+                etcd_client::TxnOp::put(format!("tasks/{id}"), r#"{"status":"available"}"#, None)
+            })
+            .collect();
+        raw.txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .expect("seed");
+    }
+    let children: Vec<_> = (0..10)
+        .map(|k| {
+            let mut order = ids.clone();
+            order.rotate_left(k * 100);
+            if k % 2 == 1 {
+                order.reverse();
+            }
+            ifc(&server)
+                .args(["claim", "--session", &format!("racer-{k}"), "-o", "json"])
+                .args(&order)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn racer")
+        })
+        .collect();
+    let mut winners: BTreeMap<String, String> = BTreeMap::new();
+    for child in children {
+        let out = child.wait_with_output().expect("racer finishes");
+        assert!(
+            matches!(code(&out), 0 | 1),
+            "racer failed: {}",
+            text(&out.stderr)
+        );
+        for line in text(&out.stdout).lines() {
+            let v: Value = serde_json::from_str(line).expect("one JSON object per line");
+            let (task, session) = (
+                v["task_id"].as_str().expect("id"),
+                v["session"].as_str().expect("session"),
+            );
+            match v["outcome"].as_str() {
+                Some("won") => {
+                    if let Some(first) = winners.insert(task.to_owned(), session.to_owned()) {
+                        panic!("double claim of {task}: {first} and {session}");
+                    }
+                }
+                Some("lost") => assert_ne!(v["holder"].as_str(), Some(session)),
+                other => panic!("unexpected outcome {other:?} in {line}"),
+            }
+        }
+    }
+    assert_eq!(winners.len(), 1000, "every task won exactly once");
+    let out = run(ifc(&server).args(["status", "-o", "json"]));
+    let tasks: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");
+    for t in tasks {
+        assert_eq!(
+            t["claimed_by"].as_str(),
+            winners
+                .get(t["task_id"].as_str().expect("id"))
+                .map(String::as_str)
+        );
+    }
+}
+
+/// Two processes claim the same task at once, many times over: one wins each round.
+#[tokio::test]
+async fn two_processes_claiming_one_task_have_one_winner() {
+    let server = EtcdServer::start();
+    for round in 0..15 {
+        let task = format!("TEST-RACE-{round}");
+        assert_eq!(code(&run(ifc(&server).args(["put", &task]))), 0);
+        let spawn = |s: &str| {
+            ifc(&server)
+                .args(["claim", &task, "--session", s])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        };
+        let (a, b) = (spawn("session-1"), spawn("session-2"));
+        let codes = [
+            code(&a.wait_with_output().expect("a")),
+            code(&b.wait_with_output().expect("b")),
+        ];
+        let mut sorted = codes;
+        sorted.sort();
+        assert_eq!(sorted, [0, 1], "round {round}: exit codes {codes:?}");
+    }
+}
+
+#[tokio::test]
+async fn watch_streams_the_claim_as_json_lines() {
+    let server = EtcdServer::start();
+    assert_eq!(code(&run(ifc(&server).args(["put", "TEST-EVENT"]))), 0);
+    let mut watcher = ifc(&server)
+        .args(["watch", "-o", "json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn watch");
+    let stdout = watcher.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // The watch is live once it has listed; claim until a claim event shows (the first claim may
+    // race the watcher's start, so the task is given back and claimed again; the give-back events
+    // are skipped).
+    let mut line = None;
+    'attempts: for _ in 0..50 {
+        let out = run(ifc(&server).args(["claim", "TEST-EVENT", "--session", "test-session"]));
+        assert_eq!(code(&out), 0, "{out:?}");
+        while let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            let v: Value = serde_json::from_str(&l).expect("a JSON object per line");
+            if v["new_status"] == "claimed" {
+                line = Some(l);
+                break 'attempts;
+            }
+        }
+        run(ifc(&server).args([
+            "release",
+            "TEST-EVENT",
+            "--session",
+            "test-session",
+            "--status",
+            "available",
+        ]));
+    }
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    let line = line.expect("the watcher printed an event");
+    let v: Value = serde_json::from_str(&line).expect("a JSON object per line");
+    assert_eq!(v["task_id"], "TEST-EVENT");
+    assert_eq!(
+        (v["old_status"].as_str(), v["new_status"].as_str()),
+        (Some("available"), Some("claimed"))
+    );
+    assert_eq!(v["claimed_by"], "test-session");
+    assert!(v["revision"].as_u64().is_some_and(|r| r > 0));
+}
+
+#[tokio::test]
+async fn a_claim_with_ttl_expires_after_its_process_exits() {
+    let server = EtcdServer::start();
+    assert_eq!(code(&run(ifc(&server).args(["put", "TEST-TTL"]))), 0);
+    let out = run(ifc(&server).args([
+        "claim",
+        "TEST-TTL",
+        "--session",
+        "crashed-session",
+        "--ttl",
+        "2",
+    ]));
+    assert_eq!(code(&out), 0, "{out:?}");
+    let mut status = String::new();
+    for _ in 0..100 {
+        let out = run(ifc(&server).args(["get", "TEST-TTL", "-o", "json"]));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("the record is still there");
+        status = v["status"].as_str().unwrap_or_default().to_owned();
+        if status == "available" {
+            assert!(v["claimed_by"].is_null());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(status, "available", "the claim expired");
+    let out = run(ifc(&server).args([
+        "release",
+        "TEST-TTL",
+        "--session",
+        "crashed-session",
+        "--status",
+        "complete",
+    ]));
+    assert_eq!(code(&out), 1, "the stale holder is not the holder");
+    assert_eq!(
+        code(&run(ifc(&server).args([
+            "claim",
+            "TEST-TTL",
+            "--session",
+            "rescuer"
+        ]))),
+        0
+    );
+}
+
+#[tokio::test]
+async fn bad_input_exits_2_and_quotes_the_value() {
+    let server = EtcdServer::start();
+    for args in [
+        vec!["claim", "bad id", "--session", "s"],
+        vec!["claim", "T", "--session", "s;rm -rf /"],
+        vec!["get", "../etc/passwd"],
+        vec!["put", "T", "--blocked-by", "ok,not ok"],
+    ] {
+        let out = run(ifc(&server).args(&args));
+        assert_eq!(code(&out), 2, "{args:?}: {out:?}");
+        let bad = args
+            .iter()
+            .find(|a| a.contains(' ') || a.contains('/'))
+            .expect("a bad value");
+        let quoted = bad
+            .split(',')
+            .find(|p| p.contains(' ') || p.contains('/'))
+            .expect("part");
+        assert!(
+            text(&out.stderr).contains(&format!("{quoted:?}")),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let out = run(ifc(&server).args([
+        "--cacert",
+        "/nonexistent/ca.pem",
+        "--endpoints",
+        "https://127.0.0.1:1",
+        "status",
+    ]));
+    assert_eq!(code(&out), 2, "{out:?}");
+    assert!(text(&out.stderr).contains("/nonexistent/ca.pem"));
+    let out = run(ifc(&server).args(["put", "T", "--status", "claimed"]));
+    assert_eq!(code(&out), 2);
+    let out = run(ifc(&server).args(["--endpoints", "localhost:2379", "status"]));
+    assert_eq!(
+        code(&out),
+        2,
+        "an endpoint without a scheme is a usage error: {out:?}"
+    );
+}
+
+#[tokio::test]
+async fn corrupt_records_are_reported_with_their_key_and_status_goes_on() {
+    let server = EtcdServer::start();
+    let mut raw = raw(&server).await;
+    raw.put("tasks/GOOD", r#"{"status":"available"}"#, None)
+        .await
+        .expect("put");
+    raw.put("tasks/BROKEN", "not json at all", None)
+        .await
+        .expect("put");
+    let out = run(ifc(&server).args(["status"]));
+    assert_eq!(code(&out), 4, "{out:?}");
+    assert!(text(&out.stdout).contains("GOOD"));
+    assert!(
+        text(&out.stderr).contains("corrupt record at tasks/BROKEN"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(ifc(&server).args(["claim", "BROKEN", "--session", "s"]));
+    assert_eq!(code(&out), 4, "{out:?}");
+    assert!(text(&out.stderr).contains("tasks/BROKEN"));
+}
+
+#[test]
+fn an_unreachable_endpoint_exits_3_naming_it() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let out = Command::new(env!("CARGO_BIN_EXE_ifc"))
+        .args([
+            "--endpoints",
+            &endpoint,
+            "--dial-timeout",
+            "500ms",
+            "status",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&out), 3, "{out:?}");
+    assert!(
+        text(&out.stderr).contains(&endpoint),
+        "{}",
+        text(&out.stderr)
+    );
+    // A port that accepts but never answers (a black hole) is bounded by the dial timeout too.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent = format!("http://{}", listener.local_addr().expect("addr"));
+    let out = Command::new(env!("CARGO_BIN_EXE_ifc"))
+        .args([
+            "--endpoints",
+            &silent,
+            "--dial-timeout",
+            "500ms",
+            "get",
+            "T",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&out), 3, "{out:?}");
+    assert!(text(&out.stderr).contains(&silent), "{}", text(&out.stderr));
+}
