@@ -15,6 +15,8 @@ use crate::config::EtcdConfig;
 pub(crate) struct Conn {
     client: Client,
     endpoints: String,
+    /// With one endpoint a connect error is reported at once: there is nowhere else to go.
+    several_endpoints: bool,
     request_timeout: Duration,
 }
 
@@ -87,14 +89,31 @@ impl Conn {
         let conn = Conn {
             client,
             endpoints,
+            several_endpoints: cfg.endpoints.len() > 1,
             request_timeout: cfg.request_timeout,
         };
         // One cheap read proves the cluster answers (and that auth works) before anything else.
-        let mut kv = conn.client.kv_client();
-        let probe = etcd_client::GetOptions::new().with_count_only();
-        conn.within("connect", cfg.dial_timeout, kv.get("\0", Some(probe)))
-            .await?;
+        let tasks = format!("{}tasks/", cfg.prefix);
+        conn.probe(&tasks, "connect", cfg.dial_timeout).await?;
         Ok(conn)
+    }
+
+    /// Counts the keys under `prefix` (the cheapest read a user allowed to read tasks may do).
+    pub async fn probe(
+        &self,
+        prefix: &str,
+        operation: &str,
+        deadline: Duration,
+    ) -> BackendResult<()> {
+        let count_only = etcd_client::GetOptions::new()
+            .with_count_only()
+            .with_prefix();
+        self.within(operation, deadline, |mut c| {
+            let count_only = count_only.clone();
+            async move { c.get(prefix, Some(count_only)).await }
+        })
+        .await
+        .map(drop)
     }
 
     /// The comma-separated endpoints, for messages.
@@ -102,37 +121,56 @@ impl Conn {
         &self.endpoints
     }
 
-    /// A clone of the raw client, for streams (watch, lease keep-alive).
-    pub fn client(&self) -> Client {
-        self.client.clone()
-    }
-
+    /// The deadline of one request.
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout
     }
 
     /// Runs one transaction under the request deadline.
     pub async fn txn(&self, operation: &str, txn: Txn) -> BackendResult<TxnResponse> {
-        let mut kv = self.client.kv_client();
-        self.call(operation, kv.txn(txn)).await
+        self.call(operation, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
     }
 
-    /// Runs `call` under the request deadline.
-    pub async fn call<T>(
-        &self,
-        operation: &str,
-        call: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> BackendResult<T> {
+    /// Runs `call` (given a client handle) under the request deadline.
+    pub async fn call<T, F, Fut>(&self, operation: &str, call: F) -> BackendResult<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
         self.within(operation, self.request_timeout, call).await
     }
 
-    async fn within<T>(
+    /// Runs `call` until it succeeds, fails in a way that may have reached etcd, or `deadline`
+    /// passes. A call that failed to *connect* never reached etcd, so it is tried again at once:
+    /// with an endpoint list, the balancer may have picked a member that is down.
+    async fn within<T, F, Fut>(
         &self,
         operation: &str,
         deadline: Duration,
-        call: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> BackendResult<T> {
-        match tokio::time::timeout(deadline, call).await {
+        mut call: F,
+    ) -> BackendResult<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let attempts = async {
+            let mut pause = Duration::from_millis(5);
+            loop {
+                match call(self.client.clone()).await {
+                    Err(e) if self.several_endpoints && never_sent(&e) => {
+                        tracing::debug!(operation, error = %e, "connect failed; trying another endpoint");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(100));
+                    }
+                    other => return other,
+                }
+            }
+        };
+        match tokio::time::timeout(deadline, attempts).await {
             Ok(result) => result.map_err(|e| classify(&self.endpoints, e)),
             Err(_) => Err(BackendError::Timeout {
                 endpoint: self.endpoints.clone(),
@@ -182,6 +220,17 @@ fn classify(endpoint: &str, e: etcd_client::Error) -> BackendError {
             endpoint,
             reason: other.to_string(),
         },
+    }
+}
+
+/// Whether the request failed before reaching any etcd member (so retrying it is always safe).
+fn never_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::Unavailable && status.message().contains("connect")
+        }
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
     }
 }
 

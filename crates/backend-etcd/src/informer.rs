@@ -89,12 +89,11 @@ impl Inner {
             .with_range(to)
             .with_start_revision(start)
             .with_progress_notify();
-        let mut client = self.conn.client();
-        let stream = match self
-            .conn
-            .call("watch", client.watch(from, Some(options)))
-            .await
-        {
+        let watch = |mut c: etcd_client::Client| {
+            let (from, options) = (from.clone(), options.clone());
+            async move { c.watch(from, Some(options)).await }
+        };
+        let stream = match self.conn.call("watch", watch).await {
             Ok(s) => s,
             Err(e) => return WatchEnd::Broken(e.to_string()),
         };

@@ -26,12 +26,9 @@ impl Inner {
             return Ok(Some(*id));
         }
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let mut client = self.conn.client();
         let granted_at = Instant::now();
-        let resp = self
-            .conn
-            .call("lease grant", client.lease_grant(secs, None))
-            .await?;
+        let grant = |mut c: etcd_client::Client| async move { c.lease_grant(secs, None).await };
+        let resp = self.conn.call("lease grant", grant).await?;
         let id = resp.id();
         leases.insert(session.clone(), id);
         let ttl = Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(1));
@@ -46,6 +43,9 @@ impl Inner {
                 .retain(|s, l| !(*l == id && *s == session));
             inner.cache().lease_lost(id);
             tracing::warn!(%session, lease = id, "session lease lost; its claims are gone");
+            // If etcd still has it (we only lost touch), end it now so the tasks free up at once.
+            let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(id).await };
+            let _ = inner.conn.call("lease revoke", revoke).await;
         });
         self.adopt(keeper.abort_handle());
         Ok(Some(id))
@@ -72,12 +72,9 @@ impl Inner {
                 return;
             }
             if stream.is_none() {
-                let mut client = self.conn.client();
-                match self
-                    .conn
-                    .call("lease keep-alive", client.lease_keep_alive(lease))
-                    .await
-                {
+                let open =
+                    |mut c: etcd_client::Client| async move { c.lease_keep_alive(lease).await };
+                match self.conn.call("lease keep-alive", open).await {
                     Ok(pair) => stream = Some(pair),
                     Err(e) => {
                         tracing::debug!(lease, error = %e, "lease keep-alive stream could not open");

@@ -151,19 +151,9 @@ impl Backend for EtcdBackend {
     }
 
     async fn health(&self) -> Health {
-        let mut kv = self.inner.conn.client().kv_client();
-        let probe = etcd_client::GetOptions::new()
-            .with_count_only()
-            .with_prefix();
-        match self
-            .inner
-            .conn
-            .call(
-                "health",
-                kv.get(self.inner.keys.tasks_prefix(), Some(probe)),
-            )
-            .await
-        {
+        let conn = &self.inner.conn;
+        let tasks = self.inner.keys.tasks_prefix();
+        match conn.probe(tasks, "health", conn.request_timeout()).await {
             Ok(_) => {
                 let watch = match self.informer.initialized() {
                     false => "",

@@ -36,43 +36,66 @@ pub fn etcd_binary() -> Result<PathBuf, String> {
         .ok_or_else(|| INSTALL_HINT.to_owned())
 }
 
-/// Two free loopback ports.
+/// A free loopback port.
 fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
     l.local_addr().expect("local addr").port()
 }
 
-/// A single-node etcd owned by a test.
+/// One etcd process owned by a test (a single node, or a member of an [`EtcdCluster`]).
 #[derive(Debug)]
 pub struct EtcdServer {
     binary: PathBuf,
+    /// The temp dir of a single node (a cluster member's lives in the cluster).
     dir: Option<tempfile::TempDir>,
-    data: PathBuf,
+    base: PathBuf,
+    name: String,
     client_port: u16,
     peer_port: u16,
+    initial_cluster: String,
     child: Option<Child>,
 }
 
 impl EtcdServer {
-    /// Starts etcd on free ports and waits until it serves. Panics (with how to install etcd) when
-    /// there is no etcd binary.
+    /// Starts a single-node etcd on free ports and waits until it serves. Panics (with how to
+    /// install etcd) when there is no etcd binary.
     pub fn start() -> EtcdServer {
-        let binary = etcd_binary().unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::Builder::new()
             .prefix("ifc-etcd-")
             .tempdir()
             .expect("temp dir");
-        let data = dir.path().join("data");
-        let mut server = EtcdServer {
-            binary,
-            data,
-            dir: Some(dir),
-            client_port: free_port(),
-            peer_port: free_port(),
-            child: None,
-        };
-        server.spawn();
+        let (client_port, peer_port) = (free_port(), free_port());
+        let initial_cluster = format!("ifc-test=http://127.0.0.1:{peer_port}");
+        let mut server = EtcdServer::member(
+            dir.path(),
+            "ifc-test",
+            client_port,
+            peer_port,
+            initial_cluster,
+        );
+        server.dir = Some(dir);
+        server.launch();
+        server.wait_ready();
         server
+    }
+
+    fn member(
+        base: &Path,
+        name: &str,
+        client_port: u16,
+        peer_port: u16,
+        initial_cluster: String,
+    ) -> EtcdServer {
+        EtcdServer {
+            binary: etcd_binary().unwrap_or_else(|e| panic!("{e}")),
+            dir: None,
+            base: base.to_owned(),
+            name: name.to_owned(),
+            client_port,
+            peer_port,
+            initial_cluster,
+            child: None,
+        }
     }
 
     /// The client URL.
@@ -94,24 +117,21 @@ impl EtcdServer {
         }
     }
 
-    fn dir(&self) -> &Path {
-        self.dir
-            .as_ref()
-            .map(|d| d.path())
-            .expect("temp dir lives as long as the server")
+    fn log_path(&self) -> PathBuf {
+        self.base.join(format!("{}.log", self.name))
     }
 
-    fn spawn(&mut self) {
+    fn launch(&mut self) {
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir().join("etcd.log"))
+            .open(self.log_path())
             .expect("etcd log file");
         let child = Command::new(&self.binary)
-            .args(["--name", "ifc-test", "--data-dir"])
-            .arg(&self.data)
+            .args(["--name", &self.name, "--data-dir"])
+            .arg(self.base.join(format!("{}.data", self.name)))
             .args([
                 "--listen-client-urls",
                 &client,
@@ -124,15 +144,19 @@ impl EtcdServer {
                 "--initial-advertise-peer-urls",
                 &peer,
             ])
-            .args(["--initial-cluster", &format!("ifc-test={peer}")])
-            .args(["--log-level", "warn"])
+            .args([
+                "--initial-cluster",
+                &self.initial_cluster,
+                "--initial-cluster-token",
+                "ifc-test",
+            ])
+            .args(["--initial-cluster-state", "new", "--log-level", "warn"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
         self.child = Some(child);
-        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
@@ -141,9 +165,11 @@ impl EtcdServer {
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    let log =
-                        std::fs::read_to_string(self.dir().join("etcd.log")).unwrap_or_default();
-                    panic!("etcd exited with {status} before serving:\n{log}");
+                    let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                    panic!(
+                        "etcd {} exited with {status} before serving:\n{log}",
+                        self.name
+                    );
                 }
             }
             if http_health_ok(&health) {
@@ -152,7 +178,7 @@ impl EtcdServer {
             assert!(
                 Instant::now() < deadline,
                 "etcd did not become ready within 30 s (log: {})",
-                self.dir().display()
+                self.log_path().display()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -166,20 +192,93 @@ impl EtcdServer {
         }
     }
 
-    /// Starts etcd again on the same ports and data dir.
+    /// Starts etcd again on the same ports and data dir, and waits until it serves.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        self.launch();
+        self.wait_ready();
     }
 }
 
 impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.kill();
-        if std::env::var_os("KEEP_TEMP_DIR").is_some() {
-            if let Some(dir) = self.dir.take() {
-                eprintln!("keeping etcd dir {}", dir.keep().display());
-            }
+        if let Some(dir) = self.dir.take() {
+            keep_if_asked(dir);
+        }
+    }
+}
+
+fn keep_if_asked(dir: tempfile::TempDir) {
+    if std::env::var_os("KEEP_TEMP_DIR").is_some() {
+        eprintln!("keeping etcd dir {}", dir.keep().display());
+    }
+}
+
+/// An etcd cluster of several members on loopback ports, owned by a test.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    /// The members, in start order.
+    pub members: Vec<EtcdServer>,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until each serves.
+    pub fn start(n: usize) -> EtcdCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("ifc-etcd-cluster-")
+            .tempdir()
+            .expect("temp dir");
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial_cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<EtcdServer> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                EtcdServer::member(
+                    dir.path(),
+                    &format!("m{i}"),
+                    *client,
+                    *peer,
+                    initial_cluster.clone(),
+                )
+            })
+            .collect();
+        // All must be running before any can elect a leader and serve.
+        members.iter_mut().for_each(EtcdServer::launch);
+        members.iter_mut().for_each(EtcdServer::wait_ready);
+        EtcdCluster {
+            members,
+            dir: Some(dir),
+        }
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(EtcdServer::endpoint).collect()
+    }
+
+    /// A backend config naming every member.
+    pub fn config(&self) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: self.endpoints(),
+            watch_progress_interval: Duration::from_secs(1),
+            ..EtcdConfig::default()
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        self.members.iter_mut().for_each(EtcdServer::kill);
+        if let Some(dir) = self.dir.take() {
+            keep_if_asked(dir);
         }
     }
 }
@@ -201,13 +300,20 @@ fn http_health_ok(addr: &str) -> bool {
     body.contains("\"health\":\"true\"")
 }
 
+/// A loopback URL where nothing listens (the port was free a moment ago).
+pub fn closed_endpoint() -> String {
+    format!("http://127.0.0.1:{}", free_port())
+}
+
 /// A loopback TCP proxy to `target` that a test can cut (every connection dropped, new ones
-/// refused) and restore.
+/// refused) or black-hole (open connections stay open but carry nothing, as in a network
+/// partition that drops packets; new connections work).
 #[derive(Debug)]
 pub struct TcpProxy {
     addr: SocketAddr,
     open: Arc<AtomicBool>,
-    generation: Arc<tokio::sync::watch::Sender<u64>>,
+    /// (cut generation, black-hole generation): a connection reacts to a change of either.
+    signal: Arc<tokio::sync::watch::Sender<(u64, u64)>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -219,9 +325,9 @@ impl TcpProxy {
             .expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let open = Arc::new(AtomicBool::new(true));
-        let (generation, _) = tokio::sync::watch::channel(0u64);
-        let generation = Arc::new(generation);
-        let (open2, gen2) = (Arc::clone(&open), Arc::clone(&generation));
+        let (signal, _) = tokio::sync::watch::channel((0u64, 0u64));
+        let signal = Arc::new(signal);
+        let (open2, signal2) = (Arc::clone(&open), Arc::clone(&signal));
         let task = tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
@@ -231,23 +337,13 @@ impl TcpProxy {
                     drop(inbound);
                     continue;
                 }
-                let mut cut = gen2.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    let mut inbound = inbound;
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.changed() => {}
-                    }
-                });
+                tokio::spawn(forward(inbound, target, signal2.subscribe()));
             }
         });
         TcpProxy {
             addr,
             open,
-            generation,
+            signal,
             task,
         }
     }
@@ -260,18 +356,55 @@ impl TcpProxy {
     /// Drops every connection and refuses new ones until [`TcpProxy::restore`].
     pub fn cut(&self) {
         self.open.store(false, Ordering::SeqCst);
-        self.generation.send_modify(|g| *g += 1);
+        self.signal.send_modify(|(cut, _)| *cut += 1);
     }
 
     /// Accepts connections again.
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
+
+    /// Every open connection stops carrying data but stays open; new connections work.
+    pub fn black_hole(&self) {
+        self.signal.send_modify(|(_, hole)| *hole += 1);
+    }
+}
+
+async fn forward(
+    mut inbound: tokio::net::TcpStream,
+    target: SocketAddr,
+    mut signal: tokio::sync::watch::Receiver<(u64, u64)>,
+) {
+    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+        return;
+    };
+    let (cut_at_start, hole_at_start) = *signal.borrow_and_update();
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+        _ = async {
+            while signal.changed().await.is_ok() {
+                let (cut, hole) = *signal.borrow();
+                if cut != cut_at_start || hole != hole_at_start {
+                    return;
+                }
+            }
+        } => {}
+    }
+    // Cut: drop both sockets. Black hole: hold them, silent, until cut or the proxy ends.
+    if signal.borrow().0 != cut_at_start {
+        return;
+    }
+    while signal.changed().await.is_ok() {
+        if signal.borrow().0 != cut_at_start {
+            return;
+        }
+    }
+    drop((inbound, outbound));
 }
 
 impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.task.abort();
-        self.generation.send_modify(|g| *g += 1);
+        self.signal.send_modify(|(cut, _)| *cut += 1);
     }
 }

@@ -1,7 +1,9 @@
 //! Integration tests of the etcd backend against a real etcd started per test.
 
+mod cluster;
 mod compat;
 mod conformance;
+mod security;
 mod watch;
 
 use std::time::Duration;

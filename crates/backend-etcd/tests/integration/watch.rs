@@ -165,3 +165,48 @@ async fn compaction_past_a_cut_off_subscriber_relists_and_emits_the_difference()
         ("C-1", Some(TaskStatus::Available))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_hung_stream_is_detected_and_replaced() {
+    let server = EtcdServer::start();
+    let proxy = TcpProxy::start(server.addr()).await;
+    let via_proxy = EtcdConfig {
+        endpoints: vec![proxy.endpoint()],
+        watch_progress_interval: Duration::from_millis(300),
+        ..server.config()
+    };
+    let watcher = crate::backend_with(via_proxy, false).await;
+    let writer = crate::backend(&server, false).await;
+    let mut sub = watcher.subscribe().await.expect("subscribe");
+    writer
+        .put(&tid("H-0"), &TaskPatch::default())
+        .await
+        .expect("put");
+    assert_eq!(
+        collect(&mut sub, Duration::from_secs(10), |s| !s.is_empty()).await[0].task,
+        tid("H-0")
+    );
+
+    // The open connection goes silent without closing: no error ever reaches the stream.
+    proxy.black_hole();
+    writer
+        .put(&tid("H-1"), &TaskPatch::default())
+        .await
+        .expect("put");
+    assert!(matches!(
+        writer.claim(&tid("H-1"), &sid("s")).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+    let seen = collect(&mut sub, Duration::from_secs(60), |s| s.len() >= 2).await;
+    let got: Vec<_> = seen
+        .iter()
+        .map(|e| (e.task.to_string(), e.new_status))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("H-1".into(), Some(TaskStatus::Available)),
+            ("H-1".into(), Some(TaskStatus::Claimed))
+        ]
+    );
+}
