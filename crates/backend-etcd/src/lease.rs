@@ -36,11 +36,7 @@ impl Inner {
         let session = session.clone();
         let keeper = tokio::spawn(async move {
             inner.keep_alive(id, ttl, granted_at + ttl).await;
-            inner
-                .leases
-                .lock()
-                .await
-                .retain(|s, l| !(*l == id && *s == session));
+            inner.forget_lease(&session, id).await;
             inner.cache().lease_lost(id);
             tracing::warn!(%session, lease = id, "session lease lost; its claims are gone");
             // If etcd still has it (we only lost touch), end it now so the tasks free up at once.
@@ -49,6 +45,14 @@ impl Inner {
         });
         self.adopt(keeper.abort_handle());
         Ok(Some(id))
+    }
+
+    /// Stops using `lease` for `session` (etcd no longer has it); the next claim grants a new one.
+    pub(crate) async fn forget_lease(&self, session: &SessionId, lease: i64) {
+        self.leases
+            .lock()
+            .await
+            .retain(|s, l| !(*l == lease && s == session));
     }
 
     /// The lease `session` currently holds through this backend, if any.

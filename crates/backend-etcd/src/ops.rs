@@ -83,6 +83,16 @@ impl Inner {
         }
     }
 
+    /// The effective task in `view` and the token of its live claim; `None`: no such task.
+    fn current(&self, id: &TaskId, view: &View) -> BackendResult<Option<(Task, Option<i64>)>> {
+        let Some(stored) = &view.record else {
+            return Ok(None);
+        };
+        effective(stored, view.claim.as_ref())
+            .map(Some)
+            .map_err(|r| self.corrupt(id, r))
+    }
+
     pub(crate) async fn get(&self, id: &TaskId) -> BackendResult<Option<Task>> {
         let view = self.read_view(id, false).await?;
         let Some(stored) = &view.record else {
@@ -148,18 +158,19 @@ impl Inner {
         id: &TaskId,
         session: &SessionId,
     ) -> BackendResult<ClaimOutcome> {
-        let lease = self.lease_for(session).await?;
+        let mut lease = self.lease_for(session).await?;
         let (mut view, mut fresh) = self.view(id).await?;
         for _ in 0..MAX_ROUNDS {
-            let Some(stored) = &view.record else {
-                if fresh {
-                    return Ok(ClaimOutcome::NotFound);
+            let (current, _) = match self.current(id, &view) {
+                Ok(Some(seen)) => seen,
+                // A missing or corrupt record in the cache is confirmed by a read.
+                _ if !fresh => {
+                    (view, fresh) = (self.read_view(id, true).await?, true);
+                    continue;
                 }
-                (view, fresh) = (self.read_view(id, true).await?, true);
-                continue;
+                Ok(None) => return Ok(ClaimOutcome::NotFound),
+                Err(e) => return Err(e),
             };
-            let (current, _) =
-                effective(stored, view.claim.as_ref()).map_err(|r| self.corrupt(id, r))?;
             let verdict = current.claimability(session, |b| view.blocker_status(b));
             if verdict != Claimability::Yes {
                 // A "no" from the cache is confirmed by a read before it is reported.
@@ -203,7 +214,19 @@ impl Inner {
                     TxnOp::put(claim_key, encode_claim(session), claim_opts),
                 ])
                 .or_else(read_ops(&self.keys, id, &current.blocked_by));
-            let resp = self.conn.txn("claim", txn).await?;
+            let resp = match self.conn.txn("claim", txn).await {
+                // etcd ended the lease before our keep-alive loop noticed: take a new one.
+                Err(e)
+                    if lease.is_some() && e.to_string().contains("requested lease not found") =>
+                {
+                    if let Some(gone) = lease {
+                        self.forget_lease(session, gone).await;
+                    }
+                    lease = self.lease_for(session).await?;
+                    continue;
+                }
+                other => other?,
+            };
             if resp.succeeded() {
                 let rev = resp.header().map_or(0, |h| h.revision());
                 self.cache().hold(
@@ -239,15 +262,15 @@ impl Inner {
         let my_lease = self.current_lease(session).await;
         let (mut view, mut fresh) = self.view(id).await?;
         for _ in 0..MAX_ROUNDS {
-            let Some(stored) = &view.record else {
-                if fresh {
-                    return Ok(ReleaseOutcome::NotFound);
+            let (current, live_token) = match self.current(id, &view) {
+                Ok(Some(seen)) => seen,
+                _ if !fresh => {
+                    (view, fresh) = (self.read_view(id, false).await?, true);
+                    continue;
                 }
-                (view, fresh) = (self.read_view(id, false).await?, true);
-                continue;
+                Ok(None) => return Ok(ReleaseOutcome::NotFound),
+                Err(e) => return Err(e),
             };
-            let (current, live_token) =
-                effective(stored, view.claim.as_ref()).map_err(|r| self.corrupt(id, r))?;
             let holder = if current.status == TaskStatus::Claimed {
                 current.claimed_by.clone()
             } else {

@@ -261,3 +261,31 @@ async fn an_expired_claim_reads_available_and_the_record_is_reset_not_deleted() 
         .kvs()
         .is_empty());
 }
+
+#[tokio::test]
+async fn a_session_whose_lease_etcd_ended_claims_again_under_a_new_one() {
+    let server = EtcdServer::start();
+    let mut raw = crate::raw_client(&server).await;
+    let backend = crate::backend(&server, false).await;
+    let s = sid("s");
+    for t in ["L-1", "L-2"] {
+        backend
+            .put(&tid(t), &TaskPatch::default())
+            .await
+            .expect("put");
+    }
+    assert!(matches!(
+        backend.claim(&tid("L-1"), &s).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+    let lease = raw.get("claims/L-1", None).await.expect("get").kvs()[0].lease();
+    raw.lease_revoke(lease).await.expect("revoke");
+    // At once, before the keep-alive loop can have noticed.
+    let out = backend
+        .claim(&tid("L-2"), &s)
+        .await
+        .expect("claim under a fresh lease");
+    assert!(matches!(out, ClaimOutcome::Won(_)), "{out:?}");
+    let new_lease = raw.get("claims/L-2", None).await.expect("get").kvs()[0].lease();
+    assert!(new_lease != 0 && new_lease != lease);
+}

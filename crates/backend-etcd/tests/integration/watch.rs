@@ -38,6 +38,19 @@ async fn collect(
     seen
 }
 
+/// A backend that reaches `server` only through a proxy the test controls, with frequent
+/// progress requests.
+async fn watcher_behind_proxy(server: &EtcdServer) -> (TcpProxy, backend_etcd::EtcdBackend) {
+    let proxy = TcpProxy::start(server.addr()).await;
+    let via_proxy = EtcdConfig {
+        endpoints: vec![proxy.endpoint()],
+        watch_progress_interval: Duration::from_millis(300),
+        ..server.config()
+    };
+    let watcher = crate::backend_with(via_proxy, false).await;
+    (proxy, watcher)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_survives_an_etcd_restart_without_losing_or_repeating_events() {
     let mut server = EtcdServer::start();
@@ -96,13 +109,7 @@ async fn a_subscriber_survives_an_etcd_restart_without_losing_or_repeating_event
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_past_a_cut_off_subscriber_relists_and_emits_the_difference() {
     let server = EtcdServer::start();
-    let proxy = TcpProxy::start(server.addr()).await;
-    let via_proxy = EtcdConfig {
-        endpoints: vec![proxy.endpoint()],
-        watch_progress_interval: Duration::from_millis(300),
-        ..server.config()
-    };
-    let watcher = crate::backend_with(via_proxy, false).await;
+    let (proxy, watcher) = watcher_behind_proxy(&server).await;
     let writer = crate::backend(&server, false).await;
     let s = sid("s");
     for i in 0..3 {
@@ -169,13 +176,7 @@ async fn compaction_past_a_cut_off_subscriber_relists_and_emits_the_difference()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silently_hung_stream_is_detected_and_replaced() {
     let server = EtcdServer::start();
-    let proxy = TcpProxy::start(server.addr()).await;
-    let via_proxy = EtcdConfig {
-        endpoints: vec![proxy.endpoint()],
-        watch_progress_interval: Duration::from_millis(300),
-        ..server.config()
-    };
-    let watcher = crate::backend_with(via_proxy, false).await;
+    let (proxy, watcher) = watcher_behind_proxy(&server).await;
     let writer = crate::backend(&server, false).await;
     let mut sub = watcher.subscribe().await.expect("subscribe");
     writer
