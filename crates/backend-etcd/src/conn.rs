@@ -67,10 +67,6 @@ impl Conn {
         if let Some((user, password)) = &cfg.user {
             options = options.with_user(user.clone(), password.clone());
         }
-        let unavailable = |reason: String| BackendError::Unavailable {
-            endpoint: endpoints.clone(),
-            reason,
-        };
         let client = tokio::time::timeout(
             cfg.dial_timeout,
             Client::connect(&cfg.endpoints, Some(options)),
@@ -81,11 +77,8 @@ impl Conn {
             operation: "connect".into(),
             after: cfg.dial_timeout,
         })?
-        .map_err(|e| classify(&endpoints, e))
-        .map_err(|e| match e {
-            BackendError::InvalidInput(r) => unavailable(r),
-            other => other,
-        })?;
+        // Bad URLs and TLS settings are input errors; a refused login is `Rejected`.
+        .map_err(|e| classify(&endpoints, e))?;
         let conn = Conn {
             client,
             endpoints,

@@ -387,6 +387,13 @@ async fn bad_input_exits_2_and_quotes_the_value() {
     assert!(text(&out.stderr).contains("/nonexistent/ca.pem"));
     let out = run(ifc(&server).args(["put", "T", "--status", "claimed"]));
     assert_eq!(code(&out), 2);
+    let out = run(ifc(&server).args(["--cacert", "Cargo.toml", "status"]));
+    assert_eq!(
+        code(&out),
+        2,
+        "TLS settings with an http:// endpoint: {out:?}"
+    );
+    assert!(text(&out.stderr).contains("HTTPS"), "{}", text(&out.stderr));
     let out = run(ifc(&server).args(["--endpoints", "localhost:2379", "status"]));
     assert_eq!(
         code(&out),
@@ -458,4 +465,35 @@ fn an_unreachable_endpoint_exits_3_naming_it() {
         .expect("runs");
     assert_eq!(code(&out), 3, "{out:?}");
     assert!(text(&out.stderr).contains(&silent), "{}", text(&out.stderr));
+}
+
+#[tokio::test]
+async fn prefixes_keep_swarms_apart() {
+    let server = EtcdServer::start();
+    assert_eq!(
+        code(&run(
+            ifc(&server).args(["--prefix", "swarm-a/", "put", "P0.1"])
+        )),
+        0
+    );
+    let out = run(ifc(&server).args(["status", "-o", "json"]));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "[]",
+        "the default namespace does not see swarm-a's task"
+    );
+    let out = run(ifc(&server)
+        .env("IFC_PREFIX", "swarm-a/")
+        .args(["status", "-o", "json"]));
+    let tasks: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(tasks.len(), 1);
+    let mut raw = raw(&server).await;
+    assert_eq!(
+        raw.get("swarm-a/tasks/P0.1", None)
+            .await
+            .expect("get")
+            .kvs()
+            .len(),
+        1
+    );
 }
