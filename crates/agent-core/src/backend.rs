@@ -28,6 +28,14 @@ pub enum BackendEvent {
         /// The fencing token of the lost claim.
         token: FencingToken,
     },
+    /// A new instructions file for this backend's session appeared (git backend:
+    /// `INSTRUCTIONS-SESSION-<n>-*.md`).
+    Instructions {
+        /// The session it is for.
+        session: SessionId,
+        /// Its path in the coordination repo.
+        path: String,
+    },
 }
 
 /// A live stream of events that starts right after a consistent snapshot.
@@ -75,7 +83,8 @@ pub struct Health {
 /// - at most one session holds a task at a time, and every win gets a fencing token greater than
 ///   every earlier claim's token of that task;
 /// - a release by anyone but the current holder changes nothing;
-/// - every change is visible to every subscriber, once, in revision order;
+/// - every change is visible to every subscriber, once, in revision order (changes made together
+///   share a revision);
 /// - a claim made under a lease ends when the lease ends; the task then reads `available` and the
 ///   record itself is kept.
 #[async_trait]

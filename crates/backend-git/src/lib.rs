@@ -1,5 +1,279 @@
 //! backend-git: the markdown task board and STATUS files over git pull/commit/push. A claim is a
 //! compare-and-swap on the branch (commit, then a push that only lands on the head it was made
-//! on); a dedicated clone per session, never the user's working tree.
+//! on); a dedicated clone per session, never the user's working tree. Polling (and, for a remote
+//! on this machine, a file watch on its refs) turns new commits into the same events the etcd
+//! backend emits.
 
 pub mod board;
+pub mod config;
+mod core;
+mod repo;
+pub mod status;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use agent_core::{
+    Backend, BackendError, BackendResult, ClaimOutcome, FencingToken, Health, Listing, PutOutcome,
+    ReleaseOutcome, ReleaseTo, SessionId, Subscription, Task, TaskId, TaskPatch,
+};
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+pub use config::GitConfig;
+
+use crate::core::Core;
+
+/// A session's view of the coordination repo through its own clone. Share it as
+/// `Arc<GitBackend>`; dropping it stops its polling and heartbeats (to others, a crash: its claims
+/// go stale after `stale_after`).
+#[derive(Debug)]
+pub struct GitBackend {
+    core: Arc<Mutex<Core>>,
+    remote: String,
+    background: tokio::task::JoinHandle<()>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
+    // Core is consistent between statements that touch git; a panic mid-operation leaves at worst
+    // a clone that the next sync resets.
+    core.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `op` on the core off the async runtime.
+async fn blocking<T: Send + 'static>(
+    core: &Arc<Mutex<Core>>,
+    op: impl FnOnce(&mut Core) -> BackendResult<T> + Send + 'static,
+) -> BackendResult<T> {
+    let core = Arc::clone(core);
+    tokio::task::spawn_blocking(move || op(&mut lock(&core)))
+        .await
+        .map_err(|e| BackendError::Unavailable {
+            endpoint: "git worker".into(),
+            reason: e.to_string(),
+        })?
+}
+
+/// How many pushes a claim, release or put tries before reporting contention.
+const MAX_ROUNDS: usize = 64;
+
+/// Runs `round` until it lands (`Some`), pausing between rejected pushes with the lock released,
+/// so heartbeats and polls of the same clone are not starved by a long contention.
+async fn rounds<T: Send + 'static>(
+    core: &Arc<Mutex<Core>>,
+    remote: &str,
+    what: String,
+    round: impl Fn(&mut Core) -> BackendResult<Option<T>> + Clone + Send + 'static,
+) -> BackendResult<T> {
+    for attempt in 0..MAX_ROUNDS {
+        if let Some(done) = blocking(core, round.clone()).await? {
+            return Ok(done);
+        }
+        // Growing, jittered pauses spread the racers out.
+        let base = 2u64 << attempt.min(5);
+        let jitter = rand::random::<u64>() % (base + 1);
+        tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+    }
+    Err(BackendError::Unavailable {
+        endpoint: remote.to_owned(),
+        reason: format!("{what}: the branch kept moving; {MAX_ROUNDS} pushes rejected"),
+    })
+}
+
+impl GitBackend {
+    /// Opens (or clones) the session's clone and starts polling every `poll_interval`, at once
+    /// when a local remote's refs change, and heartbeats for held claims every `stale_after / 4`.
+    pub async fn open(config: GitConfig) -> BackendResult<GitBackend> {
+        let remote = config.remote.clone();
+        let (poll_interval, heartbeat) = (config.poll_interval, config.stale_after / 4);
+        let local = config.local_remote().filter(|_| config.watch_remote);
+        let core = tokio::task::spawn_blocking(move || Core::open(config))
+            .await
+            .map_err(|e| BackendError::Unavailable {
+                endpoint: remote.clone(),
+                reason: e.to_string(),
+            })??;
+        let core = Arc::new(Mutex::new(core));
+        let (kick_tx, kick) = mpsc::unbounded_channel();
+        let watcher = local.and_then(|path| watch_refs(&path, kick_tx));
+        let background = tokio::spawn(run(Arc::downgrade(&core), poll_interval, heartbeat, kick));
+        Ok(GitBackend {
+            core,
+            remote,
+            background,
+            _watcher: watcher,
+        })
+    }
+}
+
+/// Watches a local remote's refs; each change kicks the poller.
+fn watch_refs(
+    path: &std::path::Path,
+    kick: mpsc::UnboundedSender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = kick.send(());
+        }
+    })
+    .ok()?;
+    let refs = path.join("refs");
+    let watched = watcher
+        .watch(&refs, notify::RecursiveMode::Recursive)
+        .is_ok();
+    let _ = watcher.watch(
+        &path.join("packed-refs"),
+        notify::RecursiveMode::NonRecursive,
+    );
+    if !watched {
+        tracing::debug!(path = %refs.display(), "cannot watch the remote's refs; polling only");
+        return None;
+    }
+    Some(watcher)
+}
+
+/// Polls and heartbeats until the backend is dropped.
+async fn run(
+    core: std::sync::Weak<Mutex<Core>>,
+    poll_interval: Duration,
+    heartbeat: Duration,
+    mut kick: mpsc::UnboundedReceiver<()>,
+) {
+    let mut poll = tokio::time::interval(poll_interval);
+    let mut beat = tokio::time::interval(heartbeat.max(Duration::from_millis(50)));
+    let mut failures = 0u32;
+    let mut backoff = agent_core::retry::Backoff::new(
+        Duration::from_millis(100),
+        poll_interval.max(Duration::from_millis(200)),
+    );
+    loop {
+        let heartbeat_due = tokio::select! {
+            _ = poll.tick() => false,
+            Some(()) = kick.recv() => {
+                // Coalesce a burst of file events into one poll.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                while kick.try_recv().is_ok() {}
+                false
+            }
+            _ = beat.tick() => true,
+        };
+        let Some(core) = core.upgrade() else { return };
+        let result = if heartbeat_due {
+            beat_until_landed(&core).await
+        } else {
+            blocking(&core, |c| {
+                let r = c.sync().map(drop);
+                c.fence_if_silent();
+                r
+            })
+            .await
+        };
+        match result {
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!("git remote reachable again");
+                }
+                failures = 0;
+                backoff.reset();
+            }
+            Err(e) => {
+                if failures == 0 {
+                    tracing::warn!(error = %e, "git poll failed; retrying with backoff");
+                }
+                failures += 1;
+                drop(core);
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}
+
+/// A heartbeat, tried again at once (a few times) when another session's push got in first.
+async fn beat_until_landed(core: &Arc<Mutex<Core>>) -> BackendResult<()> {
+    for _ in 0..8 {
+        if blocking(core, |c| c.heartbeat()).await? {
+            return Ok(());
+        }
+        let jitter = 5 + rand::random::<u64>() % 35;
+        tokio::time::sleep(Duration::from_millis(jitter)).await;
+    }
+    Ok(())
+}
+
+impl Drop for GitBackend {
+    fn drop(&mut self) {
+        self.background.abort();
+    }
+}
+
+#[async_trait]
+impl Backend for GitBackend {
+    fn name(&self) -> &'static str {
+        "git"
+    }
+
+    async fn get(&self, task: &TaskId) -> BackendResult<Option<Task>> {
+        let task = task.clone();
+        blocking(&self.core, move |c| c.get(&task)).await
+    }
+
+    async fn list(&self) -> BackendResult<Listing> {
+        blocking(&self.core, |c| c.list()).await
+    }
+
+    async fn put(&self, task: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {
+        let (task, patch) = (task.clone(), patch.clone());
+        rounds(&self.core, &self.remote, format!("put {task}"), move |c| {
+            c.put(&task, &patch)
+        })
+        .await
+    }
+
+    async fn claim(&self, task: &TaskId, session: &SessionId) -> BackendResult<ClaimOutcome> {
+        let (task, session) = (task.clone(), session.clone());
+        rounds(
+            &self.core,
+            &self.remote,
+            format!("claim {task}"),
+            move |c| c.claim(&task, &session),
+        )
+        .await
+    }
+
+    async fn release(
+        &self,
+        task: &TaskId,
+        session: &SessionId,
+        to: ReleaseTo,
+        token: Option<FencingToken>,
+    ) -> BackendResult<ReleaseOutcome> {
+        let (task, session) = (task.clone(), session.clone());
+        let what = format!("release {task}");
+        rounds(&self.core, &self.remote, what, move |c| {
+            c.release(&task, &session, to, token)
+        })
+        .await
+    }
+
+    async fn subscribe(&self) -> BackendResult<Subscription> {
+        let (snapshot, events) = blocking(&self.core, |c| c.subscribe()).await?;
+        Ok(Subscription::new(snapshot, events))
+    }
+
+    async fn health(&self) -> Health {
+        match blocking(&self.core, |c| c.sync().map(drop)).await {
+            Ok(()) => Health {
+                reachable: true,
+                detail: format!("{}: ok", self.remote),
+            },
+            Err(e) => Health {
+                reachable: false,
+                detail: e.to_string(),
+            },
+        }
+    }
+}

@@ -200,12 +200,16 @@ pub async fn claim_race_many(h: &impl Harness) {
                     other => panic!("unexpected {other:?}"),
                 }
             }
-            (session, wins)
+            // The client lives until every racer is done: a dropped client is a crashed session,
+            // whose claims others may rightly take once its lease ends.
+            (session, wins, client)
         }));
     }
     let mut winner: BTreeMap<TaskId, SessionId> = BTreeMap::new();
+    let mut clients = Vec::new();
     for handle in handles {
-        let (session, wins) = handle.await.expect("racer panicked");
+        let (session, wins, client) = handle.await.expect("racer panicked");
+        clients.push(client);
         for id in wins {
             if let Some(first) = winner.insert(id.clone(), session.clone()) {
                 panic!("double claim of {id}: {first} and {session}");

@@ -1,0 +1,140 @@
+//! Settings of the git backend, with the proof of concept's defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agent_core::SessionId;
+
+/// Where the coordination repo is and how this session uses it.
+#[derive(Debug, Clone)]
+pub struct GitConfig {
+    /// The coordination repo: a path, `file://`, ssh or https URL.
+    pub remote: String,
+    /// The branch sessions coordinate on.
+    pub branch: String,
+    /// The board's path inside the repo.
+    pub board: String,
+    /// The directory (inside the repo) that holds STATUS files; empty: the repo root.
+    pub status_dir: String,
+    /// STATUS file name; `{n}` is the session's number (`session-1-ndi` → `1`, or the whole id when
+    /// it has no digits), `{session}` the whole id.
+    pub status_pattern: String,
+    /// The dedicated clone (never the user's working tree).
+    pub workdir: PathBuf,
+    /// How often to fetch when nothing else says the remote moved.
+    pub poll_interval: Duration,
+    /// A claim whose owner's STATUS `updated_at` is older than this is claimable by others.
+    pub stale_after: Duration,
+    /// Commit author name and email.
+    pub author: (String, String),
+    /// The session this clone serves (for INSTRUCTIONS files), if any.
+    pub session: Option<SessionId>,
+    /// For a remote on this machine: watch its refs and poll as soon as they change.
+    pub watch_remote: bool,
+}
+
+impl GitConfig {
+    /// Defaults for `remote`, with the clone under `.ifc/git/<name>` in the current directory.
+    pub fn new(remote: impl Into<String>, clone_name: &str) -> Self {
+        let poll_interval = Duration::from_secs(30);
+        GitConfig {
+            remote: remote.into(),
+            branch: "main".into(),
+            board: "docs/PHASE-0-TASK-BOARD.md".into(),
+            status_dir: String::new(),
+            status_pattern: "STATUS-SESSION-{n}.yaml".into(),
+            workdir: PathBuf::from(".ifc/git").join(clone_name),
+            poll_interval,
+            stale_after: poll_interval * 10,
+            author: ("ifc".into(), "ifc@localhost".into()),
+            session: None,
+            watch_remote: true,
+        }
+    }
+
+    /// The STATUS file of `session`, relative to the repo root.
+    pub fn status_path(&self, session: &SessionId) -> String {
+        let n = session_number(session);
+        let name = self
+            .status_pattern
+            .replace("{n}", &n)
+            .replace("{session}", session.as_str());
+        join(&self.status_dir, &name)
+    }
+
+    /// The prefix of `session`'s INSTRUCTIONS files, relative to the repo root.
+    pub fn instructions_prefix(&self, session: &SessionId) -> String {
+        join(
+            &self.status_dir,
+            &format!("INSTRUCTIONS-SESSION-{}-", session_number(session)),
+        )
+    }
+
+    /// Whether the remote is on this machine's file system (so its refs can be watched and a
+    /// push can be a compare-and-swap on the ref itself).
+    pub fn local_remote(&self) -> Option<PathBuf> {
+        let r = &self.remote;
+        if let Some(path) = r.strip_prefix("file://") {
+            return Some(PathBuf::from(path));
+        }
+        let is_url =
+            r.contains("://") || (r.contains(':') && !r.starts_with('/') && !r.starts_with('.'));
+        (!is_url).then(|| PathBuf::from(r))
+    }
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{}/{name}", dir.trim_end_matches('/'))
+    }
+}
+
+/// `session-1-ndi` → `1`; an id without digits is used whole.
+pub fn session_number(session: &SessionId) -> String {
+    let s = session.as_str();
+    let digits: String = s
+        .chars()
+        .skip_while(|c| !c.is_ascii_digit())
+        .take_while(char::is_ascii_digit)
+        .collect();
+    if digits.is_empty() {
+        s.to_owned()
+    } else {
+        digits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_file_names_and_local_remotes() {
+        let mut c = GitConfig::new("../coord.git", "s");
+        let s = SessionId::parse("session-1-ndi").expect("valid");
+        assert_eq!(c.status_path(&s), "STATUS-SESSION-1.yaml");
+        c.status_dir = "status/".into();
+        assert_eq!(
+            c.status_path(&SessionId::parse("alpha").expect("valid")),
+            "status/STATUS-SESSION-alpha.yaml"
+        );
+        assert_eq!(c.instructions_prefix(&s), "status/INSTRUCTIONS-SESSION-1-");
+        assert!(c.local_remote().is_some());
+        for remote in [
+            "git@github.com:org/coord.git",
+            "https://example.com/coord.git",
+            "ssh://h/coord.git",
+        ] {
+            assert!(
+                GitConfig::new(remote, "s").local_remote().is_none(),
+                "{remote}"
+            );
+        }
+        assert_eq!(
+            GitConfig::new("file:///srv/coord.git", "s").local_remote(),
+            Some(PathBuf::from("/srv/coord.git"))
+        );
+    }
+}

@@ -1,0 +1,607 @@
+//! The git backend's state behind one lock: the clone, what subscribers were last told, the claims
+//! this backend holds. Every operation starts by moving the clone to the remote head; the commits
+//! that arrived are turned into events, one board diff per commit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime};
+
+use agent_core::{
+    BackendError, BackendEvent, BackendResult, Claim, ClaimOutcome, Claimability, FencingToken,
+    Listing, PutOutcome, ReleaseOutcome, ReleaseTo, SessionId, Task, TaskEvent, TaskId, TaskPatch,
+    TaskStatus,
+};
+use chrono::Utc;
+use git2::Oid;
+use tokio::sync::mpsc;
+
+use crate::board::{Board, BoardTask};
+use crate::config::GitConfig;
+use crate::repo::{Clone, Pushed};
+use crate::status::{self, ClaimRecord, SessionState, StatusIn};
+
+type Face = Option<(TaskStatus, Option<SessionId>)>;
+
+/// A claim this backend won and has not released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Held {
+    session: SessionId,
+    token: u64,
+    at: String,
+}
+
+/// The board and STATUS files at the head, with what readers see of each task.
+pub(crate) struct Snapshot {
+    board: Board,
+    statuses: HashMap<SessionId, StatusIn>,
+    depth: u64,
+}
+
+impl Snapshot {
+    /// A claim whose owner's heartbeat is older than `stale_after` reads available.
+    fn effective(&self, t: &BoardTask, stale_after: Duration) -> Task {
+        let mut task = Task::new(t.id.clone(), t.status);
+        task.title = t.title.clone();
+        task.claimed_by = t.owner.clone();
+        task.blocked_by = t.blocked_by.clone();
+        if t.status == TaskStatus::Claimed {
+            let status = t.owner.as_ref().and_then(|o| self.statuses.get(o));
+            task.claimed_at = status.and_then(|s| s.claimed_at(&t.id));
+            if let Some(at) = status.and_then(StatusIn::updated_at) {
+                let age = Utc::now()
+                    .signed_duration_since(at)
+                    .to_std()
+                    .unwrap_or_default();
+                if age > stale_after {
+                    task.status = TaskStatus::Available;
+                    task.claimed_by = None;
+                    task.claimed_at = None;
+                }
+            }
+        }
+        task
+    }
+
+    fn tasks(&self, stale_after: Duration) -> Vec<Task> {
+        self.board
+            .tasks()
+            .iter()
+            .map(|t| self.effective(t, stale_after))
+            .collect()
+    }
+
+    fn find(&self, id: &TaskId) -> Option<&BoardTask> {
+        self.board.tasks().iter().find(|t| &t.id == id)
+    }
+
+    fn token(&self, session: &SessionId, task: &TaskId) -> Option<u64> {
+        self.statuses.get(session).and_then(|s| s.token(task))
+    }
+}
+
+pub(crate) struct Core {
+    clone: Clone,
+    config: GitConfig,
+    /// The head subscribers were last told about, and what they were told of each task.
+    told_head: Option<Oid>,
+    told: BTreeMap<TaskId, Face>,
+    seen_instructions: std::collections::BTreeSet<String>,
+    subscribers: Vec<mpsc::UnboundedSender<BackendEvent>>,
+    held: HashMap<TaskId, Held>,
+    /// When each session's STATUS `updated_at` was last written by a push that landed.
+    heartbeats: HashMap<SessionId, Instant>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").field("clone", &self.clone).finish()
+    }
+}
+
+fn face(t: &Task) -> Face {
+    Some((t.status, t.claimed_by.clone()))
+}
+
+impl Core {
+    pub fn open(config: GitConfig) -> BackendResult<Core> {
+        let clone = Clone::open_or_clone(&config)?;
+        let mut core = Core {
+            clone,
+            config,
+            told_head: None,
+            told: BTreeMap::new(),
+            seen_instructions: Default::default(),
+            subscribers: Vec::new(),
+            held: HashMap::new(),
+            heartbeats: HashMap::new(),
+        };
+        // Start from the current head: subscribers get it as their snapshot.
+        let snap = core.snapshot()?;
+        core.told = snap
+            .tasks(core.config.stale_after)
+            .iter()
+            .map(|t| (t.id.clone(), face(t)))
+            .collect();
+        core.told_head = Some(core.clone.head()?);
+        core.seen_instructions = core.instruction_files()?.into_iter().collect();
+        Ok(core)
+    }
+
+    fn board_error(&self, e: crate::board::BoardError) -> BackendError {
+        BackendError::InvalidInput(e.to_string())
+    }
+
+    /// The board and STATUS files at the clone's head.
+    fn snapshot(&mut self) -> BackendResult<Snapshot> {
+        let head = self.clone.head()?;
+        let depth = self.clone.depth(head)?;
+        let text = self
+            .clone
+            .read(&self.config.board)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let board = Board::parse(&self.config.board, &text).map_err(|e| self.board_error(e))?;
+        let mut statuses = HashMap::new();
+        let owners: std::collections::BTreeSet<SessionId> = board
+            .tasks()
+            .iter()
+            .filter_map(|t| t.owner.clone())
+            .collect();
+        for owner in owners {
+            let path = self.config.status_path(&owner);
+            if let Some(bytes) = self.clone.read(&path)? {
+                let status = StatusIn::parse(&path, &bytes);
+                // A STATUS file of another session that shares the number is not this one's.
+                if status
+                    .session_id
+                    .as_deref()
+                    .is_none_or(|s| s == owner.as_str())
+                {
+                    statuses.insert(owner, status);
+                }
+            }
+        }
+        Ok(Snapshot {
+            board,
+            statuses,
+            depth,
+        })
+    }
+
+    /// Fetches, moves to the remote head, and tells subscribers what changed.
+    pub fn sync(&mut self) -> BackendResult<Snapshot> {
+        self.clone.sync()?;
+        let snap = self.snapshot()?;
+        self.emit(&snap)?;
+        Ok(snap)
+    }
+
+    fn emit(&mut self, snap: &Snapshot) -> BackendResult<()> {
+        let head = self.clone.head()?;
+        if self.told_head != Some(head) {
+            // One board diff per commit that changed the board, oldest first.
+            for (oid, depth) in self.commits_since(head)? {
+                let Some(bytes) = self.clone.read_at(oid, &self.config.board)? else {
+                    continue;
+                };
+                let Ok(board) = Board::parse(&self.config.board, &String::from_utf8_lossy(&bytes))
+                else {
+                    continue;
+                };
+                for t in board.tasks() {
+                    self.tell(&t.id, Some((t.status, t.owner.clone())), depth);
+                }
+            }
+            self.told_head = Some(head);
+            for path in self.instruction_files()? {
+                if self.seen_instructions.insert(path.clone()) {
+                    if let Some(session) = self.config.session.clone() {
+                        self.broadcast(BackendEvent::Instructions { session, path });
+                    }
+                }
+            }
+        }
+        // Then what time changed (stale claims) and deletions, at the head's revision.
+        let tasks = snap.tasks(self.config.stale_after);
+        let present: std::collections::BTreeSet<TaskId> =
+            tasks.iter().map(|t| t.id.clone()).collect();
+        for t in &tasks {
+            self.tell(&t.id, face(t), snap.depth);
+        }
+        let gone: Vec<TaskId> = self
+            .told
+            .keys()
+            .filter(|id| !present.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.tell(&id, None, snap.depth);
+            self.told.remove(&id);
+        }
+        self.check_held(snap);
+        Ok(())
+    }
+
+    fn tell(&mut self, id: &TaskId, new: Face, revision: u64) {
+        let old = self.told.get(id).cloned().flatten();
+        if old == new {
+            return;
+        }
+        let event = TaskEvent {
+            task: id.clone(),
+            old_status: old.as_ref().map(|(s, _)| *s),
+            new_status: new.as_ref().map(|(s, _)| *s),
+            holder: new.as_ref().and_then(|(_, h)| h.clone()),
+            revision,
+            time: SystemTime::now(),
+        };
+        self.told.insert(id.clone(), new);
+        self.broadcast(BackendEvent::Task(event));
+    }
+
+    /// Commits after the last head told about, up to `head`, oldest first, with their depths.
+    fn commits_since(&mut self, head: Oid) -> BackendResult<Vec<(Oid, u64)>> {
+        let mut chain = Vec::new();
+        let mut at = head;
+        while Some(at) != self.told_head && chain.len() < 1000 {
+            let depth = self.clone.depth(at)?;
+            chain.push((at, depth));
+            match self.clone.parent(at)? {
+                Some(p) => at = p,
+                None => break,
+            }
+        }
+        chain.reverse();
+        Ok(chain)
+    }
+
+    fn instruction_files(&self) -> BackendResult<Vec<String>> {
+        let Some(session) = &self.config.session else {
+            return Ok(Vec::new());
+        };
+        let prefix = self.config.instructions_prefix(session);
+        Ok(self
+            .clone
+            .list(&prefix)?
+            .into_iter()
+            .filter(|p| p.ends_with(".md"))
+            .collect())
+    }
+
+    fn broadcast(&mut self, event: BackendEvent) {
+        self.subscribers.retain(|tx| tx.send(event.clone()).is_ok());
+    }
+
+    /// Tells holders whose claims the head no longer shows.
+    fn check_held(&mut self, snap: &Snapshot) {
+        let lost: Vec<TaskId> = self
+            .held
+            .iter()
+            .filter(|(id, held)| {
+                let still = snap
+                    .find(id)
+                    .map(|t| snap.effective(t, self.config.stale_after))
+                    .is_some_and(|t| {
+                        t.status == TaskStatus::Claimed
+                            && t.claimed_by.as_ref() == Some(&held.session)
+                    })
+                    && snap.token(&held.session, id) == Some(held.token);
+                !still
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in lost {
+            self.lose(&id);
+        }
+    }
+
+    fn lose(&mut self, id: &TaskId) {
+        if let Some(held) = self.held.remove(id) {
+            tracing::warn!(task = %id, session = %held.session, "claim lost");
+            self.broadcast(BackendEvent::ClaimLost {
+                task: id.clone(),
+                session: held.session,
+                token: FencingToken(held.token),
+            });
+        }
+    }
+
+    pub fn subscribe(&mut self) -> BackendResult<(Listing, mpsc::UnboundedReceiver<BackendEvent>)> {
+        let snap = self.sync()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.subscribers.push(tx);
+        Ok((self.listing(&snap), rx))
+    }
+
+    fn listing(&self, snap: &Snapshot) -> Listing {
+        let mut tasks = snap.tasks(self.config.stale_after);
+        tasks.sort_by(|a, b| a.id.cmp(&b.id));
+        Listing {
+            tasks,
+            corrupt: Vec::new(),
+            revision: snap.depth,
+        }
+    }
+
+    pub fn list(&mut self) -> BackendResult<Listing> {
+        let snap = self.sync()?;
+        Ok(self.listing(&snap))
+    }
+
+    pub fn get(&mut self, id: &TaskId) -> BackendResult<Option<Task>> {
+        let snap = self.sync()?;
+        Ok(snap
+            .find(id)
+            .map(|t| snap.effective(t, self.config.stale_after)))
+    }
+
+    /// The STATUS file `session` writes with its claims as this backend holds them.
+    fn status_file(
+        &self,
+        session: &SessionId,
+        current: Option<&TaskId>,
+        extra: Option<(&TaskId, &ClaimRecord)>,
+        without: Option<&TaskId>,
+    ) -> (String, Vec<u8>) {
+        let mut claims: BTreeMap<TaskId, ClaimRecord> = self
+            .held
+            .iter()
+            .filter(|(_, h)| &h.session == session)
+            .map(|(t, h)| {
+                (
+                    t.clone(),
+                    ClaimRecord {
+                        token: h.token,
+                        at: h.at.clone(),
+                    },
+                )
+            })
+            .collect();
+        if let Some((t, record)) = extra {
+            claims.insert(t.clone(), record.clone());
+        }
+        if let Some(t) = without {
+            claims.remove(t);
+        }
+        let state = if claims.is_empty() {
+            SessionState::Idle
+        } else {
+            SessionState::Working
+        };
+        let current = current.or_else(|| claims.keys().next());
+        (
+            self.config.status_path(session),
+            status::render(session, state, current, &claims),
+        )
+    }
+
+    /// One claim attempt: `None` when the push was rejected (the caller tries again).
+    pub fn claim(
+        &mut self,
+        id: &TaskId,
+        session: &SessionId,
+    ) -> BackendResult<Option<ClaimOutcome>> {
+        let snap = self.sync()?;
+        let Some(row) = snap.find(id) else {
+            return Ok(Some(ClaimOutcome::NotFound));
+        };
+        let current = snap.effective(row, self.config.stale_after);
+        let status_of = |b: &TaskId| {
+            snap.find(b)
+                .map(|t| snap.effective(t, self.config.stale_after).status)
+        };
+        match current.claimability(session, status_of) {
+            Claimability::Held(holder) => return Ok(Some(ClaimOutcome::Lost { holder })),
+            Claimability::No(status) => return Ok(Some(ClaimOutcome::NotClaimable { status })),
+            Claimability::Yes => {}
+        }
+        let token = snap.depth + 1;
+        let mut tasks = snap.board.tasks().to_vec();
+        if let Some(t) = tasks.iter_mut().find(|t| &t.id == id) {
+            t.status = TaskStatus::Claimed;
+            t.owner = Some(session.clone());
+        }
+        let record = ClaimRecord::now(token);
+        let files = vec![
+            (
+                self.config.board.clone(),
+                snap.board.render(&tasks).into_bytes(),
+            ),
+            self.status_file(session, Some(id), Some((id, &record)), None),
+        ];
+        let message = format!("claim {id} for {session}\n\nIfc-Task: {id}\nIfc-Session: {session}\nIfc-Fencing-Token: {token}\n");
+        let written = Instant::now();
+        match self.clone.commit_and_push(&files, &message)? {
+            Pushed::Landed { depth } => {
+                debug_assert_eq!(depth, token);
+                self.held.insert(
+                    id.clone(),
+                    Held {
+                        session: session.clone(),
+                        token: depth,
+                        at: record.at,
+                    },
+                );
+                self.heartbeats.insert(session.clone(), written);
+                let snap = self.snapshot()?;
+                self.emit(&snap)?;
+                Ok(Some(ClaimOutcome::Won(Claim {
+                    task: id.clone(),
+                    session: session.clone(),
+                    token: FencingToken(depth),
+                    leased: true,
+                })))
+            }
+            Pushed::Rejected => Ok(None),
+        }
+    }
+
+    /// One release attempt: `None` when the push was rejected (the caller tries again).
+    pub fn release(
+        &mut self,
+        id: &TaskId,
+        session: &SessionId,
+        to: ReleaseTo,
+        want: Option<FencingToken>,
+    ) -> BackendResult<Option<ReleaseOutcome>> {
+        let snap = self.sync()?;
+        let Some(row) = snap.find(id) else {
+            return Ok(Some(ReleaseOutcome::NotFound));
+        };
+        let current = snap.effective(row, self.config.stale_after);
+        let holder = if current.status == TaskStatus::Claimed {
+            current.claimed_by.clone()
+        } else {
+            None
+        };
+        let live_token = snap.token(session, id);
+        let holds =
+            holder.as_ref() == Some(session) && want.is_none_or(|w| Some(w.0) == live_token);
+        if !holds {
+            return Ok(Some(ReleaseOutcome::NotHolder { holder }));
+        }
+        let mut tasks = snap.board.tasks().to_vec();
+        if let Some(t) = tasks.iter_mut().find(|t| &t.id == id) {
+            t.status = to.status();
+            if to == ReleaseTo::Available {
+                t.owner = None;
+            }
+        }
+        let files = vec![
+            (
+                self.config.board.clone(),
+                snap.board.render(&tasks).into_bytes(),
+            ),
+            self.status_file(session, None, None, Some(id)),
+        ];
+        let token = live_token.unwrap_or_default();
+        let verb = if to == ReleaseTo::Complete {
+            "complete"
+        } else {
+            "release"
+        };
+        let message = format!("{verb} {id} by {session}\n\nIfc-Task: {id}\nIfc-Session: {session}\nIfc-Fencing-Token: {token}\n");
+        let written = Instant::now();
+        match self.clone.commit_and_push(&files, &message)? {
+            Pushed::Landed { .. } => {
+                self.heartbeats.insert(session.clone(), written);
+                self.held.remove(id);
+                let snap = self.snapshot()?;
+                self.emit(&snap)?;
+                Ok(Some(ReleaseOutcome::Released {
+                    token: FencingToken(token),
+                }))
+            }
+            Pushed::Rejected => Ok(None),
+        }
+    }
+
+    /// One put attempt: `None` when the push was rejected (the caller tries again).
+    pub fn put(&mut self, id: &TaskId, patch: &TaskPatch) -> BackendResult<Option<PutOutcome>> {
+        if patch.status == Some(TaskStatus::Claimed) {
+            return Err(BackendError::InvalidInput(format!(
+                "{id}: status claimed is set by claiming the task, not by put"
+            )));
+        }
+        let snap = self.sync()?;
+        let mut tasks = snap.board.tasks().to_vec();
+        let outcome = match tasks.iter_mut().find(|t| &t.id == id) {
+            None => {
+                tasks.push(BoardTask {
+                    id: id.clone(),
+                    title: patch.title.clone(),
+                    status: patch.status.unwrap_or(TaskStatus::Available),
+                    owner: None,
+                    blocked_by: patch.blocked_by.clone().unwrap_or_default(),
+                });
+                PutOutcome::Created
+            }
+            Some(t) => {
+                let effective = snap.effective(t, self.config.stale_after);
+                let before = t.clone();
+                if let Some(title) = &patch.title {
+                    t.title = Some(title.clone());
+                }
+                if let Some(b) = &patch.blocked_by {
+                    t.blocked_by = b.clone();
+                }
+                if let Some(status) = patch.status.filter(|s| *s != effective.status) {
+                    if effective.status == TaskStatus::Claimed {
+                        return Ok(Some(PutOutcome::Held {
+                            holder: effective.claimed_by,
+                        }));
+                    }
+                    t.status = status;
+                    if status != TaskStatus::Complete {
+                        t.owner = None;
+                    }
+                }
+                if *t == before {
+                    return Ok(Some(PutOutcome::Unchanged));
+                }
+                PutOutcome::Updated
+            }
+        };
+        let files = vec![(
+            self.config.board.clone(),
+            snap.board.render(&tasks).into_bytes(),
+        )];
+        match self
+            .clone
+            .commit_and_push(&files, &format!("put {id}\n\nIfc-Task: {id}\n"))?
+        {
+            Pushed::Landed { .. } => {
+                let snap = self.snapshot()?;
+                self.emit(&snap)?;
+                Ok(Some(outcome))
+            }
+            Pushed::Rejected => Ok(None),
+        }
+    }
+
+    /// Refreshes the STATUS files of the sessions that hold claims here. `Ok(false)`: the push
+    /// was rejected (try again soon). Claims whose heartbeat is getting old are fenced first.
+    pub fn heartbeat(&mut self) -> BackendResult<bool> {
+        self.sync()?;
+        self.fence_if_silent();
+        let sessions: std::collections::BTreeSet<SessionId> =
+            self.held.values().map(|h| h.session.clone()).collect();
+        if sessions.is_empty() {
+            return Ok(true);
+        }
+        let files: Vec<(String, Vec<u8>)> = sessions
+            .iter()
+            .map(|s| self.status_file(s, None, None, None))
+            .collect();
+        let written = Instant::now();
+        let landed = matches!(
+            self.clone.commit_and_push(&files, "heartbeat\n")?,
+            Pushed::Landed { .. }
+        );
+        if landed {
+            for s in sessions {
+                self.heartbeats.insert(s, written);
+            }
+        }
+        Ok(landed)
+    }
+
+    /// Others may take a claim once its owner's `updated_at` is `stale_after` old; the holder
+    /// gives it up earlier, at three quarters of that (measured from when it wrote the time), so
+    /// it has stopped before anyone else can start.
+    pub fn fence_if_silent(&mut self) {
+        let limit = self.config.stale_after * 3 / 4;
+        let silent: Vec<TaskId> = self
+            .held
+            .iter()
+            .filter(|(_, h)| {
+                self.heartbeats
+                    .get(&h.session)
+                    .is_none_or(|t| t.elapsed() > limit)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in silent {
+            self.lose(&id);
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! The dedicated clone and the git operations on it (blocking; callers run them off the async
+//! runtime): fetch and move to the remote head, read files at the head, and commit-and-push as a
+//! compare-and-swap on the branch.
+//!
+//! libgit2 pushes to a local (file-system) remote by *forcing* the ref after a fast-forward check,
+//! which two sessions can pass at once. So for local remotes the new objects are copied into the
+//! remote's object store and the branch is then moved with `reference_matching` (compare-and-swap
+//! under the ref's lock, the same lock `git push` takes). Network remotes do the compare on the server (receive-pack), and a rejection arrives
+//! either as a `NotFastForward` error or as a status in `push_update_reference`: both are handled.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::path::Path;
+
+use agent_core::BackendError;
+use git2::{
+    Cred, CredentialType, ErrorCode, FetchOptions, Oid, PushOptions, RemoteCallbacks, Repository,
+    ResetType, Signature,
+};
+
+use crate::config::GitConfig;
+
+/// What a push came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// The branch now points at the new commit, whose depth (commits from the root) is given.
+    Landed { depth: u64 },
+    /// Someone moved the branch first; the clone is back at the remote head.
+    Rejected,
+}
+
+pub(crate) struct Clone {
+    repo: Repository,
+    config: GitConfig,
+    remote_ref: String,
+    branch_ref: String,
+    /// Commit depth by id, so the depth of a new head costs a walk to the nearest known commit.
+    depths: HashMap<Oid, u64>,
+}
+
+impl std::fmt::Debug for Clone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Clone")
+            .field("workdir", &self.config.workdir)
+            .field("remote", &self.config.remote)
+            .finish()
+    }
+}
+
+impl Clone {
+    /// Opens the clone in `config.workdir`, or clones the remote there.
+    pub fn open_or_clone(config: &GitConfig) -> Result<Clone, BackendError> {
+        let dir = &config.workdir;
+        let repo = if dir.join(".git").exists() {
+            let repo = Repository::open(dir).map_err(|e| local(dir, e))?;
+            let url = repo
+                .find_remote("origin")
+                .ok()
+                .and_then(|r| r.url().map(str::to_owned));
+            if url.as_deref() != Some(config.remote.as_str()) {
+                return Err(BackendError::InvalidInput(format!(
+                    "{} is a clone of {}, not of {}: use another --git-workdir",
+                    dir.display(),
+                    url.unwrap_or_else(|| "nothing".into()),
+                    config.remote
+                )));
+            }
+            repo
+        } else {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                BackendError::InvalidInput(format!("cannot create {}: {e}", dir.display()))
+            })?;
+            if config.local_remote().is_some() {
+                // Filled by our own fetch (see `fetch_local`).
+                let repo = Repository::init(dir).map_err(|e| local(dir, e))?;
+                repo.remote("origin", &config.remote)
+                    .map_err(|e| local(dir, e))?;
+                repo
+            } else {
+                let mut builder = git2::build::RepoBuilder::new();
+                builder.fetch_options(fetch_options(config));
+                builder
+                    .clone(&config.remote, dir)
+                    .map_err(|e| remote_error(config, e))?
+            }
+        };
+        let mut clone = Clone {
+            repo,
+            remote_ref: format!("refs/remotes/origin/{}", config.branch),
+            branch_ref: format!("refs/heads/{}", config.branch),
+            config: config.clone(),
+            depths: HashMap::new(),
+        };
+        clone.sync()?;
+        Ok(clone)
+    }
+
+    /// Fetches and moves the clone (branch, index, files) to the remote head; returns it.
+    pub fn sync(&mut self) -> Result<Oid, BackendError> {
+        match self.config.local_remote() {
+            Some(path) => self
+                .fetch_local(&path)
+                .map_err(|e| remote_error(&self.config, e))?,
+            None => {
+                let refspec = format!("+{}:{}", self.branch_ref, self.remote_ref);
+                let mut remote = self
+                    .repo
+                    .find_remote("origin")
+                    .map_err(|e| self.local_err(e))?;
+                let mut options = fetch_options(&self.config);
+                remote
+                    .fetch(&[refspec.as_str()], Some(&mut options), None)
+                    .map_err(|e| remote_error(&self.config, e))?;
+            }
+        }
+        let head = self.repo.refname_to_id(&self.remote_ref).map_err(|_| {
+            BackendError::InvalidInput(format!(
+                "{}: branch {} not found on the remote",
+                self.config.remote, self.config.branch
+            ))
+        })?;
+        self.move_to(head)?;
+        Ok(head)
+    }
+
+    /// Fetch from a remote on this file system: copy the objects of the remote head that the
+    /// clone lacks, then set the remote-tracking ref. (libgit2's local transport trips over
+    /// objects another session is writing at the same moment.)
+    fn fetch_local(&mut self, remote_path: &Path) -> Result<(), git2::Error> {
+        let source = Repository::open_bare(remote_path)?;
+        let Ok(head) = source.refname_to_id(&self.branch_ref) else {
+            return Err(git2::Error::from_str(&format!(
+                "branch {} not found on the remote",
+                self.config.branch
+            )));
+        };
+        copy_objects(&source, &self.repo, head)?;
+        self.repo
+            .reference(&self.remote_ref, head, true, "ifc fetch")?;
+        Ok(())
+    }
+
+    fn move_to(&self, head: Oid) -> Result<(), BackendError> {
+        let commit = self.repo.find_commit(head).map_err(|e| self.local_err(e))?;
+        self.repo
+            .reference(&self.branch_ref, head, true, "ifc sync")
+            .map_err(|e| self.local_err(e))?;
+        self.repo
+            .set_head(&self.branch_ref)
+            .map_err(|e| self.local_err(e))?;
+        self.repo
+            .reset(commit.as_object(), ResetType::Hard, None)
+            .map_err(|e| self.local_err(e))
+    }
+
+    /// The head the clone is at.
+    pub fn head(&self) -> Result<Oid, BackendError> {
+        self.repo
+            .refname_to_id(&self.branch_ref)
+            .map_err(|e| self.local_err(e))
+    }
+
+    /// A file's content at the head (`None`: no such file).
+    pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        self.read_at(self.head()?, path)
+    }
+
+    /// A file's content at commit `oid`.
+    pub fn read_at(&self, oid: Oid, path: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        let tree = self
+            .repo
+            .find_commit(oid)
+            .and_then(|c| c.tree())
+            .map_err(|e| self.local_err(e))?;
+        let Ok(entry) = tree.get_path(Path::new(path)) else {
+            return Ok(None);
+        };
+        let blob = self
+            .repo
+            .find_blob(entry.id())
+            .map_err(|e| self.local_err(e))?;
+        Ok(Some(blob.content().to_vec()))
+    }
+
+    /// The first parent of `oid`, if any.
+    pub fn parent(&self, oid: Oid) -> Result<Option<Oid>, BackendError> {
+        let commit = self.repo.find_commit(oid).map_err(|e| self.local_err(e))?;
+        Ok(commit.parent_id(0).ok())
+    }
+
+    /// The paths at the head that start with `prefix`.
+    pub fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        let tree = self
+            .repo
+            .find_commit(self.head()?)
+            .and_then(|c| c.tree())
+            .map_err(|e| self.local_err(e))?;
+        let mut out = Vec::new();
+        tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
+            if let Some(name) = entry.name() {
+                let path = format!("{dir}{name}");
+                if path.starts_with(prefix) && entry.kind() == Some(git2::ObjectType::Blob) {
+                    out.push(path);
+                }
+            }
+            git2::TreeWalkResult::Ok
+        })
+        .map_err(|e| self.local_err(e))?;
+        Ok(out)
+    }
+
+    /// The number of commits from the root to `oid` along first parents.
+    pub fn depth(&mut self, oid: Oid) -> Result<u64, BackendError> {
+        let mut chain = Vec::new();
+        let mut at = oid;
+        let base = loop {
+            if let Some(d) = self.depths.get(&at) {
+                break *d;
+            }
+            chain.push(at);
+            let commit = self.repo.find_commit(at).map_err(|e| self.local_err(e))?;
+            match commit.parent_id(0) {
+                Ok(parent) => at = parent,
+                Err(_) => break 0,
+            }
+        };
+        for (i, id) in chain.iter().rev().enumerate() {
+            self.depths.insert(*id, base + i as u64 + 1);
+        }
+        Ok(self.depths.get(&oid).copied().unwrap_or(base))
+    }
+
+    /// Writes `files` on top of the head, commits, and pushes as a compare-and-swap. On
+    /// rejection the clone is moved back to the (new) remote head.
+    pub fn commit_and_push(
+        &mut self,
+        files: &[(String, Vec<u8>)],
+        message: &str,
+    ) -> Result<Pushed, BackendError> {
+        let parent_id = self.head()?;
+        let workdir = self.config.workdir.clone();
+        let mut index = self.repo.index().map_err(|e| self.local_err(e))?;
+        for (path, content) in files {
+            let full = workdir.join(path);
+            if let Some(dir) = full.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| io(&full, e))?;
+            }
+            std::fs::write(&full, content).map_err(|e| io(&full, e))?;
+            index
+                .add_path(Path::new(path))
+                .map_err(|e| self.local_err(e))?;
+        }
+        index.write().map_err(|e| self.local_err(e))?;
+        let tree_id = index.write_tree().map_err(|e| self.local_err(e))?;
+        let commit_id = {
+            let tree = self
+                .repo
+                .find_tree(tree_id)
+                .map_err(|e| self.local_err(e))?;
+            let parent = self
+                .repo
+                .find_commit(parent_id)
+                .map_err(|e| self.local_err(e))?;
+            let (name, email) = &self.config.author;
+            let sig = Signature::now(name, email).map_err(|e| self.local_err(e))?;
+            self.repo
+                .commit(
+                    Some(&self.branch_ref),
+                    &sig,
+                    &sig,
+                    message,
+                    &tree,
+                    &[&parent],
+                )
+                .map_err(|e| self.local_err(e))?
+        };
+        let landed = match self.config.local_remote() {
+            Some(path) => self.push_local(&path, parent_id, commit_id)?,
+            None => self.push_network()?,
+        };
+        if landed {
+            self.repo
+                .reference(&self.remote_ref, commit_id, true, "ifc push")
+                .map_err(|e| self.local_err(e))?;
+            Ok(Pushed::Landed {
+                depth: self.depth(commit_id)?,
+            })
+        } else {
+            self.sync()?;
+            Ok(Pushed::Rejected)
+        }
+    }
+
+    /// Copies the new objects into the remote's object store, then moves the branch only if it
+    /// still points at `expected` (compare-and-swap under the ref's lock).
+    fn push_local(
+        &mut self,
+        remote_path: &Path,
+        expected: Oid,
+        new: Oid,
+    ) -> Result<bool, BackendError> {
+        let target =
+            Repository::open_bare(remote_path).map_err(|e| remote_error(&self.config, e))?;
+        copy_objects(&self.repo, &target, new).map_err(|e| remote_error(&self.config, e))?;
+        let moved = target.reference_matching(
+            &self.branch_ref,
+            new,
+            true,
+            expected,
+            "ifc: compare-and-swap push",
+        );
+        match moved {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    ErrorCode::Modified | ErrorCode::Locked | ErrorCode::NotFound
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(remote_error(&self.config, e)),
+        }
+    }
+
+    fn push_network(&mut self) -> Result<bool, BackendError> {
+        let refspec = format!("{0}:{0}", self.branch_ref);
+        let rejected = Cell::new(None);
+        let mut remote = self
+            .repo
+            .find_remote("origin")
+            .map_err(|e| self.local_err(e))?;
+        let result = remote.push(
+            &[refspec.as_str()],
+            Some(&mut push_options(&self.config, &rejected)),
+        );
+        match result {
+            Err(e) if e.code() == ErrorCode::NotFastForward => Ok(false),
+            Err(e) => Err(remote_error(&self.config, e)),
+            Ok(()) => match rejected.take() {
+                None => Ok(true),
+                Some(reason) => {
+                    tracing::debug!(%reason, "push rejected by the remote");
+                    Ok(false)
+                }
+            },
+        }
+    }
+
+    fn local_err(&self, e: git2::Error) -> BackendError {
+        local(&self.config.workdir, e)
+    }
+}
+
+/// Writes every object reachable from commit `tip` that `to` lacks, stopping at objects it has
+/// (so an up-to-date clone copies only what is new). Children are written before the objects that
+/// name them, so an object present in `to` is always complete, even after a crash half-way.
+fn copy_objects(from: &Repository, to: &Repository, tip: Oid) -> Result<(), git2::Error> {
+    let (src, dst) = (from.odb()?, to.odb()?);
+    // (object, whether its children are already queued)
+    let mut pending = vec![(tip, false)];
+    while let Some((oid, expanded)) = pending.pop() {
+        if dst.exists(oid) {
+            continue;
+        }
+        let object = src.read(oid)?;
+        if expanded {
+            dst.write(object.kind(), object.data())?;
+            continue;
+        }
+        pending.push((oid, true));
+        match object.kind() {
+            git2::ObjectType::Commit => {
+                let commit = from.find_commit(oid)?;
+                pending.push((commit.tree_id(), false));
+                pending.extend(commit.parent_ids().map(|p| (p, false)));
+            }
+            git2::ObjectType::Tree => {
+                pending.extend(from.find_tree(oid)?.iter().map(|e| (e.id(), false)))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn local(dir: &Path, e: git2::Error) -> BackendError {
+    BackendError::Unavailable {
+        endpoint: dir.display().to_string(),
+        reason: e.message().to_owned(),
+    }
+}
+
+fn io(path: &Path, e: std::io::Error) -> BackendError {
+    BackendError::Unavailable {
+        endpoint: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn remote_error(config: &GitConfig, e: git2::Error) -> BackendError {
+    let reason = e.message().to_owned();
+    if e.code() == ErrorCode::Auth || e.class() == git2::ErrorClass::Ssh && reason.contains("auth")
+    {
+        return BackendError::Rejected {
+            endpoint: config.remote.clone(),
+            reason,
+        };
+    }
+    BackendError::Unavailable {
+        endpoint: config.remote.clone(),
+        reason,
+    }
+}
+
+/// Credentials: ssh-agent, then git's credential helper, then the default; each tried once, so a
+/// failing credential is reported (naming the remote) instead of asked for forever.
+fn callbacks<'a>(config: &'a GitConfig) -> RemoteCallbacks<'a> {
+    let tried = Cell::new(0u32);
+    let mut cb = RemoteCallbacks::new();
+    cb.credentials(move |url, username, allowed| {
+        let attempt = tried.get();
+        tried.set(attempt + 1);
+        let user = username.unwrap_or("git");
+        let found = match attempt {
+            0 if allowed.contains(CredentialType::SSH_KEY) => Cred::ssh_key_from_agent(user),
+            0 | 1 if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) => {
+                let cfg = git2::Config::open_default()?;
+                Cred::credential_helper(&cfg, url, username)
+            }
+            0..=2 if allowed.contains(CredentialType::DEFAULT) => Cred::default(),
+            _ => Err(git2::Error::new(
+                ErrorCode::Auth,
+                git2::ErrorClass::Net,
+                format!(
+                    "authentication to {} failed (tried ssh-agent and the credential helper)",
+                    config.remote
+                ),
+            )),
+        };
+        found
+    });
+    cb
+}
+
+fn fetch_options(config: &GitConfig) -> FetchOptions<'_> {
+    let mut fo = FetchOptions::new();
+    fo.remote_callbacks(callbacks(config));
+    fo
+}
+
+fn push_options<'a>(config: &'a GitConfig, rejected: &'a Cell<Option<String>>) -> PushOptions<'a> {
+    let mut cb = callbacks(config);
+    cb.push_update_reference(move |_refname, status| {
+        if let Some(reason) = status {
+            rejected.set(Some(reason.to_owned()));
+        }
+        Ok(())
+    });
+    let mut po = PushOptions::new();
+    po.remote_callbacks(cb);
+    po
+}

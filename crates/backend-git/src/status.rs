@@ -1,0 +1,141 @@
+//! STATUS files: each session's `STATUS-SESSION-<n>.yaml` (session id, state, current task,
+//! backend, `updated_at`, and the fencing tokens of the claims it holds). Its `updated_at` is the
+//! session's heartbeat: a claim whose owner's STATUS is older than `stale_after` is free.
+
+use std::collections::BTreeMap;
+
+use agent_core::{SessionId, TaskId};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+/// What a session is doing, as its STATUS file says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    Polling,
+    Working,
+    Idle,
+}
+
+#[derive(Debug, Serialize)]
+struct StatusOut<'a> {
+    session_id: &'a str,
+    state: SessionState,
+    current_task: Option<&'a str>,
+    backend: &'static str,
+    updated_at: String,
+    /// Each claim the session holds: its fencing token and when it was made.
+    claims: BTreeMap<&'a str, ClaimRecord>,
+}
+
+/// One held claim in a STATUS file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimRecord {
+    pub token: u64,
+    pub at: String,
+}
+
+impl ClaimRecord {
+    /// A claim made now with `token`.
+    pub fn now(token: u64) -> ClaimRecord {
+        ClaimRecord {
+            token,
+            at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+        }
+    }
+}
+
+/// A STATUS file as read: lenient, since the proof of concept's files have other shapes.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StatusIn {
+    pub session_id: Option<String>,
+    pub updated_at: Option<String>,
+    #[serde(default)]
+    pub claims: BTreeMap<String, ClaimRecord>,
+}
+
+impl StatusIn {
+    /// Parses a STATUS file; anything unreadable reads as an empty status (no heartbeat known).
+    pub fn parse(path: &str, bytes: &[u8]) -> StatusIn {
+        let text = String::from_utf8_lossy(bytes);
+        agent_core::yaml::from_str::<StatusIn>(std::path::Path::new(path), &text).unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "unreadable STATUS file; treated as having no heartbeat");
+            StatusIn::default()
+        })
+    }
+
+    /// When the session last wrote it, if it says.
+    pub fn updated_at(&self) -> Option<DateTime<Utc>> {
+        DateTime::parse_from_rfc3339(self.updated_at.as_deref()?)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+    }
+
+    /// The token of the session's claim on `task`, if it records one.
+    pub fn token(&self, task: &TaskId) -> Option<u64> {
+        self.claims.get(task.as_str()).map(|c| c.token)
+    }
+
+    /// When the session's claim on `task` was made, if it records it.
+    pub fn claimed_at(&self, task: &TaskId) -> Option<DateTime<Utc>> {
+        let at = &self.claims.get(task.as_str())?.at;
+        DateTime::parse_from_rfc3339(at)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+    }
+}
+
+/// The STATUS file of `session` holding `claims`, written now.
+pub fn render(
+    session: &SessionId,
+    state: SessionState,
+    current: Option<&TaskId>,
+    claims: &BTreeMap<TaskId, ClaimRecord>,
+) -> Vec<u8> {
+    let out = StatusOut {
+        session_id: session.as_str(),
+        state,
+        current_task: current.map(TaskId::as_str),
+        backend: "git",
+        updated_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+        claims: claims
+            .iter()
+            .map(|(t, c)| (t.as_str(), c.clone()))
+            .collect(),
+    };
+    agent_core::yaml::to_string(&out)
+        .unwrap_or_default()
+        .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_lenient_reading() {
+        let s = SessionId::parse("session-1-ndi").expect("valid");
+        let t = TaskId::parse("P0.1").expect("valid");
+        let bytes = render(
+            &s,
+            SessionState::Working,
+            Some(&t),
+            &BTreeMap::from([(t.clone(), ClaimRecord::now(7))]),
+        );
+        let text = String::from_utf8(bytes.clone()).expect("utf8");
+        assert!(
+            text.contains("session_id: session-1-ndi") && text.contains("state: working"),
+            "{text}"
+        );
+        let read = StatusIn::parse("S.yaml", &bytes);
+        assert_eq!(read.token(&t), Some(7));
+        assert!(read.claimed_at(&t).is_some());
+        assert!(read.updated_at().is_some());
+        // The proof of concept's file: no heartbeat known, no error.
+        let old = StatusIn::parse("S.yaml", b"status: polling\n");
+        assert!(old.updated_at().is_none());
+        assert!(StatusIn::parse("S.yaml", b"\0\xff: [")
+            .updated_at()
+            .is_none());
+    }
+}

@@ -1,0 +1,134 @@
+//! Test support (feature `testing`): a bare coordination repo in a temp dir that tests seed and
+//! change directly (as another tool or a person pushing would), and configs for clones of it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use git2::{build::TreeUpdateBuilder, FileMode, Oid, Repository, Signature};
+
+use crate::config::GitConfig;
+
+/// A bare remote plus a place for clones, removed on drop (unless `KEEP_TEMP_DIR` is set).
+#[derive(Debug)]
+pub struct BareRemote {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl BareRemote {
+    /// A bare repo whose `main` holds `board` at the default board path.
+    pub fn new(board: &str) -> BareRemote {
+        let dir = tempfile::Builder::new()
+            .prefix("ifc-git-")
+            .tempdir()
+            .expect("temp dir");
+        let path = dir.path().join("coord.git");
+        let repo = Repository::init_bare(&path).expect("init bare");
+        repo.set_head("refs/heads/main").expect("HEAD");
+        let remote = BareRemote {
+            dir: Some(dir),
+            path,
+        };
+        remote.commit(
+            &[("docs/PHASE-0-TASK-BOARD.md", board.as_bytes())],
+            "seed board",
+        );
+        remote
+    }
+
+    /// The remote's path (what `GitConfig::remote` names).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A config for a clone named `name`, with short intervals for tests.
+    pub fn config(&self, name: &str) -> GitConfig {
+        let mut c = GitConfig::new(self.path.display().to_string(), name);
+        c.workdir = self.path.with_file_name("clones").join(name);
+        c.poll_interval = Duration::from_millis(200);
+        c.stale_after = Duration::from_secs(2);
+        c
+    }
+
+    /// Commits `files` on top of `main` directly in the bare repo (compare-and-swap, retried).
+    pub fn commit(&self, files: &[(&str, &[u8])], message: &str) -> Oid {
+        let repo = Repository::open_bare(&self.path).expect("open bare");
+        let sig = Signature::now("test", "test@localhost").expect("signature");
+        loop {
+            let parent = repo.refname_to_id("refs/heads/main").ok();
+            let base = match parent {
+                Some(p) => repo.find_commit(p).and_then(|c| c.tree()).expect("tree"),
+                None => repo
+                    .find_tree(
+                        repo.treebuilder(None)
+                            .and_then(|b| b.write())
+                            .expect("empty tree"),
+                    )
+                    .expect("tree"),
+            };
+            let mut update = TreeUpdateBuilder::new();
+            for (path, content) in files {
+                let blob = repo.blob(content).expect("blob");
+                update.upsert(*path, blob, FileMode::Blob);
+            }
+            let tree_id = update.create_updated(&repo, &base).expect("tree update");
+            let tree = repo.find_tree(tree_id).expect("tree");
+            let parents: Vec<git2::Commit<'_>> = parent
+                .map(|p| repo.find_commit(p).expect("parent"))
+                .into_iter()
+                .collect();
+            let parent_refs: Vec<&git2::Commit<'_>> = parents.iter().collect();
+            let commit = repo
+                .commit(None, &sig, &sig, message, &tree, &parent_refs)
+                .expect("commit");
+            let moved = match parent {
+                Some(p) => repo.reference_matching("refs/heads/main", commit, true, p, message),
+                None => repo.reference("refs/heads/main", commit, false, message),
+            };
+            if moved.is_ok() {
+                return commit;
+            }
+        }
+    }
+
+    /// A file on `main`.
+    pub fn read(&self, path: &str) -> Option<String> {
+        let repo = Repository::open_bare(&self.path).expect("open bare");
+        let tree = repo
+            .find_reference("refs/heads/main")
+            .and_then(|r| r.peel_to_tree())
+            .expect("main");
+        let entry = tree.get_path(Path::new(path)).ok()?;
+        let blob = repo.find_blob(entry.id()).expect("blob");
+        Some(String::from_utf8_lossy(blob.content()).into_owned())
+    }
+
+    /// Makes `status_path`'s heartbeat old, as if its session had stopped long ago.
+    pub fn make_stale(&self, status_path: &str) {
+        let text = self
+            .read(status_path)
+            .unwrap_or_else(|| panic!("{status_path} exists"));
+        let old: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("updated_at:") {
+                    "updated_at: 2000-01-01T00:00:00Z".to_owned()
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        self.commit(&[(status_path, old.as_bytes())], "test: stale heartbeat");
+    }
+}
+
+impl Drop for BareRemote {
+    fn drop(&mut self) {
+        if std::env::var_os("KEEP_TEMP_DIR").is_some() {
+            if let Some(dir) = self.dir.take() {
+                eprintln!("keeping git dir {}", dir.keep().display());
+            }
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! Git-specific behaviour: races between clones, STATUS files agreeing with the board, stale
+//! claims, polling and notify, malformed boards, and the fixture board.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use agent_core::{
+    Backend, BackendError, BackendEvent, ClaimOutcome, SessionId, TaskId, TaskPatch, TaskStatus,
+};
+use backend_git::board::Board;
+use backend_git::testing::BareRemote;
+use backend_git::GitBackend;
+
+fn tid(s: &str) -> TaskId {
+    TaskId::parse(s).expect("valid")
+}
+fn sid(s: &str) -> SessionId {
+    SessionId::parse(s).expect("valid")
+}
+
+const FIXTURE: &str = include_str!("../fixtures/PHASE-0-TASK-BOARD.md");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_clones_race_for_twenty_tasks_and_the_board_and_status_files_agree() {
+    let mut board = crate::EMPTY_BOARD.to_owned();
+    for i in 0..20 {
+        board.push_str(&format!("| R.{i} | race {i} | 🔵 AVAILABLE |  |  |\n"));
+    }
+    let remote = BareRemote::new(&board);
+    let mut handles = Vec::new();
+    for k in 0..5 {
+        let backend = crate::open(&remote, &format!("racer-{k}")).await;
+        let session = sid(&format!("session-{k}-race"));
+        handles.push(tokio::spawn(async move {
+            let mut won = Vec::new();
+            for i in 0..20 {
+                let id = tid(&format!("R.{}", (i + k * 4) % 20));
+                match backend.claim(&id, &session).await.expect("claim") {
+                    ClaimOutcome::Won(c) => won.push((id, c.token)),
+                    ClaimOutcome::Lost { holder } => assert!(holder.is_some_and(|h| h != session)),
+                    other => panic!("{other:?}"),
+                }
+            }
+            (session, won)
+        }));
+    }
+    let mut winners: BTreeMap<TaskId, SessionId> = BTreeMap::new();
+    let mut tokens: BTreeMap<SessionId, Vec<(TaskId, u64)>> = BTreeMap::new();
+    for h in handles {
+        let (session, won) = h.await.expect("racer");
+        for (id, token) in &won {
+            assert!(
+                winners.insert(id.clone(), session.clone()).is_none(),
+                "double claim of {id}"
+            );
+            tokens
+                .entry(session.clone())
+                .or_default()
+                .push((id.clone(), token.0));
+        }
+    }
+    assert_eq!(winners.len(), 20, "every task claimed exactly once");
+    let config = remote.config("x");
+    let text = remote.read(&config.board).expect("board");
+    let board = Board::parse(&config.board, &text).expect("parses");
+    for t in board.tasks() {
+        assert_eq!(
+            (t.status, t.owner.as_ref()),
+            (TaskStatus::Claimed, winners.get(&t.id)),
+            "{}",
+            t.id
+        );
+    }
+    for (session, won) in tokens {
+        let status = remote
+            .read(&config.status_path(&session))
+            .expect("STATUS file");
+        let status = backend_git::status::StatusIn::parse("s", status.as_bytes());
+        assert_eq!(status.session_id.as_deref(), Some(session.as_str()));
+        for (id, token) in won {
+            assert_eq!(
+                status.token(&id),
+                Some(token),
+                "{session}'s STATUS records {id}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stale_claim_can_be_taken_over_and_a_fresh_one_cannot() {
+    let remote = BareRemote::new(crate::EMPTY_BOARD);
+    let mut config = remote.config("a");
+    config.stale_after = Duration::from_secs(3600);
+    let a = GitBackend::open(config).await.expect("open");
+    let mut config = remote.config("b");
+    config.stale_after = Duration::from_secs(3600);
+    let b = GitBackend::open(config.clone()).await.expect("open");
+    a.put(&tid("T"), &TaskPatch::default()).await.expect("put");
+    assert!(matches!(
+        a.claim(&tid("T"), &sid("session-1")).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+    drop(a);
+    let out = b.claim(&tid("T"), &sid("session-2")).await.expect("claim");
+    assert_eq!(
+        out,
+        ClaimOutcome::Lost {
+            holder: Some(sid("session-1"))
+        },
+        "a fresh claim holds"
+    );
+    remote.make_stale(&config.status_path(&sid("session-1")));
+    let out = b.claim(&tid("T"), &sid("session-2")).await.expect("claim");
+    assert!(
+        matches!(out, ClaimOutcome::Won(_)),
+        "a stale claim is taken over: {out:?}"
+    );
+}
+
+async fn first_event(
+    backend: &GitBackend,
+    change: impl std::future::Future<Output = ()>,
+) -> agent_core::TaskEvent {
+    let mut sub = backend.subscribe().await.expect("subscribe");
+    change.await;
+    let wait = async {
+        loop {
+            if let Some(BackendEvent::Task(e)) = sub.next().await {
+                return e;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), wait)
+        .await
+        .expect("the change arrives as an event")
+}
+
+#[tokio::test]
+async fn another_clones_push_arrives_by_polling() {
+    let remote = BareRemote::new(crate::EMPTY_BOARD);
+    let mut config = remote.config("watcher");
+    config.watch_remote = false; // polling only
+    let watcher = GitBackend::open(config).await.expect("open");
+    let writer = crate::open(&remote, "writer").await;
+    let e = first_event(&watcher, async {
+        writer
+            .put(&tid("P.1"), &TaskPatch::default())
+            .await
+            .expect("put");
+    })
+    .await;
+    assert_eq!(
+        (e.task, e.old_status, e.new_status),
+        (tid("P.1"), None, Some(TaskStatus::Available))
+    );
+}
+
+#[tokio::test]
+async fn another_clones_push_arrives_through_notify_without_polling() {
+    let remote = BareRemote::new(crate::EMPTY_BOARD);
+    let mut config = remote.config("watcher");
+    config.poll_interval = Duration::from_secs(3600); // only the file watch can deliver it
+    config.stale_after = Duration::from_secs(3600);
+    let watcher = GitBackend::open(config).await.expect("open");
+    let writer = crate::open(&remote, "writer").await;
+    let e = first_event(&watcher, async {
+        writer
+            .put(&tid("N.1"), &TaskPatch::default())
+            .await
+            .expect("put");
+    })
+    .await;
+    assert_eq!(
+        (e.task, e.new_status),
+        (tid("N.1"), Some(TaskStatus::Available))
+    );
+}
+
+#[tokio::test]
+async fn instructions_for_the_session_arrive_as_events() {
+    let remote = BareRemote::new(crate::EMPTY_BOARD);
+    let mut config = remote.config("s1");
+    config.session = Some(sid("session-1-ndi"));
+    let backend = GitBackend::open(config).await.expect("open");
+    let mut sub = backend.subscribe().await.expect("subscribe");
+    remote.commit(
+        &[
+            ("INSTRUCTIONS-SESSION-2-PHASE-3.md", b"not ours"),
+            ("INSTRUCTIONS-SESSION-1-PHASE-3.md", b"go"),
+        ],
+        "instructions",
+    );
+    let got = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(BackendEvent::Instructions { session, path }) = sub.next().await {
+                return (session, path);
+            }
+        }
+    })
+    .await
+    .expect("an instructions event");
+    assert_eq!(
+        got,
+        (
+            sid("session-1-ndi"),
+            "INSTRUCTIONS-SESSION-1-PHASE-3.md".to_owned()
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_board_is_an_input_error_naming_file_and_line() {
+    let board = format!("{}| A | t | 🟣 MAYBE |  |  |\n", crate::EMPTY_BOARD);
+    let remote = BareRemote::new(&board);
+    let err = GitBackend::open(remote.config("c"))
+        .await
+        .expect_err("the board is malformed");
+    assert!(matches!(err, BackendError::InvalidInput(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("docs/PHASE-0-TASK-BOARD.md:5: unknown status"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_fixture_board_is_served_and_a_claim_changes_only_its_row() {
+    let remote = BareRemote::new(FIXTURE);
+    let backend = crate::open(&remote, "c").await;
+    let listing = backend.list().await.expect("list");
+    assert_eq!(listing.tasks.len(), 54);
+    let claimed = listing
+        .tasks
+        .iter()
+        .find(|t| t.id.as_str() == "P0.1.6")
+        .expect("task");
+    assert_eq!(
+        (claimed.status, claimed.claimed_by.clone()),
+        (TaskStatus::Claimed, Some(sid("session-1-ndi")))
+    );
+    let out = backend
+        .claim(&tid("P0.5.4"), &sid("session-1-ndi"))
+        .await
+        .expect("claim");
+    assert!(
+        matches!(out, ClaimOutcome::Won(_)),
+        "P0.5.3 is done, so P0.5.4 is claimable: {out:?}"
+    );
+    let text = remote.read("docs/PHASE-0-TASK-BOARD.md").expect("board");
+    let diff: Vec<(&str, &str)> = FIXTURE
+        .lines()
+        .zip(text.lines())
+        .filter(|(a, b)| a != b)
+        .collect();
+    assert_eq!(
+        diff,
+        vec![(
+            "| P0.5.4 | Stream claim integration | 🔵 AVAILABLE |  | P0.5.3 |",
+            "| P0.5.4 | Stream claim integration | 🟡 IN PROGRESS | session-1-ndi | P0.5.3 |"
+        )]
+    );
+    let out = backend
+        .claim(&tid("P0.1.7"), &sid("session-1-ndi"))
+        .await
+        .expect("claim");
+    assert_eq!(
+        out,
+        ClaimOutcome::NotClaimable {
+            status: TaskStatus::Blocked
+        }
+    );
+}
