@@ -330,11 +330,13 @@ fn row_text(headers: &[Option<Column>], t: &BoardTask) -> String {
     row
 }
 
-/// The new content of a cell: ` value `, padded to the old width so aligned tables stay aligned.
+/// The new content of a cell: ` value `, padded to the old width when the old cell was padded
+/// (an aligned table), so aligned tables stay aligned and plain ones stay plain.
 fn cell_text(old: &str, value: &str) -> String {
     let mut text = format!(" {value} ");
     let (old_width, new_width) = (old.chars().count(), text.chars().count());
-    if new_width < old_width {
+    let padded = old.ends_with("  ") && !old.trim().is_empty();
+    if padded && new_width < old_width {
         text.push_str(&" ".repeat(old_width - new_width));
     }
     text

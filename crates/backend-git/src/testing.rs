@@ -8,6 +8,16 @@ use git2::{build::TreeUpdateBuilder, FileMode, Oid, Repository, Signature};
 
 use crate::config::GitConfig;
 
+/// The (before, after) pairs of lines that differ between two versions of a file with the same
+/// number of lines.
+pub fn changed_lines<'a>(before: &'a str, after: &'a str) -> Vec<(&'a str, &'a str)> {
+    before
+        .lines()
+        .zip(after.lines())
+        .filter(|(a, b)| a != b)
+        .collect()
+}
+
 /// A bare remote plus a place for clones, removed on drop (unless `KEEP_TEMP_DIR` is set).
 #[derive(Debug)]
 pub struct BareRemote {

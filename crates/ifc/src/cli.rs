@@ -15,7 +15,8 @@ Exit codes:
   3  infrastructure: etcd unreachable, timed out or refusing (names the endpoint)
   4  corrupt data: a stored record is not a valid task (names its key)
 
-Environment: IFC_ENDPOINTS, IFC_PREFIX, IFC_PASSWORD; RUST_LOG sets the log level (default warn).";
+Environment: IFC_MODE, IFC_ENDPOINTS, IFC_PREFIX, IFC_PASSWORD, IFC_GIT_REMOTE, IFC_GIT_BRANCH,
+IFC_BOARD, IFC_POLL_INTERVAL, IFC_GIT_WORKDIR; RUST_LOG sets the log level (default warn).";
 
 /// ifc (IF.coordinator): claim, run and complete tasks from a shared task board over etcd.
 #[derive(Debug, Parser)]
@@ -30,6 +31,10 @@ pub struct Cli {
 /// Flags every command takes.
 #[derive(Debug, Args)]
 pub struct Global {
+    /// Where tasks live: etcd (coordinator) or the git task board (git)
+    #[arg(long, env = "IFC_MODE", value_enum, default_value_t = Mode::Coordinator, global = true)]
+    pub mode: Mode,
+
     /// etcd client URLs, comma-separated (a cluster: every member)
     #[arg(
         long,
@@ -71,6 +76,52 @@ pub struct Global {
     /// etcd user, as USER or USER:PASSWORD (the password may instead come from IFC_PASSWORD)
     #[arg(long, global = true, hide_env_values = true)]
     pub user: Option<String>,
+
+    #[command(flatten)]
+    pub git: GitArgs,
+}
+
+/// Settings of git mode.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Git mode")]
+pub struct GitArgs {
+    /// The coordination repo: a path, file://, ssh or https URL
+    #[arg(long, env = "IFC_GIT_REMOTE", global = true)]
+    pub git_remote: Option<String>,
+
+    /// The branch sessions coordinate on
+    #[arg(long, env = "IFC_GIT_BRANCH", default_value = "main", global = true)]
+    pub git_branch: String,
+
+    /// The task board's path in the repo
+    #[arg(
+        long,
+        env = "IFC_BOARD",
+        default_value = "docs/PHASE-0-TASK-BOARD.md",
+        global = true
+    )]
+    pub board: String,
+
+    /// How often a session fetches the remote (at once on change for a local remote)
+    #[arg(long, env = "IFC_POLL_INTERVAL", value_parser = parse_duration, default_value = "30s", global = true)]
+    pub poll_interval: Duration,
+
+    /// A claim whose owner's STATUS heartbeat is older than this is free [default: 10 × poll interval]
+    #[arg(long, value_parser = parse_duration, global = true)]
+    pub stale_after: Option<Duration>,
+
+    /// The dedicated clone [default: .ifc/git/<session>, or .ifc/git/ifc-cli]
+    #[arg(long, env = "IFC_GIT_WORKDIR", global = true)]
+    pub git_workdir: Option<PathBuf>,
+}
+
+/// Which store the command talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// etcd (IF.coordinator)
+    Coordinator,
+    /// The markdown task board in a git repo
+    Git,
 }
 
 /// How results are printed.
@@ -126,7 +177,8 @@ pub struct ClaimArgs {
     pub session: SessionId,
     /// Bind the claim to a lease of this many seconds: it ends by itself that long after this
     /// command exits, unless the session keeps the lease alive (as `ifc agent` does). Without it
-    /// the claim holds until released.
+    /// the claim holds until released. (Coordinator mode; in git mode a claim lasts while its
+    /// STATUS heartbeat is fresh, see --stale-after.)
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub ttl: Option<u64>,
 }

@@ -74,11 +74,7 @@ fn a_claim_changes_only_its_two_cells() {
     t.status = TaskStatus::Claimed;
     t.owner = Some(SessionId::parse("session-4-sip").expect("valid"));
     let out = board.render(&tasks);
-    let changed: Vec<(&str, &str)> = FIXTURE
-        .lines()
-        .zip(out.lines())
-        .filter(|(a, b)| a != b)
-        .collect();
+    let changed = crate::testing::changed_lines(FIXTURE, &out);
     assert_eq!(
         changed,
         vec![(
@@ -92,12 +88,20 @@ fn a_claim_changes_only_its_two_cells() {
 
 #[test]
 fn aligned_cells_keep_their_width_when_the_new_value_is_shorter() {
-    let text = "| ID | Status         | Owner |\n|----|----------------|-------|\n| A  | 🟡 IN PROGRESS | s1    |\n";
+    let text = "| ID | Status         | Owner |\n|----|----------------|-------|\n| A  | 🔵 AVAILABLE   | s1    |\n";
     let board = parse(text);
     let mut tasks = board.tasks().to_vec();
     tasks[0].status = TaskStatus::Complete;
     let out = board.render(&tasks);
     assert_eq!(out, "| ID | Status         | Owner |\n|----|----------------|-------|\n| A  | ✅ DONE        | s1    |\n");
+    // A plain (unpadded) cell stays plain.
+    let board = parse("| ID | Status | Owner |\n|---|---|---|\n| A | 🟡 IN PROGRESS | s1 |\n");
+    let mut tasks = board.tasks().to_vec();
+    tasks[0].status = TaskStatus::Complete;
+    assert_eq!(
+        board.render(&tasks),
+        "| ID | Status | Owner |\n|---|---|---|\n| A | ✅ DONE | s1 |\n"
+    );
 }
 
 #[test]

@@ -248,11 +248,7 @@ async fn the_fixture_board_is_served_and_a_claim_changes_only_its_row() {
         "P0.5.3 is done, so P0.5.4 is claimable: {out:?}"
     );
     let text = remote.read("docs/PHASE-0-TASK-BOARD.md").expect("board");
-    let diff: Vec<(&str, &str)> = FIXTURE
-        .lines()
-        .zip(text.lines())
-        .filter(|(a, b)| a != b)
-        .collect();
+    let diff = backend_git::testing::changed_lines(FIXTURE, &text);
     assert_eq!(
         diff,
         vec![(

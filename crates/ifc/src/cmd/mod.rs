@@ -1,17 +1,20 @@
-//! The operator commands over one etcd backend: put, get, claim, release, status, watch. Each
-//! returns the exit code of a normal outcome; failures are errors mapped in `exit`.
+//! The operator commands over the backend the mode names (etcd or the git board): put, get, claim,
+//! release, status, watch. Each returns the exit code of a normal outcome; failures are errors
+//! mapped in `exit`.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use agent_core::{
-    Backend, BackendEvent, ClaimOutcome, FencingToken, PutOutcome, ReleaseOutcome, ReleaseTo,
-    TaskId, TaskPatch,
+    Backend, BackendError, BackendEvent, ClaimOutcome, FencingToken, PutOutcome, ReleaseOutcome,
+    ReleaseTo, SessionId, TaskId, TaskPatch,
 };
 use anyhow::{Context, Result};
 use backend_etcd::{EtcdBackend, EtcdConfig, TlsFiles};
+use backend_git::{GitBackend, GitConfig};
 use serde_json::json;
 
-use crate::cli::{ClaimArgs, Command, Global, Output, PutArgs, ReleaseArgs, ReleaseStatus};
+use crate::cli::{ClaimArgs, Command, Global, Mode, Output, PutArgs, ReleaseArgs, ReleaseStatus};
 use crate::exit;
 use crate::output::{event_json, event_line, printable, task_json, task_table};
 
@@ -23,7 +26,7 @@ pub fn etcd_config(g: &Global, lease_ttl: Option<std::time::Duration>) -> Result
             Some((user, password)) => (user.to_owned(), password.to_owned()),
             None => {
                 let password = std::env::var("IFC_PASSWORD").map_err(|_| {
-                    agent_core::BackendError::InvalidInput(format!(
+                    BackendError::InvalidInput(format!(
                         "no password for etcd user {spec:?}: use --user {spec}:PASSWORD or set IFC_PASSWORD"
                     ))
                 })?;
@@ -53,30 +56,81 @@ pub fn etcd_config(g: &Global, lease_ttl: Option<std::time::Duration>) -> Result
     })
 }
 
+/// The git backend settings the global flags describe; the clone is named after `session`.
+pub fn git_config(g: &Global, session: Option<&SessionId>) -> Result<GitConfig> {
+    let remote = g.git.git_remote.clone().ok_or_else(|| {
+        BackendError::InvalidInput(
+            "git mode needs the coordination repo: --git-remote URL (or IFC_GIT_REMOTE)".into(),
+        )
+    })?;
+    let name = session.map_or_else(|| "ifc-cli".to_owned(), |s| s.to_string());
+    let mut config = GitConfig::new(remote, &name);
+    config.branch = g.git.git_branch.clone();
+    config.board = g.git.board.clone();
+    config.poll_interval = g.git.poll_interval;
+    config.stale_after = g.git.stale_after.unwrap_or(g.git.poll_interval * 10);
+    if let Some(dir) = &g.git.git_workdir {
+        config.workdir = dir.clone();
+    }
+    config.session = session.cloned();
+    Ok(config)
+}
+
+/// Connects to the store the mode names.
+async fn connect(g: &Global, command: &Command) -> Result<Arc<dyn Backend>> {
+    let (session, ttl) = match command {
+        Command::Claim(args) => (
+            Some(&args.session),
+            args.ttl.map(std::time::Duration::from_secs),
+        ),
+        Command::Release(args) => (Some(&args.session), None),
+        _ => (None, None),
+    };
+    Ok(match g.mode {
+        Mode::Coordinator => {
+            let config = etcd_config(g, ttl)?;
+            Arc::new(
+                EtcdBackend::connect(config)
+                    .await
+                    .context("cannot connect to etcd")?,
+            )
+        }
+        Mode::Git => {
+            if ttl.is_some() {
+                return Err(BackendError::InvalidInput(
+                    "--ttl is for coordinator mode: in git mode a claim lasts while its owner's STATUS heartbeat is fresh (--stale-after)".into(),
+                )
+                .into());
+            }
+            let config = git_config(g, session)?;
+            Arc::new(
+                GitBackend::open(config)
+                    .await
+                    .context("cannot open the git task board")?,
+            )
+        }
+    })
+}
+
 /// Runs one command; returns its exit code.
 pub async fn run(g: &Global, command: &Command) -> Result<u8> {
-    let ttl = match command {
-        Command::Claim(args) => args.ttl.map(std::time::Duration::from_secs),
-        _ => None,
-    };
-    let backend = EtcdBackend::connect(etcd_config(g, ttl)?)
-        .await
-        .context("cannot connect to etcd")?;
+    let backend = connect(g, command).await?;
+    let b = backend.as_ref();
     let mut out = std::io::stdout().lock();
     match command {
-        Command::Put(args) => put(&backend, g.output, args, &mut out).await,
-        Command::Get { task } => get(&backend, g.output, task, &mut out).await,
-        Command::Claim(args) => claim(&backend, g.output, args, &mut out).await,
-        Command::Release(args) => release(&backend, g.output, args, &mut out).await,
-        Command::Status => status(&backend, g.output, &mut out).await,
+        Command::Put(args) => put(b, g.output, args, &mut out).await,
+        Command::Get { task } => get(b, g.output, task, &mut out).await,
+        Command::Claim(args) => claim(b, g.output, args, &mut out).await,
+        Command::Release(args) => release(b, g.output, args, &mut out).await,
+        Command::Status => status(b, g.output, &mut out).await,
         Command::Watch => {
             drop(out);
-            watch(&backend, g.output).await
+            watch(b, g.output).await
         }
     }
 }
 
-async fn put(b: &EtcdBackend, output: Output, args: &PutArgs, out: &mut impl Write) -> Result<u8> {
+async fn put(b: &dyn Backend, output: Output, args: &PutArgs, out: &mut impl Write) -> Result<u8> {
     let blocked_by = match &args.blocked_by {
         None => None,
         Some(ids) => Some(
@@ -117,7 +171,7 @@ async fn put(b: &EtcdBackend, output: Output, args: &PutArgs, out: &mut impl Wri
     Ok(code)
 }
 
-async fn get(b: &EtcdBackend, output: Output, task: &TaskId, out: &mut impl Write) -> Result<u8> {
+async fn get(b: &dyn Backend, output: Output, task: &TaskId, out: &mut impl Write) -> Result<u8> {
     let Some(t) = b.get(task).await? else {
         match output {
             Output::Json => writeln!(out, "null")?,
@@ -133,7 +187,7 @@ async fn get(b: &EtcdBackend, output: Output, task: &TaskId, out: &mut impl Writ
 }
 
 async fn claim(
-    b: &EtcdBackend,
+    b: &dyn Backend,
     output: Output,
     args: &ClaimArgs,
     out: &mut impl Write,
@@ -183,7 +237,7 @@ async fn claim(
 }
 
 async fn release(
-    b: &EtcdBackend,
+    b: &dyn Backend,
     output: Output,
     args: &ReleaseArgs,
     out: &mut impl Write,
@@ -233,7 +287,7 @@ async fn release(
     Ok(code)
 }
 
-async fn status(b: &EtcdBackend, output: Output, out: &mut impl Write) -> Result<u8> {
+async fn status(b: &dyn Backend, output: Output, out: &mut impl Write) -> Result<u8> {
     let listing = b.list().await?;
     match output {
         Output::Json => {
@@ -256,7 +310,7 @@ async fn status(b: &EtcdBackend, output: Output, out: &mut impl Write) -> Result
     })
 }
 
-async fn watch(b: &EtcdBackend, output: Output) -> Result<u8> {
+async fn watch(b: &dyn Backend, output: Output) -> Result<u8> {
     let mut sub = b.subscribe().await?;
     let mut out = std::io::stdout();
     loop {

@@ -1,5 +1,7 @@
-//! End-to-end tests of the `ifc` binary against a real etcd: the guide's checklist through the
-//! CLI, races between real processes, exit codes and output formats.
+//! End-to-end tests of the `ifc` binary against a real etcd (and, in `git`, real git repos): the
+//! guide's checklist through the CLI, races between real processes, exit codes and output formats.
+
+mod git;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -17,16 +19,16 @@ fn ifc(server: &EtcdServer) -> Command {
     cmd
 }
 
-fn run(cmd: &mut Command) -> Output {
+pub fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("ifc runs")
 }
 
-fn text(b: &[u8]) -> String {
+pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
 #[track_caller]
-fn code(out: &Output) -> i32 {
+pub fn code(out: &Output) -> i32 {
     out.status
         .code()
         .unwrap_or_else(|| panic!("killed by a signal: {out:?}"))
