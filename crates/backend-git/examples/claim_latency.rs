@@ -12,12 +12,20 @@ use git2::{Repository, Signature};
 
 fn percentiles(mut samples: Vec<Duration>) -> String {
     samples.sort();
-    let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)].as_secs_f64() * 1e3;
-    format!("p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms", at(0.50), at(0.95), at(0.99))
+    let at = |p: f64| {
+        samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)].as_secs_f64() * 1e3
+    };
+    format!(
+        "p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms",
+        at(0.50),
+        at(0.95),
+        at(0.99)
+    )
 }
 
 fn board(n: usize) -> String {
-    let mut b = String::from("| ID | Task | Status | Owner | Blocked by |\n|---|---|---|---|---|\n");
+    let mut b =
+        String::from("| ID | Task | Status | Owner | Blocked by |\n|---|---|---|---|---|\n");
     for i in 0..n {
         b.push_str(&format!("| T.{i} | task {i} | 🔵 AVAILABLE |  |  |\n"));
     }
@@ -26,12 +34,16 @@ fn board(n: usize) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(200);
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(200);
 
     // Plain libgit2: edit the row, commit, push (libgit2's own local transport).
     let plain_remote = BareRemote::new(&board(n));
     let dir = tempfile::tempdir().expect("temp dir");
-    let repo = Repository::clone(&plain_remote.path().display().to_string(), dir.path()).expect("clone");
+    let repo =
+        Repository::clone(&plain_remote.path().display().to_string(), dir.path()).expect("clone");
     let sig = Signature::now("bench", "bench@localhost").expect("sig");
     let path = Path::new("docs/PHASE-0-TASK-BOARD.md");
     let mut plain = Vec::with_capacity(n);
@@ -39,16 +51,24 @@ async fn main() {
         let file = dir.path().join(path);
         let text = std::fs::read_to_string(&file).expect("board");
         let row = format!("| T.{i} | task {i} | 🔵 AVAILABLE |  |  |");
-        let text = text.replace(&row, &format!("| T.{i} | task {i} | 🟡 IN PROGRESS | bench |  |"));
+        let text = text.replace(
+            &row,
+            &format!("| T.{i} | task {i} | 🟡 IN PROGRESS | bench |  |"),
+        );
         let start = Instant::now();
         std::fs::write(&file, text).expect("write");
         let mut index = repo.index().expect("index");
         index.add_path(path).expect("add");
         index.write().expect("index write");
-        let tree = repo.find_tree(index.write_tree().expect("tree")).expect("tree");
+        let tree = repo
+            .find_tree(index.write_tree().expect("tree"))
+            .expect("tree");
         let parent = repo.head().and_then(|h| h.peel_to_commit()).expect("head");
-        repo.commit(Some("HEAD"), &sig, &sig, "claim", &tree, &[&parent]).expect("commit");
-        repo.find_remote("origin").and_then(|mut r| r.push(&["refs/heads/main:refs/heads/main"], None)).expect("push");
+        repo.commit(Some("HEAD"), &sig, &sig, "claim", &tree, &[&parent])
+            .expect("commit");
+        repo.find_remote("origin")
+            .and_then(|mut r| r.push(&["refs/heads/main:refs/heads/main"], None))
+            .expect("push");
         plain.push(start.elapsed());
     }
 
@@ -65,6 +85,14 @@ async fn main() {
         claims.push(start.elapsed());
         assert!(matches!(out, ClaimOutcome::Won(_)));
     }
-    println!("{:<44} {}", "ifc git claim (fetch + commit + CAS push)", percentiles(claims));
-    println!("{:<44} {}", "plain libgit2 commit + push", percentiles(plain));
+    println!(
+        "{:<44} {}",
+        "ifc git claim (fetch + commit + CAS push)",
+        percentiles(claims)
+    );
+    println!(
+        "{:<44} {}",
+        "plain libgit2 commit + push",
+        percentiles(plain)
+    );
 }
