@@ -5,6 +5,9 @@
 //! `Backend`.
 
 pub mod backend;
+pub mod claim_loop;
+pub mod config;
+pub mod duration;
 pub mod error;
 pub mod ids;
 pub mod memory;

@@ -1,0 +1,468 @@
+//! The claim loop's decisions, pure: `(state, input) -> outputs`, with time passed in. The async
+//! driver (in the `ifc` binary) runs the outputs (claims, releases, processes, timers) and feeds
+//! what happened back as inputs. No IO here, so every decision is unit-tested.
+//!
+//! One task at a time: the session claims the first claimable task of its list (priority order),
+//! runs it, releases it `complete` on success or `available` on failure (retrying it itself after a
+//! backoff, at most `max_attempts` times), and otherwise waits for the next event: it never polls.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::TaskPattern;
+use crate::ids::{SessionId, TaskId};
+use crate::model::{Claim, ClaimOutcome, ReleaseTo, Task, TaskStatus};
+
+/// What the session is to do.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub session: SessionId,
+    /// Task ids and globs in priority order.
+    pub patterns: Vec<TaskPattern>,
+    pub max_attempts: u32,
+    /// First retry delay after a failure; doubles with each attempt.
+    pub retry_backoff: Duration,
+    /// Exit once every task of the list is complete.
+    pub until_done: bool,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// Every task, as the backend lists it (at start and after a re-sync).
+    Snapshot(Vec<Task>),
+    /// A task's status or holder changed.
+    Changed {
+        task: TaskId,
+        status: Option<TaskStatus>,
+        holder: Option<SessionId>,
+    },
+    /// A task fetched after `Output::Fetch`.
+    Fetched(Task),
+    /// The answer to `Output::Claim`.
+    Claimed { task: TaskId, outcome: ClaimOutcome },
+    /// `Output::Claim` failed (backend unreachable): try again later.
+    ClaimFailed { task: TaskId },
+    /// The task's command ended.
+    Exited { task: TaskId, success: bool },
+    /// `Output::Release` was done (or found the session no longer holds the task).
+    Released { task: TaskId },
+    /// `Output::Release` failed (backend unreachable): try again later.
+    ReleaseFailed { task: TaskId },
+    /// The backend says the session's claim ended without a release.
+    Lost { task: TaskId },
+    /// A timer asked for with `Output::WakeAt` fired (or any time passed).
+    Tick,
+    /// SIGTERM/SIGINT: stop claiming, let the running task finish within the grace period.
+    Shutdown,
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Claim(TaskId),
+    /// Run the task's command under this claim.
+    Start(Claim),
+    /// Kill the task's process group now.
+    Kill {
+        task: TaskId,
+        reason: String,
+    },
+    /// Let the task finish within the shutdown grace period, then kill it.
+    Drain {
+        task: TaskId,
+    },
+    Release {
+        task: TaskId,
+        to: ReleaseTo,
+        token: Option<crate::FencingToken>,
+    },
+    /// Read this task (its blockers are not known yet).
+    Fetch(TaskId),
+    /// Feed `Input::Tick` at this instant.
+    WakeAt(Instant),
+    /// Something worth a log line (a blocker cleared, a retry scheduled).
+    Note(String),
+    Exit(u8),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    Idle,
+    Claiming(TaskId),
+    Running {
+        claim: Claim,
+        fenced: bool,
+    },
+    Releasing {
+        task: TaskId,
+        to: ReleaseTo,
+        token: Option<crate::FencingToken>,
+    },
+    Done,
+}
+
+/// The session's state.
+#[derive(Debug, Clone)]
+pub struct ClaimLoop {
+    plan: Plan,
+    view: BTreeMap<TaskId, Task>,
+    phase: Phase,
+    attempts: HashMap<TaskId, u32>,
+    not_before: HashMap<TaskId, Instant>,
+    release_retry: Option<Instant>,
+    stopping: bool,
+}
+
+impl ClaimLoop {
+    pub fn new(plan: Plan) -> ClaimLoop {
+        ClaimLoop {
+            plan,
+            view: BTreeMap::new(),
+            phase: Phase::Idle,
+            attempts: HashMap::new(),
+            not_before: HashMap::new(),
+            release_retry: None,
+            stopping: false,
+        }
+    }
+
+    /// The task running now, if any.
+    pub fn running(&self) -> Option<&Claim> {
+        match &self.phase {
+            Phase::Running { claim, .. } => Some(claim),
+            _ => None,
+        }
+    }
+
+    /// The session's tasks in priority order (as far as the view knows them).
+    pub fn my_tasks(&self) -> Vec<TaskId> {
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for p in &self.plan.patterns {
+            for id in self.view.keys().filter(|id| p.matches(id)) {
+                if seen.insert(id.clone()) {
+                    out.push(id.clone());
+                }
+            }
+        }
+        out
+    }
+
+    fn status_of(&self, id: &TaskId) -> Option<TaskStatus> {
+        self.view.get(id).map(|t| t.status)
+    }
+
+    fn claimable(&self, id: &TaskId, now: Instant) -> bool {
+        let Some(task) = self.view.get(id) else {
+            return false;
+        };
+        let exhausted = self
+            .attempts
+            .get(id)
+            .is_some_and(|n| *n >= self.plan.max_attempts);
+        let waiting = self.not_before.get(id).is_some_and(|t| *t > now);
+        !exhausted
+            && !waiting
+            && task.claimability(&self.plan.session, |b| self.status_of(b))
+                == crate::Claimability::Yes
+    }
+
+    /// Feeds one input; returns what to do.
+    pub fn step(&mut self, input: Input, now: Instant) -> Vec<Output> {
+        let mut out = Vec::new();
+        match input {
+            Input::Snapshot(tasks) => {
+                self.view = tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
+            }
+            Input::Fetched(task) => {
+                self.view.insert(task.id.clone(), task);
+            }
+            Input::Changed {
+                task,
+                status,
+                holder,
+            } => self.changed(task, status, holder, now, &mut out),
+            Input::Claimed { task, outcome } => {
+                if self.phase != Phase::Claiming(task.clone()) {
+                    return out;
+                }
+                self.phase = Phase::Idle;
+                match outcome {
+                    ClaimOutcome::Won(claim) => {
+                        if let Some(t) = self.view.get_mut(&task) {
+                            t.status = TaskStatus::Claimed;
+                            t.claimed_by = Some(self.plan.session.clone());
+                        }
+                        if self.stopping {
+                            self.release(task, ReleaseTo::Available, Some(claim.token), &mut out);
+                        } else {
+                            self.phase = Phase::Running {
+                                claim: claim.clone(),
+                                fenced: false,
+                            };
+                            out.push(Output::Start(claim));
+                        }
+                    }
+                    ClaimOutcome::Lost { holder } => {
+                        if let Some(t) = self.view.get_mut(&task) {
+                            t.status = TaskStatus::Claimed;
+                            t.claimed_by = holder;
+                        }
+                    }
+                    ClaimOutcome::NotClaimable { status } => {
+                        if let Some(t) = self.view.get_mut(&task) {
+                            t.status = status;
+                        }
+                    }
+                    ClaimOutcome::NotFound => {
+                        self.view.remove(&task);
+                    }
+                }
+            }
+            Input::ClaimFailed { task } => {
+                if self.phase == Phase::Claiming(task.clone()) {
+                    self.phase = Phase::Idle;
+                    self.not_before.insert(task, now + self.plan.retry_backoff);
+                }
+            }
+            Input::Exited { task, success } => {
+                let Phase::Running { claim, fenced } = &self.phase else {
+                    return out;
+                };
+                if claim.task != task {
+                    return out;
+                }
+                let (token, fenced) = (claim.token, *fenced);
+                self.phase = Phase::Idle;
+                if fenced {
+                    out.push(Output::Note(format!(
+                        "{task}: stopped after its claim was lost; not reported done"
+                    )));
+                } else if success {
+                    self.release(task, ReleaseTo::Complete, Some(token), &mut out);
+                } else {
+                    let n = self.attempts.entry(task.clone()).or_insert(0);
+                    *n += 1;
+                    let delay = self.plan.retry_backoff * 2u32.saturating_pow(n.saturating_sub(1));
+                    let note = if *n >= self.plan.max_attempts {
+                        format!("{task}: failed {n} times; leaving it to other sessions")
+                    } else {
+                        format!(
+                            "{task}: failed (attempt {n} of {}); retrying after {delay:?}",
+                            self.plan.max_attempts
+                        )
+                    };
+                    out.push(Output::Note(note));
+                    self.not_before.insert(task.clone(), now + delay);
+                    self.release(task, ReleaseTo::Available, Some(token), &mut out);
+                }
+            }
+            Input::Released { task } => {
+                if let Phase::Releasing { task: t, to, .. } = &self.phase {
+                    if *t == task {
+                        if let Some(v) = self.view.get_mut(&task) {
+                            v.status = to.status();
+                            if *to == ReleaseTo::Available {
+                                v.claimed_by = None;
+                            }
+                        }
+                        self.phase = Phase::Idle;
+                        self.release_retry = None;
+                    }
+                }
+            }
+            Input::ReleaseFailed { task } => {
+                if matches!(&self.phase, Phase::Releasing { task: t, .. } if *t == task) {
+                    self.release_retry = Some(now + self.plan.retry_backoff);
+                }
+            }
+            Input::Lost { task } => {
+                if let Phase::Running { claim, fenced } = &mut self.phase {
+                    if claim.task == task && !*fenced {
+                        *fenced = true;
+                        out.push(Output::Kill {
+                            task,
+                            reason: "the session's claim was lost".into(),
+                        });
+                    }
+                }
+            }
+            Input::Tick => {
+                if let (Some(at), Phase::Releasing { task, to, token }) =
+                    (self.release_retry, &self.phase)
+                {
+                    if at <= now {
+                        self.release_retry = None;
+                        out.push(Output::Release {
+                            task: task.clone(),
+                            to: *to,
+                            token: *token,
+                        });
+                    }
+                }
+            }
+            Input::Shutdown => {
+                self.stopping = true;
+                if let Phase::Running {
+                    claim,
+                    fenced: false,
+                } = &self.phase
+                {
+                    out.push(Output::Drain {
+                        task: claim.task.clone(),
+                    });
+                }
+            }
+        }
+        self.next(now, &mut out);
+        out
+    }
+
+    fn changed(
+        &mut self,
+        task: TaskId,
+        status: Option<TaskStatus>,
+        holder: Option<SessionId>,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(status) = status else {
+            self.view.remove(&task);
+            return;
+        };
+        let Some(entry) = self.view.get_mut(&task) else {
+            if self.plan.patterns.iter().any(|p| p.matches(&task)) || self.is_blocker(&task) {
+                out.push(Output::Fetch(task));
+            }
+            return;
+        };
+        let was = entry.status;
+        entry.status = status;
+        entry.claimed_by = holder;
+        if status == TaskStatus::Complete && was != TaskStatus::Complete {
+            let unblocked: Vec<String> = self
+                .my_tasks()
+                .into_iter()
+                .filter(|id| {
+                    self.view
+                        .get(id)
+                        .is_some_and(|t| t.blocked_by.contains(&task))
+                        && self.claimable(id, now)
+                })
+                .map(|id| id.to_string())
+                .collect();
+            if !unblocked.is_empty() {
+                out.push(Output::Note(format!(
+                    "blocker {task} cleared: {} claimable",
+                    unblocked.join(", ")
+                )));
+            }
+        }
+    }
+
+    fn is_blocker(&self, id: &TaskId) -> bool {
+        self.view.values().any(|t| t.blocked_by.contains(id))
+    }
+
+    fn release(
+        &mut self,
+        task: TaskId,
+        to: ReleaseTo,
+        token: Option<crate::FencingToken>,
+        out: &mut Vec<Output>,
+    ) {
+        self.phase = Phase::Releasing {
+            task: task.clone(),
+            to,
+            token,
+        };
+        out.push(Output::Release { task, to, token });
+    }
+
+    /// When idle: claim the first claimable task, or finish, or wait.
+    fn next(&mut self, now: Instant, out: &mut Vec<Output>) {
+        if self.phase != Phase::Idle {
+            if let Some(at) = self.release_retry {
+                out.push(Output::WakeAt(at));
+            }
+            return;
+        }
+        let mine = self.my_tasks();
+        if self.stopping {
+            self.phase = Phase::Done;
+            out.push(Output::Exit(0));
+            return;
+        }
+        if let Some(id) = mine.iter().find(|id| self.claimable(id, now)) {
+            self.phase = Phase::Claiming(id.clone());
+            out.push(Output::Claim(id.clone()));
+            return;
+        }
+        if self.plan.until_done && !self.view.is_empty() {
+            if !mine.is_empty()
+                && mine
+                    .iter()
+                    .all(|id| self.status_of(id) == Some(TaskStatus::Complete))
+            {
+                self.phase = Phase::Done;
+                out.push(Output::Note(
+                    "every task of the session's list is complete".into(),
+                ));
+                out.push(Output::Exit(0));
+                return;
+            }
+            if let Some((id, why)) = self.impossible(&mine) {
+                self.phase = Phase::Done;
+                out.push(Output::Note(format!("{id} can never be claimed: {why}")));
+                out.push(Output::Exit(1));
+                return;
+            }
+        }
+        // Wake for the earliest retry that is still pending; otherwise wait for events.
+        if let Some(at) = mine
+            .iter()
+            .filter_map(|id| self.not_before.get(id))
+            .filter(|t| **t > now)
+            .min()
+        {
+            out.push(Output::WakeAt(*at));
+        }
+    }
+
+    /// A task of the list that can never become claimable: a blocker (or a blocker's blocker)
+    /// that does not exist, or blockers that wait on each other.
+    fn impossible(&self, mine: &[TaskId]) -> Option<(TaskId, String)> {
+        for id in mine {
+            let Some(task) = self.view.get(id) else {
+                continue;
+            };
+            if task.status == TaskStatus::Complete {
+                continue;
+            }
+            let mut stack: Vec<&TaskId> = task.blocked_by.iter().collect();
+            let mut seen = BTreeSet::new();
+            while let Some(b) = stack.pop() {
+                if b == id {
+                    return Some((id.clone(), "its blockers form a cycle".into()));
+                }
+                if !seen.insert(b.clone()) {
+                    continue;
+                }
+                match self.view.get(b) {
+                    None => return Some((id.clone(), format!("its blocker {b} does not exist"))),
+                    Some(t) if t.status != TaskStatus::Complete => {
+                        stack.extend(t.blocked_by.iter())
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests;

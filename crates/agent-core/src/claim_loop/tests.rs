@@ -1,0 +1,382 @@
+//! The claim loop's decisions, step by step, with no IO and no real time.
+
+use std::time::Duration;
+
+use super::*;
+use crate::FencingToken;
+
+fn id(s: &str) -> TaskId {
+    TaskId::parse(s).expect("valid")
+}
+fn sid(s: &str) -> SessionId {
+    SessionId::parse(s).expect("valid")
+}
+
+fn task(name: &str, status: TaskStatus, blocked_by: &[&str]) -> Task {
+    let mut t = Task::new(id(name), status);
+    t.blocked_by = blocked_by.iter().map(|b| id(b)).collect();
+    t
+}
+
+fn plan(patterns: &[&str]) -> Plan {
+    Plan {
+        session: sid("me"),
+        patterns: patterns
+            .iter()
+            .map(|p| TaskPattern::parse(p).expect("valid"))
+            .collect(),
+        max_attempts: 2,
+        retry_backoff: Duration::from_secs(1),
+        until_done: true,
+    }
+}
+
+fn won(name: &str, token: u64) -> Input {
+    let claim = Claim {
+        task: id(name),
+        session: sid("me"),
+        token: FencingToken(token),
+        leased: true,
+    };
+    Input::Claimed {
+        task: id(name),
+        outcome: ClaimOutcome::Won(claim),
+    }
+}
+
+fn claims(out: &[Output]) -> Vec<String> {
+    out.iter()
+        .filter_map(|o| {
+            if let Output::Claim(t) = o {
+                Some(t.to_string())
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn claims_the_first_claimable_task_in_priority_order() {
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["B.*", "A.1"]));
+    let out = l.step(
+        Input::Snapshot(vec![
+            task("A.1", TaskStatus::Available, &[]),
+            task("B.1", TaskStatus::Blocked, &["Z"]),
+            task("B.2", TaskStatus::Available, &[]),
+            task("C.1", TaskStatus::Available, &[]),
+            task("Z", TaskStatus::Available, &[]),
+        ]),
+        now,
+    );
+    assert_eq!(
+        claims(&out),
+        ["B.2"],
+        "B.1 is blocked, B.* comes before A.1, C.1 is not ours"
+    );
+    let out = l.step(won("B.2", 7), now);
+    assert!(out.contains(&Output::Start(Claim {
+        task: id("B.2"),
+        session: sid("me"),
+        token: FencingToken(7),
+        leased: true
+    })));
+    // While it runs nothing else is claimed.
+    let out = l.step(
+        Input::Changed {
+            task: id("A.1"),
+            status: Some(TaskStatus::Available),
+            holder: None,
+        },
+        now,
+    );
+    assert!(claims(&out).is_empty());
+    let out = l.step(
+        Input::Exited {
+            task: id("B.2"),
+            success: true,
+        },
+        now,
+    );
+    assert_eq!(
+        out,
+        vec![Output::Release {
+            task: id("B.2"),
+            to: ReleaseTo::Complete,
+            token: Some(FencingToken(7))
+        }]
+    );
+    let out = l.step(Input::Released { task: id("B.2") }, now);
+    assert_eq!(claims(&out), ["A.1"]);
+}
+
+#[test]
+fn a_lost_race_moves_on_and_a_cleared_blocker_wakes_the_waiting_task() {
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["T"]));
+    let out = l.step(
+        Input::Snapshot(vec![
+            task("T", TaskStatus::Blocked, &["B"]),
+            task("B", TaskStatus::Available, &[]),
+        ]),
+        now,
+    );
+    assert!(
+        claims(&out).is_empty() && !out.iter().any(|o| matches!(o, Output::Exit(_))),
+        "waits, no polling: {out:?}"
+    );
+    // Another session completes the blocker: T is claimed at once, and the log says why.
+    let out = l.step(
+        Input::Changed {
+            task: id("B"),
+            status: Some(TaskStatus::Complete),
+            holder: Some(sid("other")),
+        },
+        now,
+    );
+    assert!(
+        out.contains(&Output::Note("blocker B cleared: T claimable".into())),
+        "{out:?}"
+    );
+    assert_eq!(claims(&out), ["T"]);
+    let out = l.step(
+        Input::Claimed {
+            task: id("T"),
+            outcome: ClaimOutcome::Lost {
+                holder: Some(sid("other")),
+            },
+        },
+        now,
+    );
+    assert!(claims(&out).is_empty());
+    // The winner gives it back: claimable again.
+    let out = l.step(
+        Input::Changed {
+            task: id("T"),
+            status: Some(TaskStatus::Available),
+            holder: None,
+        },
+        now,
+    );
+    assert_eq!(claims(&out), ["T"]);
+}
+
+#[test]
+fn a_failed_task_is_given_back_and_retried_after_a_backoff_at_most_max_attempts_times() {
+    let t0 = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["T"]));
+    assert_eq!(
+        claims(&l.step(
+            Input::Snapshot(vec![task("T", TaskStatus::Available, &[])]),
+            t0
+        )),
+        ["T"]
+    );
+    l.step(won("T", 1), t0);
+    let out = l.step(
+        Input::Exited {
+            task: id("T"),
+            success: false,
+        },
+        t0,
+    );
+    assert!(out.contains(&Output::Release {
+        task: id("T"),
+        to: ReleaseTo::Available,
+        token: Some(FencingToken(1))
+    }));
+    let out = l.step(Input::Released { task: id("T") }, t0);
+    assert!(claims(&out).is_empty(), "not before the backoff");
+    assert!(
+        out.contains(&Output::WakeAt(t0 + Duration::from_secs(1))),
+        "{out:?}"
+    );
+    let t1 = t0 + Duration::from_secs(1);
+    assert_eq!(claims(&l.step(Input::Tick, t1)), ["T"]);
+    l.step(won("T", 2), t1);
+    l.step(
+        Input::Exited {
+            task: id("T"),
+            success: false,
+        },
+        t1,
+    );
+    let out = l.step(Input::Released { task: id("T") }, t1);
+    assert!(claims(&out).is_empty());
+    // Two attempts used: never again by this session, however long it waits.
+    let out = l.step(Input::Tick, t1 + Duration::from_secs(3600));
+    assert!(claims(&out).is_empty(), "{out:?}");
+}
+
+#[test]
+fn a_lost_claim_kills_the_task_and_is_not_reported_done() {
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["T"]));
+    l.step(
+        Input::Snapshot(vec![task("T", TaskStatus::Available, &[])]),
+        now,
+    );
+    l.step(won("T", 3), now);
+    let out = l.step(Input::Lost { task: id("T") }, now);
+    assert_eq!(
+        out,
+        vec![Output::Kill {
+            task: id("T"),
+            reason: "the session's claim was lost".into()
+        }]
+    );
+    let out = l.step(
+        Input::Exited {
+            task: id("T"),
+            success: true,
+        },
+        now,
+    );
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Release { .. })),
+        "no release after fencing: {out:?}"
+    );
+}
+
+#[test]
+fn shutdown_drains_the_running_task_then_exits() {
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["T", "U"]));
+    l.step(
+        Input::Snapshot(vec![
+            task("T", TaskStatus::Available, &[]),
+            task("U", TaskStatus::Available, &[]),
+        ]),
+        now,
+    );
+    l.step(won("T", 5), now);
+    assert_eq!(
+        l.step(Input::Shutdown, now),
+        vec![Output::Drain { task: id("T") }]
+    );
+    let out = l.step(
+        Input::Exited {
+            task: id("T"),
+            success: true,
+        },
+        now,
+    );
+    assert_eq!(
+        out,
+        vec![Output::Release {
+            task: id("T"),
+            to: ReleaseTo::Complete,
+            token: Some(FencingToken(5))
+        }]
+    );
+    assert_eq!(
+        l.step(Input::Released { task: id("T") }, now),
+        vec![Output::Exit(0)],
+        "U is not claimed"
+    );
+    // Killed at the end of the grace period instead: given back.
+    let mut l = ClaimLoop::new(plan(&["T"]));
+    l.step(
+        Input::Snapshot(vec![task("T", TaskStatus::Available, &[])]),
+        now,
+    );
+    l.step(won("T", 5), now);
+    l.step(Input::Shutdown, now);
+    let out = l.step(
+        Input::Exited {
+            task: id("T"),
+            success: false,
+        },
+        now,
+    );
+    assert!(out.contains(&Output::Release {
+        task: id("T"),
+        to: ReleaseTo::Available,
+        token: Some(FencingToken(5))
+    }));
+}
+
+#[test]
+fn until_done_exits_0_when_all_complete_and_1_when_a_blocker_does_not_exist() {
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["A", "B"]));
+    let out = l.step(
+        Input::Snapshot(vec![
+            task("A", TaskStatus::Complete, &[]),
+            task("B", TaskStatus::Claimed, &[]),
+        ]),
+        now,
+    );
+    assert!(!out.contains(&Output::Exit(0)));
+    let out = l.step(
+        Input::Changed {
+            task: id("B"),
+            status: Some(TaskStatus::Complete),
+            holder: Some(sid("x")),
+        },
+        now,
+    );
+    assert!(out.contains(&Output::Exit(0)), "{out:?}");
+
+    let mut l = ClaimLoop::new(plan(&["A"]));
+    let out = l.step(
+        Input::Snapshot(vec![
+            task("A", TaskStatus::Blocked, &["B"]),
+            task("B", TaskStatus::Blocked, &["GHOST"]),
+        ]),
+        now,
+    );
+    assert!(out.contains(&Output::Exit(1)), "{out:?}");
+    assert!(out.contains(&Output::Note(
+        "A can never be claimed: its blocker GHOST does not exist".into()
+    )));
+
+    let mut l = ClaimLoop::new(plan(&["A"]));
+    let out = l.step(
+        Input::Snapshot(vec![
+            task("A", TaskStatus::Blocked, &["B"]),
+            task("B", TaskStatus::Blocked, &["A"]),
+        ]),
+        now,
+    );
+    assert!(out.contains(&Output::Exit(1)), "a cycle: {out:?}");
+}
+
+#[test]
+fn unknown_tasks_of_interest_are_fetched_and_claim_errors_back_off() {
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["N.*"]));
+    l.step(
+        Input::Snapshot(vec![task("X", TaskStatus::Available, &[])]),
+        now,
+    );
+    let out = l.step(
+        Input::Changed {
+            task: id("N.1"),
+            status: Some(TaskStatus::Available),
+            holder: None,
+        },
+        now,
+    );
+    assert_eq!(out, vec![Output::Fetch(id("N.1"))]);
+    let out = l.step(
+        Input::Changed {
+            task: id("Y"),
+            status: Some(TaskStatus::Available),
+            holder: None,
+        },
+        now,
+    );
+    assert!(out.is_empty(), "not ours, blocks nothing of ours");
+    assert_eq!(
+        claims(&l.step(Input::Fetched(task("N.1", TaskStatus::Available, &[])), now)),
+        ["N.1"]
+    );
+    let out = l.step(Input::ClaimFailed { task: id("N.1") }, now);
+    assert_eq!(out, vec![Output::WakeAt(now + Duration::from_secs(1))]);
+    assert_eq!(
+        claims(&l.step(Input::Tick, now + Duration::from_secs(1))),
+        ["N.1"]
+    );
+}

@@ -1,0 +1,129 @@
+//! The example files parse with no unknown keys; every kind of bad file names file, line and key.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+const SESSION_EXAMPLE: &str = include_str!("../../../../agents/session-1-ndi.yaml");
+const FLEET_EXAMPLE: &str = include_str!("../../../../config/coordinator.yaml");
+
+fn session(text: &str) -> Result<SessionFile, ConfigError> {
+    SessionFile::parse(Path::new("agents/s.yaml"), text)
+}
+
+#[test]
+fn the_example_files_parse() {
+    let s = SessionFile::parse(Path::new("agents/session-1-ndi.yaml"), SESSION_EXAMPLE)
+        .expect("example session file");
+    assert_eq!(s.session_id.as_str(), "session-1-ndi");
+    assert!(!s.command.is_empty());
+    assert!(
+        s.tasks.iter().any(|p| p.as_str().contains('*')),
+        "the example shows a glob"
+    );
+    let f = FleetFile::parse(Path::new("config/coordinator.yaml"), FLEET_EXAMPLE)
+        .expect("example fleet file");
+    assert_eq!(f.mode, Some(Mode::Coordinator));
+    assert_eq!(
+        f.etcd.endpoints.as_deref(),
+        Some(&["http://127.0.0.1:2379".to_owned()][..])
+    );
+    assert_eq!(
+        f.git.poll_interval.map(|d| d.0),
+        Some(Duration::from_secs(30))
+    );
+}
+
+#[test]
+fn patterns_match_ids_and_globs() {
+    let exact = TaskPattern::parse("P0.5.4").expect("valid");
+    let glob = TaskPattern::parse("P0.5.*").expect("valid");
+    let id = |s: &str| TaskId::parse(s).expect("valid");
+    assert!(exact.matches(&id("P0.5.4")) && !exact.matches(&id("P0.5.40")));
+    assert!(glob.matches(&id("P0.5.40")) && !glob.matches(&id("P0.6.1")));
+    assert!(TaskPattern::parse("P0 5").is_err());
+    assert!(TaskPattern::parse("$(touch pwned)").is_err());
+}
+
+#[test]
+fn errors_name_file_line_and_key() {
+    let base = "session_id: s1\ntasks: [A]\ncommand: [/bin/true]\n";
+    let cases = [
+        (
+            format!("{base}tsak_timeout: 10s\n"),
+            "agents/s.yaml:4",
+            "tsak_timeout",
+        ),
+        (
+            format!("{base}task_timeout: 10 parsecs\n"),
+            "agents/s.yaml:4",
+            "task_timeout",
+        ),
+        (
+            format!("{base}max_attempts: many\n"),
+            "agents/s.yaml:4",
+            "max_attempts",
+        ),
+        (
+            "session_id: s1\ntasks: [A]\n".to_owned(),
+            "agents/s.yaml",
+            "command",
+        ),
+        (
+            "session_id: s1\ntasks: [A]\ncommand: []\n".to_owned(),
+            "agents/s.yaml",
+            "command",
+        ),
+        (
+            "session_id: 'bad id'\ntasks: [A]\ncommand: [x]\n".to_owned(),
+            "agents/s.yaml:1",
+            "invalid session id",
+        ),
+        (
+            "session_id: s1\ntasks: ['$(touch pwned)']\ncommand: [x]\n".to_owned(),
+            "agents/s.yaml:2",
+            "invalid task id",
+        ),
+        (String::new(), "agents/s.yaml", ""),
+        ("session_id: [\n".to_owned(), "agents/s.yaml", ""),
+    ];
+    for (text, place, key) in cases {
+        let err = session(&text).expect_err(&text).to_string();
+        assert!(err.starts_with(place), "{err:?} should start with {place}");
+        assert!(err.contains(key), "{err:?} should name {key}");
+    }
+    let err = FleetFile::parse(Path::new("config/c.yaml"), "etcd:\n  endpoint: [x]\n")
+        .expect_err("unknown key")
+        .to_string();
+    assert!(
+        err.starts_with("config/c.yaml:2") && err.contains("endpoint"),
+        "{err}"
+    );
+    let err = FleetFile::parse(Path::new("config/c.yaml"), "mode: sideways\n")
+        .expect_err("bad mode")
+        .to_string();
+    assert!(
+        err.starts_with("config/c.yaml:1") && err.contains("sideways"),
+        "{err}"
+    );
+}
+
+#[test]
+fn durations_read_as_strings_or_seconds() {
+    let s = session("session_id: s1\ntasks: [A]\ncommand: [x]\ntask_timeout: 30m\nlease_ttl: 5\n")
+        .expect("valid");
+    assert_eq!(s.task_timeout.map(|d| d.0), Some(Duration::from_secs(1800)));
+    assert_eq!(s.lease_ttl.map(|d| d.0), Some(Duration::from_secs(5)));
+}
+
+#[test]
+fn a_huge_file_is_refused_before_parsing() {
+    let dir = std::env::temp_dir().join(format!("ifc-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("big.yaml");
+    std::fs::write(&path, "#".repeat(10 << 20)).expect("write");
+    let err = SessionFile::load(&path).expect_err("too large").to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(err.contains("too large"), "{err}");
+}
