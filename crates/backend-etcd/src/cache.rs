@@ -190,12 +190,14 @@ impl Cache {
         }
     }
 
+    /// Remembers a claim this client holds.
     pub fn hold(&mut self, task: TaskId, held: Held) {
         self.held.insert(task, held);
     }
 
-    pub fn unhold(&mut self, task: &TaskId) {
-        self.held.remove(task);
+    /// Forgets the claim on `task` (returned, so it can be put back).
+    pub fn unhold(&mut self, task: &TaskId) -> Option<Held> {
+        self.held.remove(task)
     }
 
     fn broadcast(&mut self, event: BackendEvent) {

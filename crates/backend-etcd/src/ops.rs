@@ -311,13 +311,22 @@ impl Inner {
                     TxnOp::delete(claim_key, None),
                 ])
                 .or_else(read_ops(&self.keys, id, &[]));
-            let resp = self.conn.txn("release", txn).await?;
-            if resp.succeeded() {
-                self.cache().unhold(id);
-                return Ok(ReleaseOutcome::Released {
-                    token: token(live_token.unwrap_or_default()),
-                });
-            }
+            // Our own release must not read as a lost claim if the watch sees it before this
+            // call returns: the claim is set aside while the release is in flight.
+            let aside = self.cache().unhold(id);
+            let resp = match self.conn.txn("release", txn).await {
+                Ok(resp) if resp.succeeded() => {
+                    return Ok(ReleaseOutcome::Released {
+                        token: token(live_token.unwrap_or_default()),
+                    });
+                }
+                other => {
+                    if let Some(held) = aside {
+                        self.cache().hold(id.clone(), held);
+                    }
+                    other?
+                }
+            };
             view = parse_view(id, &[], resp.op_responses());
             fresh = true;
         }

@@ -25,42 +25,40 @@ IFC_BOARD, IFC_POLL_INTERVAL, IFC_GIT_WORKDIR; RUST_LOG sets the log level (defa
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
+    /// Log format on stderr
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// Flags every command takes.
+/// Flags every command takes. Settings a fleet file can also give are optional here: a flag (or
+/// its `IFC_*` variable) overrides the file, and the file overrides the built-in default.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// Where tasks live: etcd (coordinator) or the git task board (git)
-    #[arg(long, env = "IFC_MODE", value_enum, default_value_t = Mode::Coordinator, global = true)]
-    pub mode: Mode,
+    /// Where tasks live: etcd (coordinator) or the git task board (git) [default: coordinator]
+    #[arg(long, env = "IFC_MODE", value_enum, global = true)]
+    pub mode: Option<Mode>,
 
-    /// etcd client URLs, comma-separated (a cluster: every member)
-    #[arg(
-        long,
-        env = "IFC_ENDPOINTS",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379",
-        global = true
-    )]
-    pub endpoints: Vec<String>,
+    /// etcd client URLs, comma-separated (a cluster: every member) [default: http://127.0.0.1:2379]
+    #[arg(long, env = "IFC_ENDPOINTS", value_delimiter = ',', global = true)]
+    pub endpoints: Option<Vec<String>>,
 
-    /// Key namespace: tasks live at <PREFIX>tasks/<id> (empty: the migration guide's keys)
-    #[arg(long, env = "IFC_PREFIX", default_value = "", global = true)]
-    pub prefix: String,
+    /// Key namespace: tasks live at <PREFIX>tasks/<id> [default: "", the migration guide's keys]
+    #[arg(long, env = "IFC_PREFIX", global = true)]
+    pub prefix: Option<String>,
 
     /// Output format
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
 
-    /// How long to wait for etcd to answer when connecting (e.g. 2s, 500ms)
-    #[arg(long, value_parser = parse_duration, default_value = "2s", global = true)]
-    pub dial_timeout: Duration,
+    /// How long to wait for etcd to answer when connecting (e.g. 2s, 500ms) [default: 2s]
+    #[arg(long, value_parser = parse_duration, global = true)]
+    pub dial_timeout: Option<Duration>,
 
-    /// Deadline of each request to etcd
-    #[arg(long, value_parser = parse_duration, default_value = "1s", global = true)]
-    pub request_timeout: Duration,
+    /// Deadline of each request to etcd [default: 1s]
+    #[arg(long, value_parser = parse_duration, global = true)]
+    pub request_timeout: Option<Duration>,
 
     /// CA bundle to verify etcd's TLS certificate (PEM)
     #[arg(long, global = true)]
@@ -90,22 +88,17 @@ pub struct GitArgs {
     #[arg(long, env = "IFC_GIT_REMOTE", global = true)]
     pub git_remote: Option<String>,
 
-    /// The branch sessions coordinate on
-    #[arg(long, env = "IFC_GIT_BRANCH", default_value = "main", global = true)]
-    pub git_branch: String,
+    /// The branch sessions coordinate on [default: main]
+    #[arg(long, env = "IFC_GIT_BRANCH", global = true)]
+    pub git_branch: Option<String>,
 
-    /// The task board's path in the repo
-    #[arg(
-        long,
-        env = "IFC_BOARD",
-        default_value = "docs/PHASE-0-TASK-BOARD.md",
-        global = true
-    )]
-    pub board: String,
+    /// The task board's path in the repo [default: docs/PHASE-0-TASK-BOARD.md]
+    #[arg(long, env = "IFC_BOARD", global = true)]
+    pub board: Option<String>,
 
-    /// How often a session fetches the remote (at once on change for a local remote)
-    #[arg(long, env = "IFC_POLL_INTERVAL", value_parser = parse_duration, default_value = "30s", global = true)]
-    pub poll_interval: Duration,
+    /// How often a session fetches the remote (at once on change for a local remote) [default: 30s]
+    #[arg(long, env = "IFC_POLL_INTERVAL", value_parser = parse_duration, global = true)]
+    pub poll_interval: Option<Duration>,
 
     /// A claim whose owner's STATUS heartbeat is older than this is free [default: 10 × poll interval]
     #[arg(long, value_parser = parse_duration, global = true)]
@@ -123,6 +116,15 @@ pub enum Mode {
     Coordinator,
     /// The markdown task board in a git repo
     Git,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event
+    Human,
+    /// One JSON object per line
+    Json,
 }
 
 /// How results are printed.
@@ -151,6 +153,25 @@ pub enum Command {
     Status,
     /// Stream task changes as they happen (until interrupted)
     Watch,
+    /// Run a session agent: claim the session's tasks, run its command for each, report them done
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The session file (agents/<session>.yaml)
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The fleet file (config/coordinator.yaml); flags and IFC_* variables override it
+    #[arg(long)]
+    pub fleet: Option<PathBuf>,
+    /// Exit 0 once every task of the session's list is complete (by anyone); exit 1 if one can
+    /// never become claimable
+    #[arg(long)]
+    pub until_done: bool,
+    /// Where per-task logs go [default: .ifc/logs/<session>]
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

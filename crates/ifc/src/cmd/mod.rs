@@ -7,74 +7,17 @@ use std::sync::Arc;
 
 use agent_core::{
     Backend, BackendError, BackendEvent, ClaimOutcome, FencingToken, PutOutcome, ReleaseOutcome,
-    ReleaseTo, SessionId, TaskId, TaskPatch,
+    ReleaseTo, TaskId, TaskPatch,
 };
 use anyhow::{Context, Result};
-use backend_etcd::{EtcdBackend, EtcdConfig, TlsFiles};
-use backend_git::{GitBackend, GitConfig};
+use backend_etcd::EtcdBackend;
+use backend_git::GitBackend;
 use serde_json::json;
 
 use crate::cli::{ClaimArgs, Command, Global, Mode, Output, PutArgs, ReleaseArgs, ReleaseStatus};
 use crate::exit;
 use crate::output::{event_json, event_line, printable, task_json, task_table};
-
-/// The backend settings the global flags describe.
-pub fn etcd_config(g: &Global, lease_ttl: Option<std::time::Duration>) -> Result<EtcdConfig> {
-    let user = match &g.user {
-        None => None,
-        Some(spec) => Some(match spec.split_once(':') {
-            Some((user, password)) => (user.to_owned(), password.to_owned()),
-            None => {
-                let password = std::env::var("IFC_PASSWORD").map_err(|_| {
-                    BackendError::InvalidInput(format!(
-                        "no password for etcd user {spec:?}: use --user {spec}:PASSWORD or set IFC_PASSWORD"
-                    ))
-                })?;
-                (spec.clone(), password)
-            }
-        }),
-    };
-    let tls = (g.cacert.is_some() || g.cert.is_some()).then(|| TlsFiles {
-        ca: g.cacert.clone(),
-        cert: g.cert.clone(),
-        key: g.key.clone(),
-    });
-    Ok(EtcdConfig {
-        endpoints: g
-            .endpoints
-            .iter()
-            .map(|e| e.trim().to_owned())
-            .filter(|e| !e.is_empty())
-            .collect(),
-        prefix: g.prefix.clone(),
-        dial_timeout: g.dial_timeout,
-        request_timeout: g.request_timeout,
-        lease_ttl,
-        tls,
-        user,
-        ..EtcdConfig::default()
-    })
-}
-
-/// The git backend settings the global flags describe; the clone is named after `session`.
-pub fn git_config(g: &Global, session: Option<&SessionId>) -> Result<GitConfig> {
-    let remote = g.git.git_remote.clone().ok_or_else(|| {
-        BackendError::InvalidInput(
-            "git mode needs the coordination repo: --git-remote URL (or IFC_GIT_REMOTE)".into(),
-        )
-    })?;
-    let name = session.map_or_else(|| "ifc-cli".to_owned(), |s| s.to_string());
-    let mut config = GitConfig::new(remote, &name);
-    config.branch = g.git.git_branch.clone();
-    config.board = g.git.board.clone();
-    config.poll_interval = g.git.poll_interval;
-    config.stale_after = g.git.stale_after.unwrap_or(g.git.poll_interval * 10);
-    if let Some(dir) = &g.git.git_workdir {
-        config.workdir = dir.clone();
-    }
-    config.session = session.cloned();
-    Ok(config)
-}
+use crate::settings;
 
 /// Connects to the store the mode names.
 async fn connect(g: &Global, command: &Command) -> Result<Arc<dyn Backend>> {
@@ -86,9 +29,9 @@ async fn connect(g: &Global, command: &Command) -> Result<Arc<dyn Backend>> {
         Command::Release(args) => (Some(&args.session), None),
         _ => (None, None),
     };
-    Ok(match g.mode {
+    Ok(match settings::mode(g, None, None)? {
         Mode::Coordinator => {
-            let config = etcd_config(g, ttl)?;
+            let config = settings::etcd_config(g, None, ttl)?;
             Arc::new(
                 EtcdBackend::connect(config)
                     .await
@@ -102,7 +45,7 @@ async fn connect(g: &Global, command: &Command) -> Result<Arc<dyn Backend>> {
                 )
                 .into());
             }
-            let config = git_config(g, session)?;
+            let config = settings::git_config(g, None, session)?;
             Arc::new(
                 GitBackend::open(config)
                     .await
@@ -114,6 +57,9 @@ async fn connect(g: &Global, command: &Command) -> Result<Arc<dyn Backend>> {
 
 /// Runs one command; returns its exit code.
 pub async fn run(g: &Global, command: &Command) -> Result<u8> {
+    if let Command::Agent(args) = command {
+        return crate::agent::run(g, args).await;
+    }
     let backend = connect(g, command).await?;
     let b = backend.as_ref();
     let mut out = std::io::stdout().lock();
@@ -127,6 +73,7 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
             drop(out);
             watch(b, g.output).await
         }
+        Command::Agent(_) => Ok(0), // handled above
     }
 }
 

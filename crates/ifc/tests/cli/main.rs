@@ -1,6 +1,7 @@
 //! End-to-end tests of the `ifc` binary against a real etcd (and, in `git`, real git repos): the
 //! guide's checklist through the CLI, races between real processes, exit codes and output formats.
 
+mod agent;
 mod git;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,486 @@
+//! `ifc agent` end to end: real agent processes against a real etcd (and a real git remote),
+//! with task commands that record what they did in files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use backend_etcd::testing::EtcdServer;
+use backend_git::testing::BareRemote;
+use serde_json::Value;
+
+use crate::{code, run, text};
+
+/// A test's working directory: session files, logs, the shared file tasks append to.
+struct Workdir {
+    dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    fn new() -> Workdir {
+        Workdir {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn shared(&self) -> PathBuf {
+        self.path().join("shared.txt")
+    }
+
+    /// Writes a session file whose command runs `script` with `sh -c` (a fixed script: the task
+    /// reaches it only through `IFC_TASK_ID`).
+    fn session(&self, session: &str, tasks: &[&str], script: &str, extra: &str) -> PathBuf {
+        let path = self.path().join(format!("{session}.yaml"));
+        let tasks: Vec<String> = tasks.iter().map(|t| format!("\"{t}\"")).collect();
+        let text = format!(
+            "session_id: {session}\ntasks: [{}]\ncommand: [/bin/sh, -c, {script:?}]\nenv:\n  SHARED: {:?}\n  MARKS: {:?}\nlease_ttl: 2s\n{extra}",
+            tasks.join(", "),
+            self.shared().display().to_string(),
+            self.path().display().to_string(),
+        );
+        std::fs::write(&path, text).expect("session file");
+        path
+    }
+
+    /// Ids appended to the shared file, sorted.
+    fn done(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(self.shared()).unwrap_or_default();
+        let mut ids: Vec<String> = text.lines().map(str::to_owned).collect();
+        ids.sort();
+        ids
+    }
+}
+
+const APPEND: &str = r#"echo "$IFC_TASK_ID" >> "$SHARED""#;
+
+fn ifc(endpoint: &str, cwd: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ifc"));
+    cmd.current_dir(cwd)
+        .env("IFC_ENDPOINTS", endpoint)
+        .env_remove("IFC_MODE")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+fn spawn_agent(mut cmd: Command, config: &Path, log: &Path, extra: &[&str]) -> Child {
+    let log = std::fs::File::create(log).expect("agent log");
+    cmd.arg("agent")
+        .arg("--config")
+        .arg(config)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn agent")
+}
+
+/// Waits for `child` to exit, killing it after `limit` (a hung agent fails the test, not CI).
+fn finish(child: &mut Child, limit: Duration) -> i32 {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agent still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie (exited, not yet reaped by init) is not alive.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
+}
+
+fn statuses(endpoint: &str, cwd: &Path) -> Vec<Value> {
+    let out = run(ifc(endpoint, cwd).args(["status", "-o", "json"]));
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+fn status_of(endpoint: &str, cwd: &Path, task: &str) -> String {
+    statuses(endpoint, cwd)
+        .iter()
+        .find(|t| t["task_id"] == task)
+        .map(|t| t["status"].as_str().unwrap_or("").to_owned())
+        .unwrap_or_default()
+}
+
+fn put(endpoint: &str, cwd: &Path, args: &[&str]) {
+    let out = run(ifc(endpoint, cwd).arg("put").args(args));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+}
+
+/// 30 tasks in three chains of blockers (T03 waits on T00, T06 on T03, …).
+fn chains() -> Vec<(String, Option<String>)> {
+    (0..30)
+        .map(|i| {
+            (
+                format!("T{i:02}"),
+                (i >= 3).then(|| format!("T{:02}", i - 3)),
+            )
+        })
+        .collect()
+}
+
+const LISTS: [&[&str]; 3] = [&["T0*", "T*"], &["T1*", "T*"], &["T2*", "T*"]];
+
+#[test]
+fn three_agents_complete_thirty_chained_tasks_exactly_once() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    for (id, blocker) in chains() {
+        match blocker {
+            Some(b) => put(
+                &e,
+                w.path(),
+                &[&id, "--status", "blocked", "--blocked-by", &b],
+            ),
+            None => put(&e, w.path(), &[&id]),
+        }
+    }
+    let mut agents: Vec<Child> = (0..3)
+        .map(|k| {
+            let config = w.session(&format!("session-{k}"), LISTS[k], APPEND, "");
+            spawn_agent(
+                ifc(&e, w.path()),
+                &config,
+                &w.path().join(format!("agent-{k}.log")),
+                &["--until-done"],
+            )
+        })
+        .collect();
+    for (k, a) in agents.iter_mut().enumerate() {
+        let code = finish(a, Duration::from_secs(120));
+        let log =
+            std::fs::read_to_string(w.path().join(format!("agent-{k}.log"))).unwrap_or_default();
+        assert_eq!(code, 0, "agent {k}:\n{log}");
+    }
+    let expected: Vec<String> = chains().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(w.done(), expected, "every task ran exactly once");
+    assert!(statuses(&e, w.path())
+        .iter()
+        .all(|t| t["status"] == "complete"));
+}
+
+#[test]
+fn three_agents_complete_thirty_chained_tasks_exactly_once_in_git_mode() {
+    let mut board =
+        String::from("| ID | Task | Status | Owner | Blocked by |\n|---|---|---|---|---|\n");
+    for (id, blocker) in chains() {
+        let status = if blocker.is_some() {
+            "🔴 BLOCKED"
+        } else {
+            "🔵 AVAILABLE"
+        };
+        board.push_str(&format!(
+            "| {id} | task | {status} |  | {} |\n",
+            blocker.unwrap_or_default()
+        ));
+    }
+    let (remote, w) = (BareRemote::new(&board), Workdir::new());
+    let mut agents: Vec<Child> = (0..3)
+        .map(|k| {
+            let config = w.session(&format!("session-{k}"), LISTS[k], APPEND, "");
+            let mut cmd = ifc("http://127.0.0.1:1", w.path());
+            cmd.env("IFC_MODE", "git")
+                .env("IFC_GIT_REMOTE", remote.path())
+                .env("IFC_POLL_INTERVAL", "200ms");
+            spawn_agent(
+                cmd,
+                &config,
+                &w.path().join(format!("agent-{k}.log")),
+                &["--until-done"],
+            )
+        })
+        .collect();
+    for (k, a) in agents.iter_mut().enumerate() {
+        let code = finish(a, Duration::from_secs(180));
+        let log =
+            std::fs::read_to_string(w.path().join(format!("agent-{k}.log"))).unwrap_or_default();
+        assert_eq!(code, 0, "agent {k}:\n{log}");
+    }
+    let expected: Vec<String> = chains().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(w.done(), expected, "every task ran exactly once");
+    let text = remote.read("docs/PHASE-0-TASK-BOARD.md").expect("board");
+    assert_eq!(text.matches("✅ DONE").count(), 30, "{text}");
+}
+
+#[test]
+fn a_waiting_agent_claims_its_task_when_the_blocker_clears_without_polling() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    put(&e, w.path(), &["B"]);
+    put(
+        &e,
+        w.path(),
+        &["W", "--status", "blocked", "--blocked-by", "B"],
+    );
+    let config = w.session("waiter", &["W"], APPEND, "");
+    let log = w.path().join("waiter.log");
+    let mut agent = spawn_agent(ifc(&e, w.path()), &config, &log, &["--until-done"]);
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("the agent to start", Duration::from_secs(20), || {
+        read_log().contains("agent started")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // Another process does the blocker.
+    assert_eq!(
+        code(&run(ifc(&e, w.path()).args([
+            "claim",
+            "B",
+            "--session",
+            "other"
+        ]))),
+        0
+    );
+    assert_eq!(
+        code(&run(ifc(&e, w.path()).args([
+            "release",
+            "B",
+            "--session",
+            "other",
+            "--status",
+            "complete"
+        ]))),
+        0
+    );
+    assert_eq!(
+        finish(&mut agent, Duration::from_secs(30)),
+        0,
+        "{}",
+        read_log()
+    );
+    let log = read_log();
+    assert!(log.contains("blocker B cleared: W claimable"), "{log}");
+    let attempts = log
+        .lines()
+        .filter(|l| l.contains(" claim ") && l.contains("task=W"))
+        .count();
+    assert_eq!(
+        attempts, 1,
+        "one claim attempt, made on the event, no polling:\n{log}"
+    );
+    assert_eq!(w.done(), ["W"]);
+}
+
+/// A task that writes its pid, waits long, then appends (so a killed run leaves no trace).
+const SLOW: &str = r#"echo $$ > "$MARKS/$IFC_TASK_ID.$IFC_SESSION_ID.pid"; sleep "${SLOW:-30}"; echo "$IFC_TASK_ID" >> "$SHARED""#;
+
+fn pid_of(w: &Workdir, task: &str, session: &str) -> i32 {
+    let path = w.path().join(format!("{task}.{session}.pid"));
+    wait_for("the task to start", Duration::from_secs(20), || {
+        std::fs::read_to_string(&path).is_ok_and(|s| s.trim().parse::<i32>().is_ok())
+    });
+    std::fs::read_to_string(&path)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid")
+}
+
+#[test]
+fn kill_9_of_an_agent_kills_its_task_and_another_agent_takes_over() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    put(&e, w.path(), &["K"]);
+    let doomed_config = w.session("doomed", &["K"], SLOW, "");
+    let mut doomed = spawn_agent(
+        ifc(&e, w.path()),
+        &doomed_config,
+        &w.path().join("doomed.log"),
+        &[],
+    );
+    let pid = pid_of(&w, "K", "doomed");
+    assert!(alive(pid));
+    doomed.kill().expect("kill -9");
+    doomed.wait().expect("reap");
+    wait_for(
+        "the task process to die with its agent",
+        Duration::from_secs(5),
+        || !alive(pid),
+    );
+    let rescuer_config = w.session("rescuer", &["K"], APPEND, "");
+    let mut rescuer = spawn_agent(
+        ifc(&e, w.path()),
+        &rescuer_config,
+        &w.path().join("rescuer.log"),
+        &["--until-done"],
+    );
+    assert_eq!(finish(&mut rescuer, Duration::from_secs(30)), 0);
+    assert_eq!(w.done(), ["K"], "completed once, by the rescuer");
+    assert_eq!(status_of(&e, w.path(), "K"), "complete");
+}
+
+#[tokio::test]
+async fn a_revoked_lease_kills_the_task_and_it_is_not_reported_done() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    put(&e, w.path(), &["L"]);
+    let config = w.session("fenced", &["L"], SLOW, "max_attempts: 1\n");
+    let mut fenced = spawn_agent(
+        ifc(&e, w.path()),
+        &config,
+        &w.path().join("fenced.log"),
+        &[],
+    );
+    let pid = pid_of(&w, "L", "fenced");
+    let mut raw = etcd_client::Client::connect([e.clone()], None)
+        .await
+        .expect("raw client");
+    let lease = raw.get("claims/L", None).await.expect("get").kvs()[0].lease();
+    raw.lease_revoke(lease).await.expect("revoke");
+    wait_for(
+        "the fenced task to be killed",
+        Duration::from_secs(10),
+        || !alive(pid),
+    );
+    let log = std::fs::read_to_string(w.path().join("fenced.log")).unwrap_or_default();
+    assert!(log.contains("claim lost"), "{log}");
+    let other = w.session("other", &["L"], APPEND, "");
+    let mut other = spawn_agent(
+        ifc(&e, w.path()),
+        &other,
+        &w.path().join("other.log"),
+        &["--until-done"],
+    );
+    assert_eq!(finish(&mut other, Duration::from_secs(30)), 0);
+    assert_eq!(
+        w.done(),
+        ["L"],
+        "done once, by the other agent (the fenced one gave up on it)"
+    );
+    let _ = fenced.kill();
+    let _ = fenced.wait();
+    let log = std::fs::read_to_string(w.path().join("fenced.log")).unwrap_or_default();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("release") && l.contains("status=complete")),
+        "{log}"
+    );
+}
+
+#[test]
+fn sigterm_lets_the_task_finish_within_the_grace_period_else_gives_it_back() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    put(&e, w.path(), &["G"]);
+    put(&e, w.path(), &["H"]);
+    let sigterm = |child: &Child| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+    };
+    let quick = w.session(
+        "graceful",
+        &["G"],
+        &SLOW.replace("${SLOW:-30}", "1"),
+        "shutdown_grace: 20s\n",
+    );
+    let mut agent = spawn_agent(
+        ifc(&e, w.path()),
+        &quick,
+        &w.path().join("graceful.log"),
+        &[],
+    );
+    pid_of(&w, "G", "graceful");
+    sigterm(&agent);
+    assert_eq!(finish(&mut agent, Duration::from_secs(30)), 0);
+    assert_eq!(
+        status_of(&e, w.path(), "G"),
+        "complete",
+        "finished within the grace period"
+    );
+
+    let slow = w.session("impatient", &["H"], SLOW, "shutdown_grace: 500ms\n");
+    let mut agent = spawn_agent(
+        ifc(&e, w.path()),
+        &slow,
+        &w.path().join("impatient.log"),
+        &[],
+    );
+    let pid = pid_of(&w, "H", "impatient");
+    sigterm(&agent);
+    assert_eq!(finish(&mut agent, Duration::from_secs(30)), 0);
+    assert!(!alive(pid), "killed after the grace period");
+    assert_eq!(status_of(&e, w.path(), "H"), "available", "given back");
+    assert_eq!(w.done(), ["G"]);
+}
+
+#[test]
+fn hostile_titles_are_inert_and_bad_config_files_are_usage_errors() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    put(
+        &e,
+        w.path(),
+        &[
+            "X.1",
+            "--title",
+            "$(touch pwned) `touch pwned2`; touch pwned3",
+        ],
+    );
+    let config = w.session("s1", &["X.*"], r#"echo "$IFC_TASK_ID" >> "$SHARED""#, "");
+    let mut agent = spawn_agent(
+        ifc(&e, w.path()),
+        &config,
+        &w.path().join("s1.log"),
+        &["--until-done"],
+    );
+    assert_eq!(finish(&mut agent, Duration::from_secs(30)), 0);
+    for f in ["pwned", "pwned2", "pwned3"] {
+        assert!(!w.path().join(f).exists(), "{f} was created");
+    }
+    assert_eq!(w.done(), ["X.1"]);
+
+    for (name, text, place, key) in [
+        (
+            "unknown.yaml",
+            "session_id: s\ntasks: [A]\ncommand: [x]\nlease_tll: 2s\n",
+            "unknown.yaml:4",
+            "lease_tll",
+        ),
+        (
+            "duration.yaml",
+            "session_id: s\ntasks: [A]\ncommand: [x]\nlease_ttl: soon\n",
+            "duration.yaml:4",
+            "lease_ttl",
+        ),
+        (
+            "nocommand.yaml",
+            "session_id: s\ntasks: [A]\n",
+            "nocommand.yaml",
+            "command",
+        ),
+        (
+            "hostile.yaml",
+            "session_id: s\ntasks: ['P0;rm -rf /']\ncommand: [x]\n",
+            "hostile.yaml:2",
+            "invalid task id",
+        ),
+    ] {
+        let path = w.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        let out = run(ifc(&e, w.path()).arg("agent").arg("--config").arg(&path));
+        assert_eq!(code(&out), 2, "{name}: {}", text);
+        let err = crate::text(&out.stderr);
+        assert!(err.contains(place) && err.contains(key), "{name}: {err}");
+    }
+}
