@@ -8,8 +8,8 @@ use tokio::sync::mpsc;
 use crate::error::BackendResult;
 use crate::ids::{SessionId, TaskId};
 use crate::model::{
-    ClaimOutcome, FencingToken, Listing, PutOutcome, ReleaseOutcome, ReleaseTo, Task, TaskEvent,
-    TaskPatch,
+    ClaimOutcome, FencingToken, Listing, Presence, PutOutcome, ReleaseOutcome, ReleaseTo, Task,
+    TaskEvent, TaskPatch,
 };
 
 /// What a subscription delivers.
@@ -141,6 +141,16 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// No change after the snapshot is missed or delivered twice, across reconnects; events come
     /// in revision order.
     async fn subscribe(&self) -> BackendResult<Subscription>;
+
+    /// Publishes a running session's presence (state, current task, host, pid).
+    ///
+    /// # Correctness
+    /// The presence lives as long as the session: it goes when the session's lease ends (or its
+    /// heartbeat goes stale), without anyone deleting it.
+    async fn announce(&self, presence: &Presence) -> BackendResult<()>;
+
+    /// The sessions whose presence is live, sorted by session id.
+    async fn sessions(&self) -> BackendResult<Vec<Presence>>;
 
     /// Whether the store answers now (one round trip, bounded by the request deadline).
     async fn health(&self) -> Health;

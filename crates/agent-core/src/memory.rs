@@ -17,7 +17,7 @@ use crate::backend::{Backend, BackendEvent, Health, Subscription};
 use crate::error::BackendResult;
 use crate::ids::{SessionId, TaskId};
 use crate::model::{
-    Claim, ClaimOutcome, Claimability, FencingToken, Listing, PutOutcome, ReleaseOutcome,
+    Claim, ClaimOutcome, Claimability, FencingToken, Listing, Presence, PutOutcome, ReleaseOutcome,
     ReleaseTo, Task, TaskEvent, TaskPatch, TaskStatus,
 };
 
@@ -56,6 +56,7 @@ struct State {
     leases: HashMap<u64, Lease>,
     next_lease: u64,
     subscribers: Vec<Subscriber>,
+    presences: BTreeMap<SessionId, (Presence, Option<u64>)>,
 }
 
 impl State {
@@ -124,6 +125,7 @@ impl State {
             .collect();
         for (lease, owner) in dead {
             self.leases.remove(&lease);
+            self.presences.retain(|_, (_, l)| *l != Some(lease));
             let held: Vec<(TaskId, ClaimKey)> = self
                 .claims
                 .iter()
@@ -459,6 +461,25 @@ impl Backend for MemoryBackend {
         let (tx, rx) = mpsc::unbounded_channel();
         state.subscribers.push(Subscriber { owner: self.id, tx });
         Ok(Subscription::new(state.listing(), rx))
+    }
+
+    async fn announce(&self, presence: &Presence) -> BackendResult<()> {
+        let mut state = self.store.lock();
+        let lease = self.session_lease(&mut state, &presence.session_id);
+        state
+            .presences
+            .insert(presence.session_id.clone(), (presence.clone(), lease));
+        Ok(())
+    }
+
+    async fn sessions(&self) -> BackendResult<Vec<Presence>> {
+        Ok(self
+            .store
+            .lock()
+            .presences
+            .values()
+            .map(|(p, _)| p.clone())
+            .collect())
     }
 
     async fn health(&self) -> Health {

@@ -284,6 +284,22 @@ pub struct CorruptRecord {
     pub reason: String,
 }
 
+/// A running session as other sessions and operators see it (`ifc status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub session_id: SessionId,
+    /// `idle`, `working` or `polling`.
+    pub state: String,
+    pub current_task: Option<TaskId>,
+    /// The backend the session uses (`etcd`, `git`).
+    pub backend: String,
+    pub started_at: DateTime<Utc>,
+    pub pid: u32,
+    pub host: String,
+    /// The ifc version the session runs.
+    pub version: String,
+}
+
 /// Index tasks by id (for claimability look-ups).
 pub fn status_index(tasks: &[Task]) -> BTreeMap<TaskId, TaskStatus> {
     tasks.iter().map(|t| (t.id.clone(), t.status)).collect()

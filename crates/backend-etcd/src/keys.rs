@@ -1,6 +1,6 @@
 //! The key layout under the namespace prefix: `<prefix>tasks/<id>` (the guide's records) and
 //! `<prefix>claims/<id>` (ifc's lease-bound ownership keys, outside `tasks/` so the guide's tools
-//! that list `tasks/` see only tasks).
+//! that list `tasks/` see only tasks), and `<prefix>sessions/<session>` (lease-bound presence).
 
 use agent_core::TaskId;
 
@@ -9,6 +9,7 @@ use agent_core::TaskId;
 pub(crate) struct Keys {
     tasks: String,
     claims: String,
+    sessions: String,
 }
 
 /// Which kind of key a watched key is.
@@ -23,6 +24,7 @@ impl Keys {
         Keys {
             tasks: format!("{prefix}tasks/"),
             claims: format!("{prefix}claims/"),
+            sessions: format!("{prefix}sessions/"),
         }
     }
 
@@ -32,6 +34,15 @@ impl Keys {
 
     pub fn claim(&self, id: &TaskId) -> String {
         format!("{}{id}", self.claims)
+    }
+
+    /// A running session's presence key (bound to its lease).
+    pub fn session(&self, id: &agent_core::SessionId) -> String {
+        format!("{}{id}", self.sessions)
+    }
+
+    pub fn sessions_prefix(&self) -> &str {
+        &self.sessions
     }
 
     pub fn tasks_prefix(&self) -> &str {

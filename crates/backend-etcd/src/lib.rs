@@ -13,6 +13,7 @@ mod inner;
 mod keys;
 mod lease;
 mod ops;
+mod presence;
 mod record;
 mod view;
 
@@ -22,8 +23,8 @@ pub mod testing;
 use std::sync::Arc;
 
 use agent_core::{
-    Backend, BackendError, BackendResult, ClaimOutcome, FencingToken, Health, Listing, PutOutcome,
-    ReleaseOutcome, ReleaseTo, SessionId, Subscription, Task, TaskId, TaskPatch,
+    Backend, BackendError, BackendResult, ClaimOutcome, FencingToken, Health, Listing, Presence,
+    PutOutcome, ReleaseOutcome, ReleaseTo, SessionId, Subscription, Task, TaskId, TaskPatch,
 };
 use async_trait::async_trait;
 use tokio::sync::{mpsc, OnceCell};
@@ -148,6 +149,14 @@ impl Backend for EtcdBackend {
         let snapshot = cache.listing(&self.inner.keys);
         let events = cache.subscribe();
         Ok(Subscription::new(snapshot, events))
+    }
+
+    async fn announce(&self, presence: &Presence) -> BackendResult<()> {
+        self.inner.announce(presence).await
+    }
+
+    async fn sessions(&self) -> BackendResult<Vec<Presence>> {
+        self.inner.sessions().await
     }
 
     async fn health(&self) -> Health {

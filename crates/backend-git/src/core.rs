@@ -87,6 +87,8 @@ pub(crate) struct Core {
     seen_instructions: std::collections::BTreeSet<String>,
     subscribers: Vec<mpsc::UnboundedSender<BackendEvent>>,
     held: HashMap<TaskId, Held>,
+    /// Sessions that announced themselves: their STATUS files are kept fresh.
+    announced: HashMap<SessionId, agent_core::Presence>,
     /// When each session's STATUS `updated_at` was last written by a push that landed.
     heartbeats: HashMap<SessionId, Instant>,
 }
@@ -113,6 +115,7 @@ impl Core {
             subscribers: Vec::new(),
             held: HashMap::new(),
             heartbeats: HashMap::new(),
+            announced: HashMap::new(),
         };
         // Start from the current head: subscribers get it as their snapshot.
         let snap = core.snapshot()?;
@@ -368,9 +371,10 @@ impl Core {
             SessionState::Working
         };
         let current = current.or_else(|| claims.keys().next());
+        let presence = self.announced.get(session);
         (
             self.config.status_path(session),
-            status::render(session, state, current, &claims),
+            status::render(session, state, current, &claims, presence),
         )
     }
 
@@ -563,8 +567,12 @@ impl Core {
     pub fn heartbeat(&mut self) -> BackendResult<bool> {
         self.sync()?;
         self.fence_if_silent();
-        let sessions: std::collections::BTreeSet<SessionId> =
-            self.held.values().map(|h| h.session.clone()).collect();
+        let sessions: std::collections::BTreeSet<SessionId> = self
+            .held
+            .values()
+            .map(|h| h.session.clone())
+            .chain(self.announced.keys().cloned())
+            .collect();
         if sessions.is_empty() {
             return Ok(true);
         }
@@ -603,5 +611,68 @@ impl Core {
         for id in silent {
             self.lose(&id);
         }
+    }
+
+    /// One announce attempt (writes the session's STATUS file): `None` when the push was rejected.
+    pub fn announce(&mut self, presence: &agent_core::Presence) -> BackendResult<Option<()>> {
+        self.sync()?;
+        self.announced
+            .insert(presence.session_id.clone(), presence.clone());
+        let files = vec![self.status_file(
+            &presence.session_id,
+            presence.current_task.as_ref(),
+            None,
+            None,
+        )];
+        let written = Instant::now();
+        match self
+            .clone
+            .commit_and_push(&files, &format!("status of {}\n", presence.session_id))?
+        {
+            Pushed::Landed { .. } => {
+                self.heartbeats.insert(presence.session_id.clone(), written);
+                Ok(Some(()))
+            }
+            Pushed::Rejected => Ok(None),
+        }
+    }
+
+    /// Sessions whose STATUS heartbeat is fresh.
+    pub fn sessions(&mut self) -> BackendResult<Vec<agent_core::Presence>> {
+        self.sync()?;
+        let (prefix, suffix) = self
+            .config
+            .status_pattern
+            .split_once('{')
+            .map_or(("", ""), |(p, rest)| {
+                (p, rest.split_once('}').map_or("", |(_, s)| s))
+            });
+        let dir_prefix = if self.config.status_dir.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.config.status_dir.trim_end_matches('/'))
+        };
+        let mut out = Vec::new();
+        for path in self.clone.list(&format!("{dir_prefix}{prefix}"))? {
+            if !path.ends_with(suffix) || path[dir_prefix.len()..].contains('/') {
+                continue;
+            }
+            let Some(bytes) = self.clone.read(&path)? else {
+                continue;
+            };
+            let status = StatusIn::parse(&path, &bytes);
+            let fresh = status.updated_at().is_some_and(|at| {
+                Utc::now()
+                    .signed_duration_since(at)
+                    .to_std()
+                    .unwrap_or_default()
+                    <= self.config.stale_after
+            });
+            if let Some(p) = status.presence().filter(|_| fresh) {
+                out.push(p);
+            }
+        }
+        out.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+        Ok(out)
     }
 }

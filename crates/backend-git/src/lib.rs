@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use agent_core::{
-    Backend, BackendError, BackendResult, ClaimOutcome, FencingToken, Health, Listing, PutOutcome,
-    ReleaseOutcome, ReleaseTo, SessionId, Subscription, Task, TaskId, TaskPatch,
+    Backend, BackendError, BackendResult, ClaimOutcome, FencingToken, Health, Listing, Presence,
+    PutOutcome, ReleaseOutcome, ReleaseTo, SessionId, Subscription, Task, TaskId, TaskPatch,
 };
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -262,6 +262,19 @@ impl Backend for GitBackend {
     async fn subscribe(&self) -> BackendResult<Subscription> {
         let (snapshot, events) = blocking(&self.core, |c| c.subscribe()).await?;
         Ok(Subscription::new(snapshot, events))
+    }
+
+    async fn announce(&self, presence: &Presence) -> BackendResult<()> {
+        let presence = presence.clone();
+        let what = format!("announce {}", presence.session_id);
+        rounds(&self.core, &self.remote, what, move |c| {
+            c.announce(&presence)
+        })
+        .await
+    }
+
+    async fn sessions(&self) -> BackendResult<Vec<Presence>> {
+        blocking(&self.core, |c| c.sessions()).await
     }
 
     async fn health(&self) -> Health {

@@ -26,6 +26,14 @@ struct StatusOut<'a> {
     updated_at: String,
     /// Each claim the session holds: its fencing token and when it was made.
     claims: BTreeMap<&'a str, ClaimRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    started_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<&'a str>,
 }
 
 /// One held claim in a STATUS file.
@@ -50,6 +58,12 @@ impl ClaimRecord {
 pub struct StatusIn {
     pub session_id: Option<String>,
     pub updated_at: Option<String>,
+    pub state: Option<String>,
+    pub current_task: Option<String>,
+    pub started_at: Option<String>,
+    pub pid: Option<u32>,
+    pub host: Option<String>,
+    pub version: Option<String>,
     #[serde(default)]
     pub claims: BTreeMap<String, ClaimRecord>,
 }
@@ -69,6 +83,30 @@ impl StatusIn {
         DateTime::parse_from_rfc3339(self.updated_at.as_deref()?)
             .ok()
             .map(|t| t.with_timezone(&Utc))
+    }
+
+    /// The session this file describes as a presence, if it names a valid session.
+    pub fn presence(&self) -> Option<agent_core::Presence> {
+        let session_id = SessionId::parse(self.session_id.as_deref()?).ok()?;
+        let updated = self.updated_at()?;
+        let started_at = self
+            .started_at
+            .as_deref()
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            .map_or(updated, |t| t.with_timezone(&Utc));
+        Some(agent_core::Presence {
+            session_id,
+            state: self.state.clone().unwrap_or_else(|| "polling".into()),
+            current_task: self
+                .current_task
+                .as_deref()
+                .and_then(|t| TaskId::parse(t).ok()),
+            backend: "git".into(),
+            started_at,
+            pid: self.pid.unwrap_or_default(),
+            host: self.host.clone().unwrap_or_default(),
+            version: self.version.clone().unwrap_or_default(),
+        })
     }
 
     /// The token of the session's claim on `task`, if it records one.
@@ -91,8 +129,13 @@ pub fn render(
     state: SessionState,
     current: Option<&TaskId>,
     claims: &BTreeMap<TaskId, ClaimRecord>,
+    presence: Option<&agent_core::Presence>,
 ) -> Vec<u8> {
     let out = StatusOut {
+        started_at: presence.map(|p| p.started_at.to_rfc3339_opts(SecondsFormat::Millis, true)),
+        pid: presence.map(|p| p.pid),
+        host: presence.map(|p| p.host.as_str()),
+        version: presence.map(|p| p.version.as_str()),
         session_id: session.as_str(),
         state,
         current_task: current.map(TaskId::as_str),
@@ -121,6 +164,7 @@ mod tests {
             SessionState::Working,
             Some(&t),
             &BTreeMap::from([(t.clone(), ClaimRecord::now(7))]),
+            None,
         );
         let text = String::from_utf8(bytes.clone()).expect("utf8");
         assert!(

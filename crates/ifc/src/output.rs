@@ -45,6 +45,31 @@ pub fn event_line(e: &TaskEvent) -> String {
     )
 }
 
+/// Live sessions as aligned columns with a header.
+pub fn session_table(sessions: &[agent_core::Presence]) -> String {
+    let header = [
+        "SESSION", "STATE", "TASK", "BACKEND", "HOST", "PID", "SINCE",
+    ]
+    .map(String::from);
+    let rows: Vec<[String; 7]> = sessions
+        .iter()
+        .map(|p| {
+            [
+                p.session_id.to_string(),
+                printable(&p.state),
+                p.current_task
+                    .as_ref()
+                    .map_or("-".into(), |t| t.to_string()),
+                printable(&p.backend),
+                printable(&p.host),
+                p.pid.to_string(),
+                p.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            ]
+        })
+        .collect();
+    columns(&header, &rows)
+}
+
 /// Tasks as aligned columns with a header.
 pub fn task_table(tasks: &[Task]) -> String {
     let header = [
@@ -78,14 +103,19 @@ pub fn task_table(tasks: &[Task]) -> String {
             ]
         })
         .collect();
+    columns(&header, &rows)
+}
+
+/// Rows under a header, each column as wide as its widest cell.
+fn columns<const N: usize>(header: &[String; N], rows: &[[String; N]]) -> String {
     let mut widths = header.clone().map(|h| h.chars().count());
-    for row in &rows {
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    for row in std::iter::once(&header).chain(&rows) {
+    for row in std::iter::once(header).chain(rows) {
         let mut line = String::new();
         for (i, cell) in row.iter().enumerate() {
             if i + 1 == row.len() {

@@ -10,8 +10,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::{
-    Backend, BackendEvent, ClaimOutcome, FencingToken, PutOutcome, ReleaseOutcome, ReleaseTo,
-    SessionId, Task, TaskEvent, TaskId, TaskPatch, TaskStatus,
+    Backend, BackendEvent, ClaimOutcome, FencingToken, Presence, PutOutcome, ReleaseOutcome,
+    ReleaseTo, SessionId, Task, TaskEvent, TaskId, TaskPatch, TaskStatus,
 };
 
 /// What a backend's tests provide to run the suite against a fresh store.
@@ -41,7 +41,7 @@ macro_rules! conformance_suite {
             claim_success, claim_race_two, claim_race_many, claim_of_missing_task,
             realtime_event, events_in_revision_order, lease_expiry_recovery,
             fencing_after_lease_end, release_fencing, release_available_then_reclaim,
-            holder_reclaim_supersedes, blockers_gate_claims, put_rules);
+            holder_reclaim_supersedes, blockers_gate_claims, put_rules, presence_lives_with_the_session);
     };
     (@cases $harness:expr; $($case:ident),* $(,)?) => {
         $(
@@ -604,4 +604,53 @@ pub async fn put_rules(h: &impl Harness) {
         .map(|t| t.id.to_string())
         .collect();
     assert!(names.contains("TEST-PUT"));
+}
+
+/// A session's presence is listed while it lives and goes by itself when it dies.
+pub async fn presence_lives_with_the_session(h: &impl Harness) {
+    let (a, observer) = (h.client().await, h.client().await);
+    let presence = Presence {
+        session_id: sid("session-7-present"),
+        state: "idle".into(),
+        current_task: None,
+        backend: a.name().into(),
+        started_at: chrono::Utc::now(),
+        pid: std::process::id(),
+        host: "test-host".into(),
+        version: "test".into(),
+    };
+    a.announce(&presence).await.expect("announce");
+    let listed = observer.sessions().await.expect("sessions");
+    assert_eq!(
+        listed
+            .iter()
+            .map(|p| (&p.session_id, p.state.as_str(), p.pid))
+            .collect::<Vec<_>>(),
+        [(&presence.session_id, "idle", presence.pid)]
+    );
+    let working = Presence {
+        state: "working".into(),
+        current_task: Some(tid("T-1")),
+        ..presence.clone()
+    };
+    a.announce(&working).await.expect("announce");
+    let listed = observer.sessions().await.expect("sessions");
+    assert_eq!(
+        listed.first().and_then(|p| p.current_task.clone()),
+        Some(tid("T-1"))
+    );
+    drop(a); // the session dies
+    eventually(
+        h.lease_ttl() * 3 + WAIT,
+        "the dead session's presence to go",
+        || async {
+            observer
+                .sessions()
+                .await
+                .expect("sessions")
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use agent_core::claim_loop::{ClaimLoop, Input, Output, Plan};
 use agent_core::config::{FleetFile, SessionFile};
-use agent_core::{Backend, BackendError, BackendEvent, ReleaseOutcome, Subscription};
+use agent_core::{Backend, BackendError, BackendEvent, Presence, ReleaseOutcome, Subscription};
 use anyhow::{Context, Result};
 use backend_etcd::EtcdBackend;
 use backend_git::GitBackend;
@@ -73,17 +73,31 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         .subscribe()
         .await
         .context("cannot subscribe to task changes")?;
-    Driver {
+    let presence = Presence {
+        session_id: session.session_id.clone(),
+        state: "idle".into(),
+        current_task: None,
+        backend: backend.name().into(),
+        started_at: chrono::Utc::now(),
+        pid: std::process::id(),
+        host: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let lp = ClaimLoop::new(plan);
+    let mut driver = Driver {
         session,
         backend,
         log_dir,
-        lp: ClaimLoop::new(plan),
+        lp,
         running: None,
         wake: None,
         drain_until: None,
-    }
-    .run(sub)
-    .await
+        presence,
+    };
+    driver.announce(None).await;
+    driver.run(sub).await
 }
 
 struct Driver {
@@ -94,9 +108,19 @@ struct Driver {
     running: Option<TaskProcess>,
     wake: Option<Instant>,
     drain_until: Option<Instant>,
+    presence: Presence,
 }
 
 impl Driver {
+    /// Publishes what the session is doing (working on `task`, or idle).
+    async fn announce(&mut self, task: Option<&agent_core::TaskId>) {
+        self.presence.state = if task.is_some() { "working" } else { "idle" }.into();
+        self.presence.current_task = task.cloned();
+        if let Err(e) = self.backend.announce(&self.presence).await {
+            tracing::warn!(session = %self.presence.session_id, error = %e, "cannot publish the session's presence");
+        }
+    }
+
     async fn run(mut self, mut sub: Subscription) -> Result<u8> {
         let mut sigterm = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
         let mut sigint = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
@@ -188,6 +212,7 @@ impl Driver {
                     Ok(t) => {
                         tracing::info!(task = %claim.task, %session, token = %claim.token, log = %t.log.display(), "task started");
                         self.running = Some(t);
+                        self.announce(Some(&claim.task)).await;
                     }
                     Err(e) => {
                         tracing::error!(task = %claim.task, %session, error = %e, "cannot start the task's command");
@@ -219,6 +244,7 @@ impl Driver {
                             }
                         }
                         inputs.push_back(Input::Released { task });
+                        self.announce(None).await;
                     }
                     Err(e) => {
                         tracing::warn!(%task, %session, error = %e, "release failed; retrying");

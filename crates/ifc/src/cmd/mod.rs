@@ -241,7 +241,13 @@ async fn status(b: &dyn Backend, output: Output, out: &mut impl Write) -> Result
             let tasks: Vec<_> = listing.tasks.iter().map(task_json).collect();
             writeln!(out, "{}", serde_json::to_string_pretty(&tasks)?)?
         }
-        Output::Table => write!(out, "{}", task_table(&listing.tasks))?,
+        Output::Table => {
+            write!(out, "{}", task_table(&listing.tasks))?;
+            let sessions = b.sessions().await?;
+            if !sessions.is_empty() {
+                write!(out, "\n{}", crate::output::session_table(&sessions))?;
+            }
+        }
     }
     for c in &listing.corrupt {
         eprintln!(

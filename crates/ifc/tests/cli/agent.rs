@@ -308,12 +308,28 @@ fn kill_9_of_an_agent_kills_its_task_and_another_agent_takes_over() {
     );
     let pid = pid_of(&w, "K", "doomed");
     assert!(alive(pid));
+    // `ifc status` lists the live session and what it works on.
+    let status_text = || text(&run(ifc(&e, w.path()).arg("status")).stdout);
+    wait_for(
+        "the session to show as working",
+        Duration::from_secs(10),
+        || {
+            status_text()
+                .lines()
+                .any(|l| l.starts_with("doomed") && l.contains("working") && l.contains(" K "))
+        },
+    );
     doomed.kill().expect("kill -9");
     doomed.wait().expect("reap");
     wait_for(
         "the task process to die with its agent",
         Duration::from_secs(5),
         || !alive(pid),
+    );
+    wait_for(
+        "the dead session to leave `ifc status`",
+        Duration::from_secs(20),
+        || !status_text().contains("doomed"),
     );
     let rescuer_config = w.session("rescuer", &["K"], APPEND, "");
     let mut rescuer = spawn_agent(

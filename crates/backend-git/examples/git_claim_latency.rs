@@ -1,6 +1,6 @@
 //! Git claim latency (fetch, edit, commit, compare-and-swap push) against a plain libgit2
 //! commit + push of the same one-row change, on a bare remote in a temp dir:
-//! `cargo run --release -p backend-git --features testing --example claim_latency [N]`.
+//! `cargo run --release -p backend-git --features testing --example git_claim_latency [N]`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,5 +1,5 @@
 //! Claim latency against a bare etcd transaction, measured in one run on a private etcd:
-//! `cargo run --release -p backend-etcd --features testing --example claim_latency [N]`.
+//! `cargo run --release -p backend-etcd --features testing --example etcd_claim_latency [N]`.
 //! A quick check until `ifc bench` exists; prints p50/p95/p99 in milliseconds.
 
 use std::time::{Duration, Instant};
