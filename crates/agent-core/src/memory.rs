@@ -463,6 +463,21 @@ impl Backend for MemoryBackend {
         Ok(Subscription::new(state.listing(), rx))
     }
 
+    async fn close(&self) {
+        let mine: Vec<u64> = {
+            let leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            leases.values().map(|(l, _)| *l).collect()
+        };
+        let mut state = self.store.lock();
+        let now = Instant::now();
+        for lease in mine {
+            if let Some(l) = state.leases.get_mut(&lease) {
+                l.deadline = now;
+            }
+        }
+        state.expire(now);
+    }
+
     async fn announce(&self, presence: &Presence) -> BackendResult<()> {
         let mut state = self.store.lock();
         let lease = self.session_lease(&mut state, &presence.session_id);

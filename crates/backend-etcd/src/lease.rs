@@ -55,6 +55,17 @@ impl Inner {
             .retain(|s, l| !(*l == lease && s == session));
     }
 
+    /// Revokes every session lease this backend holds (clean shutdown).
+    pub(crate) async fn revoke_all(&self) {
+        let leases: Vec<i64> = self.leases.lock().await.drain().map(|(_, l)| l).collect();
+        for id in leases {
+            let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(id).await };
+            if let Err(e) = self.conn.call("lease revoke", revoke).await {
+                tracing::debug!(lease = id, error = %e, "lease revoke failed; it will expire");
+            }
+        }
+    }
+
     /// The lease `session` currently holds through this backend, if any.
     pub(crate) async fn current_lease(&self, session: &SessionId) -> Option<i64> {
         self.leases.lock().await.get(session).copied()

@@ -159,6 +159,10 @@ impl Backend for EtcdBackend {
         self.inner.sessions().await
     }
 
+    async fn close(&self) {
+        self.inner.revoke_all().await;
+    }
+
     async fn health(&self) -> Health {
         let conn = &self.inner.conn;
         let tasks = self.inner.keys.tasks_prefix();

@@ -137,6 +137,7 @@ impl Driver {
                         if let Some(t) = self.running.as_mut() {
                             t.kill("the agent is exiting");
                         }
+                        self.backend.close().await;
                         tracing::info!(session = %self.session.session_id, code, "agent exiting");
                         return Ok(code);
                     }

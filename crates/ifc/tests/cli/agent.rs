@@ -500,3 +500,47 @@ fn hostile_titles_are_inert_and_bad_config_files_are_usage_errors() {
         assert!(err.contains(place) && err.contains(key), "{name}: {err}");
     }
 }
+
+#[test]
+fn a_hung_or_overlong_task_is_killed_and_given_back() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    for (task, limit) in [
+        ("STALL", "stall_timeout: 1s\n"),
+        ("LONG", "task_timeout: 1s\n"),
+    ] {
+        put(&e, w.path(), &[task]);
+        let session = format!("s-{}", task.to_lowercase());
+        // Prints a line every 0.2 s (not stalled) for LONG; nothing at all for STALL.
+        let script = if task == "LONG" {
+            r#"echo $$ > "$MARKS/$IFC_TASK_ID.$IFC_SESSION_ID.pid"; while true; do echo tick; sleep 0.2; done"#
+        } else {
+            SLOW
+        };
+        let config = w.session(
+            &session,
+            &[task],
+            script,
+            &format!("{limit}max_attempts: 1\n"),
+        );
+        let log = w.path().join(format!("{session}.log"));
+        let mut agent = spawn_agent(ifc(&e, w.path()), &config, &log, &[]);
+        let pid = pid_of(&w, task, &session);
+        wait_for("the task to be killed", Duration::from_secs(20), || {
+            !alive(pid)
+        });
+        wait_for("the task to be given back", Duration::from_secs(20), || {
+            status_of(&e, w.path(), task) == "available"
+        });
+        let _ = agent.kill();
+        let _ = agent.wait();
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        let why = if task == "LONG" {
+            "task_timeout"
+        } else {
+            "stall_timeout"
+        };
+        assert!(log.contains("task killed") && log.contains(why), "{log}");
+    }
+    assert!(w.done().is_empty());
+}
