@@ -1,7 +1,10 @@
 //! Running a task's command: its own process group, output to a per-task log file, the task
-//! passed only through the environment, and a parent-death signal so the process dies with its
-//! agent even on `kill -9`. The command is started through `ifc __task-shim`, which sets that
-//! signal on itself and then becomes the command (exec keeps it).
+//! passed only through the environment, and nothing left behind when the agent dies.
+//!
+//! The command runs under `ifc __task-shim`, a small supervisor that leads the task's process
+//! group. The agent holds the write end of the shim's stdin; when the agent dies — even by
+//! `kill -9` — the kernel closes it, the shim reads end-of-file and kills the whole group
+//! (the command and everything it started). No signal handlers, no unsafe code.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -16,26 +19,39 @@ use tokio::time::Instant;
 /// The hidden first argument that makes `ifc` the task shim.
 pub const SHIM: &str = "__task-shim";
 
-/// Runs in the shim process: die with the agent (`parent`), then become the command.
-pub fn shim(args: &[String]) -> std::process::ExitCode {
-    use std::os::unix::process::CommandExt;
-    let Some((parent, argv)) = args.split_first() else {
-        return std::process::ExitCode::from(2);
-    };
+/// Runs in the shim process: start the command in this process group, and kill the group when
+/// stdin (held by the agent) closes. Exits with the command's status.
+pub fn shim(argv: &[String]) -> std::process::ExitCode {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
     let Some((program, rest)) = argv.split_first() else {
         return std::process::ExitCode::from(2);
     };
-    if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
-        eprintln!("ifc: cannot set the parent-death signal");
-        return std::process::ExitCode::from(126);
+    let mut child = match std::process::Command::new(program)
+        .args(rest)
+        .stdin(Stdio::null())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("ifc: cannot run {program:?}: {e}");
+            return std::process::ExitCode::from(127);
+        }
+    };
+    std::thread::spawn(|| {
+        // Blocks until the agent closes its end (it exited, or died).
+        let mut sink = [0u8; 64];
+        while matches!(std::io::stdin().read(&mut sink), Ok(n) if n > 0) {}
+        let _ = killpg(nix::unistd::getpgrp(), Signal::SIGKILL);
+    });
+    match child.wait() {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            (None, Some(sig)) => std::process::ExitCode::from(u8::try_from(128 + sig).unwrap_or(1)),
+            _ => std::process::ExitCode::from(1),
+        },
+        Err(_) => std::process::ExitCode::from(1),
     }
-    // The agent may have died before the signal was set: then nobody would kill us.
-    if parent.parse::<i32>().ok() != Some(nix::unistd::getppid().as_raw()) {
-        return std::process::ExitCode::from(126);
-    }
-    let err = std::process::Command::new(program).args(rest).exec();
-    eprintln!("ifc: cannot run {program:?}: {err}");
-    std::process::ExitCode::from(127)
 }
 
 /// A running task.
@@ -43,6 +59,8 @@ pub fn shim(args: &[String]) -> std::process::ExitCode {
 pub struct TaskProcess {
     pub claim: Claim,
     child: tokio::process::Child,
+    /// The write end of the shim's stdin: dropping it (or the agent dying) ends the task.
+    _lifeline: Option<tokio::process::ChildStdin>,
     pub log: PathBuf,
     started: Instant,
     last_size: u64,
@@ -66,14 +84,13 @@ impl TaskProcess {
         let err = out.try_clone()?;
         let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
         cmd.arg(SHIM)
-            .arg(std::process::id().to_string())
             .args(&session.command)
             .envs(&session.env)
             .env("IFC_TASK_ID", claim.task.as_str())
             .env("IFC_SESSION_ID", claim.session.as_str())
             .env("IFC_FENCING_TOKEN", claim.token.to_string())
             .env("IFC_BACKEND", backend)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(out)
             .stderr(err)
             .process_group(0)
@@ -81,11 +98,13 @@ impl TaskProcess {
         if let Some(dir) = &session.workdir {
             cmd.current_dir(dir);
         }
-        let child = cmd.spawn()?;
+        let mut child = cmd.spawn()?;
+        let lifeline = child.stdin.take();
         let now = Instant::now();
         Ok(TaskProcess {
             claim: claim.clone(),
             child,
+            _lifeline: lifeline,
             log,
             started: now,
             last_size: 0,

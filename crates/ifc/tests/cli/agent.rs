@@ -299,7 +299,9 @@ fn kill_9_of_an_agent_kills_its_task_and_another_agent_takes_over() {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
     let e = etcd.endpoint();
     put(&e, w.path(), &["K"]);
-    let doomed_config = w.session("doomed", &["K"], SLOW, "");
+    // The task also starts a grandchild: it must not outlive the agent either.
+    let spawner = format!(r#"sleep 300 & echo $! > "$MARKS/grandchild.pid"; {SLOW}"#);
+    let doomed_config = w.session("doomed", &["K"], &spawner, "");
     let mut doomed = spawn_agent(
         ifc(&e, w.path()),
         &doomed_config,
