@@ -56,7 +56,8 @@ impl BareRemote {
         let mut c = GitConfig::new(self.path.display().to_string(), name);
         c.workdir = self.path.with_file_name("clones").join(name);
         c.poll_interval = Duration::from_millis(200);
-        c.stale_after = Duration::from_secs(2);
+        // Long enough that heartbeats land on a loaded machine, short enough for expiry tests.
+        c.stale_after = Duration::from_secs(5);
         c
     }
 

@@ -41,13 +41,16 @@ async fn five_clones_race_for_twenty_tasks_and_the_board_and_status_files_agree(
                     other => panic!("{other:?}"),
                 }
             }
-            (session, won)
+            // Kept alive until every racer is done: a dropped clone is a crashed session.
+            (session, won, backend)
         }));
     }
     let mut winners: BTreeMap<TaskId, SessionId> = BTreeMap::new();
     let mut tokens: BTreeMap<SessionId, Vec<(TaskId, u64)>> = BTreeMap::new();
+    let mut alive = Vec::new();
     for h in handles {
-        let (session, won) = h.await.expect("racer");
+        let (session, won, backend) = h.await.expect("racer");
+        alive.push(backend);
         for (id, token) in &won {
             assert!(
                 winners.insert(id.clone(), session.clone()).is_none(),
