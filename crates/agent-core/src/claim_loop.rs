@@ -238,10 +238,10 @@ impl ClaimLoop {
                 let (token, fenced) = (claim.token, *fenced);
                 self.phase = Phase::Idle;
                 if fenced {
-                    // Counted as a failed attempt: the session does not grab it straight back.
-                    *self.attempts.entry(task.clone()).or_insert(0) += 1;
+                    // Not the task's fault, so no attempt is used; but the session backs off, so a
+                    // session that keeps losing its lease does not grab the task straight back.
                     self.not_before
-                        .insert(task.clone(), now + self.plan.retry_backoff);
+                        .insert(task.clone(), now + self.plan.retry_backoff * 4);
                     out.push(Output::Note(format!(
                         "{task}: stopped after its claim was lost; not reported done"
                     )));

@@ -46,16 +46,19 @@ impl Snapshot {
         if t.status == TaskStatus::Claimed {
             let status = t.owner.as_ref().and_then(|o| self.statuses.get(o));
             task.claimed_at = status.and_then(|s| s.claimed_at(&t.id));
-            if let Some(at) = status.and_then(StatusIn::updated_at) {
-                let age = Utc::now()
+            let stale = status.and_then(StatusIn::updated_at).is_some_and(|at| {
+                Utc::now()
                     .signed_duration_since(at)
                     .to_std()
-                    .unwrap_or_default();
-                if age > stale_after {
-                    task.status = TaskStatus::Available;
-                    task.claimed_by = None;
-                    task.claimed_at = None;
-                }
+                    .unwrap_or_default()
+                    > stale_after
+            });
+            // Free when the owner's heartbeat is stale, or when the owner's (ifc-written) STATUS
+            // no longer lists the claim: it gave the task up (fenced itself) without a release.
+            if stale || status.is_some_and(|s| s.disowns(&t.id)) {
+                task.status = TaskStatus::Available;
+                task.claimed_by = None;
+                task.claimed_at = None;
             }
         }
         task

@@ -64,8 +64,9 @@ pub struct StatusIn {
     pub pid: Option<u32>,
     pub host: Option<String>,
     pub version: Option<String>,
+    /// `None` in files not written by ifc (the proof of concept's), which record no claims.
     #[serde(default)]
-    pub claims: BTreeMap<String, ClaimRecord>,
+    pub claims: Option<BTreeMap<String, ClaimRecord>>,
 }
 
 impl StatusIn {
@@ -109,14 +110,22 @@ impl StatusIn {
         })
     }
 
+    /// Whether the file says its session does not hold `task` (ifc's files list every claim the
+    /// session holds; other files say nothing either way).
+    pub fn disowns(&self, task: &TaskId) -> bool {
+        self.claims
+            .as_ref()
+            .is_some_and(|c| !c.contains_key(task.as_str()))
+    }
+
     /// The token of the session's claim on `task`, if it records one.
     pub fn token(&self, task: &TaskId) -> Option<u64> {
-        self.claims.get(task.as_str()).map(|c| c.token)
+        self.claims.as_ref()?.get(task.as_str()).map(|c| c.token)
     }
 
     /// When the session's claim on `task` was made, if it records it.
     pub fn claimed_at(&self, task: &TaskId) -> Option<DateTime<Utc>> {
-        let at = &self.claims.get(task.as_str())?.at;
+        let at = &self.claims.as_ref()?.get(task.as_str())?.at;
         DateTime::parse_from_rfc3339(at)
             .ok()
             .map(|t| t.with_timezone(&Utc))

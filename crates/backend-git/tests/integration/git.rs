@@ -270,3 +270,34 @@ async fn the_fixture_board_is_served_and_a_claim_changes_only_its_row() {
         }
     );
 }
+
+#[tokio::test]
+async fn a_claim_its_owner_no_longer_lists_is_free_even_with_a_fresh_heartbeat() {
+    let remote = BareRemote::new(crate::EMPTY_BOARD);
+    let mut config = remote.config("a");
+    config.stale_after = Duration::from_secs(3600);
+    let a = GitBackend::open(config.clone()).await.expect("open");
+    a.put(&tid("F"), &TaskPatch::default()).await.expect("put");
+    assert!(matches!(
+        a.claim(&tid("F"), &sid("session-1")).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+    drop(a);
+    // The owner fenced itself and its next heartbeat lists no claim: fresh, but not holding F.
+    let path = config.status_path(&sid("session-1"));
+    let fresh = chrono::Utc::now().to_rfc3339();
+    let status = format!("session_id: session-1\nstate: idle\ncurrent_task: null\nbackend: git\nupdated_at: {fresh}\nclaims: {{}}\n");
+    remote.commit(&[(path.as_str(), status.as_bytes())], "fenced heartbeat");
+    let mut config = remote.config("b");
+    config.stale_after = Duration::from_secs(3600);
+    let b = GitBackend::open(config).await.expect("open");
+    let task = b.get(&tid("F")).await.expect("get").expect("exists");
+    assert_eq!(
+        (task.status, task.claimed_by),
+        (TaskStatus::Available, None)
+    );
+    assert!(matches!(
+        b.claim(&tid("F"), &sid("session-2")).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+}

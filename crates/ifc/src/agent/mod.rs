@@ -244,7 +244,14 @@ impl Driver {
                                 tracing::warn!(%task, %session, outcome = ?other, "release changed nothing")
                             }
                         }
-                        inputs.push_back(Input::Released { task });
+                        let refused = !matches!(outcome, ReleaseOutcome::Released { .. });
+                        inputs.push_back(Input::Released { task: task.clone() });
+                        if refused {
+                            // The store did not take our word: read what it says instead.
+                            if let Ok(Some(t)) = self.backend.get(&task).await {
+                                inputs.push_back(Input::Fetched(t));
+                            }
+                        }
                         self.announce(None).await;
                     }
                     Err(e) => {
