@@ -8,6 +8,7 @@
 mod cache;
 mod config;
 mod conn;
+mod import;
 mod informer;
 mod inner;
 mod keys;
@@ -30,6 +31,7 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, OnceCell};
 
 pub use config::{EtcdConfig, TlsFiles};
+pub use import::Imported;
 
 use inner::Inner;
 
@@ -97,6 +99,14 @@ impl EtcdBackend {
                 operation: "initial list of tasks".into(),
                 after: deadline,
             })
+    }
+
+    /// Writes `task` as a board states it (migration): created, updated, unchanged, or kept when
+    /// etcd is ahead (complete stays complete, a live claim stays) unless `force`. A `claimed`
+    /// task becomes a claim without a lease, held by its `claimed_by` until released (its owner
+    /// adopts it by claiming it). `dry_run` decides without writing.
+    pub async fn import(&self, task: &Task, force: bool, dry_run: bool) -> BackendResult<Imported> {
+        self.inner.import(task, force, dry_run).await
     }
 
     /// The endpoints this backend talks to, comma-separated.

@@ -92,7 +92,8 @@ pub struct GitArgs {
     #[arg(long, env = "IFC_GIT_BRANCH", global = true)]
     pub git_branch: Option<String>,
 
-    /// The task board's path in the repo [default: docs/PHASE-0-TASK-BOARD.md]
+    /// The task board: its path in the coordination repo (git mode), or the file `migrate`,
+    /// `verify` and `export` read and write [default: docs/PHASE-0-TASK-BOARD.md]
     #[arg(long, env = "IFC_BOARD", global = true)]
     pub board: Option<String>,
 
@@ -155,6 +156,19 @@ pub enum Command {
     Watch,
     /// Run a session agent: claim the session's tasks, run its command for each, report them done
     Agent(AgentArgs),
+    /// Load the task board (--board FILE) into etcd (idempotent; never moves a task backwards)
+    Migrate {
+        /// Print what would change; write nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Overwrite tasks etcd has further along (complete, claimed) with what the board says
+        #[arg(long)]
+        force: bool,
+    },
+    /// Compare the task board (--board FILE) with etcd: exit 0 when they agree, 1 otherwise
+    Verify,
+    /// Write etcd's state into the task board (--board FILE), changing only the cells that differ
+    Export,
 }
 
 #[derive(Debug, Args)]

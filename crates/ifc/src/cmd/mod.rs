@@ -19,6 +19,30 @@ use crate::exit;
 use crate::output::{event_json, event_line, printable, task_json, task_table};
 use crate::settings;
 
+mod migrate;
+
+/// The board file `migrate`, `verify` and `export` work on.
+fn board_file(g: &Global) -> std::path::PathBuf {
+    g.git
+        .board
+        .clone()
+        .unwrap_or_else(|| "docs/PHASE-0-TASK-BOARD.md".into())
+        .into()
+}
+
+/// The etcd backend, for commands that move tasks between a board file and etcd.
+async fn etcd_only(g: &Global, what: &str) -> Result<EtcdBackend> {
+    if settings::mode(g, None, None)? == Mode::Git {
+        return Err(BackendError::InvalidInput(format!(
+            "`ifc {what}` moves tasks between a board file and etcd: it has no git mode"
+        ))
+        .into());
+    }
+    EtcdBackend::connect(settings::etcd_config(g, None, None)?)
+        .await
+        .context("cannot connect to etcd")
+}
+
 /// Connects to the store the mode names.
 async fn connect(g: &Global, command: &Command) -> Result<Arc<dyn Backend>> {
     let (session, ttl) = match command {
@@ -57,8 +81,25 @@ async fn connect(g: &Global, command: &Command) -> Result<Arc<dyn Backend>> {
 
 /// Runs one command; returns its exit code.
 pub async fn run(g: &Global, command: &Command) -> Result<u8> {
-    if let Command::Agent(args) = command {
-        return crate::agent::run(g, args).await;
+    match command {
+        Command::Agent(args) => return crate::agent::run(g, args).await,
+        Command::Migrate { dry_run, force } => {
+            let b = etcd_only(g, "migrate").await?;
+            let mut out = std::io::stdout().lock();
+            return migrate::migrate(&b, g.output, &board_file(g), *dry_run, *force, &mut out)
+                .await;
+        }
+        Command::Verify => {
+            let b = etcd_only(g, "verify").await?;
+            return migrate::verify(&b, g.output, &board_file(g), &mut std::io::stdout().lock())
+                .await;
+        }
+        Command::Export => {
+            let b = etcd_only(g, "export").await?;
+            return migrate::export(&b, g.output, &board_file(g), &mut std::io::stdout().lock())
+                .await;
+        }
+        _ => {}
     }
     let backend = connect(g, command).await?;
     let b = backend.as_ref();
@@ -73,7 +114,7 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
             drop(out);
             watch(b, g.output).await
         }
-        Command::Agent(_) => Ok(0), // handled above
+        Command::Agent(_) | Command::Migrate { .. } | Command::Verify | Command::Export => Ok(0), // handled above
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod agent;
 mod git;
+mod migrate;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,110 @@
+//! Migration from the board: write one task as the board states it, by compare-and-swap, never
+//! moving it backwards (complete stays complete, a live claim is kept) unless forced.
+
+use agent_core::{BackendError, BackendResult, Task, TaskId, TaskStatus};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+
+use crate::inner::Inner;
+use crate::record::{effective, Record};
+
+/// What importing one task did (or, in a dry run, would do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Imported {
+    Created,
+    Updated,
+    Unchanged,
+    /// etcd is ahead of the board (or holds a live claim): kept as it is.
+    Kept {
+        reason: String,
+    },
+}
+
+/// How far along a status is; migration never goes back down without `--force`.
+fn rank(s: TaskStatus) -> u8 {
+    match s {
+        TaskStatus::Available | TaskStatus::Blocked => 0,
+        TaskStatus::Claimed => 1,
+        TaskStatus::Complete => 2,
+    }
+}
+
+impl Inner {
+    pub(crate) async fn import(
+        &self,
+        want: &Task,
+        force: bool,
+        dry_run: bool,
+    ) -> BackendResult<Imported> {
+        let id: &TaskId = &want.id;
+        for _ in 0..16 {
+            let view = self.read_view(id, false).await?;
+            let (outcome, next) = match &view.record {
+                None => (
+                    Imported::Created,
+                    Record {
+                        task: want.clone(),
+                        lease: None,
+                    },
+                ),
+                Some(stored) => {
+                    let (current, _) =
+                        effective(stored, view.claim.as_ref()).map_err(|reason| {
+                            BackendError::Corrupt {
+                                key: self.keys.task(id),
+                                reason,
+                            }
+                        })?;
+                    let live_claim = current.status == TaskStatus::Claimed
+                        && current.claimed_by != want.claimed_by;
+                    if !force && rank(current.status) > rank(want.status) {
+                        return Ok(Imported::Kept {
+                            reason: format!(
+                                "etcd says {}, the board {}",
+                                current.status, want.status
+                            ),
+                        });
+                    }
+                    if !force && live_claim {
+                        let holder = current
+                            .claimed_by
+                            .map(|h| h.to_string())
+                            .unwrap_or_default();
+                        return Ok(Imported::Kept {
+                            reason: format!("claimed by {holder} in etcd"),
+                        });
+                    }
+                    let mut task = want.clone();
+                    task.extra = current.extra.clone();
+                    if task.claimed_at.is_none() && task.claimed_by == current.claimed_by {
+                        task.claimed_at = current.claimed_at;
+                    }
+                    if task == current && !(force && view.claim.is_some()) {
+                        return Ok(Imported::Unchanged);
+                    }
+                    (Imported::Updated, Record { task, lease: None })
+                }
+            };
+            if dry_run {
+                return Ok(outcome);
+            }
+            let (task_key, claim_key) = (self.keys.task(id), self.keys.claim(id));
+            let mut ops = vec![TxnOp::put(task_key.clone(), next.encode(), None)];
+            if view.claim.is_some() {
+                ops.push(TxnOp::delete(claim_key.clone(), None)); // only reached with --force
+            }
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::mod_revision(task_key, CompareOp::Equal, view.record_rev()),
+                    Compare::mod_revision(claim_key, CompareOp::Equal, view.claim_rev()),
+                ])
+                .and_then(ops);
+            if self.conn.txn("import", txn).await?.succeeded() {
+                return Ok(outcome);
+            }
+        }
+        Err(BackendError::Unavailable {
+            endpoint: self.conn.endpoints().to_owned(),
+            reason: format!("{id}: kept changing during import"),
+        })
+    }
+}

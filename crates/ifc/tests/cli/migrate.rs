@@ -1,0 +1,154 @@
+//! `ifc migrate`, `verify` and `export`: the board into etcd and back, idempotent, never
+//! backwards, byte-identical round trip.
+
+use std::path::Path;
+use std::process::Command;
+
+use backend_etcd::testing::EtcdServer;
+
+use crate::{code, run, text};
+
+const FIXTURE: &str = include_str!("../../../backend-git/tests/fixtures/PHASE-0-TASK-BOARD.md");
+
+fn ifc(server: &EtcdServer, cwd: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ifc"));
+    cmd.current_dir(cwd)
+        .env("IFC_ENDPOINTS", server.endpoint())
+        .env_remove("IFC_PREFIX")
+        .env_remove("IFC_MODE")
+        .env_remove("IFC_BOARD");
+    cmd
+}
+
+fn setup() -> (EtcdServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("board.md"), FIXTURE).expect("board");
+    (EtcdServer::start(), dir)
+}
+
+#[test]
+fn migrate_is_idempotent_verify_agrees_and_export_gives_back_the_same_bytes() {
+    let (etcd, dir) = setup();
+    let d = dir.path();
+    let out = run(ifc(&etcd, d).args(["migrate", "--board", "board.md", "--dry-run"]));
+    assert_eq!(
+        text(&out.stdout),
+        "54 would be created, 0 would be updated, 0 unchanged, 0 kept\n"
+    );
+    assert_eq!(
+        text(&run(ifc(&etcd, d).args(["status", "-o", "json"])).stdout).trim(),
+        "[]",
+        "a dry run writes nothing"
+    );
+    let out = run(ifc(&etcd, d).args(["migrate", "--board", "board.md"]));
+    assert_eq!(
+        (code(&out), text(&out.stdout)),
+        (0, "54 created, 0 updated, 0 unchanged, 0 kept\n".to_owned())
+    );
+    let out = run(ifc(&etcd, d).args(["migrate", "--board", "board.md"]));
+    assert_eq!(
+        text(&out.stdout),
+        "0 created, 0 updated, 54 unchanged, 0 kept\n"
+    );
+    let out = run(ifc(&etcd, d).args(["verify", "--board", "board.md"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stdout));
+    std::fs::copy(d.join("board.md"), d.join("copy.md")).expect("copy");
+    let out = run(ifc(&etcd, d).args(["export", "--board", "copy.md"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(d.join("copy.md")).expect("read"),
+        FIXTURE,
+        "byte for byte"
+    );
+}
+
+#[test]
+fn migrate_never_moves_a_task_backwards_unless_forced_and_verify_says_where_they_differ() {
+    let (etcd, dir) = setup();
+    let d = dir.path();
+    assert_eq!(
+        code(&run(ifc(&etcd, d).args(["migrate", "--board", "board.md"]))),
+        0
+    );
+    assert_eq!(
+        code(&run(ifc(&etcd, d).args([
+            "claim",
+            "P0.2.6",
+            "--session",
+            "s9"
+        ]))),
+        0
+    );
+    assert_eq!(
+        code(&run(ifc(&etcd, d).args([
+            "release",
+            "P0.2.6",
+            "--session",
+            "s9",
+            "--status",
+            "complete"
+        ]))),
+        0
+    );
+    let out = run(ifc(&etcd, d).args(["migrate", "--board", "board.md"]));
+    assert!(
+        text(&out.stdout).contains("kept P0.2.6: etcd says complete, the board available"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(ifc(&etcd, d).args(["verify", "--board", "board.md", "-o", "json"]));
+    assert_eq!(code(&out), 1);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["mismatched"][0]["task_id"], "P0.2.6");
+    let out = run(ifc(&etcd, d).args(["migrate", "--board", "board.md", "--force"]));
+    assert!(
+        text(&out.stdout).starts_with("0 created, 1 updated"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(
+        code(&run(ifc(&etcd, d).args(["verify", "--board", "board.md"]))),
+        0
+    );
+}
+
+#[test]
+fn an_in_progress_row_becomes_a_claim_its_owner_adopts() {
+    let (etcd, dir) = setup();
+    let d = dir.path();
+    assert_eq!(
+        code(&run(ifc(&etcd, d).args(["migrate", "--board", "board.md"]))),
+        0
+    );
+    let out = run(ifc(&etcd, d).args(["claim", "P0.1.6", "--session", "session-2-webrtc"]));
+    assert_eq!(
+        (code(&out), text(&out.stdout)),
+        (1, "lost P0.1.6: held by session-1-ndi\n".to_owned())
+    );
+    let out = run(ifc(&etcd, d).args(["claim", "P0.1.6", "--session", "session-1-ndi"]));
+    assert_eq!(code(&out), 0, "the owner adopts it: {}", text(&out.stdout));
+}
+
+#[test]
+fn a_bad_board_writes_nothing_and_exits_2_with_file_and_line() {
+    let (etcd, dir) = setup();
+    let d = dir.path();
+    let bad = FIXTURE.replace(
+        "| P0.3.1 | Session config loader | 🔵 AVAILABLE |",
+        "| P0.3.1 | Session config loader | 🟣 SOMEDAY |",
+    );
+    std::fs::write(d.join("bad.md"), bad).expect("write");
+    let out = run(ifc(&etcd, d).args(["migrate", "--board", "bad.md"]));
+    assert_eq!(code(&out), 2, "{out:?}");
+    assert!(
+        text(&out.stderr).contains("bad.md:24: unknown status"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        text(&run(ifc(&etcd, d).args(["status", "-o", "json"])).stdout).trim(),
+        "[]"
+    );
+    let out = run(ifc(&etcd, d).args(["--mode", "git", "migrate", "--board", "board.md"]));
+    assert_eq!(code(&out), 2, "no git mode: {out:?}");
+}
