@@ -22,6 +22,6 @@ pub use backend::{Backend, BackendEvent, Health, Subscription};
 pub use error::{BackendError, BackendResult};
 pub use ids::{InvalidId, SessionId, TaskId};
 pub use model::{
-    Claim, ClaimOutcome, Claimability, CorruptRecord, FencingToken, Listing, Presence, PutOutcome,
-    ReleaseOutcome, ReleaseTo, Task, TaskEvent, TaskPatch, TaskStatus,
+    Claim, ClaimOutcome, Claimability, CorruptRecord, FencingToken, Listing, Patched, Presence,
+    PutOutcome, ReleaseOutcome, ReleaseTo, Task, TaskEvent, TaskPatch, TaskStatus,
 };

@@ -17,8 +17,8 @@ use crate::backend::{Backend, BackendEvent, Health, Subscription};
 use crate::error::BackendResult;
 use crate::ids::{SessionId, TaskId};
 use crate::model::{
-    Claim, ClaimOutcome, Claimability, FencingToken, Listing, Presence, PutOutcome, ReleaseOutcome,
-    ReleaseTo, Task, TaskEvent, TaskPatch, TaskStatus,
+    Claim, ClaimOutcome, Claimability, FencingToken, Listing, Patched, Presence, PutOutcome,
+    ReleaseOutcome, ReleaseTo, Task, TaskEvent, TaskPatch, TaskStatus,
 };
 
 #[derive(Debug, Clone)]
@@ -324,12 +324,10 @@ impl Backend for MemoryBackend {
     }
 
     async fn put(&self, task: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {
+        patch.validate(task)?;
         let mut state = self.store.lock();
-        let current = state.effective(task);
-        let Some(current) = current else {
-            let mut new = Task::new(task.clone(), patch.status.unwrap_or(TaskStatus::Available));
-            new.title = patch.title.clone();
-            new.blocked_by = patch.blocked_by.clone().unwrap_or_default();
+        let Some(current) = state.effective(task) else {
+            let new = patch.create(task.clone());
             state.mutate(task, |s| {
                 s.tasks.insert(
                     task.clone(),
@@ -341,36 +339,18 @@ impl Backend for MemoryBackend {
             });
             return Ok(PutOutcome::Created);
         };
-        let mut next = current.clone();
-        if let Some(title) = &patch.title {
-            next.title = Some(title.clone());
-        }
-        if let Some(blocked_by) = &patch.blocked_by {
-            next.blocked_by = blocked_by.clone();
-        }
-        if let Some(status) = patch.status {
-            if status != current.status {
-                if current.status == TaskStatus::Claimed {
-                    return Ok(PutOutcome::Held {
-                        holder: current.claimed_by,
-                    });
-                }
-                next.status = status;
-                if status != TaskStatus::Complete {
-                    next.claimed_by = None;
-                    next.claimed_at = None;
-                }
+        match patch.apply(&current) {
+            Patched::Unchanged => Ok(PutOutcome::Unchanged),
+            Patched::Held(holder) => Ok(PutOutcome::Held { holder }),
+            Patched::Changed(next) => {
+                state.mutate(task, |s| {
+                    if let Some(rec) = s.tasks.get_mut(task) {
+                        rec.task = next;
+                    }
+                });
+                Ok(PutOutcome::Updated)
             }
         }
-        if next == current {
-            return Ok(PutOutcome::Unchanged);
-        }
-        state.mutate(task, |s| {
-            if let Some(rec) = s.tasks.get_mut(task) {
-                rec.task = next;
-            }
-        });
-        Ok(PutOutcome::Updated)
     }
 
     async fn claim(&self, task: &TaskId, session: &SessionId) -> BackendResult<ClaimOutcome> {

@@ -231,6 +231,64 @@ pub struct TaskPatch {
     pub blocked_by: Option<Vec<TaskId>>,
 }
 
+/// What a [`TaskPatch`] makes of a task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Patched {
+    /// Nothing to write.
+    Unchanged,
+    /// The task as it is to be stored.
+    Changed(Task),
+    /// The patch would change the status of a task a session holds.
+    Held(Option<SessionId>),
+}
+
+impl TaskPatch {
+    /// Refuses what a put may not do (set `claimed`: claims go through `claim`).
+    pub fn validate(&self, task: &TaskId) -> Result<(), crate::BackendError> {
+        if self.status == Some(TaskStatus::Claimed) {
+            return Err(crate::BackendError::InvalidInput(format!(
+                "{task}: status claimed is set by claiming the task, not by put"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The task this patch creates (no title, `available`, no blockers unless it says).
+    pub fn create(&self, id: TaskId) -> Task {
+        let mut task = Task::new(id, self.status.unwrap_or(TaskStatus::Available));
+        task.title = self.title.clone();
+        task.blocked_by = self.blocked_by.clone().unwrap_or_default();
+        task
+    }
+
+    /// What this patch makes of `current` (the task's effective state). Leaving a status other
+    /// than `complete` clears the holder; the status of a held task is not changed.
+    pub fn apply(&self, current: &Task) -> Patched {
+        let mut next = current.clone();
+        if let Some(title) = &self.title {
+            next.title = Some(title.clone());
+        }
+        if let Some(blocked_by) = &self.blocked_by {
+            next.blocked_by = blocked_by.clone();
+        }
+        if let Some(status) = self.status.filter(|s| *s != current.status) {
+            if current.status == TaskStatus::Claimed {
+                return Patched::Held(current.claimed_by.clone());
+            }
+            next.status = status;
+            if status != TaskStatus::Complete {
+                next.claimed_by = None;
+                next.claimed_at = None;
+            }
+        }
+        if &next == current {
+            Patched::Unchanged
+        } else {
+            Patched::Changed(next)
+        }
+    }
+}
+
 /// What a put came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PutOutcome {
@@ -365,6 +423,55 @@ mod tests {
         assert_eq!(
             t.claimability(&me, done),
             Claimability::No(TaskStatus::Complete)
+        );
+    }
+
+    #[test]
+    fn patches_apply_by_the_put_rules() {
+        let me = sid("s1");
+        let mut t = Task::new(id("T"), TaskStatus::Available);
+        let title = TaskPatch {
+            title: Some("x".into()),
+            ..TaskPatch::default()
+        };
+        let Patched::Changed(next) = title.apply(&t) else {
+            panic!("a new title changes it")
+        };
+        assert_eq!(next.title.as_deref(), Some("x"));
+        assert_eq!(title.apply(&next), Patched::Unchanged);
+        t.status = TaskStatus::Claimed;
+        t.claimed_by = Some(me.clone());
+        let reset = TaskPatch {
+            status: Some(TaskStatus::Available),
+            ..TaskPatch::default()
+        };
+        assert_eq!(reset.apply(&t), Patched::Held(Some(me.clone())));
+        assert!(
+            matches!(title.apply(&t), Patched::Changed(n) if n.claimed_by == Some(me.clone())),
+            "a title keeps the claim"
+        );
+        t.status = TaskStatus::Complete;
+        let Patched::Changed(reopened) = reset.apply(&t) else {
+            panic!("complete can be reopened")
+        };
+        assert_eq!(
+            (reopened.status, reopened.claimed_by),
+            (TaskStatus::Available, None)
+        );
+        assert!(TaskPatch {
+            status: Some(TaskStatus::Claimed),
+            ..TaskPatch::default()
+        }
+        .validate(&id("T"))
+        .is_err());
+        let created = TaskPatch {
+            blocked_by: Some(vec![id("B")]),
+            ..TaskPatch::default()
+        }
+        .create(id("N"));
+        assert_eq!(
+            (created.status, created.blocked_by),
+            (TaskStatus::Available, vec![id("B")])
         );
     }
 }

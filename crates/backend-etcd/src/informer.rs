@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use agent_core::retry::Backoff;
 use agent_core::BackendResult;
-use etcd_client::{EventType, GetOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{EventType, WatchOptions};
 use tokio::time::Instant;
 
 use crate::cache::Change;
@@ -63,15 +63,8 @@ impl Inner {
     }
 
     async fn relist(&self) -> BackendResult<()> {
-        let prefix = || Some(GetOptions::new().with_prefix());
-        let txn = Txn::new().and_then(vec![
-            TxnOp::get(self.keys.tasks_prefix(), prefix()),
-            TxnOp::get(self.keys.claims_prefix(), prefix()),
-        ]);
-        let resp = self.conn.txn("list", txn).await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        let (records, claims, _) = self.split_kvs(resp.op_responses());
-        let repairs = self.cache().replace(revision, records, claims);
+        let raw = self.list_raw().await?;
+        let repairs = self.cache().replace(raw.revision, raw.records, raw.claims);
         self.queue_repairs(repairs);
         self.synced.notify_waiters();
         Ok(())

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use agent_core::{
-    BackendError, BackendResult, Claim, ClaimOutcome, Claimability, FencingToken, Listing,
+    BackendError, BackendResult, Claim, ClaimOutcome, Claimability, FencingToken, Listing, Patched,
     PutOutcome, ReleaseOutcome, ReleaseTo, SessionId, Task, TaskId, TaskPatch, TaskStatus,
 };
 use chrono::Utc;
@@ -15,6 +15,15 @@ use crate::cache::{listing, Held};
 use crate::inner::Inner;
 use crate::record::{effective, encode_claim, Record};
 use crate::view::{parse_view, read_ops, stored_claim, stored_record, View};
+
+/// Every task record and claim key at one revision, as stored.
+pub(crate) struct RawListing {
+    pub revision: i64,
+    pub records: HashMap<TaskId, crate::record::StoredRecord>,
+    pub claims: HashMap<TaskId, crate::record::StoredClaim>,
+    /// Keys under `tasks/` whose id is not valid.
+    pub bad_keys: Vec<agent_core::CorruptRecord>,
+}
 
 /// How many compare-and-swap rounds an operation tries before reporting contention.
 const MAX_ROUNDS: usize = 16;
@@ -104,6 +113,15 @@ impl Inner {
     }
 
     pub(crate) async fn list(&self) -> BackendResult<Listing> {
+        let raw = self.list_raw().await?;
+        let mut out = listing(&self.keys, raw.revision, &raw.records, &raw.claims);
+        out.corrupt.extend(raw.bad_keys);
+        out.corrupt.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Every task record and claim key, read at one revision.
+    pub(crate) async fn list_raw(&self) -> BackendResult<RawListing> {
         let prefix = || Some(GetOptions::new().with_prefix());
         let txn = Txn::new().and_then(vec![
             TxnOp::get(self.keys.tasks_prefix(), prefix()),
@@ -112,10 +130,12 @@ impl Inner {
         let resp = self.conn.txn("list", txn).await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let (records, claims, bad_keys) = self.split_kvs(resp.op_responses());
-        let mut out = listing(&self.keys, revision, &records, &claims);
-        out.corrupt.extend(bad_keys);
-        out.corrupt.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        Ok(RawListing {
+            revision,
+            records,
+            claims,
+            bad_keys,
+        })
     }
 
     /// Sorts list responses into records and claim keys; keys with invalid ids are reported.
@@ -334,46 +354,26 @@ impl Inner {
     }
 
     pub(crate) async fn put(&self, id: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {
-        if patch.status == Some(TaskStatus::Claimed) {
-            return Err(BackendError::InvalidInput(format!(
-                "{id}: status claimed is set by claiming the task, not by put"
-            )));
-        }
+        patch.validate(id)?;
         for _ in 0..MAX_ROUNDS {
             let view = self.read_view(id, false).await?;
             let (record, outcome) = match &view.record {
-                None => {
-                    let mut task =
-                        Task::new(id.clone(), patch.status.unwrap_or(TaskStatus::Available));
-                    task.title = patch.title.clone();
-                    task.blocked_by = patch.blocked_by.clone().unwrap_or_default();
-                    (Record { task, lease: None }, PutOutcome::Created)
-                }
+                None => (
+                    Record {
+                        task: patch.create(id.clone()),
+                        lease: None,
+                    },
+                    PutOutcome::Created,
+                ),
                 Some(stored) => {
                     let (current, _) =
                         effective(stored, view.claim.as_ref()).map_err(|r| self.corrupt(id, r))?;
-                    let mut next = current.clone();
-                    if let Some(title) = &patch.title {
-                        next.title = Some(title.clone());
-                    }
-                    if let Some(blocked_by) = &patch.blocked_by {
-                        next.blocked_by = blocked_by.clone();
-                    }
-                    if let Some(status) = patch.status.filter(|s| *s != current.status) {
-                        if current.status == TaskStatus::Claimed {
-                            return Ok(PutOutcome::Held {
-                                holder: current.claimed_by,
-                            });
-                        }
-                        next.status = status;
-                        if status != TaskStatus::Complete {
-                            next.claimed_by = None;
-                            next.claimed_at = None;
-                        }
-                    }
-                    if next == current {
-                        return Ok(PutOutcome::Unchanged);
-                    }
+                    let next = match patch.apply(&current) {
+                        Patched::Unchanged => return Ok(PutOutcome::Unchanged),
+                        Patched::Held(holder) => return Ok(PutOutcome::Held { holder }),
+                        Patched::Changed(next) => next,
+                    };
+                    // A live ifc claim keeps its lease; a title change must not free it.
                     let lease = stored
                         .record
                         .as_ref()

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use agent_core::{
     BackendError, BackendEvent, BackendResult, Claim, ClaimOutcome, Claimability, FencingToken,
-    Listing, PutOutcome, ReleaseOutcome, ReleaseTo, SessionId, Task, TaskEvent, TaskId, TaskPatch,
-    TaskStatus,
+    Listing, Patched, PutOutcome, ReleaseOutcome, ReleaseTo, SessionId, Task, TaskEvent, TaskId,
+    TaskPatch, TaskStatus,
 };
 use chrono::Utc;
 use git2::Oid;
@@ -504,49 +504,33 @@ impl Core {
 
     /// One put attempt: `None` when the push was rejected (the caller tries again).
     pub fn put(&mut self, id: &TaskId, patch: &TaskPatch) -> BackendResult<Option<PutOutcome>> {
-        if patch.status == Some(TaskStatus::Claimed) {
-            return Err(BackendError::InvalidInput(format!(
-                "{id}: status claimed is set by claiming the task, not by put"
-            )));
-        }
+        patch.validate(id)?;
         let snap = self.sync()?;
         let mut tasks = snap.board.tasks().to_vec();
         let outcome = match tasks.iter_mut().find(|t| &t.id == id) {
             None => {
+                let new = patch.create(id.clone());
                 tasks.push(BoardTask {
-                    id: id.clone(),
-                    title: patch.title.clone(),
-                    status: patch.status.unwrap_or(TaskStatus::Available),
+                    id: new.id,
+                    title: new.title,
+                    status: new.status,
                     owner: None,
-                    blocked_by: patch.blocked_by.clone().unwrap_or_default(),
+                    blocked_by: new.blocked_by,
                 });
                 PutOutcome::Created
             }
-            Some(t) => {
-                let effective = snap.effective(t, self.config.stale_after);
-                let before = t.clone();
-                if let Some(title) = &patch.title {
-                    t.title = Some(title.clone());
+            Some(row) => match patch.apply(&snap.effective(row, self.config.stale_after)) {
+                Patched::Unchanged => return Ok(Some(PutOutcome::Unchanged)),
+                Patched::Held(holder) => return Ok(Some(PutOutcome::Held { holder })),
+                Patched::Changed(next) => {
+                    // The row takes the effective state: a stale claim is written as free.
+                    row.title = next.title;
+                    row.blocked_by = next.blocked_by;
+                    row.status = next.status;
+                    row.owner = next.claimed_by;
+                    PutOutcome::Updated
                 }
-                if let Some(b) = &patch.blocked_by {
-                    t.blocked_by = b.clone();
-                }
-                if let Some(status) = patch.status.filter(|s| *s != effective.status) {
-                    if effective.status == TaskStatus::Claimed {
-                        return Ok(Some(PutOutcome::Held {
-                            holder: effective.claimed_by,
-                        }));
-                    }
-                    t.status = status;
-                    if status != TaskStatus::Complete {
-                        t.owner = None;
-                    }
-                }
-                if *t == before {
-                    return Ok(Some(PutOutcome::Unchanged));
-                }
-                PutOutcome::Updated
-            }
+            },
         };
         let files = vec![(
             self.config.board.clone(),
