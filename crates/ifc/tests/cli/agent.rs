@@ -66,7 +66,32 @@ fn ifc(endpoint: &str, cwd: &Path) -> Command {
     cmd
 }
 
-fn spawn_agent(mut cmd: Command, config: &Path, log: &Path, extra: &[&str]) -> Child {
+/// A running agent process, killed and reaped when the test ends (also when it fails).
+struct Agent(Child);
+
+impl std::ops::Deref for Agent {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Agent {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn_agent(mut cmd: Command, config: &Path, log: &Path, extra: &[&str]) -> Agent {
     let log = std::fs::File::create(log).expect("agent log");
     cmd.arg("agent")
         .arg("--config")
@@ -75,6 +100,7 @@ fn spawn_agent(mut cmd: Command, config: &Path, log: &Path, extra: &[&str]) -> C
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
+        .map(Agent)
         .expect("spawn agent")
 }
 
@@ -154,7 +180,7 @@ fn three_agents_complete_thirty_chained_tasks_exactly_once() {
             None => put(&e, w.path(), &[&id]),
         }
     }
-    let mut agents: Vec<Child> = (0..3)
+    let mut agents: Vec<Agent> = (0..3)
         .map(|k| {
             let config = w.session(&format!("session-{k}"), LISTS[k], APPEND, "");
             spawn_agent(
@@ -194,7 +220,7 @@ fn three_agents_complete_thirty_chained_tasks_exactly_once_in_git_mode() {
         ));
     }
     let (remote, w) = (BareRemote::new(&board), Workdir::new());
-    let mut agents: Vec<Child> = (0..3)
+    let mut agents: Vec<Agent> = (0..3)
         .map(|k| {
             let config = w.session(&format!("session-{k}"), LISTS[k], APPEND, "");
             let mut cmd = ifc("http://127.0.0.1:1", w.path());
