@@ -1,7 +1,6 @@
 //! The task model shared by every backend: tasks, statuses, events, claims and the outcomes of
 //! claim and release. Pure data and pure rules (what is claimable); no IO.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::time::SystemTime;
@@ -356,11 +355,6 @@ pub struct Presence {
     pub host: String,
     /// The ifc version the session runs.
     pub version: String,
-}
-
-/// Index tasks by id (for claimability look-ups).
-pub fn status_index(tasks: &[Task]) -> BTreeMap<TaskId, TaskStatus> {
-    tasks.iter().map(|t| (t.id.clone(), t.status)).collect()
 }
 
 #[cfg(test)]

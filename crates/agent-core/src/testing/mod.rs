@@ -54,11 +54,13 @@ macro_rules! conformance_suite {
     };
 }
 
-fn tid(s: &str) -> TaskId {
+/// A task id known to be valid (tests only).
+pub fn tid(s: &str) -> TaskId {
     TaskId::parse(s).expect("test ids are valid")
 }
 
-fn sid(s: &str) -> SessionId {
+/// A session id known to be valid (tests only).
+pub fn sid(s: &str) -> SessionId {
     SessionId::parse(s).expect("test ids are valid")
 }
 
@@ -93,6 +95,38 @@ async fn won(b: &dyn Backend, id: &TaskId, s: &SessionId) -> FencingToken {
         }
         other => panic!("{s} expected to win {id}, got {other:?}"),
     }
+}
+
+/// One transition of a task: (task, old status, new status).
+pub type Transition = (TaskId, Option<TaskStatus>, Option<TaskStatus>);
+
+/// Creates each task, claims it for `session` and completes it; returns the transitions a
+/// subscriber must see, in order.
+pub async fn create_claim_complete(
+    b: &dyn Backend,
+    ids: &[TaskId],
+    session: &SessionId,
+) -> Vec<Transition> {
+    let mut expected = Vec::new();
+    for id in ids {
+        put_status(b, id, TaskStatus::Available).await;
+        expected.push((id.clone(), None, Some(TaskStatus::Available)));
+        won(b, id, session).await;
+        expected.push((
+            id.clone(),
+            Some(TaskStatus::Available),
+            Some(TaskStatus::Claimed),
+        ));
+        b.release(id, session, ReleaseTo::Complete, None)
+            .await
+            .expect("release");
+        expected.push((
+            id.clone(),
+            Some(TaskStatus::Claimed),
+            Some(TaskStatus::Complete),
+        ));
+    }
+    expected
 }
 
 /// Polls `check` until it returns `Some`, for at most `limit`.
@@ -275,26 +309,7 @@ pub async fn events_in_revision_order(h: &impl Harness) {
     let s = sid("s1");
     let mut sub = watcher.subscribe().await.expect("subscribe");
     let ids: Vec<TaskId> = (0..5).map(|i| tid(&format!("ORDER-{i}"))).collect();
-    let mut expected = Vec::new();
-    for id in &ids {
-        put_status(&*writer, id, TaskStatus::Available).await;
-        expected.push((id.clone(), None, Some(TaskStatus::Available)));
-        won(&*writer, id, &s).await;
-        expected.push((
-            id.clone(),
-            Some(TaskStatus::Available),
-            Some(TaskStatus::Claimed),
-        ));
-        writer
-            .release(id, &s, ReleaseTo::Complete, None)
-            .await
-            .expect("release");
-        expected.push((
-            id.clone(),
-            Some(TaskStatus::Claimed),
-            Some(TaskStatus::Complete),
-        ));
-    }
+    let expected = create_claim_complete(&*writer, &ids, &s).await;
     let mut seen = Vec::new();
     let mut last = sub.snapshot.revision;
     while seen.len() < expected.len() {

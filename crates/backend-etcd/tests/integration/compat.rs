@@ -1,19 +1,12 @@
 //! Compatibility with other clients of the same keys (the migration guide's Python tools) and the
 //! handling of records ifc did not write.
 
+use agent_core::testing::{sid, tid};
 use agent_core::{
-    Backend, ClaimOutcome, PutOutcome, ReleaseOutcome, ReleaseTo, SessionId, TaskId, TaskPatch,
-    TaskStatus,
+    Backend, ClaimOutcome, PutOutcome, ReleaseOutcome, ReleaseTo, TaskPatch, TaskStatus,
 };
 use backend_etcd::testing::EtcdServer;
 use serde_json::Value;
-
-fn tid(s: &str) -> TaskId {
-    TaskId::parse(s).expect("valid")
-}
-fn sid(s: &str) -> SessionId {
-    SessionId::parse(s).expect("valid")
-}
 
 async fn read_json(raw: &mut etcd_client::Client, key: &str) -> Value {
     let resp = raw.get(key, None).await.expect("get");

@@ -3,19 +3,12 @@
 
 use std::time::Duration;
 
+use agent_core::testing::{sid, tid};
 use agent_core::{
-    Backend, BackendEvent, ClaimOutcome, ReleaseTo, SessionId, TaskEvent, TaskId, TaskPatch,
-    TaskStatus,
+    Backend, BackendEvent, ClaimOutcome, ReleaseTo, TaskEvent, TaskId, TaskPatch, TaskStatus,
 };
 use backend_etcd::testing::{EtcdServer, TcpProxy};
 use backend_etcd::EtcdConfig;
-
-fn tid(s: &str) -> TaskId {
-    TaskId::parse(s).expect("valid")
-}
-fn sid(s: &str) -> SessionId {
-    SessionId::parse(s).expect("valid")
-}
 
 /// Collects task events until `done` says the list is complete (or panics after `limit`).
 async fn collect(
@@ -71,29 +64,7 @@ async fn a_subscriber_survives_an_etcd_restart_without_losing_or_repeating_event
     // Transitions after the restart, through a new client.
     let writer = crate::backend(&server, false).await;
     let s = sid("s");
-    let mut expected = Vec::new();
-    for id in &ids[1..] {
-        writer.put(id, &TaskPatch::default()).await.expect("put");
-        expected.push((id.clone(), None, Some(TaskStatus::Available)));
-        assert!(matches!(
-            writer.claim(id, &s).await.expect("claim"),
-            ClaimOutcome::Won(_)
-        ));
-        expected.push((
-            id.clone(),
-            Some(TaskStatus::Available),
-            Some(TaskStatus::Claimed),
-        ));
-        writer
-            .release(id, &s, ReleaseTo::Complete, None)
-            .await
-            .expect("release");
-        expected.push((
-            id.clone(),
-            Some(TaskStatus::Claimed),
-            Some(TaskStatus::Complete),
-        ));
-    }
+    let expected = agent_core::testing::create_claim_complete(&writer, &ids[1..], &s).await;
     let n = expected.len();
     let seen = collect(&mut sub, Duration::from_secs(30), |s| s.len() >= n).await;
     let got: Vec<_> = seen

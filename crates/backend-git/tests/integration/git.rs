@@ -4,19 +4,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use agent_core::testing::{sid, tid};
 use agent_core::{
     Backend, BackendError, BackendEvent, ClaimOutcome, SessionId, TaskId, TaskPatch, TaskStatus,
 };
 use backend_git::board::Board;
 use backend_git::testing::BareRemote;
 use backend_git::GitBackend;
-
-fn tid(s: &str) -> TaskId {
-    TaskId::parse(s).expect("valid")
-}
-fn sid(s: &str) -> SessionId {
-    SessionId::parse(s).expect("valid")
-}
 
 const FIXTURE: &str = include_str!("../fixtures/PHASE-0-TASK-BOARD.md");
 

@@ -81,40 +81,43 @@ async fn connect(g: &Global, command: &Command) -> Result<Arc<dyn Backend>> {
 
 /// Runs one command; returns its exit code.
 pub async fn run(g: &Global, command: &Command) -> Result<u8> {
+    let mut out = std::io::stdout().lock();
+    let output = g.output;
     match command {
-        Command::Agent(args) => return crate::agent::run(g, args).await,
+        Command::Agent(args) => crate::agent::run(g, args).await,
         Command::Migrate { dry_run, force } => {
             let b = etcd_only(g, "migrate").await?;
-            let mut out = std::io::stdout().lock();
-            return migrate::migrate(&b, g.output, &board_file(g), *dry_run, *force, &mut out)
-                .await;
+            migrate::migrate(&b, output, &board_file(g), *dry_run, *force, &mut out).await
         }
         Command::Verify => {
-            let b = etcd_only(g, "verify").await?;
-            return migrate::verify(&b, g.output, &board_file(g), &mut std::io::stdout().lock())
-                .await;
+            migrate::verify(
+                &etcd_only(g, "verify").await?,
+                output,
+                &board_file(g),
+                &mut out,
+            )
+            .await
         }
         Command::Export => {
-            let b = etcd_only(g, "export").await?;
-            return migrate::export(&b, g.output, &board_file(g), &mut std::io::stdout().lock())
-                .await;
+            migrate::export(
+                &etcd_only(g, "export").await?,
+                output,
+                &board_file(g),
+                &mut out,
+            )
+            .await
         }
-        _ => {}
-    }
-    let backend = connect(g, command).await?;
-    let b = backend.as_ref();
-    let mut out = std::io::stdout().lock();
-    match command {
-        Command::Put(args) => put(b, g.output, args, &mut out).await,
-        Command::Get { task } => get(b, g.output, task, &mut out).await,
-        Command::Claim(args) => claim(b, g.output, args, &mut out).await,
-        Command::Release(args) => release(b, g.output, args, &mut out).await,
-        Command::Status => status(b, g.output, &mut out).await,
+        Command::Put(args) => put(&*connect(g, command).await?, output, args, &mut out).await,
+        Command::Get { task } => get(&*connect(g, command).await?, output, task, &mut out).await,
+        Command::Claim(args) => claim(&*connect(g, command).await?, output, args, &mut out).await,
+        Command::Release(args) => {
+            release(&*connect(g, command).await?, output, args, &mut out).await
+        }
+        Command::Status => status(&*connect(g, command).await?, output, &mut out).await,
         Command::Watch => {
             drop(out);
-            watch(b, g.output).await
+            watch(&*connect(g, command).await?, output).await
         }
-        Command::Agent(_) | Command::Migrate { .. } | Command::Verify | Command::Export => Ok(0), // handled above
     }
 }
 
