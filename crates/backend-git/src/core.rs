@@ -185,7 +185,18 @@ impl Core {
         let head = self.clone.head()?;
         if self.told_head != Some(head) {
             // One board diff per commit that changed the board, oldest first.
+            // Commits that did not touch the board (heartbeats, STATUS files) are skipped unread.
+            let mut last_board = self
+                .told_head
+                .map(|h| self.clone.blob_id_at(h, &self.config.board))
+                .transpose()?
+                .flatten();
             for (oid, depth) in self.commits_since(head)? {
+                let board_id = self.clone.blob_id_at(oid, &self.config.board)?;
+                if board_id == last_board {
+                    continue;
+                }
+                last_board = board_id;
                 let Some(bytes) = self.clone.read_at(oid, &self.config.board)? else {
                     continue;
                 };

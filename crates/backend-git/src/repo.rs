@@ -166,6 +166,16 @@ impl Clone {
     }
 
     /// A file's content at commit `oid`.
+    /// The blob id of a file at commit `oid` (`None`: no such file): equal ids, equal content.
+    pub fn blob_id_at(&self, oid: Oid, path: &str) -> Result<Option<Oid>, BackendError> {
+        let tree = self
+            .repo
+            .find_commit(oid)
+            .and_then(|c| c.tree())
+            .map_err(|e| self.local_err(e))?;
+        Ok(tree.get_path(Path::new(path)).ok().map(|e| e.id()))
+    }
+
     pub fn read_at(&self, oid: Oid, path: &str) -> Result<Option<Vec<u8>>, BackendError> {
         let tree = self
             .repo
