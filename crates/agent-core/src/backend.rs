@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 
 use crate::error::BackendResult;
 use crate::ids::{SessionId, TaskId};
+use crate::mirror::{Mirrored, RecordOutcome};
 use crate::model::{
     ClaimOutcome, FencingToken, Listing, Presence, PutOutcome, ReleaseOutcome, ReleaseTo, Task,
     TaskEvent, TaskPatch,
@@ -36,6 +37,9 @@ pub enum BackendEvent {
         /// Its path in the coordination repo.
         path: String,
     },
+    /// The store serving this subscription changed (the router switched between etcd and git):
+    /// every task as the new store says, to replace what the subscriber knew.
+    Resync(Listing),
 }
 
 /// A live stream of events that starts right after a consistent snapshot.
@@ -134,6 +138,16 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         to: ReleaseTo,
         token: Option<FencingToken>,
     ) -> BackendResult<ReleaseOutcome>;
+
+    /// Records transitions that happened in another store (mirroring, bridging, catching up after
+    /// a fallback), each by compare-and-swap under the rule of [`crate::mirror::decide`]: never
+    /// backwards, never over another session's claim. Returns one outcome per item, in order.
+    ///
+    /// # Correctness
+    /// Each item is checked against the current state and written atomically with that check
+    /// (git: all items in one commit). A recorded claim is not bound to a lease: it is held until a
+    /// later record or its holder releases it.
+    async fn record(&self, items: &[Mirrored]) -> BackendResult<Vec<RecordOutcome>>;
 
     /// A snapshot of every task and the stream of changes after it.
     ///

@@ -11,6 +11,7 @@ pub mod duration;
 pub mod error;
 pub mod ids;
 pub mod memory;
+pub mod mirror;
 pub mod model;
 pub mod retry;
 pub mod yaml;
@@ -21,6 +22,7 @@ pub mod testing;
 pub use backend::{Backend, BackendEvent, Health, Subscription};
 pub use error::{BackendError, BackendResult};
 pub use ids::{InvalidId, SessionId, TaskId};
+pub use mirror::{Mirrored, RecordOutcome};
 pub use model::{
     Claim, ClaimOutcome, Claimability, CorruptRecord, FencingToken, Listing, Patched, Presence,
     PutOutcome, ReleaseOutcome, ReleaseTo, Task, TaskEvent, TaskPatch, TaskStatus,

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::backend::{Backend, BackendEvent, Health, Subscription};
 use crate::error::BackendResult;
 use crate::ids::{SessionId, TaskId};
+use crate::mirror::{self, Decision, Mirrored, RecordOutcome};
 use crate::model::{
     Claim, ClaimOutcome, Claimability, FencingToken, Listing, Patched, Presence, PutOutcome,
     ReleaseOutcome, ReleaseTo, Task, TaskEvent, TaskPatch, TaskStatus,
@@ -57,6 +58,8 @@ struct State {
     next_lease: u64,
     subscribers: Vec<Subscriber>,
     presences: BTreeMap<SessionId, (Presence, Option<u64>)>,
+    /// Set by [`MemoryStore::set_reachable`]: every call fails as if the store were down.
+    down: bool,
 }
 
 impl State {
@@ -206,10 +209,28 @@ impl MemoryStore {
         state.expire(Instant::now());
     }
 
+    /// Makes every call of every client fail with `Unavailable` (`false`) or work again (`true`),
+    /// as an etcd outage would. For tests of what sits above a backend (the router).
+    pub fn set_reachable(&self, reachable: bool) {
+        lock(&self.state).down = !reachable;
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         let mut state = lock(&self.state);
         state.expire(Instant::now());
         state
+    }
+
+    /// The state, or `Unavailable` while the store is set down.
+    fn up(&self) -> BackendResult<MutexGuard<'_, State>> {
+        let state = self.lock();
+        if state.down {
+            return Err(crate::BackendError::Unavailable {
+                endpoint: "memory".into(),
+                reason: "the store is set down".into(),
+            });
+        }
+        Ok(state)
     }
 }
 
@@ -316,16 +337,16 @@ impl Backend for MemoryBackend {
     }
 
     async fn get(&self, task: &TaskId) -> BackendResult<Option<Task>> {
-        Ok(self.store.lock().effective(task))
+        Ok(self.store.up()?.effective(task))
     }
 
     async fn list(&self) -> BackendResult<Listing> {
-        Ok(self.store.lock().listing())
+        Ok(self.store.up()?.listing())
     }
 
     async fn put(&self, task: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {
         patch.validate(task)?;
-        let mut state = self.store.lock();
+        let mut state = self.store.up()?;
         let Some(current) = state.effective(task) else {
             let new = patch.create(task.clone());
             state.mutate(task, |s| {
@@ -354,7 +375,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn claim(&self, task: &TaskId, session: &SessionId) -> BackendResult<ClaimOutcome> {
-        let mut state = self.store.lock();
+        let mut state = self.store.up()?;
         let Some(current) = state.effective(task) else {
             return Ok(ClaimOutcome::NotFound);
         };
@@ -396,7 +417,7 @@ impl Backend for MemoryBackend {
         token: Option<FencingToken>,
     ) -> BackendResult<ReleaseOutcome> {
         let my_lease = self.my_lease(session);
-        let mut state = self.store.lock();
+        let mut state = self.store.up()?;
         let Some(current) = state.effective(task) else {
             return Ok(ReleaseOutcome::NotFound);
         };
@@ -436,8 +457,37 @@ impl Backend for MemoryBackend {
         })
     }
 
+    async fn record(&self, items: &[Mirrored]) -> BackendResult<Vec<RecordOutcome>> {
+        let mut state = self.store.up()?;
+        let mut out = Vec::with_capacity(items.len());
+        for want in items {
+            let Some(current) = state.effective(&want.task) else {
+                out.push(RecordOutcome::NotFound);
+                continue;
+            };
+            match mirror::decide(&current, want) {
+                Decision::Skip(outcome) => out.push(outcome),
+                Decision::Write => {
+                    let next = mirror::applied(&current, want);
+                    state.mutate(&want.task, |s| {
+                        s.claims.remove(&want.task);
+                        s.tasks.insert(
+                            want.task.clone(),
+                            Record {
+                                task: next,
+                                lease: None,
+                            },
+                        );
+                    });
+                    out.push(RecordOutcome::Written);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn subscribe(&self) -> BackendResult<Subscription> {
-        let mut state = self.store.lock();
+        let mut state = self.store.up()?;
         let (tx, rx) = mpsc::unbounded_channel();
         state.subscribers.push(Subscriber { owner: self.id, tx });
         Ok(Subscription::new(state.listing(), rx))
@@ -459,7 +509,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn announce(&self, presence: &Presence) -> BackendResult<()> {
-        let mut state = self.store.lock();
+        let mut state = self.store.up()?;
         let lease = self.session_lease(&mut state, &presence.session_id);
         state
             .presences
@@ -470,7 +520,7 @@ impl Backend for MemoryBackend {
     async fn sessions(&self) -> BackendResult<Vec<Presence>> {
         Ok(self
             .store
-            .lock()
+            .up()?
             .presences
             .values()
             .map(|(p, _)| p.clone())
@@ -478,9 +528,15 @@ impl Backend for MemoryBackend {
     }
 
     async fn health(&self) -> Health {
+        let reachable = !self.store.lock().down;
         Health {
-            reachable: true,
-            detail: "in-memory store".into(),
+            reachable,
+            detail: if reachable {
+                "in-memory store"
+            } else {
+                "the store is set down"
+            }
+            .into(),
         }
     }
 }

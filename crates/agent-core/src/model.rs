@@ -322,7 +322,7 @@ pub struct TaskEvent {
 }
 
 /// A consistent list of every task at one revision.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Listing {
     /// The tasks that could be read, sorted by id.
     pub tasks: Vec<Task>,

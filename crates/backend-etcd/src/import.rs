@@ -1,6 +1,8 @@
-//! Migration from the board: write one task as the board states it, by compare-and-swap, never
-//! moving it backwards (complete stays complete, a live claim is kept) unless forced.
+//! Writes that come from another store, by compare-and-swap: migration from the board (one task
+//! as the board states it, never moving it backwards unless forced) and `record` (a transition
+//! mirrored from git, under `agent_core::mirror::decide`).
 
+use agent_core::mirror::{self, rank, Decision, Mirrored, RecordOutcome};
 use agent_core::{BackendError, BackendResult, Task, TaskId, TaskStatus};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
@@ -17,15 +19,6 @@ pub enum Imported {
     Kept {
         reason: String,
     },
-}
-
-/// How far along a status is; migration never goes back down without `--force`.
-fn rank(s: TaskStatus) -> u8 {
-    match s {
-        TaskStatus::Available | TaskStatus::Blocked => 0,
-        TaskStatus::Claimed => 1,
-        TaskStatus::Complete => 2,
-    }
 }
 
 impl Inner {
@@ -105,6 +98,48 @@ impl Inner {
         Err(BackendError::Unavailable {
             endpoint: self.conn.endpoints().to_owned(),
             reason: format!("{id}: kept changing during import"),
+        })
+    }
+
+    /// Records one transition from another store: written (record + claim key removed) only if
+    /// neither changed since they were read and `decide` allows it.
+    pub(crate) async fn record(&self, want: &Mirrored) -> BackendResult<RecordOutcome> {
+        let id = &want.task;
+        for _ in 0..16 {
+            let view = self.read_view(id, false).await?;
+            let Some(stored) = &view.record else {
+                return Ok(RecordOutcome::NotFound);
+            };
+            let (current, _) =
+                effective(stored, view.claim.as_ref()).map_err(|reason| BackendError::Corrupt {
+                    key: self.keys.task(id),
+                    reason,
+                })?;
+            if let Decision::Skip(outcome) = mirror::decide(&current, want) {
+                return Ok(outcome);
+            }
+            let next = Record {
+                task: mirror::applied(&current, want),
+                lease: None,
+            };
+            let (task_key, claim_key) = (self.keys.task(id), self.keys.claim(id));
+            let mut ops = vec![TxnOp::put(task_key.clone(), next.encode(), None)];
+            if view.claim.is_some() {
+                ops.push(TxnOp::delete(claim_key.clone(), None));
+            }
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::mod_revision(task_key, CompareOp::Equal, view.record_rev()),
+                    Compare::mod_revision(claim_key, CompareOp::Equal, view.claim_rev()),
+                ])
+                .and_then(ops);
+            if self.conn.txn("record", txn).await?.succeeded() {
+                return Ok(RecordOutcome::Written);
+            }
+        }
+        Err(BackendError::Unavailable {
+            endpoint: self.conn.endpoints().to_owned(),
+            reason: format!("{id}: kept changing while recording"),
         })
     }
 }

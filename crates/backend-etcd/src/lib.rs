@@ -24,8 +24,9 @@ pub mod testing;
 use std::sync::Arc;
 
 use agent_core::{
-    Backend, BackendError, BackendResult, ClaimOutcome, FencingToken, Health, Listing, Presence,
-    PutOutcome, ReleaseOutcome, ReleaseTo, SessionId, Subscription, Task, TaskId, TaskPatch,
+    Backend, BackendError, BackendResult, ClaimOutcome, FencingToken, Health, Listing, Mirrored,
+    Presence, PutOutcome, RecordOutcome, ReleaseOutcome, ReleaseTo, SessionId, Subscription, Task,
+    TaskId, TaskPatch,
 };
 use async_trait::async_trait;
 use tokio::sync::{mpsc, OnceCell};
@@ -151,6 +152,14 @@ impl Backend for EtcdBackend {
         token: Option<FencingToken>,
     ) -> BackendResult<ReleaseOutcome> {
         self.inner.release(task, session, to, token).await
+    }
+
+    async fn record(&self, items: &[Mirrored]) -> BackendResult<Vec<RecordOutcome>> {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            out.push(self.inner.record(item).await?);
+        }
+        Ok(out)
     }
 
     async fn subscribe(&self) -> BackendResult<Subscription> {

@@ -5,10 +5,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime};
 
+use agent_core::mirror::{self, Decision};
 use agent_core::{
     BackendError, BackendEvent, BackendResult, Claim, ClaimOutcome, Claimability, FencingToken,
-    Listing, Patched, PutOutcome, ReleaseOutcome, ReleaseTo, SessionId, Task, TaskEvent, TaskId,
-    TaskPatch, TaskStatus,
+    Listing, Mirrored, Patched, PutOutcome, RecordOutcome, ReleaseOutcome, ReleaseTo, SessionId,
+    Task, TaskEvent, TaskId, TaskPatch, TaskStatus,
 };
 use chrono::Utc;
 use git2::Oid;
@@ -100,6 +101,17 @@ impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core").field("clone", &self.clone).finish()
     }
+}
+
+/// The trailers every commit ifc makes carries (`none` where one does not apply).
+fn trailers(task: Option<&TaskId>, session: Option<&SessionId>, token: Option<u64>) -> String {
+    let or_none = |v: Option<String>| v.unwrap_or_else(|| "none".into());
+    format!(
+        "Ifc-Task: {}\nIfc-Session: {}\nIfc-Fencing-Token: {}\n",
+        or_none(task.map(ToString::to_string)),
+        or_none(session.map(ToString::to_string)),
+        or_none(token.map(|t| t.to_string())),
+    )
 }
 
 fn face(t: &Task) -> Face {
@@ -426,7 +438,10 @@ impl Core {
             ),
             self.status_file(session, Some(id), Some((id, &record)), None),
         ];
-        let message = format!("claim {id} for {session}\n\nIfc-Task: {id}\nIfc-Session: {session}\nIfc-Fencing-Token: {token}\n");
+        let message = format!(
+            "claim {id} for {session}\n\n{}",
+            trailers(Some(id), Some(session), Some(token))
+        );
         let written = Instant::now();
         match self.clone.commit_and_push(&files, &message)? {
             Pushed::Landed { depth } => {
@@ -497,7 +512,10 @@ impl Core {
         } else {
             "release"
         };
-        let message = format!("{verb} {id} by {session}\n\nIfc-Task: {id}\nIfc-Session: {session}\nIfc-Fencing-Token: {token}\n");
+        let message = format!(
+            "{verb} {id} by {session}\n\n{}",
+            trailers(Some(id), Some(session), Some(token))
+        );
         let written = Instant::now();
         match self.clone.commit_and_push(&files, &message)? {
             Pushed::Landed { .. } => {
@@ -547,16 +565,98 @@ impl Core {
             self.config.board.clone(),
             snap.board.render(&tasks).into_bytes(),
         )];
-        match self
-            .clone
-            .commit_and_push(&files, &format!("put {id}\n\nIfc-Task: {id}\n"))?
-        {
+        match self.clone.commit_and_push(
+            &files,
+            &format!(
+                "put {id}\n\n{}",
+                trailers(Some(id), self.config.session.as_ref(), None)
+            ),
+        )? {
             Pushed::Landed { .. } => {
                 let snap = self.snapshot()?;
                 self.emit(&snap)?;
                 Ok(Some(outcome))
             }
             Pushed::Rejected => Ok(None),
+        }
+    }
+
+    /// One attempt to record transitions from another store, all in one commit: `None` when the
+    /// push was rejected. A recorded claim of this backend's own session is listed in its STATUS
+    /// file (so it is held while the session's heartbeat is fresh, and fenced like its own).
+    pub fn record(&mut self, items: &[Mirrored]) -> BackendResult<Option<Vec<RecordOutcome>>> {
+        let snap = self.sync()?;
+        let mut tasks = snap.board.tasks().to_vec();
+        let mut out = Vec::with_capacity(items.len());
+        let mut held = self.held.clone();
+        let mut own = std::collections::BTreeSet::new();
+        let mut message = String::new();
+        for want in items {
+            let Some(row) = tasks.iter_mut().find(|t| t.id == want.task) else {
+                out.push(RecordOutcome::NotFound);
+                continue;
+            };
+            let current = snap.effective(row, self.config.stale_after);
+            if let Decision::Skip(outcome) = mirror::decide(&current, want) {
+                out.push(outcome);
+                continue;
+            }
+            let next = mirror::applied(&current, want);
+            row.status = next.status;
+            row.owner = next.claimed_by.clone();
+            let token = want.token.map(|t| t.0);
+            message += &trailers(Some(&want.task), want.holder.as_ref(), token);
+            if let Some(h) = want
+                .holder
+                .as_ref()
+                .filter(|h| self.config.session.as_ref() == Some(*h))
+            {
+                own.insert(h.clone());
+                held.remove(&want.task);
+                if next.status == TaskStatus::Claimed {
+                    let record = ClaimRecord::now(token.unwrap_or_default());
+                    held.insert(
+                        want.task.clone(),
+                        Held {
+                            session: h.clone(),
+                            token: record.token,
+                            at: record.at,
+                        },
+                    );
+                }
+            }
+            out.push(RecordOutcome::Written);
+        }
+        if message.is_empty() {
+            return Ok(Some(out));
+        }
+        let saved = std::mem::replace(&mut self.held, held);
+        let mut files = vec![(
+            self.config.board.clone(),
+            snap.board.render(&tasks).into_bytes(),
+        )];
+        files.extend(own.iter().map(|s| self.status_file(s, None, None, None)));
+        let written = Instant::now();
+        let written_count = out.iter().filter(|o| **o == RecordOutcome::Written).count();
+        let message =
+            format!("record {written_count} transition(s) from the coordinator\n\n{message}");
+        match self.clone.commit_and_push(&files, &message) {
+            Ok(Pushed::Landed { .. }) => {
+                for s in own {
+                    self.heartbeats.insert(s, written);
+                }
+                let snap = self.snapshot()?;
+                self.emit(&snap)?;
+                Ok(Some(out))
+            }
+            Ok(Pushed::Rejected) => {
+                self.held = saved;
+                Ok(None)
+            }
+            Err(e) => {
+                self.held = saved;
+                Err(e)
+            }
         }
     }
 
@@ -579,8 +679,11 @@ impl Core {
             .map(|s| self.status_file(s, None, None, None))
             .collect();
         let written = Instant::now();
+        let message = sessions.iter().fold("heartbeat\n\n".to_owned(), |m, s| {
+            m + &trailers(None, Some(s), None)
+        });
         let landed = matches!(
-            self.clone.commit_and_push(&files, "heartbeat\n")?,
+            self.clone.commit_and_push(&files, &message)?,
             Pushed::Landed { .. }
         );
         if landed {
@@ -623,10 +726,18 @@ impl Core {
             None,
         )];
         let written = Instant::now();
-        match self
-            .clone
-            .commit_and_push(&files, &format!("status of {}\n", presence.session_id))?
-        {
+        match self.clone.commit_and_push(
+            &files,
+            &format!(
+                "status of {}\n\n{}",
+                presence.session_id,
+                trailers(
+                    presence.current_task.as_ref(),
+                    Some(&presence.session_id),
+                    None
+                )
+            ),
+        )? {
             Pushed::Landed { .. } => {
                 self.heartbeats.insert(presence.session_id.clone(), written);
                 Ok(Some(()))

@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use agent_core::{
-    Backend, BackendError, BackendResult, ClaimOutcome, FencingToken, Health, Listing, Presence,
-    PutOutcome, ReleaseOutcome, ReleaseTo, SessionId, Subscription, Task, TaskId, TaskPatch,
+    Backend, BackendError, BackendResult, ClaimOutcome, FencingToken, Health, Listing, Mirrored,
+    Presence, PutOutcome, RecordOutcome, ReleaseOutcome, ReleaseTo, SessionId, Subscription, Task,
+    TaskId, TaskPatch,
 };
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -257,6 +258,12 @@ impl Backend for GitBackend {
             c.release(&task, &session, to, token)
         })
         .await
+    }
+
+    async fn record(&self, items: &[Mirrored]) -> BackendResult<Vec<RecordOutcome>> {
+        let items = items.to_vec();
+        let what = format!("record {} transition(s)", items.len());
+        rounds(&self.core, &self.remote, what, move |c| c.record(&items)).await
     }
 
     async fn subscribe(&self) -> BackendResult<Subscription> {

@@ -10,8 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::{
-    Backend, BackendEvent, ClaimOutcome, FencingToken, Presence, PutOutcome, ReleaseOutcome,
-    ReleaseTo, SessionId, Task, TaskEvent, TaskId, TaskPatch, TaskStatus,
+    Backend, BackendEvent, ClaimOutcome, FencingToken, Mirrored, Presence, PutOutcome,
+    RecordOutcome, ReleaseOutcome, ReleaseTo, SessionId, Task, TaskEvent, TaskId, TaskPatch,
+    TaskStatus,
 };
 
 /// What a backend's tests provide to run the suite against a fresh store.
@@ -41,7 +42,8 @@ macro_rules! conformance_suite {
             claim_success, claim_race_two, claim_race_many, claim_of_missing_task,
             realtime_event, events_in_revision_order, lease_expiry_recovery,
             fencing_after_lease_end, release_fencing, release_available_then_reclaim,
-            holder_reclaim_supersedes, blockers_gate_claims, put_rules, presence_lives_with_the_session);
+            holder_reclaim_supersedes, blockers_gate_claims, put_rules, presence_lives_with_the_session,
+            record_rules);
     };
     (@cases $harness:expr; $($case:ident),* $(,)?) => {
         $(
@@ -619,6 +621,100 @@ pub async fn put_rules(h: &impl Harness) {
         .map(|t| t.id.to_string())
         .collect();
     assert!(names.contains("TEST-PUT"));
+}
+
+/// `record` writes transitions from another store by compare-and-swap: claims over free tasks,
+/// completions over anything but another session's claim, releases only of the same claim; one
+/// outcome per item, in order; a recorded claim is held (others lose) until recorded released.
+pub async fn record_rules(h: &impl Harness) {
+    let b = h.client().await;
+    let other = h.client().await;
+    let (free, held, done) = (
+        tid("TEST-REC-FREE"),
+        tid("TEST-REC-HELD"),
+        tid("TEST-REC-DONE"),
+    );
+    let (s1, s2, s3) = (sid("rec-s1"), sid("rec-s2"), sid("rec-s3"));
+    for t in [&free, &held, &done] {
+        put_status(&*b, t, TaskStatus::Available).await;
+    }
+    let token = won(&*b, &held, &s1).await;
+    put_status(&*b, &done, TaskStatus::Complete).await;
+    let item = |task: &TaskId, status, holder: &SessionId| Mirrored {
+        task: task.clone(),
+        status,
+        holder: Some(holder.clone()),
+        token: Some(FencingToken(7)),
+    };
+    let out = b
+        .record(&[
+            item(&free, TaskStatus::Claimed, &s3),
+            item(&held, TaskStatus::Claimed, &s2),
+            item(&done, TaskStatus::Claimed, &s3),
+            item(&tid("TEST-REC-NONE"), TaskStatus::Complete, &s3),
+        ])
+        .await
+        .expect("record");
+    assert_eq!(out[0], RecordOutcome::Written);
+    assert_eq!(
+        out[1],
+        RecordOutcome::Conflict {
+            holder: Some(s1.clone())
+        }
+    );
+    assert!(matches!(out[2], RecordOutcome::Kept { .. }), "{:?}", out[2]);
+    assert_eq!(out[3], RecordOutcome::NotFound);
+    assert_eq!(out.len(), 4);
+    let t = get(&*other, &free).await;
+    assert_eq!(
+        (t.status, t.claimed_by.as_ref()),
+        (TaskStatus::Claimed, Some(&s3))
+    );
+    assert_eq!(
+        other.claim(&free, &s2).await.expect("claim"),
+        ClaimOutcome::Lost {
+            holder: Some(s3.clone())
+        },
+        "a recorded claim is held"
+    );
+    assert_eq!(
+        get(&*other, &held).await.claimed_by.as_ref(),
+        Some(&s1),
+        "a conflict writes nothing"
+    );
+    // The holder's own completion recorded from elsewhere ends its claim here too.
+    let out = b
+        .record(&[
+            item(&held, TaskStatus::Complete, &s1),
+            item(&free, TaskStatus::Available, &s3),
+        ])
+        .await
+        .expect("record");
+    assert_eq!(out, vec![RecordOutcome::Written, RecordOutcome::Written]);
+    let t = get(&*other, &held).await;
+    assert_eq!(
+        (t.status, t.claimed_by.as_ref()),
+        (TaskStatus::Complete, Some(&s1))
+    );
+    assert!(matches!(
+        b.release(&held, &s1, ReleaseTo::Complete, Some(token))
+            .await
+            .expect("release"),
+        ReleaseOutcome::NotHolder { .. }
+    ));
+    assert!(matches!(
+        other.claim(&free, &s2).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+    assert_eq!(
+        b.record(&[item(&free, TaskStatus::Available, &s3)])
+            .await
+            .expect("record"),
+        vec![RecordOutcome::Kept {
+            reason: "claimed again since".into()
+        }],
+        "a release never undoes a later claim"
+    );
 }
 
 /// A session's presence is listed while it lives and goes by itself when it dies.

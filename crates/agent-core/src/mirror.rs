@@ -1,0 +1,209 @@
+//! Writing a task's state as *another* store recorded it (the router's git mirror, the bridge, the
+//! return from a fallback): what a mirrored transition is and the pure rule for whether it may be
+//! written over what this store says. Never backwards, never over another session's claim.
+
+use serde::Serialize;
+
+use crate::ids::{SessionId, TaskId};
+use crate::model::{FencingToken, Task, TaskStatus};
+
+/// One task's state in the store it happened in, to be recorded in another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Mirrored {
+    /// The task.
+    pub task: TaskId,
+    /// `claimed`, `complete` or `available` (a claim that ended without completing).
+    pub status: TaskStatus,
+    /// The holder (`claimed`), the completer (`complete`) or the session whose claim ended
+    /// (`available`; `None` when nobody held it).
+    pub holder: Option<SessionId>,
+    /// The claim's fencing token in the store it happened in; written into git's trailers and
+    /// STATUS file so the holder's release there is fenced by the same token.
+    pub token: Option<FencingToken>,
+}
+
+/// What recording one transition came to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum RecordOutcome {
+    /// Written.
+    Written,
+    /// This store already says so.
+    Unchanged,
+    /// This store is ahead (complete stays complete; a claim someone else made since is kept).
+    Kept { reason: String },
+    /// Both stores have the task claimed (or done) by different sessions: nothing was written.
+    Conflict { holder: Option<SessionId> },
+    /// No such task here.
+    NotFound,
+}
+
+/// What [`decide`] says to do with a transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Write the task with this status and holder.
+    Write,
+    /// Write nothing; report this.
+    Skip(RecordOutcome),
+}
+
+/// Whether `want` may be written over `current` (this store's effective state of the task).
+///
+/// - `claimed` by H: written over `available`/`blocked`; kept from `complete`; a conflict when
+///   another session holds it.
+/// - `complete` by H: written over anything but a claim of another session (a conflict) and
+///   `complete` (unchanged).
+/// - `available` after H's claim: written only while H still holds it here; otherwise nothing to
+///   undo.
+pub fn decide(current: &Task, want: &Mirrored) -> Decision {
+    let held_by =
+        |h: &Option<SessionId>| current.status == TaskStatus::Claimed && &current.claimed_by == h;
+    let other_holder = current.status == TaskStatus::Claimed && current.claimed_by != want.holder;
+    match want.status {
+        TaskStatus::Claimed => {
+            if held_by(&want.holder) {
+                Decision::Skip(RecordOutcome::Unchanged)
+            } else if other_holder {
+                Decision::Skip(RecordOutcome::Conflict {
+                    holder: current.claimed_by.clone(),
+                })
+            } else if current.status == TaskStatus::Complete {
+                Decision::Skip(RecordOutcome::Kept {
+                    reason: "already complete".into(),
+                })
+            } else {
+                Decision::Write
+            }
+        }
+        TaskStatus::Complete => {
+            if current.status == TaskStatus::Complete {
+                Decision::Skip(RecordOutcome::Unchanged)
+            } else if other_holder {
+                Decision::Skip(RecordOutcome::Conflict {
+                    holder: current.claimed_by.clone(),
+                })
+            } else {
+                Decision::Write
+            }
+        }
+        TaskStatus::Available | TaskStatus::Blocked => match current.status {
+            TaskStatus::Available | TaskStatus::Blocked => Decision::Skip(RecordOutcome::Unchanged),
+            TaskStatus::Claimed if held_by(&want.holder) => Decision::Write,
+            TaskStatus::Claimed => Decision::Skip(RecordOutcome::Kept {
+                reason: "claimed again since".into(),
+            }),
+            TaskStatus::Complete => Decision::Skip(RecordOutcome::Kept {
+                reason: "already complete".into(),
+            }),
+        },
+    }
+}
+
+/// `current` with `want` applied (the caller has checked [`decide`]). A claim keeps its time.
+pub fn applied(current: &Task, want: &Mirrored) -> Task {
+    let mut next = current.clone();
+    next.status = match want.status {
+        TaskStatus::Blocked => TaskStatus::Available,
+        s => s,
+    };
+    match want.status {
+        TaskStatus::Claimed | TaskStatus::Complete => {
+            if next.claimed_by != want.holder || next.claimed_at.is_none() {
+                next.claimed_at = Some(chrono::Utc::now());
+            }
+            next.claimed_by = want.holder.clone();
+        }
+        TaskStatus::Available | TaskStatus::Blocked => {
+            next.claimed_by = None;
+            next.claimed_at = None;
+        }
+    }
+    next
+}
+
+/// How far along a status is (available/blocked < claimed < complete).
+pub fn rank(status: TaskStatus) -> u8 {
+    match status {
+        TaskStatus::Available | TaskStatus::Blocked => 0,
+        TaskStatus::Claimed => 1,
+        TaskStatus::Complete => 2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(status: TaskStatus, holder: Option<&str>) -> Task {
+        let mut t = Task::new(TaskId::parse("T").expect("id"), status);
+        t.claimed_by = holder.map(|h| SessionId::parse(h).expect("id"));
+        t
+    }
+    fn want(status: TaskStatus, holder: &str) -> Mirrored {
+        Mirrored {
+            task: TaskId::parse("T").expect("id"),
+            status,
+            holder: Some(SessionId::parse(holder).expect("id")),
+            token: None,
+        }
+    }
+    use TaskStatus::{Available as A, Claimed as C, Complete as D};
+
+    #[test]
+    fn claims_are_written_over_free_tasks_only() {
+        assert_eq!(decide(&task(A, None), &want(C, "s1")), Decision::Write);
+        assert_eq!(
+            decide(&task(C, Some("s1")), &want(C, "s1")),
+            Decision::Skip(RecordOutcome::Unchanged)
+        );
+        assert!(matches!(
+            decide(&task(C, Some("s2")), &want(C, "s1")),
+            Decision::Skip(RecordOutcome::Conflict { holder: Some(h) }) if h.as_str() == "s2"
+        ));
+        assert!(matches!(
+            decide(&task(D, Some("s2")), &want(C, "s1")),
+            Decision::Skip(RecordOutcome::Kept { .. })
+        ));
+    }
+
+    #[test]
+    fn completions_never_overwrite_another_claim() {
+        assert_eq!(decide(&task(A, None), &want(D, "s1")), Decision::Write);
+        assert_eq!(
+            decide(&task(C, Some("s1")), &want(D, "s1")),
+            Decision::Write
+        );
+        assert!(matches!(
+            decide(&task(C, Some("s2")), &want(D, "s1")),
+            Decision::Skip(RecordOutcome::Conflict { .. })
+        ));
+        assert_eq!(
+            decide(&task(D, Some("s2")), &want(D, "s1")),
+            Decision::Skip(RecordOutcome::Unchanged)
+        );
+    }
+
+    #[test]
+    fn releases_undo_only_the_same_claim() {
+        assert_eq!(
+            decide(&task(C, Some("s1")), &want(A, "s1")),
+            Decision::Write
+        );
+        assert!(matches!(
+            decide(&task(C, Some("s2")), &want(A, "s1")),
+            Decision::Skip(RecordOutcome::Kept { .. })
+        ));
+        assert!(matches!(
+            decide(&task(D, Some("s1")), &want(A, "s1")),
+            Decision::Skip(RecordOutcome::Kept { .. })
+        ));
+        let next = applied(&task(C, Some("s1")), &want(A, "s1"));
+        assert_eq!((next.status, next.claimed_by), (A, None));
+        let done = applied(&task(C, Some("s1")), &want(D, "s1"));
+        assert_eq!(done.status, D);
+        assert_eq!(
+            done.claimed_by.map(|s| s.to_string()).as_deref(),
+            Some("s1")
+        );
+    }
+}
