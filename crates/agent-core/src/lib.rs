@@ -14,6 +14,7 @@ pub mod memory;
 pub mod mirror;
 pub mod model;
 pub mod retry;
+pub mod router;
 pub mod yaml;
 
 #[cfg(feature = "testing")]

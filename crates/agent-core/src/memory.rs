@@ -469,8 +469,22 @@ impl Backend for MemoryBackend {
                 Decision::Skip(outcome) => out.push(outcome),
                 Decision::Write => {
                     let next = mirror::applied(&current, want);
+                    // A recorded claim is fenced by the token it had where it was made.
+                    let token = want.token.map_or(state.revision + 1, |t| t.0);
+                    let key = next
+                        .claimed_by
+                        .clone()
+                        .filter(|_| next.status == TaskStatus::Claimed)
+                        .map(|session| ClaimKey {
+                            session,
+                            lease: None,
+                            token,
+                        });
                     state.mutate(&want.task, |s| {
                         s.claims.remove(&want.task);
+                        if let Some(key) = key {
+                            s.claims.insert(want.task.clone(), key);
+                        }
                         s.tasks.insert(
                             want.task.clone(),
                             Record {

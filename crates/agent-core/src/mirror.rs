@@ -130,6 +130,29 @@ pub fn rank(status: TaskStatus) -> u8 {
     }
 }
 
+/// What brings `to` up to `from`: every task that `from` has further along (claimed or complete
+/// where `to` is behind). Never backwards; whether each may be written is `decide`'s to say (a
+/// claim by another session there is a conflict, reported by `record`).
+pub fn catch_up(from: &[Task], to: &[Task]) -> Vec<Mirrored> {
+    let there: std::collections::HashMap<&TaskId, &Task> = to.iter().map(|t| (&t.id, t)).collect();
+    from.iter()
+        .filter(|t| {
+            there.get(&t.id).is_some_and(|other| {
+                rank(t.status) > rank(other.status)
+                    || (t.status == TaskStatus::Claimed
+                        && other.status == TaskStatus::Claimed
+                        && t.claimed_by != other.claimed_by)
+            })
+        })
+        .map(|t| Mirrored {
+            task: t.id.clone(),
+            status: t.status,
+            holder: t.claimed_by.clone(),
+            token: None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +204,24 @@ mod tests {
             decide(&task(D, Some("s2")), &want(D, "s1")),
             Decision::Skip(RecordOutcome::Unchanged)
         );
+    }
+
+    #[test]
+    fn catching_up_never_goes_backwards() {
+        let mut ahead = vec![task(D, Some("s1")), task(C, Some("s2")), task(A, None)];
+        ahead[1].id = TaskId::parse("U").expect("id");
+        ahead[2].id = TaskId::parse("V").expect("id");
+        let mut behind = vec![task(C, Some("s1")), task(A, None), task(D, Some("s3"))];
+        behind[1].id = TaskId::parse("U").expect("id");
+        behind[2].id = TaskId::parse("V").expect("id");
+        let plan = catch_up(&ahead, &behind);
+        let got: Vec<(&str, TaskStatus)> =
+            plan.iter().map(|m| (m.task.as_str(), m.status)).collect();
+        assert_eq!(got, vec![("T", D), ("U", C)]);
+        let back = catch_up(&behind, &ahead);
+        let back: Vec<(&str, TaskStatus)> =
+            back.iter().map(|m| (m.task.as_str(), m.status)).collect();
+        assert_eq!(back, vec![("V", D)], "only where the other side is ahead");
     }
 
     #[test]

@@ -1,0 +1,299 @@
+//! The router's decisions over two in-memory stores, one of which can be set down: fallback per
+//! operation, the breaker, claims carried across a switch, the return, live mode changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::memory::{MemoryBackend, MemoryStore};
+use crate::testing::{eventually, sid, tid};
+use crate::{Task, TaskStatus};
+
+struct Fleet {
+    etcd: MemoryStore,
+    git: MemoryStore,
+}
+
+impl Fleet {
+    async fn new(tasks: &[&str]) -> Fleet {
+        let fleet = Fleet {
+            etcd: MemoryStore::new(),
+            git: MemoryStore::new(),
+        };
+        for store in [&fleet.etcd, &fleet.git] {
+            let b = MemoryBackend::new(store.clone(), None);
+            for t in tasks {
+                b.put(&tid(t), &TaskPatch::default()).await.expect("put");
+            }
+        }
+        fleet
+    }
+
+    fn router(&self, mode: Mode) -> Router {
+        let mut config = RouterConfig::new("s1", mode);
+        config.deadline = Duration::from_millis(200);
+        config.failures_to_open = 2;
+        config.probe_initial = Duration::from_millis(50);
+        config.probe_max = Duration::from_millis(200);
+        config.check_interval = Duration::from_millis(50);
+        let etcd: Arc<dyn Backend> = Arc::new(MemoryBackend::new(
+            self.etcd.clone(),
+            Some(Duration::from_secs(30)),
+        ));
+        let git: Arc<dyn Backend> = Arc::new(MemoryBackend::new(self.git.clone(), None));
+        Router::new(Some(etcd), Some(git), config).expect("router")
+    }
+
+    async fn in_etcd(&self, t: &str) -> Task {
+        self.read(&self.etcd, t).await
+    }
+
+    async fn in_git(&self, t: &str) -> Task {
+        self.read(&self.git, t).await
+    }
+
+    async fn read(&self, store: &MemoryStore, t: &str) -> Task {
+        MemoryBackend::new(store.clone(), None)
+            .get(&tid(t))
+            .await
+            .expect("get")
+            .expect("task exists")
+    }
+}
+
+fn won(outcome: ClaimOutcome) -> crate::Claim {
+    match outcome {
+        ClaimOutcome::Won(c) => c,
+        other => panic!("expected to win, got {other:?}"),
+    }
+}
+
+fn face(t: &Task) -> (TaskStatus, Option<&str>) {
+    (t.status, t.claimed_by.as_ref().map(|s| s.as_str()))
+}
+
+async fn wait_serving(r: &Router, side: Side) {
+    eventually(Duration::from_secs(10), "the router to switch", || async {
+        (r.serving() == side).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn hybrid_claims_on_the_coordinator_and_mirrors_to_git() {
+    let fleet = Fleet::new(&["A", "B"]).await;
+    let r = fleet.router(Mode::Hybrid);
+    let c = won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
+    assert!(r.flush_mirror(Duration::from_secs(5)).await);
+    assert_eq!(
+        face(&fleet.in_etcd("A").await),
+        (TaskStatus::Claimed, Some("s1"))
+    );
+    assert_eq!(
+        face(&fleet.in_git("A").await),
+        (TaskStatus::Claimed, Some("s1"))
+    );
+    let out = r
+        .release(&tid("A"), &sid("s1"), ReleaseTo::Complete, Some(c.token))
+        .await
+        .expect("release");
+    assert!(matches!(out, ReleaseOutcome::Released { .. }));
+    assert!(r.flush_mirror(Duration::from_secs(5)).await);
+    assert_eq!(
+        face(&fleet.in_git("A").await),
+        (TaskStatus::Complete, Some("s1"))
+    );
+    assert_eq!(r.served().get(&("claim", "memory")), Some(&1));
+    assert_eq!(r.serving(), Side::Primary);
+}
+
+#[tokio::test]
+async fn lost_races_never_open_the_breaker() {
+    let fleet = Fleet::new(&["A"]).await;
+    let other = MemoryBackend::new(fleet.etcd.clone(), None);
+    won(other.claim(&tid("A"), &sid("s9")).await.expect("claim"));
+    let r = fleet.router(Mode::Hybrid);
+    for _ in 0..10 {
+        let out = r.claim(&tid("A"), &sid("s1")).await.expect("claim");
+        assert!(matches!(out, ClaimOutcome::Lost { .. }), "{out:?}");
+    }
+    assert_eq!(r.serving(), Side::Primary);
+}
+
+#[tokio::test]
+async fn an_outage_moves_the_claim_to_git_and_the_return_writes_git_back() {
+    let fleet = Fleet::new(&["A", "B", "C"]).await;
+    let r = fleet.router(Mode::Hybrid);
+    let mut sub = r.subscribe().await.expect("subscribe");
+    let a = won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
+
+    fleet.etcd.set_reachable(false);
+    wait_serving(&r, Side::Fallback).await;
+    // The running claim is asserted in git with the coordinator's token.
+    assert_eq!(
+        face(&fleet.in_git("A").await),
+        (TaskStatus::Claimed, Some("s1"))
+    );
+    let resync = eventually(Duration::from_secs(5), "a resync", || {
+        let got =
+            std::iter::from_fn(|| sub.try_next()).find(|e| matches!(e, BackendEvent::Resync(_)));
+        async move { got }
+    })
+    .await;
+    assert!(matches!(resync, BackendEvent::Resync(l) if l.tasks.len() == 3));
+
+    // Work goes on through git: the old claim completes there, a new one is made there.
+    let done = r
+        .release(&tid("A"), &sid("s1"), ReleaseTo::Complete, Some(a.token))
+        .await
+        .expect("release in git");
+    assert!(matches!(done, ReleaseOutcome::Released { .. }));
+    let b = won(r.claim(&tid("B"), &sid("s1")).await.expect("claim in git"));
+    assert_eq!(
+        face(&fleet.in_git("B").await),
+        (TaskStatus::Claimed, Some("s1"))
+    );
+    assert_eq!(r.served().get(&("claim", "memory")), Some(&2));
+
+    fleet.etcd.set_reachable(true);
+    wait_serving(&r, Side::Primary).await;
+    // What was done on git is in etcd: A complete, B claimed by s1 (and held: others lose).
+    assert_eq!(
+        face(&fleet.in_etcd("A").await),
+        (TaskStatus::Complete, Some("s1"))
+    );
+    assert_eq!(
+        face(&fleet.in_etcd("B").await),
+        (TaskStatus::Claimed, Some("s1"))
+    );
+    let other = MemoryBackend::new(fleet.etcd.clone(), None);
+    assert!(matches!(
+        other.claim(&tid("B"), &sid("s2")).await.expect("claim"),
+        ClaimOutcome::Lost { .. }
+    ));
+    // The release of B (claimed in git) lands in both stores.
+    r.release(&tid("B"), &sid("s1"), ReleaseTo::Complete, Some(b.token))
+        .await
+        .expect("release");
+    assert_eq!(
+        face(&fleet.in_etcd("B").await),
+        (TaskStatus::Complete, Some("s1"))
+    );
+    assert_eq!(
+        face(&fleet.in_git("B").await),
+        (TaskStatus::Complete, Some("s1"))
+    );
+}
+
+#[tokio::test]
+async fn a_claim_taken_in_git_meanwhile_is_lost_not_doubled() {
+    let fleet = Fleet::new(&["A"]).await;
+    let r = fleet.router(Mode::Hybrid);
+    let mut sub = r.subscribe().await.expect("subscribe");
+    // No mirror lands before another session takes A in git.
+    let git_session = MemoryBackend::new(fleet.git.clone(), None);
+    won(git_session
+        .claim(&tid("A"), &sid("s2"))
+        .await
+        .expect("claim"));
+    won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
+    fleet.etcd.set_reachable(false);
+    wait_serving(&r, Side::Fallback).await;
+    let lost = eventually(
+        Duration::from_secs(5),
+        "the claim to be reported lost",
+        || {
+            let got = std::iter::from_fn(|| sub.try_next())
+                .find(|e| matches!(e, BackendEvent::ClaimLost { .. }));
+            async move { got }
+        },
+    )
+    .await;
+    assert!(
+        matches!(lost, BackendEvent::ClaimLost { task, session, .. } if task == tid("A") && session == sid("s1"))
+    );
+    assert_eq!(
+        face(&fleet.in_git("A").await),
+        (TaskStatus::Claimed, Some("s2"))
+    );
+}
+
+#[tokio::test]
+async fn switching_to_git_live_brings_git_up_to_the_coordinator_first() {
+    let fleet = Fleet::new(&["A", "B", "C"]).await;
+    // Another coordinator session completed A before any mirror existed.
+    let elsewhere = MemoryBackend::new(fleet.etcd.clone(), None);
+    let c = won(elsewhere.claim(&tid("A"), &sid("s2")).await.expect("claim"));
+    elsewhere
+        .release(&tid("A"), &sid("s2"), ReleaseTo::Complete, Some(c.token))
+        .await
+        .expect("release");
+    let r = fleet.router(Mode::Coordinator);
+    let b = won(r.claim(&tid("B"), &sid("s1")).await.expect("claim"));
+    r.set_mode(Mode::Git).await.expect("to git");
+    assert_eq!(r.serving(), Side::Fallback);
+    assert_eq!(
+        face(&fleet.in_git("A").await),
+        (TaskStatus::Complete, Some("s2"))
+    );
+    assert_eq!(
+        face(&fleet.in_git("B").await),
+        (TaskStatus::Claimed, Some("s1"))
+    );
+    // Finished after the switch: complete in git, and in etcd (reachable).
+    r.release(&tid("B"), &sid("s1"), ReleaseTo::Complete, Some(b.token))
+        .await
+        .expect("release");
+    assert_eq!(
+        face(&fleet.in_git("B").await),
+        (TaskStatus::Complete, Some("s1"))
+    );
+    assert_eq!(
+        face(&fleet.in_etcd("B").await),
+        (TaskStatus::Complete, Some("s1"))
+    );
+    // Claims now go to git.
+    won(r.claim(&tid("C"), &sid("s1")).await.expect("claim"));
+    assert_eq!(
+        face(&fleet.in_git("C").await),
+        (TaskStatus::Claimed, Some("s1"))
+    );
+    assert_eq!(fleet.in_etcd("C").await.status, TaskStatus::Available);
+    // And back: C's claim moves to etcd.
+    r.set_mode(Mode::Coordinator).await.expect("back");
+    assert_eq!(r.serving(), Side::Primary);
+    assert_eq!(
+        face(&fleet.in_etcd("C").await),
+        (TaskStatus::Claimed, Some("s1"))
+    );
+}
+
+#[tokio::test]
+async fn one_failed_operation_goes_to_git_without_switching() {
+    let mut config = RouterConfig::new("s1", Mode::Hybrid);
+    config.failures_to_open = 5;
+    config.check_interval = Duration::from_secs(60);
+    let fleet = Fleet::new(&["A"]).await;
+    let etcd: Arc<dyn Backend> = Arc::new(MemoryBackend::new(fleet.etcd.clone(), None));
+    let git: Arc<dyn Backend> = Arc::new(MemoryBackend::new(fleet.git.clone(), None));
+    let r = Router::new(Some(etcd), Some(git), config).expect("router");
+    fleet.etcd.set_reachable(false);
+    let t = r.get(&tid("A")).await.expect("served by git");
+    assert!(t.is_some());
+    assert_eq!(
+        r.serving(),
+        Side::Primary,
+        "one failure does not open the breaker"
+    );
+    assert_eq!(r.served().get(&("get", "memory")), Some(&1));
+}
+
+#[tokio::test]
+async fn a_mode_needing_an_unconfigured_store_is_refused() {
+    let etcd: Arc<dyn Backend> = Arc::new(MemoryBackend::new(MemoryStore::new(), None));
+    let r =
+        Router::new(Some(etcd), None, RouterConfig::new("s1", Mode::Coordinator)).expect("router");
+    let err = r.set_mode(Mode::Git).await.expect_err("no git configured");
+    assert!(err.to_string().contains("git.remote"), "{err}");
+    assert_eq!(r.mode(), Mode::Coordinator);
+}
