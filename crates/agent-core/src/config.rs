@@ -13,7 +13,7 @@ use crate::ids::{SessionId, TaskId};
 use crate::yaml::{self, YamlError};
 
 /// Which store a session uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// etcd (IF.coordinator).
@@ -103,6 +103,17 @@ pub struct SessionFile {
     pub mode: Option<Mode>,
 }
 
+impl Mode {
+    /// The name as written in files and flags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Coordinator => "coordinator",
+            Mode::Git => "git",
+            Mode::Hybrid => "hybrid",
+        }
+    }
+}
+
 /// `config/coordinator.yaml`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -110,12 +121,150 @@ pub struct FleetFile {
     /// The fleet's default mode.
     #[serde(default)]
     pub mode: Option<Mode>,
+    /// `true`: every session runs on git now, whatever else says (the one-flag rollback).
+    #[serde(default)]
+    pub rollback: bool,
+    /// Which sessions run in which mode.
+    #[serde(default)]
+    pub rollout: Rollout,
+    /// Hybrid mode's fallback settings.
+    #[serde(default)]
+    pub hybrid: HybridSection,
+    /// The bridge between etcd and git.
+    #[serde(default)]
+    pub bridge: BridgeSection,
     /// etcd settings.
     #[serde(default)]
     pub etcd: EtcdSection,
     /// git settings.
     #[serde(default)]
     pub git: GitSection,
+}
+
+/// The fleet file's `rollout:` section: per-session modes for a gradual migration. An explicit
+/// entry (`sessions:` or the lists) wins over `percent`, which wins over `default`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    /// The mode of sessions not named below (default: the file's `mode`).
+    pub default: Option<Mode>,
+    /// `session id: mode`.
+    #[serde(default)]
+    pub sessions: BTreeMap<SessionId, Mode>,
+    /// Sessions on the coordinator.
+    #[serde(default)]
+    pub coordinator: Vec<SessionId>,
+    /// Sessions in hybrid mode.
+    #[serde(default)]
+    pub hybrid: Vec<SessionId>,
+    /// Sessions on git.
+    #[serde(default)]
+    pub git: Vec<SessionId>,
+    /// This share (0–100) of the other sessions, chosen by a stable hash of the session id, runs
+    /// in `percent_mode`.
+    pub percent: Option<u8>,
+    /// The mode of the `percent` share (default hybrid).
+    pub percent_mode: Option<Mode>,
+}
+
+/// The fleet file's `hybrid:` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HybridSection {
+    /// How long an operation may take on etcd before it goes to git (default 500ms).
+    pub deadline: Option<ConfigDuration>,
+    /// Consecutive etcd failures that move the session to git (default 3).
+    pub failures_to_open: Option<u32>,
+    /// First delay between probes of etcd while on git (default 500ms; doubles, jittered).
+    pub probe_initial: Option<ConfigDuration>,
+    /// Longest delay between probes (default 30s).
+    pub probe_max: Option<ConfigDuration>,
+}
+
+/// The fleet file's `bridge:` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeSection {
+    /// `true` when `ifc bridge` runs for this fleet: hybrid sessions then leave mirroring their
+    /// transitions into git to it.
+    #[serde(default)]
+    pub enabled: bool,
+    /// At most one git push per interval (default 1s).
+    pub interval: Option<ConfigDuration>,
+}
+
+/// Where a session's mode came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeSource {
+    /// `--mode` or `IFC_MODE`.
+    Flag,
+    /// The fleet file's `rollback: true`.
+    Rollback,
+    /// The session file's `mode:`.
+    SessionFile,
+    /// The fleet file's `rollout:`.
+    Rollout,
+    /// The fleet file's `mode:`.
+    FleetDefault,
+    /// Nothing said: coordinator.
+    BuiltIn,
+}
+
+/// A stable share (0–99) of a session id: FNV-1a, the same on every machine and version.
+pub fn stable_bucket(id: &SessionId) -> u8 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.as_str().bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    u8::try_from(hash % 100).unwrap_or(0)
+}
+
+/// A session's mode: `rollback: true` > `--mode`/`IFC_MODE` > session file > fleet rollout >
+/// fleet default > coordinator.
+/// Without a session (`id` `None`, the CLI) only the rollout's default applies.
+pub fn mode_for(
+    id: Option<&SessionId>,
+    flag: Option<Mode>,
+    session: Option<&SessionFile>,
+    fleet: Option<&FleetFile>,
+) -> (Mode, ModeSource) {
+    if fleet.is_some_and(|f| f.rollback) {
+        return (Mode::Git, ModeSource::Rollback);
+    }
+    if let Some(m) = flag {
+        return (m, ModeSource::Flag);
+    }
+    if let Some(m) = session.and_then(|s| s.mode) {
+        return (m, ModeSource::SessionFile);
+    }
+    let Some(fleet) = fleet else {
+        return (Mode::Coordinator, ModeSource::BuiltIn);
+    };
+    let r = &fleet.rollout;
+    let listed = id.and_then(|id| {
+        r.sessions.get(id).copied().or_else(|| {
+            [
+                (&r.coordinator, Mode::Coordinator),
+                (&r.hybrid, Mode::Hybrid),
+                (&r.git, Mode::Git),
+            ]
+            .into_iter()
+            .find(|(ids, _)| ids.contains(id))
+            .map(|(_, m)| m)
+        })
+    });
+    let by_share = id
+        .zip(r.percent)
+        .filter(|(id, p)| stable_bucket(id) < *p)
+        .map(|_| r.percent_mode.unwrap_or(Mode::Hybrid));
+    if let Some(m) = listed.or(by_share).or(r.default) {
+        return (m, ModeSource::Rollout);
+    }
+    match fleet.mode {
+        Some(m) => (m, ModeSource::FleetDefault),
+        None => (Mode::Coordinator, ModeSource::BuiltIn),
+    }
 }
 
 /// The fleet file's `etcd:` section.
@@ -211,7 +360,14 @@ impl FleetFile {
         if text.trim().is_empty() {
             return Ok(FleetFile::default());
         }
-        Ok(yaml::from_str(path, text)?)
+        let file: FleetFile = yaml::from_str(path, text)?;
+        if file.rollout.percent.is_some_and(|p| p > 100) {
+            return Err(ConfigError::Value {
+                file: path.display().to_string(),
+                message: "rollout.percent: must be between 0 and 100".into(),
+            });
+        }
+        Ok(file)
     }
 }
 

@@ -50,6 +50,12 @@ pub struct RouterConfig {
     /// Hybrid: record this router's transitions in git, behind the claim path (off when a bridge
     /// runs for the fleet).
     pub mirror: bool,
+    /// After a switch, for this long, each claim is also made in the store left behind (when it
+    /// answers) before it counts: the other sessions of the fleet switch at their own moment
+    /// (their next probe or file event), and until they have, some claim in one store and some
+    /// in the other. Default: twice `probe_max` plus `check_interval`, the longest a peer can
+    /// stay behind.
+    pub confirm_window: Option<Duration>,
 }
 
 impl RouterConfig {
@@ -65,6 +71,7 @@ impl RouterConfig {
             probe_max: Duration::from_secs(30),
             check_interval: Duration::from_secs(1),
             mirror: true,
+            confirm_window: None,
         }
     }
 }
@@ -96,6 +103,8 @@ struct State {
     pending_up: Vec<Mirrored>,
     subscribers: Vec<mpsc::UnboundedSender<BackendEvent>>,
     served: BTreeMap<(&'static str, &'static str), u64>,
+    /// Until then, claims are confirmed in the other store (see `RouterConfig::confirm_window`).
+    confirm_until: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -150,6 +159,7 @@ impl Router {
             pending_up: Vec::new(),
             subscribers: Vec::new(),
             served: BTreeMap::new(),
+            confirm_until: None,
         };
         let mirror = match (&fallback, mode) {
             (Some(git), Mode::Hybrid) if config.mirror && primary.is_some() => {
@@ -339,7 +349,15 @@ impl Shared {
         if !moved {
             return;
         }
-        lock(&self.state).serving = target;
+        {
+            let mut s = lock(&self.state);
+            s.serving = target;
+            let window = self
+                .config
+                .confirm_window
+                .unwrap_or(self.config.probe_max * 2 + self.config.check_interval);
+            s.confirm_until = Some(Instant::now() + window);
+        }
         let Ok(backend) = self.backend(target) else {
             return;
         };
@@ -508,6 +526,7 @@ impl Shared {
                 me.succeeded().await;
                 // A return that could not be completed is retried by the next check.
                 me.settle().await;
+                me.catch_up_stragglers().await;
             } else {
                 me.failed("health check failed").await;
             }
@@ -537,12 +556,9 @@ impl Shared {
             let mut s = lock(&self.state);
             let mode = s.mode;
             let Some(h) = s.held.get_mut(&task) else {
-                drop(s);
-                return self.broadcast(BackendEvent::ClaimLost {
-                    task,
-                    session,
-                    token,
-                });
+                // Released already (a store that lost touch reports it late): nothing runs.
+                tracing::debug!(%task, %session, side = ?side, "claim ended after its release");
+                return;
             };
             match side {
                 Side::Primary => h.primary = None,
@@ -655,16 +671,27 @@ impl Backend for Router {
             let (t, s) = (t.clone(), s.clone());
             async move { b.claim(&t, &s).await }
         };
-        let (outcome, side) = me.route("claim", f).await?;
-        tracing::info!(%task, %session, backend = me.backend(side).map_or("none", |b| b.name()), "claim served");
+        let (mut outcome, side) = me.route("claim", f).await?;
         if let ClaimOutcome::Won(c) = &outcome {
-            let held = Held {
+            if let Some(refused) = me.confirm(task, session, side, c.token).await {
+                return Ok(refused);
+            }
+        }
+        if let ClaimOutcome::Won(c) = &mut outcome {
+            let confirmed = lock(&me.state).held.get(task).cloned();
+            let mut held = Held {
                 session: session.clone(),
                 primary: (side == Side::Primary).then_some(c.token),
                 fallback: (side == Side::Fallback).then_some(c.token),
             };
+            // Confirmed in the other store: the claim lives in both.
+            if let Some(other) = confirmed.filter(|h| &h.session == session) {
+                held.primary = held.primary.or(other.primary);
+                held.fallback = held.fallback.or(other.fallback);
+            }
+            let mirrored = held.fallback.is_some();
             lock(&me.state).held.insert(task.clone(), held);
-            if side == Side::Primary {
+            if side == Side::Primary && !mirrored {
                 if let Some(m) = &me.mirror {
                     m.push(Mirrored {
                         task: task.clone(),
@@ -838,6 +865,8 @@ impl Backend for Router {
         if let Some(m) = &self.shared.mirror {
             m.flush(Duration::from_secs(5)).await;
         }
+        // What was done on git and not yet told to the coordinator is told now, if it answers.
+        self.shared.settle_pending().await;
         for side in [Side::Primary, Side::Fallback] {
             if let Ok(b) = self.shared.backend(side) {
                 b.close().await;
@@ -847,6 +876,124 @@ impl Backend for Router {
 }
 
 impl Shared {
+    /// Within the confirm window after a return to the coordinator, what sessions still on git
+    /// did there (they return at their own next probe, or exit first) is written into etcd.
+    async fn catch_up_stragglers(&self) {
+        let confirming = {
+            let s = lock(&self.state);
+            s.serving == Side::Primary && s.confirm_until.is_some_and(|t| Instant::now() < t)
+        };
+        let (Ok(etcd), Ok(git)) = (self.backend(Side::Primary), self.backend(Side::Fallback))
+        else {
+            return;
+        };
+        if !confirming {
+            return;
+        }
+        if let (Ok(ahead), Ok(behind)) = (git.list().await, etcd.list().await) {
+            let mut plan = catch_up(&ahead.tasks, &behind.tasks);
+            {
+                let state = lock(&self.state);
+                plan.retain(|m| !state.held.contains_key(&m.task));
+            }
+            if !plan.is_empty() {
+                self.record_logged(etcd, &plan, "etcd").await;
+            }
+        }
+    }
+
+    /// Within the confirm window after a switch, makes a claim won on `side` in the other store
+    /// too. `Some(outcome)`: the other store has the task otherwise, so the claim was undone and
+    /// this is the answer. A store that does not answer (an outage) is not waited for.
+    async fn confirm(
+        &self,
+        task: &TaskId,
+        session: &SessionId,
+        side: Side,
+        token: FencingToken,
+    ) -> Option<ClaimOutcome> {
+        let (confirming, open) = {
+            let s = lock(&self.state);
+            let confirming = s.confirm_until.is_some_and(|t| Instant::now() < t);
+            (confirming, s.breaker.is_open())
+        };
+        if !confirming {
+            return None;
+        }
+        let refused = match side {
+            Side::Primary => {
+                let git = self.backend(Side::Fallback).ok()?;
+                let item = Mirrored {
+                    task: task.clone(),
+                    status: crate::TaskStatus::Claimed,
+                    holder: Some(session.clone()),
+                    token: Some(token),
+                };
+                match git.record(std::slice::from_ref(&item)).await {
+                    Ok(out) => match out.into_iter().next() {
+                        Some(RecordOutcome::Written | RecordOutcome::Unchanged) => {
+                            self.note_held(task, session, None, Some(token));
+                            None
+                        }
+                        Some(RecordOutcome::Conflict { holder }) => {
+                            Some(ClaimOutcome::Lost { holder })
+                        }
+                        Some(RecordOutcome::Kept { .. }) => Some(ClaimOutcome::NotClaimable {
+                            status: crate::TaskStatus::Complete,
+                        }),
+                        _ => None,
+                    },
+                    Err(e) => {
+                        tracing::warn!(%task, %session, error = %e, "cannot confirm the claim in git");
+                        None
+                    }
+                }
+            }
+            Side::Fallback if open => None,
+            Side::Fallback => {
+                let etcd = self.backend(Side::Primary).ok()?;
+                match tokio::time::timeout(self.config.deadline, etcd.claim(task, session)).await {
+                    Ok(Ok(ClaimOutcome::Won(c))) => {
+                        self.note_held(task, session, Some(c.token), None);
+                        None
+                    }
+                    Ok(Ok(other)) => Some(other),
+                    Ok(Err(_)) | Err(_) => None,
+                }
+            }
+        };
+        if let Some(other) = &refused {
+            tracing::warn!(%task, %session, outcome = ?other, "the other store has this task otherwise: claim undone");
+            let store = self.backend(side).ok()?;
+            if let Err(e) = store
+                .release(task, session, ReleaseTo::Available, Some(token))
+                .await
+            {
+                tracing::warn!(%task, %session, error = %e, "cannot undo the claim; it ends with the session's lease");
+            }
+        }
+        refused
+    }
+
+    /// Records where a confirmed claim also lives.
+    fn note_held(
+        &self,
+        task: &TaskId,
+        session: &SessionId,
+        primary: Option<FencingToken>,
+        fallback: Option<FencingToken>,
+    ) {
+        let mut s = lock(&self.state);
+        let h = s.held.entry(task.clone()).or_insert_with(|| Held {
+            session: session.clone(),
+            primary: None,
+            fallback: None,
+        });
+        h.session = session.clone();
+        h.primary = primary.or(h.primary);
+        h.fallback = fallback.or(h.fallback);
+    }
+
     /// Writes the releases done on git into the coordinator (before a claim there).
     async fn settle_pending(&self) {
         let Ok(etcd) = self.backend(Side::Primary).cloned() else {

@@ -356,6 +356,10 @@ impl Core {
         Ok(self.listing(&snap))
     }
 
+    pub fn read_file(&mut self, path: &str) -> BackendResult<Option<Vec<u8>>> {
+        self.clone.read(path)
+    }
+
     pub fn get(&mut self, id: &TaskId) -> BackendResult<Option<Task>> {
         let snap = self.sync()?;
         Ok(snap

@@ -85,6 +85,13 @@ async fn rounds<T: Send + 'static>(
 }
 
 impl GitBackend {
+    /// A file of the coordination repo at the head last fetched (`None`: no such file), e.g. the
+    /// fleet file committed there, so a committed `rollback: true` reaches every session.
+    pub async fn read_file(&self, path: &str) -> BackendResult<Option<Vec<u8>>> {
+        let path = path.to_owned();
+        blocking(&self.core, move |c| c.read_file(&path)).await
+    }
+
     /// Opens (or clones) the session's clone and starts polling every `poll_interval`, at once
     /// when a local remote's refs change, and heartbeats for held claims every `stale_after / 4`.
     pub async fn open(config: GitConfig) -> BackendResult<GitBackend> {

@@ -36,9 +36,16 @@ pub struct Cli {
 /// its `IFC_*` variable) overrides the file, and the file overrides the built-in default.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// Where tasks live: etcd (coordinator) or the git task board (git) [default: coordinator]
+    /// Where tasks live: etcd (coordinator), the git task board (git), or etcd with git as the
+    /// fallback (hybrid). Overrides the session and fleet files (but not the fleet file's
+    /// `rollback: true`) [default: the fleet file's rollout, else coordinator]
     #[arg(long, env = "IFC_MODE", value_enum, global = true)]
     pub mode: Option<Mode>,
+
+    /// The fleet file (config/coordinator.yaml): mode, rollout, rollback, etcd, git, hybrid and
+    /// bridge settings; flags and IFC_* variables override it
+    #[arg(long, env = "IFC_FLEET", global = true)]
+    pub fleet: Option<PathBuf>,
 
     /// etcd client URLs, comma-separated (a cluster: every member) [default: http://127.0.0.1:2379]
     #[arg(long, env = "IFC_ENDPOINTS", value_delimiter = ',', global = true)]
@@ -117,6 +124,18 @@ pub enum Mode {
     Coordinator,
     /// The markdown task board in a git repo
     Git,
+    /// etcd first; git for an operation etcd fails, and for as long as etcd is down
+    Hybrid,
+}
+
+impl From<Mode> for agent_core::config::Mode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Coordinator => agent_core::config::Mode::Coordinator,
+            Mode::Git => agent_core::config::Mode::Git,
+            Mode::Hybrid => agent_core::config::Mode::Hybrid,
+        }
+    }
 }
 
 /// How logs are written.
@@ -169,16 +188,31 @@ pub enum Command {
     Verify,
     /// Write etcd's state into the task board (--board FILE), changing only the cells that differ
     Export,
+    /// Keep etcd and the git board in step while sessions run on both: mirror etcd's transitions
+    /// onto the board (at most one push per interval), import git sessions' claims and
+    /// completions into etcd; count and log conflicts, resolving none
+    Bridge(BridgeArgs),
+    /// Compare etcd with the git board: print every difference and conflict; exit 0 when they
+    /// agree, 1 when they differ
+    Audit,
+}
+
+#[derive(Debug, Args)]
+pub struct BridgeArgs {
+    /// At most one git push per interval [default: the fleet file's bridge.interval, else 1s]
+    #[arg(long, value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+    /// Do one round and exit (0: in step, 1: differences or conflicts remain)
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// The session file (agents/<session>.yaml)
+    /// The session file (agents/<session>.yaml). It and the fleet file are watched: a changed
+    /// mode (or `rollback:`) takes effect at once, without a restart
     #[arg(long)]
     pub config: PathBuf,
-    /// The fleet file (config/coordinator.yaml); flags and IFC_* variables override it
-    #[arg(long)]
-    pub fleet: Option<PathBuf>,
     /// Exit 0 once every task of the session's list is complete (by anyone); exit 1 if one can
     /// never become claimable
     #[arg(long)]

@@ -1,32 +1,134 @@
 //! Where each setting comes from: a flag (or its `IFC_*` variable) over the session file over the
 //! fleet file over the built-in default. Builds the etcd and git backend configs.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use agent_core::config::{FleetFile, Mode as FileMode, SessionFile};
-use agent_core::{BackendError, SessionId};
-use anyhow::Result;
-use backend_etcd::{EtcdConfig, TlsFiles};
-use backend_git::GitConfig;
+use agent_core::config::{mode_for, ConfigError, FleetFile, Mode, ModeSource, SessionFile};
+use agent_core::router::{Router, RouterConfig};
+use agent_core::{Backend, BackendError, SessionId};
+use anyhow::{Context, Result};
+use backend_etcd::{EtcdBackend, EtcdConfig, TlsFiles};
+use backend_git::{GitBackend, GitConfig};
 
-use crate::cli::{Global, Mode};
+use crate::cli::Global;
 
-/// The mode: `--mode`/`IFC_MODE` > session file > fleet file > coordinator.
-pub fn mode(g: &Global, session: Option<&SessionFile>, fleet: Option<&FleetFile>) -> Result<Mode> {
-    if let Some(m) = g.mode {
-        return Ok(m);
+/// What a config problem becomes: a usage error (exit 2) naming file, line and key.
+pub fn config_error(e: ConfigError) -> anyhow::Error {
+    BackendError::InvalidInput(e.to_string()).into()
+}
+
+/// The fleet file named by `--fleet`/`IFC_FLEET`, if any.
+pub fn fleet(g: &Global) -> Result<Option<FleetFile>> {
+    g.fleet
+        .as_deref()
+        .map(|p: &Path| FleetFile::load(p).map_err(config_error))
+        .transpose()
+}
+
+/// The mode: the fleet file's `rollback: true` > `--mode`/`IFC_MODE` > session file > fleet
+/// rollout > fleet `mode:` > coordinator.
+pub fn mode(
+    g: &Global,
+    id: Option<&SessionId>,
+    session: Option<&SessionFile>,
+    fleet: Option<&FleetFile>,
+) -> (Mode, ModeSource) {
+    mode_for(id, g.mode.map(Mode::from), session, fleet)
+}
+
+/// The router's settings for `mode` from the fleet file's `hybrid:` and `bridge:` sections.
+pub fn router_config(
+    name: &str,
+    mode: Mode,
+    fleet: Option<&FleetFile>,
+    agent: bool,
+) -> RouterConfig {
+    let mut c = RouterConfig::new(name, mode);
+    if let Some(h) = fleet.map(|f| &f.hybrid) {
+        c.deadline = h.deadline.map_or(c.deadline, |d| d.0);
+        c.failures_to_open = h.failures_to_open.unwrap_or(c.failures_to_open);
+        c.probe_initial = h.probe_initial.map_or(c.probe_initial, |d| d.0);
+        c.probe_max = h.probe_max.map_or(c.probe_max, |d| d.0);
     }
-    let from_files = session
-        .and_then(|s| s.mode)
-        .or_else(|| fleet.and_then(|f| f.mode));
-    match from_files {
-        None | Some(FileMode::Coordinator) => Ok(Mode::Coordinator),
-        Some(FileMode::Git) => Ok(Mode::Git),
-        Some(FileMode::Hybrid) => Err(BackendError::InvalidInput(
-            "mode hybrid is not available in this version: use coordinator or git".into(),
-        )
-        .into()),
-    }
+    // One-shot commands leave mirroring to the agents and the bridge.
+    c.mirror = agent && !fleet.is_some_and(|f| f.bridge.enabled);
+    c
+}
+
+/// Whether git settings were given at all (flag, variable or fleet file).
+pub fn git_configured(g: &Global, fleet: Option<&FleetFile>) -> bool {
+    g.git.git_remote.is_some() || fleet.is_some_and(|f| f.git.remote.is_some())
+}
+
+/// Connects to etcd.
+pub async fn open_etcd(
+    g: &Global,
+    fleet: Option<&FleetFile>,
+    lease_ttl: Option<Duration>,
+) -> Result<Arc<EtcdBackend>> {
+    let config = etcd_config(g, fleet, lease_ttl)?;
+    Ok(Arc::new(
+        EtcdBackend::connect(config)
+            .await
+            .context("cannot connect to etcd")?,
+    ))
+}
+
+/// Opens the git board (a clone named after `session`).
+pub async fn open_git(
+    g: &Global,
+    fleet: Option<&FleetFile>,
+    session: Option<&SessionId>,
+) -> Result<Arc<GitBackend>> {
+    let config = git_config(g, fleet, session)?;
+    Ok(Arc::new(
+        GitBackend::open(config)
+            .await
+            .context("cannot open the git task board")?,
+    ))
+}
+
+/// The stores `mode` needs, behind a router. etcd is required in coordinator mode, git in git
+/// mode; in hybrid git is required and an unreachable etcd is tolerated (the session starts on
+/// git). With `both` (the agent, which may switch live) the other store is opened too when
+/// configured.
+pub async fn open_router(
+    g: &Global,
+    fleet: Option<&FleetFile>,
+    session: Option<&SessionId>,
+    lease_ttl: Option<Duration>,
+    mode: Mode,
+    both: bool,
+) -> Result<(Router, Option<Arc<GitBackend>>)> {
+    let want_git = mode != Mode::Coordinator || (both && git_configured(g, fleet));
+    let git = match want_git {
+        true => Some(open_git(g, fleet, session).await?),
+        false => None,
+    };
+    let etcd: Option<Arc<dyn Backend>> = match mode {
+        Mode::Coordinator => Some(open_etcd(g, fleet, lease_ttl).await?),
+        Mode::Git if !both => None,
+        Mode::Git | Mode::Hybrid => match open_etcd(g, fleet, lease_ttl).await {
+            Ok(e) => Some(e),
+            Err(e) => {
+                let transient = e
+                    .downcast_ref::<BackendError>()
+                    .is_some_and(BackendError::is_transient);
+                if !transient {
+                    return Err(e);
+                }
+                tracing::warn!(error = %format!("{e:#}"), "etcd is unreachable: starting on git only (restart to return to etcd)");
+                None
+            }
+        },
+    };
+    let name = session.map_or_else(|| "ifc".to_owned(), |s| s.to_string());
+    let config = router_config(&name, mode, fleet, both);
+    let fallback = git.clone().map(|g| g as Arc<dyn Backend>);
+    let router = Router::new(etcd, fallback, config)?;
+    Ok((router, git))
 }
 
 /// The etcd backend settings; claims are leased with `lease_ttl`.

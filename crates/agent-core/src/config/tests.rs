@@ -127,3 +127,88 @@ fn a_huge_file_is_refused_before_parsing() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(err.contains("too large"), "{err}");
 }
+
+fn fleet(text: &str) -> FleetFile {
+    FleetFile::parse(Path::new("config/coordinator.yaml"), text).expect("valid fleet file")
+}
+
+fn sid(s: &str) -> SessionId {
+    SessionId::parse(s).expect("valid id")
+}
+
+#[test]
+fn mode_precedence_rollback_flag_session_rollout_default() {
+    let f = fleet(
+        "mode: coordinator\nrollout:\n  default: hybrid\n  git: [s-git]\n  sessions: {s-map: coordinator}\n",
+    );
+    let own = session("session_id: s1\ntasks: [A]\ncommand: [x]\nmode: git\n").expect("valid");
+    let none = session("session_id: s1\ntasks: [A]\ncommand: [x]\n").expect("valid");
+    let id = sid("s1");
+    assert_eq!(
+        mode_for(Some(&id), Some(Mode::Hybrid), Some(&own), Some(&f)),
+        (Mode::Hybrid, ModeSource::Flag)
+    );
+    assert_eq!(
+        mode_for(Some(&id), None, Some(&own), Some(&f)),
+        (Mode::Git, ModeSource::SessionFile)
+    );
+    assert_eq!(
+        mode_for(Some(&id), None, Some(&none), Some(&f)),
+        (Mode::Hybrid, ModeSource::Rollout)
+    );
+    assert_eq!(
+        mode_for(Some(&sid("s-git")), None, Some(&none), Some(&f)),
+        (Mode::Git, ModeSource::Rollout)
+    );
+    assert_eq!(
+        mode_for(Some(&sid("s-map")), None, None, Some(&f)),
+        (Mode::Coordinator, ModeSource::Rollout)
+    );
+    let plain = fleet("mode: git\n");
+    assert_eq!(
+        mode_for(Some(&id), None, Some(&none), Some(&plain)),
+        (Mode::Git, ModeSource::FleetDefault)
+    );
+    assert_eq!(
+        mode_for(Some(&id), None, None, None),
+        (Mode::Coordinator, ModeSource::BuiltIn)
+    );
+    let rollback = fleet("mode: coordinator\nrollback: true\n");
+    assert_eq!(
+        mode_for(
+            Some(&id),
+            Some(Mode::Coordinator),
+            Some(&own),
+            Some(&rollback)
+        ),
+        (Mode::Git, ModeSource::Rollback),
+        "rollback wins over everything"
+    );
+}
+
+#[test]
+fn a_percent_rollout_is_a_stable_share() {
+    let f = fleet("mode: coordinator\nrollout:\n  percent: 30\n  percent_mode: hybrid\n");
+    let ids: Vec<SessionId> = (0..1000).map(|i| sid(&format!("session-{i}"))).collect();
+    let hybrid = ids
+        .iter()
+        .filter(|id| mode_for(Some(id), None, None, Some(&f)).0 == Mode::Hybrid)
+        .count();
+    assert!(
+        (230..=370).contains(&hybrid),
+        "30 % of 1000 by hash, got {hybrid}"
+    );
+    for id in &ids {
+        assert_eq!(
+            mode_for(Some(id), None, None, Some(&f)),
+            mode_for(Some(id), None, None, Some(&f))
+        );
+    }
+    // The share must not move between versions or machines: FNV-1a("session-1") % 100 (computed
+    // independently with Python).
+    assert_eq!(stable_bucket(&sid("session-1")), 61);
+    let err = FleetFile::parse(Path::new("c.yaml"), "rollout:\n  percent: 120\n")
+        .expect_err("over 100")
+        .to_string();
+    assert!(err.contains("rollout.percent"), "{err}");
+}

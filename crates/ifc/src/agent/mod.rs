@@ -3,6 +3,7 @@
 //! backend events, the task process, timers and shutdown signals; each output of the loop is run
 //! here and its result fed back as an input.
 
+mod config_watch;
 mod task;
 
 use std::collections::VecDeque;
@@ -11,73 +12,56 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_core::claim_loop::{ClaimLoop, Input, Output, Plan};
-use agent_core::config::{FleetFile, SessionFile};
+use agent_core::config::{FleetFile, Mode, SessionFile};
+use agent_core::router::Router;
 use agent_core::{Backend, BackendError, BackendEvent, Presence, ReleaseOutcome, Subscription};
 use anyhow::{Context, Result};
-use backend_etcd::EtcdBackend;
 use backend_git::GitBackend;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
-use crate::cli::{AgentArgs, Global, Mode};
-use crate::settings;
+use crate::cli::{AgentArgs, Global};
+use crate::settings::{self, config_error};
 
+use config_watch::ConfigWatch;
 use task::TaskProcess;
 pub use task::{shim, SHIM};
 
-/// What a config problem becomes: a usage error (exit 2) naming file, line and key.
-fn config_error(e: agent_core::config::ConfigError) -> anyhow::Error {
-    BackendError::InvalidInput(e.to_string()).into()
-}
+/// Where the fleet file lives in the coordination repo: a `rollback: true` committed there
+/// reaches every session through its git poll, even one whose etcd is down.
+const REPO_FLEET_FILE: &str = "config/coordinator.yaml";
 
 /// Runs the agent until shutdown (or, with `--until-done`, until the list is done).
 pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
     let session = SessionFile::load(&args.config).map_err(config_error)?;
-    let fleet = match &args.fleet {
-        Some(path) => Some(FleetFile::load(path).map_err(config_error)?),
-        None => None,
-    };
-    let mode = settings::mode(g, Some(&session), fleet.as_ref())?;
+    let fleet = settings::fleet(g)?;
+    let id = session.session_id.clone();
+    let (mode, source) = settings::mode(g, Some(&id), Some(&session), fleet.as_ref());
     let lease_ttl = session.lease_ttl.map_or(Duration::from_secs(10), |d| d.0);
-    let backend: Arc<dyn Backend> = match mode {
-        Mode::Coordinator => {
-            let config = settings::etcd_config(g, fleet.as_ref(), Some(lease_ttl))?;
-            Arc::new(
-                EtcdBackend::connect(config)
-                    .await
-                    .context("cannot connect to etcd")?,
-            )
-        }
-        Mode::Git => {
-            let config = settings::git_config(g, fleet.as_ref(), Some(&session.session_id))?;
-            Arc::new(
-                GitBackend::open(config)
-                    .await
-                    .context("cannot open the git task board")?,
-            )
-        }
-    };
+    let (router, git) =
+        settings::open_router(g, fleet.as_ref(), Some(&id), Some(lease_ttl), mode, true).await?;
+    let backend = Arc::new(router);
     let log_dir = args
         .log_dir
         .clone()
-        .unwrap_or_else(|| PathBuf::from(".ifc/logs").join(session.session_id.as_str()));
+        .unwrap_or_else(|| PathBuf::from(".ifc/logs").join(id.as_str()));
     let plan = Plan {
-        session: session.session_id.clone(),
+        session: id.clone(),
         patterns: session.tasks.clone(),
         max_attempts: session.max_attempts.unwrap_or(3),
         retry_backoff: Duration::from_secs(1),
         until_done: args.until_done,
     };
-    tracing::info!(session = %session.session_id, backend = backend.name(), "agent started");
+    tracing::info!(session = %id, mode = mode.as_str(), from = ?source, backend = backend.serving_name(), "agent started");
     let sub = backend
         .subscribe()
         .await
         .context("cannot subscribe to task changes")?;
     let presence = Presence {
-        session_id: session.session_id.clone(),
+        session_id: id.clone(),
         state: "idle".into(),
         current_task: None,
-        backend: backend.name().into(),
+        backend: backend.serving_name().into(),
         started_at: chrono::Utc::now(),
         pid: std::process::id(),
         host: nix::unistd::gethostname()
@@ -85,9 +69,26 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
             .unwrap_or_default(),
         version: env!("CARGO_PKG_VERSION").into(),
     };
+    let mut watched: Vec<&std::path::Path> = vec![&args.config];
+    if let Some(f) = &g.fleet {
+        watched.push(f);
+    }
+    let watch = match ConfigWatch::start(&watched) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "config files are not watched: mode changes need a restart");
+            None
+        }
+    };
     let lp = ClaimLoop::new(plan);
     let mut driver = Driver {
         session,
+        config_path: args.config.clone(),
+        global_mode: g.mode.map(Mode::from),
+        fleet_path: g.fleet.clone(),
+        git,
+        repo_rollback: false,
+        mode,
         backend,
         log_dir,
         lp,
@@ -97,12 +98,21 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         presence,
     };
     driver.announce(None).await;
-    driver.run(sub).await
+    driver.run(sub, watch).await
 }
 
 struct Driver {
     session: SessionFile,
-    backend: Arc<dyn Backend>,
+    config_path: PathBuf,
+    /// `--mode`/`IFC_MODE`, fixed for the process.
+    global_mode: Option<Mode>,
+    fleet_path: Option<PathBuf>,
+    /// The git board, when configured: its poll also brings the repo's fleet file.
+    git: Option<Arc<GitBackend>>,
+    /// `rollback: true` in the fleet file committed to the coordination repo.
+    repo_rollback: bool,
+    mode: Mode,
+    backend: Arc<Router>,
     log_dir: PathBuf,
     lp: ClaimLoop,
     running: Option<TaskProcess>,
@@ -121,7 +131,77 @@ impl Driver {
         }
     }
 
-    async fn run(mut self, mut sub: Subscription) -> Result<u8> {
+    /// Re-reads the session and fleet files (and the repo's rollback flag) and switches mode
+    /// live when the answer changed. A file that no longer parses changes nothing.
+    async fn reconsider(&mut self) {
+        let session = match SessionFile::load(&self.config_path) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "the session file is not valid: keeping the current mode");
+                return;
+            }
+        };
+        let mut fleet = match &self.fleet_path {
+            Some(p) => match FleetFile::load(p) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::error!(error = %e, "the fleet file is not valid: keeping the current mode");
+                    return;
+                }
+            },
+            None => None,
+        };
+        if self.repo_rollback {
+            fleet.get_or_insert_with(FleetFile::default).rollback = true;
+        }
+        let id = self.session.session_id.clone();
+        let (mode, source) = agent_core::config::mode_for(
+            Some(&id),
+            self.global_mode,
+            Some(&session),
+            fleet.as_ref(),
+        );
+        if mode == self.mode {
+            return;
+        }
+        tracing::warn!(session = %id, from = self.mode.as_str(), to = mode.as_str(), because = ?source, "switching mode");
+        match self.backend.set_mode(mode).await {
+            Ok(()) => {
+                self.mode = mode;
+                tracing::warn!(session = %id, mode = mode.as_str(), backend = self.backend.serving_name(), "mode switched");
+            }
+            Err(e) => tracing::error!(session = %id, error = %e, "cannot switch mode"),
+        }
+    }
+
+    /// Reads the fleet file committed to the coordination repo; `true` if its rollback flag
+    /// changed.
+    async fn poll_repo_rollback(&mut self) -> bool {
+        let Some(git) = &self.git else { return false };
+        let rollback = match git.read_file(REPO_FLEET_FILE).await {
+            Ok(Some(bytes)) => {
+                let text = String::from_utf8_lossy(&bytes);
+                match FleetFile::parse(std::path::Path::new(REPO_FLEET_FILE), &text) {
+                    Ok(f) => f.rollback,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the coordination repo's fleet file is not valid: ignored");
+                        return false;
+                    }
+                }
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the coordination repo's fleet file");
+                return false;
+            }
+        };
+        let changed = rollback != self.repo_rollback;
+        self.repo_rollback = rollback;
+        changed
+    }
+
+    async fn run(mut self, mut sub: Subscription, mut watch: Option<ConfigWatch>) -> Result<u8> {
+        let mut repo_poll = tokio::time::interval(Duration::from_secs(1));
         let mut sigterm = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
         let mut sigint = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
         let mut limits = tokio::time::interval(Duration::from_millis(500));
@@ -138,7 +218,13 @@ impl Driver {
                             t.kill("the agent is exiting");
                         }
                         self.backend.close().await;
-                        tracing::info!(session = %self.session.session_id, code, "agent exiting");
+                        let served: Vec<String> = self
+                            .backend
+                            .served()
+                            .iter()
+                            .map(|((op, b), n)| format!("{op}@{b}={n}"))
+                            .collect();
+                        tracing::info!(session = %self.session.session_id, code, served = %served.join(" "), "agent exiting");
                         return Ok(code);
                     }
                 }
@@ -153,6 +239,10 @@ impl Driver {
                         inputs.push_back(Input::Lost { task });
                     }
                     Some(BackendEvent::Instructions { path, .. }) => tracing::info!(%path, "new instructions file"),
+                    Some(BackendEvent::Resync(listing)) => {
+                        tracing::info!(session = %self.session.session_id, backend = self.backend.serving_name(), tasks = listing.tasks.len(), "task view replaced by the serving store's");
+                        inputs.push_back(Input::Snapshot(listing.tasks));
+                    }
                     Some(_) => {}
                     None => return Err(BackendError::Unavailable { endpoint: self.backend.name().into(), reason: "the event stream ended".into() }.into()),
                 },
@@ -182,6 +272,12 @@ impl Driver {
                         t.check_limits(timeout, stall);
                     }
                 }
+                _ = changed(&mut watch) => self.reconsider().await,
+                _ = repo_poll.tick(), if self.git.is_some() => {
+                    if self.poll_repo_rollback().await {
+                        self.reconsider().await;
+                    }
+                }
                 _ = sigterm.recv() => inputs.push_back(Input::Shutdown),
                 _ = sigint.recv() => inputs.push_back(Input::Shutdown),
             }
@@ -199,7 +295,7 @@ impl Driver {
         match output {
             Output::Claim(task) => match self.backend.claim(&task, &session).await {
                 Ok(outcome) => {
-                    tracing::info!(%task, %session, ?outcome, "claim");
+                    tracing::info!(%task, %session, ?outcome, backend = self.backend.serving_name(), "claim");
                     inputs.push_back(Input::Claimed { task, outcome });
                 }
                 Err(e) => {
@@ -270,6 +366,14 @@ impl Driver {
             Output::Exit(code) => return Some(code),
         }
         None
+    }
+}
+
+/// Waits for a config file change (forever when nothing is watched).
+async fn changed(watch: &mut Option<ConfigWatch>) {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -11,7 +11,6 @@ use agent_core::{
 };
 use anyhow::{Context, Result};
 use backend_etcd::EtcdBackend;
-use backend_git::GitBackend;
 use serde_json::json;
 
 use crate::cli::{ClaimArgs, Command, Global, Mode, Output, PutArgs, ReleaseArgs, ReleaseStatus};
@@ -19,6 +18,7 @@ use crate::exit;
 use crate::output::{event_json, event_line, printable, task_json, task_table};
 use crate::settings;
 
+mod bridge;
 mod migrate;
 
 /// The board file `migrate`, `verify` and `export` work on.
@@ -32,18 +32,19 @@ fn board_file(g: &Global) -> std::path::PathBuf {
 
 /// The etcd backend, for commands that move tasks between a board file and etcd.
 async fn etcd_only(g: &Global, what: &str) -> Result<EtcdBackend> {
-    if settings::mode(g, None, None)? == Mode::Git {
+    let fleet = settings::fleet(g)?;
+    if g.mode == Some(Mode::Git) {
         return Err(BackendError::InvalidInput(format!(
             "`ifc {what}` moves tasks between a board file and etcd: it has no git mode"
         ))
         .into());
     }
-    EtcdBackend::connect(settings::etcd_config(g, None, None)?)
+    EtcdBackend::connect(settings::etcd_config(g, fleet.as_ref(), None)?)
         .await
         .context("cannot connect to etcd")
 }
 
-/// Connects to the store the mode names.
+/// Connects to the store(s) the mode names, behind the router.
 async fn connect(g: &Global, command: &Command) -> Result<Arc<dyn Backend>> {
     let (session, ttl) = match command {
         Command::Claim(args) => (
@@ -53,30 +54,16 @@ async fn connect(g: &Global, command: &Command) -> Result<Arc<dyn Backend>> {
         Command::Release(args) => (Some(&args.session), None),
         _ => (None, None),
     };
-    Ok(match settings::mode(g, None, None)? {
-        Mode::Coordinator => {
-            let config = settings::etcd_config(g, None, ttl)?;
-            Arc::new(
-                EtcdBackend::connect(config)
-                    .await
-                    .context("cannot connect to etcd")?,
-            )
-        }
-        Mode::Git => {
-            if ttl.is_some() {
-                return Err(BackendError::InvalidInput(
-                    "--ttl is for coordinator mode: in git mode a claim lasts while its owner's STATUS heartbeat is fresh (--stale-after)".into(),
-                )
-                .into());
-            }
-            let config = settings::git_config(g, None, session)?;
-            Arc::new(
-                GitBackend::open(config)
-                    .await
-                    .context("cannot open the git task board")?,
-            )
-        }
-    })
+    let fleet = settings::fleet(g)?;
+    let (mode, _) = settings::mode(g, None, None, fleet.as_ref());
+    if mode == agent_core::config::Mode::Git && ttl.is_some() {
+        return Err(BackendError::InvalidInput(
+            "--ttl is for coordinator mode: in git mode a claim lasts while its owner's STATUS heartbeat is fresh (--stale-after)".into(),
+        )
+        .into());
+    }
+    let (router, _) = settings::open_router(g, fleet.as_ref(), session, ttl, mode, false).await?;
+    Ok(Arc::new(router))
 }
 
 /// Runs one command; returns its exit code.
@@ -118,6 +105,8 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
             drop(out);
             watch(&*connect(g, command).await?, output).await
         }
+        Command::Bridge(args) => bridge::run(g, args, output, &mut out).await,
+        Command::Audit => bridge::audit(g, output, &mut out).await,
     }
 }
 

@@ -12,28 +12,34 @@ use serde_json::Value;
 use crate::{code, run, text};
 
 /// A test's working directory: session files, logs, the shared file tasks append to.
-struct Workdir {
+pub(crate) struct Workdir {
     dir: tempfile::TempDir,
 }
 
 impl Workdir {
-    fn new() -> Workdir {
+    pub(crate) fn new() -> Workdir {
         Workdir {
             dir: tempfile::tempdir().expect("temp dir"),
         }
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 
-    fn shared(&self) -> PathBuf {
+    pub(crate) fn shared(&self) -> PathBuf {
         self.path().join("shared.txt")
     }
 
     /// Writes a session file whose command runs `script` with `sh -c` (a fixed script: the task
     /// reaches it only through `IFC_TASK_ID`).
-    fn session(&self, session: &str, tasks: &[&str], script: &str, extra: &str) -> PathBuf {
+    pub(crate) fn session(
+        &self,
+        session: &str,
+        tasks: &[&str],
+        script: &str,
+        extra: &str,
+    ) -> PathBuf {
         let path = self.path().join(format!("{session}.yaml"));
         let tasks: Vec<String> = tasks.iter().map(|t| format!("\"{t}\"")).collect();
         let text = format!(
@@ -47,7 +53,7 @@ impl Workdir {
     }
 
     /// Ids appended to the shared file, sorted.
-    fn done(&self) -> Vec<String> {
+    pub(crate) fn done(&self) -> Vec<String> {
         let text = std::fs::read_to_string(self.shared()).unwrap_or_default();
         let mut ids: Vec<String> = text.lines().map(str::to_owned).collect();
         ids.sort();
@@ -55,9 +61,9 @@ impl Workdir {
     }
 }
 
-const APPEND: &str = r#"echo "$IFC_TASK_ID" >> "$SHARED""#;
+pub(crate) const APPEND: &str = r#"echo "$IFC_TASK_ID" >> "$SHARED""#;
 
-fn ifc(endpoint: &str, cwd: &Path) -> Command {
+pub(crate) fn ifc(endpoint: &str, cwd: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ifc"));
     cmd.current_dir(cwd)
         .env("IFC_ENDPOINTS", endpoint)
@@ -67,7 +73,7 @@ fn ifc(endpoint: &str, cwd: &Path) -> Command {
 }
 
 /// A running agent process, killed and reaped when the test ends (also when it fails).
-struct Agent(Child);
+pub(crate) struct Agent(pub(crate) Child);
 
 impl std::ops::Deref for Agent {
     type Target = Child;
@@ -91,7 +97,7 @@ impl Drop for Agent {
     }
 }
 
-fn spawn_agent(mut cmd: Command, config: &Path, log: &Path, extra: &[&str]) -> Agent {
+pub(crate) fn spawn_agent(mut cmd: Command, config: &Path, log: &Path, extra: &[&str]) -> Agent {
     let log = std::fs::File::create(log).expect("agent log");
     cmd.arg("agent")
         .arg("--config")
@@ -105,7 +111,7 @@ fn spawn_agent(mut cmd: Command, config: &Path, log: &Path, extra: &[&str]) -> A
 }
 
 /// Waits for `child` to exit, killing it after `limit` (a hung agent fails the test, not CI).
-fn finish(child: &mut Child, limit: Duration) -> i32 {
+pub(crate) fn finish(child: &mut Child, limit: Duration) -> i32 {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().expect("wait") {
@@ -120,7 +126,7 @@ fn finish(child: &mut Child, limit: Duration) -> i32 {
     }
 }
 
-fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -134,12 +140,12 @@ fn alive(pid: i32) -> bool {
         .is_ok_and(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
 }
 
-fn statuses(endpoint: &str, cwd: &Path) -> Vec<Value> {
+pub(crate) fn statuses(endpoint: &str, cwd: &Path) -> Vec<Value> {
     let out = run(ifc(endpoint, cwd).args(["status", "-o", "json"]));
     serde_json::from_slice(&out.stdout).expect("status json")
 }
 
-fn status_of(endpoint: &str, cwd: &Path, task: &str) -> String {
+pub(crate) fn status_of(endpoint: &str, cwd: &Path, task: &str) -> String {
     statuses(endpoint, cwd)
         .iter()
         .find(|t| t["task_id"] == task)
@@ -147,13 +153,13 @@ fn status_of(endpoint: &str, cwd: &Path, task: &str) -> String {
         .unwrap_or_default()
 }
 
-fn put(endpoint: &str, cwd: &Path, args: &[&str]) {
+pub(crate) fn put(endpoint: &str, cwd: &Path, args: &[&str]) {
     let out = run(ifc(endpoint, cwd).arg("put").args(args));
     assert_eq!(code(&out), 0, "{}", text(&out.stderr));
 }
 
 /// 30 tasks in three chains of blockers (T03 waits on T00, T06 on T03, …).
-fn chains() -> Vec<(String, Option<String>)> {
+pub(crate) fn chains() -> Vec<(String, Option<String>)> {
     (0..30)
         .map(|i| {
             (
@@ -164,7 +170,25 @@ fn chains() -> Vec<(String, Option<String>)> {
         .collect()
 }
 
-const LISTS: [&[&str]; 3] = [&["T0*", "T*"], &["T1*", "T*"], &["T2*", "T*"]];
+/// `chains()` as a markdown board.
+pub(crate) fn chain_board() -> String {
+    let mut board =
+        String::from("| ID | Task | Status | Owner | Blocked by |\n|---|---|---|---|---|\n");
+    for (id, blocker) in chains() {
+        let status = if blocker.is_some() {
+            "🔴 BLOCKED"
+        } else {
+            "🔵 AVAILABLE"
+        };
+        board.push_str(&format!(
+            "| {id} | task | {status} |  | {} |\n",
+            blocker.unwrap_or_default()
+        ));
+    }
+    board
+}
+
+pub(crate) const LISTS: [&[&str]; 3] = [&["T0*", "T*"], &["T1*", "T*"], &["T2*", "T*"]];
 
 #[test]
 fn three_agents_complete_thirty_chained_tasks_exactly_once() {
@@ -206,20 +230,7 @@ fn three_agents_complete_thirty_chained_tasks_exactly_once() {
 
 #[test]
 fn three_agents_complete_thirty_chained_tasks_exactly_once_in_git_mode() {
-    let mut board =
-        String::from("| ID | Task | Status | Owner | Blocked by |\n|---|---|---|---|---|\n");
-    for (id, blocker) in chains() {
-        let status = if blocker.is_some() {
-            "🔴 BLOCKED"
-        } else {
-            "🔵 AVAILABLE"
-        };
-        board.push_str(&format!(
-            "| {id} | task | {status} |  | {} |\n",
-            blocker.unwrap_or_default()
-        ));
-    }
-    let (remote, w) = (BareRemote::new(&board), Workdir::new());
+    let (remote, w) = (BareRemote::new(&chain_board()), Workdir::new());
     let mut agents: Vec<Agent> = (0..3)
         .map(|k| {
             let config = w.session(&format!("session-{k}"), LISTS[k], APPEND, "");

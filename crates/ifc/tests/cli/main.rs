@@ -3,6 +3,7 @@
 
 mod agent;
 mod git;
+mod hybrid;
 mod migrate;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,291 @@
+//! The bridge's and the audit's decisions, pure: how etcd and the git board differ, which side
+//! is ahead for each task, and what to record where. A three-way comparison against the state
+//! both last agreed on tells a release from a claim nobody mirrored yet; without that (the
+//! bridge just started) the live sessions decide.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::ids::{SessionId, TaskId};
+use crate::mirror::{rank, Mirrored};
+use crate::model::{Task, TaskStatus};
+
+/// What one store says of a task: status (blocked reads available) and holder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Face {
+    pub status: TaskStatus,
+    pub holder: Option<SessionId>,
+}
+
+impl Face {
+    /// The face of `t`: `blocked` is `available` (claimability then depends on blockers alone),
+    /// and a free task has no holder.
+    pub fn of(t: &Task) -> Face {
+        let status = match t.status {
+            TaskStatus::Blocked => TaskStatus::Available,
+            s => s,
+        };
+        let holder = match status {
+            TaskStatus::Available | TaskStatus::Blocked => None,
+            _ => t.claimed_by.clone(),
+        };
+        Face { status, holder }
+    }
+}
+
+/// One task on which the stores disagree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Difference {
+    pub task: TaskId,
+    /// What etcd says (`None`: no such task there).
+    pub etcd: Option<Face>,
+    /// What git says.
+    pub git: Option<Face>,
+    /// Both name a session and they differ, with at least one still claimed, or both complete:
+    /// the same task held or done by different sessions. Nothing resolves it automatically.
+    pub conflict: bool,
+}
+
+/// Whether two faces are the same task held or done by different sessions.
+pub fn is_conflict(a: &Face, b: &Face) -> bool {
+    let holds = |f: &Face| matches!(f.status, TaskStatus::Claimed | TaskStatus::Complete);
+    holds(a) && holds(b) && a.holder.is_some() && b.holder.is_some() && a.holder != b.holder
+}
+
+/// Every task the two stores see differently, sorted by id.
+pub fn compare(etcd: &[Task], git: &[Task]) -> Vec<Difference> {
+    let e: BTreeMap<&TaskId, Face> = etcd.iter().map(|t| (&t.id, Face::of(t))).collect();
+    let g: BTreeMap<&TaskId, Face> = git.iter().map(|t| (&t.id, Face::of(t))).collect();
+    let ids: BTreeSet<&TaskId> = e.keys().chain(g.keys()).copied().collect();
+    ids.into_iter()
+        .filter_map(|id| {
+            let (ef, gf) = (e.get(id), g.get(id));
+            let same = match (ef, gf) {
+                (Some(a), Some(b)) => {
+                    a.status == b.status
+                        && (a.holder == b.holder || a.holder.is_none() || b.holder.is_none())
+                        && !is_conflict(a, b)
+                }
+                _ => false,
+            };
+            (!same).then(|| Difference {
+                task: id.clone(),
+                etcd: ef.cloned(),
+                git: gf.cloned(),
+                conflict: matches!((ef, gf), (Some(a), Some(b)) if is_conflict(a, b)),
+            })
+        })
+        .collect()
+}
+
+/// Who is live where, for decisions without a common past.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    /// Sessions with a live presence in etcd.
+    pub etcd: BTreeSet<SessionId>,
+    /// Sessions with a fresh STATUS heartbeat in git.
+    pub git: BTreeSet<SessionId>,
+}
+
+/// One round's work.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// Transitions to record on the git board.
+    pub to_git: Vec<Mirrored>,
+    /// Transitions to record in etcd.
+    pub to_etcd: Vec<Mirrored>,
+    /// Tasks in both held or done by different sessions: left alone.
+    pub conflicts: Vec<Difference>,
+}
+
+/// Which side is ahead for one task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ahead {
+    Etcd,
+    Git,
+    Neither,
+}
+
+fn ahead(ef: &Face, gf: &Face, base: Option<&Face>, live: &Live) -> Ahead {
+    let etcd_moved = base != Some(ef);
+    let git_moved = base != Some(gf);
+    match (etcd_moved, git_moved) {
+        (true, false) => return Ahead::Etcd,
+        (false, true) => return Ahead::Git,
+        _ => {}
+    }
+    // No common past (or both moved): further along wins, except that a claim faces a free task
+    // only as long as its holder lives where it was made.
+    match (rank(ef.status), rank(gf.status)) {
+        (1, 0) => match &ef.holder {
+            Some(h) if live.etcd.contains(h) || !live.git.contains(h) => Ahead::Etcd,
+            _ => Ahead::Git,
+        },
+        (0, 1) => match &gf.holder {
+            Some(h) if live.git.contains(h) || !live.etcd.contains(h) => Ahead::Git,
+            _ => Ahead::Etcd,
+        },
+        (a, b) if a > b => Ahead::Etcd,
+        (a, b) if b > a => Ahead::Git,
+        _ => Ahead::Neither,
+    }
+}
+
+/// The transition that makes the side behind (`current`) say `want`.
+fn transition(task: &TaskId, want: &Face, current: &Face) -> Mirrored {
+    Mirrored {
+        task: task.clone(),
+        status: want.status,
+        // A release names the claim it ends: the one the side behind still shows.
+        holder: match want.status {
+            TaskStatus::Available | TaskStatus::Blocked => current.holder.clone(),
+            _ => want.holder.clone(),
+        },
+        token: None,
+    }
+}
+
+/// One bridge round: for every task in both stores that differs, what to record where. `base`
+/// is what the two last agreed on (updated by the caller for what landed).
+pub fn plan(etcd: &[Task], git: &[Task], base: &BTreeMap<TaskId, Face>, live: &Live) -> Plan {
+    let g: BTreeMap<&TaskId, &Task> = git.iter().map(|t| (&t.id, t)).collect();
+    let mut out = Plan::default();
+    for et in etcd {
+        let Some(gt) = g.get(&et.id) else { continue };
+        let (ef, gf) = (Face::of(et), Face::of(gt));
+        if ef == gf {
+            continue;
+        }
+        if is_conflict(&ef, &gf) {
+            out.conflicts.push(Difference {
+                task: et.id.clone(),
+                etcd: Some(ef),
+                git: Some(gf),
+                conflict: true,
+            });
+            continue;
+        }
+        match ahead(&ef, &gf, base.get(&et.id), live) {
+            Ahead::Etcd => out.to_git.push(transition(&et.id, &ef, &gf)),
+            Ahead::Git => out.to_etcd.push(transition(&et.id, &gf, &ef)),
+            Ahead::Neither => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(id: &str, status: TaskStatus, holder: Option<&str>) -> Task {
+        let mut task = Task::new(TaskId::parse(id).expect("id"), status);
+        task.claimed_by = holder.map(|h| SessionId::parse(h).expect("id"));
+        task
+    }
+    fn face(status: TaskStatus, holder: Option<&str>) -> Face {
+        Face::of(&t("X", status, holder))
+    }
+    fn sid(s: &str) -> SessionId {
+        SessionId::parse(s).expect("id")
+    }
+    use TaskStatus::{Available as A, Blocked as B, Claimed as C, Complete as D};
+
+    #[test]
+    fn audit_finds_differences_and_conflicts() {
+        let etcd = vec![
+            t("same", D, Some("s1")),
+            t("ahead", D, Some("s1")),
+            t("clash", C, Some("s1")),
+            t("only-etcd", A, None),
+            t("blocked", B, None),
+        ];
+        let git = vec![
+            t("same", D, Some("s1")),
+            t("ahead", C, Some("s1")),
+            t("clash", C, Some("s2")),
+            t("only-git", A, None),
+            t("blocked", A, None),
+        ];
+        let diffs = compare(&etcd, &git);
+        let got: Vec<(&str, bool)> = diffs
+            .iter()
+            .map(|d| (d.task.as_str(), d.conflict))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("ahead", false),
+                ("clash", true),
+                ("only-etcd", false),
+                ("only-git", false)
+            ]
+        );
+    }
+
+    #[test]
+    fn with_a_common_past_the_side_that_moved_wins() {
+        let base: BTreeMap<TaskId, Face> =
+            [(TaskId::parse("T").expect("id"), face(C, Some("s1")))].into();
+        let live = Live::default();
+        // etcd released (lease expired): git is told, naming the claim it ends.
+        let p = plan(&[t("T", A, None)], &[t("T", C, Some("s1"))], &base, &live);
+        assert_eq!(p.to_git.len(), 1);
+        assert_eq!(
+            (p.to_git[0].status, p.to_git[0].holder.clone()),
+            (A, Some(sid("s1")))
+        );
+        assert!(p.to_etcd.is_empty());
+        // git completed: etcd is told.
+        let p = plan(
+            &[t("T", C, Some("s1"))],
+            &[t("T", D, Some("s1"))],
+            &base,
+            &live,
+        );
+        assert_eq!(p.to_etcd.len(), 1);
+        assert_eq!(p.to_etcd[0].status, D);
+    }
+
+    #[test]
+    fn without_a_past_live_sessions_decide_claims_against_free_tasks() {
+        let base = BTreeMap::new();
+        let mut live = Live::default();
+        live.git.insert(sid("g1"));
+        live.etcd.insert(sid("e1"));
+        // A git session's live claim goes to etcd.
+        let p = plan(&[t("T", A, None)], &[t("T", C, Some("g1"))], &base, &live);
+        assert_eq!(p.to_etcd.len(), 1);
+        // A claim in git of a session that lives only in etcd was released there: git is told.
+        let p = plan(&[t("T", A, None)], &[t("T", C, Some("e1"))], &base, &live);
+        assert_eq!(p.to_git.len(), 1);
+        assert_eq!(p.to_git[0].status, A);
+        // A dead session's claim in git: free it (its etcd lease is gone too).
+        let p = plan(&[t("T", A, None)], &[t("T", C, Some("dead"))], &base, &live);
+        assert_eq!(
+            p.to_etcd.len(),
+            1,
+            "unknown everywhere: git's claim could be a git session's"
+        );
+        // Completions win over claims and free tasks.
+        let p = plan(
+            &[t("T", D, Some("e1"))],
+            &[t("T", C, Some("e1"))],
+            &base,
+            &live,
+        );
+        assert_eq!(p.to_git.len(), 1);
+        // Different holders: a conflict, nothing recorded.
+        let p = plan(
+            &[t("T", C, Some("e1"))],
+            &[t("T", C, Some("g1"))],
+            &base,
+            &live,
+        );
+        assert_eq!(
+            (p.to_git.len(), p.to_etcd.len(), p.conflicts.len()),
+            (0, 0, 1)
+        );
+    }
+}

@@ -1,0 +1,271 @@
+//! `ifc bridge` (keeps etcd and the git board in step while sessions run on both) and `ifc audit`
+//! (prints how they differ). The decisions are `agent_core::bridge`'s; this runs the rounds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_core::bridge::{self, Difference, Face, Live};
+use agent_core::config::FleetFile;
+use agent_core::{
+    Backend, Mirrored, RecordOutcome, SessionId, Task, TaskId, TaskPatch, TaskStatus,
+};
+use anyhow::{Context, Result};
+use serde_json::json;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::{BridgeArgs, Global, Output};
+use crate::exit;
+use crate::output::printable;
+use crate::settings;
+
+/// The two stores, opened from the flags and the fleet file.
+async fn open(
+    g: &Global,
+    fleet: Option<&FleetFile>,
+) -> Result<(Arc<dyn Backend>, Arc<dyn Backend>)> {
+    let etcd: Arc<dyn Backend> = settings::open_etcd(g, fleet, None).await?;
+    let name = SessionId::parse("ifc-bridge").context("the bridge's clone name")?;
+    let git: Arc<dyn Backend> = settings::open_git(g, fleet, Some(&name)).await?;
+    Ok((etcd, git))
+}
+
+fn describe(face: Option<&Face>) -> String {
+    match face {
+        None => "missing".into(),
+        Some(f) => match &f.holder {
+            Some(h) => format!("{} by {h}", f.status),
+            None => f.status.to_string(),
+        },
+    }
+}
+
+fn difference_json(d: &Difference) -> serde_json::Value {
+    json!({
+        "task_id": d.task.as_str(),
+        "etcd": describe(d.etcd.as_ref()),
+        "git": describe(d.git.as_ref()),
+        "conflict": d.conflict,
+    })
+}
+
+/// `ifc audit`: 0 when etcd and the board agree, 1 otherwise.
+pub async fn audit(g: &Global, output: Output, out: &mut impl Write) -> Result<u8> {
+    let fleet = settings::fleet(g)?;
+    let (etcd, git) = open(g, fleet.as_ref()).await?;
+    let (e, b) = (etcd.list().await?, git.list().await?);
+    let diffs = bridge::compare(&e.tasks, &b.tasks);
+    let conflicts = diffs.iter().filter(|d| d.conflict).count();
+    match output {
+        Output::Json => writeln!(
+            out,
+            "{}",
+            json!({
+                "agree": diffs.is_empty(),
+                "tasks_etcd": e.tasks.len(),
+                "tasks_git": b.tasks.len(),
+                "differences": diffs.iter().filter(|d| !d.conflict).map(difference_json).collect::<Vec<_>>(),
+                "conflicts": diffs.iter().filter(|d| d.conflict).map(difference_json).collect::<Vec<_>>(),
+            })
+        )?,
+        Output::Table => {
+            if !diffs.is_empty() {
+                writeln!(out, "{:<24} {:<28} {:<28} KIND", "TASK", "ETCD", "GIT")?;
+                for d in &diffs {
+                    writeln!(
+                        out,
+                        "{:<24} {:<28} {:<28} {}",
+                        printable(d.task.as_str()),
+                        describe(d.etcd.as_ref()),
+                        describe(d.git.as_ref()),
+                        if d.conflict { "CONFLICT" } else { "differs" }
+                    )?;
+                }
+            }
+            writeln!(
+                out,
+                "{} tasks in etcd, {} on the board: {} differ, {conflicts} conflict(s)",
+                e.tasks.len(),
+                b.tasks.len(),
+                diffs.len() - conflicts
+            )?;
+        }
+    }
+    Ok(if diffs.is_empty() { 0 } else { exit::NO })
+}
+
+/// The bridge's memory between rounds.
+#[derive(Default)]
+struct Bridge {
+    /// What both stores last said alike, per task.
+    base: BTreeMap<TaskId, Face>,
+    /// Conflicts already counted (counted again only after they cleared).
+    reported: BTreeSet<TaskId>,
+    conflicts_total: u64,
+}
+
+/// A new task for the other store: same title and blockers; free unless complete.
+fn creation(t: &Task) -> TaskPatch {
+    TaskPatch {
+        title: t.title.clone(),
+        status: Some(match t.status {
+            TaskStatus::Complete => TaskStatus::Complete,
+            TaskStatus::Blocked => TaskStatus::Blocked,
+            _ => TaskStatus::Available,
+        }),
+        blocked_by: Some(t.blocked_by.clone()),
+    }
+}
+
+impl Bridge {
+    /// One round; returns how many transitions were written.
+    async fn round(&mut self, etcd: &dyn Backend, git: &dyn Backend) -> Result<usize> {
+        let (e, b) = (etcd.list().await?, git.list().await?);
+        let (in_etcd, in_git): (BTreeSet<&TaskId>, BTreeSet<&TaskId>) = (
+            e.tasks.iter().map(|t| &t.id).collect(),
+            b.tasks.iter().map(|t| &t.id).collect(),
+        );
+        let mut written = 0;
+        for t in e.tasks.iter().filter(|t| !in_git.contains(&t.id)) {
+            git.put(&t.id, &creation(t)).await?;
+            written += 1;
+        }
+        for t in b.tasks.iter().filter(|t| !in_etcd.contains(&t.id)) {
+            etcd.put(&t.id, &creation(t)).await?;
+            written += 1;
+        }
+        let faces: BTreeMap<&TaskId, Face> = b.tasks.iter().map(|t| (&t.id, Face::of(t))).collect();
+        for t in &e.tasks {
+            let f = Face::of(t);
+            if faces.get(&t.id) == Some(&f) {
+                self.base.insert(t.id.clone(), f);
+            }
+        }
+        let live = Live {
+            etcd: etcd
+                .sessions()
+                .await?
+                .into_iter()
+                .map(|p| p.session_id)
+                .collect(),
+            git: git
+                .sessions()
+                .await?
+                .into_iter()
+                .map(|p| p.session_id)
+                .collect(),
+        };
+        let plan = bridge::plan(&e.tasks, &b.tasks, &self.base, &live);
+        let mut now_conflicting: BTreeSet<TaskId> = BTreeSet::new();
+        for c in &plan.conflicts {
+            now_conflicting.insert(c.task.clone());
+            if !self.reported.contains(&c.task) {
+                self.conflicts_total += 1;
+                tracing::warn!(task = %c.task, etcd = %describe(c.etcd.as_ref()), git = %describe(c.git.as_ref()), conflicts_total = self.conflicts_total, "conflict: the task is held by different sessions in etcd and git; left alone");
+            }
+        }
+        for (store, items, name) in [(git, &plan.to_git, "git"), (etcd, &plan.to_etcd, "etcd")] {
+            if items.is_empty() {
+                continue;
+            }
+            let outcomes = store.record(items).await?;
+            for (item, outcome) in items.iter().zip(outcomes) {
+                match outcome {
+                    RecordOutcome::Written | RecordOutcome::Unchanged => {
+                        written += usize::from(outcome == RecordOutcome::Written);
+                        self.base.insert(item.task.clone(), landed(item));
+                        tracing::info!(task = %item.task, status = %item.status, holder = ?item.holder, to = name, "bridged");
+                    }
+                    RecordOutcome::Conflict { holder } => {
+                        now_conflicting.insert(item.task.clone());
+                        if !self.reported.contains(&item.task) {
+                            self.conflicts_total += 1;
+                            tracing::warn!(task = %item.task, wanted = ?item.holder, held_by = ?holder, store = name, conflicts_total = self.conflicts_total, "conflict: left alone");
+                        }
+                    }
+                    RecordOutcome::Kept { reason } => {
+                        tracing::debug!(task = %item.task, store = name, %reason, "not bridged: the store is ahead")
+                    }
+                    RecordOutcome::NotFound => {}
+                }
+            }
+        }
+        self.reported = now_conflicting;
+        Ok(written)
+    }
+}
+
+/// What a store says after `item` landed.
+fn landed(item: &Mirrored) -> Face {
+    match item.status {
+        TaskStatus::Available | TaskStatus::Blocked => Face {
+            status: TaskStatus::Available,
+            holder: None,
+        },
+        status => Face {
+            status,
+            holder: item.holder.clone(),
+        },
+    }
+}
+
+/// `ifc bridge`: rounds every interval until SIGTERM/SIGINT (or one with `--once`).
+pub async fn run(
+    g: &Global,
+    args: &BridgeArgs,
+    output: Output,
+    out: &mut impl Write,
+) -> Result<u8> {
+    let fleet = settings::fleet(g)?;
+    let interval = args
+        .interval
+        .or_else(|| fleet.as_ref().and_then(|f| f.bridge.interval.map(|d| d.0)))
+        .unwrap_or(Duration::from_secs(1));
+    let (etcd, git) = open(g, fleet.as_ref()).await?;
+    let mut bridge = Bridge::default();
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tracing::info!(
+        ?interval,
+        etcd = etcd.name(),
+        git = git.name(),
+        "bridge started"
+    );
+    loop {
+        let started = tokio::time::Instant::now();
+        match bridge.round(&*etcd, &*git).await {
+            Ok(n) if n > 0 => tracing::info!(written = n, "bridge round"),
+            Ok(_) => {}
+            Err(e) if args.once => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "bridge round failed; retrying next interval")
+            }
+        }
+        if args.once {
+            let (e, b) = (etcd.list().await?, git.list().await?);
+            let diffs = bridge::compare(&e.tasks, &b.tasks);
+            let summary = json!({
+                "differences": diffs.len(),
+                "conflicts_total": bridge.conflicts_total,
+            });
+            match output {
+                Output::Json => writeln!(out, "{summary}")?,
+                Output::Table => writeln!(
+                    out,
+                    "{} difference(s) left, {} conflict(s)",
+                    diffs.len(),
+                    bridge.conflicts_total
+                )?,
+            }
+            return Ok(if diffs.is_empty() { 0 } else { exit::NO });
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(started + interval) => {}
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    tracing::info!(conflicts_total = bridge.conflicts_total, "bridge stopped");
+    Ok(0)
+}

@@ -1,0 +1,417 @@
+//! Hybrid operation end to end: real `ifc agent` processes over a real etcd and a real git remote
+//! through an etcd outage, a live rollback, parallel operation behind `ifc bridge`, mode
+//! precedence, and `ifc audit` on a planted conflict.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use backend_etcd::testing::EtcdServer;
+use backend_git::testing::BareRemote;
+use serde_json::Value;
+
+use crate::agent::{chain_board, chains, finish, spawn_agent, Agent, Workdir, LISTS};
+use crate::{code, run, text};
+
+/// A task that takes a moment, so that an outage or a switch happens mid-run.
+const STEADY: &str = r#"sleep 0.3; echo "$IFC_TASK_ID" >> "$SHARED""#;
+
+/// The fleet: one etcd, one coordination repo holding the chain board, and a fleet file.
+struct Fleet {
+    etcd: EtcdServer,
+    remote: BareRemote,
+    w: Workdir,
+}
+
+impl Fleet {
+    fn new(board: &str) -> Fleet {
+        let fleet = Fleet {
+            etcd: EtcdServer::start(),
+            remote: BareRemote::new(board),
+            w: Workdir::new(),
+        };
+        fleet.fleet_file("mode: coordinator\n");
+        fleet
+    }
+
+    fn fleet_path(&self) -> PathBuf {
+        self.w.path().join("coordinator.yaml")
+    }
+
+    /// Writes the fleet file (replacing it, as an editor does): `body` plus short hybrid timings.
+    fn fleet_file(&self, body: &str) {
+        let text = format!(
+            "{body}hybrid:\n  deadline: 500ms\n  failures_to_open: 2\n  probe_initial: 300ms\n  probe_max: 2s\n"
+        );
+        let tmp = self.w.path().join("coordinator.yaml.tmp");
+        std::fs::write(&tmp, text).expect("fleet file");
+        std::fs::rename(&tmp, self.fleet_path()).expect("fleet file");
+    }
+
+    /// `ifc` with both stores configured and the fleet file.
+    fn ifc(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ifc"));
+        cmd.current_dir(self.w.path())
+            .env("IFC_ENDPOINTS", self.etcd.endpoint())
+            .env("IFC_GIT_REMOTE", self.remote.path())
+            .env("IFC_POLL_INTERVAL", "200ms")
+            .env("IFC_FLEET", self.fleet_path())
+            .env_remove("IFC_MODE")
+            .env_remove("RUST_LOG");
+        cmd
+    }
+
+    /// The board in etcd too.
+    fn migrate(&self, board: &str) {
+        let file = self.w.path().join("board.md");
+        std::fs::write(&file, board).expect("board file");
+        let out = run(self
+            .ifc()
+            .args(["migrate", "--board"])
+            .arg(&file)
+            .args(["--mode", "coordinator"]));
+        assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    }
+
+    fn agent(&self, k: usize, list: &[&str], script: &str, mode: Option<&str>) -> Agent {
+        let config = self.w.session(&format!("session-{k}"), list, script, "");
+        let mut cmd = self.ifc();
+        cmd.args(["--stale-after", "20s"]);
+        if let Some(m) = mode {
+            cmd.args(["--mode", m]);
+        }
+        spawn_agent(cmd, &config, &self.log(k), &["--until-done"])
+    }
+
+    fn log(&self, k: usize) -> PathBuf {
+        self.w.path().join(format!("agent-{k}.log"))
+    }
+
+    fn read_log(&self, k: usize) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.log(k)).unwrap_or_default()).into_owned()
+    }
+
+    fn all_logs(&self, n: usize) -> String {
+        let listing: Vec<String> = std::fs::read_dir(self.w.path())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| {
+                        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                        format!("{} ({len} bytes)", e.file_name().to_string_lossy())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let head = format!("in {}: {}\n", self.w.path().display(), listing.join(", "));
+        head + &(0..n)
+            .map(|k| format!("--- agent {k}\n{}", self.read_log(k)))
+            .collect::<String>()
+    }
+
+    /// Waits for `check`; on timeout fails with every agent's log.
+    fn wait(&self, what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + limit;
+        while !check() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                self.all_logs(4)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn finish_all(&self, agents: &mut [Agent], limit: Duration) {
+        let n = agents.len();
+        self.wait("every agent to exit", limit, || {
+            agents
+                .iter_mut()
+                .all(|a| matches!(a.try_wait(), Ok(Some(_))))
+        });
+        for (k, a) in agents.iter_mut().enumerate() {
+            let code = finish(a, Duration::from_secs(1));
+            assert_eq!(code, 0, "agent {k}:\n{}", self.all_logs(n));
+        }
+    }
+
+    fn audit(&self) -> (i32, Value) {
+        let out = run(self.ifc().args(["audit", "-o", "json"]));
+        let json = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("audit json: {}", text(&out.stderr)));
+        (code(&out), json)
+    }
+
+    fn board(&self) -> String {
+        self.remote
+            .read("docs/PHASE-0-TASK-BOARD.md")
+            .expect("board")
+    }
+}
+
+fn all_ids() -> Vec<String> {
+    chains().into_iter().map(|(id, _)| id).collect()
+}
+
+#[test]
+fn an_etcd_outage_moves_hybrid_agents_to_git_and_back_with_every_task_done_once() {
+    let board = chain_board();
+    let mut f = Fleet::new(&board);
+    f.migrate(&board);
+    let mut agents: Vec<Agent> = (0..3)
+        .map(|k| f.agent(k, LISTS[k], STEADY, Some("hybrid")))
+        .collect();
+    f.wait("a few tasks done on etcd", Duration::from_secs(60), || {
+        f.w.done().len() >= 5
+    });
+    f.etcd.kill();
+    let before_outage = f.w.done().len();
+    f.wait(
+        "every agent to say it continues on git",
+        Duration::from_secs(60),
+        || (0..3).all(|k| f.read_log(k).contains("continuing on git")),
+    );
+    f.wait("tasks done through git", Duration::from_secs(60), || {
+        f.w.done().len() >= before_outage + 4
+    });
+    f.etcd.restart();
+    f.finish_all(&mut agents, Duration::from_secs(180));
+    for k in 0..3 {
+        let log = f.read_log(k);
+        assert!(log.contains("now served by git"), "agent {k}:\n{log}");
+        assert!(
+            log.contains("now served by etcd"),
+            "agent {k} returned:\n{log}"
+        );
+    }
+    assert_eq!(
+        f.w.done(),
+        all_ids(),
+        "every task ran exactly once:\n{}",
+        f.all_logs(3)
+    );
+    let (code, audit) = f.audit();
+    assert_eq!(code, 0, "etcd and git agree at the end: {audit}");
+}
+
+#[test]
+fn a_live_rollback_moves_every_agent_to_git_and_back() {
+    let board = chain_board();
+    let f = Fleet::new(&board);
+    f.migrate(&board);
+    let mut agents: Vec<Agent> = (0..3).map(|k| f.agent(k, LISTS[k], STEADY, None)).collect();
+    f.wait("a few tasks done", Duration::from_secs(60), || {
+        f.w.done().len() >= 4
+    });
+    f.fleet_file("mode: coordinator\nrollback: true\n");
+    f.wait("every agent on git", Duration::from_secs(30), || {
+        (0..3).all(|k| f.read_log(k).contains("now served by git"))
+    });
+    let on_git = f.w.done().len();
+    f.wait("work going on through git", Duration::from_secs(60), || {
+        f.w.done().len() >= on_git + 3
+    });
+    f.fleet_file("mode: coordinator\nrollback: false\n");
+    f.finish_all(&mut agents, Duration::from_secs(180));
+    for k in 0..3 {
+        let log = f.read_log(k);
+        assert!(
+            log.contains("now served by etcd"),
+            "agent {k} returned:\n{log}"
+        );
+    }
+    assert_eq!(
+        f.w.done(),
+        all_ids(),
+        "no task doubled or lost:\n{}",
+        f.all_logs(3)
+    );
+    // The git board got etcd's progress at the switch, then its own.
+    assert!(
+        f.board().matches("✅ DONE").count() >= on_git,
+        "{}",
+        f.board()
+    );
+}
+
+/// Two chains that depend on each other: the git sessions' tasks wait on the coordinator
+/// sessions' and the other way round, so the work only finishes if the bridge carries each side's
+/// completions to the other.
+fn crossed_board() -> String {
+    let mut board =
+        String::from("| ID | Task | Status | Owner | Blocked by |\n|---|---|---|---|---|\n");
+    for i in 0..8 {
+        for (side, other) in [("G", "C"), ("C", "G")] {
+            let blocker = if i > 0 {
+                format!("{other}{:02}", i - 1)
+            } else {
+                String::new()
+            };
+            let status = if i > 0 {
+                "🔴 BLOCKED"
+            } else {
+                "🔵 AVAILABLE"
+            };
+            board.push_str(&format!(
+                "| {side}{i:02} | task | {status} |  | {blocker} |\n"
+            ));
+        }
+    }
+    board
+}
+
+#[test]
+fn git_and_coordinator_sessions_work_one_board_behind_the_bridge() {
+    let board = crossed_board();
+    let f = Fleet::new(&board);
+    f.fleet_file("mode: coordinator\nbridge:\n  enabled: true\n  interval: 300ms\n");
+    f.migrate(&board);
+    let bridge_log = std::fs::File::create(f.w.path().join("bridge.log")).expect("log");
+    let mut bridge = Agent(
+        f.ifc()
+            .args(["bridge"])
+            .stderr(bridge_log)
+            .spawn()
+            .expect("bridge"),
+    );
+    let slow = r#"sleep 0.5; echo "$IFC_TASK_ID" >> "$SHARED""#;
+    let mut agents = vec![
+        f.agent(0, &["G*"], slow, Some("git")),
+        f.agent(1, &["G*"], slow, Some("git")),
+        f.agent(2, &["C*"], slow, None),
+        f.agent(3, &["C*"], slow, None),
+    ];
+    // A coordinator session's claim shows on the git board.
+    f.wait(
+        "a coordinator claim on the git board",
+        Duration::from_secs(60),
+        || {
+            f.board().lines().any(|l| {
+                l.contains("IN PROGRESS") && (l.contains("session-2") || l.contains("session-3"))
+            })
+        },
+    );
+    f.finish_all(&mut agents, Duration::from_secs(180));
+    let mut expected: Vec<String> = (0..8)
+        .flat_map(|i| [format!("C{i:02}"), format!("G{i:02}")])
+        .collect();
+    expected.sort();
+    assert_eq!(f.w.done(), expected, "every task ran exactly once");
+    f.wait("the bridge to catch up", Duration::from_secs(30), || {
+        f.audit().0 == 0
+    });
+    assert!(
+        matches!(bridge.try_wait(), Ok(None)),
+        "the bridge still runs"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(bridge.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert_eq!(finish(&mut bridge, Duration::from_secs(20)), 0);
+}
+
+#[test]
+fn a_planted_conflict_is_reported_by_audit_and_left_alone_by_the_bridge() {
+    let board = "| ID | Task | Status | Owner |\n|---|---|---|---|\n| X | task | 🔵 AVAILABLE |  |\n| Y | task | 🔵 AVAILABLE |  |\n";
+    let f = Fleet::new(board);
+    f.migrate(board);
+    let claim = |mode: &str, session: &str| {
+        let out = run(f
+            .ifc()
+            .args(["claim", "X", "--session", session, "--mode", mode]));
+        assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    };
+    claim("coordinator", "s-etcd");
+    claim("git", "s-git");
+    let (code_, audit) = f.audit();
+    assert_eq!(code_, 1, "{audit}");
+    let conflicts = audit["conflicts"].as_array().expect("conflicts");
+    assert_eq!(conflicts.len(), 1, "{audit}");
+    assert_eq!(conflicts[0]["task_id"], "X");
+    assert_eq!(conflicts[0]["etcd"], "claimed by s-etcd");
+    assert_eq!(conflicts[0]["git"], "claimed by s-git");
+    let table = run(f.ifc().arg("audit"));
+    let shown = text(&table.stdout);
+    assert!(
+        shown.contains("CONFLICT") && shown.contains("s-etcd") && shown.contains("s-git"),
+        "{shown}"
+    );
+
+    let out = run(f.ifc().args(["bridge", "--once", "-o", "json"]));
+    assert_eq!(code(&out), 1, "{}", text(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(summary["conflicts_total"], 1, "{summary}");
+    let get = |mode: &str| -> Value {
+        let out = run(f.ifc().args(["get", "X", "-o", "json", "--mode", mode]));
+        serde_json::from_slice(&out.stdout).expect("get json")
+    };
+    assert_eq!(get("coordinator")["claimed_by"], "s-etcd", "etcd untouched");
+    assert_eq!(get("git")["claimed_by"], "s-git", "git untouched");
+}
+
+/// The mode an agent reports at start, given a fleet file, a session file's `mode:`, `IFC_MODE`
+/// and `--mode`.
+fn started_mode(
+    f: &Fleet,
+    session_mode: Option<&str>,
+    env: Option<&str>,
+    flag: Option<&str>,
+) -> String {
+    let extra = session_mode
+        .map(|m| format!("mode: {m}\n"))
+        .unwrap_or_default();
+    let config = f.w.session("prec", &["DONE"], "true", &extra);
+    let log = f.w.path().join("prec.log");
+    let mut cmd = f.ifc();
+    if let Some(e) = env {
+        cmd.env("IFC_MODE", e);
+    }
+    if let Some(m) = flag {
+        cmd.args(["--mode", m]);
+    }
+    let mut a = spawn_agent(cmd, &config, &log, &["--until-done"]);
+    let status = finish(&mut a, Duration::from_secs(60));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status, 0, "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("agent started"))
+        .unwrap_or_else(|| panic!("no start line:\n{text}"));
+    let mode = line
+        .split("mode=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no mode in {line}"));
+    mode.to_owned()
+}
+
+#[test]
+fn mode_precedence_is_flag_then_env_then_session_file_then_fleet_file() {
+    let board =
+        "| ID | Task | Status | Owner |\n|---|---|---|---|\n| DONE | task | ✅ DONE | s0 |\n";
+    let f = Fleet::new(board);
+    f.migrate(board);
+    f.fleet_file("mode: coordinator\nrollout:\n  git: [prec]\n");
+    assert_eq!(started_mode(&f, None, None, None), "git", "fleet rollout");
+    assert_eq!(
+        started_mode(&f, Some("hybrid"), None, None),
+        "hybrid",
+        "session file"
+    );
+    assert_eq!(
+        started_mode(&f, Some("hybrid"), Some("coordinator"), None),
+        "coordinator",
+        "IFC_MODE over the session file"
+    );
+    assert_eq!(
+        started_mode(&f, Some("hybrid"), Some("coordinator"), Some("git")),
+        "git",
+        "--mode over IFC_MODE"
+    );
+    f.fleet_file("mode: coordinator\nrollback: true\n");
+    assert_eq!(
+        started_mode(&f, Some("hybrid"), None, Some("coordinator")),
+        "git",
+        "rollback over everything"
+    );
+}
