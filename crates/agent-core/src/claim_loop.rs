@@ -216,6 +216,18 @@ impl ClaimLoop {
                         if let Some(t) = self.view.get_mut(&task) {
                             t.status = status;
                         }
+                        if status == TaskStatus::Blocked {
+                            // The store knows a blocker the view thinks is done is not: read the
+                            // blockers again, and do not retry before the backoff either way.
+                            let blockers = self
+                                .view
+                                .get(&task)
+                                .map(|t| t.blocked_by.clone())
+                                .unwrap_or_default();
+                            out.extend(blockers.into_iter().map(Output::Fetch));
+                            self.not_before
+                                .insert(task.clone(), now + self.plan.retry_backoff);
+                        }
                     }
                     ClaimOutcome::NotFound => {
                         self.view.remove(&task);

@@ -971,8 +971,39 @@ impl Shared {
             {
                 tracing::warn!(%task, %session, error = %e, "cannot undo the claim; it ends with the session's lease");
             }
+            if matches!(
+                other,
+                ClaimOutcome::NotClaimable {
+                    status: crate::TaskStatus::Complete
+                }
+            ) {
+                self.carry_completion(task, side).await;
+            }
         }
         refused
+    }
+
+    /// The other store has `task` complete and `side` does not: `side` is told, so nobody waits
+    /// there for a task that is done.
+    async fn carry_completion(&self, task: &TaskId, side: Side) {
+        let other = match side {
+            Side::Primary => Side::Fallback,
+            Side::Fallback => Side::Primary,
+        };
+        let (Ok(from), Ok(to)) = (self.backend(other), self.backend(side)) else {
+            return;
+        };
+        if let Ok(Some(done)) = from.get(task).await {
+            if done.status == crate::TaskStatus::Complete {
+                let item = Mirrored {
+                    task: task.clone(),
+                    status: crate::TaskStatus::Complete,
+                    holder: done.claimed_by,
+                    token: None,
+                };
+                self.record_logged(to, &[item], to.name()).await;
+            }
+        }
     }
 
     /// Records where a confirmed claim also lives.

@@ -8,6 +8,7 @@ use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
 use crate::inner::Inner;
 use crate::record::{effective, Record};
+use crate::view::View;
 
 /// What importing one task did (or, in a dry run, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,18 +81,8 @@ impl Inner {
             if dry_run {
                 return Ok(outcome);
             }
-            let (task_key, claim_key) = (self.keys.task(id), self.keys.claim(id));
-            let mut ops = vec![TxnOp::put(task_key.clone(), next.encode(), None)];
-            if view.claim.is_some() {
-                ops.push(TxnOp::delete(claim_key.clone(), None)); // only reached with --force
-            }
-            let txn = Txn::new()
-                .when(vec![
-                    Compare::mod_revision(task_key, CompareOp::Equal, view.record_rev()),
-                    Compare::mod_revision(claim_key, CompareOp::Equal, view.claim_rev()),
-                ])
-                .and_then(ops);
-            if self.conn.txn("import", txn).await?.succeeded() {
+            // A claim key is only there to delete with --force.
+            if self.replace(id, &view, &next, "import").await? {
                 return Ok(outcome);
             }
         }
@@ -107,14 +98,9 @@ impl Inner {
         let id = &want.task;
         for _ in 0..16 {
             let view = self.read_view(id, false).await?;
-            let Some(stored) = &view.record else {
+            let Some((current, _)) = self.current(id, &view)? else {
                 return Ok(RecordOutcome::NotFound);
             };
-            let (current, _) =
-                effective(stored, view.claim.as_ref()).map_err(|reason| BackendError::Corrupt {
-                    key: self.keys.task(id),
-                    reason,
-                })?;
             if let Decision::Skip(outcome) = mirror::decide(&current, want) {
                 return Ok(outcome);
             }
@@ -122,18 +108,7 @@ impl Inner {
                 task: mirror::applied(&current, want),
                 lease: None,
             };
-            let (task_key, claim_key) = (self.keys.task(id), self.keys.claim(id));
-            let mut ops = vec![TxnOp::put(task_key.clone(), next.encode(), None)];
-            if view.claim.is_some() {
-                ops.push(TxnOp::delete(claim_key.clone(), None));
-            }
-            let txn = Txn::new()
-                .when(vec![
-                    Compare::mod_revision(task_key, CompareOp::Equal, view.record_rev()),
-                    Compare::mod_revision(claim_key, CompareOp::Equal, view.claim_rev()),
-                ])
-                .and_then(ops);
-            if self.conn.txn("record", txn).await?.succeeded() {
+            if self.replace(id, &view, &next, "record").await? {
                 return Ok(RecordOutcome::Written);
             }
         }
@@ -141,5 +116,28 @@ impl Inner {
             endpoint: self.conn.endpoints().to_owned(),
             reason: format!("{id}: kept changing while recording"),
         })
+    }
+
+    /// Writes `next` as the task's record and removes its claim key, if neither changed since
+    /// `view` was read. `false`: one did (read again and decide again).
+    async fn replace(
+        &self,
+        id: &TaskId,
+        view: &View,
+        next: &Record,
+        what: &str,
+    ) -> BackendResult<bool> {
+        let (task_key, claim_key) = (self.keys.task(id), self.keys.claim(id));
+        let mut ops = vec![TxnOp::put(task_key.clone(), next.encode(), None)];
+        if view.claim.is_some() {
+            ops.push(TxnOp::delete(claim_key.clone(), None));
+        }
+        let txn = Txn::new()
+            .when(vec![
+                Compare::mod_revision(task_key, CompareOp::Equal, view.record_rev()),
+                Compare::mod_revision(claim_key, CompareOp::Equal, view.claim_rev()),
+            ])
+            .and_then(ops);
+        Ok(self.conn.txn(what, txn).await?.succeeded())
     }
 }

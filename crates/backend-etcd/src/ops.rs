@@ -93,7 +93,11 @@ impl Inner {
     }
 
     /// The effective task in `view` and the token of its live claim; `None`: no such task.
-    fn current(&self, id: &TaskId, view: &View) -> BackendResult<Option<(Task, Option<i64>)>> {
+    pub(crate) fn current(
+        &self,
+        id: &TaskId,
+        view: &View,
+    ) -> BackendResult<Option<(Task, Option<i64>)>> {
         let Some(stored) = &view.record else {
             return Ok(None);
         };

@@ -380,3 +380,44 @@ fn unknown_tasks_of_interest_are_fetched_and_claim_errors_back_off() {
         ["N.1"]
     );
 }
+
+#[test]
+fn a_store_that_says_blocked_gets_its_blockers_read_again_not_a_claim_storm() {
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["W"]));
+    // The view believes W's blocker is done (another store said so); the store does not.
+    let out = l.step(
+        Input::Snapshot(vec![
+            task("W", TaskStatus::Blocked, &["B"]),
+            task("B", TaskStatus::Complete, &[]),
+        ]),
+        now,
+    );
+    assert_eq!(claims(&out), ["W"]);
+    let out = l.step(
+        Input::Claimed {
+            task: id("W"),
+            outcome: ClaimOutcome::NotClaimable {
+                status: TaskStatus::Blocked,
+            },
+        },
+        now,
+    );
+    assert!(out.contains(&Output::Fetch(id("B"))), "{out:?}");
+    assert!(claims(&out).is_empty(), "no immediate retry: {out:?}");
+    // The fetched blocker is not done after all: still no claim, even after the backoff.
+    let out = l.step(Input::Fetched(task("B", TaskStatus::Available, &[])), now);
+    assert!(claims(&out).is_empty(), "{out:?}");
+    let out = l.step(Input::Tick, now + Duration::from_secs(2));
+    assert!(claims(&out).is_empty(), "{out:?}");
+    // It completes: W is claimed.
+    let out = l.step(
+        Input::Changed {
+            task: id("B"),
+            status: Some(TaskStatus::Complete),
+            holder: None,
+        },
+        now + Duration::from_secs(2),
+    );
+    assert_eq!(claims(&out), ["W"]);
+}

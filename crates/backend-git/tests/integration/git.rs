@@ -295,3 +295,68 @@ async fn a_claim_its_owner_no_longer_lists_is_free_even_with_a_fresh_heartbeat()
         ClaimOutcome::Won(_)
     ));
 }
+
+#[tokio::test]
+async fn every_commit_ifc_makes_carries_the_task_session_and_token_trailers() {
+    use agent_core::{Mirrored, Presence, ReleaseTo};
+    let mut board = crate::EMPTY_BOARD.to_owned();
+    board.push_str("| TR.1 | one | 🔵 AVAILABLE |  |  |\n| TR.2 | two | 🔵 AVAILABLE |  |  |\n");
+    let remote = BareRemote::new(&board);
+    let b = crate::open(&remote, "trailers").await;
+    let s = sid("session-7-trailers");
+    let presence = Presence {
+        session_id: s.clone(),
+        state: "idle".into(),
+        current_task: None,
+        backend: "git".into(),
+        started_at: chrono::Utc::now(),
+        pid: 1,
+        host: "h".into(),
+        version: "0".into(),
+    };
+    b.announce(&presence).await.expect("announce");
+    let ClaimOutcome::Won(c) = b.claim(&tid("TR.1"), &s).await.expect("claim") else {
+        panic!("claim")
+    };
+    b.release(&tid("TR.1"), &s, ReleaseTo::Complete, Some(c.token))
+        .await
+        .expect("release");
+    b.put(&tid("TR.3"), &TaskPatch::default())
+        .await
+        .expect("put");
+    let mirrored = Mirrored {
+        task: tid("TR.2"),
+        status: TaskStatus::Claimed,
+        holder: Some(s.clone()),
+        token: Some(agent_core::FencingToken(4242)),
+    };
+    b.record(&[mirrored]).await.expect("record");
+    let repo = git2::Repository::open_bare(remote.path()).expect("open remote");
+    let mut walk = repo.revwalk().expect("walk");
+    walk.push_ref("refs/heads/main").expect("main");
+    let log: Vec<String> = walk
+        .map(|o| {
+            let commit = repo.find_commit(o.expect("oid")).expect("commit");
+            commit.message().unwrap_or_default().to_owned()
+        })
+        .filter(|m| !m.starts_with("seed board"))
+        .collect();
+    for message in &log {
+        for trailer in ["Ifc-Task: ", "Ifc-Session: ", "Ifc-Fencing-Token: "] {
+            assert!(
+                message.contains(trailer),
+                "{trailer:?} missing in {message:?}"
+            );
+        }
+    }
+    assert!(
+        log.len() >= 5,
+        "announce, claim, complete, put and record: {log:?}"
+    );
+    assert!(
+        log.iter().any(|m| m.contains("Ifc-Task: TR.2")
+            && m.contains("Ifc-Session: session-7-trailers")
+            && m.contains("Ifc-Fencing-Token: 4242")),
+        "the mirrored claim carries the coordinator's token: {log:?}"
+    );
+}

@@ -20,13 +20,15 @@ use crate::exit;
 use crate::output::printable;
 use crate::settings;
 
-/// The two stores, opened from the flags and the fleet file.
+/// The two stores, opened from the flags and the fleet file; the git clone is named `clone` (the
+/// bridge and `audit` keep their own, so they can run side by side).
 async fn open(
     g: &Global,
     fleet: Option<&FleetFile>,
+    clone: &str,
 ) -> Result<(Arc<dyn Backend>, Arc<dyn Backend>)> {
     let etcd: Arc<dyn Backend> = settings::open_etcd(g, fleet, None).await?;
-    let name = SessionId::parse("ifc-bridge").context("the bridge's clone name")?;
+    let name = SessionId::parse(clone).context("the clone's name")?;
     let git: Arc<dyn Backend> = settings::open_git(g, fleet, Some(&name)).await?;
     Ok((etcd, git))
 }
@@ -53,7 +55,7 @@ fn difference_json(d: &Difference) -> serde_json::Value {
 /// `ifc audit`: 0 when etcd and the board agree, 1 otherwise.
 pub async fn audit(g: &Global, output: Output, out: &mut impl Write) -> Result<u8> {
     let fleet = settings::fleet(g)?;
-    let (etcd, git) = open(g, fleet.as_ref()).await?;
+    let (etcd, git) = open(g, fleet.as_ref(), "ifc-audit").await?;
     let (e, b) = (etcd.list().await?, git.list().await?);
     let diffs = bridge::compare(&e.tasks, &b.tasks);
     let conflicts = diffs.iter().filter(|d| d.conflict).count();
@@ -222,7 +224,7 @@ pub async fn run(
         .interval
         .or_else(|| fleet.as_ref().and_then(|f| f.bridge.interval.map(|d| d.0)))
         .unwrap_or(Duration::from_secs(1));
-    let (etcd, git) = open(g, fleet.as_ref()).await?;
+    let (etcd, git) = open(g, fleet.as_ref(), "ifc-bridge").await?;
     let mut bridge = Bridge::default();
     let mut sigterm = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;

@@ -74,13 +74,24 @@ impl Fleet {
     }
 
     fn agent(&self, k: usize, list: &[&str], script: &str, mode: Option<&str>) -> Agent {
+        self.agent_with(k, list, script, mode, &["--until-done"])
+    }
+
+    fn agent_with(
+        &self,
+        k: usize,
+        list: &[&str],
+        script: &str,
+        mode: Option<&str>,
+        extra: &[&str],
+    ) -> Agent {
         let config = self.w.session(&format!("session-{k}"), list, script, "");
         let mut cmd = self.ifc();
         cmd.args(["--stale-after", "20s"]);
         if let Some(m) = mode {
             cmd.args(["--mode", m]);
         }
-        spawn_agent(cmd, &config, &self.log(k), &["--until-done"])
+        spawn_agent(cmd, &config, &self.log(k), extra)
     }
 
     fn log(&self, k: usize) -> PathBuf {
@@ -89,6 +100,17 @@ impl Fleet {
 
     fn read_log(&self, k: usize) -> String {
         String::from_utf8_lossy(&std::fs::read(self.log(k)).unwrap_or_default()).into_owned()
+    }
+
+    #[track_caller]
+    fn every_log_says(&self, n: usize, what: &str) {
+        for k in 0..n {
+            let log = self.read_log(k);
+            assert!(
+                log.contains(what),
+                "agent {k} never logged {what:?}:\n{log}"
+            );
+        }
     }
 
     fn all_logs(&self, n: usize) -> String {
@@ -157,8 +179,9 @@ fn an_etcd_outage_moves_hybrid_agents_to_git_and_back_with_every_task_done_once(
     let board = chain_board();
     let mut f = Fleet::new(&board);
     f.migrate(&board);
+    // No --until-done: an agent whose list is done stays, so every one of them returns to etcd.
     let mut agents: Vec<Agent> = (0..3)
-        .map(|k| f.agent(k, LISTS[k], STEADY, Some("hybrid")))
+        .map(|k| f.agent_with(k, LISTS[k], STEADY, Some("hybrid"), &[]))
         .collect();
     f.wait("a few tasks done on etcd", Duration::from_secs(60), || {
         f.w.done().len() >= 5
@@ -174,15 +197,18 @@ fn an_etcd_outage_moves_hybrid_agents_to_git_and_back_with_every_task_done_once(
         f.w.done().len() >= before_outage + 4
     });
     f.etcd.restart();
-    f.finish_all(&mut agents, Duration::from_secs(180));
-    for k in 0..3 {
-        let log = f.read_log(k);
-        assert!(log.contains("now served by git"), "agent {k}:\n{log}");
-        assert!(
-            log.contains("now served by etcd"),
-            "agent {k} returned:\n{log}"
-        );
+    f.wait("every agent back on etcd", Duration::from_secs(60), || {
+        (0..3).all(|k| f.read_log(k).contains("now served by etcd"))
+    });
+    f.wait("every task done", Duration::from_secs(120), || {
+        f.w.done().len() >= all_ids().len()
+    });
+    for a in &agents {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(a.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     }
+    f.finish_all(&mut agents, Duration::from_secs(60));
+    f.every_log_says(3, "now served by git");
     assert_eq!(
         f.w.done(),
         all_ids(),
@@ -212,13 +238,7 @@ fn a_live_rollback_moves_every_agent_to_git_and_back() {
     });
     f.fleet_file("mode: coordinator\nrollback: false\n");
     f.finish_all(&mut agents, Duration::from_secs(180));
-    for k in 0..3 {
-        let log = f.read_log(k);
-        assert!(
-            log.contains("now served by etcd"),
-            "agent {k} returned:\n{log}"
-        );
-    }
+    f.every_log_says(3, "now served by etcd");
     assert_eq!(
         f.w.done(),
         all_ids(),
