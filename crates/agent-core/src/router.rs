@@ -902,8 +902,8 @@ impl Shared {
         }
     }
 
-    /// Within the confirm window after a switch, makes a claim won on `side` in the other store
-    /// too. `Some(outcome)`: the other store has the task otherwise, so the claim was undone and
+    /// Within the confirm window after a switch (and for every etcd claim of a mirroring hybrid
+    /// session), makes a claim won on `side` in the other store too. `Some(outcome)`: the other store has the task otherwise, so the claim was undone and
     /// this is the answer. A store that does not answer (an outage) is not waited for.
     async fn confirm(
         &self,
@@ -914,8 +914,12 @@ impl Shared {
     ) -> Option<ClaimOutcome> {
         let (confirming, open) = {
             let s = lock(&self.state);
-            let confirming = s.confirm_until.is_some_and(|t| Instant::now() < t);
-            (confirming, s.breaker.is_open())
+            let window = s.confirm_until.is_some_and(|t| Instant::now() < t);
+            // A hybrid session's etcd claims are in git before their task starts: should etcd
+            // go down, the sessions that fall back find them there, and no mirror lag can let
+            // one of them run the task again.
+            let hybrid = s.mode == Mode::Hybrid && self.mirror.is_some() && side == Side::Primary;
+            (window || hybrid, s.breaker.is_open())
         };
         if !confirming {
             return None;

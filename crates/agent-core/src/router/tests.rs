@@ -30,7 +30,13 @@ impl Fleet {
     }
 
     fn router(&self, mode: Mode) -> Router {
+        self.router_with(mode, true)
+    }
+
+    /// `mirror: false` is a hybrid session of a fleet whose bridge mirrors for it.
+    fn router_with(&self, mode: Mode, mirror: bool) -> Router {
         let mut config = RouterConfig::new("s1", mode);
+        config.mirror = mirror;
         config.deadline = Duration::from_millis(200);
         config.failures_to_open = 2;
         config.probe_initial = Duration::from_millis(50);
@@ -186,17 +192,42 @@ async fn an_outage_moves_the_claim_to_git_and_the_return_writes_git_back() {
 }
 
 #[tokio::test]
-async fn a_claim_taken_in_git_meanwhile_is_lost_not_doubled() {
-    let fleet = Fleet::new(&["A"]).await;
+async fn a_hybrid_claim_is_in_git_before_it_counts() {
+    let fleet = Fleet::new(&["A", "B"]).await;
     let r = fleet.router(Mode::Hybrid);
-    let mut sub = r.subscribe().await.expect("subscribe");
-    // No mirror lands before another session takes A in git.
+    // Another session holds A in git: the etcd claim is undone, not doubled.
     let git_session = MemoryBackend::new(fleet.git.clone(), None);
     won(git_session
         .claim(&tid("A"), &sid("s2"))
         .await
         .expect("claim"));
+    assert_eq!(
+        r.claim(&tid("A"), &sid("s1")).await.expect("claim"),
+        ClaimOutcome::Lost {
+            holder: Some(sid("s2"))
+        }
+    );
+    assert_eq!(fleet.in_etcd("A").await.status, TaskStatus::Available);
+    // A free task: held in both before the claim returns (no mirror lag to wait for).
+    won(r.claim(&tid("B"), &sid("s1")).await.expect("claim"));
+    assert_eq!(
+        face(&fleet.in_git("B").await),
+        (TaskStatus::Claimed, Some("s1"))
+    );
+}
+
+#[tokio::test]
+async fn a_claim_taken_in_git_meanwhile_is_lost_not_doubled() {
+    let fleet = Fleet::new(&["A"]).await;
+    // Without its own mirror (a bridge's fleet), the claim reaches git only at the switch.
+    let r = fleet.router_with(Mode::Hybrid, false);
+    let mut sub = r.subscribe().await.expect("subscribe");
     won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
+    let git_session = MemoryBackend::new(fleet.git.clone(), None);
+    won(git_session
+        .claim(&tid("A"), &sid("s2"))
+        .await
+        .expect("claim"));
     fleet.etcd.set_reachable(false);
     wait_serving(&r, Side::Fallback).await;
     let lost = eventually(
