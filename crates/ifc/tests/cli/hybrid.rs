@@ -435,3 +435,40 @@ fn mode_precedence_is_flag_then_env_then_session_file_then_fleet_file() {
         "rollback over everything"
     );
 }
+
+#[test]
+fn a_rollback_committed_to_the_coordination_repo_reaches_the_agents_through_git() {
+    let board = chain_board();
+    let f = Fleet::new(&board);
+    f.migrate(&board);
+    let slow = r#"sleep 0.5; echo "$IFC_TASK_ID" >> "$SHARED""#;
+    let mut agents: Vec<Agent> = (0..2)
+        .map(|k| f.agent_with(k, LISTS[k], slow, None, &[]))
+        .collect();
+    f.wait("the agents at work", Duration::from_secs(60), || {
+        f.w.done().len() >= 2
+    });
+    f.remote.commit(
+        &[("config/coordinator.yaml", b"rollback: true\n")],
+        "roll the fleet back to git",
+    );
+    f.wait("every agent on git", Duration::from_secs(30), || {
+        (0..2).all(|k| f.read_log(k).contains("now served by git"))
+    });
+    f.remote.commit(
+        &[("config/coordinator.yaml", b"rollback: false\n")],
+        "back to the coordinator",
+    );
+    f.wait("every agent back on etcd", Duration::from_secs(30), || {
+        (0..2).all(|k| f.read_log(k).contains("now served by etcd"))
+    });
+    for a in &agents {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(a.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    }
+    f.finish_all(&mut agents, Duration::from_secs(60));
+    let done = f.w.done();
+    let mut unique = done.clone();
+    unique.dedup();
+    assert_eq!(done, unique, "no task ran twice:\n{}", f.all_logs(2));
+}
