@@ -169,6 +169,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Whether the store answers now (one round trip, bounded by the request deadline).
     async fn health(&self) -> Health;
 
+    /// How many times this client's event stream broke and was resumed (for metrics).
+    fn reconnects(&self) -> u64 {
+        0
+    }
+
     /// Ends this client's sessions on a clean shutdown: their leases are revoked at once (so their
     /// presence goes and any claim still held is free now, not after the TTL). Best effort.
     async fn close(&self) {}

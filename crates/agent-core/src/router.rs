@@ -105,6 +105,16 @@ struct State {
     served: BTreeMap<(&'static str, &'static str), u64>,
     /// Until then, claims are confirmed in the other store (see `RouterConfig::confirm_window`).
     confirm_until: Option<Instant>,
+    stats: RouterStats,
+}
+
+/// Counts for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouterStats {
+    /// Moves from the coordinator to git (breaker or mode).
+    pub fallbacks: u64,
+    /// Tasks found held or done by different sessions in the two stores.
+    pub conflicts: u64,
 }
 
 #[derive(Debug)]
@@ -160,6 +170,7 @@ impl Router {
             subscribers: Vec::new(),
             served: BTreeMap::new(),
             confirm_until: None,
+            stats: RouterStats::default(),
         };
         let mirror = match (&fallback, mode) {
             (Some(git), Mode::Hybrid) if config.mirror && primary.is_some() => {
@@ -199,6 +210,15 @@ impl Router {
     pub fn serving_name(&self) -> &'static str {
         let side = self.serving();
         self.shared.backend(side).map_or("none", |b| b.name())
+    }
+
+    /// Fallbacks and conflicts so far (the git mirror's conflicts included).
+    pub fn stats(&self) -> RouterStats {
+        let mut stats = lock(&self.shared.state).stats;
+        if let Some(m) = &self.shared.mirror {
+            stats.conflicts += m.conflicts();
+        }
+        stats
     }
 
     /// How many operations each store served: `(operation, backend) -> count`.
@@ -352,6 +372,9 @@ impl Shared {
         {
             let mut s = lock(&self.state);
             s.serving = target;
+            if target == Side::Fallback {
+                s.stats.fallbacks += 1;
+            }
             let window = self
                 .config
                 .confirm_window
@@ -478,6 +501,7 @@ impl Shared {
             Ok(out) => {
                 for (item, outcome) in plan.iter().zip(&out) {
                     if let RecordOutcome::Conflict { holder } = outcome {
+                        lock(&self.state).stats.conflicts += 1;
                         tracing::warn!(session = %self.config.name, task = %item.task, here = ?holder, there = ?item.holder, "conflict: claimed by different sessions in {name} and the other store");
                     }
                 }
@@ -861,6 +885,14 @@ impl Backend for Router {
         }
     }
 
+    fn reconnects(&self) -> u64 {
+        [Side::Primary, Side::Fallback]
+            .into_iter()
+            .filter_map(|side| self.shared.backend(side).ok())
+            .map(|b| b.reconnects())
+            .sum()
+    }
+
     async fn close(&self) {
         if let Some(m) = &self.shared.mirror {
             m.flush(Duration::from_secs(5)).await;
@@ -967,6 +999,9 @@ impl Shared {
             }
         };
         if let Some(other) = &refused {
+            if matches!(other, ClaimOutcome::Lost { .. }) {
+                lock(&self.state).stats.conflicts += 1;
+            }
             tracing::warn!(%task, %session, outcome = ?other, "the other store has this task otherwise: claim undone");
             let store = self.backend(side).ok()?;
             if let Err(e) = store

@@ -52,6 +52,8 @@ impl Inner {
                     let resume_from = self.cache().revision + 1;
                     if failures == 0 {
                         tracing::warn!(%reason, resume_from, "watch stream broke; resuming");
+                        self.reconnects
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     } else {
                         tracing::debug!(%reason, resume_from, failures, "watch still down; retrying");
                     }

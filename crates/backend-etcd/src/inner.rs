@@ -24,6 +24,8 @@ pub(crate) struct Inner {
     pub synced: Notify,
     /// Whether the watch stream is currently open and answering.
     pub watching: AtomicBool,
+    /// Times the watch stream broke and was resumed.
+    pub reconnects: std::sync::atomic::AtomicU64,
     /// Each session's live lease (granted on its first leased claim).
     pub leases: tokio::sync::Mutex<HashMap<SessionId, i64>>,
     pub repairs: mpsc::UnboundedSender<Repair>,
@@ -39,6 +41,7 @@ impl Inner {
             cache: Mutex::new(Cache::default()),
             synced: Notify::new(),
             watching: AtomicBool::new(false),
+            reconnects: std::sync::atomic::AtomicU64::new(0),
             leases: tokio::sync::Mutex::new(HashMap::new()),
             repairs,
             tasks: Mutex::new(Vec::new()),

@@ -182,6 +182,12 @@ impl Backend for EtcdBackend {
         self.inner.revoke_all().await;
     }
 
+    fn reconnects(&self) -> u64 {
+        self.inner
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn health(&self) -> Health {
         let conn = &self.inner.conn;
         let tasks = self.inner.keys.tasks_prefix();

@@ -205,6 +205,9 @@ pub struct BridgeArgs {
     /// Do one round and exit (0: in step, 1: differences or conflicts remain)
     #[arg(long)]
     pub once: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics and health at http://ADDR/health
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -220,6 +223,10 @@ pub struct AgentArgs {
     /// Where per-task logs go [default: .ifc/logs/<session>]
     #[arg(long)]
     pub log_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics and health at http://ADDR/health
+    /// (e.g. 127.0.0.1:9464; port 0 picks a free one, logged at start)
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]

@@ -20,6 +20,7 @@ pub(super) struct MirrorQueue {
     queued: AtomicU64,
     done: watch::Receiver<u64>,
     worker: JoinHandle<()>,
+    conflicts: Arc<AtomicU64>,
 }
 
 impl MirrorQueue {
@@ -27,13 +28,20 @@ impl MirrorQueue {
     pub fn start(git: Arc<dyn Backend>, name: String) -> MirrorQueue {
         let (tx, rx) = mpsc::unbounded_channel();
         let (done_tx, done) = watch::channel(0);
-        let worker = tokio::spawn(write_loop(git, name, rx, done_tx));
+        let conflicts = Arc::new(AtomicU64::new(0));
+        let worker = tokio::spawn(write_loop(git, name, rx, done_tx, Arc::clone(&conflicts)));
         MirrorQueue {
             tx,
             queued: AtomicU64::new(0),
             done,
             worker,
+            conflicts,
         }
+    }
+
+    /// Conflicts the writer found (git had a task held by another session).
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts.load(Ordering::Relaxed)
     }
 
     /// Queues one transition.
@@ -72,6 +80,7 @@ async fn write_loop(
     name: String,
     mut rx: mpsc::UnboundedReceiver<(u64, Mirrored)>,
     done: watch::Sender<u64>,
+    conflicts: Arc<AtomicU64>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     while let Some((mut last, first)) = rx.recv().await {
@@ -85,6 +94,7 @@ async fn write_loop(
                 Ok(out) => {
                     for (item, outcome) in batch.iter().zip(&out) {
                         if let RecordOutcome::Conflict { holder } = outcome {
+                            conflicts.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(session = %name, task = %item.task, git_holder = ?holder, "conflict: git has this task claimed by another session; mirror left it alone");
                         }
                     }

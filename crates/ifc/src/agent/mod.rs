@@ -6,7 +6,7 @@
 mod config_watch;
 mod task;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,13 +14,17 @@ use std::time::Duration;
 use agent_core::claim_loop::{ClaimLoop, Input, Output, Plan};
 use agent_core::config::{FleetFile, Mode, SessionFile};
 use agent_core::router::Router;
-use agent_core::{Backend, BackendError, BackendEvent, Presence, ReleaseOutcome, Subscription};
+use agent_core::{
+    Backend, BackendError, BackendEvent, ClaimOutcome, Presence, ReleaseOutcome, Subscription,
+    TaskId, TaskStatus,
+};
 use anyhow::{Context, Result};
 use backend_git::GitBackend;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
 use crate::cli::{AgentArgs, Global};
+use crate::metrics::{self, Metrics};
 use crate::settings::{self, config_error};
 
 use config_watch::ConfigWatch;
@@ -80,6 +84,15 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
             None
         }
     };
+    let metrics = Arc::new(Metrics::new());
+    if let Some(addr) = args.metrics_addr {
+        let router = Arc::clone(&backend);
+        let totals: metrics::Totals = Arc::new(move || {
+            let stats = router.stats();
+            (router.reconnects(), stats.fallbacks, stats.conflicts)
+        });
+        metrics::serve(addr, Arc::clone(&metrics), backend.clone(), totals).await?;
+    }
     let lp = ClaimLoop::new(plan);
     let mut driver = Driver {
         session,
@@ -96,6 +109,8 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         wake: None,
         drain_until: None,
         presence,
+        metrics,
+        awaited: HashMap::new(),
     };
     driver.announce(None).await;
     driver.run(sub, watch).await
@@ -119,6 +134,9 @@ struct Driver {
     wake: Option<Instant>,
     drain_until: Option<Instant>,
     presence: Presence,
+    metrics: Arc<Metrics>,
+    /// This session's own transitions whose events have not arrived yet: the event latency.
+    awaited: HashMap<TaskId, (TaskStatus, Instant)>,
 }
 
 impl Driver {
@@ -171,6 +189,43 @@ impl Driver {
                 tracing::warn!(session = %id, mode = mode.as_str(), backend = self.backend.serving_name(), "mode switched");
             }
             Err(e) => tracing::error!(session = %id, error = %e, "cannot switch mode"),
+        }
+    }
+
+    /// A claim, timed and counted.
+    async fn timed_claim(
+        &mut self,
+        task: &TaskId,
+        session: &agent_core::SessionId,
+    ) -> agent_core::BackendResult<ClaimOutcome> {
+        let started = std::time::Instant::now();
+        let result = self.backend.claim(task, session).await;
+        let outcome = match &result {
+            Ok(ClaimOutcome::Won(_)) => "won",
+            Ok(ClaimOutcome::Lost { .. }) => "lost",
+            Ok(ClaimOutcome::NotClaimable { .. }) => "not_claimable",
+            Ok(ClaimOutcome::NotFound) => "not_found",
+            Err(_) => "error",
+        };
+        self.metrics
+            .claim(self.backend.serving_name(), outcome, started.elapsed());
+        if matches!(result, Ok(ClaimOutcome::Won(_))) {
+            self.awaited
+                .insert(task.clone(), (TaskStatus::Claimed, Instant::now()));
+        }
+        result
+    }
+
+    /// An event of one of this session's own transitions: how long it took to arrive.
+    fn heard(&mut self, e: &agent_core::TaskEvent) {
+        let mine = self
+            .awaited
+            .get(&e.task)
+            .is_some_and(|(status, _)| e.new_status == Some(*status));
+        if mine {
+            if let Some((_, at)) = self.awaited.remove(&e.task) {
+                self.metrics.event(at.elapsed());
+            }
         }
     }
 
@@ -233,7 +288,10 @@ impl Driver {
             let drain = self.drain_until;
             tokio::select! {
                 event = sub.next() => match event {
-                    Some(BackendEvent::Task(e)) => inputs.push_back(Input::Changed { task: e.task, status: e.new_status, holder: e.holder }),
+                    Some(BackendEvent::Task(e)) => {
+                        self.heard(&e);
+                        inputs.push_back(Input::Changed { task: e.task, status: e.new_status, holder: e.holder });
+                    }
                     Some(BackendEvent::ClaimLost { task, session, .. }) if session == self.session.session_id => {
                         tracing::warn!(%task, %session, "claim lost: stopping the task, it will not be reported done");
                         inputs.push_back(Input::Lost { task });
@@ -253,6 +311,7 @@ impl Driver {
                             None => tracing::info!(task = %t.claim.task, success, log = %t.log.display(), "task exited"),
                         }
                         self.drain_until = None;
+                        self.metrics.set_active_tasks(0);
                         inputs.push_back(Input::Exited { task: t.claim.task.clone(), success });
                     }
                 }
@@ -293,7 +352,7 @@ impl Driver {
     ) -> Option<u8> {
         let session = self.session.session_id.clone();
         match output {
-            Output::Claim(task) => match self.backend.claim(&task, &session).await {
+            Output::Claim(task) => match self.timed_claim(&task, &session).await {
                 Ok(outcome) => {
                     tracing::info!(%task, %session, ?outcome, backend = self.backend.serving_name(), "claim");
                     inputs.push_back(Input::Claimed { task, outcome });
@@ -309,6 +368,7 @@ impl Driver {
                     Ok(t) => {
                         tracing::info!(task = %claim.task, %session, token = %claim.token, log = %t.log.display(), "task started");
                         self.running = Some(t);
+                        self.metrics.set_active_tasks(1);
                         self.announce(Some(&claim.task)).await;
                     }
                     Err(e) => {
@@ -334,7 +394,11 @@ impl Driver {
                     Ok(outcome) => {
                         match &outcome {
                             ReleaseOutcome::Released { .. } => {
-                                tracing::info!(%task, %session, status = %to.status(), "release")
+                                tracing::info!(%task, %session, status = %to.status(), "release");
+                                self.metrics
+                                    .release(self.backend.serving_name(), to.status().as_str());
+                                self.awaited
+                                    .insert(task.clone(), (to.status(), Instant::now()));
                             }
                             other => {
                                 tracing::warn!(%task, %session, outcome = ?other, "release changed nothing")

@@ -226,6 +226,16 @@ pub async fn run(
         .unwrap_or(Duration::from_secs(1));
     let (etcd, git) = open(g, fleet.as_ref(), "ifc-bridge").await?;
     let mut bridge = Bridge::default();
+    let conflicts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    if let Some(addr) = args.metrics_addr {
+        let (store, seen) = (Arc::clone(&etcd), Arc::clone(&conflicts));
+        let totals: crate::metrics::Totals = Arc::new(move || {
+            let conflicts = seen.load(std::sync::atomic::Ordering::Relaxed);
+            (store.reconnects(), 0, conflicts)
+        });
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        crate::metrics::serve(addr, metrics, Arc::clone(&etcd), totals).await?;
+    }
     let mut sigterm = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
     tracing::info!(
@@ -244,6 +254,7 @@ pub async fn run(
                 tracing::warn!(error = %format!("{e:#}"), "bridge round failed; retrying next interval")
             }
         }
+        conflicts.store(bridge.conflicts_total, std::sync::atomic::Ordering::Relaxed);
         if args.once {
             let (e, b) = (etcd.list().await?, git.list().await?);
             let diffs = bridge::compare(&e.tasks, &b.tasks);

@@ -4,6 +4,7 @@
 mod agent;
 mod git;
 mod hybrid;
+mod metrics;
 mod migrate;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,386 @@
+//! The agent's and the bridge's numbers: Prometheus metrics at `GET /metrics` and the active
+//! store's reachability at `GET /health` (`--metrics-addr HOST:PORT`; axum + prometheus-client).
+//! Labels are only `backend`, `outcome` and `status`: never a task or session id.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agent_core::Backend;
+use anyhow::{Context, Result};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClaimLabels {
+    backend: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReleaseLabels {
+    backend: String,
+    status: String,
+}
+
+/// How far back the guide's sliding-window gauges look.
+const WINDOW: Duration = Duration::from_secs(300);
+/// At most this many samples of each kind are kept for them.
+const WINDOW_SAMPLES: usize = 10_000;
+
+/// Recent samples for the sliding-window gauges.
+#[derive(Debug, Default)]
+struct Window {
+    /// (when, seconds, won) of each claim attempt that got an answer or an error.
+    claims: VecDeque<(Instant, f64, bool)>,
+    /// (when, seconds) of each event latency.
+    events: VecDeque<(Instant, f64)>,
+}
+
+/// The 95th percentile of `values` (`0` when there are none).
+fn p95(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((values.len() as f64) * 0.95).ceil() as usize;
+    values[rank.clamp(1, values.len()) - 1]
+}
+
+/// Every metric of one process.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    claim_latency: Family<BackendLabel, Histogram>,
+    claims: Family<ClaimLabels, Counter>,
+    releases: Family<ReleaseLabels, Counter>,
+    active_tasks: Gauge,
+    event_bus_health: Gauge,
+    event_latency: Histogram,
+    reconnects: Counter,
+    fallbacks: Counter,
+    conflicts: Counter,
+    claim_latency_p95: Gauge<f64, AtomicU64>,
+    claim_success_rate: Gauge<f64, AtomicU64>,
+    event_latency_p95: Gauge<f64, AtomicU64>,
+    window: Mutex<Window>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let latency_buckets = || Histogram::new(exponential_buckets(0.000_1, 2.0, 20));
+        let m = Metrics {
+            registry: Registry::default(),
+            claim_latency: Family::new_with_constructor(latency_buckets),
+            claims: Family::default(),
+            releases: Family::default(),
+            active_tasks: Gauge::default(),
+            event_bus_health: Gauge::default(),
+            event_latency: latency_buckets(),
+            reconnects: Counter::default(),
+            fallbacks: Counter::default(),
+            conflicts: Counter::default(),
+            claim_latency_p95: Gauge::default(),
+            claim_success_rate: Gauge::default(),
+            event_latency_p95: Gauge::default(),
+            window: Mutex::new(Window::default()),
+        };
+        let mut m = m;
+        let r = &mut m.registry;
+        r.register(
+            "if_coordinator_claim_latency_seconds",
+            "Time a claim took, by the store that answered",
+            m.claim_latency.clone(),
+        );
+        // prometheus-client adds `_total` to counters.
+        r.register(
+            "if_coordinator_claims",
+            "Claim attempts by store and outcome (won, lost, not_claimable, not_found, error)",
+            m.claims.clone(),
+        );
+        r.register(
+            "if_coordinator_releases",
+            "Releases by store and resulting status",
+            m.releases.clone(),
+        );
+        r.register(
+            "if_coordinator_active_tasks",
+            "Tasks this process is running now",
+            m.active_tasks.clone(),
+        );
+        r.register(
+            "if_coordinator_event_bus_health",
+            "1 when the store this process uses answers, 0 when not",
+            m.event_bus_health.clone(),
+        );
+        r.register(
+            "if_coordinator_event_latency_seconds",
+            "Time from this process's own claim or release to its event arriving on the watch",
+            m.event_latency.clone(),
+        );
+        r.register(
+            "if_coordinator_reconnects",
+            "Times a watch stream to etcd broke and was resumed",
+            m.reconnects.clone(),
+        );
+        r.register(
+            "if_coordinator_fallbacks",
+            "Times this process moved from etcd to git",
+            m.fallbacks.clone(),
+        );
+        r.register(
+            "if_coordinator_conflicts",
+            "Tasks found held or done by different sessions in etcd and git",
+            m.conflicts.clone(),
+        );
+        r.register(
+            "if_coordinator_claim_latency_p95",
+            "95th percentile claim latency over the last 5 minutes, in milliseconds",
+            m.claim_latency_p95.clone(),
+        );
+        r.register(
+            "if_coordinator_claim_success_rate",
+            "Share of claim attempts of the last 5 minutes that got an answer (won, lost or not claimable) rather than an error",
+            m.claim_success_rate.clone(),
+        );
+        r.register(
+            "if_coordinator_event_latency_p95",
+            "95th percentile event latency over the last 5 minutes, in milliseconds",
+            m.event_latency_p95.clone(),
+        );
+        m
+    }
+
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A claim attempt: `outcome` is `won`, `lost`, `not_claimable`, `not_found` or `error`.
+    pub fn claim(&self, backend: &str, outcome: &str, took: Duration) {
+        let secs = took.as_secs_f64();
+        self.claim_latency
+            .get_or_create(&BackendLabel {
+                backend: backend.into(),
+            })
+            .observe(secs);
+        self.claims
+            .get_or_create(&ClaimLabels {
+                backend: backend.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+        let mut w = self.window();
+        w.claims
+            .push_back((Instant::now(), secs, outcome != "error"));
+        if w.claims.len() > WINDOW_SAMPLES {
+            w.claims.pop_front();
+        }
+    }
+
+    pub fn release(&self, backend: &str, status: &str) {
+        self.releases
+            .get_or_create(&ReleaseLabels {
+                backend: backend.into(),
+                status: status.into(),
+            })
+            .inc();
+    }
+
+    pub fn set_active_tasks(&self, n: i64) {
+        self.active_tasks.set(n);
+    }
+
+    pub fn event(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        self.event_latency.observe(secs);
+        let mut w = self.window();
+        w.events.push_back((Instant::now(), secs));
+        if w.events.len() > WINDOW_SAMPLES {
+            w.events.pop_front();
+        }
+    }
+
+    /// Brings the counters kept elsewhere (router, bridge, etcd informer) up to their totals.
+    pub fn totals(&self, reconnects: u64, fallbacks: u64, conflicts: u64) {
+        for (c, total) in [
+            (&self.reconnects, reconnects),
+            (&self.fallbacks, fallbacks),
+            (&self.conflicts, conflicts),
+        ] {
+            let seen = c.get();
+            if total > seen {
+                c.inc_by(total - seen);
+            }
+        }
+    }
+
+    pub fn set_health(&self, up: bool) {
+        self.event_bus_health.set(i64::from(up));
+    }
+
+    /// The text exposition, with the sliding-window gauges computed now.
+    pub fn encode(&self) -> String {
+        {
+            let mut w = self.window();
+            let cutoff = Instant::now().checked_sub(WINDOW);
+            if let Some(cutoff) = cutoff {
+                while w.claims.front().is_some_and(|(t, ..)| *t < cutoff) {
+                    w.claims.pop_front();
+                }
+                while w.events.front().is_some_and(|(t, _)| *t < cutoff) {
+                    w.events.pop_front();
+                }
+            }
+            let answered = w.claims.iter().filter(|(.., ok)| *ok).count();
+            let rate = if w.claims.is_empty() {
+                1.0
+            } else {
+                answered as f64 / w.claims.len() as f64
+            };
+            self.claim_success_rate.set(rate);
+            self.claim_latency_p95
+                .set(1000.0 * p95(w.claims.iter().map(|(_, s, _)| *s).collect()));
+            self.event_latency_p95
+                .set(1000.0 * p95(w.events.iter().map(|(_, s)| *s).collect()));
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The totals kept elsewhere: (watch reconnects, fallbacks to git, conflicts).
+pub type Totals = Arc<dyn Fn() -> (u64, u64, u64) + Send + Sync>;
+
+/// The store's health within 2 s.
+async fn health_of(store: &dyn Backend) -> agent_core::Health {
+    tokio::time::timeout(Duration::from_secs(2), store.health())
+        .await
+        .unwrap_or_else(|_| agent_core::Health {
+            reachable: false,
+            detail: format!("{}: no answer within 2s", store.name()),
+        })
+}
+
+/// Serves `/metrics` and `/health` on `addr` until the process ends; returns the bound address.
+/// `store` is the active store (its health is `event_bus_health` and `/health`).
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    store: Arc<dyn Backend>,
+    totals: Totals,
+) -> Result<SocketAddr> {
+    let health = Arc::clone(&store);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for --metrics-addr"))?;
+    let bound = listener.local_addr().context("the metrics address")?;
+    let m = Arc::clone(&metrics);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let (m, store, totals) = (Arc::clone(&m), Arc::clone(&store), Arc::clone(&totals));
+                async move {
+                    m.set_health(health_of(&*store).await.reachable);
+                    let (reconnects, fallbacks, conflicts) = totals();
+                    m.totals(reconnects, fallbacks, conflicts);
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/health",
+            get(move || {
+                let (metrics, store) = (Arc::clone(&metrics), Arc::clone(&health));
+                async move {
+                    let h = health_of(&*store).await;
+                    metrics.set_health(h.reachable);
+                    let body = serde_json::json!({
+                        "health": if h.reachable { "true" } else { "false" },
+                        "backend": store.name(),
+                        "reason": h.detail,
+                    });
+                    let code = if h.reachable {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (
+                        code,
+                        [(header::CONTENT_TYPE, "application/json")],
+                        body.to_string(),
+                    )
+                        .into_response()
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics server stopped");
+        }
+    });
+    tracing::info!(addr = %bound, "metrics on http://{bound}/metrics, health on http://{bound}/health");
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p95_is_the_sample_below_which_95_percent_fall() {
+        assert_eq!(p95(vec![]), 0.0);
+        assert_eq!(p95(vec![3.0]), 3.0);
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(p95(values), 95.0);
+    }
+
+    #[test]
+    fn the_window_gauges_follow_the_samples() {
+        let m = Metrics::new();
+        for _ in 0..19 {
+            m.claim("etcd", "won", Duration::from_millis(1));
+        }
+        m.claim("etcd", "error", Duration::from_millis(500));
+        let text = m.encode();
+        assert!(
+            text.contains("if_coordinator_claim_success_rate 0.95"),
+            "{text}"
+        );
+        assert!(
+            text.contains("if_coordinator_claims_total{backend=\"etcd\",outcome=\"won\"} 19"),
+            "{text}"
+        );
+        m.totals(2, 1, 0);
+        m.totals(3, 1, 0);
+        assert!(m.encode().contains("if_coordinator_reconnects_total 3"));
+    }
+}

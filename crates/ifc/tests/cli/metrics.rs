@@ -1,0 +1,153 @@
+//! `/metrics` and `/health` of a running agent: every metric the fleet's dashboards use, parsed
+//! by an independent Prometheus text-format parser, and health following etcd down and up.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use backend_etcd::testing::EtcdServer;
+
+use crate::agent::{ifc, put, spawn_agent, wait_for, Workdir, APPEND};
+
+/// `GET path` over plain HTTP/1.1: (status code, body).
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics server");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("response");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_owned())
+}
+
+const NAMES: [&str; 12] = [
+    "if_coordinator_claim_latency_seconds_count",
+    "if_coordinator_claims_total",
+    "if_coordinator_releases_total",
+    "if_coordinator_active_tasks",
+    "if_coordinator_event_bus_health",
+    "if_coordinator_event_latency_seconds_count",
+    "if_coordinator_reconnects_total",
+    "if_coordinator_fallbacks_total",
+    "if_coordinator_conflicts_total",
+    "if_coordinator_claim_latency_p95",
+    "if_coordinator_claim_success_rate",
+    "if_coordinator_event_latency_p95",
+];
+
+#[test]
+fn an_agent_serves_every_metric_and_health_follows_etcd() {
+    let (mut etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    for i in 0..5 {
+        put(&e, w.path(), &[&format!("M{i}")]);
+    }
+    let config = w.session("metrics-1", &["M*"], APPEND, "");
+    let log = w.path().join("agent.log");
+    let _agent = spawn_agent(
+        ifc(&e, w.path()),
+        &config,
+        &log,
+        &["--metrics-addr", "127.0.0.1:0"],
+    );
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("the metrics address", Duration::from_secs(30), || {
+        read_log().contains("metrics on http://")
+    });
+    let addr = read_log()
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("address")
+        .to_owned();
+    wait_for("every task done", Duration::from_secs(60), || {
+        w.done().len() == 5
+    });
+
+    let (code, body) = get(&addr, "/metrics");
+    assert_eq!(code, 200, "{body}");
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    let value = |name: &str, label: Option<(&str, &str)>| -> f64 {
+        let samples: Vec<&prometheus_parse::Sample> = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .collect();
+        assert!(!samples.is_empty(), "{name} {label:?} missing:\n{body}");
+        samples
+            .iter()
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    for name in NAMES {
+        let _ = value(name, None);
+    }
+    assert_eq!(
+        value("if_coordinator_claims_total", Some(("outcome", "won"))),
+        5.0
+    );
+    assert_eq!(
+        value(
+            "if_coordinator_claim_latency_seconds_count",
+            Some(("backend", "etcd"))
+        ),
+        5.0
+    );
+    assert_eq!(
+        value(
+            "if_coordinator_releases_total",
+            Some(("status", "complete"))
+        ),
+        5.0
+    );
+    assert!(value("if_coordinator_event_latency_seconds_count", None) >= 5.0);
+    assert_eq!(value("if_coordinator_event_bus_health", None), 1.0);
+    assert_eq!(value("if_coordinator_claim_success_rate", None), 1.0);
+    let p95 = value("if_coordinator_claim_latency_p95", None);
+    assert!(
+        p95 > 0.0 && p95 < 60_000.0,
+        "a claim p95 in milliseconds: {p95}"
+    );
+    assert_eq!(value("if_coordinator_fallbacks_total", None), 0.0);
+    assert!(
+        !body.contains("M0") && !body.contains("metrics-1"),
+        "no task or session id in labels:\n{body}"
+    );
+
+    let (code, body) = get(&addr, "/health");
+    assert_eq!(
+        (code, body.contains(r#""health":"true""#)),
+        (200, true),
+        "{body}"
+    );
+    etcd.kill();
+    wait_for("/health to say 503", Duration::from_secs(30), || {
+        get(&addr, "/health").0 == 503
+    });
+    let (_, body) = get(&addr, "/health");
+    assert!(
+        body.contains(r#""health":"false""#) && body.contains("reason"),
+        "{body}"
+    );
+    etcd.restart();
+    wait_for("/health to say 200 again", Duration::from_secs(30), || {
+        get(&addr, "/health").0 == 200
+    });
+}
