@@ -8,6 +8,7 @@
 mod cache;
 mod config;
 mod conn;
+mod floor;
 mod import;
 mod informer;
 mod inner;

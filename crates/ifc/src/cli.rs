@@ -195,6 +195,20 @@ pub enum Command {
     /// Compare etcd with the git board: print every difference and conflict; exit 0 when they
     /// agree, 1 when they differ
     Audit,
+    /// Measure claims on etcd: N tasks under a scratch prefix, M concurrent sessions claiming
+    /// them all; reports claim and event latency next to a bare etcd transaction and watch (the
+    /// floor), and checks that no task was won twice. Removes its scratch prefix when done
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Tasks to create and claim
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub tasks: u32,
+    /// Concurrent claiming sessions (each its own connection and lease)
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub sessions: u32,
 }
 
 #[derive(Debug, Args)]

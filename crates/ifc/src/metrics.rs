@@ -51,14 +51,18 @@ struct Window {
     events: VecDeque<(Instant, f64)>,
 }
 
-/// The 95th percentile of `values` (`0` when there are none).
-fn p95(mut values: Vec<f64>) -> f64 {
+/// The `q` quantile (0–1) of `values` by the nearest-rank method (`0` when there are none).
+pub fn percentile(mut values: Vec<f64>, q: f64) -> f64 {
     if values.is_empty() {
         return 0.0;
     }
     values.sort_by(f64::total_cmp);
-    let rank = ((values.len() as f64) * 0.95).ceil() as usize;
+    let rank = ((values.len() as f64) * q).ceil() as usize;
     values[rank.clamp(1, values.len()) - 1]
+}
+
+fn p95(values: Vec<f64>) -> f64 {
+    percentile(values, 0.95)
 }
 
 /// Every metric of one process.

@@ -18,6 +18,7 @@ use crate::exit;
 use crate::output::{event_json, event_line, printable, task_json, task_table};
 use crate::settings;
 
+mod bench;
 mod bridge;
 mod migrate;
 
@@ -107,6 +108,7 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
         }
         Command::Bridge(args) => bridge::run(g, args, output, &mut out).await,
         Command::Audit => bridge::audit(g, output, &mut out).await,
+        Command::Bench(args) => bench::run(g, args, output, &mut out).await,
     }
 }
 

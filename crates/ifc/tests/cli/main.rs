@@ -38,7 +38,7 @@ pub fn code(out: &Output) -> i32 {
         .unwrap_or_else(|| panic!("killed by a signal: {out:?}"))
 }
 
-async fn raw(server: &EtcdServer) -> etcd_client::Client {
+pub(crate) async fn raw(server: &EtcdServer) -> etcd_client::Client {
     etcd_client::Client::connect([server.endpoint()], None)
         .await
         .expect("raw client")

@@ -151,3 +151,52 @@ fn an_agent_serves_every_metric_and_health_follows_etcd() {
         get(&addr, "/health").0 == 200
     });
 }
+
+#[tokio::test]
+async fn bench_reports_every_field_finds_no_double_claim_and_leaves_nothing_behind() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let out = crate::run(ifc(&etcd.endpoint(), w.path()).args([
+        "bench",
+        "--tasks",
+        "300",
+        "--sessions",
+        "5",
+        "--output",
+        "json",
+    ]));
+    assert_eq!(crate::code(&out), 0, "{}", crate::text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    for field in [
+        "claims",
+        "double_claims",
+        "claim_p50_ms",
+        "claim_p95_ms",
+        "claim_p99_ms",
+        "claims_per_sec",
+        "event_p50_ms",
+        "event_p95_ms",
+        "raw_txn_p50_ms",
+        "raw_txn_p95_ms",
+        "raw_txn_p99_ms",
+        "raw_watch_p95_ms",
+        "ratio_p95",
+    ] {
+        assert!(report[field].is_number(), "{field} missing: {report}");
+    }
+    assert_eq!(report["claims"], 300, "{report}");
+    assert_eq!(report["double_claims"], 0, "{report}");
+    assert_eq!(report["events_heard"], 300, "{report}");
+    let mut raw = crate::raw(&etcd).await;
+    let left = raw
+        .get(
+            "",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_all_keys()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .expect("get");
+    assert_eq!(left.kvs().len(), 0, "the scratch prefix is gone");
+}
