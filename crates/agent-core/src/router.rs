@@ -794,16 +794,23 @@ impl Backend for Router {
                 }
             }
         }
+        let on_git = released.is_some() && !on_coordinator;
         let outcome = match (released, refused) {
             (Some(o), _) => {
-                let mut s = lock(&me.state);
-                if on_coordinator && held.fallback.is_none() {
+                if on_coordinator && !(held.fallback.is_some() && on_git) {
+                    // Done on etcd; git did not take the release (or never had the claim): the
+                    // completion is recorded there behind.
                     if let Some(m) = &me.mirror {
                         m.push(done);
+                    } else if let (true, Ok(git)) =
+                        (held.fallback.is_some(), me.backend(Side::Fallback))
+                    {
+                        me.record_logged(git, std::slice::from_ref(&done), "git")
+                            .await;
                     }
                 } else if !on_coordinator && me.primary.is_some() {
                     // Done on git only: the coordinator is told before it serves a claim again.
-                    s.pending_up.push(done);
+                    lock(&me.state).pending_up.push(done);
                 }
                 o
             }

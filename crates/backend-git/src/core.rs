@@ -601,9 +601,24 @@ impl Core {
                 continue;
             };
             let current = snap.effective(row, self.config.stale_after);
-            if let Decision::Skip(outcome) = mirror::decide(&current, want) {
-                out.push(outcome);
-                continue;
+            let mine = want
+                .holder
+                .as_ref()
+                .filter(|h| self.config.session.as_ref() == Some(*h));
+            match mirror::decide(&current, want) {
+                // The board already shows this session's claim, but its STATUS file does not
+                // carry it with this token: written, so the claim is held (and released) by it.
+                Decision::Skip(RecordOutcome::Unchanged)
+                    if want.status == TaskStatus::Claimed
+                        && mine.is_some_and(|h| {
+                            want.token
+                                .is_some_and(|t| snap.token(h, &want.task) != Some(t.0))
+                        }) => {}
+                Decision::Skip(outcome) => {
+                    out.push(outcome);
+                    continue;
+                }
+                Decision::Write => {}
             }
             let next = mirror::applied(&current, want);
             row.status = next.status;

@@ -199,6 +199,21 @@ pub enum Command {
     /// them all; reports claim and event latency next to a bare etcd transaction and watch (the
     /// floor), and checks that no task was won twice. Removes its scratch prefix when done
     Bench(BenchArgs),
+    /// Run a local single-node etcd for trying ifc out (data under .ifc/dev/) until Ctrl-C
+    Dev(DevArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// The etcd binary [default: etcd on PATH]
+    #[arg(long)]
+    pub etcd_bin: Option<PathBuf>,
+    /// Client port (the peer port is the next one)
+    #[arg(long, default_value_t = 2379)]
+    pub port: u16,
+    /// Where etcd keeps its data and log
+    #[arg(long, default_value = ".ifc/dev")]
+    pub data_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

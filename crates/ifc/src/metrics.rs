@@ -82,6 +82,7 @@ pub struct Metrics {
     claim_success_rate: Gauge<f64, AtomicU64>,
     event_latency_p95: Gauge<f64, AtomicU64>,
     window: Mutex<Window>,
+    won: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -108,6 +109,7 @@ impl Metrics {
             claim_success_rate: Gauge::default(),
             event_latency_p95: Gauge::default(),
             window: Mutex::new(Window::default()),
+            won: AtomicU64::new(0),
         };
         let mut m = m;
         let r = &mut m.registry;
@@ -193,6 +195,9 @@ impl Metrics {
                 outcome: outcome.into(),
             })
             .inc();
+        if outcome == "won" {
+            self.won.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut w = self.window();
         w.claims
             .push_back((Instant::now(), secs, outcome != "error"));
@@ -240,6 +245,20 @@ impl Metrics {
 
     pub fn set_health(&self, up: bool) {
         self.event_bus_health.set(i64::from(up));
+    }
+
+    /// One line for the log: claims won, claim p50/p95 and event p95 (ms, last 5 minutes).
+    pub fn summary(&self) -> String {
+        let w = self.window();
+        let claims: Vec<f64> = w.claims.iter().map(|(_, s, _)| s * 1e3).collect();
+        let events: Vec<f64> = w.events.iter().map(|(_, s)| s * 1e3).collect();
+        format!(
+            "claims={} claim_p50_ms={:.3} claim_p95_ms={:.3} event_p95_ms={:.3}",
+            self.won.load(std::sync::atomic::Ordering::Relaxed),
+            percentile(claims.clone(), 0.5),
+            percentile(claims, 0.95),
+            percentile(events, 0.95),
+        )
     }
 
     /// The text exposition, with the sliding-window gauges computed now.

@@ -360,3 +360,48 @@ async fn every_commit_ifc_makes_carries_the_task_session_and_token_trailers() {
         "the mirrored claim carries the coordinator's token: {log:?}"
     );
 }
+
+#[tokio::test]
+async fn an_asserted_claim_the_board_already_shows_is_taken_into_the_status_file() {
+    use agent_core::{FencingToken, Mirrored, ReleaseOutcome, ReleaseTo};
+    // A migrated board: the row says IN PROGRESS by session-1-ndi, who has no STATUS file yet.
+    let mut board = crate::EMPTY_BOARD.to_owned();
+    board.push_str("| AS.1 | adopt me | 🟡 IN PROGRESS | session-1-ndi |  |\n");
+    let remote = BareRemote::new(&board);
+    let s = sid("session-1-ndi");
+    let mut config = remote.config("asserting");
+    config.session = Some(s.clone());
+    let b = GitBackend::open(config).await.expect("open");
+    let item = Mirrored {
+        task: tid("AS.1"),
+        status: TaskStatus::Claimed,
+        holder: Some(s.clone()),
+        token: Some(FencingToken(77)),
+    };
+    let out = b.record(std::slice::from_ref(&item)).await.expect("record");
+    assert_eq!(
+        out,
+        vec![agent_core::RecordOutcome::Written],
+        "the STATUS file must carry it"
+    );
+    let status = remote
+        .read("STATUS-SESSION-1.yaml")
+        .expect("a STATUS file for the session");
+    assert!(status.contains("AS.1") && status.contains("77"), "{status}");
+    // Asserting it again changes nothing; the holder's release with that token lands.
+    let out = b.record(std::slice::from_ref(&item)).await.expect("record");
+    assert_eq!(out, vec![agent_core::RecordOutcome::Unchanged]);
+    let released = b
+        .release(
+            &tid("AS.1"),
+            &s,
+            ReleaseTo::Complete,
+            Some(FencingToken(77)),
+        )
+        .await
+        .expect("release");
+    assert!(
+        matches!(released, ReleaseOutcome::Released { .. }),
+        "{released:?}"
+    );
+}

@@ -279,7 +279,7 @@ impl Driver {
                             .iter()
                             .map(|((op, b), n)| format!("{op}@{b}={n}"))
                             .collect();
-                        tracing::info!(session = %self.session.session_id, code, served = %served.join(" "), "agent exiting");
+                        tracing::info!(session = %self.session.session_id, code, served = %served.join(" "), "agent exiting {}", self.metrics.summary());
                         return Ok(code);
                     }
                 }

@@ -84,6 +84,14 @@ pub async fn run(g: &Global, args: &BenchArgs, output: Output, out: &mut impl Wr
             writeln!(
                 out,
                 "{:<22} {:>9.3} {:>9.3} {:>9}",
+                "ifc claim (wins)",
+                f("won_claim_p50_ms"),
+                f("won_claim_p95_ms"),
+                "-"
+            )?;
+            writeln!(
+                out,
+                "{:<22} {:>9.3} {:>9.3} {:>9}",
                 "ifc event",
                 f("event_p50_ms"),
                 f("event_p95_ms"),
@@ -167,7 +175,7 @@ where
                 match b.claim(&id, &session).await {
                     Ok(ClaimOutcome::Won(_)) => {
                         samples.push(t0.elapsed());
-                        wins.push((id, t0));
+                        wins.push((id, t0, t0.elapsed()));
                     }
                     Ok(_) => samples.push(t0.elapsed()),
                     Err(e) => return Err(e),
@@ -179,12 +187,14 @@ where
     let mut samples = Vec::new();
     let mut won_by: BTreeMap<TaskId, Vec<SessionId>> = BTreeMap::new();
     let mut issued: HashMap<TaskId, Instant> = HashMap::new();
+    let mut won_samples = Vec::new();
     for h in handles {
         let (session, s, wins) = h.await.context("a claimer crashed")??;
         samples.extend(s);
-        for (id, t0) in wins {
+        for (id, t0, took) in wins {
             won_by.entry(id.clone()).or_default().push(session.clone());
             issued.insert(id, t0);
+            won_samples.push(took);
         }
     }
     let wall = started.elapsed();
@@ -211,6 +221,7 @@ where
     let raw = setup.raw_txn_floor(n.min(1000)).await?;
     let raw_watch = setup.raw_watch_floor(n.min(200)).await?;
     let (c50, c95, c99) = spread(&samples);
+    let (won50, won95, _) = spread(&won_samples);
     let (e50, e95, _) = spread(&events);
     let (r50, r95, r99) = spread(&raw);
     let (_, w95, _) = spread(&raw_watch);
@@ -224,6 +235,8 @@ where
         "claim_p50_ms": round3(c50),
         "claim_p95_ms": round3(c95),
         "claim_p99_ms": round3(c99),
+        "won_claim_p50_ms": round3(won50),
+        "won_claim_p95_ms": round3(won95),
         "claims_per_sec": round3(claims as f64 / wall.as_secs_f64().max(1e-9)),
         "event_p50_ms": round3(e50),
         "event_p95_ms": round3(e95),

