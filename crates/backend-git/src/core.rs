@@ -360,6 +360,43 @@ impl Core {
         self.clone.read(path)
     }
 
+    pub fn board_path(&self) -> &str {
+        &self.config.board
+    }
+
+    /// One attempt of `GitBackend::update_file`: `None` when the push was rejected.
+    pub fn update_file(
+        &mut self,
+        path: &str,
+        message: &str,
+        update: &dyn Fn(Option<&str>) -> BackendResult<String>,
+    ) -> BackendResult<Option<bool>> {
+        self.sync()?;
+        let current = self
+            .clone
+            .read(path)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let next = update(current.as_deref())?;
+        if current.as_deref() == Some(next.as_str()) {
+            return Ok(Some(false));
+        }
+        let message = format!(
+            "{message}\n\n{}",
+            trailers(None, self.config.session.as_ref(), None)
+        );
+        match self
+            .clone
+            .commit_and_push(&[(path.to_owned(), next.into_bytes())], &message)?
+        {
+            Pushed::Landed { .. } => {
+                let snap = self.snapshot()?;
+                self.emit(&snap)?;
+                Ok(Some(true))
+            }
+            Pushed::Rejected => Ok(None),
+        }
+    }
+
     pub fn get(&mut self, id: &TaskId) -> BackendResult<Option<Task>> {
         let snap = self.sync()?;
         Ok(snap

@@ -85,6 +85,31 @@ async fn rounds<T: Send + 'static>(
 }
 
 impl GitBackend {
+    /// The board's path in the coordination repo.
+    pub async fn board_path(&self) -> String {
+        let core = Arc::clone(&self.core);
+        tokio::task::spawn_blocking(move || lock(&core).board_path().to_owned())
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Rewrites one file of the coordination repo as `update` makes it from the file at the
+    /// remote head (`None`: no such file), in one commit pushed as a compare-and-swap: if someone
+    /// pushed first, the head is fetched and `update` runs again. `Ok(false)`: nothing to change.
+    pub async fn update_file<F>(&self, path: &str, message: &str, update: F) -> BackendResult<bool>
+    where
+        F: Fn(Option<&str>) -> BackendResult<String> + Clone + Send + 'static,
+    {
+        let (path, message) = (path.to_owned(), message.to_owned());
+        rounds(
+            &self.core,
+            &self.remote,
+            format!("update {path}"),
+            move |c| c.update_file(&path, &message, &update),
+        )
+        .await
+    }
+
     /// A file of the coordination repo at the head last fetched (`None`: no such file), e.g. the
     /// fleet file committed there, so a committed `rollback: true` reaches every session.
     pub async fn read_file(&self, path: &str) -> BackendResult<Option<Vec<u8>>> {

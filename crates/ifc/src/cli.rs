@@ -183,11 +183,24 @@ pub enum Command {
         /// Overwrite tasks etcd has further along (complete, claimed) with what the board says
         #[arg(long)]
         force: bool,
+        /// Read the board from the coordination repo (--git-remote or the fleet file's git:)
+        /// instead of a file
+        #[arg(long)]
+        from_git: bool,
     },
     /// Compare the task board (--board FILE) with etcd: exit 0 when they agree, 1 otherwise
-    Verify,
+    Verify {
+        /// Read the board from the coordination repo instead of a file
+        #[arg(long)]
+        from_git: bool,
+    },
     /// Write etcd's state into the task board (--board FILE), changing only the cells that differ
-    Export,
+    Export {
+        /// Write it into the coordination repo's board instead: one commit, pushed (retried on a
+        /// concurrent push)
+        #[arg(long)]
+        push: bool,
+    },
     /// Keep etcd and the git board in step while sessions run on both: mirror etcd's transitions
     /// onto the board (at most one push per interval), import git sessions' claims and
     /// completions into etcd; count and log conflicts, resolving none

@@ -143,6 +143,22 @@ pub fn printable(s: &str) -> String {
         .collect()
 }
 
+/// A progress bar on stderr for `len` steps, when that is worth it (more than a few hundred) and
+/// stderr is a terminal; `None` otherwise (scripts and logs get no control characters).
+pub fn progress(len: usize, what: &str) -> Option<indicatif::ProgressBar> {
+    if len <= 300 || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(len as u64);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({eta} left)")
+    {
+        bar.set_style(style);
+    }
+    bar.set_message(what.to_owned());
+    Some(bar)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -127,7 +127,11 @@ where
         .map(|i| TaskId::parse(&format!("B{i:07}")))
         .collect::<Result<_, _>>()?;
     // Create the tasks, 16 at a time.
+    let bar = crate::output::progress(ids.len(), "creating tasks");
     for chunk in ids.chunks(16) {
+        if let Some(b) = &bar {
+            b.inc(chunk.len() as u64);
+        }
         let mut puts = tokio::task::JoinSet::new();
         for id in chunk {
             let (b, id) = (Arc::clone(setup), id.clone());
@@ -136,6 +140,9 @@ where
         while let Some(r) = puts.join_next().await {
             r.context("a task creation crashed")??;
         }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     // A watcher that notes when it hears of each claim.
     let watcher = connect(config.clone()).await?;

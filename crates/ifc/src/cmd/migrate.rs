@@ -3,32 +3,70 @@
 //! changing only the cells that differ).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use agent_core::{Backend, BackendError, Task, TaskStatus};
 use anyhow::{Context, Result};
 use backend_etcd::{EtcdBackend, Imported};
 use backend_git::board::{Board, BoardTask};
+use backend_git::GitBackend;
 use serde_json::json;
 
 use crate::cli::Output;
 use crate::exit;
 
-fn read_board(path: &Path) -> Result<(String, Board)> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| BackendError::InvalidInput(format!("cannot read {}: {e}", path.display())))?;
-    let board = Board::parse(&path.display().to_string(), &text)
-        .map_err(|e| BackendError::InvalidInput(e.to_string()))?;
-    Ok((text, board))
+/// Where the board is: a file (`--board FILE`) or the coordination repo (`--from-git`,
+/// `--push`: the fleet file's git settings).
+pub enum BoardSource {
+    File(PathBuf),
+    Repo(Arc<GitBackend>),
+}
+
+impl BoardSource {
+    /// The board's name in messages, and its text (`None`: no such file yet).
+    async fn read(&self) -> Result<(String, Option<String>)> {
+        match self {
+            BoardSource::File(path) => {
+                let name = path.display().to_string();
+                if !path.exists() {
+                    return Ok((name, None));
+                }
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| BackendError::InvalidInput(format!("cannot read {name}: {e}")))?;
+                Ok((name, Some(text)))
+            }
+            BoardSource::Repo(git) => {
+                let board = git.board_path().await;
+                // A list fetches the remote head first.
+                git.list().await?;
+                let text = git
+                    .read_file(&board)
+                    .await?
+                    .map(|b| String::from_utf8_lossy(&b).into_owned());
+                Ok((format!("{board} in the coordination repo"), text))
+            }
+        }
+    }
+}
+
+fn parse(name: &str, text: &str) -> Result<Board> {
+    Ok(Board::parse(name, text).map_err(|e| BackendError::InvalidInput(e.to_string()))?)
+}
+
+async fn read_board(source: &BoardSource) -> Result<(String, String, Board)> {
+    let (name, text) = source.read().await?;
+    let text = text.ok_or_else(|| BackendError::InvalidInput(format!("{name}: no such board")))?;
+    let board = parse(&name, &text)?;
+    Ok((name, text, board))
 }
 
 /// The task a board row states.
-fn from_board(path: &Path, board: &Board, t: &BoardTask) -> Result<Task> {
+fn from_board(name: &str, board: &Board, t: &BoardTask) -> Result<Task> {
     if t.status == TaskStatus::Claimed && t.owner.is_none() {
         let line = board.line_of(&t.id).unwrap_or_default();
         return Err(BackendError::InvalidInput(format!(
-            "{}:{line}: {} is IN PROGRESS but names no owner: set the owner or the status",
-            path.display(),
+            "{name}:{line}: {} is IN PROGRESS but names no owner: set the owner or the status",
             t.id
         ))
         .into());
@@ -57,20 +95,24 @@ fn to_board(t: &Task) -> BoardTask {
 pub async fn migrate(
     b: &EtcdBackend,
     output: Output,
-    board_path: &Path,
+    source: &BoardSource,
     dry_run: bool,
     force: bool,
     out: &mut impl Write,
 ) -> Result<u8> {
-    let (_, board) = read_board(board_path)?;
+    let (name, _, board) = read_board(source).await?;
     // Every row is checked before anything is written.
     let tasks = board
         .tasks()
         .iter()
-        .map(|t| from_board(board_path, &board, t))
+        .map(|t| from_board(&name, &board, t))
         .collect::<Result<Vec<_>>>()?;
     let (mut created, mut updated, mut unchanged, mut kept) = (0, 0, 0, Vec::new());
+    let bar = crate::output::progress(tasks.len(), "migrating");
     for task in &tasks {
+        if let Some(b) = &bar {
+            b.inc(1);
+        }
         match b
             .import(task, force, dry_run)
             .await
@@ -81,6 +123,9 @@ pub async fn migrate(
             Imported::Unchanged => unchanged += 1,
             Imported::Kept { reason } => kept.push((task.id.to_string(), reason)),
         }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     let verb = if dry_run { "would be " } else { "" };
     match output {
@@ -107,16 +152,16 @@ pub async fn migrate(
 pub async fn verify(
     b: &EtcdBackend,
     output: Output,
-    board_path: &Path,
+    source: &BoardSource,
     out: &mut impl Write,
 ) -> Result<u8> {
-    let (_, board) = read_board(board_path)?;
+    let (name, _, board) = read_board(source).await?;
     let listing = b.list().await?;
     let in_etcd: std::collections::BTreeMap<_, _> =
         listing.tasks.iter().map(|t| (t.id.clone(), t)).collect();
     let (mut missing, mut mismatched) = (Vec::new(), Vec::new());
     for row in board.tasks() {
-        let want = from_board(board_path, &board, row)?;
+        let want = from_board(&name, &board, row)?;
         let Some(have) = in_etcd.get(&row.id) else {
             missing.push(row.id.to_string());
             continue;
@@ -197,43 +242,61 @@ pub async fn verify(
 pub async fn export(
     b: &EtcdBackend,
     output: Output,
-    board_path: &Path,
+    target: &BoardSource,
     out: &mut impl Write,
 ) -> Result<u8> {
-    let (text, board) = if board_path.exists() {
-        read_board(board_path)?
-    } else {
-        (
-            String::new(),
-            Board::parse("", "").map_err(|e| BackendError::InvalidInput(e.to_string()))?,
-        )
-    };
     let listing = b.list().await?;
     let rows: Vec<BoardTask> = listing.tasks.iter().map(to_board).collect();
-    let rendered = board.render(&rows);
-    let before: std::collections::HashSet<&str> = text.lines().collect();
-    let changed = rendered.lines().filter(|l| !before.contains(l)).count();
-    if rendered != text {
-        // Write beside the board, then rename: a reader never sees half a board.
-        let tmp = board_path.with_extension("md.ifc-tmp");
-        std::fs::write(&tmp, &rendered).map_err(|e| {
-            BackendError::InvalidInput(format!("cannot write {}: {e}", tmp.display()))
-        })?;
-        std::fs::rename(&tmp, board_path).map_err(|e| {
-            BackendError::InvalidInput(format!("cannot replace {}: {e}", board_path.display()))
-        })?;
+    // etcd's state spliced into `text`: only the cells that differ change.
+    let render = {
+        let rows = rows.clone();
+        move |name: &str, text: Option<&str>| -> Result<String> {
+            let board = parse(name, text.unwrap_or_default())?;
+            Ok(board.render(&rows))
+        }
+    };
+    let (name, before) = target.read().await?;
+    let before = before.unwrap_or_default();
+    let rendered = render(&name, Some(&before))?;
+    match target {
+        BoardSource::File(path) if rendered != before => {
+            // Write beside the board, then rename: a reader never sees half a board.
+            let tmp = path.with_extension("md.ifc-tmp");
+            std::fs::write(&tmp, &rendered).map_err(|e| {
+                BackendError::InvalidInput(format!("cannot write {}: {e}", tmp.display()))
+            })?;
+            std::fs::rename(&tmp, path).map_err(|e| {
+                BackendError::InvalidInput(format!("cannot replace {}: {e}", path.display()))
+            })?;
+        }
+        BoardSource::File(_) => {}
+        BoardSource::Repo(git) => {
+            let board = git.board_path().await;
+            let (name, render) = (name.clone(), render.clone());
+            git.update_file(
+                &board,
+                "export the coordinator's state to the board",
+                move |text| {
+                    render(&name, text).map_err(|e| BackendError::InvalidInput(format!("{e:#}")))
+                },
+            )
+            .await?;
+        }
     }
+    let lines: std::collections::HashSet<&str> = before.lines().collect();
+    let changed = rendered.lines().filter(|l| !lines.contains(l)).count();
+    let pushed = matches!(target, BoardSource::Repo(_));
     match output {
         Output::Json => writeln!(
             out,
             "{}",
-            json!({"board": board_path.display().to_string(), "tasks": rows.len(), "lines_changed": changed})
+            json!({"board": name, "tasks": rows.len(), "lines_changed": changed, "pushed": pushed})
         )?,
         Output::Table => writeln!(
             out,
-            "exported {} tasks to {}: {changed} lines changed",
+            "exported {} tasks to {name}: {changed} lines changed{}",
             rows.len(),
-            board_path.display()
+            if pushed { ", pushed" } else { "" }
         )?,
     }
     Ok(0)

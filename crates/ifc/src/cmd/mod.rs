@@ -23,13 +23,21 @@ mod bridge;
 mod dev;
 mod migrate;
 
-/// The board file `migrate`, `verify` and `export` work on.
-fn board_file(g: &Global) -> std::path::PathBuf {
-    g.git
-        .board
-        .clone()
-        .unwrap_or_else(|| "docs/PHASE-0-TASK-BOARD.md".into())
-        .into()
+/// The board `migrate`, `verify` and `export` work on: `--board FILE`, or (`in_repo`) the board
+/// of the coordination repo the git settings name.
+async fn board_source(g: &Global, in_repo: bool) -> Result<migrate::BoardSource> {
+    if !in_repo {
+        let file = g
+            .git
+            .board
+            .clone()
+            .unwrap_or_else(|| "docs/PHASE-0-TASK-BOARD.md".into());
+        return Ok(migrate::BoardSource::File(file.into()));
+    }
+    let fleet = settings::fleet(g)?;
+    let name = agent_core::SessionId::parse("ifc-migrate")?;
+    let git = settings::open_git(g, fleet.as_ref(), Some(&name)).await?;
+    Ok(migrate::BoardSource::Repo(git))
 }
 
 /// The etcd backend, for commands that move tasks between a board file and etcd.
@@ -74,27 +82,24 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
     let output = g.output;
     match command {
         Command::Agent(args) => crate::agent::run(g, args).await,
-        Command::Migrate { dry_run, force } => {
+        Command::Migrate {
+            dry_run,
+            force,
+            from_git,
+        } => {
             let b = etcd_only(g, "migrate").await?;
-            migrate::migrate(&b, output, &board_file(g), *dry_run, *force, &mut out).await
+            let source = board_source(g, *from_git).await?;
+            migrate::migrate(&b, output, &source, *dry_run, *force, &mut out).await
         }
-        Command::Verify => {
-            migrate::verify(
-                &etcd_only(g, "verify").await?,
-                output,
-                &board_file(g),
-                &mut out,
-            )
-            .await
+        Command::Verify { from_git } => {
+            let b = etcd_only(g, "verify").await?;
+            let source = board_source(g, *from_git).await?;
+            migrate::verify(&b, output, &source, &mut out).await
         }
-        Command::Export => {
-            migrate::export(
-                &etcd_only(g, "export").await?,
-                output,
-                &board_file(g),
-                &mut out,
-            )
-            .await
+        Command::Export { push } => {
+            let b = etcd_only(g, "export").await?;
+            let target = board_source(g, *push).await?;
+            migrate::export(&b, output, &target, &mut out).await
         }
         Command::Put(args) => put(&*connect(g, command).await?, output, args, &mut out).await,
         Command::Get { task } => get(&*connect(g, command).await?, output, task, &mut out).await,

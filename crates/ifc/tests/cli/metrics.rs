@@ -200,3 +200,68 @@ async fn bench_reports_every_field_finds_no_double_claim_and_leaves_nothing_behi
         .expect("get");
     assert_eq!(left.kvs().len(), 0, "the scratch prefix is gone");
 }
+
+#[test]
+fn ifc_dev_serves_a_local_etcd_until_ctrl_c_and_says_how_to_get_etcd() {
+    use std::io::BufRead;
+    let w = Workdir::new();
+    let bin = env!("CARGO_BIN_EXE_ifc");
+    let out = crate::run(std::process::Command::new(bin).args([
+        "dev",
+        "--etcd-bin",
+        "/nonexistent/etcd",
+    ]));
+    assert_eq!(crate::code(&out), 2, "{}", crate::text(&out.stderr));
+    assert!(crate::text(&out.stderr).contains("/nonexistent/etcd"));
+    let out = crate::run(
+        std::process::Command::new(bin)
+            .arg("dev")
+            .env("PATH", w.path()),
+    );
+    assert_eq!(crate::code(&out), 2);
+    assert!(
+        crate::text(&out.stderr).contains("scripts/install-deps"),
+        "{}",
+        crate::text(&out.stderr)
+    );
+
+    let etcd = backend_etcd::testing::etcd_binary().expect("etcd (scripts/install-deps)");
+    let port = loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        let p = l.local_addr().expect("addr").port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            break p;
+        }
+    };
+    let mut dev = crate::agent::Agent(
+        std::process::Command::new(bin)
+            .current_dir(w.path())
+            .args(["dev", "--port", &port.to_string(), "--etcd-bin"])
+            .arg(&etcd)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ifc dev"),
+    );
+    let stdout = dev.0.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let first = lines.next().expect("a line").expect("utf-8");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    assert!(
+        first.contains("is serving on") && first.contains(&endpoint),
+        "{first}"
+    );
+    let out = crate::run(ifc(&endpoint, w.path()).args(["put", "DEV-1"]));
+    assert_eq!(crate::code(&out), 0, "{}", crate::text(&out.stderr));
+    assert!(
+        w.path().join(".ifc/dev/etcd").is_dir(),
+        "data under .ifc/dev"
+    );
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(dev.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("signal");
+    assert_eq!(crate::agent::finish(&mut dev, Duration::from_secs(20)), 0);
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "etcd stopped with it"
+    );
+}

@@ -152,3 +152,60 @@ fn a_bad_board_writes_nothing_and_exits_2_with_file_and_line() {
     let out = run(ifc(&etcd, d).args(["--mode", "git", "migrate", "--board", "board.md"]));
     assert_eq!(code(&out), 2, "no git mode: {out:?}");
 }
+
+#[test]
+fn migrate_from_git_and_export_push_work_on_the_coordination_repo() {
+    let (etcd, dir) = setup();
+    let d = dir.path();
+    let remote = backend_git::testing::BareRemote::new(FIXTURE);
+    let git = |cmd: &mut Command| {
+        cmd.env("IFC_GIT_REMOTE", remote.path());
+    };
+    let mut cmd = ifc(&etcd, d);
+    git(&mut cmd);
+    let out = run(cmd.args(["migrate", "--from-git"]));
+    assert_eq!(
+        (code(&out), text(&out.stdout)),
+        (0, "54 created, 0 updated, 0 unchanged, 0 kept\n".to_owned()),
+        "{}",
+        text(&out.stderr)
+    );
+    let mut cmd = ifc(&etcd, d);
+    git(&mut cmd);
+    assert_eq!(code(&run(cmd.args(["verify", "--from-git"]))), 0);
+    // Unchanged state: nothing to push, the board's bytes stay.
+    let mut cmd = ifc(&etcd, d);
+    git(&mut cmd);
+    let out = run(cmd.args(["export", "--push", "-o", "json"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert_eq!(
+        remote.read("docs/PHASE-0-TASK-BOARD.md").as_deref(),
+        Some(FIXTURE)
+    );
+    // A completion in etcd reaches the repo's board, and only its row changes.
+    for args in [
+        ["claim", "P0.2.6", "--session", "session-9"].as_slice(),
+        [
+            "release",
+            "P0.2.6",
+            "--session",
+            "session-9",
+            "--status",
+            "complete",
+        ]
+        .as_slice(),
+    ] {
+        assert_eq!(code(&run(ifc(&etcd, d).args(args))), 0);
+    }
+    let mut cmd = ifc(&etcd, d);
+    git(&mut cmd);
+    let out = run(cmd.args(["export", "--push"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let after = remote.read("docs/PHASE-0-TASK-BOARD.md").expect("board");
+    let changed = backend_git::testing::changed_lines(FIXTURE, &after);
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert!(
+        changed[0].1.contains("P0.2.6") && changed[0].1.contains("DONE"),
+        "{changed:?}"
+    );
+}
