@@ -212,3 +212,28 @@ fn a_percent_rollout_is_a_stable_share() {
         .to_string();
     assert!(err.contains("rollout.percent"), "{err}");
 }
+
+#[test]
+fn the_demo_sessions_parse() {
+    for (name, text) in [
+        (
+            "session-1-ndi",
+            include_str!("../../../../agents/demo/session-1-ndi.yaml"),
+        ),
+        (
+            "session-2-webrtc",
+            include_str!("../../../../agents/demo/session-2-webrtc.yaml"),
+        ),
+        (
+            "session-3-bus",
+            include_str!("../../../../agents/demo/session-3-bus.yaml"),
+        ),
+        (
+            "session-4-sip",
+            include_str!("../../../../agents/demo/session-4-sip.yaml"),
+        ),
+    ] {
+        let s = session(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(s.session_id.as_str(), name);
+    }
+}
