@@ -972,7 +972,17 @@ impl Shared {
                     holder: Some(session.clone()),
                     token: Some(token),
                 };
-                match git.record(std::slice::from_ref(&item)).await {
+                let limit = self.config.deadline * 4;
+                let answer = tokio::time::timeout(limit, git.record(std::slice::from_ref(&item)))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(crate::BackendError::Timeout {
+                            endpoint: git.name().into(),
+                            operation: "record the claim".into(),
+                            after: limit,
+                        })
+                    });
+                match answer {
                     Ok(out) => match out.into_iter().next() {
                         Some(RecordOutcome::Written | RecordOutcome::Unchanged) => {
                             self.note_held(task, session, None, Some(token));

@@ -223,7 +223,12 @@ impl Driver {
             .get(&e.task)
             .is_some_and(|(status, _)| e.new_status == Some(*status));
         if mine {
-            if let Some((_, at)) = self.awaited.remove(&e.task) {
+            // One that took longer than this crossed a switch of store: not an event latency.
+            if let Some((_, at)) = self
+                .awaited
+                .remove(&e.task)
+                .filter(|(_, at)| at.elapsed() < Duration::from_secs(10))
+            {
                 self.metrics.event(at.elapsed());
             }
         }
@@ -298,6 +303,8 @@ impl Driver {
                     }
                     Some(BackendEvent::Instructions { path, .. }) => tracing::info!(%path, "new instructions file"),
                     Some(BackendEvent::Resync(listing)) => {
+                        // Events awaited from the store left behind will not come.
+                        self.awaited.clear();
                         tracing::info!(session = %self.session.session_id, backend = self.backend.serving_name(), tasks = listing.tasks.len(), "task view replaced by the serving store's");
                         inputs.push_back(Input::Snapshot(listing.tasks));
                     }
