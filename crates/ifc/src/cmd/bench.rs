@@ -72,7 +72,10 @@ pub async fn run(g: &Global, args: &BenchArgs, output: Output, out: &mut impl Wr
                 "{:<22} {:>9} {:>9} {:>9}",
                 "", "p50 ms", "p95 ms", "p99 ms"
             )?;
-            for (label, key) in [("ifc claim", "claim"), ("bare etcd txn", "raw_txn")] {
+            for (label, key) in [
+                ("ifc claim (attempts)", "claim"),
+                ("bare etcd txn", "raw_txn"),
+            ] {
                 writeln!(
                     out,
                     "{label:<22} {:>9.3} {:>9.3} {:>9.3}",
