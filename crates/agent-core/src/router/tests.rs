@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::*;
 use crate::memory::{MemoryBackend, MemoryStore};
 use crate::testing::{eventually, sid, tid};
-use crate::{Task, TaskStatus};
+use crate::{ClaimOutcome, ReleaseOutcome, ReleaseTo, Task, TaskPatch, TaskStatus};
 
 struct Fleet {
     etcd: MemoryStore,

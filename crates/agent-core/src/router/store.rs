@@ -1,0 +1,281 @@
+//! The router as a `Backend`: each operation routed by mode (see `Shared::route`), claims
+//! recorded where they live, releases made on every store a claim is asserted in.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use super::{lock, missing, Held, Router, Shared, Side};
+use crate::backend::{Backend, Health, Subscription};
+use crate::error::{BackendError, BackendResult};
+use crate::ids::{SessionId, TaskId};
+use crate::mirror::{Mirrored, RecordOutcome};
+use crate::model::{
+    ClaimOutcome, FencingToken, Listing, Presence, PutOutcome, ReleaseOutcome, ReleaseTo, TaskPatch,
+};
+
+#[async_trait]
+impl Backend for Router {
+    fn name(&self) -> &'static str {
+        self.serving_name()
+    }
+
+    async fn get(&self, task: &TaskId) -> BackendResult<Option<crate::Task>> {
+        let task = task.clone();
+        let f = move |b: Arc<dyn Backend>| {
+            let task = task.clone();
+            async move { b.get(&task).await }
+        };
+        Ok(self.shared.route("get", f).await?.0)
+    }
+
+    async fn list(&self) -> BackendResult<Listing> {
+        Ok(self
+            .shared
+            .route("list", |b: Arc<dyn Backend>| async move { b.list().await })
+            .await?
+            .0)
+    }
+
+    async fn put(&self, task: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {
+        let (task, patch) = (task.clone(), patch.clone());
+        let f = move |b: Arc<dyn Backend>| {
+            let (task, patch) = (task.clone(), patch.clone());
+            async move { b.put(&task, &patch).await }
+        };
+        Ok(self.shared.route("put", f).await?.0)
+    }
+
+    async fn claim(&self, task: &TaskId, session: &SessionId) -> BackendResult<ClaimOutcome> {
+        let me = &self.shared;
+        // Whatever was done on git is written to the coordinator before anything new is claimed
+        // there.
+        let pending = !lock(&me.state).pending_up.is_empty();
+        if pending && lock(&me.state).serving == Side::Primary {
+            me.settle_pending().await;
+        }
+        let (t, s) = (task.clone(), session.clone());
+        let f = move |b: Arc<dyn Backend>| {
+            let (t, s) = (t.clone(), s.clone());
+            async move { b.claim(&t, &s).await }
+        };
+        let (mut outcome, side) = me.route("claim", f).await?;
+        if let ClaimOutcome::Won(c) = &outcome {
+            if let Some(refused) = me.confirm(task, session, side, c.token).await {
+                return Ok(refused);
+            }
+        }
+        if let ClaimOutcome::Won(c) = &mut outcome {
+            let confirmed = lock(&me.state).held.get(task).cloned();
+            let mut held = Held {
+                session: session.clone(),
+                primary: (side == Side::Primary).then_some(c.token),
+                fallback: (side == Side::Fallback).then_some(c.token),
+            };
+            // Confirmed in the other store: the claim lives in both.
+            if let Some(other) = confirmed.filter(|h| &h.session == session) {
+                held.primary = held.primary.or(other.primary);
+                held.fallback = held.fallback.or(other.fallback);
+            }
+            let mirrored = held.fallback.is_some();
+            lock(&me.state).held.insert(task.clone(), held);
+            if side == Side::Primary && !mirrored {
+                if let Some(m) = &me.mirror {
+                    m.push(Mirrored {
+                        task: task.clone(),
+                        status: crate::TaskStatus::Claimed,
+                        holder: Some(session.clone()),
+                        token: Some(c.token),
+                    });
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn release(
+        &self,
+        task: &TaskId,
+        session: &SessionId,
+        to: ReleaseTo,
+        token: Option<FencingToken>,
+    ) -> BackendResult<ReleaseOutcome> {
+        let me = &self.shared;
+        let held = lock(&me.state)
+            .held
+            .get(task)
+            .filter(|h| &h.session == session)
+            .cloned();
+        let Some(held) = held else {
+            let (t, s) = (task.clone(), session.clone());
+            let f = move |b: Arc<dyn Backend>| {
+                let (t, s) = (t.clone(), s.clone());
+                async move { b.release(&t, &s, to, token).await }
+            };
+            return Ok(me.route("release", f).await?.0);
+        };
+        let done = Mirrored {
+            task: task.clone(),
+            status: to.status(),
+            holder: Some(session.clone()),
+            token: held.primary.or(held.fallback),
+        };
+        let (mut released, mut refused, mut error) = (None, None, None);
+        if let Some(tok) = held.fallback {
+            match me
+                .backend(Side::Fallback)?
+                .release(task, session, to, Some(tok))
+                .await
+            {
+                Ok(o @ ReleaseOutcome::Released { .. }) => {
+                    me.count("release", Side::Fallback);
+                    released = Some(o);
+                }
+                Ok(o) => refused = Some(o),
+                Err(e) => error = Some(e),
+            }
+        }
+        let mut on_coordinator = false;
+        if let Some(tok) = held.primary {
+            let etcd = me.backend(Side::Primary)?;
+            let deadline = me.config.deadline;
+            match tokio::time::timeout(deadline, etcd.release(task, session, to, Some(tok))).await {
+                Ok(Ok(o @ ReleaseOutcome::Released { .. })) => {
+                    me.count("release", Side::Primary);
+                    on_coordinator = true;
+                    released.get_or_insert(o);
+                }
+                Ok(Ok(o)) => {
+                    refused.get_or_insert(o);
+                }
+                Ok(Err(e)) => error = Some(e),
+                Err(_) => {
+                    error = Some(BackendError::Timeout {
+                        endpoint: etcd.name().into(),
+                        operation: "release".into(),
+                        after: deadline,
+                    })
+                }
+            }
+        }
+        let on_git = released.is_some() && !on_coordinator;
+        let outcome = match (released, refused) {
+            (Some(o), _) => {
+                if on_coordinator && !(held.fallback.is_some() && on_git) {
+                    // Done on etcd; git did not take the release (or never had the claim): the
+                    // completion is recorded there behind.
+                    if let Some(m) = &me.mirror {
+                        m.push(done);
+                    } else if let (true, Ok(git)) =
+                        (held.fallback.is_some(), me.backend(Side::Fallback))
+                    {
+                        me.record_logged(git, std::slice::from_ref(&done), "git")
+                            .await;
+                    }
+                } else if !on_coordinator && me.primary.is_some() {
+                    // Done on git only: the coordinator is told before it serves a claim again.
+                    lock(&me.state).pending_up.push(done);
+                }
+                o
+            }
+            (None, Some(o)) => o,
+            (None, None) => return Err(error.unwrap_or_else(|| missing(Side::Primary))),
+        };
+        lock(&me.state).held.remove(task);
+        Ok(outcome)
+    }
+
+    async fn record(&self, items: &[Mirrored]) -> BackendResult<Vec<RecordOutcome>> {
+        let items = items.to_vec();
+        let f = move |b: Arc<dyn Backend>| {
+            let items = items.clone();
+            async move { b.record(&items).await }
+        };
+        Ok(self.shared.route("record", f).await?.0)
+    }
+
+    async fn subscribe(&self) -> BackendResult<Subscription> {
+        let me = &self.shared;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let first = lock(&me.state).subscribers.is_empty();
+        if first {
+            let mut pumps = Vec::new();
+            for side in [Side::Primary, Side::Fallback] {
+                let Ok(b) = me.backend(side) else { continue };
+                match b.subscribe().await {
+                    Ok(sub) => pumps.push(tokio::spawn(Shared::pump(
+                        Arc::downgrade(&self.shared),
+                        side,
+                        sub,
+                    ))),
+                    Err(e) if side == lock(&me.state).serving => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(session = %me.config.name, backend = b.name(), error = %e, "cannot follow this store's changes")
+                    }
+                }
+            }
+            self.tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(pumps);
+        }
+        let serving = lock(&me.state).serving;
+        let snapshot = me.backend(serving)?.list().await?;
+        lock(&me.state).subscribers.push(tx);
+        Ok(Subscription::new(snapshot, rx))
+    }
+
+    async fn announce(&self, presence: &Presence) -> BackendResult<()> {
+        let presence = presence.clone();
+        let f = move |b: Arc<dyn Backend>| {
+            let mut p = presence.clone();
+            p.backend = b.name().into();
+            async move { b.announce(&p).await }
+        };
+        self.shared.route("announce", f).await.map(drop)
+    }
+
+    async fn sessions(&self) -> BackendResult<Vec<Presence>> {
+        Ok(self
+            .shared
+            .route("sessions", |b: Arc<dyn Backend>| async move {
+                b.sessions().await
+            })
+            .await?
+            .0)
+    }
+
+    async fn health(&self) -> Health {
+        let side = self.serving();
+        match self.shared.backend(side) {
+            Ok(b) => b.health().await,
+            Err(e) => Health {
+                reachable: false,
+                detail: e.to_string(),
+            },
+        }
+    }
+
+    fn reconnects(&self) -> u64 {
+        [Side::Primary, Side::Fallback]
+            .into_iter()
+            .filter_map(|side| self.shared.backend(side).ok())
+            .map(|b| b.reconnects())
+            .sum()
+    }
+
+    async fn close(&self) {
+        if let Some(m) = &self.shared.mirror {
+            m.flush(Duration::from_secs(5)).await;
+        }
+        // What was done on git and not yet told to the coordinator is told now, if it answers.
+        self.shared.settle_pending().await;
+        for side in [Side::Primary, Side::Fallback] {
+            if let Ok(b) = self.shared.backend(side) {
+                b.close().await;
+            }
+        }
+    }
+}
