@@ -214,6 +214,14 @@ pub enum Command {
     Bench(BenchArgs),
     /// Run a local single-node etcd for trying ifc out (data under .ifc/dev/) until Ctrl-C
     Dev(DevArgs),
+    /// Check agents' history files (--history): no task run by two sessions at once, no
+    /// completion without its claim or after its fencing, every won task completed exactly once;
+    /// exit 0 when none is found, 1 otherwise
+    CheckHistory {
+        /// History files (JSON lines), read together
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -269,6 +277,10 @@ pub struct AgentArgs {
     /// (e.g. 127.0.0.1:9464; port 0 picks a free one, logged at start)
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Append every claim won, task run, release and fencing to this JSON-lines file (several
+    /// agents may share one); `ifc check-history` verifies it
+    #[arg(long, value_name = "FILE")]
+    pub history: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

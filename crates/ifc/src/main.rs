@@ -5,6 +5,7 @@ mod agent;
 mod cli;
 mod cmd;
 mod exit;
+mod history;
 mod metrics;
 mod output;
 mod settings;

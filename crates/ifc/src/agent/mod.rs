@@ -24,6 +24,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
 use crate::cli::{AgentArgs, Global};
+use crate::history::History;
 use crate::metrics::{self, Metrics};
 use crate::settings::{self, config_error};
 
@@ -93,6 +94,7 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         });
         metrics::serve(addr, Arc::clone(&metrics), backend.clone(), totals).await?;
     }
+    let history = args.history.as_deref().map(History::open).transpose()?;
     let lp = ClaimLoop::new(plan);
     let mut driver = Driver {
         session,
@@ -111,6 +113,7 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         presence,
         metrics,
         awaited: HashMap::new(),
+        history,
     };
     driver.announce(None).await;
     driver.run(sub, watch).await
@@ -137,6 +140,7 @@ struct Driver {
     metrics: Arc<Metrics>,
     /// This session's own transitions whose events have not arrived yet: the event latency.
     awaited: HashMap<TaskId, (TaskStatus, Instant)>,
+    history: Option<History>,
 }
 
 impl Driver {
@@ -192,6 +196,21 @@ impl Driver {
         }
     }
 
+    /// Appends to the history, when there is one.
+    fn record(&self, task: &TaskId, event: &str, token: Option<u64>, success: Option<bool>) {
+        if let Some(h) = &self.history {
+            let backend = self.backend.serving_name();
+            h.log(
+                self.session.session_id.as_str(),
+                task.as_str(),
+                event,
+                token,
+                Some(backend),
+                success,
+            );
+        }
+    }
+
     /// A claim, timed and counted.
     async fn timed_claim(
         &mut self,
@@ -209,7 +228,8 @@ impl Driver {
         };
         self.metrics
             .claim(self.backend.serving_name(), outcome, started.elapsed());
-        if matches!(result, Ok(ClaimOutcome::Won(_))) {
+        if let Ok(ClaimOutcome::Won(c)) = &result {
+            self.record(task, "won", Some(c.token.0), None);
             self.awaited
                 .insert(task.clone(), (TaskStatus::Claimed, Instant::now()));
         }
@@ -297,8 +317,11 @@ impl Driver {
                         self.heard(&e);
                         inputs.push_back(Input::Changed { task: e.task, status: e.new_status, holder: e.holder });
                     }
-                    Some(BackendEvent::ClaimLost { task, session, .. }) if session == self.session.session_id => {
+                    Some(BackendEvent::ClaimLost { task, session, token }) if session == self.session.session_id => {
                         tracing::warn!(%task, %session, "claim lost: stopping the task, it will not be reported done");
+                        // The token the task runs under (a claim carried across stores has one per store).
+                        let running = self.running.as_ref().filter(|t| t.claim.task == task).map(|t| t.claim.token.0);
+                        self.record(&task, "fenced", Some(running.unwrap_or(token.0)), None);
                         inputs.push_back(Input::Lost { task });
                     }
                     Some(BackendEvent::Instructions { path, .. }) => tracing::info!(%path, "new instructions file"),
@@ -319,6 +342,7 @@ impl Driver {
                         }
                         self.drain_until = None;
                         self.metrics.set_active_tasks(0);
+                        self.record(&t.claim.task, "exit", Some(t.claim.token.0), Some(success));
                         inputs.push_back(Input::Exited { task: t.claim.task.clone(), success });
                     }
                 }
@@ -374,6 +398,7 @@ impl Driver {
                 {
                     Ok(t) => {
                         tracing::info!(task = %claim.task, %session, token = %claim.token, log = %t.log.display(), "task started");
+                        self.record(&claim.task, "start", Some(claim.token.0), None);
                         self.running = Some(t);
                         self.metrics.set_active_tasks(1);
                         self.announce(Some(&claim.task)).await;
@@ -402,13 +427,20 @@ impl Driver {
                         match &outcome {
                             ReleaseOutcome::Released { .. } => {
                                 tracing::info!(%task, %session, status = %to.status(), "release");
+                                let event = if to == agent_core::ReleaseTo::Complete {
+                                    "complete"
+                                } else {
+                                    "release"
+                                };
+                                self.record(&task, event, token.map(|t| t.0), None);
                                 self.metrics
                                     .release(self.backend.serving_name(), to.status().as_str());
                                 self.awaited
                                     .insert(task.clone(), (to.status(), Instant::now()));
                             }
                             other => {
-                                tracing::warn!(%task, %session, outcome = ?other, "release changed nothing")
+                                tracing::warn!(%task, %session, outcome = ?other, "release changed nothing");
+                                self.record(&task, "refused", token.map(|t| t.0), None);
                             }
                         }
                         let refused = !matches!(outcome, ReleaseOutcome::Released { .. });

@@ -76,6 +76,42 @@ async fn connect(g: &Global, command: &Command) -> Result<Arc<dyn Backend>> {
     Ok(Arc::new(router))
 }
 
+/// `ifc check-history`.
+fn check_history(files: &[std::path::PathBuf], output: Output, out: &mut impl Write) -> Result<u8> {
+    let (records, unreadable) = crate::history::read(files)?;
+    let mut report = crate::history::check(&records);
+    report.unreadable = unreadable;
+    match output {
+        Output::Json => writeln!(out, "{}", serde_json::to_string(&report)?)?,
+        Output::Table => {
+            for (kind, list) in [
+                ("concurrent run", &report.concurrent_runs),
+                ("unclaimed completion", &report.unclaimed_completions),
+                ("stale completion", &report.stale_completions),
+                ("double completion", &report.double_completions),
+                ("lost task", &report.lost_tasks),
+                ("unreadable line", &report.unreadable),
+            ] {
+                for v in list {
+                    writeln!(out, "{kind}: {}", printable(v))?;
+                }
+            }
+            writeln!(
+                out,
+                "{} records, {} tasks: {} violation(s)",
+                report.records,
+                report.tasks,
+                report.violations()
+            )?;
+        }
+    }
+    Ok(if report.violations() == 0 {
+        0
+    } else {
+        exit::NO
+    })
+}
+
 /// Runs one command; returns its exit code.
 pub async fn run(g: &Global, command: &Command) -> Result<u8> {
     let mut out = std::io::stdout().lock();
@@ -115,6 +151,7 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
         Command::Bridge(args) => bridge::run(g, args, output, &mut out).await,
         Command::Audit => bridge::audit(g, output, &mut out).await,
         Command::Bench(args) => bench::run(g, args, output, &mut out).await,
+        Command::CheckHistory { files } => check_history(files, output, &mut out),
         Command::Dev(args) => {
             drop(out);
             dev::run(args).await

@@ -587,3 +587,79 @@ fn a_hung_or_overlong_task_is_killed_and_given_back() {
     }
     assert!(w.done().is_empty());
 }
+
+#[test]
+fn the_history_of_a_run_with_an_agent_killed_mid_task_checks_clean() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    let ids: Vec<String> = (0..12).map(|i| format!("H{i:02}")).collect();
+    for id in &ids {
+        put(&e, w.path(), &[id]);
+    }
+    let history = w.path().join("history.jsonl");
+    let hist = history.display().to_string();
+    let steady = r#"sleep 0.4; echo "$IFC_TASK_ID" >> "$SHARED""#;
+    let agent = |name: &str| {
+        let config = w.session(name, &["H*"], steady, "");
+        spawn_agent(
+            ifc(&e, w.path()),
+            &config,
+            &w.path().join(format!("{name}.log")),
+            &["--history", &hist],
+        )
+    };
+    let mut victim = agent("victim");
+    let mut others = vec![agent("steady-1"), agent("steady-2")];
+    wait_for("the victim mid-task", Duration::from_secs(30), || {
+        std::fs::read_to_string(&history)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(r#""session":"victim""#) && l.contains(r#""event":"start""#))
+            .count()
+            >= 2
+    });
+    victim.kill().expect("kill -9");
+    victim.wait().expect("reap");
+    // The harness records what it did, as the checker's format says.
+    let killed = format!(
+        "{{\"t\":{},\"session\":\"victim\",\"task\":\"\",\"event\":\"killed\"}}\n",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos()
+    );
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&history)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, killed.as_bytes()))
+        .expect("append");
+    wait_for("every task done", Duration::from_secs(60), || {
+        let mut done = w.done();
+        done.dedup();
+        done.len() == ids.len()
+    });
+    for a in &mut others {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(a.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        assert_eq!(finish(a, Duration::from_secs(30)), 0);
+    }
+    assert_eq!(w.done(), ids, "every task ran to the end exactly once");
+    let out = run(ifc(&e, w.path()).args(["check-history", &hist, "-o", "json"]));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("report json");
+    assert_eq!(code(&out), 0, "{report}");
+    assert_eq!(report["tasks"], ids.len(), "{report}");
+    // And a planted second completion is caught.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&history)
+        .and_then(|mut f| {
+            std::io::Write::write_all(
+                &mut f,
+                b"{\"t\":9000000000000000000,\"session\":\"ghost\",\"task\":\"H00\",\"event\":\"complete\",\"token\":1}\n",
+            )
+        })
+        .expect("append");
+    let out = run(ifc(&e, w.path()).args(["check-history", &hist]));
+    assert_eq!(code(&out), 1, "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("H00"), "{}", text(&out.stdout));
+}

@@ -1,0 +1,291 @@
+//! The history log (`ifc agent --history FILE`) and its checker (`ifc check-history FILE…`).
+//! Agents append one JSON object per line for every claim won, task run, release and fencing;
+//! the checker reads only that format — none of the runtime's code paths — and verifies that no
+//! task ran in two sessions at once, that every completion had a claim and came before any
+//! fencing of that claim, and that every task that was won was completed exactly once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// One line of the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Nanoseconds since the Unix epoch, when the agent observed it.
+    pub t: i64,
+    pub session: String,
+    pub task: String,
+    /// `won`, `start`, `exit`, `complete`, `release`, `refused`, `fenced`; `killed` (written by
+    /// whoever killed the session's process, with an empty task) ends its runs.
+    pub event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// `exit`: whether the command succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success: Option<bool>,
+}
+
+/// An append-only history file shared by any number of agents (each line one `write`).
+#[derive(Debug)]
+pub struct History {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl History {
+    pub fn open(path: &Path) -> Result<History> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open the history file {}", path.display()))?;
+        Ok(History {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+        })
+    }
+
+    /// Appends one record, stamped now.
+    pub fn log(
+        &self,
+        session: &str,
+        task: &str,
+        event: &str,
+        token: Option<u64>,
+        backend: Option<&str>,
+        success: Option<bool>,
+    ) {
+        let record = Record {
+            t: chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+            session: session.to_owned(),
+            task: task.to_owned(),
+            event: event.to_owned(),
+            token,
+            backend: backend.map(str::to_owned),
+            success,
+        };
+        let Ok(mut line) = serde_json::to_string(&record) else {
+            return;
+        };
+        line.push('\n');
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = file.write_all(line.as_bytes()) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot append to the history");
+        }
+    }
+}
+
+/// What the checker found.
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub records: usize,
+    pub tasks: usize,
+    /// Runs of one task in two sessions that overlapped in time.
+    pub concurrent_runs: Vec<String>,
+    /// Completions without a claim of that session with that token.
+    pub unclaimed_completions: Vec<String>,
+    /// Completions reported after the claim was fenced.
+    pub stale_completions: Vec<String>,
+    /// Tasks completed more than once.
+    pub double_completions: Vec<String>,
+    /// Tasks that were won but never completed.
+    pub lost_tasks: Vec<String>,
+    /// Lines that are not records.
+    pub unreadable: Vec<String>,
+}
+
+impl Report {
+    pub fn violations(&self) -> usize {
+        self.concurrent_runs.len()
+            + self.unclaimed_completions.len()
+            + self.stale_completions.len()
+            + self.double_completions.len()
+            + self.lost_tasks.len()
+            + self.unreadable.len()
+    }
+}
+
+/// Reads every record of `files`; unreadable lines are reported, not fatal.
+pub fn read(files: &[PathBuf]) -> Result<(Vec<Record>, Vec<String>)> {
+    let mut records = Vec::new();
+    let mut bad = Vec::new();
+    for path in files {
+        let file = File::open(path)
+            .with_context(|| format!("cannot read the history file {}", path.display()))?;
+        for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+            let line = line.with_context(|| format!("{}:{}", path.display(), n + 1))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<Record>(&line) {
+                Ok(r) => records.push(r),
+                Err(e) => bad.push(format!("{}:{}: {e}", path.display(), n + 1)),
+            }
+        }
+    }
+    records.sort_by_key(|r| r.t);
+    Ok((records, bad))
+}
+
+/// Checks a history (records in time order).
+pub fn check(records: &[Record]) -> Report {
+    let mut report = Report {
+        records: records.len(),
+        ..Report::default()
+    };
+    let mut by_task: BTreeMap<&str, Vec<&Record>> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.event != "killed") {
+        by_task.entry(&r.task).or_default().push(r);
+    }
+    // A session killed from outside (a harness writes `killed`, task ""): its runs end there.
+    for k in records.iter().filter(|r| r.event == "killed") {
+        for rs in by_task.values_mut() {
+            if rs.iter().any(|r| r.session == k.session) {
+                rs.push(k);
+                rs.sort_by_key(|r| r.t);
+            }
+        }
+    }
+    report.tasks = by_task.len();
+    for (task, rs) in &by_task {
+        // Runs: from `start` to the first `exit` or `fenced` of that session and token.
+        let mut runs: Vec<(&str, i64, i64)> = Vec::new();
+        for (i, r) in rs.iter().enumerate().filter(|(_, r)| r.event == "start") {
+            let end = rs[i + 1..]
+                .iter()
+                .find(|e| {
+                    e.session == r.session
+                        && ((e.token == r.token && (e.event == "exit" || e.event == "fenced"))
+                            || e.event == "killed")
+                })
+                .map_or(i64::MAX, |e| e.t);
+            runs.push((&r.session, r.t, end));
+        }
+        for (i, a) in runs.iter().enumerate() {
+            for b in &runs[i + 1..] {
+                if a.0 != b.0 && a.1 < b.2 && b.1 < a.2 {
+                    report
+                        .concurrent_runs
+                        .push(format!("{task}: {} and {} ran it at once", a.0, b.0));
+                }
+            }
+        }
+        let won: BTreeSet<(&str, Option<u64>)> = rs
+            .iter()
+            .filter(|r| r.event == "won")
+            .map(|r| (r.session.as_str(), r.token))
+            .collect();
+        let mut completions = 0;
+        for (i, r) in rs.iter().enumerate().filter(|(_, r)| r.event == "complete") {
+            completions += 1;
+            let claimed_before = rs[..i]
+                .iter()
+                .any(|w| w.event == "won" && w.session == r.session && w.token == r.token);
+            if !claimed_before || !won.contains(&(r.session.as_str(), r.token)) {
+                report.unclaimed_completions.push(format!(
+                    "{task}: completed by {} with token {:?} without that claim",
+                    r.session, r.token
+                ));
+            }
+            let fenced_before = rs[..i]
+                .iter()
+                .any(|f| f.event == "fenced" && f.session == r.session && f.token == r.token);
+            if fenced_before {
+                report.stale_completions.push(format!(
+                    "{task}: {} completed it after its claim (token {:?}) was fenced",
+                    r.session, r.token
+                ));
+            }
+        }
+        if completions > 1 {
+            report
+                .double_completions
+                .push(format!("{task}: completed {completions} times"));
+        }
+        if completions == 0 && !won.is_empty() {
+            report
+                .lost_tasks
+                .push(format!("{task}: won but never completed"));
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(t: i64, session: &str, task: &str, event: &str, token: u64) -> Record {
+        Record {
+            t,
+            session: session.into(),
+            task: task.into(),
+            event: event.into(),
+            token: Some(token),
+            backend: None,
+            success: None,
+        }
+    }
+
+    fn run(t: i64, session: &str, task: &str, token: u64) -> Vec<Record> {
+        vec![
+            r(t, session, task, "won", token),
+            r(t + 1, session, task, "start", token),
+            r(t + 5, session, task, "exit", token),
+            r(t + 6, session, task, "complete", token),
+        ]
+    }
+
+    #[test]
+    fn a_clean_history_passes() {
+        let mut h = run(0, "s1", "A", 1);
+        h.extend(run(10, "s2", "B", 2));
+        // A fenced claim, then another session's run of the same task.
+        h.extend([
+            r(20, "s1", "C", "won", 3),
+            r(21, "s1", "C", "start", 3),
+            r(25, "s1", "C", "fenced", 3),
+        ]);
+        h.extend(run(30, "s2", "C", 4));
+        let report = check(&h);
+        assert_eq!(report.violations(), 0, "{report:?}");
+        assert_eq!(report.tasks, 3);
+    }
+
+    #[test]
+    fn every_kind_of_violation_is_found() {
+        let mut h = run(0, "s1", "A", 1);
+        // s2 runs A while s1 still does.
+        h.extend([
+            r(2, "s2", "A", "won", 9),
+            r(3, "s2", "A", "start", 9),
+            r(8, "s2", "A", "exit", 9),
+            r(9, "s2", "A", "complete", 9),
+        ]);
+        // B completed with a token nobody won; C completed after being fenced; D won, never done.
+        h.push(r(20, "s1", "B", "complete", 5));
+        h.extend([
+            r(30, "s1", "C", "won", 6),
+            r(31, "s1", "C", "fenced", 6),
+            r(32, "s1", "C", "complete", 6),
+        ]);
+        h.push(r(40, "s3", "D", "won", 7));
+        h.sort_by_key(|r| r.t);
+        let report = check(&h);
+        assert_eq!(report.concurrent_runs.len(), 1, "{report:?}");
+        assert_eq!(report.double_completions.len(), 1, "{report:?}");
+        assert_eq!(report.unclaimed_completions.len(), 1, "{report:?}");
+        assert_eq!(report.stale_completions.len(), 1, "{report:?}");
+        assert_eq!(
+            report.lost_tasks,
+            vec!["D: won but never completed".to_owned()]
+        );
+    }
+}
