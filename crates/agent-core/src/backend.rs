@@ -130,7 +130,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// # Correctness
     /// Fenced: succeeds only while `session` still holds the claim (and, when `token` is given, only
     /// for the claim with that token). Otherwise returns `NotHolder` and changes nothing. When it
-    /// returns `Released`, the new status is durable and the claim is gone.
+    /// returns `Released`, the new status is durable and the claim is gone. Completing is
+    /// idempotent: a retry of a completion that already landed (its answer was lost) is answered
+    /// `Released` and changes nothing.
     async fn release(
         &self,
         task: &TaskId,

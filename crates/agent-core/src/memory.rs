@@ -434,6 +434,11 @@ impl Backend for MemoryBackend {
                 _ => true,
             };
         if !holds {
+            if crate::model::already_completed_by(&current, session, to) {
+                return Ok(ReleaseOutcome::Released {
+                    token: token.unwrap_or(FencingToken(0)),
+                });
+            }
             return Ok(ReleaseOutcome::NotHolder { holder });
         }
         let mut next = current;

@@ -200,6 +200,15 @@ pub enum ClaimOutcome {
     NotFound,
 }
 
+/// Whether a release to `to` by `session` already happened: the task is complete and names
+/// `session` as its completer (an earlier attempt landed but its answer was lost, e.g. to a
+/// timeout). Such a retry is answered `Released` again and changes nothing.
+pub fn already_completed_by(current: &Task, session: &SessionId, to: ReleaseTo) -> bool {
+    to == ReleaseTo::Complete
+        && current.status == TaskStatus::Complete
+        && current.claimed_by.as_ref() == Some(session)
+}
+
 /// What a release attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReleaseOutcome {

@@ -39,9 +39,9 @@ impl Inner {
             inner.forget_lease(&session, id).await;
             inner.cache().lease_lost(id);
             tracing::warn!(%session, lease = id, "session lease lost; its claims are gone");
-            // If etcd still has it (we only lost touch), end it now so the tasks free up at once.
-            let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(id).await };
-            let _ = inner.conn.call("lease revoke", revoke).await;
+            // Not revoked: if etcd still has it (it restarted, or we only lost touch), it ends
+            // by its TTL, and a release already under way for a task that finished before the
+            // loss can still land with its fencing token instead of the work being done again.
         });
         self.adopt(keeper.abort_handle());
         Ok(Some(id))

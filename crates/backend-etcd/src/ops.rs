@@ -312,6 +312,11 @@ impl Inner {
                     (view, fresh) = (self.read_view(id, false).await?, true);
                     continue;
                 }
+                if agent_core::model::already_completed_by(&current, session, to) {
+                    return Ok(ReleaseOutcome::Released {
+                        token: want.unwrap_or(FencingToken(0)),
+                    });
+                }
                 return Ok(ReleaseOutcome::NotHolder { holder });
             }
             let mut next = current.clone();

@@ -531,6 +531,11 @@ impl Core {
         let holds =
             holder.as_ref() == Some(session) && want.is_none_or(|w| Some(w.0) == live_token);
         if !holds {
+            if agent_core::model::already_completed_by(&current, session, to) {
+                return Ok(Some(ReleaseOutcome::Released {
+                    token: want.unwrap_or(FencingToken(0)),
+                }));
+            }
             return Ok(Some(ReleaseOutcome::NotHolder { holder }));
         }
         let mut tasks = snap.board.tasks().to_vec();

@@ -194,10 +194,26 @@ pub fn check(records: &[Record]) -> Report {
                     r.session, r.token
                 ));
             }
-            let fenced_before = rs[..i]
+            // A completion after the claim was fenced is stale unless the run had already ended
+            // successfully before the fencing (its release was only late, and the store took it
+            // under the fencing token).
+            let same = |e: &&&Record| e.session == r.session && e.token == r.token;
+            let fenced_at = rs[..i]
                 .iter()
-                .any(|f| f.event == "fenced" && f.session == r.session && f.token == r.token);
-            if fenced_before {
+                .filter(same)
+                .find(|e| e.event == "fenced")
+                .map(|e| e.t);
+            let finished_at = rs[..i]
+                .iter()
+                .filter(same)
+                .find(|e| e.event == "exit" && e.success == Some(true))
+                .map(|e| e.t);
+            let stale = match (fenced_at, finished_at) {
+                (Some(f), Some(done)) => done > f,
+                (Some(_), None) => true,
+                _ => false,
+            };
+            if stale {
                 report.stale_completions.push(format!(
                     "{task}: {} completed it after its claim (token {:?}) was fenced",
                     r.session, r.token
@@ -277,6 +293,15 @@ mod tests {
             r(32, "s1", "C", "complete", 6),
         ]);
         h.push(r(40, "s3", "D", "won", 7));
+        // E finished, then its claim was reported lost, then the late release landed: not stale.
+        let mut exit = r(51, "s1", "E", "exit", 8);
+        exit.success = Some(true);
+        h.extend([
+            r(50, "s1", "E", "won", 8),
+            exit,
+            r(52, "s1", "E", "fenced", 8),
+            r(53, "s1", "E", "complete", 8),
+        ]);
         h.sort_by_key(|r| r.t);
         let report = check(&h);
         assert_eq!(report.concurrent_runs.len(), 1, "{report:?}");

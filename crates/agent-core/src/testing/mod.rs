@@ -487,6 +487,19 @@ pub async fn release_fencing(h: &impl Harness) {
         .expect("release");
     assert_eq!(r, ReleaseOutcome::NotHolder { holder: None });
     assert_eq!(get(&*b, &t).await.status, TaskStatus::Complete);
+    // Completing again (a retry whose first answer was lost) is idempotent for the completer
+    // only, and changes nothing.
+    let r = a
+        .release(&t, &sa, ReleaseTo::Complete, Some(token))
+        .await
+        .expect("release");
+    assert_eq!(r, ReleaseOutcome::Released { token });
+    let r = b
+        .release(&t, &sb, ReleaseTo::Complete, None)
+        .await
+        .expect("release");
+    assert_eq!(r, ReleaseOutcome::NotHolder { holder: None });
+    assert_eq!(get(&*b, &t).await.claimed_by.as_ref(), Some(&sa));
 }
 
 /// A task given back is claimable by anyone, with a larger token.
@@ -696,12 +709,20 @@ pub async fn record_rules(h: &impl Harness) {
         (t.status, t.claimed_by.as_ref()),
         (TaskStatus::Complete, Some(&s1))
     );
+    // The claim is gone: giving it back is refused; completing it again is the idempotent
+    // answer to a completion that already happened.
     assert!(matches!(
-        b.release(&held, &s1, ReleaseTo::Complete, Some(token))
+        b.release(&held, &s1, ReleaseTo::Available, Some(token))
             .await
             .expect("release"),
         ReleaseOutcome::NotHolder { .. }
     ));
+    assert_eq!(
+        b.release(&held, &s1, ReleaseTo::Complete, Some(token))
+            .await
+            .expect("release"),
+        ReleaseOutcome::Released { token }
+    );
     assert!(matches!(
         other.claim(&free, &s2).await.expect("claim"),
         ClaimOutcome::Won(_)
