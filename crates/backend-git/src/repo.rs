@@ -321,14 +321,11 @@ impl Clone {
         );
         match moved {
             Ok(_) => Ok(true),
-            Err(e)
-                if matches!(
-                    e.code(),
-                    ErrorCode::Modified | ErrorCode::Locked | ErrorCode::NotFound
-                ) =>
-            {
+            Err(e) if e.code() == ErrorCode::Locked => {
+                clear_stale_lock(&remote_path.join(format!("{}.lock", self.branch_ref)));
                 Ok(false)
             }
+            Err(e) if matches!(e.code(), ErrorCode::Modified | ErrorCode::NotFound) => Ok(false),
             Err(e) => Err(remote_error(&self.config, e)),
         }
     }
@@ -457,6 +454,21 @@ fn fetch_options(config: &GitConfig) -> FetchOptions<'_> {
     let mut fo = FetchOptions::new();
     fo.remote_callbacks(callbacks(config));
     fo
+}
+
+/// A ref lock is held for the milliseconds of one update. One this old was left by a writer that
+/// died (or lost its directory) mid-update, and would block every push for good.
+const STALE_LOCK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Removes `lock` if it is older than [`STALE_LOCK`].
+fn clear_stale_lock(lock: &Path) {
+    let age = std::fs::metadata(lock)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok());
+    if age.is_some_and(|a| a > STALE_LOCK) && std::fs::remove_file(lock).is_ok() {
+        tracing::warn!(lock = %lock.display(), ?age, "removed a stale ref lock left by a writer that died mid-update");
+    }
 }
 
 fn push_options<'a>(config: &'a GitConfig, rejected: &'a Cell<Option<String>>) -> PushOptions<'a> {

@@ -405,3 +405,22 @@ async fn an_asserted_claim_the_board_already_shows_is_taken_into_the_status_file
         "{released:?}"
     );
 }
+
+#[tokio::test]
+async fn a_stale_ref_lock_left_in_the_remote_is_cleared_and_pushes_go_on() {
+    let mut board = crate::EMPTY_BOARD.to_owned();
+    board.push_str("| LK.1 | locked out | 🔵 AVAILABLE |  |  |\n");
+    let remote = BareRemote::new(&board);
+    // A writer died between creating the lock and renaming it into place a while ago.
+    let lock = remote.path().join("refs/heads/main.lock");
+    let file = std::fs::File::create(&lock).expect("lock");
+    file.set_modified(std::time::SystemTime::now() - Duration::from_secs(120))
+        .expect("age the lock");
+    let b = crate::open(&remote, "after-the-lock").await;
+    let out = b
+        .claim(&tid("LK.1"), &sid("session-1-lock"))
+        .await
+        .expect("claim");
+    assert!(matches!(out, ClaimOutcome::Won(_)), "{out:?}");
+    assert!(!lock.exists(), "the stale lock is gone");
+}
