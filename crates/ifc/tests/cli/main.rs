@@ -6,6 +6,7 @@ mod git;
 mod hybrid;
 mod metrics;
 mod migrate;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,211 @@
+//! etcd over TLS with client certificates: a throwaway CA made with `openssl`, a real etcd that
+//! requires client certificates, and the `ifc` binary with `--cacert/--cert/--key`; without a
+//! client certificate or a trusted CA the command fails naming the endpoint (exit 3).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{code, run, text};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl (Debian package openssl; scripts/install-deps installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        text(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, in `dir`.
+fn make_certs(dir: &Path) {
+    let day = ["-days", "2"];
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=ifc-test-ca",
+            day[0],
+            day[1],
+        ],
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .expect("ext");
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+    for who in ["server", "client"] {
+        let (key, csr, crt, ext) = (
+            format!("{who}.key"),
+            format!("{who}.csr"),
+            format!("{who}.crt"),
+            format!("{who}.ext"),
+        );
+        let cn = format!("/CN=ifc-test-{who}");
+        openssl(
+            dir,
+            &[
+                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &cn,
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-extfile",
+                &ext,
+                day[0],
+                day[1],
+            ],
+        );
+    }
+}
+
+/// etcd with TLS and client-certificate authentication, killed and reaped on drop.
+struct TlsEtcd(Child, u16);
+
+impl Drop for TlsEtcd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn start_tls_etcd(dir: &Path) -> TlsEtcd {
+    let etcd = backend_etcd::testing::etcd_binary().expect("etcd (scripts/install-deps)");
+    let (port, peer) = (free_port(), free_port());
+    let client = format!("https://127.0.0.1:{port}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let log = std::fs::File::create(dir.join("etcd.log")).expect("log");
+    let child = Command::new(etcd)
+        .current_dir(dir)
+        .args(["--name", "tls", "--data-dir", "data", "--log-level", "warn"])
+        .args([
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("tls={peer_url}")])
+        .args(["--cert-file", "server.crt", "--key-file", "server.key"])
+        .args(["--trusted-ca-file", "ca.crt", "--client-cert-auth"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start etcd");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "etcd with TLS did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    TlsEtcd(child, port)
+}
+
+fn ifc(dir: &Path, endpoint: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ifc"));
+    cmd.current_dir(dir)
+        .env("IFC_ENDPOINTS", endpoint)
+        .env_remove("IFC_MODE")
+        .env_remove("IFC_PREFIX");
+    cmd
+}
+
+#[test]
+fn tls_with_client_certificates_works_and_a_missing_certificate_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    make_certs(d);
+    let etcd = start_tls_etcd(d);
+    let endpoint = format!("https://127.0.0.1:{}", etcd.1);
+    let tls = [
+        "--cacert",
+        "ca.crt",
+        "--cert",
+        "client.crt",
+        "--key",
+        "client.key",
+    ];
+    // etcd may take a moment after it listens.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = run(ifc(d, &endpoint)
+            .args(tls)
+            .args(["put", "TLS-1", "--title", "over tls"]));
+        if code(&out) == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", text(&out.stderr));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = run(ifc(d, &endpoint)
+        .args(tls)
+        .args(["claim", "TLS-1", "--session", "s-tls"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let out = run(ifc(d, &endpoint)
+        .args(tls)
+        .args(["get", "TLS-1", "-o", "json"]));
+    let task: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(task["claimed_by"], "s-tls");
+
+    // No client certificate: refused, naming the endpoint, exit 3.
+    let out = run(ifc(d, &endpoint).args(["--cacert", "ca.crt", "get", "TLS-1"]));
+    assert_eq!(code(&out), 3, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&endpoint),
+        "{}",
+        text(&out.stderr)
+    );
+    // No trusted CA: the server's certificate is not accepted.
+    let out = run(ifc(d, &endpoint).args([
+        "--cert",
+        "client.crt",
+        "--key",
+        "client.key",
+        "get",
+        "TLS-1",
+    ]));
+    assert_eq!(code(&out), 3, "{}", text(&out.stderr));
+    // Plain HTTP to a TLS port: a clear failure too, not a hang.
+    let plain = format!("http://127.0.0.1:{}", etcd.1);
+    let out = run(ifc(d, &plain).args(["--dial-timeout", "2s", "get", "TLS-1"]));
+    assert_eq!(code(&out), 3, "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(&plain), "{}", text(&out.stderr));
+}
