@@ -54,6 +54,16 @@ pub struct EtcdServer {
     peer_port: u16,
     initial_cluster: String,
     child: Option<Child>,
+    /// Serve clients over TLS with these files (in `base`), requiring client certificates.
+    tls: Option<ServerTls>,
+}
+
+/// The certificate files of a TLS-serving [`EtcdServer`].
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl EtcdServer {
@@ -95,12 +105,37 @@ impl EtcdServer {
             peer_port,
             initial_cluster,
             child: None,
+            tls: None,
         }
+    }
+
+    /// Starts a single-node etcd that serves clients over TLS and requires a client certificate
+    /// signed by `tls.ca`; waits until it listens.
+    pub fn start_tls(tls: ServerTls) -> EtcdServer {
+        let dir = tempfile::Builder::new()
+            .prefix("ifc-etcd-tls-")
+            .tempdir()
+            .expect("temp dir");
+        let (client_port, peer_port) = (free_port(), free_port());
+        let initial_cluster = format!("ifc-test=http://127.0.0.1:{peer_port}");
+        let mut server = EtcdServer::member(
+            dir.path(),
+            "ifc-test",
+            client_port,
+            peer_port,
+            initial_cluster,
+        );
+        server.dir = Some(dir);
+        server.tls = Some(tls);
+        server.launch();
+        server.wait_ready();
+        server
     }
 
     /// The client URL.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The client address.
@@ -151,6 +186,17 @@ impl EtcdServer {
                 "ifc-test",
             ])
             .args(["--initial-cluster-state", "new", "--log-level", "warn"])
+            .args(self.tls.iter().flat_map(|t| {
+                [
+                    "--cert-file".into(),
+                    t.cert.clone().into_os_string(),
+                    "--key-file".into(),
+                    t.key.clone().into_os_string(),
+                    "--trusted-ca-file".into(),
+                    t.ca.clone().into_os_string(),
+                    "--client-cert-auth".into(),
+                ]
+            }))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -172,7 +218,12 @@ impl EtcdServer {
                     );
                 }
             }
-            if http_health_ok(&health) {
+            // Over TLS (with client certificates) a listening port is as far as a probe can see.
+            let ready = match self.tls {
+                Some(_) => std::net::TcpStream::connect(&health).is_ok(),
+                None => http_health_ok(&health),
+            };
+            if ready {
                 return;
             }
             assert!(

@@ -3,7 +3,7 @@
 //! client certificate or a trusted CA the command fails naming the endpoint (exit 3).
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::{code, run, text};
@@ -85,60 +85,6 @@ fn make_certs(dir: &Path) {
     }
 }
 
-/// etcd with TLS and client-certificate authentication, killed and reaped on drop.
-struct TlsEtcd(Child, u16);
-
-impl Drop for TlsEtcd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn start_tls_etcd(dir: &Path) -> TlsEtcd {
-    let etcd = backend_etcd::testing::etcd_binary().expect("etcd (scripts/install-deps)");
-    let (port, peer) = (free_port(), free_port());
-    let client = format!("https://127.0.0.1:{port}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let log = std::fs::File::create(dir.join("etcd.log")).expect("log");
-    let child = Command::new(etcd)
-        .current_dir(dir)
-        .args(["--name", "tls", "--data-dir", "data", "--log-level", "warn"])
-        .args([
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("tls={peer_url}")])
-        .args(["--cert-file", "server.crt", "--key-file", "server.key"])
-        .args(["--trusted-ca-file", "ca.crt", "--client-cert-auth"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start etcd");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "etcd with TLS did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    TlsEtcd(child, port)
-}
-
 fn ifc(dir: &Path, endpoint: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ifc"));
     cmd.current_dir(dir)
@@ -153,8 +99,12 @@ fn tls_with_client_certificates_works_and_a_missing_certificate_is_refused_by_na
     let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path();
     make_certs(d);
-    let etcd = start_tls_etcd(d);
-    let endpoint = format!("https://127.0.0.1:{}", etcd.1);
+    let etcd = backend_etcd::testing::EtcdServer::start_tls(backend_etcd::testing::ServerTls {
+        cert: d.join("server.crt"),
+        key: d.join("server.key"),
+        ca: d.join("ca.crt"),
+    });
+    let endpoint = etcd.endpoint();
     let tls = [
         "--cacert",
         "ca.crt",
@@ -204,7 +154,7 @@ fn tls_with_client_certificates_works_and_a_missing_certificate_is_refused_by_na
     ]));
     assert_eq!(code(&out), 3, "{}", text(&out.stderr));
     // Plain HTTP to a TLS port: a clear failure too, not a hang.
-    let plain = format!("http://127.0.0.1:{}", etcd.1);
+    let plain = endpoint.replace("https://", "http://");
     let out = run(ifc(d, &plain).args(["--dial-timeout", "2s", "get", "TLS-1"]));
     assert_eq!(code(&out), 3, "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains(&plain), "{}", text(&out.stderr));
