@@ -70,6 +70,10 @@ impl EtcdServer {
     /// Starts a single-node etcd on free ports and waits until it serves. Panics (with how to
     /// install etcd) when there is no etcd binary.
     pub fn start() -> EtcdServer {
+        EtcdServer::start_single(None)
+    }
+
+    fn start_single(tls: Option<ServerTls>) -> EtcdServer {
         let dir = tempfile::Builder::new()
             .prefix("ifc-etcd-")
             .tempdir()
@@ -84,6 +88,7 @@ impl EtcdServer {
             initial_cluster,
         );
         server.dir = Some(dir);
+        server.tls = tls;
         server.launch();
         server.wait_ready();
         server
@@ -112,24 +117,7 @@ impl EtcdServer {
     /// Starts a single-node etcd that serves clients over TLS and requires a client certificate
     /// signed by `tls.ca`; waits until it listens.
     pub fn start_tls(tls: ServerTls) -> EtcdServer {
-        let dir = tempfile::Builder::new()
-            .prefix("ifc-etcd-tls-")
-            .tempdir()
-            .expect("temp dir");
-        let (client_port, peer_port) = (free_port(), free_port());
-        let initial_cluster = format!("ifc-test=http://127.0.0.1:{peer_port}");
-        let mut server = EtcdServer::member(
-            dir.path(),
-            "ifc-test",
-            client_port,
-            peer_port,
-            initial_cluster,
-        );
-        server.dir = Some(dir);
-        server.tls = Some(tls);
-        server.launch();
-        server.wait_ready();
-        server
+        EtcdServer::start_single(Some(tls))
     }
 
     /// The client URL.
