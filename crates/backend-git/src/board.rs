@@ -416,7 +416,13 @@ fn column(header: &str) -> Option<Column> {
 /// (start, end) byte offsets of each line, without its line ending (`\n` or `\r\n`).
 fn line_spans(text: &str) -> Vec<(usize, usize)> {
     let mut spans = Vec::new();
-    let mut start = 0;
+    // A byte-order mark (editors on Windows write one) is not part of the first line; the text
+    // keeps it, so rendering does too.
+    let mut start = if text.starts_with('\u{feff}') {
+        '\u{feff}'.len_utf8()
+    } else {
+        0
+    };
     for (i, b) in text.bytes().enumerate() {
         if b == b'\n' {
             let end = if i > start && text.as_bytes()[i - 1] == b'\r' {

@@ -300,3 +300,28 @@ proptest! {
         prop_assert_eq!(out.lines().count(), FIXTURE.lines().count());
     }
 }
+
+#[test]
+fn a_bom_and_mixed_line_endings_are_kept_byte_for_byte() {
+    let text = "\u{feff}| ID | Status | Owner |\r\n|---|---|---|\r\n| A | 🔵 AVAILABLE |  |\n| B | ✅ DONE | s1 |\r\n";
+    let b = parse(text);
+    assert_eq!(b.tasks().len(), 2, "the BOM does not hide the table");
+    assert_eq!(b.render(b.tasks()), text);
+    let mut tasks = b.tasks().to_vec();
+    tasks[0].status = TaskStatus::Claimed;
+    tasks[0].owner = Some(SessionId::parse("s2").expect("id"));
+    let out = b.render(&tasks);
+    assert!(out.starts_with('\u{feff}'), "{out:?}");
+    assert!(out.contains("| B | ✅ DONE | s1 |\r\n"), "{out:?}");
+    assert_eq!(
+        parse(&out).tasks()[0].owner.as_ref().map(|s| s.as_str()),
+        Some("s2")
+    );
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_text_is_an_error_or_a_board_never_a_panic(s in "(?s).{0,400}") {
+        let _ = Board::parse("fuzz.md", &s);
+    }
+}

@@ -430,6 +430,32 @@ async fn corrupt_records_are_reported_with_their_key_and_status_goes_on() {
     let out = run(ifc(&server).args(["claim", "BROKEN", "--session", "s"]));
     assert_eq!(code(&out), 4, "{out:?}");
     assert!(text(&out.stderr).contains("tasks/BROKEN"));
+    // The wrong shape (valid JSON) is corrupt too, and a claim of it writes nothing.
+    raw.put("tasks/SHAPE", r#"{"status": 7, "blocked_by": "x"}"#, None)
+        .await
+        .expect("put");
+    let out = run(ifc(&server).args(["claim", "SHAPE", "--session", "s"]));
+    assert_eq!(code(&out), 4, "{out:?}");
+    let kept = raw.get("tasks/SHAPE", None).await.expect("get");
+    assert_eq!(
+        kept.kvs()[0].value(),
+        br#"{"status": 7, "blocked_by": "x"}"#,
+        "nothing already stored is overwritten"
+    );
+    // A 1 MiB title is a task like any other.
+    let big = "t".repeat(1 << 20);
+    raw.put(
+        "tasks/BIG",
+        format!(r#"{{"status":"available","title":"{big}"}}"#),
+        None,
+    )
+    .await
+    .expect("put");
+    let out = run(ifc(&server).args(["claim", "BIG", "--session", "s"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let out = run(ifc(&server).args(["get", "BIG", "-o", "json"]));
+    let task: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(task["title"].as_str().map(str::len), Some(1 << 20));
 }
 
 #[test]
