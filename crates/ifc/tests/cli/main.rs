@@ -6,7 +6,7 @@ mod git;
 mod hybrid;
 mod metrics;
 mod migrate;
-mod tls;
+mod security;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

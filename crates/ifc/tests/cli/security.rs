@@ -1,6 +1,7 @@
-//! etcd over TLS with client certificates: a throwaway CA made with `openssl`, a real etcd that
-//! requires client certificates, and the `ifc` binary with `--cacert/--cert/--key`; without a
-//! client certificate or a trusted CA the command fails naming the endpoint (exit 3).
+//! Security end to end: etcd over TLS with client certificates (a throwaway CA made with
+//! `openssl`, a real etcd that requires client certificates, `ifc --cacert/--cert/--key`; without
+//! a client certificate or a trusted CA the command fails naming the endpoint, exit 3), and a
+//! password (flag or `IFC_PASSWORD`) that never shows in output or logs, even at trace level.
 
 use std::path::Path;
 use std::process::Command;
@@ -158,4 +159,31 @@ fn tls_with_client_certificates_works_and_a_missing_certificate_is_refused_by_na
     let out = run(ifc(d, &plain).args(["--dial-timeout", "2s", "get", "TLS-1"]));
     assert_eq!(code(&out), 3, "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains(&plain), "{}", text(&out.stderr));
+}
+
+#[tokio::test]
+async fn a_password_never_shows_in_logs_errors_or_json_even_at_trace_level() {
+    let server = backend_etcd::testing::EtcdServer::start();
+    let mut raw = crate::raw(&server).await;
+    raw.user_add("root", "s3cret-pw", None).await.expect("user");
+    raw.user_grant_role("root", "root").await.expect("role");
+    raw.auth_enable().await.expect("auth");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let e = server.endpoint();
+    for (user, expect) in [("root:s3cret-pw", 0), ("root:wrong-s3cret-pw", 3)] {
+        let out = run(ifc(dir.path(), &e)
+            .env("RUST_LOG", "trace")
+            .args(["--user", user, "put", "SEC-1", "-o", "json"]));
+        assert_eq!(code(&out), expect, "{}", text(&out.stderr));
+        let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(!all.contains("s3cret-pw"), "the password leaked:\n{all}");
+    }
+    // From the environment too.
+    let out = run(ifc(dir.path(), &e)
+        .env("RUST_LOG", "trace")
+        .env("IFC_PASSWORD", "s3cret-pw")
+        .args(["--user", "root", "status", "-o", "json"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!all.contains("s3cret-pw"), "the password leaked:\n{all}");
 }
