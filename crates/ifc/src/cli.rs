@@ -255,8 +255,9 @@ pub struct BridgeArgs {
     /// Do one round and exit (0: in step, 1: differences or conflicts remain)
     #[arg(long)]
     pub once: bool,
-    /// Serve Prometheus metrics at http://ADDR/metrics and health at http://ADDR/health
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Serve Prometheus metrics at http://ADDR/metrics and health at http://ADDR/health: a port
+    /// (bound on 127.0.0.1) or HOST:PORT
+    #[arg(long, value_name = "[HOST:]PORT", value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
@@ -273,9 +274,9 @@ pub struct AgentArgs {
     /// Where per-task logs go [default: .ifc/logs/<session>]
     #[arg(long)]
     pub log_dir: Option<PathBuf>,
-    /// Serve Prometheus metrics at http://ADDR/metrics and health at http://ADDR/health
-    /// (e.g. 127.0.0.1:9464; port 0 picks a free one, logged at start)
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Serve Prometheus metrics at http://ADDR/metrics and health at http://ADDR/health: a port
+    /// (bound on 127.0.0.1) or HOST:PORT (port 0 picks a free one, logged at start)
+    #[arg(long, value_name = "[HOST:]PORT", value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Append every claim won, task run, release and fencing to this JSON-lines file (several
     /// agents may share one); `ifc check-history` verifies it
@@ -338,6 +339,15 @@ pub enum ReleaseStatus {
     Available,
 }
 
+/// `--metrics-addr`: a bare port is bound on loopback only; anything wider must be said.
+fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?} is not a port or HOST:PORT (e.g. 9464 or 0.0.0.0:9464)"))
+}
+
 fn parse_put_status(s: &str) -> Result<TaskStatus, String> {
     match s.parse::<TaskStatus>()? {
         TaskStatus::Claimed => Err("claimed is not set with put: use `ifc claim`".into()),
@@ -353,5 +363,18 @@ mod tests {
     #[test]
     fn the_cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_bare_metrics_port_binds_on_loopback_only() {
+        assert_eq!(
+            parse_metrics_addr("9464").map(|a| a.to_string()),
+            Ok("127.0.0.1:9464".to_owned())
+        );
+        assert_eq!(
+            parse_metrics_addr("0.0.0.0:9464").map(|a| a.to_string()),
+            Ok("0.0.0.0:9464".to_owned())
+        );
+        assert!(parse_metrics_addr("localhost").is_err());
     }
 }
