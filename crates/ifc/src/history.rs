@@ -20,8 +20,10 @@ pub struct Record {
     pub t: i64,
     pub session: String,
     pub task: String,
-    /// `won`, `start`, `exit`, `complete`, `release`, `refused`, `fenced`; `killed` (written by
-    /// whoever killed the session's process, with an empty task) ends its runs.
+    /// `won`, `lost`/`not_claimable`/`not_found`/`error` (claim attempts), `start`, `exit`,
+    /// `complete`, `release`, `refused`, `fenced`; with an empty task: `switch` (the serving store
+    /// changed), `mode:<mode>`, and `killed` (written by whoever killed the session's process),
+    /// which ends its runs.
     pub event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<u64>,
@@ -141,7 +143,11 @@ pub fn check(records: &[Record]) -> Report {
         ..Report::default()
     };
     let mut by_task: BTreeMap<&str, Vec<&Record>> = BTreeMap::new();
-    for r in records.iter().filter(|r| r.event != "killed") {
+    // Session-wide records (a switch of store or mode) have no task.
+    for r in records
+        .iter()
+        .filter(|r| r.event != "killed" && !r.task.is_empty())
+    {
         by_task.entry(&r.task).or_default().push(r);
     }
     // A session killed from outside (a harness writes `killed`, task ""): its runs end there.

@@ -190,19 +190,21 @@ impl Driver {
         match self.backend.set_mode(mode).await {
             Ok(()) => {
                 self.mode = mode;
+                self.record("", &format!("mode:{}", mode.as_str()), None, None);
                 tracing::warn!(session = %id, mode = mode.as_str(), backend = self.backend.serving_name(), "mode switched");
             }
             Err(e) => tracing::error!(session = %id, error = %e, "cannot switch mode"),
         }
     }
 
-    /// Appends to the history, when there is one.
-    fn record(&self, task: &TaskId, event: &str, token: Option<u64>, success: Option<bool>) {
+    /// Appends to the history, when there is one; `task` is empty for what concerns the whole
+    /// session (a switch of store or of mode).
+    fn record(&self, task: &str, event: &str, token: Option<u64>, success: Option<bool>) {
         if let Some(h) = &self.history {
             let backend = self.backend.serving_name();
             h.log(
                 self.session.session_id.as_str(),
-                task.as_str(),
+                task,
                 event,
                 token,
                 Some(backend),
@@ -228,8 +230,11 @@ impl Driver {
         };
         self.metrics
             .claim(self.backend.serving_name(), outcome, started.elapsed());
+        if outcome != "won" {
+            self.record(task.as_str(), outcome, None, None);
+        }
         if let Ok(ClaimOutcome::Won(c)) = &result {
-            self.record(task, "won", Some(c.token.0), None);
+            self.record(task.as_str(), "won", Some(c.token.0), None);
             self.awaited
                 .insert(task.clone(), (TaskStatus::Claimed, Instant::now()));
         }
@@ -321,13 +326,14 @@ impl Driver {
                         tracing::warn!(%task, %session, "claim lost: stopping the task, it will not be reported done");
                         // The token the task runs under (a claim carried across stores has one per store).
                         let running = self.running.as_ref().filter(|t| t.claim.task == task).map(|t| t.claim.token.0);
-                        self.record(&task, "fenced", Some(running.unwrap_or(token.0)), None);
+                        self.record(task.as_str(), "fenced", Some(running.unwrap_or(token.0)), None);
                         inputs.push_back(Input::Lost { task });
                     }
                     Some(BackendEvent::Instructions { path, .. }) => tracing::info!(%path, "new instructions file"),
                     Some(BackendEvent::Resync(listing)) => {
                         // Events awaited from the store left behind will not come.
                         self.awaited.clear();
+                        self.record("", "switch", None, None);
                         tracing::info!(session = %self.session.session_id, backend = self.backend.serving_name(), tasks = listing.tasks.len(), "task view replaced by the serving store's");
                         inputs.push_back(Input::Snapshot(listing.tasks));
                     }
@@ -342,7 +348,7 @@ impl Driver {
                         }
                         self.drain_until = None;
                         self.metrics.set_active_tasks(0);
-                        self.record(&t.claim.task, "exit", Some(t.claim.token.0), Some(success));
+                        self.record(t.claim.task.as_str(), "exit", Some(t.claim.token.0), Some(success));
                         inputs.push_back(Input::Exited { task: t.claim.task.clone(), success });
                     }
                 }
@@ -398,7 +404,7 @@ impl Driver {
                 {
                     Ok(t) => {
                         tracing::info!(task = %claim.task, %session, token = %claim.token, log = %t.log.display(), "task started");
-                        self.record(&claim.task, "start", Some(claim.token.0), None);
+                        self.record(claim.task.as_str(), "start", Some(claim.token.0), None);
                         self.running = Some(t);
                         self.metrics.set_active_tasks(1);
                         self.announce(Some(&claim.task)).await;
@@ -432,7 +438,7 @@ impl Driver {
                                 } else {
                                     "release"
                                 };
-                                self.record(&task, event, token.map(|t| t.0), None);
+                                self.record(task.as_str(), event, token.map(|t| t.0), None);
                                 self.metrics
                                     .release(self.backend.serving_name(), to.status().as_str());
                                 self.awaited
@@ -440,7 +446,7 @@ impl Driver {
                             }
                             other => {
                                 tracing::warn!(%task, %session, outcome = ?other, "release changed nothing");
-                                self.record(&task, "refused", token.map(|t| t.0), None);
+                                self.record(task.as_str(), "refused", token.map(|t| t.0), None);
                             }
                         }
                         let refused = !matches!(outcome, ReleaseOutcome::Released { .. });
