@@ -88,6 +88,15 @@ pub enum Output {
     Exit(u8),
 }
 
+/// What the loop derives from the view's set of tasks and their blockers.
+#[derive(Debug, Clone)]
+struct Index {
+    /// The session's tasks in priority order.
+    mine: Vec<TaskId>,
+    /// Every id some task is blocked by.
+    blockers: std::collections::HashSet<TaskId>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 enum Phase {
     Idle,
@@ -109,6 +118,9 @@ enum Phase {
 pub struct ClaimLoop {
     plan: Plan,
     view: BTreeMap<TaskId, Task>,
+    /// Derived from the view's tasks and blockers (not their statuses): rebuilt only when those
+    /// change, so a status event costs no pattern matching over the whole view.
+    index: Option<Index>,
     phase: Phase,
     attempts: HashMap<TaskId, u32>,
     not_before: HashMap<TaskId, Instant>,
@@ -121,6 +133,7 @@ impl ClaimLoop {
         ClaimLoop {
             plan,
             view: BTreeMap::new(),
+            index: None,
             phase: Phase::Idle,
             attempts: HashMap::new(),
             not_before: HashMap::new(),
@@ -176,9 +189,11 @@ impl ClaimLoop {
         match input {
             Input::Snapshot(tasks) => {
                 self.view = tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
+                self.index = None;
             }
             Input::Fetched(task) => {
                 self.view.insert(task.id.clone(), task);
+                self.index = None;
             }
             Input::Changed {
                 task,
@@ -231,6 +246,7 @@ impl ClaimLoop {
                     }
                     ClaimOutcome::NotFound => {
                         self.view.remove(&task);
+                        self.index = None;
                     }
                 }
             }
@@ -347,10 +363,13 @@ impl ClaimLoop {
     ) {
         let Some(status) = status else {
             self.view.remove(&task);
+            self.index = None;
             return;
         };
         let Some(entry) = self.view.get_mut(&task) else {
-            if self.plan.patterns.iter().any(|p| p.matches(&task)) || self.is_blocker(&task) {
+            if self.plan.patterns.iter().any(|p| p.matches(&task))
+                || self.index().blockers.contains(&task)
+            {
                 out.push(Output::Fetch(task));
             }
             return;
@@ -359,9 +378,10 @@ impl ClaimLoop {
         entry.status = status;
         entry.claimed_by = holder;
         if status == TaskStatus::Complete && was != TaskStatus::Complete {
-            let unblocked: Vec<String> = self
-                .my_tasks()
-                .into_iter()
+            let index = self.take_index();
+            let unblocked: Vec<String> = index
+                .mine
+                .iter()
                 .filter(|id| {
                     self.view
                         .get(id)
@@ -370,6 +390,7 @@ impl ClaimLoop {
                 })
                 .map(|id| id.to_string())
                 .collect();
+            self.index = Some(index);
             if !unblocked.is_empty() {
                 out.push(Output::Note(format!(
                     "blocker {task} cleared: {} claimable",
@@ -379,8 +400,22 @@ impl ClaimLoop {
         }
     }
 
-    fn is_blocker(&self, id: &TaskId) -> bool {
-        self.view.values().any(|t| t.blocked_by.contains(id))
+    /// The index, built if stale.
+    fn index(&mut self) -> &Index {
+        let index = self.take_index();
+        self.index.insert(index)
+    }
+
+    /// The index, out of `self` so it can be read while `self` is (put it back after).
+    fn take_index(&mut self) -> Index {
+        self.index.take().unwrap_or_else(|| Index {
+            mine: self.my_tasks(),
+            blockers: self
+                .view
+                .values()
+                .flat_map(|t| t.blocked_by.iter().cloned())
+                .collect(),
+        })
     }
 
     fn release(
@@ -406,7 +441,12 @@ impl ClaimLoop {
             }
             return;
         }
-        let mine = self.my_tasks();
+        let index = self.take_index();
+        self.decide_next(&index.mine, now, out);
+        self.index = Some(index);
+    }
+
+    fn decide_next(&mut self, mine: &[TaskId], now: Instant, out: &mut Vec<Output>) {
         if self.stopping {
             self.phase = Phase::Done;
             out.push(Output::Exit(0));
@@ -430,7 +470,7 @@ impl ClaimLoop {
                 out.push(Output::Exit(0));
                 return;
             }
-            if let Some((id, why)) = self.impossible(&mine) {
+            if let Some((id, why)) = self.impossible(mine) {
                 self.phase = Phase::Done;
                 out.push(Output::Note(format!("{id} can never be claimed: {why}")));
                 out.push(Output::Exit(1));
