@@ -111,10 +111,17 @@ impl GitBackend {
     }
 
     /// A file of the coordination repo at the head last fetched (`None`: no such file), e.g. the
-    /// fleet file committed there, so a committed `rollback: true` reaches every session.
-    pub async fn read_file(&self, path: &str) -> BackendResult<Option<Vec<u8>>> {
+    /// fleet file committed there, so a committed `rollback: true` reaches every session. With
+    /// `fetch`, the remote head is fetched first.
+    pub async fn read_file(&self, path: &str, fetch: bool) -> BackendResult<Option<Vec<u8>>> {
         let path = path.to_owned();
-        blocking(&self.core, move |c| c.read_file(&path)).await
+        blocking(&self.core, move |c| {
+            if fetch {
+                c.sync()?;
+            }
+            c.read_file(&path)
+        })
+        .await
     }
 
     /// Opens (or clones) the session's clone and starts polling every `poll_interval`, at once

@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
+use super::switch::Confirmed;
 use super::{lock, missing, Held, Router, Shared, Side};
 use crate::backend::{Backend, Health, Subscription};
 use crate::error::{BackendError, BackendResult};
@@ -61,27 +62,22 @@ impl Backend for Router {
             let (t, s) = (t.clone(), s.clone());
             async move { b.claim(&t, &s).await }
         };
-        let (mut outcome, side) = me.route("claim", f).await?;
+        let (outcome, side) = me.route("claim", f).await?;
         if let ClaimOutcome::Won(c) = &outcome {
-            if let Some(refused) = me.confirm(task, session, side, c.token).await {
-                return Ok(refused);
-            }
-        }
-        if let ClaimOutcome::Won(c) = &mut outcome {
-            let confirmed = lock(&me.state).held.get(task).cloned();
             let mut held = Held {
                 session: session.clone(),
                 primary: (side == Side::Primary).then_some(c.token),
                 fallback: (side == Side::Fallback).then_some(c.token),
             };
-            // Confirmed in the other store: the claim lives in both.
-            if let Some(other) = confirmed.filter(|h| &h.session == session) {
-                held.primary = held.primary.or(other.primary);
-                held.fallback = held.fallback.or(other.fallback);
+            match me.confirm(task, session, side, c.token).await {
+                Confirmed::Refused(answer) => return Ok(answer),
+                Confirmed::Also(other) if side == Side::Primary => held.fallback = Some(other),
+                Confirmed::Also(other) => held.primary = Some(other),
+                Confirmed::NotAsked => {}
             }
-            let mirrored = held.fallback.is_some();
+            let in_git = held.fallback.is_some();
             lock(&me.state).held.insert(task.clone(), held);
-            if side == Side::Primary && !mirrored {
+            if !in_git {
                 if let Some(m) = &me.mirror {
                     m.push(Mirrored {
                         task: task.clone(),

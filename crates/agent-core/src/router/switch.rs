@@ -14,6 +14,16 @@ use crate::ids::{SessionId, TaskId};
 use crate::mirror::{catch_up, Mirrored, RecordOutcome};
 use crate::model::{ClaimOutcome, FencingToken, ReleaseTo};
 
+/// What confirming a claim in the other store came to.
+pub(super) enum Confirmed {
+    /// No confirmation was due (or the other store did not answer): the claim stands alone.
+    NotAsked,
+    /// The claim is held there too, with this token.
+    Also(FencingToken),
+    /// The other store has the task otherwise; the claim was undone and this is the answer.
+    Refused(ClaimOutcome),
+}
+
 impl Shared {
     /// Moves to the side the mode and breaker call for, carrying the claims along. Serialised.
     pub(super) async fn settle(&self) {
@@ -305,7 +315,7 @@ impl Shared {
         session: &SessionId,
         side: Side,
         token: FencingToken,
-    ) -> Option<ClaimOutcome> {
+    ) -> Confirmed {
         let (confirming, open) = {
             let s = lock(&self.state);
             let window = s.confirm_until.is_some_and(|t| Instant::now() < t);
@@ -316,11 +326,13 @@ impl Shared {
             (window || hybrid, s.breaker.is_open())
         };
         if !confirming {
-            return None;
+            return Confirmed::NotAsked;
         }
         let refused = match side {
             Side::Primary => {
-                let git = self.backend(Side::Fallback).ok()?;
+                let Ok(git) = self.backend(Side::Fallback) else {
+                    return Confirmed::NotAsked;
+                };
                 let item = Mirrored {
                     task: task.clone(),
                     status: crate::TaskStatus::Claimed,
@@ -340,8 +352,7 @@ impl Shared {
                 match answer {
                     Ok(out) => match out.into_iter().next() {
                         Some(RecordOutcome::Written | RecordOutcome::Unchanged) => {
-                            self.note_held(task, session, None, Some(token));
-                            None
+                            return Confirmed::Also(token);
                         }
                         Some(RecordOutcome::Conflict { holder }) => {
                             Some(ClaimOutcome::Lost { holder })
@@ -359,39 +370,40 @@ impl Shared {
             }
             Side::Fallback if open => None,
             Side::Fallback => {
-                let etcd = self.backend(Side::Primary).ok()?;
+                let Ok(etcd) = self.backend(Side::Primary) else {
+                    return Confirmed::NotAsked;
+                };
                 match tokio::time::timeout(self.config.deadline, etcd.claim(task, session)).await {
-                    Ok(Ok(ClaimOutcome::Won(c))) => {
-                        self.note_held(task, session, Some(c.token), None);
-                        None
-                    }
+                    Ok(Ok(ClaimOutcome::Won(c))) => return Confirmed::Also(c.token),
                     Ok(Ok(other)) => Some(other),
                     Ok(Err(_)) | Err(_) => None,
                 }
             }
         };
-        if let Some(other) = &refused {
-            if matches!(other, ClaimOutcome::Lost { .. }) {
-                lock(&self.state).stats.conflicts += 1;
-            }
-            tracing::warn!(%task, %session, outcome = ?other, "the other store has this task otherwise: claim undone");
-            let store = self.backend(side).ok()?;
+        let Some(other) = refused else {
+            return Confirmed::NotAsked;
+        };
+        if matches!(other, ClaimOutcome::Lost { .. }) {
+            lock(&self.state).stats.conflicts += 1;
+        }
+        tracing::warn!(%task, %session, outcome = ?other, "the other store has this task otherwise: claim undone");
+        if let Ok(store) = self.backend(side) {
             if let Err(e) = store
                 .release(task, session, ReleaseTo::Available, Some(token))
                 .await
             {
                 tracing::warn!(%task, %session, error = %e, "cannot undo the claim; it ends with the session's lease");
             }
-            if matches!(
-                other,
-                ClaimOutcome::NotClaimable {
-                    status: crate::TaskStatus::Complete
-                }
-            ) {
-                self.carry_completion(task, side).await;
-            }
         }
-        refused
+        if matches!(
+            other,
+            ClaimOutcome::NotClaimable {
+                status: crate::TaskStatus::Complete
+            }
+        ) {
+            self.carry_completion(task, side).await;
+        }
+        Confirmed::Refused(other)
     }
 
     /// The other store has `task` complete and `side` does not: `side` is told, so nobody waits
@@ -415,25 +427,6 @@ impl Shared {
                 self.record_logged(to, &[item], to.name()).await;
             }
         }
-    }
-
-    /// Records where a confirmed claim also lives.
-    pub(super) fn note_held(
-        &self,
-        task: &TaskId,
-        session: &SessionId,
-        primary: Option<FencingToken>,
-        fallback: Option<FencingToken>,
-    ) {
-        let mut s = lock(&self.state);
-        let h = s.held.entry(task.clone()).or_insert_with(|| Held {
-            session: session.clone(),
-            primary: None,
-            fallback: None,
-        });
-        h.session = session.clone();
-        h.primary = primary.or(h.primary);
-        h.fallback = fallback.or(h.fallback);
     }
 
     /// Writes the releases done on git into the coordinator (before a claim there).

@@ -263,7 +263,7 @@ impl Driver {
     /// changed.
     async fn poll_repo_rollback(&mut self) -> bool {
         let Some(git) = &self.git else { return false };
-        let rollback = match git.read_file(REPO_FLEET_FILE).await {
+        let rollback = match git.read_file(REPO_FLEET_FILE, false).await {
             Ok(Some(bytes)) => {
                 let text = String::from_utf8_lossy(&bytes);
                 match FleetFile::parse(std::path::Path::new(REPO_FLEET_FILE), &text) {

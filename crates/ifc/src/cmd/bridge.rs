@@ -144,19 +144,28 @@ impl Bridge {
                 self.base.insert(t.id.clone(), f);
             }
         }
-        let live = Live {
-            etcd: etcd
-                .sessions()
-                .await?
-                .into_iter()
-                .map(|p| p.session_id)
-                .collect(),
-            git: git
-                .sessions()
-                .await?
-                .into_iter()
-                .map(|p| p.session_id)
-                .collect(),
+        // Who is live decides only differences without a common past (the bridge just started,
+        // or a task neither store had agreed on): ask only then, it costs a fetch.
+        let needs_live = e.tasks.iter().any(|t| {
+            !self.base.contains_key(&t.id) && faces.get(&t.id).is_some_and(|f| *f != Face::of(t))
+        });
+        let live = if !needs_live {
+            Live::default()
+        } else {
+            Live {
+                etcd: etcd
+                    .sessions()
+                    .await?
+                    .into_iter()
+                    .map(|p| p.session_id)
+                    .collect(),
+                git: git
+                    .sessions()
+                    .await?
+                    .into_iter()
+                    .map(|p| p.session_id)
+                    .collect(),
+            }
         };
         let plan = bridge::plan(&e.tasks, &b.tasks, &self.base, &live);
         let mut now_conflicting: BTreeSet<TaskId> = BTreeSet::new();

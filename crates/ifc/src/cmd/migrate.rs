@@ -38,10 +38,8 @@ impl BoardSource {
             }
             BoardSource::Repo(git) => {
                 let board = git.board_path().await;
-                // A list fetches the remote head first.
-                git.list().await?;
                 let text = git
-                    .read_file(&board)
+                    .read_file(&board, true)
                     .await?
                     .map(|b| String::from_utf8_lossy(&b).into_owned());
                 Ok((format!("{board} in the coordination repo"), text))
