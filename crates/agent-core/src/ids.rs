@@ -4,7 +4,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Deserializer, Serialize};
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The longest id accepted, in bytes (all allowed characters are ASCII).
 pub const MAX_ID_LEN: usize = 128;
@@ -47,15 +49,16 @@ fn validate(kind: &'static str, value: &str) -> Result<(), InvalidId> {
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-        #[serde(transparent)]
-        pub struct $name(String);
+        ///
+        /// Cloning is a reference-count increment: ids travel in every event to every subscriber.
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Parses and validates an id: 1-128 characters of ASCII letters, digits, `.`, `-`, `_`, `:`.
             pub fn parse(value: &str) -> Result<Self, InvalidId> {
                 validate($kind, value)?;
-                Ok(Self(value.to_owned()))
+                Ok(Self(Arc::from(value)))
             }
 
             /// The id as a string slice.
@@ -86,6 +89,12 @@ macro_rules! id_type {
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
                 &self.0
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
             }
         }
 

@@ -204,6 +204,14 @@ impl Cache {
         self.subscribers.retain(|tx| tx.send(event.clone()).is_ok());
     }
 
+    /// The effective status of one task in the mirror (`None`: unknown, corrupt, or not synced).
+    pub fn status(&self, id: &TaskId) -> Option<TaskStatus> {
+        if !self.synced {
+            return None;
+        }
+        self.face(id).map(|(status, _)| status)
+    }
+
     pub fn subscribe(&mut self) -> mpsc::UnboundedReceiver<BackendEvent> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.subscribers.push(tx);

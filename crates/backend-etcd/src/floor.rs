@@ -1,85 +1,58 @@
-//! What etcd itself costs, measured through this backend's own client: a bare compare-and-swap
-//! transaction and a bare put-to-watch-event, the floors `ifc bench` compares claims and
-//! notifications with; and the removal of a scratch namespace afterwards.
+//! What etcd itself costs, measured through this backend's own connection: a bare
+//! compare-and-swap transaction and a bare watch, the floors `ifc bench` compares claims and
+//! notifications with; the watch cache's view of a task (what a claim loop would look at before
+//! trying); and the removal of a scratch namespace afterwards.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use agent_core::{BackendError, BackendResult};
-use etcd_client::{Compare, CompareOp, DeleteOptions, EventType, Txn, TxnOp, WatchOptions};
+use agent_core::{BackendError, BackendResult, TaskId, TaskStatus};
+use etcd_client::{
+    Compare, CompareOp, DeleteOptions, EventType, Txn, TxnOp, WatchOptions, WatchRequestSender,
+    WatchResponseStream,
+};
 
 use crate::EtcdBackend;
 
+/// The value every bare claim writes: the size of a small task record.
+const BARE_VALUE: &str = r#"{"task_id":"floor","status":"claimed","claimed_by":"floor-session"}"#;
+
 impl EtcdBackend {
-    /// `n` bare claims, each one transaction creating a fresh key under `<prefix>floor/txn/`
-    /// (`version == 0` → put): how long each took.
-    pub async fn raw_txn_floor(&self, n: usize) -> BackendResult<Vec<Duration>> {
-        let conn = &self.inner.conn;
-        let base = format!("{}floor/txn/", self.inner.config.prefix);
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let key = format!("{base}{i}");
-            let txn = Txn::new()
-                .when(vec![Compare::version(key.clone(), CompareOp::Equal, 0)])
-                .and_then(vec![TxnOp::put(
-                    key,
-                    r#"{"status":"claimed","claimed_by":"floor"}"#,
-                    None,
-                )]);
-            let start = Instant::now();
-            conn.txn("floor txn", txn).await?;
-            out.push(start.elapsed());
-        }
-        Ok(out)
+    /// One bare claim: a transaction creating `<prefix>floor/<name>` if it does not exist
+    /// (`version == 0` → put), on this backend's connection. Whether it created the key.
+    pub async fn bare_txn(&self, name: &str) -> BackendResult<bool> {
+        let key = self.bare_key(name);
+        let txn = Txn::new()
+            .when(vec![Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then(vec![TxnOp::put(key, BARE_VALUE, None)]);
+        Ok(self.inner.conn.txn("bare txn", txn).await?.succeeded())
     }
 
-    /// `n` bare puts under `<prefix>floor/watch/`, each timed until a watch on that prefix (on
-    /// the same client) delivers it.
-    pub async fn raw_watch_floor(&self, n: usize) -> BackendResult<Vec<Duration>> {
-        let conn = &self.inner.conn;
-        let base = format!("{}floor/watch/", self.inner.config.prefix);
-        let stream = conn
-            .call("floor watch", |mut c| {
+    /// A bare watch on `<prefix>floor/`, on this backend's connection: it hears every
+    /// `bare_txn`.
+    pub async fn bare_watch(&self) -> BackendResult<BareWatch> {
+        let base = self.bare_key("");
+        let (_requests, stream) = self
+            .inner
+            .conn
+            .call("bare watch", |mut c| {
                 let base = base.clone();
                 async move { c.watch(base, Some(WatchOptions::new().with_prefix())).await }
             })
-            .await?;
-        let (_requests, mut stream) = stream.split();
-        let deadline = conn.request_timeout() * 5;
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let key = format!("{base}{i}");
-            let start = Instant::now();
-            conn.call("floor put", |mut c| {
-                let key = key.clone();
-                async move { c.put(key, "x", None).await }
-            })
-            .await?;
-            loop {
-                let next = tokio::time::timeout(deadline, stream.message())
-                    .await
-                    .map_err(|_| BackendError::Timeout {
-                        endpoint: conn.endpoints().to_owned(),
-                        operation: "floor watch event".into(),
-                        after: deadline,
-                    })?
-                    .map_err(|e| conn.error(e))?;
-                let Some(resp) = next else {
-                    return Err(BackendError::Unavailable {
-                        endpoint: conn.endpoints().to_owned(),
-                        reason: "the watch stream ended".into(),
-                    });
-                };
-                let seen = resp.events().iter().any(|e| {
-                    e.event_type() == EventType::Put
-                        && e.kv().is_some_and(|kv| kv.key() == key.as_bytes())
-                });
-                if seen {
-                    out.push(start.elapsed());
-                    break;
-                }
-            }
-        }
-        Ok(out)
+            .await?
+            .split();
+        Ok(BareWatch {
+            _requests,
+            stream,
+            base,
+            endpoints: self.endpoints().to_owned(),
+            deadline: self.inner.conn.request_timeout() * 5,
+        })
+    }
+
+    /// The status this backend's watch cache shows for `task` (`None`: unknown, or the cache is
+    /// not running). No call to etcd.
+    pub fn cached_status(&self, task: &TaskId) -> Option<TaskStatus> {
+        self.inner.cache().status(task)
     }
 
     /// Deletes every key under this backend's prefix. Only for a scratch namespace of its own
@@ -102,5 +75,60 @@ impl EtcdBackend {
             })
             .await?;
         Ok(())
+    }
+
+    fn bare_key(&self, name: &str) -> String {
+        format!("{}floor/{name}", self.inner.config.prefix)
+    }
+}
+
+/// A raw etcd watch on the bare floor's keys.
+pub struct BareWatch {
+    /// Keeps the watch open.
+    _requests: WatchRequestSender,
+    stream: WatchResponseStream,
+    base: String,
+    endpoints: String,
+    deadline: Duration,
+}
+
+impl std::fmt::Debug for BareWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BareWatch")
+            .field("base", &self.base)
+            .finish()
+    }
+}
+
+impl BareWatch {
+    /// Waits until the watch delivers the creation of `bare_txn(name)`'s key.
+    pub async fn heard(&mut self, name: &str) -> BackendResult<()> {
+        let key = format!("{}{name}", self.base);
+        loop {
+            let next = tokio::time::timeout(self.deadline, self.stream.message())
+                .await
+                .map_err(|_| BackendError::Timeout {
+                    endpoint: self.endpoints.clone(),
+                    operation: "bare watch event".into(),
+                    after: self.deadline,
+                })?
+                .map_err(|e| BackendError::Unavailable {
+                    endpoint: self.endpoints.clone(),
+                    reason: format!("bare watch: {e}"),
+                })?;
+            let Some(resp) = next else {
+                return Err(BackendError::Unavailable {
+                    endpoint: self.endpoints.clone(),
+                    reason: "the bare watch stream ended".into(),
+                });
+            };
+            let seen = resp.events().iter().any(|e| {
+                e.event_type() == EventType::Put
+                    && e.kv().is_some_and(|kv| kv.key() == key.as_bytes())
+            });
+            if seen {
+                return Ok(());
+            }
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! Session leases: one per session, granted on its first leased claim and kept alive every TTL/3
-//! by our own loop (etcd-client sends one keep-alive per call). When the lease cannot be renewed
+//! by our own loop (one short keep-alive stream per renewal). When the lease cannot be renewed
 //! before its deadline, or etcd says it is gone, every claim under it is reported lost.
 
 use std::sync::Arc;
@@ -72,50 +72,37 @@ impl Inner {
     }
 
     /// Renews `lease` until it cannot be: returns when etcd says it is gone or `deadline` passes
-    /// without a renewal.
+    /// without a renewal. Each renewal opens its own keep-alive stream and closes it: a process
+    /// hosting many sessions holds no stream per idle lease (etcd keeps two goroutines per open
+    /// stream), at the price of one stream set-up per renewal.
     async fn keep_alive(&self, lease: i64, ttl: Duration, mut deadline: Instant) {
         let period = ttl / 3;
         let mut backoff = Backoff::new(
             Duration::from_millis(100),
             period.max(Duration::from_millis(200)),
         );
-        let mut stream = None;
         let mut next = Instant::now() + period;
         loop {
             tokio::time::sleep_until(next.min(deadline)).await;
             if Instant::now() >= deadline {
                 return;
             }
-            if stream.is_none() {
-                let open =
-                    |mut c: etcd_client::Client| async move { c.lease_keep_alive(lease).await };
-                match self.conn.call("lease keep-alive", open).await {
-                    Ok(pair) => stream = Some(pair),
-                    Err(e) => {
-                        tracing::debug!(lease, error = %e, "lease keep-alive stream could not open");
-                        next = Instant::now() + backoff.next_delay();
-                        continue;
-                    }
-                }
-            }
-            let Some((keeper, responses)) = stream.as_mut() else {
-                continue;
-            };
             let sent = Instant::now();
-            let renewed = async {
-                keeper.keep_alive().await?;
+            let renew = |mut c: etcd_client::Client| async move {
+                // Opening the stream sends one renewal; the keeper (the request side) must live
+                // until its answer arrives or the stream would close first.
+                let (_keeper, mut responses) = c.lease_keep_alive(lease).await?;
                 responses.message().await
             };
-            match tokio::time::timeout(self.conn.request_timeout(), renewed).await {
-                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+            match self.conn.call("lease keep-alive", renew).await {
+                Ok(Some(resp)) if resp.ttl() > 0 => {
                     deadline = sent + Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0));
                     next = sent + period;
                     backoff.reset();
                 }
-                Ok(Ok(Some(_))) => return, // etcd: the lease is gone (expired or revoked)
+                Ok(Some(_)) => return, // etcd: the lease is gone (expired or revoked)
                 other => {
                     tracing::debug!(lease, result = ?other.map(|r| r.map(|_| ())), "lease keep-alive failed; retrying");
-                    stream = None;
                     next = Instant::now() + backoff.next_delay();
                 }
             }

@@ -33,6 +33,7 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, OnceCell};
 
 pub use config::{EtcdConfig, TlsFiles};
+pub use floor::BareWatch;
 pub use import::Imported;
 
 use inner::Inner;

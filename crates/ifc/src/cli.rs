@@ -208,9 +208,12 @@ pub enum Command {
     /// Compare etcd with the git board: print every difference and conflict; exit 0 when they
     /// agree, 1 when they differ
     Audit,
-    /// Measure claims on etcd: N tasks under a scratch prefix, M concurrent sessions claiming
-    /// them all; reports claim and event latency next to a bare etcd transaction and watch (the
-    /// floor), and checks that no task was won twice. Removes its scratch prefix when done
+    /// Measure ifc against etcd's own floor, every figure from one run: one session's claims
+    /// against bare transactions and events against a bare watch (interleaved), claims/s at each
+    /// --concurrency against bare transactions at the same concurrency, optionally the guide's
+    /// Python stack (--peer); with --sessions sessions set up first, simulated in this process
+    /// (each its own lease and subscription). Checks that no task was won twice and every session
+    /// heard every event (exit 1 otherwise). Works under a scratch prefix, removed when done
     Bench(BenchArgs),
     /// Run a local single-node etcd for trying ifc out (data under .ifc/dev/) until Ctrl-C
     Dev(DevArgs),
@@ -239,12 +242,32 @@ pub struct DevArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Tasks to create and claim
+    /// Tasks claimed at each concurrency level
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub tasks: u32,
-    /// Concurrent claiming sessions (each its own connection and lease)
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    /// Sequential samples for the latency figures (claims, bare transactions, events)
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub samples: u32,
+    /// Sessions set up before measuring: each announces itself with its own lease (kept alive)
+    /// and holds its own subscription to every task event
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub sessions: u32,
+    /// etcd connections the sessions are multiplexed over (session k uses connection k mod N),
+    /// each with one watch [default: one per session, at most 100]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub connections: Option<u32>,
+    /// Concurrent claiming sessions for the claims/s figures, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub concurrency: Vec<u32>,
+    /// The sessions' lease TTL (etcd renews each lease every TTL/3)
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// Also run the migration guide's Python stack against the same etcd and compare
+    #[arg(long)]
+    pub peer: bool,
+    /// The peer benchmark to run for --peer
+    #[arg(long, default_value = "benches/peer/run")]
+    pub peer_cmd: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -153,39 +153,88 @@ fn an_agent_serves_every_metric_and_health_follows_etcd() {
 }
 
 #[tokio::test]
-async fn bench_reports_every_field_finds_no_double_claim_and_leaves_nothing_behind() {
+async fn bench_reports_every_figure_with_its_floor_and_the_peer_and_leaves_nothing_behind() {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let peer = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/peer/run");
     let out = crate::run(ifc(&etcd.endpoint(), w.path()).args([
         "bench",
         "--tasks",
-        "300",
+        "60",
+        "--samples",
+        "40",
         "--sessions",
-        "5",
+        "12",
+        "--connections",
+        "4",
+        "--concurrency",
+        "1,10",
+        "--peer",
+        "--peer-cmd",
+        peer.to_str().expect("utf-8 path"),
         "--output",
         "json",
     ]));
     assert_eq!(crate::code(&out), 0, "{}", crate::text(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    for field in [
-        "claims",
-        "double_claims",
-        "claim_p50_ms",
-        "claim_p95_ms",
-        "claim_p99_ms",
-        "claims_per_sec",
-        "event_p50_ms",
-        "event_p95_ms",
-        "raw_txn_p50_ms",
-        "raw_txn_p95_ms",
-        "raw_txn_p99_ms",
-        "raw_watch_p95_ms",
-        "ratio_p95",
+    for figure in [
+        "claim",
+        "bare_txn",
+        "claim_over_bare",
+        "event",
+        "bare_watch",
+        "event_over_bare",
     ] {
-        assert!(report[field].is_number(), "{field} missing: {report}");
+        for p in ["p50_ms", "p95_ms", "p99_ms"] {
+            let v = report[figure][p].as_f64();
+            assert!(v.is_some_and(|v| v > 0.0), "{figure}.{p}: {report}");
+        }
     }
-    assert_eq!(report["claims"], 300, "{report}");
+    let levels = report["throughput"].as_array().expect("throughput levels");
+    assert_eq!(levels.len(), 2, "{report}");
+    for (level, c) in levels.iter().zip([1, 10]) {
+        assert_eq!(level["concurrency"], c, "{report}");
+        assert!(
+            level["claims_per_sec"].as_f64().is_some_and(|v| v > 0.0),
+            "{report}"
+        );
+        assert!(
+            level["bare_txn_per_sec"].as_f64().is_some_and(|v| v > 0.0),
+            "{report}"
+        );
+    }
+    // 40 latency tasks + 60 per level, each won exactly once, each heard by all 12 sessions
+    // (its creation and its claim).
+    assert_eq!(report["tasks"], 160, "{report}");
+    assert_eq!(report["tasks_won"], 160, "{report}");
     assert_eq!(report["double_claims"], 0, "{report}");
-    assert_eq!(report["events_heard"], 300, "{report}");
+    assert_eq!(report["events_expected"], 12 * 160 * 2, "{report}");
+    assert_eq!(
+        report["events_delivered"], report["events_expected"],
+        "{report}"
+    );
+    assert_eq!(
+        (report["sessions"].clone(), report["connections"].clone()),
+        (12.into(), 4.into())
+    );
+    assert!(
+        report["memory"]["etcd_after_setup_mb"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0),
+        "{report}"
+    );
+    let peer = &report["peer"];
+    assert_eq!(peer["claims_won"], 40, "{report}");
+    assert!(
+        peer["claim_p50_ms"].as_f64().is_some_and(|v| v > 0.0),
+        "{report}"
+    );
+    assert!(
+        peer["ifc_claim_p50_over_peer_claim_p50"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0),
+        "{report}"
+    );
+
     let mut raw = crate::raw(&etcd).await;
     let left = raw
         .get(
@@ -199,6 +248,22 @@ async fn bench_reports_every_field_finds_no_double_claim_and_leaves_nothing_behi
         .await
         .expect("get");
     assert_eq!(left.kvs().len(), 0, "the scratch prefix is gone");
+    let leases = raw.leases().await.expect("leases");
+    assert_eq!(leases.leases().len(), 0, "every session's lease is revoked");
+
+    let out = crate::run(ifc(&etcd.endpoint(), w.path()).args([
+        "bench",
+        "--sessions",
+        "5",
+        "--concurrency",
+        "1,10",
+    ]));
+    assert_eq!(crate::code(&out), 2, "{}", crate::text(&out.stderr));
+    assert!(
+        crate::text(&out.stderr).contains("--concurrency 10 needs at least 10 sessions"),
+        "{}",
+        crate::text(&out.stderr)
+    );
 }
 
 #[test]

@@ -1,0 +1,377 @@
+//! `ifc bench`: every figure of the performance targets from one run against one etcd, each next
+//! to its floor measured in that run. Sessions are simulated in this process (each its own lease
+//! and subscription, multiplexed over a few connections); the phases are in `phases`, the
+//! sessions in `fleet`, the Python peer in `peer`, memory in `probe`.
+
+mod fleet;
+mod peer;
+mod phases;
+mod probe;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_core::{Backend, TaskId, TaskPatch};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::cli::{BenchArgs, Global, Output};
+use crate::metrics::percentile;
+use crate::settings;
+use fleet::Fleet;
+
+/// p50 / p95 / p99 in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct Spread {
+    p50_ms: f64,
+    p95_ms: f64,
+    p99_ms: f64,
+}
+
+impl Spread {
+    fn of(samples: &[Duration]) -> Spread {
+        let v: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        Spread {
+            p50_ms: round3(percentile(v.clone(), 0.50)),
+            p95_ms: round3(percentile(v.clone(), 0.95)),
+            p99_ms: round3(percentile(v, 0.99)),
+        }
+    }
+
+    /// Each percentile of `self` over the same of `floor`.
+    fn over(&self, floor: &Spread) -> Spread {
+        let r = |a: f64, b: f64| if b > 0.0 { round3(a / b) } else { 0.0 };
+        Spread {
+            p50_ms: r(self.p50_ms, floor.p50_ms),
+            p95_ms: r(self.p95_ms, floor.p95_ms),
+            p99_ms: r(self.p99_ms, floor.p99_ms),
+        }
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn mb(bytes: Option<f64>) -> Option<f64> {
+    bytes.map(|b| round3(b / (1024.0 * 1024.0)))
+}
+
+#[derive(Debug, Serialize)]
+struct Memory {
+    etcd_before_mb: Option<f64>,
+    etcd_after_setup_mb: Option<f64>,
+    etcd_end_mb: Option<f64>,
+    ifc_before_mb: Option<f64>,
+    ifc_after_setup_mb: Option<f64>,
+    ifc_end_mb: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Level {
+    concurrency: usize,
+    claims_per_sec: f64,
+    bare_txn_per_sec: f64,
+    ratio: f64,
+    claim_attempts: usize,
+    claim: Spread,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    endpoint: String,
+    sessions: usize,
+    connections: usize,
+    multiplexing: String,
+    lease_ttl_s: u64,
+    setup_s: f64,
+    memory: Memory,
+    etcd_watchers: Option<f64>,
+    samples: usize,
+    claim: Spread,
+    bare_txn: Spread,
+    claim_over_bare: Spread,
+    event: Spread,
+    bare_watch: Spread,
+    event_over_bare: Spread,
+    throughput: Vec<Level>,
+    peer: Option<Value>,
+    tasks: usize,
+    tasks_won: usize,
+    double_claims: usize,
+    events_expected: u64,
+    events_delivered: u64,
+    fanout_drain_s: f64,
+}
+
+pub async fn run(g: &Global, args: &BenchArgs, output: Output, out: &mut impl Write) -> Result<u8> {
+    let sessions = args.sessions as usize;
+    let connections = args
+        .connections
+        .map_or(sessions.min(100), |c| c as usize)
+        .min(sessions);
+    if let Some(&c) = args.concurrency.iter().find(|&&c| c as usize > sessions) {
+        anyhow::bail!("--concurrency {c} needs at least {c} sessions (--sessions {sessions})");
+    }
+    let fleet_file = settings::fleet(g)?;
+    let mut config = settings::etcd_config(g, fleet_file.as_ref(), Some(args.lease_ttl))?;
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f");
+    config.prefix = format!("{}ifc-bench-{stamp}-{}/", config.prefix, std::process::id());
+    let endpoint = config.endpoints.first().cloned().unwrap_or_default();
+    let etcd_before = probe::etcd(&endpoint).await;
+    let ifc_before = probe::own_rss();
+    tracing::info!(sessions, connections, "setting sessions up");
+    let (fleet, heard) = Fleet::start(&config, sessions, connections).await?;
+    let scratch = Arc::clone(&fleet.backends[0]);
+    let measured = measure(&fleet, heard, args, &config, &endpoint).await;
+    fleet.close().await;
+    // The scratch prefix goes whatever happened.
+    if let Err(e) = scratch.purge_prefix().await {
+        tracing::warn!(prefix = %config.prefix, error = %e, "cannot remove the bench's scratch prefix");
+    }
+    // Its watch ends now, not when the runtime drops the connection under it.
+    drop(scratch);
+    let mut report = measured?;
+    report.memory.etcd_before_mb = mb(etcd_before.rss_bytes);
+    report.memory.ifc_before_mb = mb(ifc_before);
+    match output {
+        Output::Json => writeln!(out, "{}", serde_json::to_string(&report)?)?,
+        Output::Table => table(&report, out)?,
+    }
+    let healthy = report.double_claims == 0
+        && report.tasks_won == report.tasks
+        && report.events_delivered == report.events_expected;
+    Ok(if healthy { 0 } else { crate::exit::NO })
+}
+
+async fn measure(
+    fleet: &Fleet,
+    mut heard: tokio::sync::mpsc::UnboundedReceiver<fleet::Heard>,
+    args: &BenchArgs,
+    config: &backend_etcd::EtcdConfig,
+    endpoint: &str,
+) -> Result<Report> {
+    let after_setup = probe::etcd(endpoint).await;
+    let ifc_after_setup = probe::own_rss();
+    let samples = args.samples as usize;
+    let ids = |tag: &str, n: usize| {
+        (0..n)
+            .map(|i| TaskId::parse(&format!("{tag}{i:07}")))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let latency_tasks = ids("L", samples)?;
+    let levels: Vec<(usize, Vec<TaskId>)> = args
+        .concurrency
+        .iter()
+        .map(|&c| Ok((c as usize, ids(&format!("C{c}-"), args.tasks as usize)?)))
+        .collect::<Result<_>>()?;
+    let all: Vec<TaskId> = latency_tasks
+        .iter()
+        .chain(levels.iter().flat_map(|(_, t)| t))
+        .cloned()
+        .collect();
+    create(fleet, &all).await?;
+    fleet
+        .await_available(&all, Duration::from_secs(120))
+        .await?;
+
+    let mut winners = phases::Winners::new();
+    let latency = phases::latency(fleet, &latency_tasks, &mut heard, &mut winners).await?;
+    drop(heard);
+    let claim = Spread::of(&latency.claim);
+    let peer = match args.peer {
+        false => None,
+        true => {
+            let mut figures = peer::run(&args.peer_cmd, endpoint, &config.prefix, samples).await?;
+            let theirs = figures["claim_p50_ms"].as_f64().unwrap_or_default();
+            let txn = figures["txn_p50_ms"].as_f64().unwrap_or_default();
+            if let Value::Object(m) = &mut figures {
+                let ratio = |x: f64| {
+                    if x > 0.0 {
+                        round3(claim.p50_ms / x)
+                    } else {
+                        0.0
+                    }
+                };
+                m.insert(
+                    "ifc_claim_p50_over_peer_claim_p50".into(),
+                    ratio(theirs).into(),
+                );
+                m.insert("ifc_claim_p50_over_peer_txn_p50".into(), ratio(txn).into());
+            }
+            Some(figures)
+        }
+    };
+    let mut throughput = Vec::new();
+    for (c, tasks) in &levels {
+        let t = phases::throughput(fleet, *c, tasks, &mut winners).await?;
+        throughput.push(Level {
+            concurrency: t.concurrency,
+            claims_per_sec: round3(t.claims_per_sec),
+            bare_txn_per_sec: round3(t.bare_per_sec),
+            ratio: round3(t.claims_per_sec / t.bare_per_sec.max(1e-9)),
+            claim_attempts: t.attempts,
+            claim: Spread::of(&t.claim),
+        });
+    }
+    // Every session hears each task's creation and its claim.
+    let expected = (fleet.sessions.len() * all.len() * 2) as u64;
+    let (delivered, drain) = fleet
+        .await_delivered(expected, Duration::from_secs(300))
+        .await;
+    let end = probe::etcd(endpoint).await;
+    let bare_txn = Spread::of(&latency.bare_txn);
+    let event = Spread::of(&latency.event);
+    let bare_watch = Spread::of(&latency.bare_watch);
+    Ok(Report {
+        endpoint: endpoint.to_owned(),
+        sessions: fleet.sessions.len(),
+        connections: fleet.backends.len(),
+        multiplexing: format!(
+            "{} sessions in this process over {} etcd connections: session k uses connection k mod {}; \
+             each has its own lease (kept alive by its own timer) and its own subscription, fed by its \
+             connection's single watch (one etcd watcher per connection)",
+            fleet.sessions.len(),
+            fleet.backends.len(),
+            fleet.backends.len()
+        ),
+        lease_ttl_s: args.lease_ttl.as_secs(),
+        setup_s: round3(fleet.setup.as_secs_f64()),
+        memory: Memory {
+            etcd_before_mb: None,
+            etcd_after_setup_mb: mb(after_setup.rss_bytes),
+            etcd_end_mb: mb(end.rss_bytes),
+            ifc_before_mb: None,
+            ifc_after_setup_mb: mb(ifc_after_setup),
+            ifc_end_mb: mb(probe::own_rss()),
+        },
+        etcd_watchers: after_setup.watchers,
+        samples,
+        claim,
+        bare_txn,
+        claim_over_bare: claim.over(&bare_txn),
+        event,
+        bare_watch,
+        event_over_bare: event.over(&bare_watch),
+        throughput,
+        peer,
+        tasks: all.len(),
+        tasks_won: winners.len(),
+        double_claims: winners.values().filter(|w| w.len() > 1).count(),
+        events_expected: expected,
+        events_delivered: delivered,
+        fanout_drain_s: round3(drain.as_secs_f64()),
+    })
+}
+
+/// Creates `tasks`, 64 at a time.
+async fn create(fleet: &Fleet, tasks: &[TaskId]) -> Result<()> {
+    let bar = crate::output::progress(tasks.len(), "creating tasks");
+    for chunk in tasks.chunks(64) {
+        let mut puts = tokio::task::JoinSet::new();
+        for id in chunk {
+            let (b, id) = (Arc::clone(fleet.backend_of(0)), id.clone());
+            puts.spawn(async move { b.put(&id, &TaskPatch::default()).await });
+        }
+        while let Some(r) = puts.join_next().await {
+            r.context("a task creation crashed")??;
+        }
+        if let Some(b) = &bar {
+            b.inc(chunk.len() as u64);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(())
+}
+
+fn table(r: &Report, out: &mut impl Write) -> Result<()> {
+    let opt = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{v:.1}"));
+    writeln!(
+        out,
+        "ifc bench against {} ({}).",
+        r.endpoint, r.multiplexing
+    )?;
+    writeln!(
+        out,
+        "setup: {} sessions in {:.2} s, lease TTL {} s; memory MB before / after setup / end: etcd {} / {} / {}, ifc {} / {} / {}; etcd watchers {}",
+        r.sessions,
+        r.setup_s,
+        r.lease_ttl_s,
+        opt(r.memory.etcd_before_mb),
+        opt(r.memory.etcd_after_setup_mb),
+        opt(r.memory.etcd_end_mb),
+        opt(r.memory.ifc_before_mb),
+        opt(r.memory.ifc_after_setup_mb),
+        opt(r.memory.ifc_end_mb),
+        opt(r.etcd_watchers),
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<44} {:>8} {:>8} {:>8}",
+        format!("{} sequential samples", r.samples),
+        "p50 ms",
+        "p95 ms",
+        "p99 ms"
+    )?;
+    let row = |out: &mut dyn Write, label: &str, s: &Spread| {
+        writeln!(
+            out,
+            "{label:<44} {:>8.3} {:>8.3} {:>8.3}",
+            s.p50_ms, s.p95_ms, s.p99_ms
+        )
+    };
+    row(out, "ifc claim, one session", &r.claim)?;
+    row(out, "bare etcd txn, same connection", &r.bare_txn)?;
+    row(out, "  ratio (target <= 1.15)", &r.claim_over_bare)?;
+    row(out, "ifc event: claim -> another session hears", &r.event)?;
+    row(
+        out,
+        "bare txn -> bare watch, same connection",
+        &r.bare_watch,
+    )?;
+    row(out, "  ratio (target p95 <= 1.15)", &r.event_over_bare)?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<12} {:>12} {:>14} {:>8} {:>10} {:>10}",
+        "concurrent", "claims/s", "bare txn/s", "ratio", "claim p50", "claim p99"
+    )?;
+    for l in &r.throughput {
+        writeln!(
+            out,
+            "{:<12} {:>12.0} {:>14.0} {:>8.2} {:>10.3} {:>10.3}",
+            l.concurrency,
+            l.claims_per_sec,
+            l.bare_txn_per_sec,
+            l.ratio,
+            l.claim.p50_ms,
+            l.claim.p99_ms
+        )?;
+    }
+    if let Some(p) = &r.peer {
+        let f = |k: &str| p[k].as_f64().unwrap_or_default();
+        writeln!(out)?;
+        writeln!(
+            out,
+            "peer ({}): claim (get + txn) p50 {:.3} ms, txn alone p50 {:.3} ms, watch p95 {:.3} ms; ifc claim p50 / peer claim p50 = {:.2} (target <= 0.75), / peer txn p50 = {:.2}",
+            p["stack"].as_str().unwrap_or("?"),
+            f("claim_p50_ms"),
+            f("txn_p50_ms"),
+            f("watch_p95_ms"),
+            f("ifc_claim_p50_over_peer_claim_p50"),
+            f("ifc_claim_p50_over_peer_txn_p50"),
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{} of {} tasks won, {} double claims; {} of {} events delivered to the sessions ({:.2} s after the last claim)",
+        r.tasks_won, r.tasks, r.double_claims, r.events_delivered, r.events_expected, r.fanout_drain_s
+    )?;
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! The bench's measurements, each next to its floor in the same run: claims against bare
+//! transactions and events against a bare watch, interleaved one by one; claims per second
+//! against bare transactions per second at the same concurrency.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent_core::{Backend, ClaimOutcome, SessionId, TaskId, TaskStatus};
+use anyhow::{bail, Context, Result};
+use rand::seq::SliceRandom;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::fleet::{Fleet, Heard};
+
+/// Who won each task, over the whole run.
+pub type Winners = BTreeMap<TaskId, Vec<SessionId>>;
+
+/// Sequential samples: one session's claims and a bare transaction on the same connection,
+/// alternating which goes first; each timed until another session (on another connection,
+/// last in the fan-out) hears it, and the bare transaction until a bare watch on that
+/// connection does.
+#[derive(Debug, Default)]
+pub struct Latency {
+    pub claim: Vec<Duration>,
+    pub bare_txn: Vec<Duration>,
+    pub event: Vec<Duration>,
+    pub bare_watch: Vec<Duration>,
+}
+
+pub async fn latency(
+    fleet: &Fleet,
+    tasks: &[TaskId],
+    heard: &mut mpsc::UnboundedReceiver<Heard>,
+    winners: &mut Winners,
+) -> Result<Latency> {
+    let claimer = &fleet.sessions[0];
+    let backend = fleet.backend_of(0);
+    let observer_backend = fleet.backend_of(fleet.sessions.len() - 1);
+    let mut bare_watch = observer_backend.bare_watch().await?;
+    let mut out = Latency::default();
+    for (i, task) in tasks.iter().enumerate() {
+        for bare_first in [i % 2 == 0, i % 2 == 1] {
+            if bare_first {
+                let name = format!("latency/{i}");
+                let t0 = Instant::now();
+                if !backend.bare_txn(&name).await? {
+                    bail!("bare transaction {name} found its key already there");
+                }
+                out.bare_txn.push(t0.elapsed());
+                bare_watch.heard(&name).await?;
+                out.bare_watch.push(t0.elapsed());
+            } else {
+                let t0 = Instant::now();
+                let outcome = backend.claim(task, claimer).await?;
+                out.claim.push(t0.elapsed());
+                let ClaimOutcome::Won(_) = outcome else {
+                    bail!("the only claimer of {task} did not win it: {outcome:?}");
+                };
+                winners
+                    .entry(task.clone())
+                    .or_default()
+                    .push(claimer.clone());
+                loop {
+                    let (id, at) = tokio::time::timeout(Duration::from_secs(30), heard.recv())
+                        .await
+                        .with_context(|| format!("no session heard the claim of {task} in 30 s"))?
+                        .context("the observer session stopped")?;
+                    if &id == task {
+                        out.event.push(at.saturating_duration_since(t0));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One concurrency level: claims won per second by `concurrency` sessions taking `tasks`
+/// between them, and bare transactions per second by as many workers on the same connections.
+#[derive(Debug)]
+pub struct Throughput {
+    pub concurrency: usize,
+    pub claims_per_sec: f64,
+    pub bare_per_sec: f64,
+    /// Claim calls made (wins, and losses to a session that got there first).
+    pub attempts: usize,
+    pub claim: Vec<Duration>,
+}
+
+pub async fn throughput(
+    fleet: &Fleet,
+    concurrency: usize,
+    tasks: &[TaskId],
+    winners: &mut Winners,
+) -> Result<Throughput> {
+    let bare_per_sec = bare_rate(fleet, concurrency, tasks.len()).await?;
+    let started = Instant::now();
+    let mut claimers = JoinSet::new();
+    for k in 0..concurrency {
+        let (session, backend) = (fleet.sessions[k].clone(), Arc::clone(fleet.backend_of(k)));
+        let mut order = tasks.to_vec();
+        order.shuffle(&mut rand::rng());
+        claimers.spawn(async move {
+            let mut won = Vec::new();
+            let mut took = Vec::with_capacity(order.len());
+            for id in order {
+                // Like a claim loop: only what its view shows as claimable is tried.
+                if backend.cached_status(&id) != Some(TaskStatus::Available) {
+                    continue;
+                }
+                let t0 = Instant::now();
+                let outcome = backend.claim(&id, &session).await?;
+                took.push(t0.elapsed());
+                if let ClaimOutcome::Won(_) = outcome {
+                    won.push(id);
+                }
+            }
+            Ok::<_, agent_core::BackendError>((session, won, took))
+        });
+    }
+    let (mut wins, mut claim) = (0, Vec::new());
+    while let Some(done) = claimers.join_next().await {
+        let (session, won, took) = done.context("a claimer crashed")??;
+        wins += won.len();
+        claim.extend(took);
+        for id in won {
+            winners.entry(id).or_default().push(session.clone());
+        }
+    }
+    let wall = started.elapsed().as_secs_f64().max(1e-9);
+    Ok(Throughput {
+        concurrency,
+        claims_per_sec: wins as f64 / wall,
+        bare_per_sec,
+        attempts: claim.len(),
+        claim,
+    })
+}
+
+/// Bare transactions per second: `workers` workers (worker k on session k's connection)
+/// creating `total` fresh keys between them.
+async fn bare_rate(fleet: &Fleet, workers: usize, total: usize) -> Result<f64> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    for k in 0..workers {
+        let (backend, next) = (Arc::clone(fleet.backend_of(k)), Arc::clone(&next));
+        set.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<_, agent_core::BackendError>(());
+                }
+                backend.bare_txn(&format!("rate-{workers}/{i}")).await?;
+            }
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        done.context("a bare worker crashed")??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64().max(1e-9))
+}
