@@ -10,7 +10,7 @@ use agent_core::{
 };
 use tokio::sync::mpsc;
 
-use crate::record::{effective, StoredClaim, StoredRecord};
+use crate::record::{effective, effective_face, StoredClaim, StoredRecord};
 use crate::view::View;
 
 /// A claim this client won and has not released.
@@ -51,8 +51,8 @@ impl Cache {
     /// What watchers see of a task: its effective status and holder.
     fn face(&self, id: &TaskId) -> Face {
         let stored = self.records.get(id)?;
-        match effective(stored, self.claims.get(id)) {
-            Ok((task, _)) => Some((task.status, task.claimed_by)),
+        match effective_face(stored, self.claims.get(id)) {
+            Ok((status, holder, _)) => Some((status, holder)),
             // A corrupt record has no status to report; it reads as absent to watchers.
             Err(_) => None,
         }

@@ -173,28 +173,41 @@ pub(crate) fn effective(
     stored: &StoredRecord,
     claim: Option<&StoredClaim>,
 ) -> Result<(Task, Option<i64>), String> {
+    let (status, holder, token) = effective_face(stored, claim).map_err(Clone::clone)?;
     let record = stored.record.as_ref().map_err(Clone::clone)?;
     let mut task = record.task.clone();
-    if task.status != TaskStatus::Claimed {
-        return Ok((task, None));
+    if task.status == TaskStatus::Claimed && status == TaskStatus::Available {
+        task.claimed_at = None;
     }
-    match claim {
+    task.status = status;
+    task.claimed_by = holder;
+    Ok((task, token))
+}
+
+/// What `effective` says of a task's status, holder and fencing token, without copying the
+/// task: the watch cache asks this of every task an event touches.
+pub(crate) fn effective_face<'a>(
+    stored: &'a StoredRecord,
+    claim: Option<&StoredClaim>,
+) -> Result<(TaskStatus, Option<SessionId>, Option<i64>), &'a String> {
+    let record = stored.record.as_ref()?;
+    let task = &record.task;
+    if task.status != TaskStatus::Claimed {
+        return Ok((task.status, task.claimed_by.clone(), None));
+    }
+    Ok(match claim {
         Some(StoredClaim {
             session: Ok(session),
             mod_rev,
             ..
-        }) => {
-            task.claimed_by = Some(session.clone());
-            Ok((task, Some(*mod_rev)))
-        }
-        _ if record.lease.is_some() => {
-            task.status = TaskStatus::Available;
-            task.claimed_by = None;
-            task.claimed_at = None;
-            Ok((task, None))
-        }
-        _ => Ok((task, Some(stored.mod_rev))),
-    }
+        }) => (TaskStatus::Claimed, Some(session.clone()), Some(*mod_rev)),
+        _ if record.lease.is_some() => (TaskStatus::Available, None, None),
+        _ => (
+            TaskStatus::Claimed,
+            task.claimed_by.clone(),
+            Some(stored.mod_rev),
+        ),
+    })
 }
 
 fn parse_time(v: &Value) -> Option<DateTime<Utc>> {

@@ -108,10 +108,12 @@ struct Report {
 
 pub async fn run(g: &Global, args: &BenchArgs, output: Output, out: &mut impl Write) -> Result<u8> {
     let sessions = args.sessions as usize;
+    // One connection per 1,000 sessions unless told: each connection is a watch cache decoding
+    // every event in this process, which on a small machine competes with what is measured.
     let connections = args
         .connections
-        .map_or(sessions.min(100), |c| c as usize)
-        .min(sessions);
+        .map_or(sessions.div_ceil(1000), |c| c as usize)
+        .clamp(1, sessions);
     if let Some(&c) = args.concurrency.iter().find(|&&c| c as usize > sessions) {
         anyhow::bail!("--concurrency {c} needs at least {c} sessions (--sessions {sessions})");
     }

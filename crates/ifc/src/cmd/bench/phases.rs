@@ -98,25 +98,30 @@ pub async fn throughput(
     winners: &mut Winners,
 ) -> Result<Throughput> {
     let bare_per_sec = bare_rate(fleet, concurrency, tasks.len()).await?;
+    // One shuffled order; session k starts at its own offset in it and wraps around, like
+    // agents whose preferences differ: they meet (and race) only where one reaches another's
+    // part of the board.
+    let mut order = tasks.to_vec();
+    order.shuffle(&mut rand::rng());
+    let order: Arc<[TaskId]> = order.into();
     let started = Instant::now();
     let mut claimers = JoinSet::new();
     for k in 0..concurrency {
         let (session, backend) = (fleet.sessions[k].clone(), Arc::clone(fleet.backend_of(k)));
-        let mut order = tasks.to_vec();
-        order.shuffle(&mut rand::rng());
+        let (order, offset) = (Arc::clone(&order), k * order.len() / concurrency);
         claimers.spawn(async move {
             let mut won = Vec::new();
-            let mut took = Vec::with_capacity(order.len());
-            for id in order {
+            let mut took = Vec::new();
+            for id in order[offset..].iter().chain(&order[..offset]) {
                 // Like a claim loop: only what its view shows as claimable is tried.
-                if backend.cached_status(&id) != Some(TaskStatus::Available) {
+                if backend.cached_status(id) != Some(TaskStatus::Available) {
                     continue;
                 }
                 let t0 = Instant::now();
-                let outcome = backend.claim(&id, &session).await?;
+                let outcome = backend.claim(id, &session).await?;
                 took.push(t0.elapsed());
                 if let ClaimOutcome::Won(_) = outcome {
-                    won.push(id);
+                    won.push(id.clone());
                 }
             }
             Ok::<_, agent_core::BackendError>((session, won, took))
