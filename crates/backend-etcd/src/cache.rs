@@ -1,5 +1,5 @@
 //! The watch cache: a mirror of every task record and claim key at one revision, the event diff
-//! that turns key changes into `TaskEvent`s, the subscribers, and the claims this client holds
+//! that turns key changes into `TaskEvent`s (handed to `fanout`), and the claims this client holds
 //! (so it can tell a holder that its claim is gone). Pure state; the informer feeds it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -10,6 +10,7 @@ use agent_core::{
 };
 use tokio::sync::mpsc;
 
+use crate::fanout::Fanout;
 use crate::record::{effective, effective_face, StoredClaim, StoredRecord};
 use crate::view::View;
 
@@ -37,17 +38,29 @@ pub(crate) struct Repair {
 
 type Face = Option<(TaskStatus, Option<SessionId>)>;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Cache {
     pub synced: bool,
     pub revision: i64,
     records: HashMap<TaskId, StoredRecord>,
     claims: HashMap<TaskId, StoredClaim>,
-    subscribers: Vec<mpsc::UnboundedSender<BackendEvent>>,
+    fanout: Fanout,
     held: HashMap<TaskId, Held>,
 }
 
 impl Cache {
+    /// An empty, unsynced mirror whose events go to `fanout`.
+    pub fn new(fanout: Fanout) -> Cache {
+        Cache {
+            synced: false,
+            revision: 0,
+            records: HashMap::new(),
+            claims: HashMap::new(),
+            fanout,
+            held: HashMap::new(),
+        }
+    }
+
     /// What watchers see of a task: its effective status and holder.
     fn face(&self, id: &TaskId) -> Face {
         let stored = self.records.get(id)?;
@@ -201,7 +214,7 @@ impl Cache {
     }
 
     fn broadcast(&mut self, event: BackendEvent) {
-        self.subscribers.retain(|tx| tx.send(event.clone()).is_ok());
+        self.fanout.send(event);
     }
 
     /// The effective status of one task in the mirror (`None`: unknown, corrupt, or not synced).
@@ -212,10 +225,10 @@ impl Cache {
         self.face(id).map(|(status, _)| status)
     }
 
+    /// A subscriber getting every event after the current state (take the snapshot under the
+    /// same lock).
     pub fn subscribe(&mut self) -> mpsc::UnboundedReceiver<BackendEvent> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.subscribers.push(tx);
-        rx
+        self.fanout.join()
     }
 
     /// The view of one task, if the cache is synced.

@@ -3,15 +3,16 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use agent_core::SessionId;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, OnceCell};
 use tokio::task::AbortHandle;
 
 use crate::cache::{Cache, Repair};
 use crate::config::EtcdConfig;
 use crate::conn::Conn;
+use crate::fanout::Fanout;
 use crate::keys::Keys;
 
 #[derive(Debug)]
@@ -26,23 +27,29 @@ pub(crate) struct Inner {
     pub watching: AtomicBool,
     /// Times the watch stream broke and was resumed.
     pub reconnects: std::sync::atomic::AtomicU64,
-    /// Each session's live lease (granted on its first leased claim).
-    pub leases: tokio::sync::Mutex<HashMap<SessionId, i64>>,
+    /// Each session's live lease (granted on its first leased claim or announce). The map lock
+    /// is never held across a call to etcd: sessions are granted their leases in parallel.
+    pub leases: Mutex<HashMap<SessionId, Arc<OnceCell<i64>>>>,
     pub repairs: mpsc::UnboundedSender<Repair>,
     tasks: Mutex<Vec<AbortHandle>>,
 }
 
 impl Inner {
-    pub fn new(conn: Conn, config: EtcdConfig, repairs: mpsc::UnboundedSender<Repair>) -> Self {
+    pub fn new(
+        conn: Conn,
+        config: EtcdConfig,
+        repairs: mpsc::UnboundedSender<Repair>,
+        fanout: Fanout,
+    ) -> Self {
         Inner {
             keys: Keys::new(&config.prefix),
             conn,
             config,
-            cache: Mutex::new(Cache::default()),
+            cache: Mutex::new(Cache::new(fanout)),
             synced: Notify::new(),
             watching: AtomicBool::new(false),
             reconnects: std::sync::atomic::AtomicU64::new(0),
-            leases: tokio::sync::Mutex::new(HashMap::new()),
+            leases: Mutex::new(HashMap::new()),
             repairs,
             tasks: Mutex::new(Vec::new()),
         }

@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use agent_core::retry::Backoff;
 use agent_core::{BackendResult, SessionId};
+use std::collections::HashMap;
+use std::sync::MutexGuard;
+
+use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use crate::inner::Inner;
@@ -21,22 +25,26 @@ impl Inner {
         let Some(ttl) = self.config.lease_ttl else {
             return Ok(None);
         };
-        let mut leases = self.leases.lock().await;
-        if let Some(id) = leases.get(session) {
-            return Ok(Some(*id));
-        }
+        let cell = Arc::clone(self.lease_map().entry(session.clone()).or_default());
+        let id = cell.get_or_try_init(|| self.grant(session, ttl)).await?;
+        Ok(Some(*id))
+    }
+
+    /// Grants `session` a lease and starts keeping it alive.
+    async fn grant(self: &Arc<Self>, session: &SessionId, ttl: Duration) -> BackendResult<i64> {
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let granted_at = Instant::now();
         let grant = |mut c: etcd_client::Client| async move { c.lease_grant(secs, None).await };
         let resp = self.conn.call("lease grant", grant).await?;
         let id = resp.id();
-        leases.insert(session.clone(), id);
         let ttl = Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(1));
         let inner = Arc::clone(self);
         let session = session.clone();
         let keeper = tokio::spawn(async move {
             inner.keep_alive(id, ttl, granted_at + ttl).await;
-            inner.forget_lease(&session, id).await;
+            if !inner.forget_lease(&session, id) {
+                return; // revoked by `close`: not a loss
+            }
             inner.cache().lease_lost(id);
             tracing::warn!(%session, lease = id, "session lease lost; its claims are gone");
             // Not revoked: if etcd still has it (it restarted, or we only lost touch), it ends
@@ -44,20 +52,32 @@ impl Inner {
             // loss can still land with its fencing token instead of the work being done again.
         });
         self.adopt(keeper.abort_handle());
-        Ok(Some(id))
+        Ok(id)
+    }
+
+    fn lease_map(&self) -> MutexGuard<'_, HashMap<SessionId, Arc<OnceCell<i64>>>> {
+        // Only inserts and removes happen under this lock; a poisoned map is still consistent.
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stops using `lease` for `session` (etcd no longer has it); the next claim grants a new one.
-    pub(crate) async fn forget_lease(&self, session: &SessionId, lease: i64) {
-        self.leases
-            .lock()
-            .await
-            .retain(|s, l| !(*l == lease && s == session));
+    /// Whether it was still in use.
+    pub(crate) fn forget_lease(&self, session: &SessionId, lease: i64) -> bool {
+        let mut map = self.lease_map();
+        let current = map.get(session).is_some_and(|c| c.get() == Some(&lease));
+        if current {
+            map.remove(session);
+        }
+        current
     }
 
     /// Revokes every session lease this backend holds (clean shutdown).
     pub(crate) async fn revoke_all(&self) {
-        let leases: Vec<i64> = self.leases.lock().await.drain().map(|(_, l)| l).collect();
+        let leases: Vec<i64> = self
+            .lease_map()
+            .drain()
+            .filter_map(|(_, cell)| cell.get().copied())
+            .collect();
         for id in leases {
             let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(id).await };
             if let Err(e) = self.conn.call("lease revoke", revoke).await {
@@ -67,8 +87,8 @@ impl Inner {
     }
 
     /// The lease `session` currently holds through this backend, if any.
-    pub(crate) async fn current_lease(&self, session: &SessionId) -> Option<i64> {
-        self.leases.lock().await.get(session).copied()
+    pub(crate) fn current_lease(&self, session: &SessionId) -> Option<i64> {
+        self.lease_map().get(session).and_then(|c| c.get().copied())
     }
 
     /// Renews `lease` until it cannot be: returns when etcd says it is gone or `deadline` passes
@@ -94,7 +114,9 @@ impl Inner {
                 let (_keeper, mut responses) = c.lease_keep_alive(lease).await?;
                 responses.message().await
             };
-            match self.conn.call("lease keep-alive", renew).await {
+            // Boxed: an idle keeper then holds a pointer, not the whole call's state (a process
+            // hosting many sessions holds one keeper per session).
+            match Box::pin(self.conn.call("lease keep-alive", renew)).await {
                 Ok(Some(resp)) if resp.ttl() > 0 => {
                     deadline = sent + Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0));
                     next = sent + period;

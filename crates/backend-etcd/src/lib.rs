@@ -8,6 +8,7 @@
 mod cache;
 mod config;
 mod conn;
+mod fanout;
 mod floor;
 mod import;
 mod informer;
@@ -51,7 +52,9 @@ impl EtcdBackend {
     pub async fn connect(config: EtcdConfig) -> BackendResult<Self> {
         let conn = conn::Conn::connect(&config).await?;
         let (repairs_tx, mut repairs) = mpsc::unbounded_channel();
-        let inner = Arc::new(Inner::new(conn, config, repairs_tx));
+        let (fanout, deliver) = fanout::Fanout::new();
+        let inner = Arc::new(Inner::new(conn, config, repairs_tx, fanout));
+        inner.adopt(tokio::spawn(deliver).abort_handle());
         let repairer = {
             let inner = Arc::clone(&inner);
             tokio::spawn(async move {

@@ -244,7 +244,7 @@ impl Inner {
                     if lease.is_some() && e.to_string().contains("requested lease not found") =>
                 {
                     if let Some(gone) = lease {
-                        self.forget_lease(session, gone).await;
+                        self.forget_lease(session, gone);
                     }
                     lease = self.lease_for(session).await?;
                     continue;
@@ -283,7 +283,7 @@ impl Inner {
         to: ReleaseTo,
         want: Option<FencingToken>,
     ) -> BackendResult<ReleaseOutcome> {
-        let my_lease = self.current_lease(session).await;
+        let my_lease = self.current_lease(session);
         let (mut view, mut fresh) = self.view(id).await?;
         for _ in 0..MAX_ROUNDS {
             let (current, live_token) = match self.current(id, &view) {

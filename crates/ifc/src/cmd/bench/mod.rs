@@ -10,7 +10,7 @@ mod probe;
 
 use std::io::Write;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agent_core::{Backend, TaskId, TaskPatch};
 use anyhow::{Context, Result};
@@ -178,6 +178,9 @@ async fn measure(
     fleet
         .await_available(&all, Duration::from_secs(120))
         .await?;
+    // Every session hears each task's creation before anything is measured.
+    let per_task = (fleet.sessions.len() * all.len()) as u64;
+    fleet.await_delivered(per_task).await?;
 
     let mut winners = phases::Winners::new();
     let latency = phases::latency(fleet, &latency_tasks, &mut heard, &mut winners).await?;
@@ -219,10 +222,14 @@ async fn measure(
         });
     }
     // Every session hears each task's creation and its claim.
-    let expected = (fleet.sessions.len() * all.len() * 2) as u64;
-    let (delivered, drain) = fleet
-        .await_delivered(expected, Duration::from_secs(300))
-        .await;
+    let expected = 2 * per_task;
+    let drain = Instant::now();
+    let complete = fleet.await_delivered(expected).await;
+    let drain = drain.elapsed();
+    let delivered = fleet.delivered.load(std::sync::atomic::Ordering::Relaxed);
+    if let Err(e) = complete {
+        tracing::error!(error = %e, "not every session heard every event");
+    }
     let end = probe::etcd(endpoint).await;
     let bare_txn = Spread::of(&latency.bare_txn);
     let event = Spread::of(&latency.event);

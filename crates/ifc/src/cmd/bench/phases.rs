@@ -19,9 +19,10 @@ use super::fleet::{Fleet, Heard};
 pub type Winners = BTreeMap<TaskId, Vec<SessionId>>;
 
 /// Sequential samples: one session's claims and a bare transaction on the same connection,
-/// alternating which goes first; each timed until another session (on another connection,
-/// last in the fan-out) hears it, and the bare transaction until a bare watch on that
-/// connection does.
+/// alternating which goes first; each claim timed until another session (the last one in the
+/// fan-out) hears it, and the bare transaction until a bare watch on that session's connection
+/// does. Each sample starts once every session has heard the previous claim, so a sample is not
+/// measured while the fan-out of the one before still runs (that is the event figure).
 #[derive(Debug, Default)]
 pub struct Latency {
     pub claim: Vec<Duration>,
@@ -36,6 +37,7 @@ pub async fn latency(
     heard: &mut mpsc::UnboundedReceiver<Heard>,
     winners: &mut Winners,
 ) -> Result<Latency> {
+    let mut delivered = fleet.delivered.load(std::sync::atomic::Ordering::Relaxed);
     let claimer = &fleet.sessions[0];
     let backend = fleet.backend_of(0);
     let observer_backend = fleet.backend_of(fleet.sessions.len() - 1);
@@ -73,6 +75,8 @@ pub async fn latency(
                         break;
                     }
                 }
+                delivered += fleet.sessions.len() as u64;
+                fleet.await_delivered(delivered).await?;
             }
         }
     }
