@@ -1,11 +1,12 @@
 //! Git claim latency (fetch, edit, commit, compare-and-swap push) against a plain libgit2
-//! commit + push of the same one-row change, on a bare remote in a temp dir:
+//! commit + push of the same one-row change, on a bare remote in a temp dir; and how long after
+//! the push another session (its own clone, woken by notify) hears of the claim:
 //! `cargo run --release -p backend-git --features testing --example git_claim_latency [N]`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use agent_core::{Backend, ClaimOutcome, SessionId, TaskId};
+use agent_core::{Backend, BackendEvent, ClaimOutcome, SessionId, TaskId, TaskStatus};
 use backend_git::testing::BareRemote;
 use backend_git::GitBackend;
 use git2::{Repository, Signature};
@@ -76,19 +77,41 @@ async fn main() {
     let mut config = remote.config("bench");
     config.stale_after = Duration::from_secs(3600);
     let backend = GitBackend::open(config).await.expect("open");
+    // Another session on the same remote (its own clone), told of pushes by notify.
+    let mut observer_config = remote.config("observer");
+    observer_config.stale_after = Duration::from_secs(3600);
+    let observer = GitBackend::open(observer_config).await.expect("open");
+    let mut sub = observer.subscribe().await.expect("subscribe");
     let session = SessionId::parse("bench").expect("id");
-    let mut claims = Vec::with_capacity(n);
+    let (mut claims, mut visible) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for i in 0..n {
         let id = TaskId::parse(&format!("T.{i}")).expect("id");
         let start = Instant::now();
         let out = backend.claim(&id, &session).await.expect("claim");
-        claims.push(start.elapsed());
+        let pushed = Instant::now();
+        claims.push(pushed - start);
         assert!(matches!(out, ClaimOutcome::Won(_)));
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(10), sub.next())
+                .await
+                .expect("the other session hears the claim within 10 s")
+                .expect("event stream open");
+            if matches!(event, BackendEvent::Task(e) if e.task == id && e.new_status == Some(TaskStatus::Claimed))
+            {
+                visible.push(pushed.elapsed());
+                break;
+            }
+        }
     }
     println!(
         "{:<44} {}",
         "ifc git claim (fetch + commit + CAS push)",
         percentiles(claims)
+    );
+    println!(
+        "{:<44} {}",
+        "pushed -> another session's event (notify)",
+        percentiles(visible)
     );
     println!(
         "{:<44} {}",
