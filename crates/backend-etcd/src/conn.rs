@@ -10,6 +10,11 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions, Txn
 
 use crate::config::EtcdConfig;
 
+/// The largest list or watch response read (gRPC's default is 4 MiB): one revision that deletes
+/// a few thousand tasks, or the list of a board of tens of thousands, is larger than that, and a
+/// watch that cannot read a revision would stop at it for good.
+pub(crate) const MAX_RESPONSE: usize = 1 << 30;
+
 /// A connected client plus what error messages need to name.
 #[derive(Clone)]
 pub(crate) struct Conn {

@@ -5,16 +5,20 @@
 
 use std::time::Duration;
 
-use agent_core::{BackendError, BackendResult, TaskId, TaskStatus};
+use agent_core::{BackendError, BackendResult, SessionId, TaskId, TaskStatus};
 use etcd_client::{
-    Compare, CompareOp, DeleteOptions, EventType, Txn, TxnOp, WatchOptions, WatchRequestSender,
-    WatchResponseStream,
+    Compare, CompareOp, DeleteOptions, EventType, PutOptions, Txn, TxnOp, WatchOptions,
+    WatchRequestSender, WatchResponseStream,
 };
 
 use crate::EtcdBackend;
 
 /// The value every bare claim writes: the size of a small task record.
 const BARE_VALUE: &str = r#"{"task_id":"floor","status":"claimed","claimed_by":"floor-session"}"#;
+
+/// A value the size of a claimed task's record (the guide's fields, a title, a time).
+const RECORD_SIZED: &str = r#"{"task_id":"floor","status":"claimed","claimed_by":"floor-session","claimed_at":"2026-01-01T00:00:00.000000Z","blocked_by":[],"title":"a task of ordinary length","ifc_lease":1234567890123456789}"#;
+const BARE_CLAIM: &str = r#"{"session":"floor-session"}"#;
 
 impl EtcdBackend {
     /// One bare claim: a transaction creating `<prefix>floor/<name>` if it does not exist
@@ -25,6 +29,37 @@ impl EtcdBackend {
             .when(vec![Compare::version(key.clone(), CompareOp::Equal, 0)])
             .and_then(vec![TxnOp::put(key, BARE_VALUE, None)]);
         Ok(self.inner.conn.txn("bare txn", txn).await?.succeeded())
+    }
+
+    /// A transaction of an ifc claim's shape without ifc around it: on two fresh keys under
+    /// `<prefix>floor/<name>/`, compares both mod revisions and puts a record-sized value on one
+    /// and the claim, bound to `session`'s lease, on the other. The difference between this and
+    /// `bare_txn` is what etcd charges for ifc's key layout; the rest is the runtime's.
+    pub async fn bare_claim_txn(&self, name: &str, session: &SessionId) -> BackendResult<bool> {
+        let lease = self.inner.lease_for(session).await?;
+        let (record, claim) = (
+            self.bare_key(&format!("{name}/record")),
+            self.bare_key(&format!("{name}/claim")),
+        );
+        let txn = Txn::new()
+            .when(vec![
+                Compare::mod_revision(record.clone(), CompareOp::Equal, 0),
+                Compare::mod_revision(claim.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then(vec![
+                TxnOp::put(record, RECORD_SIZED, None),
+                TxnOp::put(
+                    claim,
+                    BARE_CLAIM,
+                    lease.map(|l| PutOptions::new().with_lease(l)),
+                ),
+            ]);
+        Ok(self
+            .inner
+            .conn
+            .txn("bare claim txn", txn)
+            .await?
+            .succeeded())
     }
 
     /// A bare watch on `<prefix>floor/`, on this backend's connection: it hears every

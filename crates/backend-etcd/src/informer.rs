@@ -84,9 +84,14 @@ impl Inner {
             .with_range(to)
             .with_start_revision(start)
             .with_progress_notify();
-        let watch = |mut c: etcd_client::Client| {
+        let watch = |c: etcd_client::Client| {
             let (from, options) = (from.clone(), options.clone());
-            async move { c.watch(from, Some(options)).await }
+            async move {
+                let mut w = c
+                    .watch_client()
+                    .max_decoding_message_size(crate::conn::MAX_RESPONSE);
+                w.watch(from, Some(options)).await
+            }
         };
         let stream = match self.conn.call("watch", watch).await {
             Ok(s) => s,

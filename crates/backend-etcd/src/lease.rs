@@ -108,23 +108,23 @@ impl Inner {
                 return;
             }
             let sent = Instant::now();
+            // Opening the stream sends one renewal and waits for its answer; etcd-client reports
+            // a lease etcd no longer has as "lease not found". The stream closes when dropped.
             let renew = |mut c: etcd_client::Client| async move {
-                // Opening the stream sends one renewal; the keeper (the request side) must live
-                // until its answer arrives or the stream would close first.
-                let (_keeper, mut responses) = c.lease_keep_alive(lease).await?;
-                responses.message().await
+                c.lease_keep_alive(lease).await.map(drop)
             };
             // Boxed: an idle keeper then holds a pointer, not the whole call's state (a process
             // hosting many sessions holds one keeper per session).
             match Box::pin(self.conn.call("lease keep-alive", renew)).await {
-                Ok(Some(resp)) if resp.ttl() > 0 => {
-                    deadline = sent + Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0));
+                Ok(()) => {
+                    // A renewal restarts the lease's full TTL.
+                    deadline = sent + ttl;
                     next = sent + period;
                     backoff.reset();
                 }
-                Ok(Some(_)) => return, // etcd: the lease is gone (expired or revoked)
-                other => {
-                    tracing::debug!(lease, result = ?other.map(|r| r.map(|_| ())), "lease keep-alive failed; retrying");
+                Err(e) if e.to_string().contains("lease not found") => return,
+                Err(e) => {
+                    tracing::debug!(lease, error = %e, "lease keep-alive failed; retrying");
                     next = Instant::now() + backoff.next_delay();
                 }
             }

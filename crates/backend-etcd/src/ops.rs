@@ -131,7 +131,16 @@ impl Inner {
             TxnOp::get(self.keys.tasks_prefix(), prefix()),
             TxnOp::get(self.keys.claims_prefix(), prefix()),
         ]);
-        let resp = self.conn.txn("list", txn).await?;
+        let list = |c: etcd_client::Client| {
+            let txn = txn.clone();
+            async move {
+                let mut kv = c
+                    .kv_client()
+                    .max_decoding_message_size(crate::conn::MAX_RESPONSE);
+                kv.txn(txn).await
+            }
+        };
+        let resp = self.conn.call("list", list).await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let (records, claims, bad_keys) = self.split_kvs(resp.op_responses());
         Ok(RawListing {

@@ -3,6 +3,7 @@
 mod cluster;
 mod compat;
 mod conformance;
+mod lease;
 mod security;
 mod watch;
 

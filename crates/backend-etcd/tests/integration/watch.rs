@@ -182,3 +182,47 @@ async fn a_silently_hung_stream_is_detected_and_replaced() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_board_and_a_revision_larger_than_a_grpc_message_are_listed_and_heard() {
+    let server = EtcdServer::start();
+    let mut raw = crate::raw_client(&server).await;
+    // 30,000 tasks with the longest ids: the list is ~9 MB, deleting them all is one revision
+    // of ~5 MB of events (gRPC reads 4 MiB by default).
+    let n = 30_000;
+    let id = |i: usize| format!("{}{i:06}", "x".repeat(122));
+    for chunk in (0..n).collect::<Vec<_>>().chunks(128) {
+        let ops = chunk
+            .iter()
+            .map(|&i| {
+                let value = format!(
+                    r#"{{"task_id":"{}","status":"available","claimed_by":null,"title":"{}"}}"#,
+                    id(i),
+                    "t".repeat(100)
+                );
+                etcd_client::TxnOp::put(format!("tasks/{}", id(i)), value, None)
+            })
+            .collect::<Vec<_>>();
+        raw.txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .expect("load tasks");
+    }
+    let backend = crate::backend(&server, true).await;
+    let mut sub = backend.subscribe().await.expect("subscribe");
+    assert_eq!(sub.snapshot.tasks.len(), n, "the whole board is listed");
+
+    raw.delete(
+        "tasks/",
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await
+    .expect("delete every task in one revision");
+    let gone = collect(&mut sub, Duration::from_secs(60), |seen| seen.len() >= n).await;
+    assert_eq!(gone.len(), n);
+    assert!(
+        gone.iter().all(|e| e.new_status.is_none()),
+        "every task was removed"
+    );
+    let after = backend.list().await.expect("list");
+    assert!(after.tasks.is_empty());
+}

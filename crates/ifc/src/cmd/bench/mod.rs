@@ -75,6 +75,7 @@ struct Level {
     claims_per_sec: f64,
     bare_txn_per_sec: f64,
     ratio: f64,
+    claim_shaped_txn_per_sec: f64,
     claim_attempts: usize,
     claim: Spread,
 }
@@ -93,6 +94,7 @@ struct Report {
     claim: Spread,
     bare_txn: Spread,
     claim_over_bare: Spread,
+    claim_shaped_txn: Spread,
     event: Spread,
     bare_watch: Spread,
     event_over_bare: Spread,
@@ -217,6 +219,7 @@ async fn measure(
             claims_per_sec: round3(t.claims_per_sec),
             bare_txn_per_sec: round3(t.bare_per_sec),
             ratio: round3(t.claims_per_sec / t.bare_per_sec.max(1e-9)),
+            claim_shaped_txn_per_sec: round3(t.shaped_per_sec),
             claim_attempts: t.attempts,
             claim: Spread::of(&t.claim),
         });
@@ -261,6 +264,7 @@ async fn measure(
         claim,
         bare_txn,
         claim_over_bare: claim.over(&bare_txn),
+        claim_shaped_txn: Spread::of(&latency.shaped_txn),
         event,
         bare_watch,
         event_over_bare: event.over(&bare_watch),
@@ -337,6 +341,11 @@ fn table(r: &Report, out: &mut impl Write) -> Result<()> {
     row(out, "ifc claim, one session", &r.claim)?;
     row(out, "bare etcd txn, same connection", &r.bare_txn)?;
     row(out, "  ratio (target <= 1.15)", &r.claim_over_bare)?;
+    row(
+        out,
+        "claim-shaped txn (2 keys, 1 leased), no ifc",
+        &r.claim_shaped_txn,
+    )?;
     row(out, "ifc event: claim -> another session hears", &r.event)?;
     row(
         out,
@@ -347,17 +356,18 @@ fn table(r: &Report, out: &mut impl Write) -> Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "{:<12} {:>12} {:>14} {:>8} {:>10} {:>10}",
-        "concurrent", "claims/s", "bare txn/s", "ratio", "claim p50", "claim p99"
+        "{:<12} {:>10} {:>12} {:>7} {:>16} {:>10} {:>10}",
+        "concurrent", "claims/s", "bare txn/s", "ratio", "claim-shaped/s", "claim p50", "claim p99"
     )?;
     for l in &r.throughput {
         writeln!(
             out,
-            "{:<12} {:>12.0} {:>14.0} {:>8.2} {:>10.3} {:>10.3}",
+            "{:<12} {:>10.0} {:>12.0} {:>7.2} {:>16.0} {:>10.3} {:>10.3}",
             l.concurrency,
             l.claims_per_sec,
             l.bare_txn_per_sec,
             l.ratio,
+            l.claim_shaped_txn_per_sec,
             l.claim.p50_ms,
             l.claim.p99_ms
         )?;

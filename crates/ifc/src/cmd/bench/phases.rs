@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_core::{Backend, ClaimOutcome, SessionId, TaskId, TaskStatus};
+use agent_core::{Backend, ClaimOutcome, SessionId, TaskId};
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use tokio::sync::mpsc;
@@ -27,6 +27,8 @@ pub type Winners = BTreeMap<TaskId, Vec<SessionId>>;
 pub struct Latency {
     pub claim: Vec<Duration>,
     pub bare_txn: Vec<Duration>,
+    /// A transaction of the claim's shape (two keys, one leased) without ifc.
+    pub shaped_txn: Vec<Duration>,
     pub event: Vec<Duration>,
     pub bare_watch: Vec<Duration>,
 }
@@ -44,8 +46,19 @@ pub async fn latency(
     let mut bare_watch = observer_backend.bare_watch().await?;
     let mut out = Latency::default();
     for (i, task) in tasks.iter().enumerate() {
-        for bare_first in [i % 2 == 0, i % 2 == 1] {
-            if bare_first {
+        let mut order = [Kind::Bare, Kind::Shaped, Kind::Claim];
+        order.rotate_left(i % 3);
+        for kind in order {
+            if kind == Kind::Shaped {
+                let t0 = Instant::now();
+                if !backend
+                    .bare_claim_txn(&format!("shaped/{i}"), claimer)
+                    .await?
+                {
+                    bail!("claim-shaped transaction shaped/{i} found its keys already there");
+                }
+                out.shaped_txn.push(t0.elapsed());
+            } else if kind == Kind::Bare {
                 let name = format!("latency/{i}");
                 let t0 = Instant::now();
                 if !backend.bare_txn(&name).await? {
@@ -83,6 +96,13 @@ pub async fn latency(
     Ok(out)
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Bare,
+    Shaped,
+    Claim,
+}
+
 /// One concurrency level: claims won per second by `concurrency` sessions taking `tasks`
 /// between them, and bare transactions per second by as many workers on the same connections.
 #[derive(Debug)]
@@ -90,6 +110,7 @@ pub struct Throughput {
     pub concurrency: usize,
     pub claims_per_sec: f64,
     pub bare_per_sec: f64,
+    pub shaped_per_sec: f64,
     /// Claim calls made (wins, and losses to a session that got there first).
     pub attempts: usize,
     pub claim: Vec<Duration>,
@@ -101,10 +122,11 @@ pub async fn throughput(
     tasks: &[TaskId],
     winners: &mut Winners,
 ) -> Result<Throughput> {
-    let bare_per_sec = bare_rate(fleet, concurrency, tasks.len()).await?;
-    // One shuffled order; session k starts at its own offset in it and wraps around, like
-    // agents whose preferences differ: they meet (and race) only where one reaches another's
-    // part of the board.
+    let bare_per_sec = bare_rate(fleet, concurrency, tasks.len(), false).await?;
+    let shaped_per_sec = bare_rate(fleet, concurrency, tasks.len(), true).await?;
+    // One shuffled order cut in `concurrency` parts, one per session (bare workers do not
+    // contend either). Races between sessions are the subject of the race tests, not of this
+    // figure.
     let mut order = tasks.to_vec();
     order.shuffle(&mut rand::rng());
     let order: Arc<[TaskId]> = order.into();
@@ -112,15 +134,12 @@ pub async fn throughput(
     let mut claimers = JoinSet::new();
     for k in 0..concurrency {
         let (session, backend) = (fleet.sessions[k].clone(), Arc::clone(fleet.backend_of(k)));
-        let (order, offset) = (Arc::clone(&order), k * order.len() / concurrency);
+        let order = Arc::clone(&order);
+        let part = k * order.len() / concurrency..(k + 1) * order.len() / concurrency;
         claimers.spawn(async move {
             let mut won = Vec::new();
             let mut took = Vec::new();
-            for id in order[offset..].iter().chain(&order[..offset]) {
-                // Like a claim loop: only what its view shows as claimable is tried.
-                if backend.cached_status(id) != Some(TaskStatus::Available) {
-                    continue;
-                }
+            for id in &order[part] {
                 let t0 = Instant::now();
                 let outcome = backend.claim(id, &session).await?;
                 took.push(t0.elapsed());
@@ -145,26 +164,36 @@ pub async fn throughput(
         concurrency,
         claims_per_sec: wins as f64 / wall,
         bare_per_sec,
+        shaped_per_sec,
         attempts: claim.len(),
         claim,
     })
 }
 
 /// Bare transactions per second: `workers` workers (worker k on session k's connection)
-/// creating `total` fresh keys between them.
-async fn bare_rate(fleet: &Fleet, workers: usize, total: usize) -> Result<f64> {
+/// creating `total` fresh keys between them; `shaped`: claim-shaped transactions under session
+/// k's lease.
+async fn bare_rate(fleet: &Fleet, workers: usize, total: usize, shaped: bool) -> Result<f64> {
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut set = JoinSet::new();
     for k in 0..workers {
         let (backend, next) = (Arc::clone(fleet.backend_of(k)), Arc::clone(&next));
+        let session = fleet.sessions[k].clone();
         set.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= total {
                     return Ok::<_, agent_core::BackendError>(());
                 }
-                backend.bare_txn(&format!("rate-{workers}/{i}")).await?;
+                match shaped {
+                    true => {
+                        backend
+                            .bare_claim_txn(&format!("shaped-{workers}/{i}"), &session)
+                            .await?
+                    }
+                    false => backend.bare_txn(&format!("rate-{workers}/{i}")).await?,
+                };
             }
         });
     }

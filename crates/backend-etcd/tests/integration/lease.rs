@@ -1,0 +1,48 @@
+//! Session leases: a live session keeps its claims however long it holds them; only a session
+//! that stops renewing loses them.
+
+use std::time::Duration;
+
+use agent_core::{Backend, BackendEvent, ClaimOutcome, SessionId, TaskId, TaskPatch};
+use backend_etcd::testing::EtcdServer;
+
+#[tokio::test]
+async fn a_live_session_keeps_its_claim_for_many_ttls_under_one_lease() {
+    let server = EtcdServer::start();
+    let mut raw = crate::raw_client(&server).await;
+    let holder = crate::backend(&server, true).await;
+    let other = crate::backend(&server, true).await;
+    let (task, s) = (
+        TaskId::parse("KEEP").expect("id"),
+        SessionId::parse("keeper").expect("id"),
+    );
+    holder.put(&task, &TaskPatch::default()).await.expect("put");
+    let mut sub = holder.subscribe().await.expect("subscribe");
+    assert!(matches!(
+        holder.claim(&task, &s).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+    let lease = raw.get("claims/KEEP", None).await.expect("get").kvs()[0].lease();
+    tokio::time::sleep(crate::TTL * 4).await;
+
+    let kvs = raw.get("claims/KEEP", None).await.expect("get");
+    let now = kvs.kvs().first().map(|kv| kv.lease());
+    assert_eq!(
+        now,
+        Some(lease),
+        "the claim key is still there, under the same lease"
+    );
+    let ttl = raw.lease_time_to_live(lease, None).await.expect("ttl");
+    assert!(ttl.ttl() > 0, "etcd still has the lease: {ttl:?}");
+    let out = other
+        .claim(&task, &SessionId::parse("other").expect("id"))
+        .await
+        .expect("claim");
+    assert!(matches!(out, ClaimOutcome::Lost { .. }), "{out:?}");
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(50), sub.next()).await {
+        assert!(
+            !matches!(ev, BackendEvent::ClaimLost { .. }),
+            "the holder was told its claim is lost: {ev:?}"
+        );
+    }
+}
