@@ -174,6 +174,9 @@ impl Fleet {
         while closes.join_next().await.is_some() {}
         self.drains.abort_all();
         self.runtime.shutdown_background();
+        // The watches end here, while the connections they read are still up.
+        drop(self.backends);
+        tokio::task::yield_now().await;
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use agent_core::{Backend, TaskId, TaskPatch};
 use anyhow::{Context, Result};
+use backend_etcd::EtcdBackend;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -127,16 +128,23 @@ pub async fn run(g: &Global, args: &BenchArgs, output: Output, out: &mut impl Wr
     let etcd_before = probe::etcd(&endpoint).await;
     let ifc_before = probe::own_rss();
     tracing::info!(sessions, connections, "setting sessions up");
-    let (fleet, heard) = Fleet::start(&config, sessions, connections).await?;
-    let scratch = Arc::clone(&fleet.backends[0]);
-    let measured = measure(&fleet, heard, args, &config, &endpoint).await;
-    fleet.close().await;
-    // The scratch prefix goes whatever happened.
+    // Its own connection, without a watch: it removes the scratch prefix after the sessions' are
+    // closed, whatever happened.
+    let scratch = EtcdBackend::connect(config.clone())
+        .await
+        .context("cannot connect to etcd")?;
+    let started = Fleet::start(&config, sessions, connections).await;
+    let measured = match started {
+        Ok((fleet, heard)) => {
+            let measured = measure(&fleet, heard, args, &config, &endpoint).await;
+            fleet.close().await;
+            measured
+        }
+        Err(e) => Err(e),
+    };
     if let Err(e) = scratch.purge_prefix().await {
         tracing::warn!(prefix = %config.prefix, error = %e, "cannot remove the bench's scratch prefix");
     }
-    // Its watch ends now, not when the runtime drops the connection under it.
-    drop(scratch);
     let mut report = measured?;
     report.memory.etcd_before_mb = mb(etcd_before.rss_bytes);
     report.memory.ifc_before_mb = mb(ifc_before);
