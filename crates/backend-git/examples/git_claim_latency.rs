@@ -47,8 +47,7 @@ async fn main() {
         Repository::clone(&plain_remote.path().display().to_string(), dir.path()).expect("clone");
     let sig = Signature::now("bench", "bench@localhost").expect("sig");
     let path = Path::new("docs/PHASE-0-TASK-BOARD.md");
-    let mut plain = Vec::with_capacity(n);
-    for i in 0..n {
+    let plain_claim = |i: usize| {
         let file = dir.path().join(path);
         let text = std::fs::read_to_string(&file).expect("board");
         let row = format!("| T.{i} | task {i} | 🔵 AVAILABLE |  |  |");
@@ -70,8 +69,8 @@ async fn main() {
         repo.find_remote("origin")
             .and_then(|mut r| r.push(&["refs/heads/main:refs/heads/main"], None))
             .expect("push");
-        plain.push(start.elapsed());
-    }
+        start.elapsed()
+    };
 
     let remote = BareRemote::new(&board(n));
     let mut config = remote.config("bench");
@@ -83,8 +82,12 @@ async fn main() {
     let observer = GitBackend::open(observer_config).await.expect("open");
     let mut sub = observer.subscribe().await.expect("subscribe");
     let session = SessionId::parse("bench").expect("id");
-    let (mut claims, mut visible) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut plain, mut claims, mut visible) = (Vec::new(), Vec::new(), Vec::new());
+    // Interleaved, alternating which goes first, so both see the same machine.
     for i in 0..n {
+        if i % 2 == 0 {
+            plain.push(plain_claim(i));
+        }
         let id = TaskId::parse(&format!("T.{i}")).expect("id");
         let start = Instant::now();
         let out = backend.claim(&id, &session).await.expect("claim");
@@ -101,6 +104,9 @@ async fn main() {
                 visible.push(pushed.elapsed());
                 break;
             }
+        }
+        if i % 2 == 1 {
+            plain.push(plain_claim(i));
         }
     }
     println!(

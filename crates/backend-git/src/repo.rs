@@ -36,6 +36,11 @@ pub(crate) struct Clone {
     branch_ref: String,
     /// Commit depth by id, so the depth of a new head costs a walk to the nearest known commit.
     depths: HashMap<Oid, u64>,
+    /// A remote on this file system, opened once (dropped after any error, reopened on use).
+    local_remote: Option<Repository>,
+    /// Whether the work tree and index are exactly the branch's commit (no write left half
+    /// done): a sync that finds the remote where the branch already is then has nothing to do.
+    clean: bool,
 }
 
 impl std::fmt::Debug for Clone {
@@ -90,6 +95,8 @@ impl Clone {
             branch_ref: format!("refs/heads/{}", config.branch),
             config: config.clone(),
             depths: HashMap::new(),
+            local_remote: None,
+            clean: false,
         };
         clone.sync()?;
         Ok(clone)
@@ -119,28 +126,45 @@ impl Clone {
                 self.config.remote, self.config.branch
             ))
         })?;
-        self.move_to(head)?;
+        // The common case of a session whose last write landed and nobody pushed since: the
+        // work tree is already the remote head (no checkout).
+        if !(self.clean && self.head().ok() == Some(head)) {
+            self.move_to(head)?;
+        }
         Ok(head)
+    }
+
+    /// The remote on this file system: the handle kept from the last use, or opened now. The
+    /// caller puts it back (`self.local_remote = Some(..)`) only when using it worked.
+    fn take_local_remote(&mut self, remote_path: &Path) -> Result<Repository, git2::Error> {
+        match self.local_remote.take() {
+            Some(r) => Ok(r),
+            None => Repository::open_bare(remote_path),
+        }
     }
 
     /// Fetch from a remote on this file system: copy the objects of the remote head that the
     /// clone lacks, then set the remote-tracking ref. (libgit2's local transport trips over
     /// objects another session is writing at the same moment.)
     fn fetch_local(&mut self, remote_path: &Path) -> Result<(), git2::Error> {
-        let source = Repository::open_bare(remote_path)?;
+        let source = self.take_local_remote(remote_path)?;
         let Ok(head) = source.refname_to_id(&self.branch_ref) else {
             return Err(git2::Error::from_str(&format!(
                 "branch {} not found on the remote",
                 self.config.branch
             )));
         };
-        copy_objects(&source, &self.repo, head)?;
-        self.repo
-            .reference(&self.remote_ref, head, true, "ifc fetch")?;
+        if self.repo.refname_to_id(&self.remote_ref).ok() != Some(head) {
+            copy_objects(&source, &self.repo, head)?;
+            self.repo
+                .reference(&self.remote_ref, head, true, "ifc fetch")?;
+        }
+        self.local_remote = Some(source);
         Ok(())
     }
 
-    fn move_to(&self, head: Oid) -> Result<(), BackendError> {
+    fn move_to(&mut self, head: Oid) -> Result<(), BackendError> {
+        self.clean = false;
         let commit = self.repo.find_commit(head).map_err(|e| self.local_err(e))?;
         self.repo
             .reference(&self.branch_ref, head, true, "ifc sync")
@@ -150,7 +174,9 @@ impl Clone {
             .map_err(|e| self.local_err(e))?;
         self.repo
             .reset(commit.as_object(), ResetType::Hard, None)
-            .map_err(|e| self.local_err(e))
+            .map_err(|e| self.local_err(e))?;
+        self.clean = true;
+        Ok(())
     }
 
     /// The head the clone is at.
@@ -248,6 +274,7 @@ impl Clone {
         message: &str,
     ) -> Result<Pushed, BackendError> {
         let parent_id = self.head()?;
+        self.clean = false;
         let workdir = self.config.workdir.clone();
         let mut index = self.repo.index().map_err(|e| self.local_err(e))?;
         for (path, content) in files {
@@ -292,6 +319,8 @@ impl Clone {
             self.repo
                 .reference(&self.remote_ref, commit_id, true, "ifc push")
                 .map_err(|e| self.local_err(e))?;
+            // The work tree, index and branch are the commit that landed.
+            self.clean = true;
             Ok(Pushed::Landed {
                 depth: self.depth(commit_id)?,
             })
@@ -309,25 +338,30 @@ impl Clone {
         expected: Oid,
         new: Oid,
     ) -> Result<bool, BackendError> {
-        let target =
-            Repository::open_bare(remote_path).map_err(|e| remote_error(&self.config, e))?;
+        let target = self
+            .take_local_remote(remote_path)
+            .map_err(|e| remote_error(&self.config, e))?;
         copy_objects(&self.repo, &target, new).map_err(|e| remote_error(&self.config, e))?;
-        let moved = target.reference_matching(
-            &self.branch_ref,
-            new,
-            true,
-            expected,
-            "ifc: compare-and-swap push",
-        );
-        match moved {
-            Ok(_) => Ok(true),
+        let moved = target
+            .reference_matching(
+                &self.branch_ref,
+                new,
+                true,
+                expected,
+                "ifc: compare-and-swap push",
+            )
+            .map(drop);
+        let landed = match moved {
+            Ok(_) => true,
             Err(e) if e.code() == ErrorCode::Locked => {
                 clear_stale_lock(&remote_path.join(format!("{}.lock", self.branch_ref)));
-                Ok(false)
+                false
             }
-            Err(e) if matches!(e.code(), ErrorCode::Modified | ErrorCode::NotFound) => Ok(false),
-            Err(e) => Err(remote_error(&self.config, e)),
-        }
+            Err(e) if matches!(e.code(), ErrorCode::Modified | ErrorCode::NotFound) => false,
+            Err(e) => return Err(remote_error(&self.config, e)),
+        };
+        self.local_remote = Some(target);
+        Ok(landed)
     }
 
     fn push_network(&mut self) -> Result<bool, BackendError> {
