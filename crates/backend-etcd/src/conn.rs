@@ -145,7 +145,7 @@ impl Conn {
     /// Runs `call` until it succeeds, fails in a way that may have reached etcd, or `deadline`
     /// passes. A call that failed to *connect* never reached etcd, so it is tried again at once:
     /// with an endpoint list, the balancer may have picked a member that is down.
-    async fn within<T, F, Fut>(
+    pub async fn within<T, F, Fut>(
         &self,
         operation: &str,
         deadline: Duration,

@@ -99,9 +99,15 @@ impl EtcdBackend {
                 "refusing to delete every key: purge needs a scratch prefix".into(),
             ));
         }
+        // Tens of thousands of keys take etcd longer than one ordinary request.
+        let deadline = self
+            .inner
+            .conn
+            .request_timeout()
+            .max(Duration::from_secs(60));
         self.inner
             .conn
-            .call("purge", |mut c| {
+            .within("purge", deadline, |mut c| {
                 let prefix = prefix.clone();
                 async move {
                     c.delete(prefix, Some(DeleteOptions::new().with_prefix()))
