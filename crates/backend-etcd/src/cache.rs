@@ -1,5 +1,5 @@
 //! The watch cache: a mirror of every task record and claim key at one revision, the event diff
-//! that turns key changes into `TaskEvent`s (handed to `fanout`), and the claims this client holds
+//! that turns key changes into `TaskEvent`s (handed out by `fanout`), and the claims this client holds
 //! (so it can tell a holder that its claim is gone). Pure state; the informer feeds it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -8,9 +8,8 @@ use std::time::SystemTime;
 use agent_core::{
     BackendEvent, CorruptRecord, FencingToken, Listing, SessionId, TaskEvent, TaskId, TaskStatus,
 };
-use tokio::sync::mpsc;
 
-use crate::fanout::Fanout;
+use crate::fanout::Outgoing;
 use crate::record::{effective, effective_face, StoredClaim, StoredRecord};
 use crate::view::View;
 
@@ -44,19 +43,20 @@ pub(crate) struct Cache {
     pub revision: i64,
     records: HashMap<TaskId, StoredRecord>,
     claims: HashMap<TaskId, StoredClaim>,
-    fanout: Fanout,
+    /// Events produced under the lock, handed out after it (see `fanout`).
+    outbox: Vec<Outgoing>,
     held: HashMap<TaskId, Held>,
 }
 
 impl Cache {
-    /// An empty, unsynced mirror whose events go to `fanout`.
-    pub fn new(fanout: Fanout) -> Cache {
+    /// An empty, unsynced mirror.
+    pub fn new() -> Cache {
         Cache {
             synced: false,
             revision: 0,
             records: HashMap::new(),
             claims: HashMap::new(),
-            fanout,
+            outbox: Vec::new(),
             held: HashMap::new(),
         }
     }
@@ -142,7 +142,7 @@ impl Cache {
                     revision: u64::try_from(revision).unwrap_or_default(),
                     time: SystemTime::now(),
                 };
-                self.broadcast(BackendEvent::Task(event));
+                self.broadcast(Some(revision), BackendEvent::Task(event));
             }
             self.check_held(&id);
             if let Some(stored) = self.records.get(&id) {
@@ -182,11 +182,14 @@ impl Cache {
     fn lose(&mut self, id: &TaskId) {
         if let Some(held) = self.held.remove(id) {
             let token = FencingToken(u64::try_from(held.token).unwrap_or_default());
-            self.broadcast(BackendEvent::ClaimLost {
-                task: id.clone(),
-                session: held.session,
-                token,
-            });
+            self.broadcast(
+                None,
+                BackendEvent::ClaimLost {
+                    task: id.clone(),
+                    session: held.session,
+                    token,
+                },
+            );
         }
     }
 
@@ -213,8 +216,13 @@ impl Cache {
         self.held.remove(task)
     }
 
-    fn broadcast(&mut self, event: BackendEvent) {
-        self.fanout.send(event);
+    fn broadcast(&mut self, revision: Option<i64>, event: BackendEvent) {
+        self.outbox.push((revision, event));
+    }
+
+    /// The events produced since the last call, for `Fanout::deliver`.
+    pub fn take_outbox(&mut self) -> Vec<Outgoing> {
+        std::mem::take(&mut self.outbox)
     }
 
     /// The effective status of one task in the mirror (`None`: unknown, corrupt, or not synced).
@@ -223,12 +231,6 @@ impl Cache {
             return None;
         }
         self.face(id).map(|(status, _)| status)
-    }
-
-    /// A subscriber getting every event after the current state (take the snapshot under the
-    /// same lock).
-    pub fn subscribe(&mut self) -> mpsc::UnboundedReceiver<BackendEvent> {
-        self.fanout.join()
     }
 
     /// The view of one task, if the cache is synced.

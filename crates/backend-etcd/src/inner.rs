@@ -21,6 +21,8 @@ pub(crate) struct Inner {
     pub keys: Keys,
     pub config: EtcdConfig,
     cache: Mutex<Cache>,
+    /// The subscribers, handed the cache's events after its lock is released.
+    pub fanout: Fanout,
     /// Signalled each time the cache (re)syncs with a list.
     pub synced: Notify,
     /// Whether the watch stream is currently open and answering.
@@ -35,17 +37,13 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    pub fn new(
-        conn: Conn,
-        config: EtcdConfig,
-        repairs: mpsc::UnboundedSender<Repair>,
-        fanout: Fanout,
-    ) -> Self {
+    pub fn new(conn: Conn, config: EtcdConfig, repairs: mpsc::UnboundedSender<Repair>) -> Self {
         Inner {
             keys: Keys::new(&config.prefix),
             conn,
             config,
-            cache: Mutex::new(Cache::new(fanout)),
+            cache: Mutex::new(Cache::new()),
+            fanout: Fanout::default(),
             synced: Notify::new(),
             watching: AtomicBool::new(false),
             reconnects: std::sync::atomic::AtomicU64::new(0),
@@ -55,11 +53,15 @@ impl Inner {
         }
     }
 
-    /// The watch cache. Never held across an await.
-    pub fn cache(&self) -> MutexGuard<'_, Cache> {
+    /// The watch cache. Never held across an await. The events a change produced reach the
+    /// subscribers when the guard is dropped, after the lock is released.
+    pub fn cache(&self) -> CacheGuard<'_> {
         // Cache updates do not leave it half-changed on panic (no early returns between paired
         // writes), so a poisoned lock is still consistent.
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+        CacheGuard {
+            guard: Some(self.cache.lock().unwrap_or_else(|p| p.into_inner())),
+            fanout: &self.fanout,
+        }
     }
 
     /// Remembers a background task so it ends with the backend.
@@ -81,5 +83,35 @@ impl Inner {
     /// Whether the watch stream is open and answering.
     pub fn is_watching(&self) -> bool {
         self.watching.load(Ordering::Relaxed)
+    }
+}
+
+/// The cache's lock; on drop, the lock goes first, then the events go out.
+pub(crate) struct CacheGuard<'a> {
+    guard: Option<MutexGuard<'a, Cache>>,
+    fanout: &'a Fanout,
+}
+
+impl std::ops::Deref for CacheGuard<'_> {
+    type Target = Cache;
+    fn deref(&self) -> &Cache {
+        self.guard.as_ref().expect("the guard is held until drop")
+    }
+}
+
+impl std::ops::DerefMut for CacheGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Cache {
+        self.guard.as_mut().expect("the guard is held until drop")
+    }
+}
+
+impl Drop for CacheGuard<'_> {
+    fn drop(&mut self) {
+        let Some(mut cache) = self.guard.take() else {
+            return;
+        };
+        let events = cache.take_outbox();
+        drop(cache);
+        self.fanout.deliver(events);
     }
 }

@@ -52,9 +52,7 @@ impl EtcdBackend {
     pub async fn connect(config: EtcdConfig) -> BackendResult<Self> {
         let conn = conn::Conn::connect(&config).await?;
         let (repairs_tx, mut repairs) = mpsc::unbounded_channel();
-        let (fanout, deliver) = fanout::Fanout::new();
-        let inner = Arc::new(Inner::new(conn, config, repairs_tx, fanout));
-        inner.adopt(tokio::spawn(deliver).abort_handle());
+        let inner = Arc::new(Inner::new(conn, config, repairs_tx));
         let repairer = {
             let inner = Arc::clone(&inner);
             tokio::spawn(async move {
@@ -169,9 +167,11 @@ impl Backend for EtcdBackend {
 
     async fn subscribe(&self) -> BackendResult<Subscription> {
         self.start_watch().await?;
-        let mut cache = self.inner.cache();
+        let cache = self.inner.cache();
         let snapshot = cache.listing(&self.inner.keys);
-        let events = cache.subscribe();
+        // Joined under the cache's lock, at the snapshot's revision.
+        let events = self.inner.fanout.join(cache.revision);
+        drop(cache);
         Ok(Subscription::new(snapshot, events))
     }
 

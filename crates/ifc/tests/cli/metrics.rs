@@ -214,7 +214,7 @@ async fn bench_reports_every_figure_with_its_floor_and_the_peer_and_leaves_nothi
     );
     assert_eq!(
         (report["sessions"].clone(), report["connections"].clone()),
-        (12.into(), 4.into())
+        (12.into(), 6.into())
     );
     assert!(
         report["memory"]["etcd_after_setup_mb"]

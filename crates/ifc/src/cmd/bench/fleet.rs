@@ -14,7 +14,7 @@ use agent_core::{Backend, BackendEvent, Presence, SessionId, TaskId, TaskStatus}
 use anyhow::{Context, Result};
 use backend_etcd::{EtcdBackend, EtcdConfig};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 
 /// Sessions set up at once (lease grant + presence put + subscription each).
 const SETUP_IN_FLIGHT: usize = 512;
@@ -24,31 +24,57 @@ pub type Heard = (TaskId, Instant);
 
 #[derive(Debug)]
 pub struct Fleet {
+    /// The measured claimer's connection, the observer's (when there are two sessions or more),
+    /// then the simulated sessions' shared ones.
     pub backends: Vec<Arc<EtcdBackend>>,
+    measured: usize,
     pub sessions: Vec<SessionId>,
     /// Events delivered to all sessions' subscriptions so far.
     pub delivered: Arc<AtomicU64>,
     /// How long setting every session up took.
     pub setup: Duration,
-    drains: JoinSet<()>,
+    drains: Vec<AbortHandle>,
     runtime: tokio::runtime::Runtime,
 }
 
+async fn connect(config: EtcdConfig) -> Result<EtcdBackend> {
+    let b = EtcdBackend::connect(config)
+        .await
+        .context("cannot connect to etcd")?;
+    b.start_watch().await.context("cannot start the watch")?;
+    Ok(b)
+}
+
 impl Fleet {
-    /// Connects `connections` backends, each with its watch cache, then sets every session up.
-    /// The last session is the observer: the claims it hears go to the returned channel.
+    /// Sets `sessions` sessions up. Session 0 (the claimer whose claims are timed) and the last
+    /// one (the observer, whose hearing of them is timed; the claims it hears go to the returned
+    /// channel) each have a connection of their own on this runtime, as separate agent processes
+    /// would. The others share `connections` connections whose watches, fan-out and lease timers
+    /// run on the sessions' runtime.
     pub async fn start(
         config: &EtcdConfig,
         sessions: usize,
         connections: usize,
     ) -> Result<(Fleet, mpsc::UnboundedReceiver<Heard>)> {
-        let mut backends = Vec::with_capacity(connections);
-        for _ in 0..connections {
-            let b = EtcdBackend::connect(config.clone())
-                .await
-                .context("cannot connect to etcd")?;
-            b.start_watch().await.context("cannot start the watch")?;
-            backends.push(Arc::new(b));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("bench-sessions")
+            .enable_all()
+            .build()
+            .context("cannot start the sessions' runtime")?;
+        let mut backends = vec![Arc::new(connect(config.clone()).await?)];
+        if sessions > 1 {
+            backends.push(Arc::new(connect(config.clone()).await?));
+        }
+        let measured = backends.len();
+        if sessions > measured {
+            for _ in 0..connections {
+                let b = runtime
+                    .spawn(connect(config.clone()))
+                    .await
+                    .context("a connection set-up crashed")??;
+                backends.push(Arc::new(b));
+            }
         }
         let ids: Vec<SessionId> = (0..sessions)
             .map(|k| SessionId::parse(&format!("bench-{k}")))
@@ -58,24 +84,18 @@ impl Fleet {
         let host = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("bench-sessions")
-            .enable_all()
-            .build()
-            .context("cannot start the sessions' runtime")?;
         let started = Instant::now();
         let bar = crate::output::progress(sessions, "setting sessions up");
-        let mut drains = JoinSet::new();
+        let mut drains = Vec::with_capacity(sessions);
         let mut setups = JoinSet::new();
         for (k, id) in ids.iter().enumerate() {
             if setups.len() >= SETUP_IN_FLIGHT {
-                join_one(&mut setups, &mut drains, runtime.handle()).await?;
+                drains.push(join_one(&mut setups).await?);
                 if let Some(b) = &bar {
                     b.inc(1);
                 }
             }
-            let backend = Arc::clone(&backends[k % connections]);
+            let backend = Arc::clone(&backends[slot(k, sessions, measured, backends.len())]);
             let presence = Presence {
                 session_id: id.clone(),
                 state: "idle".into(),
@@ -88,24 +108,33 @@ impl Fleet {
             };
             let delivered = Arc::clone(&delivered);
             let observer = (k + 1 == sessions).then(|| observer_tx.clone());
-            setups.spawn(async move {
-                backend.announce(&presence).await?;
-                let mut sub = backend.subscribe().await?;
-                Ok::<_, agent_core::BackendError>(async move {
-                    while let Some(ev) = sub.next().await {
-                        delivered.fetch_add(1, Ordering::Relaxed);
-                        if let (Some(tx), BackendEvent::Task(e)) = (&observer, &ev) {
-                            if e.new_status == Some(TaskStatus::Claimed) {
-                                // The bench stops listening after the latency phase.
-                                let _ = tx.send((e.task.clone(), Instant::now()));
+            // A session's lease timer and its subscription's task run where its set-up does.
+            let on = match slot(k, sessions, measured, backends.len()) < measured {
+                true => tokio::runtime::Handle::current(),
+                false => runtime.handle().clone(),
+            };
+            setups.spawn_on(
+                async move {
+                    backend.announce(&presence).await?;
+                    let mut sub = backend.subscribe().await?;
+                    let drain = tokio::spawn(async move {
+                        while let Some(ev) = sub.next().await {
+                            delivered.fetch_add(1, Ordering::Relaxed);
+                            if let (Some(tx), BackendEvent::Task(e)) = (&observer, &ev) {
+                                if e.new_status == Some(TaskStatus::Claimed) {
+                                    // The bench stops listening after the latency phase.
+                                    let _ = tx.send((e.task.clone(), Instant::now()));
+                                }
                             }
                         }
-                    }
-                })
-            });
+                    });
+                    Ok::<_, agent_core::BackendError>(drain.abort_handle())
+                },
+                &on,
+            );
         }
         while !setups.is_empty() {
-            join_one(&mut setups, &mut drains, runtime.handle()).await?;
+            drains.push(join_one(&mut setups).await?);
         }
         if let Some(b) = bar {
             b.finish_and_clear();
@@ -113,6 +142,7 @@ impl Fleet {
         Ok((
             Fleet {
                 backends,
+                measured,
                 sessions: ids,
                 delivered,
                 setup: started.elapsed(),
@@ -125,7 +155,20 @@ impl Fleet {
 
     /// The backend (connection) session `k` uses.
     pub fn backend_of(&self, k: usize) -> &Arc<EtcdBackend> {
-        &self.backends[k % self.backends.len()]
+        &self.backends[slot(k, self.sessions.len(), self.measured, self.backends.len())]
+    }
+
+    /// How the sessions are spread over the connections, in words.
+    pub fn multiplexing(&self) -> String {
+        let shared = self.backends.len() - self.measured;
+        format!(
+            "{} sessions in this process, each with its own lease (kept alive by its own timer) and \
+             its own subscription to every task event: the measured claimer and observer on a \
+             connection each, the other {} over {shared} shared connection(s) (one watch each), \
+             whose watches, fan-out and lease timers run on a runtime of their own",
+            self.sessions.len(),
+            self.sessions.len().saturating_sub(self.measured),
+        )
     }
 
     /// Waits until every backend's cache shows each of `tasks` as available (so a claim is
@@ -165,14 +208,16 @@ impl Fleet {
     }
 
     /// Ends every session: leases revoked (presence keys go with them), subscriptions dropped.
-    pub async fn close(mut self) {
+    pub async fn close(self) {
         let mut closes = JoinSet::new();
         for b in &self.backends {
             let b = Arc::clone(b);
             closes.spawn(async move { b.close().await });
         }
         while closes.join_next().await.is_some() {}
-        self.drains.abort_all();
+        for d in &self.drains {
+            d.abort();
+        }
         self.runtime.shutdown_background();
         // The watches end here, while the connections they read are still up.
         drop(self.backends);
@@ -180,20 +225,23 @@ impl Fleet {
     }
 }
 
-async fn join_one<F>(
-    setups: &mut JoinSet<Result<F, agent_core::BackendError>>,
-    drains: &mut JoinSet<()>,
-    runtime: &tokio::runtime::Handle,
-) -> Result<()>
-where
-    F: std::future::Future<Output = ()> + Send + 'static,
-{
-    let Some(done) = setups.join_next().await else {
-        return Ok(());
-    };
-    let drain = done
-        .context("a session set-up crashed")?
-        .context("cannot set a session up")?;
-    drains.spawn_on(drain, runtime);
-    Ok(())
+async fn join_one(
+    setups: &mut JoinSet<Result<AbortHandle, agent_core::BackendError>>,
+) -> Result<AbortHandle> {
+    let done = setups
+        .join_next()
+        .await
+        .context("no session set-up was running")?;
+    done.context("a session set-up crashed")?
+        .context("cannot set a session up")
+}
+
+/// The connection of session `k` of `sessions`: the first `measured` are the claimer's and the
+/// observer's, the rest shared round-robin.
+fn slot(k: usize, sessions: usize, measured: usize, connections: usize) -> usize {
+    match k {
+        0 => 0,
+        _ if k + 1 == sessions && measured > 1 => 1,
+        _ => measured + k % (connections - measured).max(1),
+    }
 }

@@ -249,14 +249,7 @@ async fn measure(
         endpoint: endpoint.to_owned(),
         sessions: fleet.sessions.len(),
         connections: fleet.backends.len(),
-        multiplexing: format!(
-            "{} sessions in this process over {} etcd connections: session k uses connection k mod {}; \
-             each has its own lease (kept alive by its own timer) and its own subscription, fed by its \
-             connection's single watch (one etcd watcher per connection)",
-            fleet.sessions.len(),
-            fleet.backends.len(),
-            fleet.backends.len()
-        ),
+        multiplexing: fleet.multiplexing(),
         lease_ttl_s: args.lease_ttl.as_secs(),
         setup_s: round3(fleet.setup.as_secs_f64()),
         memory: Memory {
