@@ -6,7 +6,7 @@
 //! runs it, releases it `complete` on success or `available` on failure (retrying it itself after a
 //! backoff, at most `max_attempts` times), and otherwise waits for the next event: it never polls.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -126,6 +126,10 @@ pub struct ClaimLoop {
     not_before: HashMap<TaskId, Instant>,
     release_retry: Option<Instant>,
     stopping: bool,
+    /// Tasks this loop completed, until the store's own event says so: the event of the claim
+    /// (older) can arrive after the release returned, and must not make the view show the task
+    /// held by this session again (which reads as "adopt it" and costs a useless claim).
+    completed: HashSet<TaskId>,
 }
 
 impl ClaimLoop {
@@ -139,6 +143,7 @@ impl ClaimLoop {
             not_before: HashMap::new(),
             release_retry: None,
             stopping: false,
+            completed: HashSet::new(),
         }
     }
 
@@ -301,6 +306,9 @@ impl ClaimLoop {
                                 v.claimed_by = None;
                             }
                         }
+                        if *to == ReleaseTo::Complete {
+                            self.completed.insert(task.clone());
+                        }
                         self.phase = Phase::Idle;
                         self.release_retry = None;
                     }
@@ -361,6 +369,14 @@ impl ClaimLoop {
         now: Instant,
         out: &mut Vec<Output>,
     ) {
+        if self.completed.contains(&task) {
+            let stale =
+                status == Some(TaskStatus::Claimed) && holder.as_ref() == Some(&self.plan.session);
+            if stale {
+                return;
+            }
+            self.completed.remove(&task);
+        }
         let Some(status) = status else {
             self.view.remove(&task);
             self.index = None;

@@ -242,7 +242,9 @@ fn a_lost_claim_kills_the_task_and_is_not_reported_done() {
 #[test]
 fn shutdown_drains_the_running_task_then_exits() {
     let now = Instant::now();
-    let mut l = ClaimLoop::new(plan(&["T", "U"]));
+    let mut p = plan(&["T", "U"]);
+    p.until_done = false;
+    let mut l = ClaimLoop::new(p);
     l.step(
         Input::Snapshot(vec![
             task("T", TaskStatus::Available, &[]),
@@ -420,4 +422,71 @@ fn a_store_that_says_blocked_gets_its_blockers_read_again_not_a_claim_storm() {
         now + Duration::from_secs(2),
     );
     assert_eq!(claims(&out), ["W"]);
+}
+
+#[test]
+fn the_event_of_its_own_claim_arriving_after_the_completion_does_not_bring_the_task_back() {
+    let now = Instant::now();
+    let mut p = plan(&["T", "U"]);
+    p.until_done = false;
+    let mut l = ClaimLoop::new(p);
+    l.step(
+        Input::Snapshot(vec![
+            task("T", TaskStatus::Available, &[]),
+            task("U", TaskStatus::Available, &[]),
+        ]),
+        now,
+    );
+    l.step(won("T", 1), now);
+    l.step(
+        Input::Exited {
+            task: id("T"),
+            success: true,
+        },
+        now,
+    );
+    let out = l.step(Input::Released { task: id("T") }, now);
+    assert_eq!(claims(&out), ["U"]);
+    l.step(won("U", 3), now);
+    // The store's events lag (a loaded machine): the one of T's claim, older than the completion
+    // the loop already knows, arrives while U runs; T's completion only after U is done.
+    let out = l.step(
+        Input::Changed {
+            task: id("T"),
+            status: Some(TaskStatus::Claimed),
+            holder: Some(sid("me")),
+        },
+        now,
+    );
+    assert!(claims(&out).is_empty(), "{out:?}");
+    l.step(
+        Input::Exited {
+            task: id("U"),
+            success: true,
+        },
+        now,
+    );
+    let out = l.step(Input::Released { task: id("U") }, now);
+    assert!(
+        claims(&out).is_empty(),
+        "T was completed by this loop: not claimed again: {out:?}"
+    );
+    l.step(
+        Input::Changed {
+            task: id("T"),
+            status: Some(TaskStatus::Complete),
+            holder: Some(sid("me")),
+        },
+        now,
+    );
+    // Reset to available by an operator, T is this session's to claim again.
+    let out = l.step(
+        Input::Changed {
+            task: id("T"),
+            status: Some(TaskStatus::Available),
+            holder: None,
+        },
+        now,
+    );
+    assert_eq!(claims(&out), ["T"]);
 }

@@ -99,16 +99,29 @@ fn an_agent_serves_every_metric_and_health_follows_etcd() {
     for name in NAMES {
         let _ = value(name, None);
     }
+    // On failure: every claims_total line (its outcome says what the extra attempt was) and the
+    // agent's log.
+    let context = || {
+        let claims: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with("if_coordinator_claims_total"))
+            .collect();
+        format!("{claims:#?}\n{}", read_log())
+    };
     assert_eq!(
         value("if_coordinator_claims_total", Some(("outcome", "won"))),
-        5.0
+        5.0,
+        "{}",
+        context()
     );
     assert_eq!(
         value(
             "if_coordinator_claim_latency_seconds_count",
             Some(("backend", "etcd"))
         ),
-        5.0
+        5.0,
+        "{}",
+        context()
     );
     assert_eq!(
         value(
