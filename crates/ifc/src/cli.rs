@@ -252,8 +252,8 @@ pub struct BenchArgs {
     /// and holds its own subscription to every task event
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub sessions: u32,
-    /// etcd connections the sessions are multiplexed over (session k uses connection k mod N),
-    /// each with one watch [default: one per 1,000 sessions]
+    /// etcd connections shared by the simulated sessions, each with one watch (the measured
+    /// claimer and observer have one each besides) [default: one per 1,000 sessions]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub connections: Option<u32>,
     /// Concurrent claiming sessions for the claims/s figures, comma-separated

@@ -65,6 +65,10 @@ pub async fn run(args: &DevArgs) -> Result<u8> {
         .arg(format!("--listen-peer-urls={peer}"))
         .arg(format!("--initial-advertise-peer-urls={peer}"))
         .arg(format!("--initial-cluster=ifc-dev={peer}"))
+        // An hour of history, as a production cluster would keep: without compaction etcd's
+        // memory grows with every write (a watch cut off for longer re-lists).
+        .arg("--auto-compaction-mode=periodic")
+        .arg("--auto-compaction-retention=1h")
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("etcd log")?)
         .stderr(log)
