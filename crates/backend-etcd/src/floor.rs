@@ -31,11 +31,29 @@ impl EtcdBackend {
         Ok(self.inner.conn.txn("bare txn", txn).await?.succeeded())
     }
 
-    /// A transaction of an ifc claim's shape without ifc around it: on two fresh keys under
-    /// `<prefix>floor/<name>/`, compares both mod revisions and puts a record-sized value on one
-    /// and the claim, bound to `session`'s lease, on the other. The difference between this and
-    /// `bare_txn` is what etcd charges for ifc's key layout; the rest is the runtime's.
-    pub async fn bare_claim_txn(&self, name: &str, session: &SessionId) -> BackendResult<bool> {
+    /// Writes the record key a later `bare_claim_txn(name, ..)` claims, like a task created
+    /// before it is claimed; its mod revision, which that transaction compares.
+    pub async fn bare_claim_prepare(&self, name: &str) -> BackendResult<i64> {
+        let record = self.bare_key(&format!("{name}/record"));
+        let put = |mut c: etcd_client::Client| {
+            let record = record.clone();
+            async move { c.put(record, RECORD_SIZED, None).await }
+        };
+        let resp = self.inner.conn.call("bare claim prepare", put).await?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// A transaction of an ifc claim's shape without ifc around it: compares the existing
+    /// record's mod revision (`record_rev`, from `bare_claim_prepare`) and the absent claim key's,
+    /// then rewrites the record and puts the claim bound to `session`'s lease. The difference
+    /// between this and `bare_txn` is what etcd charges for ifc's key layout; the rest is the
+    /// runtime's.
+    pub async fn bare_claim_txn(
+        &self,
+        name: &str,
+        record_rev: i64,
+        session: &SessionId,
+    ) -> BackendResult<bool> {
         let lease = self.inner.lease_for(session).await?;
         let (record, claim) = (
             self.bare_key(&format!("{name}/record")),
@@ -43,7 +61,7 @@ impl EtcdBackend {
         );
         let txn = Txn::new()
             .when(vec![
-                Compare::mod_revision(record.clone(), CompareOp::Equal, 0),
+                Compare::mod_revision(record.clone(), CompareOp::Equal, record_rev),
                 Compare::mod_revision(claim.clone(), CompareOp::Equal, 0),
             ])
             .and_then(vec![

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use agent_core::{Backend, ClaimOutcome, SessionId, TaskId};
 use anyhow::{bail, Context, Result};
+use backend_etcd::EtcdBackend;
 use rand::seq::SliceRandom;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -44,6 +45,7 @@ pub async fn latency(
     let backend = fleet.backend_of(0);
     let observer_backend = fleet.backend_of(fleet.sessions.len() - 1);
     let mut bare_watch = observer_backend.bare_watch().await?;
+    let shaped = prepare_shaped(backend, "shaped", tasks.len()).await?;
     let mut out = Latency::default();
     for (i, task) in tasks.iter().enumerate() {
         let mut order = [Kind::Bare, Kind::Shaped, Kind::Claim];
@@ -52,10 +54,10 @@ pub async fn latency(
             if kind == Kind::Shaped {
                 let t0 = Instant::now();
                 if !backend
-                    .bare_claim_txn(&format!("shaped/{i}"), claimer)
+                    .bare_claim_txn(&format!("shaped/{i}"), shaped[i], claimer)
                     .await?
                 {
-                    bail!("claim-shaped transaction shaped/{i} found its keys already there");
+                    bail!("claim-shaped transaction shaped/{i} found its keys changed");
                 }
                 out.shaped_txn.push(t0.elapsed());
             } else if kind == Kind::Bare {
@@ -175,11 +177,18 @@ pub async fn throughput(
 /// k's lease.
 async fn bare_rate(fleet: &Fleet, workers: usize, total: usize, shaped: bool) -> Result<f64> {
     let next = Arc::new(AtomicUsize::new(0));
+    let tag = format!("shaped-{workers}");
+    let revs: Arc<[i64]> = match shaped {
+        true => prepare_shaped(fleet.backend_of(0), &tag, total)
+            .await?
+            .into(),
+        false => Arc::new([]),
+    };
     let started = Instant::now();
     let mut set = JoinSet::new();
     for k in 0..workers {
         let (backend, next) = (Arc::clone(fleet.backend_of(k)), Arc::clone(&next));
-        let session = fleet.sessions[k].clone();
+        let (session, revs, tag) = (fleet.sessions[k].clone(), Arc::clone(&revs), tag.clone());
         set.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -189,7 +198,7 @@ async fn bare_rate(fleet: &Fleet, workers: usize, total: usize, shaped: bool) ->
                 match shaped {
                     true => {
                         backend
-                            .bare_claim_txn(&format!("shaped-{workers}/{i}"), &session)
+                            .bare_claim_txn(&format!("{tag}/{i}"), revs[i], &session)
                             .await?
                     }
                     false => backend.bare_txn(&format!("rate-{workers}/{i}")).await?,
@@ -201,4 +210,22 @@ async fn bare_rate(fleet: &Fleet, workers: usize, total: usize, shaped: bool) ->
         done.context("a bare worker crashed")??;
     }
     Ok(total as f64 / started.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// Writes the records of `n` claim-shaped transactions `<tag>/<i>` (64 at a time), like tasks
+/// created before they are claimed; their mod revisions.
+async fn prepare_shaped(backend: &Arc<EtcdBackend>, tag: &str, n: usize) -> Result<Vec<i64>> {
+    let mut revs = vec![0; n];
+    for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
+        let mut set = JoinSet::new();
+        for &i in chunk {
+            let (backend, name) = (Arc::clone(backend), format!("{tag}/{i}"));
+            set.spawn(async move { (i, backend.bare_claim_prepare(&name).await) });
+        }
+        while let Some(done) = set.join_next().await {
+            let (i, rev) = done.context("a record write crashed")?;
+            revs[i] = rev?;
+        }
+    }
+    Ok(revs)
 }
