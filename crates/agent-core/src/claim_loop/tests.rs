@@ -44,6 +44,31 @@ fn won(name: &str, token: u64) -> Input {
     }
 }
 
+/// A loop (not `until_done`) over tasks T and U, both available, that has won T with `token`.
+fn running_t_of_t_and_u(now: Instant, token: u64) -> ClaimLoop {
+    let mut p = plan(&["T", "U"]);
+    p.until_done = false;
+    let mut l = ClaimLoop::new(p);
+    l.step(
+        Input::Snapshot(vec![
+            task("T", TaskStatus::Available, &[]),
+            task("U", TaskStatus::Available, &[]),
+        ]),
+        now,
+    );
+    l.step(won("T", token), now);
+    l
+}
+
+/// The store's word that `name` is now `status`, held by `holder`.
+fn changed(name: &str, status: TaskStatus, holder: Option<&str>) -> Input {
+    Input::Changed {
+        task: id(name),
+        status: Some(status),
+        holder: holder.map(sid),
+    }
+}
+
 fn claims(out: &[Output]) -> Vec<String> {
     out.iter()
         .filter_map(|o| {
@@ -127,14 +152,7 @@ fn a_lost_race_moves_on_and_a_cleared_blocker_wakes_the_waiting_task() {
         "waits, no polling: {out:?}"
     );
     // Another session completes the blocker: T is claimed at once, and the log says why.
-    let out = l.step(
-        Input::Changed {
-            task: id("B"),
-            status: Some(TaskStatus::Complete),
-            holder: Some(sid("other")),
-        },
-        now,
-    );
+    let out = l.step(changed("B", TaskStatus::Complete, Some("other")), now);
     assert!(
         out.contains(&Output::Note("blocker B cleared: T claimable".into())),
         "{out:?}"
@@ -151,14 +169,7 @@ fn a_lost_race_moves_on_and_a_cleared_blocker_wakes_the_waiting_task() {
     );
     assert!(claims(&out).is_empty());
     // The winner gives it back: claimable again.
-    let out = l.step(
-        Input::Changed {
-            task: id("T"),
-            status: Some(TaskStatus::Available),
-            holder: None,
-        },
-        now,
-    );
+    let out = l.step(changed("T", TaskStatus::Available, None), now);
     assert_eq!(claims(&out), ["T"]);
 }
 
@@ -242,17 +253,7 @@ fn a_lost_claim_kills_the_task_and_is_not_reported_done() {
 #[test]
 fn shutdown_drains_the_running_task_then_exits() {
     let now = Instant::now();
-    let mut p = plan(&["T", "U"]);
-    p.until_done = false;
-    let mut l = ClaimLoop::new(p);
-    l.step(
-        Input::Snapshot(vec![
-            task("T", TaskStatus::Available, &[]),
-            task("U", TaskStatus::Available, &[]),
-        ]),
-        now,
-    );
-    l.step(won("T", 5), now);
+    let mut l = running_t_of_t_and_u(now, 5);
     assert_eq!(
         l.step(Input::Shutdown, now),
         vec![Output::Drain { task: id("T") }]
@@ -311,14 +312,7 @@ fn until_done_exits_0_when_all_complete_and_1_when_a_blocker_does_not_exist() {
         now,
     );
     assert!(!out.contains(&Output::Exit(0)));
-    let out = l.step(
-        Input::Changed {
-            task: id("B"),
-            status: Some(TaskStatus::Complete),
-            holder: Some(sid("x")),
-        },
-        now,
-    );
+    let out = l.step(changed("B", TaskStatus::Complete, Some("x")), now);
     assert!(out.contains(&Output::Exit(0)), "{out:?}");
 
     let mut l = ClaimLoop::new(plan(&["A"]));
@@ -362,14 +356,7 @@ fn unknown_tasks_of_interest_are_fetched_and_claim_errors_back_off() {
         now,
     );
     assert_eq!(out, vec![Output::Fetch(id("N.1"))]);
-    let out = l.step(
-        Input::Changed {
-            task: id("Y"),
-            status: Some(TaskStatus::Available),
-            holder: None,
-        },
-        now,
-    );
+    let out = l.step(changed("Y", TaskStatus::Available, None), now);
     assert!(out.is_empty(), "not ours, blocks nothing of ours");
     assert_eq!(
         claims(&l.step(Input::Fetched(task("N.1", TaskStatus::Available, &[])), now)),
@@ -414,11 +401,7 @@ fn a_store_that_says_blocked_gets_its_blockers_read_again_not_a_claim_storm() {
     assert!(claims(&out).is_empty(), "{out:?}");
     // It completes: W is claimed.
     let out = l.step(
-        Input::Changed {
-            task: id("B"),
-            status: Some(TaskStatus::Complete),
-            holder: None,
-        },
+        changed("B", TaskStatus::Complete, None),
         now + Duration::from_secs(2),
     );
     assert_eq!(claims(&out), ["W"]);
@@ -427,17 +410,7 @@ fn a_store_that_says_blocked_gets_its_blockers_read_again_not_a_claim_storm() {
 #[test]
 fn the_event_of_its_own_claim_arriving_after_the_completion_does_not_bring_the_task_back() {
     let now = Instant::now();
-    let mut p = plan(&["T", "U"]);
-    p.until_done = false;
-    let mut l = ClaimLoop::new(p);
-    l.step(
-        Input::Snapshot(vec![
-            task("T", TaskStatus::Available, &[]),
-            task("U", TaskStatus::Available, &[]),
-        ]),
-        now,
-    );
-    l.step(won("T", 1), now);
+    let mut l = running_t_of_t_and_u(now, 1);
     l.step(
         Input::Exited {
             task: id("T"),
@@ -450,14 +423,7 @@ fn the_event_of_its_own_claim_arriving_after_the_completion_does_not_bring_the_t
     l.step(won("U", 3), now);
     // The store's events lag (a loaded machine): the one of T's claim, older than the completion
     // the loop already knows, arrives while U runs; T's completion only after U is done.
-    let out = l.step(
-        Input::Changed {
-            task: id("T"),
-            status: Some(TaskStatus::Claimed),
-            holder: Some(sid("me")),
-        },
-        now,
-    );
+    let out = l.step(changed("T", TaskStatus::Claimed, Some("me")), now);
     assert!(claims(&out).is_empty(), "{out:?}");
     l.step(
         Input::Exited {
@@ -471,22 +437,8 @@ fn the_event_of_its_own_claim_arriving_after_the_completion_does_not_bring_the_t
         claims(&out).is_empty(),
         "T was completed by this loop: not claimed again: {out:?}"
     );
-    l.step(
-        Input::Changed {
-            task: id("T"),
-            status: Some(TaskStatus::Complete),
-            holder: Some(sid("me")),
-        },
-        now,
-    );
+    l.step(changed("T", TaskStatus::Complete, Some("me")), now);
     // Reset to available by an operator, T is this session's to claim again.
-    let out = l.step(
-        Input::Changed {
-            task: id("T"),
-            status: Some(TaskStatus::Available),
-            holder: None,
-        },
-        now,
-    );
+    let out = l.step(changed("T", TaskStatus::Available, None), now);
     assert_eq!(claims(&out), ["T"]);
 }
