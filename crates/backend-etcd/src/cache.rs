@@ -37,7 +37,7 @@ pub(crate) struct Repair {
 
 type Face = Option<(TaskStatus, Option<SessionId>)>;
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Cache {
     pub synced: bool,
     pub revision: i64,
@@ -49,18 +49,6 @@ pub(crate) struct Cache {
 }
 
 impl Cache {
-    /// An empty, unsynced mirror.
-    pub fn new() -> Cache {
-        Cache {
-            synced: false,
-            revision: 0,
-            records: HashMap::new(),
-            claims: HashMap::new(),
-            outbox: Vec::new(),
-            held: HashMap::new(),
-        }
-    }
-
     /// What watchers see of a task: its effective status and holder.
     fn face(&self, id: &TaskId) -> Face {
         let stored = self.records.get(id)?;

@@ -1,11 +1,10 @@
 //! What etcd itself costs, measured through this backend's own connection: a bare
 //! compare-and-swap transaction and a bare watch, the floors `ifc bench` compares claims and
-//! notifications with; the watch cache's view of a task (what a claim loop would look at before
-//! trying); and the removal of a scratch namespace afterwards.
+//! notifications with; and the removal of a scratch namespace afterwards.
 
 use std::time::Duration;
 
-use agent_core::{BackendError, BackendResult, SessionId, TaskId, TaskStatus};
+use agent_core::{BackendError, BackendResult, SessionId};
 use etcd_client::{
     Compare, CompareOp, DeleteOptions, EventType, PutOptions, Txn, TxnOp, WatchOptions,
     WatchRequestSender, WatchResponseStream,
@@ -100,12 +99,6 @@ impl EtcdBackend {
             endpoints: self.endpoints().to_owned(),
             deadline: self.inner.conn.request_timeout() * 5,
         })
-    }
-
-    /// The status this backend's watch cache shows for `task` (`None`: unknown, or the cache is
-    /// not running). No call to etcd.
-    pub fn cached_status(&self, task: &TaskId) -> Option<TaskStatus> {
-        self.inner.cache().status(task)
     }
 
     /// Deletes every key under this backend's prefix. Only for a scratch namespace of its own

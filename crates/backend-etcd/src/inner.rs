@@ -42,7 +42,7 @@ impl Inner {
             keys: Keys::new(&config.prefix),
             conn,
             config,
-            cache: Mutex::new(Cache::new()),
+            cache: Mutex::new(Cache::default()),
             fanout: Fanout::default(),
             synced: Notify::new(),
             watching: AtomicBool::new(false),

@@ -2,14 +2,12 @@
 //! by our own loop (one short keep-alive stream per renewal). When the lease cannot be renewed
 //! before its deadline, or etcd says it is gone, every claim under it is reported lost.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use agent_core::retry::Backoff;
-use agent_core::{BackendResult, SessionId};
-use std::collections::HashMap;
-use std::sync::MutexGuard;
-
+use agent_core::{BackendError, BackendResult, SessionId};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
@@ -108,8 +106,8 @@ impl Inner {
                 return;
             }
             let sent = Instant::now();
-            // Opening the stream sends one renewal and waits for its answer; etcd-client reports
-            // a lease etcd no longer has as "lease not found". The stream closes when dropped.
+            // Opening the stream sends one renewal and waits for its answer. The stream closes
+            // when dropped.
             let renew = |mut c: etcd_client::Client| async move {
                 c.lease_keep_alive(lease).await.map(drop)
             };
@@ -122,7 +120,7 @@ impl Inner {
                     next = sent + period;
                     backoff.reset();
                 }
-                Err(e) if e.to_string().contains("lease not found") => return,
+                Err(e) if lease_gone(&e) => return,
                 Err(e) => {
                     tracing::debug!(lease, error = %e, "lease keep-alive failed; retrying");
                     next = Instant::now() + backoff.next_delay();
@@ -130,4 +128,10 @@ impl Inner {
             }
         }
     }
+}
+
+/// Whether etcd said the lease does not exist (expired or revoked): "requested lease not found"
+/// from a write under it, "lease not found" from etcd-client's keep-alive.
+pub(crate) fn lease_gone(e: &BackendError) -> bool {
+    e.to_string().contains("lease not found")
 }

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use agent_core::{
     Backend, BackendError, BackendResult, ClaimOutcome, FencingToken, Health, Listing, Mirrored,
     Presence, PutOutcome, RecordOutcome, ReleaseOutcome, ReleaseTo, SessionId, Subscription, Task,
-    TaskId, TaskPatch,
+    TaskId, TaskPatch, TaskStatus,
 };
 use async_trait::async_trait;
 use tokio::sync::{mpsc, OnceCell};
@@ -111,6 +111,12 @@ impl EtcdBackend {
     /// adopts it by claiming it). `dry_run` decides without writing.
     pub async fn import(&self, task: &Task, force: bool, dry_run: bool) -> BackendResult<Imported> {
         self.inner.import(task, force, dry_run).await
+    }
+
+    /// The status this backend's watch cache shows for `task` (`None`: unknown, or the cache is
+    /// not running). No call to etcd.
+    pub fn cached_status(&self, task: &TaskId) -> Option<TaskStatus> {
+        self.inner.cache().status(task)
     }
 
     /// The endpoints this backend talks to, comma-separated.

@@ -249,9 +249,7 @@ impl Inner {
                 .or_else(read_ops(&self.keys, id, &current.blocked_by));
             let resp = match self.conn.txn("claim", txn).await {
                 // etcd ended the lease before our keep-alive loop noticed: take a new one.
-                Err(e)
-                    if lease.is_some() && e.to_string().contains("requested lease not found") =>
-                {
+                Err(e) if lease.is_some() && crate::lease::lease_gone(&e) => {
                     if let Some(gone) = lease {
                         self.forget_lease(session, gone);
                     }

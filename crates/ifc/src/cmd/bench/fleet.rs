@@ -95,7 +95,8 @@ impl Fleet {
                     b.inc(1);
                 }
             }
-            let backend = Arc::clone(&backends[slot(k, sessions, measured, backends.len())]);
+            let at = slot(k, sessions, measured, backends.len());
+            let backend = Arc::clone(&backends[at]);
             let presence = Presence {
                 session_id: id.clone(),
                 state: "idle".into(),
@@ -109,7 +110,7 @@ impl Fleet {
             let delivered = Arc::clone(&delivered);
             let observer = (k + 1 == sessions).then(|| observer_tx.clone());
             // A session's lease timer and its subscription's task run where its set-up does.
-            let on = match slot(k, sessions, measured, backends.len()) < measured {
+            let on = match at < measured {
                 true => tokio::runtime::Handle::current(),
                 false => runtime.handle().clone(),
             };

@@ -282,24 +282,12 @@ async fn measure(
 
 /// Creates `tasks`, 64 at a time.
 async fn create(fleet: &Fleet, tasks: &[TaskId]) -> Result<()> {
-    let bar = crate::output::progress(tasks.len(), "creating tasks");
-    for chunk in tasks.chunks(64) {
-        let mut puts = tokio::task::JoinSet::new();
-        for id in chunk {
-            let (b, id) = (Arc::clone(fleet.backend_of(0)), id.clone());
-            puts.spawn(async move { b.put(&id, &TaskPatch::default()).await });
-        }
-        while let Some(r) = puts.join_next().await {
-            r.context("a task creation crashed")??;
-        }
-        if let Some(b) = &bar {
-            b.inc(chunk.len() as u64);
-        }
-    }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    Ok(())
+    phases::in_chunks(tasks.len(), |i| {
+        let (b, id) = (Arc::clone(fleet.backend_of(0)), tasks[i].clone());
+        async move { b.put(&id, &TaskPatch::default()).await }
+    })
+    .await
+    .map(drop)
 }
 
 fn table(r: &Report, out: &mut impl Write) -> Result<()> {

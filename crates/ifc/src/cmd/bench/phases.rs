@@ -19,8 +19,8 @@ use super::fleet::{Fleet, Heard};
 /// Who won each task, over the whole run.
 pub type Winners = BTreeMap<TaskId, Vec<SessionId>>;
 
-/// Sequential samples: one session's claims and a bare transaction on the same connection,
-/// alternating which goes first; each claim timed until another session (the last one in the
+/// Sequential samples: one session's claims, a bare transaction and a claim-shaped one on the same
+/// connection, rotating which goes first; each claim timed until another session (the last one in the
 /// fan-out) hears it, and the bare transaction until a bare watch on that session's connection
 /// does. Each sample starts once every session has heard the previous claim, so a sample is not
 /// measured while the fan-out of the one before still runs (that is the event figure).
@@ -51,54 +51,60 @@ pub async fn latency(
         let mut order = [Kind::Bare, Kind::Shaped, Kind::Claim];
         order.rotate_left(i % 3);
         for kind in order {
-            if kind == Kind::Shaped {
-                let t0 = Instant::now();
-                if !backend
-                    .bare_claim_txn(&format!("shaped/{i}"), shaped[i], claimer)
-                    .await?
-                {
-                    bail!("claim-shaped transaction shaped/{i} found its keys changed");
-                }
-                out.shaped_txn.push(t0.elapsed());
-            } else if kind == Kind::Bare {
-                let name = format!("latency/{i}");
-                let t0 = Instant::now();
-                if !backend.bare_txn(&name).await? {
-                    bail!("bare transaction {name} found its key already there");
-                }
-                out.bare_txn.push(t0.elapsed());
-                bare_watch.heard(&name).await?;
-                out.bare_watch.push(t0.elapsed());
-            } else {
-                let t0 = Instant::now();
-                let outcome = backend.claim(task, claimer).await?;
-                out.claim.push(t0.elapsed());
-                let ClaimOutcome::Won(_) = outcome else {
-                    bail!("the only claimer of {task} did not win it: {outcome:?}");
-                };
-                winners
-                    .entry(task.clone())
-                    .or_default()
-                    .push(claimer.clone());
-                loop {
-                    let (id, at) = tokio::time::timeout(Duration::from_secs(30), heard.recv())
-                        .await
-                        .with_context(|| format!("no session heard the claim of {task} in 30 s"))?
-                        .context("the observer session stopped")?;
-                    if &id == task {
-                        out.event.push(at.saturating_duration_since(t0));
-                        break;
+            match kind {
+                Kind::Shaped => {
+                    let t0 = Instant::now();
+                    if !backend
+                        .bare_claim_txn(&format!("shaped/{i}"), shaped[i], claimer)
+                        .await?
+                    {
+                        bail!("claim-shaped transaction shaped/{i} found its keys changed");
                     }
+                    out.shaped_txn.push(t0.elapsed());
                 }
-                delivered += fleet.sessions.len() as u64;
-                fleet.await_delivered(delivered).await?;
+                Kind::Bare => {
+                    let name = format!("latency/{i}");
+                    let t0 = Instant::now();
+                    if !backend.bare_txn(&name).await? {
+                        bail!("bare transaction {name} found its key already there");
+                    }
+                    out.bare_txn.push(t0.elapsed());
+                    bare_watch.heard(&name).await?;
+                    out.bare_watch.push(t0.elapsed());
+                }
+                Kind::Claim => {
+                    let t0 = Instant::now();
+                    let outcome = backend.claim(task, claimer).await?;
+                    out.claim.push(t0.elapsed());
+                    let ClaimOutcome::Won(_) = outcome else {
+                        bail!("the only claimer of {task} did not win it: {outcome:?}");
+                    };
+                    winners
+                        .entry(task.clone())
+                        .or_default()
+                        .push(claimer.clone());
+                    loop {
+                        let (id, at) = tokio::time::timeout(Duration::from_secs(30), heard.recv())
+                            .await
+                            .with_context(|| {
+                                format!("no session heard the claim of {task} in 30 s")
+                            })?
+                            .context("the observer session stopped")?;
+                        if &id == task {
+                            out.event.push(at.saturating_duration_since(t0));
+                            break;
+                        }
+                    }
+                    delivered += fleet.sessions.len() as u64;
+                    fleet.await_delivered(delivered).await?;
+                }
             }
         }
     }
     Ok(out)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 enum Kind {
     Bare,
     Shaped,
@@ -215,17 +221,41 @@ async fn bare_rate(fleet: &Fleet, workers: usize, total: usize, shaped: bool) ->
 /// Writes the records of `n` claim-shaped transactions `<tag>/<i>` (64 at a time), like tasks
 /// created before they are claimed; their mod revisions.
 async fn prepare_shaped(backend: &Arc<EtcdBackend>, tag: &str, n: usize) -> Result<Vec<i64>> {
-    let mut revs = vec![0; n];
-    for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
+    in_chunks(n, |i| {
+        let (backend, name) = (Arc::clone(backend), format!("{tag}/{i}"));
+        async move { backend.bare_claim_prepare(&name).await }
+    })
+    .await
+}
+
+/// Runs `op(0..n)` 64 at a time; the results in order. Set-up writes, not measured.
+pub async fn in_chunks<T, F, Fut>(n: usize, op: F) -> Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = agent_core::BackendResult<T>> + Send + 'static,
+{
+    let mut out = Vec::with_capacity(n);
+    let bar = crate::output::progress(n, "writing tasks");
+    for start in (0..n).step_by(64) {
         let mut set = JoinSet::new();
-        for &i in chunk {
-            let (backend, name) = (Arc::clone(backend), format!("{tag}/{i}"));
-            set.spawn(async move { (i, backend.bare_claim_prepare(&name).await) });
+        for i in start..(start + 64).min(n) {
+            let fut = op(i);
+            set.spawn(async move { (i, fut.await) });
         }
+        let mut chunk = Vec::with_capacity(set.len());
         while let Some(done) = set.join_next().await {
-            let (i, rev) = done.context("a record write crashed")?;
-            revs[i] = rev?;
+            let (i, r) = done.context("a set-up write crashed")?;
+            chunk.push((i, r?));
         }
+        chunk.sort_by_key(|(i, _)| *i);
+        if let Some(b) = &bar {
+            b.inc(chunk.len() as u64);
+        }
+        out.extend(chunk.into_iter().map(|(_, r)| r));
     }
-    Ok(revs)
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(out)
 }
