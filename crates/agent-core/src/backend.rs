@@ -165,6 +165,23 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// heartbeat goes stale), without anyone deleting it.
     async fn announce(&self, presence: &Presence) -> BackendResult<()>;
 
+    /// Makes this process the one that runs `presence.session_id` and publishes its presence. A
+    /// session id is live in one process at a time: if another process that may be alive runs
+    /// it, nothing is written and its presence is returned, unless `take_over`, which ends that
+    /// process's claims (it is fenced) and takes the id. A presence whose process is known to be
+    /// gone (same host, no such pid) is taken over without asking.
+    ///
+    /// # Correctness
+    /// Compare-and-swap: of two processes registering one session id at once, one gets `None`.
+    async fn register(
+        &self,
+        presence: &Presence,
+        take_over: bool,
+    ) -> BackendResult<Option<Presence>> {
+        let _ = take_over;
+        self.announce(presence).await.map(|()| None)
+    }
+
     /// The sessions whose presence is live, sorted by session id.
     async fn sessions(&self) -> BackendResult<Vec<Presence>>;
 

@@ -227,6 +227,15 @@ impl ClaimLoop {
                         }
                     }
                     ClaimOutcome::Lost { holder } => {
+                        if holder.as_ref() == Some(&self.plan.session) {
+                            // Held by this session in another process (its own lease): that
+                            // process runs it. Asked again after the backoff, or when it ends.
+                            out.push(Output::Note(format!(
+                                "{task} is held by this session in another process: not taken over"
+                            )));
+                            self.not_before
+                                .insert(task.clone(), now + self.plan.retry_backoff);
+                        }
                         if let Some(t) = self.view.get_mut(&task) {
                             t.status = TaskStatus::Claimed;
                             t.claimed_by = holder;

@@ -47,6 +47,15 @@ pub enum BackendError {
         /// What it said.
         reason: String,
     },
+    /// The session id is live in another process (a second agent with the same session file, or
+    /// this one was taken over). Not retryable while that process runs.
+    #[error("session {session} is running in another process: {elsewhere}")]
+    SessionElsewhere {
+        /// The session id.
+        session: String,
+        /// Where it runs (pid, host, since when) and what to do about it.
+        elsewhere: String,
+    },
 }
 
 impl BackendError {

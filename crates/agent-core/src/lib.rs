@@ -14,6 +14,7 @@ pub mod ids;
 pub mod memory;
 pub mod mirror;
 pub mod model;
+pub mod process;
 pub mod retry;
 pub mod router;
 pub mod yaml;

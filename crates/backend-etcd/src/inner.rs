@@ -32,6 +32,9 @@ pub(crate) struct Inner {
     /// Each session's live lease (granted on its first leased claim or announce). The map lock
     /// is never held across a call to etcd: sessions are granted their leases in parallel.
     pub leases: Mutex<HashMap<SessionId, Arc<OnceCell<i64>>>>,
+    /// Every lease this client was granted: a claim under one of them is this process's own
+    /// (a re-claim after a lease was replaced is not a claim of another process).
+    pub granted: Mutex<std::collections::HashSet<i64>>,
     pub repairs: mpsc::UnboundedSender<Repair>,
     tasks: Mutex<Vec<AbortHandle>>,
 }
@@ -48,6 +51,7 @@ impl Inner {
             watching: AtomicBool::new(false),
             reconnects: std::sync::atomic::AtomicU64::new(0),
             leases: Mutex::new(HashMap::new()),
+            granted: Mutex::new(Default::default()),
             repairs,
             tasks: Mutex::new(Vec::new()),
         }

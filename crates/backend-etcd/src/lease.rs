@@ -35,6 +35,10 @@ impl Inner {
         let grant = |mut c: etcd_client::Client| async move { c.lease_grant(secs, None).await };
         let resp = self.conn.call("lease grant", grant).await?;
         let id = resp.id();
+        self.granted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
         let ttl = Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(1));
         let inner = Arc::clone(self);
         let session = session.clone();
@@ -82,6 +86,16 @@ impl Inner {
                 tracing::debug!(lease = id, error = %e, "lease revoke failed; it will expire");
             }
         }
+    }
+
+    /// Whether `lease` was granted to this client (0, no lease, is nobody's).
+    pub(crate) fn granted_here(&self, lease: i64) -> bool {
+        lease != 0
+            && self
+                .granted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&lease)
     }
 
     /// The lease `session` currently holds through this backend, if any.

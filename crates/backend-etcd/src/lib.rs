@@ -185,6 +185,14 @@ impl Backend for EtcdBackend {
         self.inner.announce(presence).await
     }
 
+    async fn register(
+        &self,
+        presence: &Presence,
+        take_over: bool,
+    ) -> BackendResult<Option<Presence>> {
+        self.inner.register(presence, take_over).await
+    }
+
     async fn sessions(&self) -> BackendResult<Vec<Presence>> {
         self.inner.sessions().await
     }

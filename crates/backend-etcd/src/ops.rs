@@ -204,7 +204,19 @@ impl Inner {
                 Ok(None) => return Ok(ClaimOutcome::NotFound),
                 Err(e) => return Err(e),
             };
-            let verdict = current.claimability(session, |b| view.blocker_status(b));
+            let mut verdict = current.claimability(session, |b| view.blocker_status(b));
+            // The session holds it already under a lease of another process (a second agent
+            // with the same session id, a CLI command while the agent runs it): that process
+            // runs it; only it may claim it again. A claim without a lease (a CLI claim, a
+            // migrated row) is the session's to adopt from anywhere.
+            let elsewhere = current.status == TaskStatus::Claimed
+                && view
+                    .claim
+                    .as_ref()
+                    .is_some_and(|c| c.lease != 0 && !self.granted_here(c.lease));
+            if verdict == Claimability::Yes && elsewhere {
+                verdict = Claimability::Held(Some(session.clone()));
+            }
             if verdict != Claimability::Yes {
                 // A "no" from the cache is confirmed by a read before it is reported.
                 if !fresh {

@@ -1,26 +1,134 @@
 //! Session presence: `<prefix>sessions/<session_id>`, JSON bound to the session's lease, so a
-//! session that dies disappears from `ifc status` by itself.
+//! session that dies disappears from `ifc status` by itself. The key is also the session's
+//! registration: it is created only if absent, and rewritten only under the lease that created
+//! it, so a session id runs in one process at a time.
 
 use std::sync::Arc;
 
-use agent_core::{BackendResult, Presence};
-use etcd_client::{GetOptions, PutOptions};
+use agent_core::{BackendError, BackendResult, Presence};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
 
 use crate::inner::Inner;
 
+/// How many times a registration retries when the key changes under it.
+const ROUNDS: usize = 8;
+
+/// What the presence key holds: who runs the session (unreadable: an unknown process).
+fn holder(kv: &KeyValue, id: &agent_core::SessionId) -> Presence {
+    serde_json::from_slice::<Presence>(kv.value()).unwrap_or_else(|_| Presence {
+        session_id: id.clone(),
+        state: "unknown".into(),
+        current_task: None,
+        backend: "etcd".into(),
+        started_at: chrono::Utc::now(),
+        pid: 0,
+        host: String::new(),
+        version: String::new(),
+    })
+}
+
 impl Inner {
-    pub(crate) async fn announce(self: &Arc<Self>, presence: &Presence) -> BackendResult<()> {
+    /// Writes the presence: created if absent, rewritten if ours (our lease); otherwise the
+    /// current key (another process runs the session).
+    async fn put_presence(
+        self: &Arc<Self>,
+        presence: &Presence,
+    ) -> BackendResult<Result<(), KeyValue>> {
         let lease = self.lease_for(&presence.session_id).await?;
         let key = self.keys.session(&presence.session_id);
         let value = serde_json::to_vec(presence).unwrap_or_default();
-        let put = |mut c: etcd_client::Client| {
-            let (key, value) = (key.clone(), value.clone());
-            async move {
-                c.put(key, value, lease.map(|l| PutOptions::new().with_lease(l)))
-                    .await
+        let put = TxnOp::put(
+            key.clone(),
+            value,
+            lease.map(|l| PutOptions::new().with_lease(l)),
+        );
+        let mut compare = Compare::lease(key.clone(), CompareOp::Equal, lease.unwrap_or(0));
+        for _ in 0..ROUNDS {
+            let txn = Txn::new()
+                .when(vec![compare])
+                .and_then(vec![put.clone()])
+                .or_else(vec![TxnOp::get(key.clone(), None)]);
+            let resp = self.conn.txn("announce", txn).await?;
+            if resp.succeeded() {
+                return Ok(Ok(()));
             }
-        };
-        self.conn.call("announce", put).await.map(drop)
+            let current = resp.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+                _ => None,
+            });
+            compare = match current {
+                None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                // Under a lease this client had before (it lost touch and got a new one).
+                Some(kv) if self.granted_here(kv.lease()) => {
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())
+                }
+                Some(kv) => return Ok(Err(kv)),
+            };
+        }
+        Err(BackendError::Unavailable {
+            endpoint: self.conn.endpoints().to_owned(),
+            reason: format!("{key}: changed during every attempt to write it"),
+        })
+    }
+
+    pub(crate) async fn announce(self: &Arc<Self>, presence: &Presence) -> BackendResult<()> {
+        match self.put_presence(presence).await? {
+            Ok(()) => Ok(()),
+            Err(kv) => {
+                let other = holder(&kv, &presence.session_id);
+                Err(BackendError::SessionElsewhere {
+                    session: presence.session_id.to_string(),
+                    elsewhere: agent_core::process::describe(&other),
+                })
+            }
+        }
+    }
+
+    pub(crate) async fn register(
+        self: &Arc<Self>,
+        presence: &Presence,
+        take_over: bool,
+    ) -> BackendResult<Option<Presence>> {
+        for _ in 0..ROUNDS {
+            let kv = match self.put_presence(presence).await? {
+                Ok(()) => return Ok(None),
+                Err(kv) => kv,
+            };
+            let other = holder(&kv, &presence.session_id);
+            let gone = other.pid != 0 && !agent_core::process::may_be_alive(other.pid, &other.host);
+            if !take_over && !gone {
+                return Ok(Some(other));
+            }
+            tracing::warn!(session = %presence.session_id, pid = other.pid, host = %other.host, gone, "taking the session over from another process: its claims end now");
+            if kv.lease() != 0 {
+                let id = kv.lease();
+                let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(id).await };
+                if let Err(e) = self.conn.call("lease revoke", revoke).await {
+                    if !crate::lease::lease_gone(&e) {
+                        return Err(e);
+                    }
+                }
+            } else {
+                let key = self.keys.session(&presence.session_id);
+                let txn = Txn::new()
+                    .when(vec![Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        kv.mod_revision(),
+                    )])
+                    .and_then(vec![TxnOp::delete(key, None)]);
+                self.conn.txn("take over", txn).await?;
+            }
+        }
+        Err(BackendError::Unavailable {
+            endpoint: self.conn.endpoints().to_owned(),
+            reason: format!(
+                "{}: the session's presence kept changing",
+                self.keys.session(&presence.session_id)
+            ),
+        })
     }
 
     pub(crate) async fn sessions(&self) -> BackendResult<Vec<Presence>> {

@@ -31,6 +31,10 @@ pub struct GitConfig {
     pub session: Option<SessionId>,
     /// For a remote on this machine: watch its refs and poll as soon as they change.
     pub watch_remote: bool,
+    /// The agent process this clone serves (`agent_core::process::this_process`): its claims are
+    /// re-claimed only by it while it may be alive. `None` for one-shot commands, whose claims
+    /// their session adopts from any process.
+    pub process: Option<String>,
 }
 
 impl GitConfig {
@@ -49,6 +53,7 @@ impl GitConfig {
             author: ("ifc".into(), "ifc@localhost".into()),
             session: None,
             watch_remote: true,
+            process: None,
         }
     }
 

@@ -95,6 +95,11 @@ pub(crate) struct Core {
     announced: HashMap<SessionId, agent_core::Presence>,
     /// When each session's STATUS `updated_at` was last written by a push that landed.
     heartbeats: HashMap<SessionId, Instant>,
+    /// Claims (task, token) this process gave up without a release (fenced itself): its STATUS
+    /// writes stop listing them, whoever else of the session wrote them there.
+    relinquished: std::collections::HashSet<(TaskId, u64)>,
+    /// Sessions another process took over from this one, and who took them.
+    evicted: HashMap<SessionId, agent_core::Presence>,
 }
 
 impl std::fmt::Debug for Core {
@@ -131,6 +136,8 @@ impl Core {
             held: HashMap::new(),
             heartbeats: HashMap::new(),
             announced: HashMap::new(),
+            relinquished: Default::default(),
+            evicted: HashMap::new(),
         };
         // Start from the current head: subscribers get it as their snapshot.
         let snap = core.snapshot()?;
@@ -325,6 +332,7 @@ impl Core {
 
     fn lose(&mut self, id: &TaskId) {
         if let Some(held) = self.held.remove(id) {
+            self.relinquished.insert((id.clone(), held.token));
             tracing::warn!(task = %id, session = %held.session, "claim lost");
             self.broadcast(BackendEvent::ClaimLost {
                 task: id.clone(),
@@ -404,28 +412,48 @@ impl Core {
             .map(|t| snap.effective(t, self.config.stale_after)))
     }
 
-    /// The STATUS file `session` writes with its claims as this backend holds them.
+    /// The STATUS file `session` writes next to the board `rows`: the claims the file at the head
+    /// lists that the rows still show held by `session` (written by other processes of the same
+    /// session: CLI commands, an agent), minus those this process gave up, plus this backend's
+    /// own, `extra` added and `without` removed. Merged under the push's compare-and-swap, so no
+    /// writer drops another's claim.
     fn status_file(
         &self,
+        snap: &Snapshot,
+        rows: &[BoardTask],
         session: &SessionId,
         current: Option<&TaskId>,
         extra: Option<(&TaskId, &ClaimRecord)>,
         without: Option<&TaskId>,
     ) -> (String, Vec<u8>) {
-        let mut claims: BTreeMap<TaskId, ClaimRecord> = self
-            .held
-            .iter()
-            .filter(|(_, h)| &h.session == session)
-            .map(|(t, h)| {
-                (
-                    t.clone(),
-                    ClaimRecord {
-                        token: h.token,
-                        at: h.at.clone(),
-                    },
-                )
+        let file = snap.statuses.get(session);
+        let still_held = |t: &TaskId| {
+            rows.iter().any(|r| {
+                &r.id == t && r.status == TaskStatus::Claimed && r.owner.as_ref() == Some(session)
             })
+        };
+        let mut claims: BTreeMap<TaskId, ClaimRecord> = file
+            .and_then(|f| f.claims.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|(t, c)| Some((TaskId::parse(t).ok()?, c.clone())))
+            .filter(|(t, c)| still_held(t) && !self.relinquished.contains(&(t.clone(), c.token)))
             .collect();
+        claims.extend(
+            self.held
+                .iter()
+                .filter(|(_, h)| &h.session == session)
+                .map(|(t, h)| {
+                    (
+                        t.clone(),
+                        ClaimRecord {
+                            token: h.token,
+                            at: h.at.clone(),
+                            process: self.config.process.clone(),
+                        },
+                    )
+                }),
+        );
         if let Some((t, record)) = extra {
             claims.insert(t.clone(), record.clone());
         }
@@ -438,7 +466,9 @@ impl Core {
             SessionState::Working
         };
         let current = current.or_else(|| claims.keys().next());
-        let presence = self.announced.get(session);
+        // A one-shot command keeps what the running agent published about itself.
+        let kept = file.and_then(StatusIn::presence);
+        let presence = self.announced.get(session).or(kept.as_ref());
         (
             self.config.status_path(session),
             status::render(session, state, current, &claims, presence),
@@ -452,6 +482,12 @@ impl Core {
         session: &SessionId,
     ) -> BackendResult<Option<ClaimOutcome>> {
         let snap = self.sync()?;
+        if let Some(other) = self.taken_over(session)? {
+            return Err(BackendError::SessionElsewhere {
+                session: session.to_string(),
+                elsewhere: agent_core::process::describe(&other),
+            });
+        }
         let Some(row) = snap.find(id) else {
             return Ok(Some(ClaimOutcome::NotFound));
         };
@@ -465,19 +501,33 @@ impl Core {
             Claimability::No(status) => return Ok(Some(ClaimOutcome::NotClaimable { status })),
             Claimability::Yes => {}
         }
+        // The session holds it already: only the process that holds it (or, for a one-shot
+        // command's claim, any process of the session) may claim it again.
+        let elsewhere = current.status == TaskStatus::Claimed
+            && snap
+                .statuses
+                .get(session)
+                .and_then(|s| s.claim(id))
+                .is_some_and(|c| c.held_by_other_process(self.config.process.as_deref()))
+            && !self.held.contains_key(id);
+        if elsewhere {
+            return Ok(Some(ClaimOutcome::Lost {
+                holder: Some(session.clone()),
+            }));
+        }
         let token = snap.depth + 1;
         let mut tasks = snap.board.tasks().to_vec();
         if let Some(t) = tasks.iter_mut().find(|t| &t.id == id) {
             t.status = TaskStatus::Claimed;
             t.owner = Some(session.clone());
         }
-        let record = ClaimRecord::now(token);
+        let record = ClaimRecord::now(token, self.config.process.clone());
         let files = vec![
             (
                 self.config.board.clone(),
                 snap.board.render(&tasks).into_bytes(),
             ),
-            self.status_file(session, Some(id), Some((id, &record)), None),
+            self.status_file(&snap, &tasks, session, Some(id), Some((id, &record)), None),
         ];
         let message = format!(
             "claim {id} for {session}\n\n{}",
@@ -550,7 +600,7 @@ impl Core {
                 self.config.board.clone(),
                 snap.board.render(&tasks).into_bytes(),
             ),
-            self.status_file(session, None, None, Some(id)),
+            self.status_file(&snap, &tasks, session, None, None, Some(id)),
         ];
         let token = live_token.unwrap_or_default();
         let verb = if to == ReleaseTo::Complete {
@@ -675,7 +725,8 @@ impl Core {
                 own.insert(h.clone());
                 held.remove(&want.task);
                 if next.status == TaskStatus::Claimed {
-                    let record = ClaimRecord::now(token.unwrap_or_default());
+                    let record =
+                        ClaimRecord::now(token.unwrap_or_default(), self.config.process.clone());
                     held.insert(
                         want.task.clone(),
                         Held {
@@ -696,7 +747,10 @@ impl Core {
             self.config.board.clone(),
             snap.board.render(&tasks).into_bytes(),
         )];
-        files.extend(own.iter().map(|s| self.status_file(s, None, None, None)));
+        files.extend(
+            own.iter()
+                .map(|s| self.status_file(&snap, &tasks, s, None, None, None)),
+        );
         let written = Instant::now();
         let written_count = out.iter().filter(|o| **o == RecordOutcome::Written).count();
         let message =
@@ -724,8 +778,12 @@ impl Core {
     /// Refreshes the STATUS files of the sessions that hold claims here. `Ok(false)`: the push
     /// was rejected (try again soon). Claims whose heartbeat is getting old are fenced first.
     pub fn heartbeat(&mut self) -> BackendResult<bool> {
-        self.sync()?;
+        let snap = self.sync()?;
         self.fence_if_silent();
+        let announced: Vec<SessionId> = self.announced.keys().cloned().collect();
+        for session in announced {
+            self.taken_over(&session)?;
+        }
         let sessions: std::collections::BTreeSet<SessionId> = self
             .held
             .values()
@@ -737,7 +795,7 @@ impl Core {
         }
         let files: Vec<(String, Vec<u8>)> = sessions
             .iter()
-            .map(|s| self.status_file(s, None, None, None))
+            .map(|s| self.status_file(&snap, snap.board.tasks(), s, None, None, None))
             .collect();
         let written = Instant::now();
         let message = sessions.iter().fold("heartbeat\n\n".to_owned(), |m, s| {
@@ -775,12 +833,117 @@ impl Core {
         }
     }
 
-    /// One announce attempt (writes the session's STATUS file): `None` when the push was rejected.
-    pub fn announce(&mut self, presence: &agent_core::Presence) -> BackendResult<Option<()>> {
+    /// The session's STATUS file at the head, if it is that session's.
+    fn status_at_head(&self, session: &SessionId) -> BackendResult<Option<StatusIn>> {
+        let path = self.config.status_path(session);
+        Ok(self
+            .clone
+            .read(&path)?
+            .map(|b| StatusIn::parse(&path, &b))
+            .filter(|s| {
+                s.session_id
+                    .as_deref()
+                    .is_none_or(|id| id == session.as_str())
+            }))
+    }
+
+    /// Another live process that runs `session`, as its STATUS file says: a fresh heartbeat
+    /// written by an agent (pid and host) that is not `me` and may be alive.
+    fn other_process(
+        &self,
+        session: &SessionId,
+        me: &agent_core::Presence,
+    ) -> BackendResult<Option<agent_core::Presence>> {
+        let Some(file) = self.status_at_head(session)? else {
+            return Ok(None);
+        };
+        let fresh = file.updated_at().is_some_and(|at| {
+            Utc::now()
+                .signed_duration_since(at)
+                .to_std()
+                .unwrap_or_default()
+                <= self.config.stale_after
+        });
+        Ok(file.presence().filter(|p| {
+            fresh
+                && p.pid != 0
+                && (p.pid, p.host.as_str()) != (me.pid, me.host.as_str())
+                && agent_core::process::may_be_alive(p.pid, &p.host)
+        }))
+    }
+
+    /// Whether another process took `session` over from this one (which announced it): if so,
+    /// this process stops writing its STATUS file and its claims of the session are lost.
+    fn taken_over(&mut self, session: &SessionId) -> BackendResult<Option<agent_core::Presence>> {
+        if let Some(other) = self.evicted.get(session) {
+            return Ok(Some(other.clone()));
+        }
+        let Some(me) = self.announced.get(session).cloned() else {
+            return Ok(None);
+        };
+        let Some(other) = self.other_process(session, &me)? else {
+            return Ok(None);
+        };
+        tracing::error!(%session, pid = other.pid, host = %other.host, "another process took this session over: its claims here end");
+        self.announced.remove(session);
+        self.evicted.insert(session.clone(), other.clone());
+        let lost: Vec<TaskId> = self
+            .held
+            .iter()
+            .filter(|(_, h)| &h.session == session)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in lost {
+            self.lose(&t);
+        }
+        Ok(Some(other))
+    }
+
+    /// One registration attempt (see `Backend::register`): `None` when the push was rejected.
+    pub fn register(
+        &mut self,
+        presence: &agent_core::Presence,
+        take_over: bool,
+    ) -> BackendResult<Option<Option<agent_core::Presence>>> {
         self.sync()?;
+        let session = &presence.session_id;
+        if let Some(other) = self.other_process(session, presence)? {
+            if !take_over {
+                return Ok(Some(Some(other)));
+            }
+            tracing::warn!(%session, pid = other.pid, host = %other.host, "taking the session over from another process: its claims end now");
+        }
+        // Claims another process of this session made as an agent end with the take-over (a
+        // dead one's would otherwise wait for the heartbeat to go stale).
+        let mine = self.config.process.clone();
+        if let Some(claims) = self.status_at_head(session)?.and_then(|f| f.claims) {
+            for (task, c) in claims {
+                let agent = c.process.as_ref().is_some_and(|p| Some(p) != mine.as_ref());
+                if let (true, Ok(task)) = (agent, TaskId::parse(&task)) {
+                    self.relinquished.insert((task, c.token));
+                }
+            }
+        }
+        Ok(self.announce(presence)?.map(|()| None))
+    }
+
+    /// One announce attempt (writes the session's STATUS file): `None` when the push was rejected.
+    /// Once another process has taken the session over, its claims here are lost and the answer
+    /// is `SessionElsewhere`.
+    pub fn announce(&mut self, presence: &agent_core::Presence) -> BackendResult<Option<()>> {
+        let snap = self.sync()?;
+        let session = &presence.session_id;
+        if let Some(other) = self.taken_over(session)? {
+            return Err(BackendError::SessionElsewhere {
+                session: session.to_string(),
+                elsewhere: agent_core::process::describe(&other),
+            });
+        }
         self.announced
             .insert(presence.session_id.clone(), presence.clone());
         let files = vec![self.status_file(
+            &snap,
+            snap.board.tasks(),
             &presence.session_id,
             presence.current_task.as_ref(),
             None,

@@ -319,6 +319,19 @@ impl Backend for GitBackend {
         .await
     }
 
+    async fn register(
+        &self,
+        presence: &Presence,
+        take_over: bool,
+    ) -> BackendResult<Option<Presence>> {
+        let presence = presence.clone();
+        let what = format!("register {}", presence.session_id);
+        rounds(&self.core, &self.remote, what, move |c| {
+            c.register(&presence, take_over)
+        })
+        .await
+    }
+
     async fn sessions(&self) -> BackendResult<Vec<Presence>> {
         blocking(&self.core, |c| c.sessions()).await
     }

@@ -41,14 +41,29 @@ struct StatusOut<'a> {
 pub struct ClaimRecord {
     pub token: u64,
     pub at: String,
+    /// The agent process that holds it (`agent_core::process` id); absent for a claim made by a
+    /// one-shot command, which its session may adopt from any process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
 }
 
 impl ClaimRecord {
-    /// A claim made now with `token`.
-    pub fn now(token: u64) -> ClaimRecord {
+    /// A claim made now with `token` by `process` (`None`: a one-shot command's).
+    pub fn now(token: u64, process: Option<String>) -> ClaimRecord {
         ClaimRecord {
             token,
             at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+            process,
+        }
+    }
+
+    /// Whether another live process holds this claim, so `process` (this one's, `None` for a
+    /// one-shot command) may not take it over.
+    pub fn held_by_other_process(&self, process: Option<&str>) -> bool {
+        match &self.process {
+            None => false,
+            Some(p) if Some(p.as_str()) == process => false,
+            Some(p) => agent_core::process::id_may_be_alive(p),
         }
     }
 }
@@ -123,6 +138,11 @@ impl StatusIn {
         self.claims.as_ref()?.get(task.as_str()).map(|c| c.token)
     }
 
+    /// The session's claim on `task`, if the file records one.
+    pub fn claim(&self, task: &TaskId) -> Option<&ClaimRecord> {
+        self.claims.as_ref()?.get(task.as_str())
+    }
+
     /// When the session's claim on `task` was made, if it records it.
     pub fn claimed_at(&self, task: &TaskId) -> Option<DateTime<Utc>> {
         let at = &self.claims.as_ref()?.get(task.as_str())?.at;
@@ -172,7 +192,7 @@ mod tests {
             &s,
             SessionState::Working,
             Some(&t),
-            &BTreeMap::from([(t.clone(), ClaimRecord::now(7))]),
+            &BTreeMap::from([(t.clone(), ClaimRecord::now(7, None))]),
             None,
         );
         let text = String::from_utf8(bytes.clone()).expect("utf8");

@@ -305,6 +305,11 @@ pub struct AgentArgs {
     /// agents may share one); `ifc check-history` verifies it
     #[arg(long, value_name = "FILE")]
     pub history: Option<PathBuf>,
+    /// Run the session even if another live process runs it (its claims end and it stops; it
+    /// is fenced). Without it, an agent whose session id is live elsewhere exits 5 and names
+    /// that process; one whose earlier process died on this host takes over by itself
+    #[arg(long)]
+    pub take_over: bool,
 }
 
 #[derive(Debug, Args)]

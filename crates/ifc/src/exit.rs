@@ -10,6 +10,8 @@ pub const USAGE: u8 = 2;
 pub const INFRA: u8 = 3;
 /// A stored record is corrupt.
 pub const CORRUPT: u8 = 4;
+/// The session id is live in another process.
+pub const ELSEWHERE: u8 = 5;
 
 /// The exit code for a failed command.
 pub fn code(err: &anyhow::Error) -> u8 {
@@ -21,6 +23,7 @@ pub fn code(err: &anyhow::Error) -> u8 {
                 | BackendError::Rejected { .. } => INFRA,
                 BackendError::Corrupt { .. } => CORRUPT,
                 BackendError::InvalidInput(_) => USAGE,
+                BackendError::SessionElsewhere { .. } => ELSEWHERE,
             };
         }
         if cause.downcast_ref::<InvalidId>().is_some() {

@@ -162,7 +162,7 @@ pub fn check(records: &[Record]) -> Report {
     report.tasks = by_task.len();
     for (task, rs) in &by_task {
         // Runs: from `start` to the first `exit` or `fenced` of that session and token.
-        let mut runs: Vec<(&str, i64, i64)> = Vec::new();
+        let mut runs: Vec<(&str, Option<u64>, i64, i64)> = Vec::new();
         for (i, r) in rs.iter().enumerate().filter(|(_, r)| r.event == "start") {
             let end = rs[i + 1..]
                 .iter()
@@ -172,14 +172,22 @@ pub fn check(records: &[Record]) -> Report {
                             || e.event == "killed")
                 })
                 .map_or(i64::MAX, |e| e.t);
-            runs.push((&r.session, r.t, end));
+            runs.push((&r.session, r.token, r.t, end));
         }
+        // Two runs at once: by two sessions, or by one session id under two claims (two
+        // processes with the same session id).
         for (i, a) in runs.iter().enumerate() {
             for b in &runs[i + 1..] {
-                if a.0 != b.0 && a.1 < b.2 && b.1 < a.2 {
+                let overlap = a.2 < b.3 && b.2 < a.3;
+                if overlap && a.0 != b.0 {
                     report
                         .concurrent_runs
                         .push(format!("{task}: {} and {} ran it at once", a.0, b.0));
+                } else if overlap && a.1 != b.1 {
+                    report.concurrent_runs.push(format!(
+                        "{task}: {} ran it twice at once (tokens {:?} and {:?}: two processes with one session id)",
+                        a.0, a.1, b.1
+                    ));
                 }
             }
         }
@@ -314,5 +322,40 @@ mod tests {
             report.lost_tasks,
             vec!["D: won but never completed".to_owned()]
         );
+    }
+
+    #[test]
+    fn two_runs_of_one_task_at_once_by_one_session_id_are_found() {
+        // Two processes with one session id: the second claims (another token) and starts the
+        // task while the first still runs it.
+        let mut h = vec![
+            r(0, "s1", "A", "won", 1),
+            r(1, "s1", "A", "start", 1),
+            r(2, "s1", "A", "won", 2),
+            r(3, "s1", "A", "start", 2),
+            r(4, "s1", "A", "fenced", 1),
+            r(6, "s1", "A", "exit", 2),
+            r(7, "s1", "A", "complete", 2),
+        ];
+        let report = check(&h);
+        assert_eq!(report.concurrent_runs.len(), 1, "{report:?}");
+        assert!(
+            report.concurrent_runs[0].contains("two processes with one session id"),
+            "{report:?}"
+        );
+        // The same session running it again after the first run ended is a retry, not a
+        // violation.
+        h = vec![
+            r(0, "s1", "A", "won", 1),
+            r(1, "s1", "A", "start", 1),
+            r(2, "s1", "A", "exit", 1),
+            r(3, "s1", "A", "release", 1),
+            r(4, "s1", "A", "won", 2),
+            r(5, "s1", "A", "start", 2),
+            r(6, "s1", "A", "exit", 2),
+            r(7, "s1", "A", "complete", 2),
+        ];
+        let report = check(&h);
+        assert_eq!(report.violations(), 0, "{report:?}");
     }
 }

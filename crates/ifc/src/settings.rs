@@ -76,13 +76,26 @@ pub async fn open_etcd(
     ))
 }
 
-/// Opens the git board (a clone named after `session`).
+/// Opens the git board (a clone named after `session`) for a one-shot command.
 pub async fn open_git(
     g: &Global,
     fleet: Option<&FleetFile>,
     session: Option<&SessionId>,
 ) -> Result<Arc<GitBackend>> {
-    let config = git_config(g, fleet, session)?;
+    open_git_for(g, fleet, session, false).await
+}
+
+/// Opens the git board; `agent`: for this agent process, whose claims only it may re-claim.
+async fn open_git_for(
+    g: &Global,
+    fleet: Option<&FleetFile>,
+    session: Option<&SessionId>,
+    agent: bool,
+) -> Result<Arc<GitBackend>> {
+    let mut config = git_config(g, fleet, session)?;
+    if agent {
+        config.process = Some(agent_core::process::this_process().to_owned());
+    }
     Ok(Arc::new(
         GitBackend::open(config)
             .await
@@ -104,7 +117,7 @@ pub async fn open_router(
 ) -> Result<(Router, Option<Arc<GitBackend>>)> {
     let want_git = mode != Mode::Coordinator || (both && git_configured(g, fleet));
     let git = match want_git {
-        true => Some(open_git(g, fleet, session).await?),
+        true => Some(open_git_for(g, fleet, session, both).await?),
         false => None,
     };
     let etcd: Option<Arc<dyn Backend>> = match mode {

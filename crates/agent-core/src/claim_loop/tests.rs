@@ -442,3 +442,35 @@ fn the_event_of_its_own_claim_arriving_after_the_completion_does_not_bring_the_t
     let out = l.step(changed("T", TaskStatus::Available, None), now);
     assert_eq!(claims(&out), ["T"]);
 }
+
+#[test]
+fn a_task_held_by_this_session_in_another_process_is_asked_again_only_after_the_backoff() {
+    let now = Instant::now();
+    let mut p = plan(&["T"]);
+    p.until_done = false;
+    let mut l = ClaimLoop::new(p);
+    let mut held = task("T", TaskStatus::Claimed, &[]);
+    held.claimed_by = Some(sid("me"));
+    // A task the store shows held by this session reads as "adopt it": one claim.
+    let out = l.step(Input::Snapshot(vec![held]), now);
+    assert_eq!(claims(&out), ["T"]);
+    let out = l.step(
+        Input::Claimed {
+            task: id("T"),
+            outcome: ClaimOutcome::Lost {
+                holder: Some(sid("me")),
+            },
+        },
+        now,
+    );
+    // Another process of this session holds it: no claim storm, one retry after the backoff.
+    assert!(claims(&out).is_empty(), "{out:?}");
+    assert!(
+        out.contains(&Output::WakeAt(now + Duration::from_secs(1))),
+        "{out:?}"
+    );
+    let out = l.step(Input::Tick, now + Duration::from_millis(500));
+    assert!(claims(&out).is_empty(), "{out:?}");
+    let out = l.step(Input::Tick, now + Duration::from_secs(1));
+    assert_eq!(claims(&out), ["T"]);
+}

@@ -233,6 +233,20 @@ impl Backend for Router {
         self.shared.route("announce", f).await.map(drop)
     }
 
+    async fn register(
+        &self,
+        presence: &Presence,
+        take_over: bool,
+    ) -> BackendResult<Option<Presence>> {
+        let presence = presence.clone();
+        let f = move |b: Arc<dyn Backend>| {
+            let mut p = presence.clone();
+            p.backend = b.name().into();
+            async move { b.register(&p, take_over).await }
+        };
+        Ok(self.shared.route("register", f).await?.0)
+    }
+
     async fn sessions(&self) -> BackendResult<Vec<Presence>> {
         Ok(self
             .shared

@@ -3,6 +3,7 @@
 
 mod conformance;
 mod git;
+mod one_session;
 
 use backend_git::testing::BareRemote;
 use backend_git::GitBackend;

@@ -36,6 +36,9 @@ pub use task::{shim, SHIM};
 /// reaches every session through its git poll, even one whose etcd is down.
 const REPO_FLEET_FILE: &str = "config/coordinator.yaml";
 
+/// How often an agent on etcd rewrites its presence (git: the STATUS heartbeat does it).
+const PRESENCE_REFRESH: Duration = Duration::from_secs(3);
+
 /// Runs the agent until shutdown (or, with `--until-done`, until the list is done).
 pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
     let session = SessionFile::load(&args.config).map_err(config_error)?;
@@ -58,10 +61,6 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         until_done: args.until_done,
     };
     tracing::info!(session = %id, mode = mode.as_str(), from = ?source, backend = backend.serving_name(), "agent started");
-    let sub = backend
-        .subscribe()
-        .await
-        .context("cannot subscribe to task changes")?;
     let presence = Presence {
         session_id: id.clone(),
         state: "idle".into(),
@@ -69,11 +68,28 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         backend: backend.serving_name().into(),
         started_at: chrono::Utc::now(),
         pid: std::process::id(),
-        host: nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        host: agent_core::process::hostname(),
         version: env!("CARGO_PKG_VERSION").into(),
     };
+    // One process per session id: a second agent with the same session file stops here.
+    if let Some(other) = backend
+        .register(&presence, args.take_over)
+        .await
+        .context("cannot register the session")?
+    {
+        return Err(BackendError::SessionElsewhere {
+            session: id.to_string(),
+            elsewhere: format!(
+                "{} (stop it first, or pass --take-over to fence it and run here)",
+                agent_core::process::describe(&other)
+            ),
+        }
+        .into());
+    }
+    let sub = backend
+        .subscribe()
+        .await
+        .context("cannot subscribe to task changes")?;
     let mut watched: Vec<&std::path::Path> = vec![&args.config];
     if let Some(f) = &g.fleet {
         watched.push(f);
@@ -96,7 +112,7 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
     }
     let history = args.history.as_deref().map(History::open).transpose()?;
     let lp = ClaimLoop::new(plan);
-    let mut driver = Driver {
+    let driver = Driver {
         session,
         config_path: args.config.clone(),
         global_mode: g.mode.map(Mode::from),
@@ -114,8 +130,8 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         metrics,
         awaited: HashMap::new(),
         history,
+        evicted: false,
     };
-    driver.announce(None).await;
     driver.run(sub, watch).await
 }
 
@@ -141,6 +157,8 @@ struct Driver {
     /// This session's own transitions whose events have not arrived yet: the event latency.
     awaited: HashMap<TaskId, (TaskStatus, Instant)>,
     history: Option<History>,
+    /// Another process took the session over: this one stops (exit 5).
+    evicted: bool,
 }
 
 impl Driver {
@@ -148,8 +166,18 @@ impl Driver {
     async fn announce(&mut self, task: Option<&agent_core::TaskId>) {
         self.presence.state = if task.is_some() { "working" } else { "idle" }.into();
         self.presence.current_task = task.cloned();
-        if let Err(e) = self.backend.announce(&self.presence).await {
-            tracing::warn!(session = %self.presence.session_id, error = %e, "cannot publish the session's presence");
+        match self.backend.announce(&self.presence).await {
+            Ok(()) => {}
+            Err(e @ BackendError::SessionElsewhere { .. }) => {
+                if !self.evicted {
+                    tracing::error!(session = %self.presence.session_id, error = %e, "taken over: stopping");
+                    self.record("", "evicted", None, None);
+                }
+                self.evicted = true;
+            }
+            Err(e) => {
+                tracing::warn!(session = %self.presence.session_id, error = %e, "cannot publish the session's presence")
+            }
         }
     }
 
@@ -295,10 +323,24 @@ impl Driver {
             .session
             .shutdown_grace
             .map_or(Duration::from_secs(30), |d| d.0);
+        // The presence is refreshed now and then: it comes back after a lease loss, and a
+        // process whose session was taken over elsewhere learns it here.
+        let mut presence_tick = tokio::time::interval(PRESENCE_REFRESH);
+        presence_tick.tick().await;
+        let mut stopping = false;
         loop {
+            if self.evicted && !stopping {
+                stopping = true;
+                inputs.push_back(Input::Shutdown);
+            }
             while let Some(input) = inputs.pop_front() {
                 for output in self.lp.step(input, Instant::now()) {
                     if let Some(code) = self.execute(output, grace, &mut inputs).await {
+                        let code = if self.evicted {
+                            crate::exit::ELSEWHERE
+                        } else {
+                            code
+                        };
                         if let Some(t) = self.running.as_mut() {
                             t.kill("the agent is exiting");
                         }
@@ -374,6 +416,10 @@ impl Driver {
                         self.reconsider().await;
                     }
                 }
+                _ = presence_tick.tick(), if self.backend.serving_name() == "etcd" => {
+                    let task = self.presence.current_task.clone();
+                    self.announce(task.as_ref()).await;
+                }
                 _ = sigterm.recv() => inputs.push_back(Input::Shutdown),
                 _ = sigint.recv() => inputs.push_back(Input::Shutdown),
             }
@@ -393,6 +439,11 @@ impl Driver {
                 Ok(outcome) => {
                     tracing::info!(%task, %session, ?outcome, backend = self.backend.serving_name(), "claim");
                     inputs.push_back(Input::Claimed { task, outcome });
+                }
+                Err(e @ BackendError::SessionElsewhere { .. }) => {
+                    tracing::error!(%task, %session, error = %e, "taken over: stopping");
+                    self.evicted = true;
+                    inputs.push_back(Input::ClaimFailed { task });
                 }
                 Err(e) => {
                     tracing::warn!(%task, %session, error = %e, "claim failed; retrying later");

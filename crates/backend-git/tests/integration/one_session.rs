@@ -1,0 +1,223 @@
+//! One session id used from several clones (CLI commands in different working directories, an
+//! agent and a CLI command, a second agent): a claim stays held until its holder releases it,
+//! whoever else writes the session's STATUS file; a claim an agent process holds is re-claimed
+//! only by that process; a second agent with a live session's id is refused.
+
+use std::collections::BTreeMap;
+
+use agent_core::testing::{sid, tid};
+use agent_core::{Backend, ClaimOutcome, Presence, ReleaseTo, TaskStatus};
+use backend_git::testing::BareRemote;
+use backend_git::GitBackend;
+
+fn board(n: usize) -> String {
+    let mut board = crate::EMPTY_BOARD.to_owned();
+    for i in 0..n {
+        board.push_str(&format!("| T{i} | task {i} | 🔵 AVAILABLE |  |  |\n"));
+    }
+    board
+}
+
+/// A clone for an agent process with id `process` (a one-shot command's has none).
+async fn agent_clone(remote: &BareRemote, name: &str, process: &str) -> GitBackend {
+    let mut config = remote.config(name);
+    config.process = Some(process.to_owned());
+    GitBackend::open(config).await.expect("open the clone")
+}
+
+fn presence(session: &str, pid: u32) -> Presence {
+    Presence {
+        session_id: sid(session),
+        state: "idle".into(),
+        current_task: None,
+        backend: "git".into(),
+        started_at: chrono::Utc::now(),
+        pid,
+        host: "another-host.example".into(),
+        version: "test".into(),
+    }
+}
+
+#[tokio::test]
+async fn two_cli_claims_of_one_session_both_stay_held() {
+    let remote = BareRemote::new(&board(2));
+    let s = sid("session-1-x");
+    // Two commands, each with a clone of its own (as `--git-workdir` or a second directory).
+    let first = crate::open(&remote, "cli-a").await;
+    let second = crate::open(&remote, "cli-b").await;
+    assert!(matches!(
+        first.claim(&tid("T0"), &s).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+    assert!(matches!(
+        second.claim(&tid("T1"), &s).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+    let other = crate::open(&remote, "other").await;
+    for t in ["T0", "T1"] {
+        let task = other.get(&tid(t)).await.expect("get").expect("exists");
+        assert_eq!(
+            (task.status, task.claimed_by.as_ref()),
+            (TaskStatus::Claimed, Some(&s)),
+            "{t} stays held by its session"
+        );
+        assert_eq!(
+            other
+                .claim(&tid(t), &sid("session-2-y"))
+                .await
+                .expect("claim"),
+            ClaimOutcome::Lost {
+                holder: Some(s.clone())
+            },
+            "{t} cannot be taken by another session"
+        );
+    }
+    // Releasing one keeps the other.
+    first
+        .release(&tid("T0"), &s, ReleaseTo::Complete, None)
+        .await
+        .expect("release");
+    let t1 = other.get(&tid("T1")).await.expect("get").expect("exists");
+    assert_eq!(t1.status, TaskStatus::Claimed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claims_of_one_session_from_many_clones_never_free_each_other() {
+    let remote = BareRemote::new(&board(6));
+    let mut handles = Vec::new();
+    // Four sessions, each claiming from two clones at once (eight writers of four STATUS files).
+    for k in 0..8 {
+        let backend = crate::open(&remote, &format!("racer-{k}")).await;
+        let session = sid(&format!("session-{}-race", k / 2));
+        handles.push(tokio::spawn(async move {
+            let mut won = Vec::new();
+            for i in 0..6 {
+                let id = tid(&format!("T{}", (i + k) % 6));
+                if let ClaimOutcome::Won(_) = backend.claim(&id, &session).await.expect("claim") {
+                    won.push(id);
+                }
+            }
+            (session, won, backend)
+        }));
+    }
+    let mut alive = Vec::new();
+    let mut won_by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for h in handles {
+        let (session, won, backend) = h.await.expect("racer");
+        alive.push(backend);
+        for id in won {
+            won_by
+                .entry(id.to_string())
+                .or_default()
+                .push(session.to_string());
+        }
+    }
+    // A session may win its own task again (a re-claim), another session never: every task's
+    // winners are one session.
+    for (task, sessions) in &won_by {
+        let first = &sessions[0];
+        assert!(
+            sessions.iter().all(|s| s == first),
+            "{task} won by several sessions: {sessions:?}"
+        );
+    }
+    // And the board agrees: every won task is held by its winner.
+    let reader = crate::open(&remote, "reader").await;
+    for (task, sessions) in &won_by {
+        let t = reader.get(&tid(task)).await.expect("get").expect("exists");
+        assert_eq!(
+            (t.status, t.claimed_by.map(|s| s.to_string())),
+            (TaskStatus::Claimed, Some(sessions[0].clone())),
+            "{task}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_agents_claim_is_not_taken_by_a_cli_command_of_its_session() {
+    let remote = BareRemote::new(&board(2));
+    let s = sid("session-1-x");
+    // The agent's process id names another host: it may be alive.
+    let agent = agent_clone(&remote, "agent", "4242@another-host.example/1").await;
+    agent
+        .register(&presence("session-1-x", 4242), false)
+        .await
+        .expect("register");
+    let ClaimOutcome::Won(c) = agent.claim(&tid("T0"), &s).await.expect("claim") else {
+        panic!("the agent wins T0");
+    };
+    let cli = crate::open(&remote, "cli").await;
+    assert_eq!(
+        cli.claim(&tid("T0"), &s).await.expect("claim"),
+        ClaimOutcome::Lost {
+            holder: Some(s.clone())
+        },
+        "the agent process runs T0: a CLI claim for its session does not take it over"
+    );
+    // The CLI's claim of another task keeps the agent's claim in the STATUS file.
+    assert!(matches!(
+        cli.claim(&tid("T1"), &s).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+    let t0 = cli.get(&tid("T0")).await.expect("get").expect("exists");
+    assert_eq!(t0.status, TaskStatus::Claimed);
+    // The agent still holds it under its token and completes it.
+    assert!(matches!(
+        agent
+            .release(&tid("T0"), &s, ReleaseTo::Complete, Some(c.token))
+            .await
+            .expect("release"),
+        agent_core::ReleaseOutcome::Released { .. }
+    ));
+    // A CLI claim (no process) is the session's to adopt from anywhere.
+    assert!(matches!(
+        agent.claim(&tid("T1"), &s).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+}
+
+#[tokio::test]
+async fn a_second_agent_with_a_live_sessions_id_is_refused_and_names_the_first() {
+    let remote = BareRemote::new(&board(1));
+    let first = agent_clone(&remote, "first", "4242@another-host.example/1").await;
+    assert_eq!(
+        first
+            .register(&presence("session-1-x", 4242), false)
+            .await
+            .expect("register"),
+        None
+    );
+    let second = agent_clone(&remote, "second", "4343@another-host.example/2").await;
+    let refused = second
+        .register(&presence("session-1-x", 4343), false)
+        .await
+        .expect("register")
+        .expect("refused: the first runs the session");
+    assert_eq!(refused.pid, 4242);
+    // Taking over fences the first: its claims end, and it learns it was taken over.
+    let s = sid("session-1-x");
+    assert!(matches!(
+        first.claim(&tid("T0"), &s).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+    assert_eq!(
+        second
+            .register(&presence("session-1-x", 4343), true)
+            .await
+            .expect("take over"),
+        None
+    );
+    let err = first
+        .announce(&presence("session-1-x", 4242))
+        .await
+        .expect_err("the first was taken over");
+    assert!(
+        matches!(err, agent_core::BackendError::SessionElsewhere { .. }),
+        "{err:?}"
+    );
+    // T0 is free for the new process (it was the old one's).
+    assert!(matches!(
+        second.claim(&tid("T0"), &s).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+}
