@@ -188,6 +188,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Whether the store answers now (one round trip, bounded by the request deadline).
     async fn health(&self) -> Health;
 
+    /// The last state this client saw, without asking the store (a watch cache), for when it
+    /// does not answer; `None` when the client keeps none.
+    fn last_known(&self) -> Option<Listing> {
+        None
+    }
+
     /// How many times this client's event stream broke and was resumed (for metrics).
     fn reconnects(&self) -> u64 {
         0

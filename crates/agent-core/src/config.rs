@@ -287,6 +287,10 @@ pub struct GitSection {
     pub poll_interval: Option<ConfigDuration>,
     pub stale_after: Option<ConfigDuration>,
     pub status_dir: Option<String>,
+    /// `true` once no session of the fleet runs on git any more: coordinator sessions stop
+    /// recording their claims there (until then every etcd claim is in git before it counts).
+    #[serde(default)]
+    pub retired: bool,
 }
 
 /// A config file that could not be read or is not valid.

@@ -344,6 +344,11 @@ impl Backend for MemoryBackend {
         Ok(self.store.up()?.listing())
     }
 
+    /// Like a watch cache that saw every change: the store's state, even while it is set down.
+    fn last_known(&self) -> Option<Listing> {
+        Some(self.store.lock().listing())
+    }
+
     async fn put(&self, task: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {
         patch.validate(task)?;
         let mut state = self.store.up()?;

@@ -49,6 +49,11 @@ pub struct RouterConfig {
     /// Hybrid: record this router's transitions in git, behind the claim path (off when a bridge
     /// runs for the fleet).
     pub mirror: bool,
+    /// The fleet still has a git side (sessions in git mode, or that may fall back to it): every
+    /// claim won on the coordinator is recorded in git before it counts, in every mode, so a
+    /// session on git never takes a task an etcd session runs. Off once the fleet declares git
+    /// retired (`git.retired: true`).
+    pub claims_in_git: bool,
     /// After a switch, for this long, each claim is also made in the store left behind (when it
     /// answers) before it counts: the other sessions of the fleet switch at their own moment
     /// (their next probe or file event), and until they have, some claim in one store and some
@@ -70,6 +75,7 @@ impl RouterConfig {
             probe_max: Duration::from_secs(30),
             check_interval: Duration::from_secs(1),
             mirror: true,
+            claims_in_git: true,
             confirm_window: None,
         }
     }

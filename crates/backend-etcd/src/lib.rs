@@ -185,6 +185,11 @@ impl Backend for EtcdBackend {
         self.inner.announce(presence).await
     }
 
+    fn last_known(&self) -> Option<agent_core::Listing> {
+        let cache = self.inner.cache();
+        cache.synced.then(|| cache.listing(&self.inner.keys))
+    }
+
     async fn register(
         &self,
         presence: &Presence,

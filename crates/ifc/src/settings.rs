@@ -54,6 +54,7 @@ pub fn router_config(
     }
     // One-shot commands leave mirroring to the agents and the bridge.
     c.mirror = agent && !fleet.is_some_and(|f| f.bridge.enabled);
+    c.claims_in_git = !fleet.is_some_and(|f| f.git.retired);
     c
 }
 
@@ -115,6 +116,8 @@ pub async fn open_router(
     mode: Mode,
     both: bool,
 ) -> Result<(Router, Option<Arc<GitBackend>>)> {
+    // An agent opens git whenever it is configured: to switch to it live (rollback), and, while
+    // the fleet has a git side, to record its etcd claims there before they count.
     let want_git = mode != Mode::Coordinator || (both && git_configured(g, fleet));
     let git = match want_git {
         true => Some(open_git_for(g, fleet, session, both).await?),

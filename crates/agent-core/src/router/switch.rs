@@ -80,15 +80,25 @@ impl Shared {
             m.flush(Duration::from_secs(5)).await;
         }
         if let Ok(etcd) = self.backend(Side::Primary) {
-            let both = tokio::time::timeout(self.config.deadline * 4, etcd.list()).await;
-            if let Ok(Ok(ahead)) = both {
+            let now = tokio::time::timeout(self.config.deadline * 4, etcd.list()).await;
+            // etcd does not answer: what this session last saw of it. Its completions are
+            // final, so they are carried into git (nobody re-runs finished work there); its
+            // claims are asserted by their own sessions.
+            let ahead = match now {
+                Ok(Ok(listing)) => Some((listing, true)),
+                _ => etcd.last_known().map(|listing| (listing, false)),
+            };
+            if let Some((ahead, answered)) = ahead {
                 match git.list().await {
                     Ok(behind) => {
                         // This router's own claims are asserted below, with their tokens.
                         let mut plan = catch_up(&ahead.tasks, &behind.tasks);
                         {
                             let state = lock(&self.state);
-                            plan.retain(|m| !state.held.contains_key(&m.task));
+                            plan.retain(|m| {
+                                !state.held.contains_key(&m.task)
+                                    && (answered || m.status == crate::TaskStatus::Complete)
+                            });
                         }
                         if !plan.is_empty() {
                             self.record_logged(&git, &plan, "git").await;
@@ -322,8 +332,11 @@ impl Shared {
             // A hybrid session's etcd claims are in git before their task starts: should etcd
             // go down, the sessions that fall back find them there, and no mirror lag can let
             // one of them run the task again.
-            let hybrid = s.mode == Mode::Hybrid && self.mirror.is_some() && side == Side::Primary;
-            (window || hybrid, s.breaker.is_open())
+            // The same for every etcd claim while the fleet has a git side, whatever the mode:
+            // git sessions on overlapping lists, and hybrid sessions that fell back, claim there.
+            let hybrid = s.mode == Mode::Hybrid && self.mirror.is_some();
+            let in_git = side == Side::Primary && (hybrid || self.config.claims_in_git);
+            (window || in_git, s.breaker.is_open())
         };
         if !confirming {
             return Confirmed::NotAsked;

@@ -35,8 +35,14 @@ impl Fleet {
 
     /// `mirror: false` is a hybrid session of a fleet whose bridge mirrors for it.
     fn router_with(&self, mode: Mode, mirror: bool) -> Router {
+        self.router_configured(mode, mirror, true)
+    }
+
+    /// `claims_in_git: false`: a fleet that declared git retired.
+    fn router_configured(&self, mode: Mode, mirror: bool, claims_in_git: bool) -> Router {
         let mut config = RouterConfig::new("s1", mode);
         config.mirror = mirror;
+        config.claims_in_git = claims_in_git;
         config.deadline = Duration::from_millis(200);
         config.failures_to_open = 2;
         config.probe_initial = Duration::from_millis(50);
@@ -219,8 +225,9 @@ async fn a_hybrid_claim_is_in_git_before_it_counts() {
 #[tokio::test]
 async fn a_claim_taken_in_git_meanwhile_is_lost_not_doubled() {
     let fleet = Fleet::new(&["A"]).await;
-    // Without its own mirror (a bridge's fleet), the claim reaches git only at the switch.
-    let r = fleet.router_with(Mode::Hybrid, false);
+    // Without its own mirror (a bridge's fleet) and with git declared retired, the claim
+    // reaches git only at the switch.
+    let r = fleet.router_configured(Mode::Hybrid, false, false);
     let mut sub = r.subscribe().await.expect("subscribe");
     won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
     let git_session = MemoryBackend::new(fleet.git.clone(), None);
@@ -332,4 +339,70 @@ async fn a_mode_needing_an_unconfigured_store_is_refused() {
     let err = r.set_mode(Mode::Git).await.expect_err("no git configured");
     assert!(err.to_string().contains("git.remote"), "{err}");
     assert_eq!(r.mode(), Mode::Coordinator);
+}
+
+#[tokio::test]
+async fn a_coordinator_sessions_claim_is_in_git_before_it_counts_while_the_fleet_has_a_git_side() {
+    for mirror in [true, false] {
+        let fleet = Fleet::new(&["A", "B"]).await;
+        let r = fleet.router_with(Mode::Coordinator, mirror);
+        // A: etcd first; git has it before the claim returns, so a git session loses it.
+        won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
+        assert_eq!(
+            face(&fleet.in_git("A").await),
+            (TaskStatus::Claimed, Some("s1"))
+        );
+        let git_session = MemoryBackend::new(fleet.git.clone(), None);
+        assert!(matches!(
+            git_session
+                .claim(&tid("A"), &sid("s2"))
+                .await
+                .expect("claim"),
+            ClaimOutcome::Lost { .. }
+        ));
+        // B: a git session has it: the coordinator session's etcd claim is undone, "lost".
+        won(git_session
+            .claim(&tid("B"), &sid("s2"))
+            .await
+            .expect("claim"));
+        assert!(matches!(
+            r.claim(&tid("B"), &sid("s1")).await.expect("claim"),
+            ClaimOutcome::Lost { .. }
+        ));
+        assert_eq!(face(&fleet.in_etcd("B").await).0, TaskStatus::Available);
+    }
+    // Once the fleet declares git retired, coordinator claims stop paying for git.
+    let fleet = Fleet::new(&["A"]).await;
+    let r = fleet.router_configured(Mode::Coordinator, false, false);
+    won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
+    assert_eq!(face(&fleet.in_git("A").await).0, TaskStatus::Available);
+}
+
+#[tokio::test]
+async fn falling_back_while_etcd_is_down_carries_what_it_saw_completed_into_git() {
+    let fleet = Fleet::new(&["A", "B"]).await;
+    // A bridge's fleet with git declared retired: nothing of etcd's reaches git by itself.
+    let r = fleet.router_configured(Mode::Hybrid, false, false);
+    let _sub = r.subscribe().await.expect("subscribe");
+    let elsewhere = MemoryBackend::new(fleet.etcd.clone(), None);
+    let c = won(elsewhere.claim(&tid("A"), &sid("s2")).await.expect("claim"));
+    elsewhere
+        .release(&tid("A"), &sid("s2"), ReleaseTo::Complete, Some(c.token))
+        .await
+        .expect("release");
+    won(elsewhere.claim(&tid("B"), &sid("s2")).await.expect("claim"));
+    assert_eq!(face(&fleet.in_git("A").await).0, TaskStatus::Available);
+    fleet.etcd.set_reachable(false);
+    wait_serving(&r, Side::Fallback).await;
+    // A was complete on etcd: git has it complete before this session claims anything there.
+    assert_eq!(
+        face(&fleet.in_git("A").await),
+        (TaskStatus::Complete, Some("s2"))
+    );
+    assert!(matches!(
+        r.claim(&tid("A"), &sid("s1")).await.expect("claim"),
+        ClaimOutcome::NotClaimable { .. }
+    ));
+    // Another session's claim is its own to assert: not written from a stale view.
+    assert_eq!(face(&fleet.in_git("B").await).0, TaskStatus::Available);
 }

@@ -249,6 +249,13 @@ async fn claim(
                     "claimed {task} for {} (fencing token {})",
                     args.session, c.token
                 )?,
+                ClaimOutcome::Lost { holder } if holder.as_ref() == Some(&args.session) => {
+                    writeln!(
+                        out,
+                        "lost {task}: {} holds it in another process (a running agent's claim); only that process may claim it again",
+                        args.session
+                    )?
+                }
                 ClaimOutcome::Lost { holder } => {
                     let who = holder
                         .as_ref()

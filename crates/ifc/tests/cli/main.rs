@@ -2,6 +2,7 @@
 //! guide's checklist through the CLI, races between real processes, exit codes and output formats.
 
 mod agent;
+mod exclusive;
 mod git;
 mod hybrid;
 mod metrics;

@@ -1,0 +1,143 @@
+//! No task twice across processes of one session id: two agents started with one session file,
+//! a CLI claim for a session whose agent runs the task, and git-mode CLI claims of one session
+//! from several commands. Real processes, real etcd, real git remotes.
+
+use std::time::Duration;
+
+use backend_etcd::testing::EtcdServer;
+use backend_git::testing::BareRemote;
+
+use crate::agent::{finish, ifc, put, spawn_agent, status_of, wait_for, Workdir};
+use crate::{code, run, text};
+
+/// Each run appends its task id to the shared file when it starts and again when it ends: two
+/// runs of a task show as four lines.
+const SLOW_APPEND: &str = r#"echo "$IFC_TASK_ID" >> "$SHARED"; sleep 1"#;
+
+#[test]
+fn two_agents_with_one_session_file_run_each_task_once_and_the_second_names_the_first() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    for t in ["A", "B", "C"] {
+        put(&e, w.path(), &[t]);
+    }
+    let config = w.session("session-1-x", &["A", "B", "C"], SLOW_APPEND, "");
+    let history = w.path().join("history.jsonl");
+    let h = history.to_string_lossy().into_owned();
+    let mut first = spawn_agent(
+        ifc(&e, w.path()),
+        &config,
+        &w.path().join("first.log"),
+        &["--until-done", "--history", &h],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut second = spawn_agent(
+        ifc(&e, w.path()),
+        &config,
+        &w.path().join("second.log"),
+        &["--until-done", "--history", &h],
+    );
+    let second_code = finish(&mut second, Duration::from_secs(60));
+    let second_log = std::fs::read_to_string(w.path().join("second.log")).unwrap_or_default();
+    assert_eq!(
+        second_code, 5,
+        "the second copy refuses to start:\n{second_log}"
+    );
+    let pid = first.id().to_string();
+    assert!(
+        second_log.contains("session-1-x") && second_log.contains(&format!("pid {pid}")),
+        "the refusal names the first process (pid {pid}):\n{second_log}"
+    );
+    let first_code = finish(&mut first, Duration::from_secs(60));
+    let first_log = std::fs::read_to_string(w.path().join("first.log")).unwrap_or_default();
+    assert_eq!(first_code, 0, "{first_log}");
+    assert_eq!(w.done(), ["A", "B", "C"], "each task ran exactly once");
+    let out = run(ifc(&e, w.path()).args(["check-history", &h]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stdout));
+}
+
+#[test]
+fn a_cli_claim_for_a_session_whose_agent_runs_the_task_does_not_take_it() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    put(&e, w.path(), &["A"]);
+    let marker = w.path().join("A.started");
+    let script = format!(
+        r#"echo "$IFC_TASK_ID" >> "$SHARED"; touch {:?}; sleep 3"#,
+        marker.display().to_string()
+    );
+    let config = w.session("session-1-x", &["A"], &script, "");
+    let mut agent = spawn_agent(
+        ifc(&e, w.path()),
+        &config,
+        &w.path().join("agent.log"),
+        &["--until-done"],
+    );
+    wait_for("the task to start", Duration::from_secs(30), || {
+        marker.exists()
+    });
+    for extra in [&[][..], &["--ttl", "10"][..]] {
+        let out = run(ifc(&e, w.path())
+            .args(["claim", "A", "--session", "session-1-x"])
+            .args(extra));
+        assert_eq!(code(&out), 1, "{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("another process"),
+            "{}",
+            text(&out.stdout)
+        );
+    }
+    let code_agent = finish(&mut agent, Duration::from_secs(60));
+    let log = std::fs::read_to_string(w.path().join("agent.log")).unwrap_or_default();
+    assert_eq!(code_agent, 0, "{log}");
+    assert_eq!(
+        w.done(),
+        ["A"],
+        "the agent's run was neither killed nor repeated"
+    );
+    assert_eq!(status_of(&e, w.path(), "A"), "complete");
+}
+
+fn ifc_git(remote: &BareRemote, cwd: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ifc"));
+    cmd.current_dir(cwd)
+        .env("IFC_MODE", "git")
+        .env("IFC_GIT_REMOTE", remote.path())
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+const BOARD: &str = "| ID | Task | Status | Owner |\n|---|---|---|---|\n| A | a | 🔵 AVAILABLE |  |\n| B | b | 🔵 AVAILABLE |  |\n";
+
+#[test]
+fn git_cli_claims_of_one_session_keep_each_other_from_one_directory_or_two() {
+    for dirs in [1, 2] {
+        let remote = BareRemote::new(BOARD);
+        let (one, two) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let second_dir = if dirs == 1 { one.path() } else { two.path() };
+        let out =
+            run(ifc_git(&remote, one.path()).args(["claim", "A", "--session", "session-1-x"]));
+        assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+        let out =
+            run(ifc_git(&remote, second_dir).args(["claim", "B", "--session", "session-1-x"]));
+        assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+        // A is still held by session-1-x: another session cannot take it.
+        let out =
+            run(ifc_git(&remote, two.path()).args(["claim", "A", "--session", "session-2-y"]));
+        assert_eq!(
+            code(&out),
+            1,
+            "{dirs} dir(s): {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stdout).contains("session-1-x"),
+            "{}",
+            text(&out.stdout)
+        );
+    }
+}
