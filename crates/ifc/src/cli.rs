@@ -15,6 +15,7 @@ Exit codes:
   2  bad input: usage, an invalid task or session id, an unreadable file
   3  infrastructure: etcd unreachable, timed out or refusing (names the endpoint)
   4  corrupt data: a stored record is not a valid task (names its key)
+  5  the session id is live in another process (ifc agent; names its pid and host)
 
 Environment: IFC_MODE, IFC_ENDPOINTS, IFC_PREFIX, IFC_PASSWORD, IFC_GIT_REMOTE, IFC_GIT_BRANCH,
 IFC_BOARD, IFC_POLL_INTERVAL, IFC_GIT_WORKDIR; RUST_LOG sets the log level (default warn).";
