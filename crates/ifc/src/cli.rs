@@ -43,6 +43,12 @@ pub struct Global {
     #[arg(long, env = "IFC_MODE", value_enum, global = true)]
     pub mode: Option<Mode>,
 
+    /// Append every claim won, task run, release and fencing to this JSON-lines file (agents;
+    /// claim, release and put record theirs too; any number of processes may share one); `ifc
+    /// check-history` verifies it
+    #[arg(long, env = "IFC_HISTORY", value_name = "FILE", global = true)]
+    pub history: Option<PathBuf>,
+
     /// The fleet file (config/coordinator.yaml): mode, rollout, rollback, etcd, git, hybrid and
     /// bridge settings; flags and IFC_* variables override it
     #[arg(long, env = "IFC_FLEET", global = true)]
@@ -302,10 +308,6 @@ pub struct AgentArgs {
     /// (bound on 127.0.0.1) or HOST:PORT (port 0 picks a free one, logged at start)
     #[arg(long, value_name = "[HOST:]PORT", value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Append every claim won, task run, release and fencing to this JSON-lines file (several
-    /// agents may share one); `ifc check-history` verifies it
-    #[arg(long, value_name = "FILE")]
-    pub history: Option<PathBuf>,
     /// Run the session even if another live process runs it (its claims end and it stops; it
     /// is fenced). Without it, an agent whose session id is live elsewhere exits 5 and names
     /// that process; one whose earlier process died on this host takes over by itself

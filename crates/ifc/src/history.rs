@@ -192,9 +192,21 @@ pub fn check(records: &[Record]) -> Report {
             }
         }
         let was_won = rs.iter().any(|r| r.event == "won");
-        let mut completions = 0;
-        for (i, r) in rs.iter().enumerate().filter(|(_, r)| r.event == "complete") {
+        // Completions count per life of the task: an operator's reopening (`ifc put --status
+        // available`, recorded as `reopened`) starts a new one.
+        let (mut completions, mut most, mut ever) = (0, 0, 0);
+        for (i, r) in rs
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.event == "complete" || r.event == "reopened")
+        {
+            if r.event == "reopened" {
+                completions = 0;
+                continue;
+            }
             completions += 1;
+            ever += 1;
+            most = most.max(completions);
             let claimed_before = rs[..i]
                 .iter()
                 .any(|w| w.event == "won" && w.session == r.session && w.token == r.token);
@@ -230,12 +242,18 @@ pub fn check(records: &[Record]) -> Report {
                 ));
             }
         }
-        if completions > 1 {
+        if most > 1 {
             report
                 .double_completions
-                .push(format!("{task}: completed {completions} times"));
+                .push(format!("{task}: completed {most} times"));
         }
-        if completions == 0 && was_won {
+        // A task its last claimer gave back (max attempts, shutdown grace) is not lost.
+        let given_back = rs.iter().rposition(|r| r.event == "won").is_some_and(|w| {
+            rs[w + 1..]
+                .iter()
+                .any(|e| e.event == "release" && e.session == rs[w].session)
+        });
+        if ever == 0 && was_won && !given_back {
             report
                 .lost_tasks
                 .push(format!("{task}: won but never completed"));
@@ -357,5 +375,28 @@ mod tests {
         ];
         let report = check(&h);
         assert_eq!(report.violations(), 0, "{report:?}");
+    }
+
+    #[test]
+    fn a_reopened_task_and_a_given_back_task_are_not_violations() {
+        let mut h = run(0, "s1", "A", 1);
+        // An operator reopens A; it runs and completes once more.
+        let mut reopened = r(10, "ifc", "A", "reopened", 0);
+        reopened.token = None;
+        h.push(reopened);
+        h.extend(run(20, "s2", "A", 2));
+        // B: s1 gives it back after its last attempt; nobody else lists it.
+        h.extend([
+            r(40, "s1", "B", "won", 3),
+            r(41, "s1", "B", "start", 3),
+            r(42, "s1", "B", "exit", 3),
+            r(43, "s1", "B", "release", 3),
+        ]);
+        let report = check(&h);
+        assert_eq!(report.violations(), 0, "{report:?}");
+        // Without the reopening, two completions are a violation.
+        let mut h = run(0, "s1", "A", 1);
+        h.extend(run(20, "s2", "A", 2));
+        assert_eq!(check(&h).double_completions.len(), 1);
     }
 }

@@ -71,6 +71,7 @@ impl Backend for Router {
             };
             match me.confirm(task, session, side, c.token).await {
                 Confirmed::Refused(answer) => return Ok(answer),
+                Confirmed::Failed(e) => return Err(e),
                 Confirmed::Also(other) if side == Side::Primary => held.fallback = Some(other),
                 Confirmed::Also(other) => held.primary = Some(other),
                 Confirmed::NotAsked => {}
@@ -233,18 +234,37 @@ impl Backend for Router {
         self.shared.route("announce", f).await.map(drop)
     }
 
+    /// Registers in every configured store that answers (the coordinator first), so a second
+    /// process is refused whichever store it would be served by (a rollback, an outage).
     async fn register(
         &self,
         presence: &Presence,
         take_over: bool,
     ) -> BackendResult<Option<Presence>> {
-        let presence = presence.clone();
-        let f = move |b: Arc<dyn Backend>| {
+        let me = &self.shared;
+        let (mut registered, mut failure) = (false, None);
+        for side in [Side::Primary, Side::Fallback] {
+            let Ok(b) = me.backend(side) else { continue };
             let mut p = presence.clone();
             p.backend = b.name().into();
-            async move { b.register(&p, take_over).await }
-        };
-        Ok(self.shared.route("register", f).await?.0)
+            match b.register(&p, take_over).await {
+                Ok(None) => {
+                    me.count("register", side);
+                    registered = true;
+                }
+                Ok(Some(other)) => return Ok(Some(other)),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(session = %presence.session_id, backend = b.name(), error = %e, "cannot register the session in this store");
+                    failure = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match (registered, failure) {
+            (true, _) => Ok(None),
+            (false, Some(e)) => Err(e),
+            (false, None) => Err(missing(Side::Primary)),
+        }
     }
 
     async fn sessions(&self) -> BackendResult<Vec<Presence>> {

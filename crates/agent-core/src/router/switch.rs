@@ -22,6 +22,9 @@ pub(super) enum Confirmed {
     Also(FencingToken),
     /// The other store has the task otherwise; the claim was undone and this is the answer.
     Refused(ClaimOutcome),
+    /// The claim had to be recorded in git before it counts and git did not take it (it did
+    /// not answer): the claim was undone.
+    Failed(crate::BackendError),
 }
 
 impl Shared {
@@ -326,17 +329,20 @@ impl Shared {
         side: Side,
         token: FencingToken,
     ) -> Confirmed {
-        let (confirming, open) = {
+        let (confirming, open, strict) = {
             let s = lock(&self.state);
             let window = s.confirm_until.is_some_and(|t| Instant::now() < t);
             // A hybrid session's etcd claims are in git before their task starts: should etcd
             // go down, the sessions that fall back find them there, and no mirror lag can let
             // one of them run the task again.
-            // The same for every etcd claim while the fleet has a git side, whatever the mode:
-            // git sessions on overlapping lists, and hybrid sessions that fell back, claim there.
             let hybrid = s.mode == Mode::Hybrid && self.mirror.is_some();
-            let in_git = side == Side::Primary && (hybrid || self.config.claims_in_git);
-            (window || in_git, s.breaker.is_open())
+            // While the fleet has a git side, every etcd claim, whatever the mode, counts only
+            // once git has it: git sessions on overlapping lists, and hybrid sessions that fell
+            // back, claim there, and only git can say whether one of them holds the task. If
+            // git does not answer, the claim is undone (a retry comes later).
+            let strict = side == Side::Primary && self.config.claims_in_git;
+            let in_git = side == Side::Primary && (hybrid || strict);
+            (window || in_git, s.breaker.is_open(), strict)
         };
         if !confirming {
             return Confirmed::NotAsked;
@@ -353,15 +359,22 @@ impl Shared {
                     token: Some(token),
                 };
                 let limit = self.config.deadline * 4;
-                let answer = tokio::time::timeout(limit, git.record(std::slice::from_ref(&item)))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(crate::BackendError::Timeout {
-                            endpoint: git.name().into(),
-                            operation: "record the claim".into(),
-                            after: limit,
+                let record = git.record(std::slice::from_ref(&item));
+                // Strict: the answer is waited for (a record that timed out may still land, and
+                // would then hold the task in git for nobody); the git backend bounds its rounds.
+                let answer = if strict {
+                    record.await
+                } else {
+                    tokio::time::timeout(limit, record)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(crate::BackendError::Timeout {
+                                endpoint: git.name().into(),
+                                operation: "record the claim".into(),
+                                after: limit,
+                            })
                         })
-                    });
+                };
                 match answer {
                     Ok(out) => match out.into_iter().next() {
                         Some(RecordOutcome::Written | RecordOutcome::Unchanged) => {
@@ -375,6 +388,11 @@ impl Shared {
                         }),
                         _ => None,
                     },
+                    Err(e) if strict => {
+                        tracing::warn!(%task, %session, error = %e, "git did not take the claim: undone (it counts only once git has it)");
+                        self.undo(task, session, side, token).await;
+                        return Confirmed::Failed(e);
+                    }
                     Err(e) => {
                         tracing::warn!(%task, %session, error = %e, "cannot confirm the claim in git");
                         None
@@ -400,14 +418,7 @@ impl Shared {
             lock(&self.state).stats.conflicts += 1;
         }
         tracing::warn!(%task, %session, outcome = ?other, "the other store has this task otherwise: claim undone");
-        if let Ok(store) = self.backend(side) {
-            if let Err(e) = store
-                .release(task, session, ReleaseTo::Available, Some(token))
-                .await
-            {
-                tracing::warn!(%task, %session, error = %e, "cannot undo the claim; it ends with the session's lease");
-            }
-        }
+        self.undo(task, session, side, token).await;
         if matches!(
             other,
             ClaimOutcome::NotClaimable {
@@ -417,6 +428,18 @@ impl Shared {
             self.carry_completion(task, side).await;
         }
         Confirmed::Refused(other)
+    }
+
+    /// Gives back a claim won on `side` that does not count.
+    async fn undo(&self, task: &TaskId, session: &SessionId, side: Side, token: FencingToken) {
+        if let Ok(store) = self.backend(side) {
+            if let Err(e) = store
+                .release(task, session, ReleaseTo::Available, Some(token))
+                .await
+            {
+                tracing::warn!(%task, %session, error = %e, "cannot undo the claim; it ends with the session's lease");
+            }
+        }
     }
 
     /// The other store has `task` complete and `side` does not: `side` is told, so nobody waits

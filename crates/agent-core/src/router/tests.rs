@@ -406,3 +406,25 @@ async fn falling_back_while_etcd_is_down_carries_what_it_saw_completed_into_git(
     // Another session's claim is its own to assert: not written from a stale view.
     assert_eq!(face(&fleet.in_git("B").await).0, TaskStatus::Available);
 }
+
+#[tokio::test]
+async fn while_the_fleet_has_a_git_side_an_etcd_claim_git_does_not_take_is_undone() {
+    for mode in [Mode::Coordinator, Mode::Hybrid] {
+        let fleet = Fleet::new(&["A"]).await;
+        let r = fleet.router(mode);
+        // git does not answer: nobody can tell whether a git session holds A.
+        fleet.git.set_reachable(false);
+        let err = r
+            .claim(&tid("A"), &sid("s1"))
+            .await
+            .expect_err("no claim without git");
+        assert!(err.is_transient(), "{err:?}");
+        assert_eq!(face(&fleet.in_etcd("A").await).0, TaskStatus::Available);
+        fleet.git.set_reachable(true);
+        won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
+        assert_eq!(
+            face(&fleet.in_git("A").await),
+            (TaskStatus::Claimed, Some("s1"))
+        );
+    }
+}

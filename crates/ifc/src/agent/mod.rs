@@ -77,6 +77,8 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         .await
         .context("cannot register the session")?
     {
+        // Whatever one store took of the registration goes with this process's leases.
+        backend.close().await;
         return Err(BackendError::SessionElsewhere {
             session: id.to_string(),
             elsewhere: format!(
@@ -110,7 +112,7 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         });
         metrics::serve(addr, Arc::clone(&metrics), backend.clone(), totals).await?;
     }
-    let history = args.history.as_deref().map(History::open).transpose()?;
+    let history = g.history.as_deref().map(History::open).transpose()?;
     let lp = ClaimLoop::new(plan);
     let driver = Driver {
         session,

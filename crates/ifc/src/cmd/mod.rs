@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::cli::{ClaimArgs, Command, Global, Mode, Output, PutArgs, ReleaseArgs, ReleaseStatus};
 use crate::exit;
+use crate::history::History;
 use crate::output::{event_json, event_line, printable, task_json, task_table};
 use crate::settings;
 
@@ -137,11 +138,39 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
             let target = board_source(g, *push).await?;
             migrate::export(&b, output, &target, &mut out).await
         }
-        Command::Put(args) => put(&*connect(g, command).await?, output, args, &mut out).await,
+        Command::Put(args) => {
+            let h = history(g)?;
+            put(
+                &*connect(g, command).await?,
+                output,
+                args,
+                h.as_ref(),
+                &mut out,
+            )
+            .await
+        }
         Command::Get { task } => get(&*connect(g, command).await?, output, task, &mut out).await,
-        Command::Claim(args) => claim(&*connect(g, command).await?, output, args, &mut out).await,
+        Command::Claim(args) => {
+            let h = history(g)?;
+            claim(
+                &*connect(g, command).await?,
+                output,
+                args,
+                h.as_ref(),
+                &mut out,
+            )
+            .await
+        }
         Command::Release(args) => {
-            release(&*connect(g, command).await?, output, args, &mut out).await
+            let h = history(g)?;
+            release(
+                &*connect(g, command).await?,
+                output,
+                args,
+                h.as_ref(),
+                &mut out,
+            )
+            .await
         }
         Command::Status => status(&*connect(g, command).await?, output, &mut out).await,
         Command::Watch => {
@@ -159,7 +188,18 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
     }
 }
 
-async fn put(b: &dyn Backend, output: Output, args: &PutArgs, out: &mut impl Write) -> Result<u8> {
+/// The `--history` file, when one is named.
+fn history(g: &Global) -> Result<Option<History>> {
+    g.history.as_deref().map(History::open).transpose()
+}
+
+async fn put(
+    b: &dyn Backend,
+    output: Output,
+    args: &PutArgs,
+    history: Option<&History>,
+    out: &mut impl Write,
+) -> Result<u8> {
     let blocked_by = match &args.blocked_by {
         None => None,
         Some(ids) => Some(
@@ -175,6 +215,21 @@ async fn put(b: &dyn Backend, output: Output, args: &PutArgs, out: &mut impl Wri
         blocked_by,
     };
     let outcome = b.put(&args.task, &patch).await?;
+    let reopens = matches!(
+        args.status,
+        Some(agent_core::TaskStatus::Available | agent_core::TaskStatus::Blocked)
+    );
+    if let (Some(h), PutOutcome::Updated, true) = (history, &outcome, reopens) {
+        // An operator's reopening: the task may run (and complete) once more.
+        h.log(
+            "ifc",
+            args.task.as_str(),
+            "reopened",
+            None,
+            Some(b.name()),
+            None,
+        );
+    }
     let (word, code, holder) = match &outcome {
         PutOutcome::Created => ("created", 0, None),
         PutOutcome::Updated => ("updated", 0, None),
@@ -219,11 +274,22 @@ async fn claim(
     b: &dyn Backend,
     output: Output,
     args: &ClaimArgs,
+    history: Option<&History>,
     out: &mut impl Write,
 ) -> Result<u8> {
     let mut code = 0;
     for task in &args.tasks {
         let outcome = b.claim(task, &args.session).await?;
+        if let (Some(h), ClaimOutcome::Won(c)) = (history, &outcome) {
+            h.log(
+                args.session.as_str(),
+                task.as_str(),
+                "won",
+                Some(c.token.0),
+                Some(b.name()),
+                None,
+            );
+        }
         let (word, holder, status, token) = match &outcome {
             ClaimOutcome::Won(c) => ("won", None, None, Some(c.token.0)),
             ClaimOutcome::Lost { holder } => ("lost", holder.clone(), None, None),
@@ -276,6 +342,7 @@ async fn release(
     b: &dyn Backend,
     output: Output,
     args: &ReleaseArgs,
+    history: Option<&History>,
     out: &mut impl Write,
 ) -> Result<u8> {
     let to = match args.status {
@@ -290,6 +357,21 @@ async fn release(
             args.fencing_token.map(FencingToken),
         )
         .await?;
+    if let (Some(h), ReleaseOutcome::Released { token }) = (history, &outcome) {
+        let event = if to == ReleaseTo::Complete {
+            "complete"
+        } else {
+            "release"
+        };
+        h.log(
+            args.session.as_str(),
+            args.task.as_str(),
+            event,
+            Some(token.0),
+            Some(b.name()),
+            None,
+        );
+    }
     let (word, code) = match &outcome {
         ReleaseOutcome::Released { .. } => ("released", 0),
         ReleaseOutcome::NotHolder { .. } => ("not_holder", exit::NO),
