@@ -29,6 +29,9 @@ use crate::model::FencingToken;
 use breaker::{Breaker, Transition};
 use mirror_queue::MirrorQueue;
 
+/// How long git's refusal of a task is trusted without an event from git about it.
+const REFUSAL_MEMORY: Duration = Duration::from_secs(30);
+
 /// How the router behaves.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -110,6 +113,10 @@ struct State {
     served: BTreeMap<(&'static str, &'static str), u64>,
     /// Until then, claims are confirmed in the other store (see `RouterConfig::confirm_window`).
     confirm_until: Option<Instant>,
+    /// Tasks git had otherwise when an etcd claim was confirmed there, with git's answer: asked
+    /// again only once git's state of the task changes (or after `REFUSAL_MEMORY`), so a task a
+    /// git session holds costs no claim storm on etcd.
+    refused: HashMap<TaskId, (crate::model::ClaimOutcome, Instant)>,
     stats: RouterStats,
 }
 
@@ -175,6 +182,7 @@ impl Router {
             subscribers: Vec::new(),
             served: BTreeMap::new(),
             confirm_until: None,
+            refused: HashMap::new(),
             stats: RouterStats::default(),
         };
         let mirror = match (&fallback, mode) {
@@ -354,6 +362,40 @@ impl Shared {
         Ok((out, Side::Fallback))
     }
 
+    /// git's state of `task` changed: a refusal it gave is forgotten, and the subscribers are
+    /// told the coordinator's state of the task again, so a session waiting for it claims now.
+    async fn git_changed(&self, task: &TaskId) {
+        if lock(&self.state).refused.remove(task).is_none() {
+            return;
+        }
+        let Ok(etcd) = self.backend(Side::Primary) else {
+            return;
+        };
+        if let Ok(Some(t)) = etcd.get(task).await {
+            self.broadcast(BackendEvent::Task(crate::model::TaskEvent {
+                task: t.id.clone(),
+                old_status: None,
+                new_status: Some(t.status),
+                holder: t.claimed_by.clone(),
+                revision: 0,
+                time: std::time::SystemTime::now(),
+            }));
+        }
+    }
+
+    /// git's earlier answer for `task`, if it still stands.
+    fn refusal(&self, task: &TaskId) -> Option<crate::model::ClaimOutcome> {
+        let mut s = lock(&self.state);
+        match s.refused.get(task) {
+            Some((answer, at)) if at.elapsed() < REFUSAL_MEMORY => Some(answer.clone()),
+            Some(_) => {
+                s.refused.remove(task);
+                None
+            }
+            None => None,
+        }
+    }
+
     /// Hybrid: checks the coordinator while it serves, probes it while the breaker is open.
     async fn health_checks(weak: std::sync::Weak<Shared>) {
         loop {
@@ -409,6 +451,14 @@ impl Shared {
                     token,
                 } => me.claim_lost(side, task, session, token).await,
                 BackendEvent::Resync(_) => {}
+                BackendEvent::Task(e) if side == Side::Fallback => {
+                    let serving = lock(&me.state).serving;
+                    if serving == side {
+                        me.broadcast(BackendEvent::Task(e));
+                    } else {
+                        me.git_changed(&e.task).await;
+                    }
+                }
                 other if lock(&me.state).serving == side => me.broadcast(other),
                 _ => {}
             }

@@ -35,6 +35,9 @@ pub(crate) struct Inner {
     /// Every lease this client was granted: a claim under one of them is this process's own
     /// (a re-claim after a lease was replaced is not a claim of another process).
     pub granted: Mutex<std::collections::HashSet<i64>>,
+    /// Sessions this process registered (agents): a new lease for one of them is granted only
+    /// while no other process has taken the session over.
+    pub registered: Mutex<std::collections::HashSet<SessionId>>,
     pub repairs: mpsc::UnboundedSender<Repair>,
     tasks: Mutex<Vec<AbortHandle>>,
 }
@@ -52,6 +55,7 @@ impl Inner {
             reconnects: std::sync::atomic::AtomicU64::new(0),
             leases: Mutex::new(HashMap::new()),
             granted: Mutex::new(Default::default()),
+            registered: Mutex::new(Default::default()),
             repairs,
             tasks: Mutex::new(Vec::new()),
         }

@@ -30,6 +30,21 @@ impl Inner {
 
     /// Grants `session` a lease and starts keeping it alive.
     async fn grant(self: &Arc<Self>, session: &SessionId, ttl: Duration) -> BackendResult<i64> {
+        let registered = self
+            .registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(session);
+        if registered {
+            // The lease this process had is gone: if another process took the session over
+            // meanwhile, this one must not claim anything more for it.
+            if let Some(other) = self.registered_elsewhere(session).await? {
+                return Err(BackendError::SessionElsewhere {
+                    session: session.to_string(),
+                    elsewhere: agent_core::process::describe(&other),
+                });
+            }
+        }
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let granted_at = Instant::now();
         let grant = |mut c: etcd_client::Client| async move { c.lease_grant(secs, None).await };

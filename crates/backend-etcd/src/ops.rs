@@ -215,6 +215,12 @@ impl Inner {
                     .as_ref()
                     .is_some_and(|c| c.lease != 0 && !self.granted_here(c.lease));
             if verdict == Claimability::Yes && elsewhere {
+                let lease = view.claim.as_ref().map_or(0, |c| c.lease);
+                if fresh && self.revoke_if_dead(session, lease).await? {
+                    // Its process died on this host: its lease is gone now, and so its claim.
+                    (view, fresh) = (self.read_view(id, true).await?, true);
+                    continue;
+                }
                 verdict = Claimability::Held(Some(session.clone()));
             }
             if verdict != Claimability::Yes {

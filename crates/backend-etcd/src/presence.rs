@@ -73,6 +73,53 @@ impl Inner {
         })
     }
 
+    /// Who runs `session`, if its presence is under a lease this client never had.
+    pub(crate) async fn registered_elsewhere(
+        &self,
+        session: &agent_core::SessionId,
+    ) -> BackendResult<Option<Presence>> {
+        let key = self.keys.session(session);
+        let get = |mut c: etcd_client::Client| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        };
+        let resp = self.conn.call("read presence", get).await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .filter(|kv| !self.granted_here(kv.lease()))
+            .map(|kv| holder(kv, session)))
+    }
+
+    /// Revokes `lease` if it is the lease of `session`'s registered process and that process is
+    /// known to be gone (it ran on this host and no such pid exists): `true` if revoked.
+    pub(crate) async fn revoke_if_dead(
+        &self,
+        session: &agent_core::SessionId,
+        lease: i64,
+    ) -> BackendResult<bool> {
+        let key = self.keys.session(session);
+        let get = |mut c: etcd_client::Client| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        };
+        let resp = self.conn.call("read presence", get).await?;
+        let Some(kv) = resp.kvs().first().filter(|kv| kv.lease() == lease) else {
+            return Ok(false);
+        };
+        let p = holder(kv, session);
+        if p.pid == 0 || agent_core::process::may_be_alive(p.pid, &p.host) {
+            return Ok(false);
+        }
+        tracing::warn!(%session, pid = p.pid, host = %p.host, "the process holding the claim is gone: its lease is revoked");
+        let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(lease).await };
+        match self.conn.call("lease revoke", revoke).await {
+            Ok(_) => Ok(true),
+            Err(e) if crate::lease::lease_gone(&e) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
     pub(crate) async fn announce(self: &Arc<Self>, presence: &Presence) -> BackendResult<()> {
         match self.put_presence(presence).await? {
             Ok(()) => Ok(()),
@@ -93,7 +140,13 @@ impl Inner {
     ) -> BackendResult<Option<Presence>> {
         for _ in 0..ROUNDS {
             let kv = match self.put_presence(presence).await? {
-                Ok(()) => return Ok(None),
+                Ok(()) => {
+                    self.registered
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(presence.session_id.clone());
+                    return Ok(None);
+                }
                 Err(kv) => kv,
             };
             let other = holder(&kv, &presence.session_id);

@@ -57,6 +57,11 @@ impl Backend for Router {
         if pending && lock(&me.state).serving == Side::Primary {
             me.settle_pending().await;
         }
+        if lock(&me.state).serving == Side::Primary {
+            if let Some(answer) = me.refusal(task) {
+                return Ok(answer);
+            }
+        }
         let (t, s) = (task.clone(), session.clone());
         let f = move |b: Arc<dyn Backend>| {
             let (t, s) = (t.clone(), s.clone());
@@ -70,7 +75,14 @@ impl Backend for Router {
                 fallback: (side == Side::Fallback).then_some(c.token),
             };
             match me.confirm(task, session, side, c.token).await {
-                Confirmed::Refused(answer) => return Ok(answer),
+                Confirmed::Refused(answer) => {
+                    if side == Side::Primary {
+                        lock(&me.state)
+                            .refused
+                            .insert(task.clone(), (answer.clone(), tokio::time::Instant::now()));
+                    }
+                    return Ok(answer);
+                }
                 Confirmed::Failed(e) => return Err(e),
                 Confirmed::Also(other) if side == Side::Primary => held.fallback = Some(other),
                 Confirmed::Also(other) => held.primary = Some(other),

@@ -428,3 +428,47 @@ async fn while_the_fleet_has_a_git_side_an_etcd_claim_git_does_not_take_is_undon
         );
     }
 }
+
+#[tokio::test]
+async fn a_task_git_has_otherwise_is_not_claimed_again_on_etcd_until_git_changes() {
+    let fleet = Fleet::new(&["B"]).await;
+    let r = fleet.router(Mode::Coordinator);
+    let mut sub = r.subscribe().await.expect("subscribe");
+    let git_session = MemoryBackend::new(fleet.git.clone(), None);
+    let c = won(git_session
+        .claim(&tid("B"), &sid("s2"))
+        .await
+        .expect("claim"));
+    assert!(matches!(
+        r.claim(&tid("B"), &sid("s1")).await.expect("claim"),
+        ClaimOutcome::Lost { .. }
+    ));
+    // Asked again while git is unchanged: git's answer, and etcd is not written at all.
+    let reader = MemoryBackend::new(fleet.etcd.clone(), None);
+    let before = reader.list().await.expect("list").revision;
+    for _ in 0..20 {
+        assert!(matches!(
+            r.claim(&tid("B"), &sid("s1")).await.expect("claim"),
+            ClaimOutcome::Lost { .. }
+        ));
+    }
+    assert_eq!(
+        reader.list().await.expect("list").revision,
+        before,
+        "no claim storm"
+    );
+    // The git session gives B back: the router's subscribers hear of B, and the claim wins.
+    while sub.try_next().is_some() {}
+    git_session
+        .release(&tid("B"), &sid("s2"), ReleaseTo::Available, Some(c.token))
+        .await
+        .expect("release");
+    eventually(Duration::from_secs(5), "B offered again", || {
+        let got = std::iter::from_fn(|| sub.try_next()).any(|e| {
+            matches!(e, BackendEvent::Task(t) if t.task == tid("B") && t.new_status == Some(TaskStatus::Available))
+        });
+        async move { got.then_some(()) }
+    })
+    .await;
+    won(r.claim(&tid("B"), &sid("s1")).await.expect("claim"));
+}

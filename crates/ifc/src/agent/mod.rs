@@ -60,7 +60,6 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         retry_backoff: Duration::from_secs(1),
         until_done: args.until_done,
     };
-    tracing::info!(session = %id, mode = mode.as_str(), from = ?source, backend = backend.serving_name(), "agent started");
     let presence = Presence {
         session_id: id.clone(),
         state: "idle".into(),
@@ -88,6 +87,7 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         }
         .into());
     }
+    tracing::info!(session = %id, mode = mode.as_str(), from = ?source, backend = backend.serving_name(), "agent started");
     let sub = backend
         .subscribe()
         .await

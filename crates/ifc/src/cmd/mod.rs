@@ -318,7 +318,7 @@ async fn claim(
                 ClaimOutcome::Lost { holder } if holder.as_ref() == Some(&args.session) => {
                     writeln!(
                         out,
-                        "lost {task}: {} holds it in another process (a running agent's claim); only that process may claim it again",
+                        "lost {task}: {} holds it under another process's claim (an agent of this session); only that process may claim it again, or it ends with that process's lease",
                         args.session
                     )?
                 }

@@ -141,3 +141,79 @@ fn git_cli_claims_of_one_session_keep_each_other_from_one_directory_or_two() {
         );
     }
 }
+
+#[test]
+fn a_take_over_fences_the_running_agent_and_it_claims_nothing_more() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    for t in ["A", "B", "C"] {
+        put(&e, w.path(), &[t]);
+    }
+    let marker = w.path().join("A.started");
+    // A runs long enough for the take-over to happen during it; B and C are quick.
+    let script = format!(
+        r#"echo "$IFC_TASK_ID" >> "$SHARED"; if [ "$IFC_TASK_ID" = A ]; then touch {:?}; sleep 3; fi"#,
+        marker.display().to_string()
+    );
+    let config = w.session("session-1-x", &["A", "B", "C"], &script, "");
+    let history = w.path().join("history.jsonl");
+    let h = history.to_string_lossy().into_owned();
+    let mut first = spawn_agent(
+        ifc(&e, w.path()),
+        &config,
+        &w.path().join("first.log"),
+        &["--until-done", "--history", &h],
+    );
+    wait_for("A to start", Duration::from_secs(30), || marker.exists());
+    let mut second = spawn_agent(
+        ifc(&e, w.path()),
+        &config,
+        &w.path().join("second.log"),
+        &["--until-done", "--take-over", "--history", &h],
+    );
+    let first_code = finish(&mut first, Duration::from_secs(60));
+    let first_log = std::fs::read_to_string(w.path().join("first.log")).unwrap_or_default();
+    assert_eq!(
+        first_code, 5,
+        "the fenced agent stops with exit 5:\n{first_log}"
+    );
+    assert_eq!(
+        first_log.matches("task started").count(),
+        1,
+        "after the take-over the fenced agent starts nothing:\n{first_log}"
+    );
+    let second_code = finish(&mut second, Duration::from_secs(60));
+    let second_log = std::fs::read_to_string(w.path().join("second.log")).unwrap_or_default();
+    assert_eq!(second_code, 0, "{second_log}");
+    for t in ["A", "B", "C"] {
+        assert_eq!(status_of(&e, w.path(), t), "complete", "{t}");
+    }
+    let out = run(ifc(&e, w.path()).args(["check-history", &h]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stdout));
+}
+
+#[test]
+fn a_claim_held_by_a_killed_agent_of_the_session_is_the_sessions_again_at_once() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    put(&e, w.path(), &["A"]);
+    let marker = w.path().join("A.started");
+    let script = format!(r#"touch {:?}; sleep 30"#, marker.display().to_string());
+    // A long lease: without knowing the holder is gone, the claim would last 60 s.
+    let config = w.path().join("long-lease.yaml");
+    std::fs::write(
+        &config,
+        format!("session_id: session-1-x\ntasks: [A]\ncommand: [/bin/sh, -c, {script:?}]\nlease_ttl: 60s\n"),
+    )
+    .expect("session file");
+    let mut agent = spawn_agent(ifc(&e, w.path()), &config, &w.path().join("agent.log"), &[]);
+    wait_for("A to start", Duration::from_secs(30), || marker.exists());
+    agent.kill().expect("kill -9");
+    agent.wait().expect("reap");
+    // Its process is gone from this host: a claim for the session takes the task back now.
+    let out = run(ifc(&e, w.path()).args(["claim", "A", "--session", "session-1-x"]));
+    assert_eq!(code(&out), 0, "{}{}", text(&out.stdout), text(&out.stderr));
+    // Another session still cannot.
+    let out = run(ifc(&e, w.path()).args(["claim", "A", "--session", "session-2-y"]));
+    assert_eq!(code(&out), 1, "{}", text(&out.stdout));
+}
