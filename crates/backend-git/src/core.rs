@@ -467,7 +467,7 @@ impl Core {
         };
         let current = current.or_else(|| claims.keys().next());
         // A one-shot command keeps what the running agent published about itself.
-        let kept = file.and_then(StatusIn::presence);
+        let kept = file.and_then(StatusIn::presence).filter(|p| p.pid != 0);
         let presence = self.announced.get(session).or(kept.as_ref());
         (
             self.config.status_path(session),

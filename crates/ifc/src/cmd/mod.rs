@@ -357,6 +357,20 @@ async fn release(
             args.fencing_token.map(FencingToken),
         )
         .await?;
+    if matches!(outcome, ReleaseOutcome::Released { .. }) {
+        // An operator acting for a running agent: say what it does to the agent.
+        let running = b.sessions().await.unwrap_or_default().into_iter().find(|p| {
+            p.session_id == args.session && p.pid != 0 && p.current_task.as_ref() == Some(&args.task)
+        });
+        if let Some(p) = running {
+            eprintln!(
+                "note: {} was running {} in its agent ({}): that run is stopped and will not be reported",
+                args.session,
+                args.task,
+                agent_core::process::describe(&p)
+            );
+        }
+    }
     if let (Some(h), ReleaseOutcome::Released { token }) = (history, &outcome) {
         let event = if to == ReleaseTo::Complete {
             "complete"

@@ -10,7 +10,7 @@ use backend_etcd::testing::EtcdServer;
 use backend_git::testing::BareRemote;
 use serde_json::Value;
 
-use crate::agent::{chain_board, chains, finish, spawn_agent, Agent, Workdir, LISTS};
+use crate::agent::{chain_board, chains, finish, spawn_agent, wait_for, Agent, Workdir, LISTS};
 use crate::{code, run, text};
 
 /// A task that takes a moment, so that an outage or a switch happens mid-run.
@@ -471,4 +471,37 @@ fn a_rollback_committed_to_the_coordination_repo_reaches_the_agents_through_git(
     let mut unique = done.clone();
     unique.dedup();
     assert_eq!(done, unique, "no task ran twice:\n{}", f.all_logs(2));
+}
+
+#[test]
+fn a_second_agent_of_a_live_session_is_refused_whichever_store_serves_it() {
+    // Found by `scripts/chaos --random --seed 10`: a copy started under a rollback (git) while
+    // the session ran hybrid on etcd was not refused.
+    let board = chain_board();
+    let fleet = Fleet::new(&board);
+    fleet.migrate(&board);
+    let marker = fleet.w.path().join("started");
+    let script = format!(r#"touch {:?}; sleep 2"#, marker.display().to_string());
+    let mut first = fleet.agent_with(0, &["T00"], &script, Some("hybrid"), &["--until-done"]);
+    wait_for(
+        "the first agent's task to start",
+        Duration::from_secs(30),
+        || marker.exists(),
+    );
+    for mode in ["git", "hybrid", "coordinator"] {
+        let config = fleet.w.path().join("session-0.yaml");
+        let log = fleet.w.path().join(format!("copy-{mode}.log"));
+        let mut cmd = fleet.ifc();
+        cmd.args(["--stale-after", "20s", "--mode", mode]);
+        let mut copy = spawn_agent(cmd, &config, &log, &["--until-done"]);
+        let code = finish(&mut copy, Duration::from_secs(60));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(code, 5, "a copy in {mode} mode is refused:\n{text}");
+    }
+    assert_eq!(
+        finish(&mut first, Duration::from_secs(60)),
+        0,
+        "{}",
+        fleet.read_log(0)
+    );
 }
