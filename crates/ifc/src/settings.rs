@@ -107,6 +107,9 @@ async fn open_git_for(
 /// The stores `mode` needs, behind a router. etcd is required in coordinator mode, git in git
 /// mode; in hybrid git is required and an unreachable etcd is tolerated (the session starts on
 /// git). With `both` (the agent, which may switch live) the other store is opened too when
+/// configured; with `writes` (a one-shot claim, release or put) git is opened in coordinator
+/// mode too while the fleet has a git side, so the command's claims are recorded there as an
+/// agent's are.
 /// configured.
 pub async fn open_router(
     g: &Global,
@@ -115,10 +118,13 @@ pub async fn open_router(
     lease_ttl: Option<Duration>,
     mode: Mode,
     both: bool,
+    writes: bool,
 ) -> Result<(Router, Option<Arc<GitBackend>>)> {
     // An agent opens git whenever it is configured: to switch to it live (rollback), and, while
     // the fleet has a git side, to record its etcd claims there before they count.
-    let want_git = mode != Mode::Coordinator || (both && git_configured(g, fleet));
+    let git_side = !fleet.is_some_and(|f| f.git.retired);
+    let want_git =
+        mode != Mode::Coordinator || (git_configured(g, fleet) && (both || (writes && git_side)));
     let git = match want_git {
         true => Some(open_git_for(g, fleet, session, both).await?),
         false => None,

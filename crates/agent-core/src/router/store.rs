@@ -41,12 +41,33 @@ impl Backend for Router {
     }
 
     async fn put(&self, task: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {
-        let (task, patch) = (task.clone(), patch.clone());
+        let (t, p) = (task.clone(), patch.clone());
         let f = move |b: Arc<dyn Backend>| {
-            let (task, patch) = (task.clone(), patch.clone());
-            async move { b.put(&task, &patch).await }
+            let (t, p) = (t.clone(), p.clone());
+            async move { b.put(&t, &p).await }
         };
-        Ok(self.shared.route("put", f).await?.0)
+        let (outcome, side) = self.shared.route("put", f).await?;
+        // While the fleet has a git side, the board takes the same change: a task reopened on
+        // etcd alone would be put back by the next claim's confirmation in git.
+        let me = &self.shared;
+        let changed = matches!(outcome, PutOutcome::Created | PutOutcome::Updated);
+        if let (true, Side::Primary, true, Ok(git)) = (
+            changed,
+            side,
+            me.config.claims_in_git,
+            me.backend(Side::Fallback),
+        ) {
+            match git.put(task, patch).await {
+                Ok(PutOutcome::Held { holder }) => {
+                    tracing::warn!(%task, git_holder = ?holder, "git has this task claimed: the board keeps it")
+                }
+                Ok(_) => me.count("put", Side::Fallback),
+                Err(e) => {
+                    tracing::warn!(%task, error = %e, "the change is not on the git board")
+                }
+            }
+        }
+        Ok(outcome)
     }
 
     async fn claim(&self, task: &TaskId, session: &SessionId) -> BackendResult<ClaimOutcome> {
@@ -123,7 +144,25 @@ impl Backend for Router {
                 let (t, s) = (t.clone(), s.clone());
                 async move { b.release(&t, &s, to, token).await }
             };
-            return Ok(me.route("release", f).await?.0);
+            let (outcome, side) = me.route("release", f).await?;
+            // A claim this router did not make (a one-shot command's): while the fleet has a
+            // git side it is in git too, and the release follows it there.
+            if let (ReleaseOutcome::Released { token }, Side::Primary, true, Ok(git)) = (
+                &outcome,
+                side,
+                me.config.claims_in_git,
+                me.backend(Side::Fallback),
+            ) {
+                let done = Mirrored {
+                    task: task.clone(),
+                    status: to.status(),
+                    holder: Some(session.clone()),
+                    token: Some(*token),
+                };
+                me.record_logged(git, std::slice::from_ref(&done), "git")
+                    .await;
+            }
+            return Ok(outcome);
         };
         let done = Mirrored {
             task: task.clone(),

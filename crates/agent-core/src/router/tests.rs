@@ -472,3 +472,24 @@ async fn a_task_git_has_otherwise_is_not_claimed_again_on_etcd_until_git_changes
     .await;
     won(r.claim(&tid("B"), &sid("s1")).await.expect("claim"));
 }
+
+#[tokio::test]
+async fn while_the_fleet_has_a_git_side_a_put_changes_the_board_too() {
+    let fleet = Fleet::new(&["A"]).await;
+    let r = fleet.router(Mode::Coordinator);
+    let c = won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
+    r.release(&tid("A"), &sid("s1"), ReleaseTo::Complete, Some(c.token))
+        .await
+        .expect("release");
+    assert_eq!(face(&fleet.in_git("A").await).0, TaskStatus::Complete);
+    // An operator reopens A: both stores take it (a reopening on etcd alone would be put back
+    // by the next claim's confirmation in git).
+    let reopen = TaskPatch {
+        status: Some(TaskStatus::Available),
+        ..TaskPatch::default()
+    };
+    r.put(&tid("A"), &reopen).await.expect("put");
+    assert_eq!(face(&fleet.in_etcd("A").await).0, TaskStatus::Available);
+    assert_eq!(face(&fleet.in_git("A").await).0, TaskStatus::Available);
+    won(r.claim(&tid("A"), &sid("s2")).await.expect("claim"));
+}

@@ -46,8 +46,16 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
     let id = session.session_id.clone();
     let (mode, source) = settings::mode(g, Some(&id), Some(&session), fleet.as_ref());
     let lease_ttl = session.lease_ttl.map_or(Duration::from_secs(10), |d| d.0);
-    let (router, git) =
-        settings::open_router(g, fleet.as_ref(), Some(&id), Some(lease_ttl), mode, true).await?;
+    let (router, git) = settings::open_router(
+        g,
+        fleet.as_ref(),
+        Some(&id),
+        Some(lease_ttl),
+        mode,
+        true,
+        false,
+    )
+    .await?;
     let backend = Arc::new(router);
     let log_dir = args
         .log_dir

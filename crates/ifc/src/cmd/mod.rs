@@ -73,7 +73,12 @@ async fn connect(g: &Global, command: &Command) -> Result<Arc<dyn Backend>> {
         )
         .into());
     }
-    let (router, _) = settings::open_router(g, fleet.as_ref(), session, ttl, mode, false).await?;
+    let writes = matches!(
+        command,
+        Command::Claim(_) | Command::Release(_) | Command::Put(_)
+    );
+    let (router, _) =
+        settings::open_router(g, fleet.as_ref(), session, ttl, mode, false, writes).await?;
     Ok(Arc::new(router))
 }
 
@@ -359,9 +364,16 @@ async fn release(
         .await?;
     if matches!(outcome, ReleaseOutcome::Released { .. }) {
         // An operator acting for a running agent: say what it does to the agent.
-        let running = b.sessions().await.unwrap_or_default().into_iter().find(|p| {
-            p.session_id == args.session && p.pid != 0 && p.current_task.as_ref() == Some(&args.task)
-        });
+        let running = b
+            .sessions()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .find(|p| {
+                p.session_id == args.session
+                    && p.pid != 0
+                    && p.current_task.as_ref() == Some(&args.task)
+            });
         if let Some(p) = running {
             eprintln!(
                 "note: {} was running {} in its agent ({}): that run is stopped and will not be reported",

@@ -335,14 +335,28 @@ fn a_planted_conflict_is_reported_by_audit_and_left_alone_by_the_bridge() {
     let board = "| ID | Task | Status | Owner |\n|---|---|---|---|\n| X | task | 🔵 AVAILABLE |  |\n| Y | task | 🔵 AVAILABLE |  |\n";
     let f = Fleet::new(board);
     f.migrate(board);
-    let claim = |mode: &str, session: &str| {
+    let claim = |task: &str, mode: &str, session: &str| {
         let out = run(f
             .ifc()
-            .args(["claim", "X", "--session", session, "--mode", mode]));
-        assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+            .args(["claim", task, "--session", session, "--mode", mode]));
+        code(&out)
     };
-    claim("coordinator", "s-etcd");
-    claim("git", "s-git");
+    // While the fleet has a git side, an etcd claim is in git before it counts: no conflict.
+    assert_eq!(claim("Y", "coordinator", "s-etcd"), 0);
+    assert_eq!(claim("Y", "git", "s-git"), 1, "git has Y held by s-etcd");
+    let out = run(f.ifc().args([
+        "release",
+        "Y",
+        "--session",
+        "s-etcd",
+        "--status",
+        "available",
+    ]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    // A fleet that declared git retired while a git session still claims: the conflict.
+    f.fleet_file("mode: coordinator\ngit:\n  retired: true\n");
+    assert_eq!(claim("X", "coordinator", "s-etcd"), 0);
+    assert_eq!(claim("X", "git", "s-git"), 0);
     let (code_, audit) = f.audit();
     assert_eq!(code_, 1, "{audit}");
     let conflicts = audit["conflicts"].as_array().expect("conflicts");
