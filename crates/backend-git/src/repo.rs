@@ -136,8 +136,19 @@ impl Clone {
 
     /// The remote on this file system: the handle kept from the last use, or opened now. The
     /// caller puts it back (`self.local_remote = Some(..)`) only when using it worked.
+    /// The local remote's repository, opened once and kept. A kept handle is used only while
+    /// the repository is still at its path: writing through a handle whose repository was
+    /// moved away would create a skeleton repository there (libgit2 creates the object and ref
+    /// directories it writes into), which then blocks the real one from coming back.
     fn take_local_remote(&mut self, remote_path: &Path) -> Result<Repository, git2::Error> {
-        match self.local_remote.take() {
+        let kept = self.local_remote.take();
+        if !remote_path.join("HEAD").is_file() || !remote_path.join("objects").is_dir() {
+            return Err(git2::Error::from_str(&format!(
+                "no git repository at {}",
+                remote_path.display()
+            )));
+        }
+        match kept {
             Some(r) => Ok(r),
             None => Repository::open_bare(remote_path),
         }

@@ -221,3 +221,31 @@ async fn a_second_agent_with_a_live_sessions_id_is_refused_and_names_the_first()
         ClaimOutcome::Won(_)
     ));
 }
+
+#[tokio::test]
+async fn a_remote_moved_away_is_not_recreated_by_a_push_and_comes_back_whole() {
+    // Found by `scripts/chaos --random --seed 1008`: a push through the kept handle of a local
+    // remote that had been moved away created `refs/heads` (and objects) at its path, and the
+    // real repository could not be moved back.
+    let remote = BareRemote::new(&board(2));
+    let s = sid("session-1-x");
+    let clone = crate::open(&remote, "clone").await;
+    assert!(matches!(
+        clone.claim(&tid("T0"), &s).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+    let path = remote.path().to_path_buf();
+    let away = path.with_extension("away");
+    std::fs::rename(&path, &away).expect("move the remote away");
+    let err = clone
+        .claim(&tid("T1"), &s)
+        .await
+        .expect_err("no remote, no claim");
+    assert!(err.is_transient(), "{err:?}");
+    assert!(!path.exists(), "nothing was created where the remote was");
+    std::fs::rename(&away, &path).expect("move it back");
+    assert!(matches!(
+        clone.claim(&tid("T1"), &s).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+}
