@@ -41,19 +41,13 @@ impl Backend for Router {
     }
 
     async fn put(&self, task: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {
-        let (t, p) = (task.clone(), patch.clone());
-        let f = move |b: Arc<dyn Backend>| {
-            let (t, p) = (t.clone(), p.clone());
-            async move { b.put(&t, &p).await }
-        };
-        let (outcome, side) = self.shared.route("put", f).await?;
-        // While the fleet has a git side, the board takes the same change: a task reopened on
-        // etcd alone would be put back by the next claim's confirmation in git.
+        // While the fleet has a git side, the board takes the same change, first: a task
+        // reopened on etcd alone would be put back by the next claim's confirmation in git, and
+        // an etcd claimer that saw the reopening before git had it would be told "complete".
         let me = &self.shared;
-        let changed = matches!(outcome, PutOutcome::Created | PutOutcome::Updated);
-        if let (true, Side::Primary, true, Ok(git)) = (
-            changed,
-            side,
+        let on_primary = lock(&me.state).serving == Side::Primary;
+        if let (true, true, Ok(git)) = (
+            on_primary,
             me.config.claims_in_git,
             me.backend(Side::Fallback),
         ) {
@@ -67,7 +61,12 @@ impl Backend for Router {
                 }
             }
         }
-        Ok(outcome)
+        let (t, p) = (task.clone(), patch.clone());
+        let f = move |b: Arc<dyn Backend>| {
+            let (t, p) = (t.clone(), p.clone());
+            async move { b.put(&t, &p).await }
+        };
+        Ok(me.route("put", f).await?.0)
     }
 
     async fn claim(&self, task: &TaskId, session: &SessionId) -> BackendResult<ClaimOutcome> {
