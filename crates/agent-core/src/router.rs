@@ -185,8 +185,12 @@ impl Router {
             refused: HashMap::new(),
             stats: RouterStats::default(),
         };
-        let mirror = match (&fallback, mode) {
-            (Some(git), Mode::Hybrid) if config.mirror && primary.is_some() => {
+        // The git mirror: a hybrid session's (unless a bridge mirrors for it), and, while the
+        // fleet has a git side, every session's, so a completion git could not take at once
+        // reaches it as soon as it answers.
+        let wanted = (mode == Mode::Hybrid && config.mirror) || config.claims_in_git;
+        let mirror = match &fallback {
+            Some(git) if wanted && primary.is_some() => {
                 Some(MirrorQueue::start(git.clone(), config.name.clone()))
             }
             _ => None,
@@ -253,6 +257,11 @@ impl Router {
         }
         self.shared.settle().await;
         Ok(())
+    }
+
+    /// Whether the git mirror still holds transitions git has not taken.
+    pub fn mirror_pending(&self) -> bool {
+        self.shared.mirror.as_ref().is_some_and(|m| m.pending())
     }
 
     /// Waits until the git mirror has written everything queued so far (at most `limit`).

@@ -28,6 +28,8 @@ struct Held {
     session: SessionId,
     token: u64,
     at: String,
+    /// Held until released, whatever the heartbeat (see `ClaimRecord::until_released`).
+    until_released: bool,
 }
 
 /// The board and STATUS files at the head, with what readers see of each task.
@@ -47,13 +49,17 @@ impl Snapshot {
         if t.status == TaskStatus::Claimed {
             let status = t.owner.as_ref().and_then(|o| self.statuses.get(o));
             task.claimed_at = status.and_then(|s| s.claimed_at(&t.id));
-            let stale = status.and_then(StatusIn::updated_at).is_some_and(|at| {
-                Utc::now()
-                    .signed_duration_since(at)
-                    .to_std()
-                    .unwrap_or_default()
-                    > stale_after
-            });
+            let lasting = status
+                .and_then(|s| s.claim(&t.id))
+                .is_some_and(|c| c.until_released);
+            let stale = !lasting
+                && status.and_then(StatusIn::updated_at).is_some_and(|at| {
+                    Utc::now()
+                        .signed_duration_since(at)
+                        .to_std()
+                        .unwrap_or_default()
+                        > stale_after
+                });
             // Free when the owner's heartbeat is stale, or when the owner's (ifc-written) STATUS
             // no longer lists the claim: it gave the task up (fenced itself) without a release.
             if stale || status.is_some_and(|s| s.disowns(&t.id)) {
@@ -450,6 +456,7 @@ impl Core {
                             token: h.token,
                             at: h.at.clone(),
                             process: self.config.process.clone(),
+                            until_released: h.until_released,
                         },
                     )
                 }),
@@ -543,6 +550,7 @@ impl Core {
                         session: session.clone(),
                         token: depth,
                         at: record.at,
+                        until_released: false,
                     },
                 );
                 self.heartbeats.insert(session.clone(), written);
@@ -733,6 +741,9 @@ impl Core {
                             session: h.clone(),
                             token: record.token,
                             at: record.at,
+                            // A one-shot command's claim from the coordinator: nothing will
+                            // heartbeat it, and etcd holds it until it is released.
+                            until_released: self.config.process.is_none(),
                         },
                     );
                 }

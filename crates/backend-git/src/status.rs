@@ -45,6 +45,10 @@ pub struct ClaimRecord {
     /// one-shot command, which its session may adopt from any process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<String>,
+    /// Held until released, whatever the heartbeat: a one-shot command's etcd claim recorded
+    /// here (etcd holds it until it is released, so git must too).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub until_released: bool,
 }
 
 impl ClaimRecord {
@@ -54,6 +58,7 @@ impl ClaimRecord {
             token,
             at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
             process,
+            until_released: false,
         }
     }
 

@@ -51,6 +51,11 @@ impl MirrorQueue {
         let _ = self.tx.send((seq, item));
     }
 
+    /// Whether something queued is not in git yet.
+    pub fn pending(&self) -> bool {
+        *self.done.borrow() < self.queued.load(Ordering::SeqCst)
+    }
+
     /// Waits until everything queued before the call is in git (`false`: not within `limit`).
     pub async fn flush(&self, limit: Duration) -> bool {
         let target = self.queued.load(Ordering::SeqCst);

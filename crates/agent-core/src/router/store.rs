@@ -17,6 +17,9 @@ use crate::model::{
     ClaimOutcome, FencingToken, Listing, Presence, PutOutcome, ReleaseOutcome, ReleaseTo, TaskPatch,
 };
 
+/// How long closing waits for git to take the transitions still queued for it.
+const CLOSE_FLUSH: Duration = Duration::from_secs(30);
+
 #[async_trait]
 impl Backend for Router {
     fn name(&self) -> &'static str {
@@ -348,7 +351,12 @@ impl Backend for Router {
 
     async fn close(&self) {
         if let Some(m) = &self.shared.mirror {
-            m.flush(Duration::from_secs(5)).await;
+            // What git has not taken yet (a completion made while it was away) is waited for:
+            // without it, a git session could run the task again once this session's claim
+            // there goes stale.
+            if !m.flush(CLOSE_FLUSH).await {
+                tracing::error!(session = %self.shared.config.name, waited = ?CLOSE_FLUSH, "git has not taken every transition of this session: run `ifc bridge --once` when it answers, or a git session may redo those tasks");
+            }
         }
         // What was done on git and not yet told to the coordinator is told now, if it answers.
         self.shared.settle_pending().await;

@@ -417,7 +417,7 @@ impl Shared {
         if matches!(other, ClaimOutcome::Lost { .. }) {
             lock(&self.state).stats.conflicts += 1;
         }
-        tracing::warn!(%task, %session, outcome = ?other, "the other store has this task otherwise: claim undone");
+        tracing::info!(%task, %session, outcome = ?other, "the other store has this task otherwise: claim undone");
         self.undo(task, session, side, token).await;
         if matches!(
             other,

@@ -249,3 +249,55 @@ async fn a_remote_moved_away_is_not_recreated_by_a_push_and_comes_back_whole() {
         ClaimOutcome::Won(_)
     ));
 }
+
+#[tokio::test]
+async fn a_one_shot_commands_coordinator_claim_recorded_here_holds_until_released() {
+    // Found by a tester: `ifc --fleet F claim T --session cli` (coordinator mode, git side)
+    // is held in etcd until released, but went stale in git after `stale_after`.
+    let remote = BareRemote::new(&board(2));
+    let s = sid("cli-x");
+    let mut config = remote.config("cli");
+    config.session = Some(s.clone());
+    let cli = GitBackend::open(config.clone()).await.expect("open");
+    let item = agent_core::Mirrored {
+        task: tid("T0"),
+        status: TaskStatus::Claimed,
+        holder: Some(s.clone()),
+        token: Some(agent_core::FencingToken(42)),
+    };
+    assert_eq!(
+        cli.record(std::slice::from_ref(&item))
+            .await
+            .expect("record"),
+        vec![agent_core::RecordOutcome::Written]
+    );
+    drop(cli);
+    remote.make_stale(&config.status_path(&s));
+    let other = crate::open(&remote, "other").await;
+    assert_eq!(
+        other
+            .claim(&tid("T0"), &sid("session-2-y"))
+            .await
+            .expect("claim"),
+        ClaimOutcome::Lost {
+            holder: Some(s.clone())
+        },
+        "held until released, whatever the heartbeat"
+    );
+    // An agent's claim (it heartbeats) still goes stale when its heartbeat does.
+    let agent = agent_clone(&remote, "agent", "4242@another-host.example/1").await;
+    let a = sid("session-3-z");
+    assert!(matches!(
+        agent.claim(&tid("T1"), &a).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+    drop(agent);
+    remote.make_stale(&remote.config("x").status_path(&a));
+    assert!(matches!(
+        other
+            .claim(&tid("T1"), &sid("session-2-y"))
+            .await
+            .expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+}

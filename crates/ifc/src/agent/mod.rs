@@ -45,6 +45,9 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
     let fleet = settings::fleet(g)?;
     let id = session.session_id.clone();
     let (mode, source) = settings::mode(g, Some(&id), Some(&session), fleet.as_ref());
+    if mode != Mode::Coordinator && fleet.as_ref().is_some_and(|f| f.git.retired) {
+        tracing::warn!(session = %id, mode = mode.as_str(), "the fleet file declares git retired (git.retired: true), yet this session runs on git: coordinator sessions no longer record their claims there, so a task on both lists can run twice");
+    }
     let lease_ttl = session.lease_ttl.map_or(Duration::from_secs(10), |d| d.0);
     let (router, git) = settings::open_router(
         g,
@@ -355,6 +358,12 @@ impl Driver {
                             t.kill("the agent is exiting");
                         }
                         self.backend.close().await;
+                        // Transitions git never took: the exit says the fleet is not in step.
+                        let code = if self.backend.mirror_pending() {
+                            crate::exit::INFRA
+                        } else {
+                            code
+                        };
                         let served: Vec<String> = self
                             .backend
                             .served()
