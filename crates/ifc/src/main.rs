@@ -46,7 +46,11 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::INFRA);
         }
     };
-    match runtime.block_on(cmd::run(&cli.global, &cli.command)) {
+    let result = runtime.block_on(cmd::run(&cli.global, &cli.command));
+    // The command is done (an agent has released its leases and flushed its git mirror): a
+    // blocking store call still in flight in a background task does not hold up the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("error: {}", output::printable(&format!("{err:#}")));

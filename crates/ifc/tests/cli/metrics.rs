@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use backend_etcd::testing::EtcdServer;
 
-use crate::agent::{ifc, put, spawn_agent, wait_for, Workdir, APPEND};
+use crate::agent::{ifc, put, spawn_agent, statuses, wait_for, Workdir, APPEND};
 
 /// `GET path` over plain HTTP/1.1: (status code, body).
 fn get(addr: &str, path: &str) -> (u16, String) {
@@ -72,6 +72,12 @@ fn an_agent_serves_every_metric_and_health_follows_etcd() {
         .to_owned();
     wait_for("every task done", Duration::from_secs(60), || {
         w.done().len() == 5
+    });
+    // A task's output comes before its release: wait until the store has every completion.
+    wait_for("every release", Duration::from_secs(60), || {
+        statuses(&e, w.path())
+            .iter()
+            .all(|t| t["status"] == "complete")
     });
 
     let (code, body) = get(&addr, "/metrics");
