@@ -385,6 +385,7 @@ impl Core {
         message: &str,
         update: &dyn Fn(Option<&str>) -> BackendResult<String>,
     ) -> BackendResult<Option<bool>> {
+        let _turn = self.clone.write_turn();
         self.sync()?;
         let current = self
             .clone
@@ -488,6 +489,7 @@ impl Core {
         id: &TaskId,
         session: &SessionId,
     ) -> BackendResult<Option<ClaimOutcome>> {
+        let _turn = self.clone.write_turn();
         let snap = self.sync()?;
         if let Some(other) = self.taken_over(session)? {
             return Err(BackendError::SessionElsewhere {
@@ -575,6 +577,7 @@ impl Core {
         to: ReleaseTo,
         want: Option<FencingToken>,
     ) -> BackendResult<Option<ReleaseOutcome>> {
+        let _turn = self.clone.write_turn();
         let snap = self.sync()?;
         let Some(row) = snap.find(id) else {
             return Ok(Some(ReleaseOutcome::NotFound));
@@ -637,6 +640,7 @@ impl Core {
 
     /// One put attempt: `None` when the push was rejected (the caller tries again).
     pub fn put(&mut self, id: &TaskId, patch: &TaskPatch) -> BackendResult<Option<PutOutcome>> {
+        let _turn = self.clone.write_turn();
         patch.validate(id)?;
         let snap = self.sync()?;
         let mut tasks = snap.board.tasks().to_vec();
@@ -689,6 +693,7 @@ impl Core {
     /// push was rejected. A recorded claim of this backend's own session is listed in its STATUS
     /// file (so it is held while the session's heartbeat is fresh, and fenced like its own).
     pub fn record(&mut self, items: &[Mirrored]) -> BackendResult<Option<Vec<RecordOutcome>>> {
+        let _turn = self.clone.write_turn();
         let snap = self.sync()?;
         let mut tasks = snap.board.tasks().to_vec();
         let mut out = Vec::with_capacity(items.len());
@@ -789,6 +794,7 @@ impl Core {
     /// Refreshes the STATUS files of the sessions that hold claims here. `Ok(false)`: the push
     /// was rejected (try again soon). Claims whose heartbeat is getting old are fenced first.
     pub fn heartbeat(&mut self) -> BackendResult<bool> {
+        let _turn = self.clone.write_turn();
         let snap = self.sync()?;
         self.fence_if_silent();
         let announced: Vec<SessionId> = self.announced.keys().cloned().collect();
@@ -916,6 +922,7 @@ impl Core {
         presence: &agent_core::Presence,
         take_over: bool,
     ) -> BackendResult<Option<Option<agent_core::Presence>>> {
+        let _turn = self.clone.write_turn();
         self.sync()?;
         let session = &presence.session_id;
         if let Some(other) = self.other_process(session, presence)? {
@@ -935,13 +942,19 @@ impl Core {
                 }
             }
         }
-        Ok(self.announce(presence)?.map(|()| None))
+        Ok(self.announce_in_turn(presence)?.map(|()| None))
     }
 
     /// One announce attempt (writes the session's STATUS file): `None` when the push was rejected.
     /// Once another process has taken the session over, its claims here are lost and the answer
     /// is `SessionElsewhere`.
     pub fn announce(&mut self, presence: &agent_core::Presence) -> BackendResult<Option<()>> {
+        let _turn = self.clone.write_turn();
+        self.announce_in_turn(presence)
+    }
+
+    /// `announce`, by a caller that holds the write turn.
+    fn announce_in_turn(&mut self, presence: &agent_core::Presence) -> BackendResult<Option<()>> {
         let snap = self.sync()?;
         let session = &presence.session_id;
         if let Some(other) = self.taken_over(session)? {

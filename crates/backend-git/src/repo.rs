@@ -136,6 +136,38 @@ impl Clone {
 
     /// The remote on this file system: the handle kept from the last use, or opened now. The
     /// caller puts it back (`self.local_remote = Some(..)`) only when using it worked.
+    /// For a remote on this file system: an exclusive lock on `<remote>/ifc-write.lock`, held by
+    /// the caller from its sync to its push, so the sessions of this machine take turns instead
+    /// of losing compare-and-swap races to each other (under load a writer could lose 64 in a
+    /// row while heartbeats went stale). The push is still a compare-and-swap: writers that do
+    /// not take the lock (a person's `git push`, a session on another machine) stay safe.
+    /// `None` for network remotes, or when the lock cannot be had within [`TURN_WAIT`] (a
+    /// holder that hangs, e.g. a stopped process, makes the others race again, not wait).
+    pub fn write_turn(&self) -> Option<std::fs::File> {
+        let path = self.config.local_remote()?;
+        if !path.join("HEAD").is_file() {
+            return None;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path.join("ifc-write.lock"))
+            .ok()?;
+        let deadline = std::time::Instant::now() + TURN_WAIT;
+        let mut pause = std::time::Duration::from_millis(1);
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Some(file),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(10));
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// The local remote's repository, opened once and kept. A kept handle is used only while
     /// the repository is still at its path: writing through a handle whose repository was
     /// moved away would create a skeleton repository there (libgit2 creates the object and ref
@@ -403,6 +435,9 @@ impl Clone {
         local(&self.config.workdir, e)
     }
 }
+
+/// How long a writer waits for its turn on a local remote before racing without it.
+const TURN_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Writes every object reachable from commit `tip` that `to` lacks, stopping at objects it has
 /// (so an up-to-date clone copies only what is new). Children are written before the objects that
