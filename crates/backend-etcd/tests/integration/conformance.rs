@@ -18,7 +18,7 @@ struct EtcdHarness {
 impl Harness for EtcdHarness {
     async fn client(&self) -> Arc<dyn Backend> {
         let n = self.clients.fetch_add(1, Ordering::Relaxed);
-        Arc::new(crate::backend(&self.server, n % 2 == 0).await)
+        Arc::new(crate::backend(&self.server, n.is_multiple_of(2)).await)
     }
     fn lease_ttl(&self) -> Duration {
         crate::TTL
