@@ -812,7 +812,11 @@ impl Core {
         }
         let files: Vec<(String, Vec<u8>)> = sessions
             .iter()
-            .map(|s| self.status_file(&snap, snap.board.tasks(), s, None, None, None))
+            .map(|s| {
+                // A heartbeat keeps what the session last announced it is working on.
+                let current = self.announced.get(s).and_then(|p| p.current_task.as_ref());
+                self.status_file(&snap, snap.board.tasks(), s, current, None, None)
+            })
             .collect();
         let written = Instant::now();
         let message = sessions.iter().fold("heartbeat\n\n".to_owned(), |m, s| {
