@@ -73,6 +73,30 @@ impl Inner {
         })
     }
 
+    /// Writes `presence` (under this process's lease) over the presence key `current`, if it has
+    /// not changed since; `false` if it had.
+    async fn replace_presence(
+        self: &Arc<Self>,
+        presence: &Presence,
+        current: &KeyValue,
+    ) -> BackendResult<bool> {
+        let lease = self.lease_for(&presence.session_id).await?;
+        let key = self.keys.session(&presence.session_id);
+        let value = serde_json::to_vec(presence).unwrap_or_default();
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                current.mod_revision(),
+            )])
+            .and_then(vec![TxnOp::put(
+                key,
+                value,
+                lease.map(|l| PutOptions::new().with_lease(l)),
+            )]);
+        Ok(self.conn.txn("take over", txn).await?.succeeded())
+    }
+
     /// Who runs `session`, if its presence is under a lease this client never had.
     pub(crate) async fn registered_elsewhere(
         &self,
@@ -154,7 +178,22 @@ impl Inner {
             if !take_over && !gone {
                 return Ok(Some(other));
             }
-            tracing::warn!(session = %presence.session_id, pid = other.pid, host = %other.host, gone, "taking the session over from another process: its claims end now");
+            if !gone {
+                // A live process is told, not fenced: the presence becomes this process's, and
+                // the other one learns at its next presence write (every few seconds) that it
+                // is to stop. It finishes or gives back what it runs; until then its claims are
+                // its own (this process's re-claims of them are refused), so no task runs twice.
+                tracing::warn!(session = %presence.session_id, pid = other.pid, host = %other.host, "taking the session over from a running process: it is told to stop");
+                if self.replace_presence(presence, &kv).await? {
+                    self.registered
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(presence.session_id.clone());
+                    return Ok(None);
+                }
+                continue;
+            }
+            tracing::warn!(session = %presence.session_id, pid = other.pid, host = %other.host, "taking the session over from a process that is gone: its claims end now");
             if kv.lease() != 0 {
                 let id = kv.lease();
                 let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(id).await };

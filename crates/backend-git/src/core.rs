@@ -905,18 +905,11 @@ impl Core {
         let Some(other) = self.other_process(session, &me)? else {
             return Ok(None);
         };
-        tracing::error!(%session, pid = other.pid, host = %other.host, "another process took this session over: its claims here end");
+        tracing::error!(%session, pid = other.pid, host = %other.host, "another process took this session over: this one claims nothing more and stops");
+        // Its claims stay its own until it releases them (or its heartbeat goes stale): the
+        // process that took over does not take them, so it can finish what it runs.
         self.announced.remove(session);
         self.evicted.insert(session.clone(), other.clone());
-        let lost: Vec<TaskId> = self
-            .held
-            .iter()
-            .filter(|(_, h)| &h.session == session)
-            .map(|(t, _)| t.clone())
-            .collect();
-        for t in lost {
-            self.lose(&t);
-        }
         Ok(Some(other))
     }
 
@@ -935,13 +928,15 @@ impl Core {
             }
             tracing::warn!(%session, pid = other.pid, host = %other.host, "taking the session over from another process: its claims end now");
         }
-        // Claims another process of this session made as an agent end with the take-over (a
-        // dead one's would otherwise wait for the heartbeat to go stale).
+        // The claims of an agent process of this session that is gone end now (they would
+        // otherwise wait for the heartbeat to go stale); a live one's stay its own.
         let mine = self.config.process.clone();
         if let Some(claims) = self.status_at_head(session)?.and_then(|f| f.claims) {
             for (task, c) in claims {
-                let agent = c.process.as_ref().is_some_and(|p| Some(p) != mine.as_ref());
-                if let (true, Ok(task)) = (agent, TaskId::parse(&task)) {
+                let gone = c.process.as_ref().is_some_and(|p| {
+                    Some(p) != mine.as_ref() && !agent_core::process::id_may_be_alive(p)
+                });
+                if let (true, Ok(task)) = (gone, TaskId::parse(&task)) {
                     self.relinquished.insert((task, c.token));
                 }
             }

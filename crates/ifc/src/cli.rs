@@ -308,9 +308,11 @@ pub struct AgentArgs {
     /// (bound on 127.0.0.1) or HOST:PORT (port 0 picks a free one, logged at start)
     #[arg(long, value_name = "[HOST:]PORT", value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Run the session even if another live process runs it (its claims end and it stops; it
-    /// is fenced). Without it, an agent whose session id is live elsewhere exits 5 and names
-    /// that process; one whose earlier process died on this host takes over by itself
+    /// Run the session even if another live process runs it: that one is told to stop (within
+    /// seconds it claims nothing more, finishes or gives back its running task as on SIGTERM,
+    /// and exits 5); its claims stay its own until then. Without it, an agent whose session id
+    /// is live elsewhere exits 5 and names that process; one whose earlier process died on this
+    /// host takes over by itself (that process's claims end at once)
     #[arg(long)]
     pub take_over: bool,
 }

@@ -194,12 +194,12 @@ async fn a_second_agent_with_a_live_sessions_id_is_refused_and_names_the_first()
         .expect("register")
         .expect("refused: the first runs the session");
     assert_eq!(refused.pid, 4242);
-    // Taking over fences the first: its claims end, and it learns it was taken over.
+    // Taking over tells the first to stop: it learns it at its next write, claims nothing
+    // more, and keeps what it holds until it releases it.
     let s = sid("session-1-x");
-    assert!(matches!(
-        first.claim(&tid("T0"), &s).await.expect("claim"),
-        ClaimOutcome::Won(_)
-    ));
+    let ClaimOutcome::Won(c) = first.claim(&tid("T0"), &s).await.expect("claim") else {
+        panic!("the first wins T0");
+    };
     assert_eq!(
         second
             .register(&presence("session-1-x", 4343), true)
@@ -215,7 +215,28 @@ async fn a_second_agent_with_a_live_sessions_id_is_refused_and_names_the_first()
         matches!(err, agent_core::BackendError::SessionElsewhere { .. }),
         "{err:?}"
     );
-    // T0 is free for the new process (it was the old one's).
+    let err = first
+        .claim(&tid("T0"), &s)
+        .await
+        .expect_err("a process taken over claims nothing more");
+    assert!(
+        matches!(err, agent_core::BackendError::SessionElsewhere { .. }),
+        "{err:?}"
+    );
+    // T0 stays the first's (it may be running it) until it gives it back.
+    assert_eq!(
+        second.claim(&tid("T0"), &s).await.expect("claim"),
+        ClaimOutcome::Lost {
+            holder: Some(s.clone())
+        }
+    );
+    assert!(matches!(
+        first
+            .release(&tid("T0"), &s, ReleaseTo::Available, Some(c.token))
+            .await
+            .expect("release"),
+        agent_core::ReleaseOutcome::Released { .. }
+    ));
     assert!(matches!(
         second.claim(&tid("T0"), &s).await.expect("claim"),
         ClaimOutcome::Won(_)

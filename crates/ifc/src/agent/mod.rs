@@ -454,6 +454,11 @@ impl Driver {
     ) -> Option<u8> {
         let session = self.session.session_id.clone();
         match output {
+            // Taken over: nothing more is claimed; the shutdown comes first.
+            Output::Claim(task) if self.evicted => {
+                inputs.push_front(Input::ClaimFailed { task });
+                inputs.push_front(Input::Shutdown);
+            }
             Output::Claim(task) => match self.timed_claim(&task, &session).await {
                 Ok(outcome) => {
                     tracing::info!(%task, %session, ?outcome, backend = self.backend.serving_name(), "claim");

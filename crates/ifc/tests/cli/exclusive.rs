@@ -143,7 +143,7 @@ fn git_cli_claims_of_one_session_keep_each_other_from_one_directory_or_two() {
 }
 
 #[test]
-fn a_take_over_fences_the_running_agent_and_it_claims_nothing_more() {
+fn a_take_over_stops_the_running_agent_which_finishes_its_task_and_claims_nothing_more() {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
     let e = etcd.endpoint();
     for t in ["A", "B", "C"] {
@@ -175,12 +175,16 @@ fn a_take_over_fences_the_running_agent_and_it_claims_nothing_more() {
     let first_log = std::fs::read_to_string(w.path().join("first.log")).unwrap_or_default();
     assert_eq!(
         first_code, 5,
-        "the fenced agent stops with exit 5:\n{first_log}"
+        "the agent taken over stops with exit 5:\n{first_log}"
     );
     assert_eq!(
         first_log.matches("task started").count(),
         1,
-        "after the take-over the fenced agent starts nothing:\n{first_log}"
+        "after the take-over the first agent starts nothing:\n{first_log}"
+    );
+    assert!(
+        first_log.contains("release task=A"),
+        "it finished A and reported it:\n{first_log}"
     );
     let second_code = finish(&mut second, Duration::from_secs(60));
     let second_log = std::fs::read_to_string(w.path().join("second.log")).unwrap_or_default();
@@ -188,6 +192,7 @@ fn a_take_over_fences_the_running_agent_and_it_claims_nothing_more() {
     for t in ["A", "B", "C"] {
         assert_eq!(status_of(&e, w.path(), t), "complete", "{t}");
     }
+    assert_eq!(w.done(), ["A", "B", "C"], "each task ran once");
     let out = run(ifc(&e, w.path()).args(["check-history", &h]));
     assert_eq!(code(&out), 0, "{}", text(&out.stdout));
 }
