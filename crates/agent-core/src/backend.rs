@@ -37,6 +37,14 @@ pub enum BackendEvent {
         /// Its path in the coordination repo.
         path: String,
     },
+    /// Another process registered `session` over this one (`--take-over`): this process claims
+    /// nothing more for it and stops, finishing or giving back what it runs.
+    SessionTaken {
+        /// The session.
+        session: SessionId,
+        /// The process that runs it now.
+        by: Box<Presence>,
+    },
     /// The store serving this subscription changed (the router switched between etcd and git):
     /// every task as the new store says, to replace what the subscriber knew.
     Resync(Listing),

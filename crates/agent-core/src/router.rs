@@ -460,6 +460,8 @@ impl Shared {
                     token,
                 } => me.claim_lost(side, task, session, token).await,
                 BackendEvent::Resync(_) => {}
+                // Whichever store learnt it: the process is to stop.
+                taken @ BackendEvent::SessionTaken { .. } => me.broadcast(taken),
                 BackendEvent::Task(e) if side == Side::Fallback => {
                     let serving = lock(&me.state).serving;
                     if serving == side {

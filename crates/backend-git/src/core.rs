@@ -106,6 +106,8 @@ pub(crate) struct Core {
     relinquished: std::collections::HashSet<(TaskId, u64)>,
     /// Sessions another process took over from this one, and who took them.
     evicted: HashMap<SessionId, agent_core::Presence>,
+    /// Set while a registration writes this process's presence over another's.
+    taking_over: bool,
 }
 
 impl std::fmt::Debug for Core {
@@ -144,6 +146,7 @@ impl Core {
             announced: HashMap::new(),
             relinquished: Default::default(),
             evicted: HashMap::new(),
+            taking_over: false,
         };
         // Start from the current head: subscribers get it as their snapshot.
         let snap = core.snapshot()?;
@@ -433,7 +436,15 @@ impl Core {
         extra: Option<(&TaskId, &ClaimRecord)>,
         without: Option<&TaskId>,
     ) -> (String, Vec<u8>) {
-        let file = snap.statuses.get(session);
+        // The session's file at the head (the snapshot holds those of sessions owning rows).
+        let read;
+        let file = match snap.statuses.get(session) {
+            Some(f) => Some(f),
+            None => {
+                read = self.status_at_head(session).ok().flatten();
+                read.as_ref()
+            }
+        };
         let still_held = |t: &TaskId| {
             rows.iter().any(|r| {
                 &r.id == t && r.status == TaskStatus::Claimed && r.owner.as_ref() == Some(session)
@@ -476,7 +487,18 @@ impl Core {
         let current = current.or_else(|| claims.keys().next());
         // A one-shot command keeps what the running agent published about itself.
         let kept = file.and_then(StatusIn::presence).filter(|p| p.pid != 0);
-        let presence = self.announced.get(session).or(kept.as_ref());
+        // Another live process's presence is not written over (it took the session over; this
+        // one learns it at its next heartbeat), except by the registration that takes over.
+        let own = self.announced.get(session);
+        let theirs = kept.as_ref().filter(|p| {
+            own.is_some_and(|me| (p.pid, p.host.as_str()) != (me.pid, me.host.as_str()))
+                && self.fresh(file)
+                && agent_core::process::may_be_alive(p.pid, &p.host)
+        });
+        let presence = match theirs {
+            Some(p) if !self.taking_over => Some(p),
+            _ => own.or(kept.as_ref()),
+        };
         (
             self.config.status_path(session),
             status::render(session, state, current, &claims, presence),
@@ -868,6 +890,17 @@ impl Core {
             }))
     }
 
+    /// Whether a STATUS file's heartbeat is younger than `stale_after`.
+    fn fresh(&self, file: Option<&StatusIn>) -> bool {
+        file.and_then(StatusIn::updated_at).is_some_and(|at| {
+            Utc::now()
+                .signed_duration_since(at)
+                .to_std()
+                .unwrap_or_default()
+                <= self.config.stale_after
+        })
+    }
+
     /// Another live process that runs `session`, as its STATUS file says: a fresh heartbeat
     /// written by an agent (pid and host) that is not `me` and may be alive.
     fn other_process(
@@ -878,13 +911,7 @@ impl Core {
         let Some(file) = self.status_at_head(session)? else {
             return Ok(None);
         };
-        let fresh = file.updated_at().is_some_and(|at| {
-            Utc::now()
-                .signed_duration_since(at)
-                .to_std()
-                .unwrap_or_default()
-                <= self.config.stale_after
-        });
+        let fresh = self.fresh(Some(&file));
         Ok(file.presence().filter(|p| {
             fresh
                 && p.pid != 0
@@ -910,6 +937,10 @@ impl Core {
         // process that took over does not take them, so it can finish what it runs.
         self.announced.remove(session);
         self.evicted.insert(session.clone(), other.clone());
+        self.broadcast(BackendEvent::SessionTaken {
+            session: session.clone(),
+            by: Box::new(other.clone()),
+        });
         Ok(Some(other))
     }
 
@@ -926,7 +957,7 @@ impl Core {
             if !take_over {
                 return Ok(Some(Some(other)));
             }
-            tracing::warn!(%session, pid = other.pid, host = %other.host, "taking the session over from another process: its claims end now");
+            tracing::warn!(%session, pid = other.pid, host = %other.host, "taking the session over from a running process: it is told to stop");
         }
         // The claims of an agent process of this session that is gone end now (they would
         // otherwise wait for the heartbeat to go stale); a live one's stay its own.
@@ -941,7 +972,10 @@ impl Core {
                 }
             }
         }
-        Ok(self.announce_in_turn(presence)?.map(|()| None))
+        self.taking_over = true;
+        let announced = self.announce_in_turn(presence);
+        self.taking_over = false;
+        Ok(announced?.map(|()| None))
     }
 
     /// One announce attempt (writes the session's STATUS file): `None` when the push was rejected.

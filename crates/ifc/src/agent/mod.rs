@@ -391,6 +391,13 @@ impl Driver {
                         inputs.push_back(Input::Lost { task });
                     }
                     Some(BackendEvent::Instructions { path, .. }) => tracing::info!(%path, "new instructions file"),
+                    Some(BackendEvent::SessionTaken { session, by }) if session == self.session.session_id => {
+                        if !self.evicted {
+                            tracing::error!(%session, by = %agent_core::process::describe(&by), "taken over: stopping");
+                            self.record("", "evicted", None, None);
+                        }
+                        self.evicted = true;
+                    }
                     Some(BackendEvent::Resync(listing)) => {
                         // Events awaited from the store left behind will not come.
                         self.awaited.clear();

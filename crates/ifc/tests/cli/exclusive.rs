@@ -222,3 +222,42 @@ fn a_claim_held_by_a_killed_agent_of_the_session_is_the_sessions_again_at_once()
     let out = run(ifc(&e, w.path()).args(["claim", "A", "--session", "session-2-y"]));
     assert_eq!(code(&out), 1, "{}", text(&out.stdout));
 }
+
+#[test]
+fn a_take_over_in_git_mode_stops_the_running_agent_which_finishes_its_task() {
+    // Found by `scripts/chaos --random --seed 5001`: an agent on git never learnt that it was
+    // taken over (nothing told it; it only found out when it wrote), and its writes put its
+    // presence back, so the new process thought itself taken over.
+    let remote = BareRemote::new(
+        "| ID | Task | Status | Owner |\n|---|---|---|---|\n| A | a | 🔵 AVAILABLE |  |\n",
+    );
+    let w = Workdir::new();
+    let marker = w.path().join("A.started");
+    let script = format!(
+        r#"echo "$IFC_TASK_ID" >> "$SHARED"; if [ "$IFC_TASK_ID" = A ]; then touch {:?}; sleep 3; fi"#,
+        marker.display().to_string()
+    );
+    let config = w.session("session-1-x", &["A"], &script, "");
+    let agent = |log: &str, extra: &[&str]| {
+        let mut cmd = ifc_git(&remote, w.path());
+        cmd.env("IFC_POLL_INTERVAL", "200ms")
+            .args(["--stale-after", "4s", "--git-workdir"])
+            .arg(w.path().join(log));
+        spawn_agent(cmd, &config, &w.path().join(format!("{log}.log")), extra)
+    };
+    // The first is not `--until-done`: once A is done it idles, and only being told can stop it.
+    let mut first = agent("first", &[]);
+    wait_for("A to start", Duration::from_secs(30), || marker.exists());
+    let mut second = agent("second", &["--until-done", "--take-over"]);
+    let first_code = finish(&mut first, Duration::from_secs(60));
+    let first_log = std::fs::read_to_string(w.path().join("first.log")).unwrap_or_default();
+    assert_eq!(
+        first_code, 5,
+        "the agent taken over stops with exit 5:\n{first_log}"
+    );
+    let second_code = finish(&mut second, Duration::from_secs(60));
+    let second_log = std::fs::read_to_string(w.path().join("second.log")).unwrap_or_default();
+    assert_eq!(second_code, 0, "{second_log}");
+    assert!(first_log.contains("release task=A"), "{first_log}");
+    assert_eq!(w.done(), ["A"], "A ran once");
+}
