@@ -167,7 +167,21 @@ impl Bridge {
                     .collect(),
             }
         };
-        let plan = bridge::plan(&e.tasks, &b.tasks, &self.base, &live);
+        let mut plan = bridge::plan(&e.tasks, &b.tasks, &self.base, &live);
+        if !plan.to_git.is_empty() {
+            // What etcd said a moment ago may be gone already (a claim ended, then its session
+            // claimed the task again under a new token; to the board the two claims look the
+            // same): a transition is carried to git only if etcd still says so now.
+            let now: BTreeMap<TaskId, Face> = etcd
+                .list()
+                .await?
+                .tasks
+                .iter()
+                .map(|t| (t.id.clone(), Face::of(t)))
+                .collect();
+            plan.to_git
+                .retain(|item| now.get(&item.task) == Some(&landed(item)));
+        }
         let mut now_conflicting: BTreeSet<TaskId> = BTreeSet::new();
         for c in &plan.conflicts {
             now_conflicting.insert(c.task.clone());
