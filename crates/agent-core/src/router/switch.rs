@@ -229,6 +229,27 @@ impl Shared {
             }
             (mode, h.clone())
         };
+        if side == Side::Fallback && self.config.claims_in_git && held.primary.is_some() {
+            // While the fleet has a git side a claim counts only while git has it: once git
+            // lost it (its heartbeat went stale, another process took it) a git session may take
+            // the task, so it stops here too and the etcd claim is given back.
+            tracing::warn!(%task, %session, "claim lost in git: stopping the task (it counts only while git has it)");
+            lock(&self.state).held.remove(&task);
+            if let Ok(etcd) = self.backend(Side::Primary) {
+                if let Err(e) = etcd
+                    .release(&task, &session, ReleaseTo::Available, held.primary)
+                    .await
+                {
+                    tracing::warn!(%task, %session, error = %e, "cannot give the etcd claim back; it ends with the session's lease");
+                }
+            }
+            self.broadcast(BackendEvent::ClaimLost {
+                task,
+                session,
+                token,
+            });
+            return;
+        }
         if held.primary.is_some() || held.fallback.is_some() {
             tracing::info!(%task, %session, side = ?side, "claim ended on one store; still asserted on the other");
             return;
