@@ -157,6 +157,25 @@ pub fn plan(etcd: &[Task], git: &[Task], base: &BTreeMap<TaskId, Face>, live: &L
         if ef == gf {
             continue;
         }
+        // etcd still shows the claim both last agreed on while git has moved on to another
+        // session's claim or completion: that claim ended in git without a release (its holder
+        // died or was fenced there), and etcd's copy of it (often one this bridge recorded,
+        // without a lease) would hold the task for nobody. It is ended, then git's state
+        // written.
+        let free = Face {
+            status: TaskStatus::Available,
+            holder: None,
+        };
+        let moved_on = base.get(&et.id) == Some(&ef)
+            && ef.status == TaskStatus::Claimed
+            && gf.holder.is_some()
+            && gf.holder != ef.holder
+            && matches!(gf.status, TaskStatus::Claimed | TaskStatus::Complete);
+        if moved_on {
+            out.to_etcd.push(transition(&et.id, &free, &ef));
+            out.to_etcd.push(transition(&et.id, &gf, &free));
+            continue;
+        }
         if is_conflict(&ef, &gf) {
             out.conflicts.push(Difference {
                 task: et.id.clone(),
@@ -287,5 +306,34 @@ mod tests {
             (p.to_git.len(), p.to_etcd.len(), p.conflicts.len()),
             (0, 0, 1)
         );
+    }
+
+    #[test]
+    fn a_claim_that_ended_in_git_without_a_release_is_ended_in_etcd_too() {
+        // Found by `scripts/chaos --random --seed 3018`: git's claim of s1 ended (s1 was killed,
+        // its restart let it go) and s2 did the task; etcd kept the copy of s1's claim forever.
+        let base: BTreeMap<TaskId, Face> =
+            [(TaskId::parse("T").expect("id"), face(C, Some("s1")))].into();
+        let p = plan(
+            &[t("T", C, Some("s1"))],
+            &[t("T", D, Some("s2"))],
+            &base,
+            &Live::default(),
+        );
+        let got: Vec<(TaskStatus, Option<SessionId>)> = p
+            .to_etcd
+            .iter()
+            .map(|m| (m.status, m.holder.clone()))
+            .collect();
+        assert_eq!(got, vec![(A, Some(sid("s1"))), (D, Some(sid("s2")))]);
+        assert!(p.conflicts.is_empty() && p.to_git.is_empty());
+        // Without that common past it stays a conflict: nobody can tell which is right.
+        let p = plan(
+            &[t("T", C, Some("s1"))],
+            &[t("T", D, Some("s2"))],
+            &BTreeMap::new(),
+            &Live::default(),
+        );
+        assert_eq!(p.conflicts.len(), 1);
     }
 }
