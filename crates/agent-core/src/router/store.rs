@@ -49,15 +49,26 @@ impl Backend for Router {
         // an etcd claimer that saw the reopening before git had it would be told "complete".
         let me = &self.shared;
         let on_primary = lock(&me.state).serving == Side::Primary;
-        if let (true, true, Ok(git)) = (
+        if let (true, true, Ok(git), Ok(etcd)) = (
             on_primary,
             me.config.claims_in_git,
             me.backend(Side::Fallback),
+            me.backend(Side::Primary),
         ) {
-            match git.put(task, patch).await {
-                Ok(PutOutcome::Held { holder }) => {
-                    tracing::warn!(%task, git_holder = ?holder, "git has this task claimed: the board keeps it")
+            // Neither store changes unless both may: a status change of a task held in etcd is
+            // refused before the board is touched (seed 7032: the board was reopened, etcd
+            // refused, and the task ran again with the operator told "held").
+            if patch.status.is_some() {
+                if let Ok(Some(t)) = etcd.get(task).await {
+                    if t.status == crate::TaskStatus::Claimed {
+                        return Ok(PutOutcome::Held {
+                            holder: t.claimed_by,
+                        });
+                    }
                 }
+            }
+            match git.put(task, patch).await {
+                Ok(PutOutcome::Held { holder }) => return Ok(PutOutcome::Held { holder }),
                 Ok(_) => me.count("put", Side::Fallback),
                 Err(e) => {
                     tracing::warn!(%task, error = %e, "the change is not on the git board")
