@@ -195,6 +195,11 @@ impl Backend for Router {
                     released = Some(o);
                 }
                 Ok(o) => refused = Some(o),
+                // While the fleet has a git side, git takes the release first or nobody does:
+                // a completion on etcd alone would be redone by a git session once this claim
+                // goes stale there (seed 6013: killed with the completion still queued for git).
+                // The caller retries; the claim is still held in both stores.
+                Err(e) if me.config.claims_in_git && held.primary.is_some() => return Err(e),
                 Err(e) => error = Some(e),
             }
         }
