@@ -181,17 +181,21 @@ impl Driver {
         self.presence.current_task = task.cloned();
         match self.backend.announce(&self.presence).await {
             Ok(()) => {}
-            Err(e @ BackendError::SessionElsewhere { .. }) => {
-                if !self.evicted {
-                    tracing::error!(session = %self.presence.session_id, error = %e, "taken over: stopping");
-                    self.record("", "evicted", None, None);
-                }
-                self.evicted = true;
-            }
+            Err(e @ BackendError::SessionElsewhere { .. }) => self.evict(&e.to_string()),
             Err(e) => {
                 tracing::warn!(session = %self.presence.session_id, error = %e, "cannot publish the session's presence")
             }
         }
+    }
+
+    /// Another process took the session over: this one claims nothing more and shuts down
+    /// (exit 5). Logged and recorded once.
+    fn evict(&mut self, why: &str) {
+        if !self.evicted {
+            tracing::error!(session = %self.session.session_id, reason = why, "taken over: stopping");
+            self.record("", "evicted", None, None);
+        }
+        self.evicted = true;
     }
 
     /// Re-reads the session and fleet files (and the repo's rollback flag) and switches mode
@@ -392,11 +396,7 @@ impl Driver {
                     }
                     Some(BackendEvent::Instructions { path, .. }) => tracing::info!(%path, "new instructions file"),
                     Some(BackendEvent::SessionTaken { session, by }) if session == self.session.session_id => {
-                        if !self.evicted {
-                            tracing::error!(%session, by = %agent_core::process::describe(&by), "taken over: stopping");
-                            self.record("", "evicted", None, None);
-                        }
-                        self.evicted = true;
+                        self.evict(&format!("now run by {}", agent_core::process::describe(&by)));
                     }
                     Some(BackendEvent::Resync(listing)) => {
                         // Events awaited from the store left behind will not come.
@@ -472,8 +472,7 @@ impl Driver {
                     inputs.push_back(Input::Claimed { task, outcome });
                 }
                 Err(e @ BackendError::SessionElsewhere { .. }) => {
-                    tracing::error!(%task, %session, error = %e, "taken over: stopping");
-                    self.evicted = true;
+                    self.evict(&e.to_string());
                     inputs.push_back(Input::ClaimFailed { task });
                 }
                 Err(e) => {
