@@ -11,7 +11,6 @@ use agent_core::{
     Listing, Mirrored, Patched, PutOutcome, RecordOutcome, ReleaseOutcome, ReleaseTo, SessionId,
     Task, TaskEvent, TaskId, TaskPatch, TaskStatus,
 };
-use chrono::Utc;
 use git2::Oid;
 use tokio::sync::mpsc;
 
@@ -53,13 +52,9 @@ impl Snapshot {
                 .and_then(|s| s.claim(&t.id))
                 .is_some_and(|c| c.until_released);
             let stale = !lasting
-                && status.and_then(StatusIn::updated_at).is_some_and(|at| {
-                    Utc::now()
-                        .signed_duration_since(at)
-                        .to_std()
-                        .unwrap_or_default()
-                        > stale_after
-                });
+                && status
+                    .and_then(StatusIn::age)
+                    .is_some_and(|age| age > stale_after);
             // Free when the owner's heartbeat is stale, or when the owner's (ifc-written) STATUS
             // no longer lists the claim: it gave the task up (fenced itself) without a release.
             if stale || status.is_some_and(|s| s.disowns(&t.id)) {
@@ -892,13 +887,8 @@ impl Core {
 
     /// Whether a STATUS file's heartbeat is younger than `stale_after`.
     fn fresh(&self, file: Option<&StatusIn>) -> bool {
-        file.and_then(StatusIn::updated_at).is_some_and(|at| {
-            Utc::now()
-                .signed_duration_since(at)
-                .to_std()
-                .unwrap_or_default()
-                <= self.config.stale_after
-        })
+        file.and_then(StatusIn::age)
+            .is_some_and(|age| age <= self.config.stale_after)
     }
 
     /// Another live process that runs `session`, as its STATUS file says: a fresh heartbeat
@@ -1051,13 +1041,7 @@ impl Core {
                 continue;
             };
             let status = StatusIn::parse(&path, &bytes);
-            let fresh = status.updated_at().is_some_and(|at| {
-                Utc::now()
-                    .signed_duration_since(at)
-                    .to_std()
-                    .unwrap_or_default()
-                    <= self.config.stale_after
-            });
+            let fresh = self.fresh(Some(&status));
             if let Some(p) = status.presence().filter(|_| fresh) {
                 out.push(p);
             }

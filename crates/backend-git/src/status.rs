@@ -106,6 +106,17 @@ impl StatusIn {
             .map(|t| t.with_timezone(&Utc))
     }
 
+    /// How old its heartbeat is (`None`: it has none; a time ahead of this clock is age 0).
+    pub fn age(&self) -> Option<std::time::Duration> {
+        let at = self.updated_at()?;
+        Some(
+            Utc::now()
+                .signed_duration_since(at)
+                .to_std()
+                .unwrap_or_default(),
+        )
+    }
+
     /// The session this file describes as a presence, if it names a valid session.
     pub fn presence(&self) -> Option<agent_core::Presence> {
         let session_id = SessionId::parse(self.session_id.as_deref()?).ok()?;
