@@ -13,7 +13,7 @@ mod switch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -25,7 +25,7 @@ use crate::config::Mode;
 use crate::error::{BackendError, BackendResult};
 use crate::ids::{SessionId, TaskId};
 use crate::mirror::Mirrored;
-use crate::model::FencingToken;
+use crate::model::{FencingToken, Presence};
 use breaker::{Breaker, Transition};
 use mirror_queue::MirrorQueue;
 
@@ -118,6 +118,13 @@ struct State {
     /// git session holds costs no claim storm on etcd.
     refused: HashMap<TaskId, (crate::model::ClaimOutcome, Instant)>,
     stats: RouterStats,
+    /// The presence registered (`Backend::register`): a coordinator attached later
+    /// (`Router::attach_coordinator`) is told it too.
+    registered: Option<Presence>,
+    /// Someone follows the router's events (`subscribe` was called).
+    followed: bool,
+    /// A pump forwards the coordinator's events (set by whoever starts it, once).
+    following_primary: bool,
 }
 
 /// Counts for metrics.
@@ -131,7 +138,11 @@ pub struct RouterStats {
 
 #[derive(Debug)]
 struct Shared {
-    primary: Option<Arc<dyn Backend>>,
+    /// The coordinator: set at the start, or later when it was unreachable then
+    /// (`Router::attach_coordinator`).
+    primary: OnceLock<Arc<dyn Backend>>,
+    /// A coordinator is being connected in the background (`Router::attach_coordinator`).
+    awaiting_primary: std::sync::atomic::AtomicBool,
     fallback: Option<Arc<dyn Backend>>,
     config: RouterConfig,
     state: Mutex<State>,
@@ -184,19 +195,25 @@ impl Router {
             confirm_until: None,
             refused: HashMap::new(),
             stats: RouterStats::default(),
+            registered: None,
+            followed: false,
+            following_primary: false,
         };
         // The git mirror: a hybrid session's (unless a bridge mirrors for it), and, while the
         // fleet has a git side, every session's, so a completion git could not take at once
         // reaches it as soon as it answers.
         let wanted = (mode == Mode::Hybrid && config.mirror) || config.claims_in_git;
         let mirror = match &fallback {
-            Some(git) if wanted && primary.is_some() => {
-                Some(MirrorQueue::start(git.clone(), config.name.clone()))
-            }
+            Some(git) if wanted => Some(MirrorQueue::start(git.clone(), config.name.clone())),
             _ => None,
         };
+        let cell = OnceLock::new();
+        if let Some(p) = primary {
+            let _ = cell.set(p);
+        }
         let shared = Arc::new(Shared {
-            primary,
+            primary: cell,
+            awaiting_primary: std::sync::atomic::AtomicBool::new(false),
             fallback,
             config,
             state: Mutex::new(state),
@@ -250,13 +267,60 @@ impl Router {
             Mode::Git => Side::Fallback,
             Mode::Coordinator | Mode::Hybrid => Side::Primary,
         };
-        self.shared.backend(target)?;
+        // Hybrid serves git until a coordinator still being connected answers.
+        if !(mode == Mode::Hybrid && self.shared.awaiting()) {
+            self.shared.backend(target)?;
+        }
         let old = std::mem::replace(&mut lock(&self.shared.state).mode, mode);
         if old != mode {
             tracing::warn!(session = %self.shared.config.name, from = ?old, to = ?mode, "mode changed");
         }
         self.shared.settle().await;
         Ok(())
+    }
+
+    /// Attaches the coordinator once `connect` yields it, for a router made without one because
+    /// it did not answer at the start: it is told the registered presence, its events are
+    /// followed, and a hybrid session moves to it by the usual return (git's progress written
+    /// into etcd first, `switch.rs`). A second coordinator is ignored.
+    pub fn attach_coordinator<F>(&self, connect: F)
+    where
+        F: Future<Output = Arc<dyn Backend>> + Send + 'static,
+    {
+        let weak = Arc::downgrade(&self.shared);
+        self.shared
+            .awaiting_primary
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let task = tokio::spawn(async move {
+            let etcd = connect.await;
+            let Some(me) = weak.upgrade() else { return };
+            if me.primary.set(etcd.clone()).is_err() {
+                return;
+            }
+            tracing::info!(session = %me.config.name, backend = etcd.name(), "the coordinator answers: attached");
+            let registered = lock(&me.state).registered.clone();
+            if let Some(p) = registered {
+                let mut p = p.clone();
+                p.backend = etcd.name().into();
+                match etcd.register(&p, false).await {
+                    Ok(None) => {}
+                    // Another process runs the session there: this one yields.
+                    Ok(Some(other)) => me.broadcast(BackendEvent::SessionTaken {
+                        session: p.session_id.clone(),
+                        by: Box::new(other),
+                    }),
+                    Err(e) => {
+                        tracing::warn!(session = %me.config.name, error = %e, "cannot register the session with the coordinator yet")
+                    }
+                }
+            }
+            drop(me);
+            Shared::follow_primary(weak).await;
+        });
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
     }
 
     /// Whether the git mirror still holds transitions git has not taken.
@@ -285,10 +349,26 @@ impl Drop for Router {
 impl Shared {
     fn backend(&self, side: Side) -> BackendResult<&Arc<dyn Backend>> {
         match side {
-            Side::Primary => self.primary.as_ref(),
+            Side::Primary => self.primary.get(),
             Side::Fallback => self.fallback.as_ref(),
         }
-        .ok_or_else(|| missing(side))
+        .ok_or_else(|| match side {
+            Side::Primary if self.awaiting() => BackendError::Unavailable {
+                endpoint: "etcd".into(),
+                reason:
+                    "the coordinator has not answered since this process started (still trying)"
+                        .into(),
+            },
+            _ => missing(side),
+        })
+    }
+
+    /// A coordinator is being connected and has not answered yet.
+    fn awaiting(&self) -> bool {
+        self.primary.get().is_none()
+            && self
+                .awaiting_primary
+                .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The side the mode and breaker call for (the configured one if only one is).
@@ -300,7 +380,7 @@ impl Shared {
             Mode::Hybrid => Side::Primary,
         };
         match wanted {
-            Side::Primary if self.primary.is_none() => Side::Fallback,
+            Side::Primary if self.primary.get().is_none() => Side::Fallback,
             Side::Fallback if self.fallback.is_none() => Side::Primary,
             side => side,
         }
@@ -422,7 +502,7 @@ impl Shared {
             drop(me);
             tokio::time::sleep(wait.min(interval)).await;
             let Some(me) = weak.upgrade() else { return };
-            if mode != Mode::Hybrid || me.primary.is_none() || me.fallback.is_none() {
+            if mode != Mode::Hybrid || me.primary.get().is_none() || me.fallback.is_none() {
                 continue;
             }
             if open && !lock(&me.state).breaker.probe_due(Instant::now()) {
@@ -445,6 +525,47 @@ impl Shared {
             } else {
                 me.failed("health check failed").await;
             }
+        }
+    }
+
+    /// Whether this caller is the one to start forwarding the coordinator's events (once).
+    fn start_following_primary(&self) -> bool {
+        let mut s = lock(&self.state);
+        let start = s.followed && !s.following_primary && self.primary.get().is_some();
+        s.following_primary |= start;
+        start
+    }
+
+    /// Follows a coordinator attached after the start, once someone follows the router: its
+    /// subscription is retried until it answers, then its events are pumped.
+    async fn follow_primary(weak: std::sync::Weak<Shared>) {
+        let mut backoff =
+            crate::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            let Some(me) = weak.upgrade() else { return };
+            if me.start_following_primary() {
+                loop {
+                    let Ok(etcd) = me.backend(Side::Primary).cloned() else {
+                        return;
+                    };
+                    match etcd.subscribe().await {
+                        Ok(sub) => {
+                            drop(me);
+                            return Shared::pump(weak, Side::Primary, sub).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(session = %me.config.name, error = %e, "cannot follow the coordinator's changes yet");
+                            tokio::time::sleep(backoff.next_delay()).await;
+                        }
+                    }
+                }
+            }
+            // Nobody follows yet (or a pump runs already, started by `subscribe`).
+            if lock(&me.state).following_primary {
+                return;
+            }
+            drop(me);
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

@@ -56,6 +56,7 @@ impl Clone {
     /// Opens the clone in `config.workdir`, or clones the remote there.
     pub fn open_or_clone(config: &GitConfig) -> Result<Clone, BackendError> {
         let dir = &config.workdir;
+        forget_interrupted_creation(dir)?;
         let repo = if dir.join(".git").exists() {
             let repo = Repository::open(dir).map_err(|e| local(dir, e))?;
             let url = repo
@@ -72,22 +73,7 @@ impl Clone {
             }
             repo
         } else {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                BackendError::InvalidInput(format!("cannot create {}: {e}", dir.display()))
-            })?;
-            if config.local_remote().is_some() {
-                // Filled by our own fetch (see `fetch_local`).
-                let repo = Repository::init(dir).map_err(|e| local(dir, e))?;
-                repo.remote("origin", &config.remote)
-                    .map_err(|e| local(dir, e))?;
-                repo
-            } else {
-                let mut builder = git2::build::RepoBuilder::new();
-                builder.fetch_options(fetch_options(config));
-                builder
-                    .clone(&config.remote, dir)
-                    .map_err(|e| remote_error(config, e))?
-            }
+            Self::create(config)?
         };
         let mut clone = Clone {
             repo,
@@ -100,6 +86,53 @@ impl Clone {
         };
         clone.sync()?;
         Ok(clone)
+    }
+
+    /// Makes the clone in `config.workdir`: next to it first, then moved into place, so a
+    /// process killed (or a remote lost) half-way leaves no half-made repository behind. A
+    /// work directory that exists and holds files is used in place.
+    fn create(config: &GitConfig) -> Result<Repository, BackendError> {
+        let dir = &config.workdir;
+        let in_place = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+        let name = dir
+            .file_name()
+            .map_or_else(|| "clone".into(), |n| n.to_string_lossy().into_owned());
+        let target = match in_place {
+            true => dir.clone(),
+            false => dir.with_file_name(format!(".{name}.ifc-new-{}", std::process::id())),
+        };
+        if !in_place {
+            let _ = std::fs::remove_dir_all(&target);
+        }
+        std::fs::create_dir_all(&target).map_err(|e| {
+            BackendError::InvalidInput(format!("cannot create {}: {e}", target.display()))
+        })?;
+        let made = if config.local_remote().is_some() {
+            // Filled by our own fetch (see `fetch_local`).
+            Repository::init(&target)
+                .and_then(|repo| repo.remote("origin", &config.remote).map(drop))
+                .map_err(|e| local(&target, e))
+        } else {
+            let mut builder = git2::build::RepoBuilder::new();
+            builder.fetch_options(fetch_options(config));
+            builder
+                .clone(&config.remote, &target)
+                .map(drop)
+                .map_err(|e| remote_error(config, e))
+        };
+        if in_place {
+            made?;
+        } else {
+            if let Err(e) = made {
+                let _ = std::fs::remove_dir_all(&target);
+                return Err(e);
+            }
+            // An empty directory is replaced; one another process filled meanwhile is kept.
+            if std::fs::rename(&target, dir).is_err() {
+                let _ = std::fs::remove_dir_all(&target);
+            }
+        }
+        Repository::open(dir).map_err(|e| local(dir, e))
     }
 
     /// Fetches and moves the clone (branch, index, files) to the remote head; returns it.
@@ -469,6 +502,27 @@ fn copy_objects(from: &Repository, to: &Repository, tip: Oid) -> Result<(), git2
         }
     }
     Ok(())
+}
+
+/// A `.git` without `HEAD` and without objects is what a clone killed while being made leaves
+/// (older versions made it in place): nothing in it can be read, so it is removed and the clone
+/// made again. Anything else is left for `open` to judge.
+fn forget_interrupted_creation(dir: &Path) -> Result<(), BackendError> {
+    let git = dir.join(".git");
+    if !git.is_dir() || git.join("HEAD").exists() {
+        return Ok(());
+    }
+    let objects = git.join("objects");
+    let has_objects = std::fs::read_dir(&objects).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| std::fs::read_dir(e.path()).is_ok_and(|mut inner| inner.next().is_some()))
+    });
+    if has_objects {
+        return Ok(());
+    }
+    tracing::warn!(dir = %git.display(), "removing a clone left half-made by an interrupted start");
+    std::fs::remove_dir_all(&git).map_err(|e| io(&git, e))
 }
 
 fn local(dir: &Path, e: git2::Error) -> BackendError {

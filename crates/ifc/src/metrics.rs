@@ -291,25 +291,77 @@ impl Metrics {
 /// The totals kept elsewhere: (watch reconnects, fallbacks to git, conflicts).
 pub type Totals = Arc<dyn Fn() -> (u64, u64, u64) + Send + Sync>;
 
-/// The store's health within 2 s.
-async fn health_of(store: &dyn Backend) -> agent_core::Health {
-    tokio::time::timeout(Duration::from_secs(2), store.health())
-        .await
-        .unwrap_or_else(|_| agent_core::Health {
-            reachable: false,
-            detail: format!("{}: no answer within 2s", store.name()),
+/// What `/health` and `/metrics` read: the store once the process has one, else why not yet
+/// (an agent waiting for etcd at its start).
+pub struct Source {
+    ready: std::sync::OnceLock<(Arc<dyn Backend>, Totals)>,
+    waiting: std::sync::Mutex<String>,
+}
+
+impl Source {
+    /// A source without a store yet; `why` is `/health`'s reason until one is set.
+    pub fn waiting(why: &str) -> Arc<Source> {
+        Arc::new(Source {
+            ready: std::sync::OnceLock::new(),
+            waiting: std::sync::Mutex::new(why.to_owned()),
         })
+    }
+
+    /// A source with its store.
+    pub fn ready(store: Arc<dyn Backend>, totals: Totals) -> Arc<Source> {
+        let s = Source::waiting("");
+        s.set(store, totals);
+        s
+    }
+
+    /// Why there is no store yet.
+    pub fn set_waiting(&self, why: &str) {
+        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = why.to_owned();
+    }
+
+    /// The store (once).
+    pub fn set(&self, store: Arc<dyn Backend>, totals: Totals) {
+        let _ = self.ready.set((store, totals));
+    }
+
+    /// The store's health within 2 s, or why there is none; with the store's name.
+    async fn health(&self) -> (agent_core::Health, &'static str) {
+        let Some((store, _)) = self.ready.get() else {
+            let detail = self
+                .waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            return (
+                agent_core::Health {
+                    reachable: false,
+                    detail,
+                },
+                "none",
+            );
+        };
+        let h = tokio::time::timeout(Duration::from_secs(2), store.health())
+            .await
+            .unwrap_or_else(|_| agent_core::Health {
+                reachable: false,
+                detail: format!("{}: no answer within 2s", store.name()),
+            });
+        (h, store.name())
+    }
+
+    fn totals(&self) -> (u64, u64, u64) {
+        self.ready.get().map_or((0, 0, 0), |(_, totals)| totals())
+    }
 }
 
 /// Serves `/metrics` and `/health` on `addr` until the process ends; returns the bound address.
-/// `store` is the active store (its health is `event_bus_health` and `/health`).
+/// `source`'s store is the active store (its health is `event_bus_health` and `/health`).
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-    store: Arc<dyn Backend>,
-    totals: Totals,
+    source: Arc<Source>,
 ) -> Result<SocketAddr> {
-    let health = Arc::clone(&store);
+    let health = Arc::clone(&source);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} for --metrics-addr"))?;
@@ -319,10 +371,10 @@ pub async fn serve(
         .route(
             "/metrics",
             get(move || {
-                let (m, store, totals) = (Arc::clone(&m), Arc::clone(&store), Arc::clone(&totals));
+                let (m, source) = (Arc::clone(&m), Arc::clone(&source));
                 async move {
-                    m.set_health(health_of(&*store).await.reachable);
-                    let (reconnects, fallbacks, conflicts) = totals();
+                    m.set_health(source.health().await.0.reachable);
+                    let (reconnects, fallbacks, conflicts) = source.totals();
                     m.totals(reconnects, fallbacks, conflicts);
                     (
                         [(
@@ -337,13 +389,13 @@ pub async fn serve(
         .route(
             "/health",
             get(move || {
-                let (metrics, store) = (Arc::clone(&metrics), Arc::clone(&health));
+                let (metrics, source) = (Arc::clone(&metrics), Arc::clone(&health));
                 async move {
-                    let h = health_of(&*store).await;
+                    let (h, name) = source.health().await;
                     metrics.set_health(h.reachable);
                     let body = serde_json::json!({
                         "health": if h.reachable { "true" } else { "false" },
-                        "backend": store.name(),
+                        "backend": name,
                         "reason": h.detail,
                     });
                     let code = if h.reachable {

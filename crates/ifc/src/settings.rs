@@ -77,59 +77,136 @@ pub async fn open_etcd(
     ))
 }
 
+/// Connects to etcd, waiting for it as long as it does not answer (see `wait_for`).
+pub async fn wait_for_etcd(
+    config: EtcdConfig,
+    quiet: bool,
+    waiting: &(dyn Fn(&str) + Sync),
+) -> Result<Arc<EtcdBackend>> {
+    let endpoints = config.endpoints.join(",");
+    let connect = || EtcdBackend::connect(config.clone());
+    let etcd = wait_for("etcd", &endpoints, quiet, waiting, connect)
+        .await
+        .context("cannot connect to etcd")?;
+    Ok(Arc::new(etcd))
+}
+
+/// Opens a store, waiting for it as long as it does not answer (an agent started during an
+/// outage begins when its store does): one log line per attempt with where and the error,
+/// `waiting` told the reason (for `/health`). An error waiting cannot cure (bad address, TLS,
+/// refused login, not a task board) ends the wait at the first attempt; later ones (the store
+/// came back misconfigured) are logged and tried again.
+async fn wait_for<T, F, Fut>(
+    what: &str,
+    at: &str,
+    quiet: bool,
+    waiting: &(dyn Fn(&str) + Sync),
+    mut connect: F,
+) -> Result<T, BackendError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, BackendError>>,
+{
+    let mut backoff =
+        agent_core::retry::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    let mut attempt = 1u64;
+    loop {
+        match connect().await {
+            Ok(store) => {
+                if attempt > 1 {
+                    tracing::info!(at, attempt, "{what} answers");
+                }
+                return Ok(store);
+            }
+            Err(e) if attempt == 1 && !e.is_transient() => return Err(e),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                waiting(&format!("waiting for {what} at {at}: {e}"));
+                if quiet {
+                    tracing::debug!(at, attempt, error = %e, retry_in = ?delay, "waiting for {what}");
+                } else {
+                    tracing::warn!(at, attempt, error = %e, retry_in = ?delay, "waiting for {what}");
+                }
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
 /// Opens the git board (a clone named after `session`) for a one-shot command.
 pub async fn open_git(
     g: &Global,
     fleet: Option<&FleetFile>,
     session: Option<&SessionId>,
 ) -> Result<Arc<GitBackend>> {
-    open_git_for(g, fleet, session, false).await
+    open_git_for(g, fleet, session, None).await
 }
 
-/// Opens the git board; `agent`: for this agent process, whose claims only it may re-claim.
+/// Opens the git board; with `agent` (this agent process, whose claims only it may re-claim)
+/// a remote that does not answer is waited for.
 async fn open_git_for(
     g: &Global,
     fleet: Option<&FleetFile>,
     session: Option<&SessionId>,
-    agent: bool,
+    agent: Option<&(dyn Fn(&str) + Sync)>,
 ) -> Result<Arc<GitBackend>> {
     let mut config = git_config(g, fleet, session)?;
-    if agent {
-        config.process = Some(agent_core::process::this_process().to_owned());
-    }
-    Ok(Arc::new(
-        GitBackend::open(config)
-            .await
-            .context("cannot open the git task board")?,
-    ))
+    let git = match agent {
+        Some(waiting) => {
+            config.process = Some(agent_core::process::this_process().to_owned());
+            let remote = config.remote.clone();
+            let connect = || GitBackend::open(config.clone());
+            wait_for("the git remote", &remote, false, waiting, connect).await
+        }
+        None => GitBackend::open(config).await,
+    };
+    Ok(Arc::new(git.context("cannot open the git task board")?))
 }
 
-/// The stores `mode` needs, behind a router. etcd is required in coordinator mode, git in git
-/// mode; in hybrid git is required and an unreachable etcd is tolerated (the session starts on
-/// git). With `both` (the agent, which may switch live) the other store is opened too when
-/// configured; with `writes` (a one-shot claim, release or put) git is opened in coordinator
-/// mode too while the fleet has a git side, so the command's claims are recorded there as an
-/// agent's are.
-/// configured.
+/// Who opens the stores.
+#[derive(Clone, Copy)]
+pub enum Purpose<'a> {
+    /// The agent, which may switch stores live: both are opened when configured, and etcd is
+    /// waited for (`waiting` is told why, for `/health`).
+    Agent { waiting: &'a (dyn Fn(&str) + Sync) },
+    /// A one-shot command; `writes`: a claim, release or put.
+    Command { writes: bool },
+}
+
+/// The stores `mode` needs, behind a router. etcd is required in coordinator mode (an agent
+/// waits for it), git in git mode; in hybrid git is required and an unreachable etcd is
+/// tolerated: the session starts on git and moves to etcd once it answers. With `both` (the
+/// agent, which may switch live) the other store is opened too when configured; with `writes`
+/// (a one-shot claim, release or put) git is opened in coordinator mode too while the fleet has
+/// a git side, so the command's claims are recorded there as an agent's are.
 pub async fn open_router(
     g: &Global,
     fleet: Option<&FleetFile>,
     session: Option<&SessionId>,
     lease_ttl: Option<Duration>,
     mode: Mode,
-    both: bool,
-    writes: bool,
+    purpose: Purpose<'_>,
 ) -> Result<(Router, Option<Arc<GitBackend>>)> {
+    let (both, writes, waiting) = match purpose {
+        Purpose::Agent { waiting } => (true, false, Some(waiting)),
+        Purpose::Command { writes } => (false, writes, None),
+    };
     // An agent opens git whenever it is configured: to switch to it live (rollback), and, while
     // the fleet has a git side, to record its etcd claims there before they count.
     let git_side = !fleet.is_some_and(|f| f.git.retired);
     let want_git =
         mode != Mode::Coordinator || (git_configured(g, fleet) && (both || (writes && git_side)));
     let git = match want_git {
-        true => Some(open_git_for(g, fleet, session, both).await?),
+        true => Some(open_git_for(g, fleet, session, waiting).await?),
         false => None,
     };
+    let mut later = None;
     let etcd: Option<Arc<dyn Backend>> = match mode {
+        Mode::Coordinator if both => {
+            let config = etcd_config(g, fleet, lease_ttl)?;
+            Some(wait_for_etcd(config, false, waiting.unwrap_or(&|_| {})).await?)
+        }
         Mode::Coordinator => Some(open_etcd(g, fleet, lease_ttl).await?),
         Mode::Git if !both => None,
         Mode::Git | Mode::Hybrid => match open_etcd(g, fleet, lease_ttl).await {
@@ -141,7 +218,21 @@ pub async fn open_router(
                 if !transient {
                     return Err(e);
                 }
-                tracing::warn!(error = %format!("{e:#}"), "etcd is unreachable: starting on git only (restart to return to etcd)");
+                // A git session only needs etcd if its mode changes: no warning for it.
+                match (mode, both) {
+                    (Mode::Hybrid, true) => {
+                        tracing::warn!(error = %format!("{e:#}"), "etcd is unreachable: starting on git, moving to etcd once it answers")
+                    }
+                    (Mode::Hybrid, false) => {
+                        tracing::warn!(error = %format!("{e:#}"), "etcd is unreachable: this command goes to git")
+                    }
+                    _ => {
+                        tracing::debug!(error = %format!("{e:#}"), "etcd is unreachable (needed only if this session's mode changes)")
+                    }
+                }
+                if both {
+                    later = Some(etcd_config(g, fleet, lease_ttl)?);
+                }
                 None
             }
         },
@@ -150,6 +241,21 @@ pub async fn open_router(
     let config = router_config(&name, mode, fleet, both);
     let fallback = git.clone().map(|g| g as Arc<dyn Backend>);
     let router = Router::new(etcd, fallback, config)?;
+    if let Some(config) = later {
+        let quiet = mode == Mode::Git;
+        router.attach_coordinator(async move {
+            loop {
+                match wait_for_etcd(config.clone(), quiet, &|_| {}).await {
+                    Ok(etcd) => return etcd as Arc<dyn Backend>,
+                    // Only the first attempt's errors end the wait, and that one was transient.
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot connect to etcd");
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                }
+            }
+        });
+    }
     Ok((router, git))
 }
 

@@ -240,7 +240,7 @@ impl Backend for Router {
                         me.record_logged(git, std::slice::from_ref(&done), "git")
                             .await;
                     }
-                } else if !on_coordinator && me.primary.is_some() {
+                } else if !on_coordinator && me.primary.get().is_some() {
                     // Done on git only: the coordinator is told before it serves a claim again.
                     lock(&me.state).pending_up.push(done);
                 }
@@ -265,20 +265,38 @@ impl Backend for Router {
     async fn subscribe(&self) -> BackendResult<Subscription> {
         let me = &self.shared;
         let (tx, rx) = mpsc::unbounded_channel();
-        let first = lock(&me.state).subscribers.is_empty();
+        let first = {
+            let mut s = lock(&me.state);
+            s.followed = true;
+            s.subscribers.is_empty()
+        };
         if first {
             let mut pumps = Vec::new();
             for side in [Side::Primary, Side::Fallback] {
                 let Ok(b) = me.backend(side) else { continue };
+                // A coordinator attached meanwhile is followed by whoever gets here first.
+                if side == Side::Primary && !me.start_following_primary() {
+                    continue;
+                }
                 match b.subscribe().await {
                     Ok(sub) => pumps.push(tokio::spawn(Shared::pump(
                         Arc::downgrade(&self.shared),
                         side,
                         sub,
                     ))),
-                    Err(e) if side == lock(&me.state).serving => return Err(e),
+                    Err(e) if side == lock(&me.state).serving => {
+                        lock(&me.state).following_primary = false;
+                        return Err(e);
+                    }
                     Err(e) => {
-                        tracing::warn!(session = %me.config.name, backend = b.name(), error = %e, "cannot follow this store's changes")
+                        tracing::warn!(session = %me.config.name, backend = b.name(), error = %e, "cannot follow this store's changes yet");
+                        if side == Side::Primary {
+                            // Tried again until it answers.
+                            lock(&me.state).following_primary = false;
+                            pumps.push(tokio::spawn(Shared::follow_primary(Arc::downgrade(
+                                &self.shared,
+                            ))));
+                        }
                     }
                 }
             }
@@ -311,6 +329,7 @@ impl Backend for Router {
         take_over: bool,
     ) -> BackendResult<Option<Presence>> {
         let me = &self.shared;
+        lock(&me.state).registered = Some(presence.clone());
         let (mut registered, mut failure) = (false, None);
         for side in [Side::Primary, Side::Fallback] {
             let Ok(b) = me.backend(side) else { continue };

@@ -257,7 +257,7 @@ impl Shared {
         // The lease ran out while the coordinator was unreachable: in hybrid the claim is asserted
         // in git (if no one took it there), as when the breaker opens.
         if side == Side::Primary && mode == Mode::Hybrid && self.fallback.is_some() {
-            let reachable = match &self.primary {
+            let reachable = match self.primary.get() {
                 Some(etcd) => tokio::time::timeout(self.config.deadline, etcd.health())
                     .await
                     .is_ok_and(|h| h.reachable),

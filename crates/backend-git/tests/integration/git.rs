@@ -424,3 +424,34 @@ async fn a_stale_ref_lock_left_in_the_remote_is_cleared_and_pushes_go_on() {
     assert!(matches!(out, ClaimOutcome::Won(_)), "{out:?}");
     assert!(!lock.exists(), "the stale lock is gone");
 }
+
+#[tokio::test]
+async fn a_clone_whose_making_was_interrupted_or_failed_is_made_again() {
+    let board = format!("{}| A | t | 🔵 AVAILABLE |  |  |\n", crate::EMPTY_BOARD);
+    let remote = BareRemote::new(&board);
+    // What an older version left when killed while making its clone in place: a `.git` with a
+    // config and hooks, no HEAD and no objects. Opening it used to fail for ever.
+    let config = remote.config("half");
+    let git = config.workdir.join(".git");
+    std::fs::create_dir_all(git.join("hooks")).expect("hooks");
+    std::fs::create_dir_all(git.join("objects/pack")).expect("objects");
+    std::fs::write(git.join("config"), "[core]\n").expect("config");
+    let b = GitBackend::open(config.clone())
+        .await
+        .expect("a half-made clone is made again");
+    assert_eq!(b.list().await.expect("list").tasks.len(), 1);
+    drop(b);
+
+    // The remote is away while a clone is made: the open fails, and the next one works once
+    // the remote is back.
+    let away = remote.path().with_extension("away");
+    std::fs::rename(remote.path(), &away).expect("move the remote away");
+    let config = remote.config("later");
+    let err = GitBackend::open(config.clone())
+        .await
+        .expect_err("no remote");
+    assert!(err.is_transient(), "{err:?}");
+    std::fs::rename(&away, remote.path()).expect("move the remote back");
+    let b = GitBackend::open(config).await.expect("the remote is back");
+    assert_eq!(b.list().await.expect("list").tasks.len(), 1);
+}

@@ -49,16 +49,16 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         tracing::warn!(session = %id, mode = mode.as_str(), "the fleet file declares git retired (git.retired: true), yet this session runs on git: coordinator sessions no longer record their claims there, so a task on both lists can run twice");
     }
     let lease_ttl = session.lease_ttl.map_or(Duration::from_secs(10), |d| d.0);
-    let (router, git) = settings::open_router(
-        g,
-        fleet.as_ref(),
-        Some(&id),
-        Some(lease_ttl),
-        mode,
-        true,
-        false,
-    )
-    .await?;
+    // `/health` answers from the start: 503 with the reason while the store is waited for.
+    let metrics = Arc::new(Metrics::new());
+    let health = metrics::Source::waiting("connecting to the task store");
+    if let Some(addr) = args.metrics_addr {
+        metrics::serve(addr, Arc::clone(&metrics), Arc::clone(&health)).await?;
+    }
+    let waiting = |why: &str| health.set_waiting(why);
+    let purpose = settings::Purpose::Agent { waiting: &waiting };
+    let (router, git) =
+        settings::open_router(g, fleet.as_ref(), Some(&id), Some(lease_ttl), mode, purpose).await?;
     let backend = Arc::new(router);
     let log_dir = args
         .log_dir
@@ -114,15 +114,12 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
             None
         }
     };
-    let metrics = Arc::new(Metrics::new());
-    if let Some(addr) = args.metrics_addr {
-        let router = Arc::clone(&backend);
-        let totals: metrics::Totals = Arc::new(move || {
-            let stats = router.stats();
-            (router.reconnects(), stats.fallbacks, stats.conflicts)
-        });
-        metrics::serve(addr, Arc::clone(&metrics), backend.clone(), totals).await?;
-    }
+    let router = Arc::clone(&backend);
+    let totals: metrics::Totals = Arc::new(move || {
+        let stats = router.stats();
+        (router.reconnects(), stats.fallbacks, stats.conflicts)
+    });
+    health.set(backend.clone(), totals);
     let history = g.history.as_deref().map(History::open).transpose()?;
     let lp = ClaimLoop::new(plan);
     let driver = Driver {

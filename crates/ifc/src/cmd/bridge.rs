@@ -257,7 +257,8 @@ pub async fn run(
             (store.reconnects(), 0, conflicts)
         });
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        crate::metrics::serve(addr, metrics, Arc::clone(&etcd), totals).await?;
+        let source = crate::metrics::Source::ready(Arc::clone(&etcd) as _, totals);
+        crate::metrics::serve(addr, metrics, source).await?;
     }
     let mut sigterm = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;

@@ -77,8 +77,8 @@ async fn connect(g: &Global, command: &Command) -> Result<Arc<dyn Backend>> {
         command,
         Command::Claim(_) | Command::Release(_) | Command::Put(_)
     );
-    let (router, _) =
-        settings::open_router(g, fleet.as_ref(), session, ttl, mode, false, writes).await?;
+    let purpose = settings::Purpose::Command { writes };
+    let (router, _) = settings::open_router(g, fleet.as_ref(), session, ttl, mode, purpose).await?;
     Ok(Arc::new(router))
 }
 

@@ -261,6 +261,46 @@ fn three_agents_complete_thirty_chained_tasks_exactly_once_in_git_mode() {
 }
 
 #[test]
+fn a_git_agent_started_while_the_remote_is_away_waits_for_it() {
+    // Found by `scripts/chaos --random --seed 20008`: the coordination repo moved away while a
+    // fleet (re)started: every agent exited 3 and the tasks stayed undone.
+    let (remote, w) = (BareRemote::new(&chain_board()), Workdir::new());
+    let away = remote.path().with_extension("away");
+    std::fs::rename(remote.path(), &away).expect("move the remote away");
+    let config = w.session("session-0", &["T*"], APPEND, "");
+    let log = w.path().join("agent.log");
+    let mut cmd = ifc("http://127.0.0.1:1", w.path());
+    cmd.env("IFC_MODE", "git")
+        .env("IFC_GIT_REMOTE", remote.path())
+        .env("IFC_POLL_INTERVAL", "200ms")
+        .args(["--stale-after", "20s"]);
+    let mut agent = spawn_agent(cmd, &config, &log, &["--until-done"]);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("the agent to say it waits", Duration::from_secs(30), || {
+        read().contains("waiting for the git remote")
+    });
+    assert!(
+        matches!(agent.try_wait(), Ok(None)),
+        "it waits:\n{}",
+        read()
+    );
+    std::fs::rename(&away, remote.path()).expect("move the remote back");
+    assert_eq!(
+        finish(&mut agent, Duration::from_secs(180)),
+        0,
+        "{}",
+        read()
+    );
+    let expected: Vec<String> = chains().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(w.done(), expected, "every task ran exactly once");
+    assert!(
+        !read().contains("etcd is unreachable"),
+        "a git agent says nothing of etcd:\n{}",
+        read()
+    );
+}
+
+#[test]
 fn a_waiting_agent_claims_its_task_when_the_blocker_clears_without_polling() {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
     let e = etcd.endpoint();

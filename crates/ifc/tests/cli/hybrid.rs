@@ -519,3 +519,66 @@ fn a_second_agent_of_a_live_session_is_refused_whichever_store_serves_it() {
         fleet.read_log(0)
     );
 }
+
+#[test]
+fn agents_started_while_etcd_is_down_wait_for_it_and_hybrid_ones_move_to_it_when_it_answers() {
+    // Issue 15 #1: a coordinator agent exited 3 at once, and a hybrid one stayed on git for
+    // good ("restart to return to etcd"): a fleet restarted during an outage was dead or pinned.
+    let board = chain_board();
+    let mut f = Fleet::new(&board);
+    f.migrate(&board);
+    f.etcd.kill();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut agents = vec![f.agent_with(
+        0,
+        LISTS[0],
+        STEADY,
+        Some("coordinator"),
+        &["--until-done", "--metrics-addr", &addr],
+    )];
+    agents.extend((1..3).map(|k| f.agent_with(k, LISTS[k], STEADY, Some("hybrid"), &[])));
+    f.wait(
+        "the hybrid agents to work on git",
+        Duration::from_secs(60),
+        || f.w.done().len() >= 4,
+    );
+    f.wait(
+        "the coordinator agent to say it waits",
+        Duration::from_secs(30),
+        || f.read_log(0).contains("waiting for etcd"),
+    );
+    let (status, body) = crate::metrics::get(&addr, "/health");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("waiting for etcd at"), "{body}");
+    assert!(
+        matches!(agents[0].try_wait(), Ok(None)),
+        "the coordinator agent waits instead of exiting:\n{}",
+        f.read_log(0)
+    );
+    f.etcd.restart();
+    f.wait("the hybrid agents on etcd", Duration::from_secs(60), || {
+        (1..3).all(|k| f.read_log(k).contains("now served by etcd"))
+    });
+    f.wait("every task done", Duration::from_secs(120), || {
+        f.w.done().len() >= all_ids().len()
+    });
+    let (status, body) = crate::metrics::get(&addr, "/health");
+    assert_eq!(status, 200, "{body}");
+    for a in &agents[1..] {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(a.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    }
+    f.finish_all(&mut agents, Duration::from_secs(60));
+    assert_eq!(
+        f.w.done(),
+        all_ids(),
+        "every task ran exactly once:\n{}",
+        f.all_logs(3)
+    );
+    let (code, audit) = f.audit();
+    assert_eq!(code, 0, "etcd and git agree at the end: {audit}");
+}

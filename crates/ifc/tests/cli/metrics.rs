@@ -10,7 +10,7 @@ use backend_etcd::testing::EtcdServer;
 use crate::agent::{ifc, put, spawn_agent, statuses, wait_for, Workdir, APPEND};
 
 /// `GET path` over plain HTTP/1.1: (status code, body).
-fn get(addr: &str, path: &str) -> (u16, String) {
+pub(crate) fn get(addr: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect to the metrics server");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
