@@ -163,6 +163,18 @@ impl Fleet {
         (code(&out), json)
     }
 
+    #[track_caller]
+    fn every_task_ran_once_and_the_stores_agree(&self, agents: usize) {
+        assert_eq!(
+            self.w.done(),
+            all_ids(),
+            "every task ran exactly once:\n{}",
+            self.all_logs(agents)
+        );
+        let (code, audit) = self.audit();
+        assert_eq!(code, 0, "etcd and git agree at the end: {audit}");
+    }
+
     fn board(&self) -> String {
         self.remote
             .read("docs/PHASE-0-TASK-BOARD.md")
@@ -209,14 +221,7 @@ fn an_etcd_outage_moves_hybrid_agents_to_git_and_back_with_every_task_done_once(
     }
     f.finish_all(&mut agents, Duration::from_secs(60));
     f.every_log_says(3, "now served by git");
-    assert_eq!(
-        f.w.done(),
-        all_ids(),
-        "every task ran exactly once:\n{}",
-        f.all_logs(3)
-    );
-    let (code, audit) = f.audit();
-    assert_eq!(code, 0, "etcd and git agree at the end: {audit}");
+    f.every_task_ran_once_and_the_stores_agree(3);
 }
 
 #[test]
@@ -573,12 +578,5 @@ fn agents_started_while_etcd_is_down_wait_for_it_and_hybrid_ones_move_to_it_when
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     }
     f.finish_all(&mut agents, Duration::from_secs(60));
-    assert_eq!(
-        f.w.done(),
-        all_ids(),
-        "every task ran exactly once:\n{}",
-        f.all_logs(3)
-    );
-    let (code, audit) = f.audit();
-    assert_eq!(code, 0, "etcd and git agree at the end: {audit}");
+    f.every_task_ran_once_and_the_stores_agree(3);
 }
