@@ -96,19 +96,18 @@ fn join(dir: &str, name: &str) -> String {
     }
 }
 
-/// `session-1-ndi` → `1`; an id without digits is used whole.
+/// The part of a STATUS or INSTRUCTIONS file name that stands for `session`: the guide's
+/// number for the guide's ids (`session-1-ndi` → `1`, `session-12` → `12`), the whole id for
+/// any other (`worker-7` → `worker-7`), so only two guide ids with one number can share a
+/// file, and that is refused (`Core::status_file_is_ours`).
 pub fn session_number(session: &SessionId) -> String {
     let s = session.as_str();
-    let digits: String = s
-        .chars()
-        .skip_while(|c| !c.is_ascii_digit())
-        .take_while(char::is_ascii_digit)
-        .collect();
-    if digits.is_empty() {
-        s.to_owned()
-    } else {
-        digits
-    }
+    let guide = s.strip_prefix("session-").and_then(|rest| {
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let after = &rest[digits.len()..];
+        (!digits.is_empty() && (after.is_empty() || after.starts_with('-'))).then_some(digits)
+    });
+    guide.unwrap_or_else(|| s.to_owned())
 }
 
 #[cfg(test)]
@@ -126,6 +125,19 @@ mod tests {
             "status/STATUS-SESSION-alpha.yaml"
         );
         assert_eq!(c.instructions_prefix(&s), "status/INSTRUCTIONS-SESSION-1-");
+        c.status_dir.clear();
+        for (id, file) in [
+            ("session-12", "STATUS-SESSION-12.yaml"),
+            ("session-3-web-rtc", "STATUS-SESSION-3.yaml"),
+            // Not the guide's form: the whole id, which no other session has.
+            ("chaos-1", "STATUS-SESSION-chaos-1.yaml"),
+            ("cli-1", "STATUS-SESSION-cli-1.yaml"),
+            ("session-1x", "STATUS-SESSION-session-1x.yaml"),
+            ("worker7", "STATUS-SESSION-worker7.yaml"),
+        ] {
+            let id = SessionId::parse(id).expect("valid");
+            assert_eq!(c.status_path(&id), file);
+        }
         assert!(c.local_remote().is_some());
         for remote in [
             "git@github.com:org/coord.git",

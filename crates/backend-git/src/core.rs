@@ -514,6 +514,7 @@ impl Core {
                 elsewhere: agent_core::process::describe(&other),
             });
         }
+        self.status_file_is_ours(session, &snap)?;
         let Some(row) = snap.find(id) else {
             return Ok(Some(ClaimOutcome::NotFound));
         };
@@ -811,6 +812,9 @@ impl Core {
     /// Refreshes the STATUS files of the sessions that hold claims here. `Ok(false)`: the push
     /// was rejected (try again soon). Claims whose heartbeat is getting old are fenced first.
     pub fn heartbeat(&mut self) -> BackendResult<bool> {
+        // Before waiting for the write turn: a claim whose heartbeat is getting old is fenced
+        // on time even when the turn is slow to come.
+        self.fence_if_silent();
         let _turn = self.clone.write_turn();
         let snap = self.sync()?;
         self.fence_if_silent();
@@ -883,6 +887,44 @@ impl Core {
                     .as_deref()
                     .is_none_or(|id| id == session.as_str())
             }))
+    }
+
+    /// Takes the clone for one operation (see `Clone::exclusive`).
+    pub fn exclusive(&self) -> Option<std::fs::File> {
+        self.clone.exclusive()
+    }
+
+    /// Refuses to write `session`'s STATUS file while it is another session's (a fresh
+    /// heartbeat, or claims the board still shows): two guide ids with one number
+    /// (`session-1-frontend`, `session-1-backend`) would each drop the other's claims.
+    fn status_file_is_ours(&self, session: &SessionId, snap: &Snapshot) -> BackendResult<()> {
+        let path = self.config.status_path(session);
+        let Some(bytes) = self.clone.read(&path)? else {
+            return Ok(());
+        };
+        let file = StatusIn::parse(&path, &bytes);
+        let Some(other) = file
+            .session_id
+            .as_deref()
+            .filter(|other| *other != session.as_str())
+        else {
+            return Ok(());
+        };
+        let holds = snap.board.tasks().iter().any(|r| {
+            r.status == TaskStatus::Claimed && r.owner.as_ref().is_some_and(|o| o.as_str() == other)
+        });
+        let fresh = self.fresh(Some(&file));
+        if !fresh && !holds {
+            return Ok(());
+        }
+        let why = if fresh {
+            "its heartbeat is fresh"
+        } else {
+            "the board shows its claims"
+        };
+        Err(BackendError::InvalidInput(format!(
+            "{path} is session {other}'s ({why}): {session} would share it (ids of the form session-<n>-<name> share the STATUS file of their number): give {session} another number"
+        )))
     }
 
     /// Whether a STATUS file's heartbeat is younger than `stale_after`.
@@ -986,6 +1028,7 @@ impl Core {
                 elsewhere: agent_core::process::describe(&other),
             });
         }
+        self.status_file_is_ours(session, &snap)?;
         self.announced
             .insert(presence.session_id.clone(), presence.clone());
         let files = vec![self.status_file(

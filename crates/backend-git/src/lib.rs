@@ -50,12 +50,17 @@ async fn blocking<T: Send + 'static>(
     op: impl FnOnce(&mut Core) -> BackendResult<T> + Send + 'static,
 ) -> BackendResult<T> {
     let core = Arc::clone(core);
-    tokio::task::spawn_blocking(move || op(&mut lock(&core)))
-        .await
-        .map_err(|e| BackendError::Unavailable {
-            endpoint: "git worker".into(),
-            reason: e.to_string(),
-        })?
+    tokio::task::spawn_blocking(move || {
+        let mut core = lock(&core);
+        // Other processes using the same clone wait for this operation (and it for theirs).
+        let _clone = core.exclusive();
+        op(&mut core)
+    })
+    .await
+    .map_err(|e| BackendError::Unavailable {
+        endpoint: "git worker".into(),
+        reason: e.to_string(),
+    })?
 }
 
 /// How many pushes a claim, release or put tries before reporting contention.

@@ -84,7 +84,9 @@ impl Clone {
             local_remote: None,
             clean: false,
         };
+        let guard = clone.exclusive();
         clone.sync()?;
+        drop(guard);
         Ok(clone)
     }
 
@@ -201,6 +203,40 @@ impl Clone {
         }
     }
 
+    /// Takes the clone for one operation: an exclusive lock on `.git/ifc-clone.lock` until the
+    /// guard drops, so processes sharing a clone (an agent and a CLI command of one session in
+    /// one directory, a restarted bridge) take turns. git's own lock files found while holding
+    /// it were left by a process that died mid-write, and are removed (else every later write
+    /// fails: "failed to lock file '…/refs/heads/main.lock'"). `None` when the lock cannot be had
+    /// within [`CLONE_WAIT`] (a stopped holder): the operation goes on without it.
+    pub fn exclusive(&self) -> Option<std::fs::File> {
+        let git = self.config.workdir.join(".git");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(git.join("ifc-clone.lock"))
+            .ok()?;
+        let deadline = std::time::Instant::now() + CLONE_WAIT;
+        let mut pause = std::time::Duration::from_millis(1);
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(20));
+                }
+                Err(_) => return None,
+            }
+        }
+        for lock in left_locks(&git) {
+            if std::fs::remove_file(&lock).is_ok() {
+                tracing::warn!(lock = %lock.display(), "removed a lock file left in the clone by a process that died mid-write");
+            }
+        }
+        Some(file)
+    }
+
     /// The local remote's repository, opened once and kept. A kept handle is used only while
     /// the repository is still at its path: writing through a handle whose repository was
     /// moved away would create a skeleton repository there (libgit2 creates the object and ref
@@ -230,8 +266,18 @@ impl Clone {
                 self.config.branch
             )));
         };
+        let mut source = source;
         if self.repo.refname_to_id(&self.remote_ref).ok() != Some(head) {
-            copy_objects(&source, &self.repo, head)?;
+            if let Err(e) = copy_objects(&source, &self.repo, head) {
+                if e.code() != ErrorCode::NotFound {
+                    return Err(e);
+                }
+                // A kept handle can miss objects other processes wrote since it was opened
+                // (seen under load: "object not found" for the head's own tree): a fresh one
+                // reads them.
+                source = Repository::open_bare(remote_path)?;
+                copy_objects(&source, &self.repo, head)?;
+            }
             self.repo
                 .reference(&self.remote_ref, head, true, "ifc fetch")?;
         }
@@ -588,6 +634,33 @@ fn fetch_options(config: &GitConfig) -> FetchOptions<'_> {
     let mut fo = FetchOptions::new();
     fo.remote_callbacks(callbacks(config));
     fo
+}
+
+/// How long an operation waits for another process's operation on the same clone.
+const CLONE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// git's lock files in a clone's `.git` (`index.lock`, `HEAD.lock`, `refs/**/*.lock`, …).
+fn left_locks(git: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![git.to_path_buf(), git.join("refs")];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir && dir != *git {
+                dirs.push(path);
+            } else if !is_dir
+                && path.extension().is_some_and(|x| x == "lock")
+                && path.file_name().is_some_and(|n| n != "ifc-clone.lock")
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
 }
 
 /// A ref lock is held for the milliseconds of one update. One this old was left by a writer that

@@ -442,6 +442,25 @@ async fn a_clone_whose_making_was_interrupted_or_failed_is_made_again() {
     assert_eq!(b.list().await.expect("list").tasks.len(), 1);
     drop(b);
 
+    // A process killed mid-write leaves git's lock files in its clone (seeds 40015, 50011: a
+    // bridge killed, then every `bridge --once` and `audit` failed on "failed to lock file").
+    for lock in [
+        "refs/heads/main.lock",
+        "refs/remotes/origin/main.lock",
+        "index.lock",
+    ] {
+        std::fs::write(git.join(lock), "").expect("a left lock file");
+    }
+    let b = GitBackend::open(config.clone())
+        .await
+        .expect("the left locks are cleared");
+    let won = b
+        .claim(&tid("A"), &sid("session-1-x"))
+        .await
+        .expect("a write works");
+    assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+    drop(b);
+
     // The remote is away while a clone is made: the open fails, and the next one works once
     // the remote is back.
     let away = remote.path().with_extension("away");

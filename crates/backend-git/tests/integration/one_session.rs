@@ -322,3 +322,60 @@ async fn a_one_shot_commands_coordinator_claim_recorded_here_holds_until_release
         ClaimOutcome::Won(_)
     ));
 }
+
+#[tokio::test]
+async fn two_guide_ids_with_one_number_are_refused_and_other_ids_never_share_a_file() {
+    // Issue 14 #2: `session-1-frontend` and `session-1-backend` both wrote
+    // STATUS-SESSION-1.yaml; each claim was won and "lost" 30 ms later, for ever.
+    let remote = BareRemote::new(&board(4));
+    let (front, back) = (
+        crate::open(&remote, "front").await,
+        crate::open(&remote, "back").await,
+    );
+    let won = front
+        .claim(&tid("T0"), &sid("session-1-frontend"))
+        .await
+        .expect("claim");
+    assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+    let err = back
+        .claim(&tid("T1"), &sid("session-1-backend"))
+        .await
+        .expect_err("the file is session-1-frontend's");
+    let text = err.to_string();
+    assert!(
+        matches!(err, agent_core::BackendError::InvalidInput(_))
+            && text.contains("STATUS-SESSION-1.yaml")
+            && text.contains("session-1-frontend"),
+        "{text}"
+    );
+    let err = back
+        .register(&presence("session-1-backend", 4242), false)
+        .await
+        .expect_err("an agent of session-1-backend does not start");
+    assert!(err.to_string().contains("session-1-frontend"), "{err}");
+    let t0 = front.get(&tid("T0")).await.expect("get").expect("T0");
+    assert_eq!(
+        (t0.status, t0.claimed_by.as_ref().map(|s| s.as_str())),
+        (TaskStatus::Claimed, Some("session-1-frontend")),
+        "the first session's claim stands"
+    );
+
+    // Ids not of the guide's form have a file of their own, whatever digits they hold.
+    for (k, s) in ["chaos-1", "cli-1"].into_iter().enumerate() {
+        let task = tid(&format!("T{}", k + 2));
+        let won = back.claim(&task, &sid(s)).await.expect("claim");
+        assert!(matches!(won, ClaimOutcome::Won(_)), "{s}: {won:?}");
+    }
+    for (k, s) in ["chaos-1", "cli-1"].into_iter().enumerate() {
+        let t = front
+            .get(&tid(&format!("T{}", k + 2)))
+            .await
+            .expect("get")
+            .expect("task");
+        assert_eq!(
+            (t.status, t.claimed_by.as_ref().map(|s| s.as_str())),
+            (TaskStatus::Claimed, Some(s))
+        );
+        assert!(remote.read(&format!("STATUS-SESSION-{s}.yaml")).is_some());
+    }
+}

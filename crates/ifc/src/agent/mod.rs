@@ -372,6 +372,7 @@ impl Driver {
                             .map(|((op, b), n)| format!("{op}@{b}={n}"))
                             .collect();
                         tracing::info!(session = %self.session.session_id, code, served = %served.join(" "), "agent exiting {}", self.metrics.summary());
+                        exit_within(EXIT_LIMIT, code);
                         return Ok(code);
                     }
                 }
@@ -554,6 +555,24 @@ impl Driver {
         }
         None
     }
+}
+
+/// How long an agent that has decided to exit (its claims released, its mirror flushed) may
+/// take to tear down before the process ends anyway.
+const EXIT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Ends the process with `code` after `limit` if it has not ended by then: an agent whose
+/// teardown hangs (seen once under load: exit 5 decided, the process still there 60 s later)
+/// still exits with the code it decided.
+fn exit_within(limit: Duration, code: u8) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        tracing::warn!(
+            code,
+            "the agent's teardown did not finish in {limit:?}: exiting now"
+        );
+        std::process::exit(i32::from(code));
+    });
 }
 
 /// Waits for a config file change (forever when nothing is watched).
