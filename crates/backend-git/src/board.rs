@@ -3,9 +3,11 @@
 //! an unchanged board is byte-identical.
 //!
 //! Format: tables whose header has an ID column (`ID`, `Task ID`) and a status column (`Status`,
-//! `State`); optional title (`Task`, `Title`, `Description`), owner (`Owner`, `Claimed by`,
-//! `Session`) and blockers (`Blocked by`, `Depends on`, `Blockers`) columns. Statuses by emoji or
-//! word, any case: 🔵 AVAILABLE, 🔴 BLOCKED, 🟡 IN PROGRESS, ✅ DONE.
+//! `State`); optional title (`Task`, `Title`, `Description`), owner (`Owner`, `Assignee`,
+//! `Assigned to`, `Claimed by`, `Session`, …) and blockers (`Blocked by`, `Depends on`,
+//! `Blockers`) columns. Statuses by emoji or word, any case: 🔵 AVAILABLE, 🔴 BLOCKED, 🟡 IN
+//! PROGRESS, ✅ DONE. A table with a status column and no ID column whose rows all name statuses
+//! is a legend, not an error; other tables without both columns are not task tables.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -44,6 +46,8 @@ enum Column {
 #[derive(Debug, Clone)]
 struct Row {
     line: usize,
+    /// The line of its table's header.
+    header_line: usize,
     /// Byte range of each cell's content (between its pipes) in the text.
     cells: Vec<Range<usize>>,
     columns: BTreeMap<ColumnKey, usize>,
@@ -118,10 +122,25 @@ impl Board {
                     ))
                 }
                 (false, true) => {
+                    // A legend (`| Status | Meaning |`): no other task column, and every row
+                    // names a status.
+                    let status_at = headers.iter().position(|h| *h == Some(Column::Status));
+                    let others = headers.iter().flatten().any(|c| *c != Column::Status);
+                    let legend = !others
+                        && table_rows.iter().all(|&r| {
+                            let (s, e) = lines[r];
+                            let cells = split_cells(&text[s..e]);
+                            status_at.and_then(|idx| cells.get(idx)).is_some_and(|c| {
+                                parse_status(&unescape(text[s..e][c.clone()].trim())).is_ok()
+                            })
+                        });
+                    if legend {
+                        continue;
+                    }
                     return Err(err(
                         header_line,
                         "task table has a Status column but no ID column".into(),
-                    ))
+                    ));
                 }
                 (true, true) => {}
             }
@@ -191,6 +210,7 @@ impl Board {
                 });
                 board.rows.push(Row {
                     line: line_no,
+                    header_line,
                     cells,
                     columns: columns.clone(),
                 });
@@ -205,6 +225,25 @@ impl Board {
     /// The tasks, in file order.
     pub fn tasks(&self) -> &[BoardTask] {
         &self.tasks
+    }
+
+    /// Whether a claim of `id` can be recorded: its table has an owner column. `Err` names the
+    /// table's header line (a claim written there could never be read back).
+    pub fn can_record_owner(&self, file: &str, id: &TaskId) -> Result<(), BoardError> {
+        let Some(i) = self.tasks.iter().position(|t| &t.id == id) else {
+            return Ok(());
+        };
+        let row = &self.rows[i];
+        if row.columns.contains_key(&key(Column::Owner)) {
+            return Ok(());
+        }
+        Err(BoardError {
+            file: file.to_owned(),
+            line: row.header_line,
+            message: format!(
+                "the table of task {id} has no owner column (Owner, Assignee, Assigned to, Claimed by, Session): a claim could not be recorded"
+            ),
+        })
     }
 
     /// The line a task's row is on.
@@ -407,7 +446,8 @@ fn column(header: &str) -> Option<Column> {
         "id" | "task id" => Some(Column::Id),
         "task" | "title" | "description" => Some(Column::Title),
         "status" | "state" => Some(Column::Status),
-        "owner" | "claimed by" | "session" => Some(Column::Owner),
+        "owner" | "claimed by" | "claimed_by" | "session" | "assignee" | "assigned to"
+        | "assigned" | "holder" | "agent" => Some(Column::Owner),
         "blocked by" | "depends on" | "blockers" => Some(Column::Blockers),
         _ => None,
     }

@@ -518,6 +518,9 @@ impl Core {
         let Some(row) = snap.find(id) else {
             return Ok(Some(ClaimOutcome::NotFound));
         };
+        snap.board
+            .can_record_owner(&self.config.board, id)
+            .map_err(|e| self.board_error(e))?;
         let current = snap.effective(row, self.config.stale_after);
         let status_of = |b: &TaskId| {
             snap.find(b)

@@ -474,3 +474,25 @@ async fn a_clone_whose_making_was_interrupted_or_failed_is_made_again() {
     let b = GitBackend::open(config).await.expect("the remote is back");
     assert_eq!(b.list().await.expect("list").tasks.len(), 1);
 }
+
+#[tokio::test]
+async fn a_claim_in_a_table_without_an_owner_column_is_refused_before_anything_is_written() {
+    let board = "# Board\n\n| ID | Task | Status | Who |\n|----|------|--------|-----|\n| A | t | 🔵 AVAILABLE |  |\n";
+    let remote = BareRemote::new(board);
+    let b = crate::open(&remote, "c").await;
+    let err = b
+        .claim(&tid("A"), &sid("session-1-x"))
+        .await
+        .expect_err("nowhere to record the owner");
+    assert!(matches!(err, BackendError::InvalidInput(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("docs/PHASE-0-TASK-BOARD.md:3: the table of task A has no owner column"),
+        "{err}"
+    );
+    assert_eq!(
+        remote.read("docs/PHASE-0-TASK-BOARD.md").as_deref(),
+        Some(board)
+    );
+    assert!(remote.read("STATUS-SESSION-1.yaml").is_none());
+}
