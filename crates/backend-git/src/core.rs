@@ -51,10 +51,7 @@ impl Snapshot {
             let lasting = status
                 .and_then(|s| s.claim(&t.id))
                 .is_some_and(|c| c.until_released);
-            let stale = !lasting
-                && status
-                    .and_then(StatusIn::age)
-                    .is_some_and(|age| age > stale_after);
+            let stale = !lasting && status.is_some_and(|s| s.stale(stale_after));
             // Free when the owner's heartbeat is stale, or when the owner's (ifc-written) STATUS
             // no longer lists the claim: it gave the task up (fenced itself) without a release.
             if stale || status.is_some_and(|s| s.disowns(&t.id)) {
@@ -496,7 +493,14 @@ impl Core {
         };
         (
             self.config.status_path(session),
-            status::render(session, state, current, &claims, presence),
+            status::render(
+                session,
+                state,
+                current,
+                &claims,
+                presence,
+                self.config.stale_after,
+            ),
         )
     }
 
@@ -930,10 +934,9 @@ impl Core {
         )))
     }
 
-    /// Whether a STATUS file's heartbeat is younger than `stale_after`.
+    /// Whether a STATUS file has a heartbeat that is not stale (`StatusIn::stale`).
     fn fresh(&self, file: Option<&StatusIn>) -> bool {
-        file.and_then(StatusIn::age)
-            .is_some_and(|age| age <= self.config.stale_after)
+        file.is_some_and(|f| f.age().is_some() && !f.stale(self.config.stale_after))
     }
 
     /// Another live process that runs `session`, as its STATUS file says: a fresh heartbeat

@@ -26,6 +26,9 @@ struct StatusOut<'a> {
     updated_at: String,
     /// Each claim the session holds: its fencing token and when it was made.
     claims: BTreeMap<&'a str, ClaimRecord>,
+    /// How long after `updated_at` the writer's claims last: readers with a shorter
+    /// `--stale-after` wait this long anyway.
+    stale_after: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     started_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -87,6 +90,8 @@ pub struct StatusIn {
     /// `None` in files not written by ifc (the proof of concept's), which record no claims.
     #[serde(default)]
     pub claims: Option<BTreeMap<String, ClaimRecord>>,
+    /// The writer's `--stale-after` (`20s`), if it said.
+    pub stale_after: Option<String>,
 }
 
 impl StatusIn {
@@ -118,6 +123,18 @@ impl StatusIn {
     }
 
     /// The session this file describes as a presence, if it names a valid session.
+    /// Whether the heartbeat is older than the longer of `reader`'s staleness horizon and the
+    /// writer's own (seed 80010: a bridge at the default 2 s took over a claim whose holder, at
+    /// 20 s, still ran it). No heartbeat at all is not stale.
+    pub fn stale(&self, reader: std::time::Duration) -> bool {
+        let writer = self
+            .stale_after
+            .as_deref()
+            .and_then(|d| agent_core::duration::parse_duration(d).ok())
+            .unwrap_or_default();
+        self.age().is_some_and(|age| age > reader.max(writer))
+    }
+
     pub fn presence(&self) -> Option<agent_core::Presence> {
         let session_id = SessionId::parse(self.session_id.as_deref()?).ok()?;
         let updated = self.updated_at()?;
@@ -175,8 +192,10 @@ pub fn render(
     current: Option<&TaskId>,
     claims: &BTreeMap<TaskId, ClaimRecord>,
     presence: Option<&agent_core::Presence>,
+    stale_after: std::time::Duration,
 ) -> Vec<u8> {
     let out = StatusOut {
+        stale_after: format!("{}ms", stale_after.as_millis()),
         started_at: presence.map(|p| p.started_at.to_rfc3339_opts(SecondsFormat::Millis, true)),
         pid: presence.map(|p| p.pid),
         host: presence.map(|p| p.host.as_str()),
@@ -210,6 +229,7 @@ mod tests {
             Some(&t),
             &BTreeMap::from([(t.clone(), ClaimRecord::now(7, None))]),
             None,
+            std::time::Duration::from_secs(20),
         );
         let text = String::from_utf8(bytes.clone()).expect("utf8");
         assert!(

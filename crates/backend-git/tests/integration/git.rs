@@ -496,3 +496,42 @@ async fn a_claim_in_a_table_without_an_owner_column_is_refused_before_anything_i
     );
     assert!(remote.read("STATUS-SESSION-1.yaml").is_none());
 }
+
+#[tokio::test]
+async fn a_reader_with_a_shorter_stale_after_waits_for_the_holders_own() {
+    // Seed 80010: a bridge at the default --stale-after (2 s) recorded an etcd claim over a git
+    // session's claim whose heartbeat was 3 s old; that session (at 20 s) still ran the task.
+    let board = format!("{}| A | t | 🔵 AVAILABLE |  |  |\n", crate::EMPTY_BOARD);
+    let remote = BareRemote::new(&board);
+    let mut long = remote.config("holder");
+    long.stale_after = Duration::from_secs(20);
+    let holder = GitBackend::open(long).await.expect("open");
+    let won = holder
+        .claim(&tid("A"), &sid("session-1-x"))
+        .await
+        .expect("claim");
+    assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+    let mut short = remote.config("reader");
+    short.stale_after = Duration::from_millis(500);
+    let reader = GitBackend::open(short).await.expect("open");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let lost = reader
+        .claim(&tid("A"), &sid("session-2-y"))
+        .await
+        .expect("claim");
+    assert!(
+        matches!(&lost, ClaimOutcome::Lost { holder: Some(h) } if h.as_str() == "session-1-x"),
+        "{lost:?}"
+    );
+    let item = agent_core::mirror::Mirrored {
+        task: tid("A"),
+        status: TaskStatus::Claimed,
+        holder: Some(sid("session-3-z")),
+        token: None,
+    };
+    let out = reader.record(&[item]).await.expect("record");
+    assert!(
+        matches!(out.as_slice(), [agent_core::mirror::RecordOutcome::Conflict { .. }]),
+        "{out:?}"
+    );
+}
