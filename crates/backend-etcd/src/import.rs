@@ -104,6 +104,20 @@ impl Inner {
             if let Decision::Skip(outcome) = mirror::decide(&current, want) {
                 return Ok(outcome);
             }
+            // A claim under another process's lease ends by its holder's release or by its
+            // lease: another store's "available" is not that holder's word (seed 70014: git
+            // read a mirrored claim as free, and a bridge ended the live etcd claim with it).
+            let leased_elsewhere = view
+                .claim
+                .as_ref()
+                .is_some_and(|c| c.lease != 0 && !self.granted_here(c.lease));
+            if leased_elsewhere
+                && matches!(want.status, TaskStatus::Available | TaskStatus::Blocked)
+            {
+                return Ok(RecordOutcome::Kept {
+                    reason: "held under a live lease: only its holder's release or the lease's end frees it".into(),
+                });
+            }
             let next = Record {
                 task: mirror::applied(&current, want),
                 lease: None,

@@ -500,6 +500,69 @@ impl Core {
                 &claims,
                 presence,
                 self.config.stale_after,
+                None,
+            ),
+        )
+    }
+
+    /// Another session's STATUS file with `added` claims recorded for it (an etcd claim this
+    /// process mirrors into git): its other claims, presence, state and heartbeat as they were
+    /// (writing for it must not make it look alive), the added claims held until released
+    /// (etcd's lease ends them; the release is mirrored). Without them in its file the board's
+    /// row would read "free" (the owner's file disowns it), and the next mirror round would
+    /// carry that "release" back into etcd (seeds 30029, 70014).
+    fn status_for_another(
+        &self,
+        snap: &Snapshot,
+        rows: &[BoardTask],
+        holder: &SessionId,
+        added: &[(TaskId, ClaimRecord)],
+    ) -> (String, Vec<u8>) {
+        let read;
+        let file = match snap.statuses.get(holder) {
+            Some(f) => Some(f),
+            None => {
+                read = self.status_at_head(holder).ok().flatten();
+                read.as_ref()
+            }
+        };
+        let still_held = |t: &TaskId| {
+            rows.iter().any(|r| {
+                &r.id == t && r.status == TaskStatus::Claimed && r.owner.as_ref() == Some(holder)
+            })
+        };
+        let mut claims: BTreeMap<TaskId, ClaimRecord> = file
+            .and_then(|f| f.claims.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|(t, c)| Some((TaskId::parse(t).ok()?, c.clone())))
+            .filter(|(t, _)| still_held(t))
+            .collect();
+        claims.extend(added.iter().cloned());
+        let state = match file.and_then(|f| f.state.as_deref()) {
+            Some("idle") if claims.is_empty() => SessionState::Idle,
+            Some("polling") => SessionState::Polling,
+            _ if claims.is_empty() => SessionState::Idle,
+            _ => SessionState::Working,
+        };
+        let current = file
+            .and_then(|f| f.current_task.as_deref())
+            .and_then(|t| TaskId::parse(t).ok());
+        let presence = file.and_then(StatusIn::presence).filter(|p| p.pid != 0);
+        let writer = file
+            .and_then(|f| f.stale_after.as_deref())
+            .and_then(|d| agent_core::duration::parse_duration(d).ok())
+            .unwrap_or(self.config.stale_after);
+        (
+            self.config.status_path(holder),
+            status::render(
+                holder,
+                state,
+                current.as_ref(),
+                &claims,
+                presence.as_ref(),
+                writer,
+                file.and_then(|f| f.updated_at.as_deref()),
             ),
         )
     }
@@ -724,6 +787,7 @@ impl Core {
         let mut out = Vec::with_capacity(items.len());
         let mut held = self.held.clone();
         let mut own = std::collections::BTreeSet::new();
+        let mut others: BTreeMap<SessionId, Vec<(TaskId, ClaimRecord)>> = BTreeMap::new();
         let mut message = String::new();
         for want in items {
             let Some(row) = tasks.iter_mut().find(|t| t.id == want.task) else {
@@ -755,6 +819,14 @@ impl Core {
             row.owner = next.claimed_by.clone();
             let token = want.token.map(|t| t.0);
             message += &trailers(Some(&want.task), want.holder.as_ref(), token);
+            if let (Some(h), None, TaskStatus::Claimed) = (&want.holder, mine, next.status) {
+                let mut record = ClaimRecord::now(token.unwrap_or_default(), None);
+                record.until_released = true;
+                others
+                    .entry(h.clone())
+                    .or_default()
+                    .push((want.task.clone(), record));
+            }
             if let Some(h) = want
                 .holder
                 .as_ref()
@@ -791,6 +863,12 @@ impl Core {
         files.extend(
             own.iter()
                 .map(|s| self.status_file(&snap, &tasks, s, None, None, None)),
+        );
+        files.extend(
+            others
+                .iter()
+                .filter(|(h, _)| !own.contains(*h))
+                .map(|(h, added)| self.status_for_another(&snap, &tasks, h, added)),
         );
         let written = Instant::now();
         let written_count = out.iter().filter(|o| **o == RecordOutcome::Written).count();
@@ -963,6 +1041,13 @@ impl Core {
     fn taken_over(&mut self, session: &SessionId) -> BackendResult<Option<agent_core::Presence>> {
         if let Some(other) = self.evicted.get(session) {
             return Ok(Some(other.clone()));
+        }
+        // This process is taking the session over: the other process in the file is the one
+        // being replaced (a registration whose push lost a race and is retried found its own
+        // announcement and the old process's file, and took itself for the evicted one: seed
+        // 100032).
+        if self.taking_over {
+            return Ok(None);
         }
         let Some(me) = self.announced.get(session).cloned() else {
             return Ok(None);

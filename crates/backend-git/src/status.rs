@@ -193,6 +193,7 @@ pub fn render(
     claims: &BTreeMap<TaskId, ClaimRecord>,
     presence: Option<&agent_core::Presence>,
     stale_after: std::time::Duration,
+    heartbeat: Option<&str>,
 ) -> Vec<u8> {
     let out = StatusOut {
         stale_after: format!("{}ms", stale_after.as_millis()),
@@ -204,7 +205,10 @@ pub fn render(
         state,
         current_task: current.map(TaskId::as_str),
         backend: "git",
-        updated_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+        updated_at: heartbeat.map_or_else(
+            || Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+            str::to_owned,
+        ),
         claims: claims
             .iter()
             .map(|(t, c)| (t.as_str(), c.clone()))
@@ -230,6 +234,7 @@ mod tests {
             &BTreeMap::from([(t.clone(), ClaimRecord::now(7, None))]),
             None,
             std::time::Duration::from_secs(20),
+            None,
         );
         let text = String::from_utf8(bytes.clone()).expect("utf8");
         assert!(

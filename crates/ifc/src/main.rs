@@ -31,7 +31,10 @@ fn main() -> ExitCode {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A closed stderr (`ifc agent 2>&1 | head -1`) loses the log, never the agent: an
+        // unwritable event is not reported on the same stderr (which panicked, exit 101).
+        .log_internal_errors(false);
     match cli.log_format {
         cli::LogFormat::Json => logs.json().init(),
         cli::LogFormat::Human => logs.init(),
@@ -42,7 +45,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            say(&format!("error: cannot start the async runtime: {e}"));
             return ExitCode::from(exit::INFRA);
         }
     };
@@ -53,8 +56,17 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            eprintln!("error: {}", output::printable(&format!("{err:#}")));
+            say(&format!(
+                "error: {}",
+                output::printable(&format!("{err:#}"))
+            ));
             ExitCode::from(exit::code(&err))
         }
     }
+}
+
+/// Writes a line to stderr, ignoring a closed stderr (the exit code still says what happened).
+fn say(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }

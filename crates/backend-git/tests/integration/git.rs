@@ -531,7 +531,10 @@ async fn a_reader_with_a_shorter_stale_after_waits_for_the_holders_own() {
     };
     let out = reader.record(&[item]).await.expect("record");
     assert!(
-        matches!(out.as_slice(), [agent_core::mirror::RecordOutcome::Conflict { .. }]),
+        matches!(
+            out.as_slice(),
+            [agent_core::mirror::RecordOutcome::Conflict { .. }]
+        ),
         "{out:?}"
     );
 }

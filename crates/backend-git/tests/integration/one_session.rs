@@ -379,3 +379,59 @@ async fn two_guide_ids_with_one_number_are_refused_and_other_ids_never_share_a_f
         assert!(remote.read(&format!("STATUS-SESSION-{s}.yaml")).is_some());
     }
 }
+
+#[tokio::test]
+async fn a_claim_mirrored_into_git_for_another_session_reads_back_as_held() {
+    // Seeds 30029, 70014: a bridge recorded an etcd claim of s into git without s's STATUS
+    // file, whose claims list did not carry it: git read the row as free, and the next bridge
+    // round mirrored that "release" into etcd, ending a live claim (the task then ran twice).
+    let remote = BareRemote::new(&board(2));
+    let agent = agent_clone(&remote, "agent", "4242@another-host.example/1").await;
+    assert!(agent
+        .register(&presence("session-1-a", 4242), false)
+        .await
+        .expect("register")
+        .is_none());
+    // The agent's own heartbeats stop, so its file changes only by the bridge's write.
+    drop(agent);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let before = remote
+        .read("STATUS-SESSION-1.yaml")
+        .expect("the agent's STATUS");
+    let updated = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("updated_at:"))
+            .map(str::to_owned)
+    };
+    let mut config = remote.config("bridge");
+    config.session = Some(sid("ifc-bridge"));
+    let bridge = GitBackend::open(config).await.expect("open");
+    let item = agent_core::mirror::Mirrored {
+        task: tid("T0"),
+        status: TaskStatus::Claimed,
+        holder: Some(sid("session-1-a")),
+        token: Some(agent_core::FencingToken(77)),
+    };
+    let out = bridge.record(&[item]).await.expect("record");
+    assert_eq!(out, vec![agent_core::mirror::RecordOutcome::Written]);
+    let t0 = bridge.get(&tid("T0")).await.expect("get").expect("T0");
+    assert_eq!(
+        (t0.status, t0.claimed_by.as_ref().map(|s| s.as_str())),
+        (TaskStatus::Claimed, Some("session-1-a")),
+        "the mirrored claim reads back as held"
+    );
+    let after = remote.read("STATUS-SESSION-1.yaml").expect("STATUS");
+    assert!(
+        after.contains("T0:") && after.contains("token: 77"),
+        "{after}"
+    );
+    assert_eq!(
+        updated(&after),
+        updated(&before),
+        "writing for the session does not refresh its heartbeat"
+    );
+    assert!(
+        after.contains("pid: 4242"),
+        "its presence is kept:\n{after}"
+    );
+}

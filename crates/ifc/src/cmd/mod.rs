@@ -420,11 +420,15 @@ async fn release(
         }
         (Output::Table, ReleaseOutcome::NotHolder { holder }) => {
             let who = holder.as_ref().map_or("nobody".into(), |h| h.to_string());
-            writeln!(
-                out,
-                "not the holder: {} is held by {who}; nothing changed",
-                args.task
-            )?
+            // The session is the holder, under another claim: the token is what does not match.
+            let why = match (holder, args.fencing_token) {
+                (Some(h), Some(t)) if *h == args.session => format!(
+                    "{} is held by {who} under another fencing token than {t} (a newer claim, or another process's)",
+                    args.task
+                ),
+                _ => format!("{} is held by {who}", args.task),
+            };
+            writeln!(out, "not the holder: {why}; nothing changed")?
         }
         (Output::Table, ReleaseOutcome::NotFound) => writeln!(out, "task {} not found", args.task)?,
     }
