@@ -428,27 +428,10 @@ impl Core {
         extra: Option<(&TaskId, &ClaimRecord)>,
         without: Option<&TaskId>,
     ) -> (String, Vec<u8>) {
-        // The session's file at the head (the snapshot holds those of sessions owning rows).
-        let read;
-        let file = match snap.statuses.get(session) {
-            Some(f) => Some(f),
-            None => {
-                read = self.status_at_head(session).ok().flatten();
-                read.as_ref()
-            }
-        };
-        let still_held = |t: &TaskId| {
-            rows.iter().any(|r| {
-                &r.id == t && r.status == TaskStatus::Claimed && r.owner.as_ref() == Some(session)
-            })
-        };
-        let mut claims: BTreeMap<TaskId, ClaimRecord> = file
-            .and_then(|f| f.claims.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|(t, c)| Some((TaskId::parse(t).ok()?, c.clone())))
-            .filter(|(t, c)| still_held(t) && !self.relinquished.contains(&(t.clone(), c.token)))
-            .collect();
+        let mut read = None;
+        let file = self.head_status(snap, session, &mut read);
+        let mut claims = held_in(file, rows, session);
+        claims.retain(|t, c| !self.relinquished.contains(&(t.clone(), c.token)));
         claims.extend(
             self.held
                 .iter()
@@ -505,6 +488,23 @@ impl Core {
         )
     }
 
+    /// `session`'s STATUS file at the head: the snapshot's (it holds those of sessions owning
+    /// rows), else read into `read`.
+    fn head_status<'a>(
+        &self,
+        snap: &'a Snapshot,
+        session: &SessionId,
+        read: &'a mut Option<StatusIn>,
+    ) -> Option<&'a StatusIn> {
+        match snap.statuses.get(session) {
+            Some(f) => Some(f),
+            None => {
+                *read = self.status_at_head(session).ok().flatten();
+                read.as_ref()
+            }
+        }
+    }
+
     /// Another session's STATUS file with `added` claims recorded for it (an etcd claim this
     /// process mirrors into git): its other claims, presence, state and heartbeat as they were
     /// (writing for it must not make it look alive), the added claims held until released
@@ -518,26 +518,9 @@ impl Core {
         holder: &SessionId,
         added: &[(TaskId, ClaimRecord)],
     ) -> (String, Vec<u8>) {
-        let read;
-        let file = match snap.statuses.get(holder) {
-            Some(f) => Some(f),
-            None => {
-                read = self.status_at_head(holder).ok().flatten();
-                read.as_ref()
-            }
-        };
-        let still_held = |t: &TaskId| {
-            rows.iter().any(|r| {
-                &r.id == t && r.status == TaskStatus::Claimed && r.owner.as_ref() == Some(holder)
-            })
-        };
-        let mut claims: BTreeMap<TaskId, ClaimRecord> = file
-            .and_then(|f| f.claims.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|(t, c)| Some((TaskId::parse(t).ok()?, c.clone())))
-            .filter(|(t, _)| still_held(t))
-            .collect();
+        let mut read = None;
+        let file = self.head_status(snap, holder, &mut read);
+        let mut claims = held_in(file, rows, holder);
         claims.extend(added.iter().cloned());
         let state = match file.and_then(|f| f.state.as_deref()) {
             Some("idle") if claims.is_empty() => SessionState::Idle,
@@ -1183,4 +1166,23 @@ impl Core {
         out.sort_by(|a, b| a.session_id.cmp(&b.session_id));
         Ok(out)
     }
+}
+
+/// The claims `file` lists that the board `rows` still show held by `session`.
+fn held_in(
+    file: Option<&StatusIn>,
+    rows: &[BoardTask],
+    session: &SessionId,
+) -> BTreeMap<TaskId, ClaimRecord> {
+    let still_held = |t: &TaskId| {
+        rows.iter().any(|r| {
+            &r.id == t && r.status == TaskStatus::Claimed && r.owner.as_ref() == Some(session)
+        })
+    };
+    file.and_then(|f| f.claims.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|(t, c)| Some((TaskId::parse(t).ok()?, c.clone())))
+        .filter(|(t, _)| still_held(t))
+        .collect()
 }
