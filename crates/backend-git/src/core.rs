@@ -778,6 +778,23 @@ impl Core {
                 continue;
             };
             let current = snap.effective(row, self.config.stale_after);
+            // A claim a live agent process holds here ends by that process's release (or its
+            // heartbeat): another store's "available" is not its word (seed 100061: a hybrid
+            // session's etcd lease ran out while it ran the task on git, and a bridge carried
+            // etcd's reset into git, so another session ran the task too).
+            let held_live = current.status == TaskStatus::Claimed
+                && current.claimed_by.as_ref().is_some_and(|h| {
+                    snap.statuses
+                        .get(h)
+                        .and_then(|s| s.claim(&want.task))
+                        .is_some_and(|c| c.held_by_other_process(self.config.process.as_deref()))
+                });
+            if held_live && matches!(want.status, TaskStatus::Available | TaskStatus::Blocked) {
+                out.push(RecordOutcome::Kept {
+                    reason: "held by a live agent process in git: only its release frees it".into(),
+                });
+                continue;
+            }
             let mine = want
                 .holder
                 .as_ref()

@@ -435,3 +435,39 @@ async fn a_claim_mirrored_into_git_for_another_session_reads_back_as_held() {
         "its presence is kept:\n{after}"
     );
 }
+
+#[tokio::test]
+async fn another_stores_available_does_not_end_a_claim_a_live_process_holds_in_git() {
+    // Seed 100061: a hybrid session ran a task on git after its etcd lease ran out; a bridge
+    // carried etcd's reset ("available") into git, and another session ran the task too.
+    let remote = BareRemote::new(&board(1));
+    let me = agent_core::process::this_process().to_owned();
+    let agent = agent_clone(&remote, "agent", &me).await;
+    let won = agent
+        .claim(&tid("T0"), &sid("session-1-a"))
+        .await
+        .expect("claim");
+    assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+    let mut config = remote.config("bridge");
+    config.session = Some(sid("ifc-bridge"));
+    let bridge = GitBackend::open(config).await.expect("open");
+    let item = agent_core::mirror::Mirrored {
+        task: tid("T0"),
+        status: TaskStatus::Available,
+        holder: Some(sid("session-1-a")),
+        token: None,
+    };
+    let out = bridge.record(&[item]).await.expect("record");
+    assert!(
+        matches!(
+            out.as_slice(),
+            [agent_core::mirror::RecordOutcome::Kept { .. }]
+        ),
+        "{out:?}"
+    );
+    let t0 = bridge.get(&tid("T0")).await.expect("get").expect("T0");
+    assert_eq!(
+        (t0.status, t0.claimed_by.as_ref().map(|s| s.as_str())),
+        (TaskStatus::Claimed, Some("session-1-a"))
+    );
+}
