@@ -96,7 +96,7 @@ pub async fn wait_for_etcd(
 /// `waiting` told the reason (for `/health`). An error waiting cannot cure (bad address, TLS,
 /// refused login, not a task board) ends the wait at the first attempt; later ones (the store
 /// came back misconfigured) are logged and tried again.
-async fn wait_for<T, F, Fut>(
+pub async fn wait_for<T, F, Fut>(
     what: &str,
     at: &str,
     quiet: bool,

@@ -99,10 +99,18 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         .into());
     }
     tracing::info!(session = %id, mode = mode.as_str(), from = ?source, backend = backend.serving_name(), "agent started");
-    let sub = backend
-        .subscribe()
-        .await
-        .context("cannot subscribe to task changes")?;
+    // A store that went away between the registration and here is waited for too (seed
+    // 2000002: etcd killed in that instant, and a hybrid agent exited for good); a hybrid
+    // router meanwhile moves to git and subscribes there.
+    let sub = settings::wait_for(
+        "the task store's changes",
+        backend.serving_name(),
+        false,
+        &waiting,
+        || backend.subscribe(),
+    )
+    .await
+    .context("cannot subscribe to task changes")?;
     let mut watched: Vec<&std::path::Path> = vec![&args.config];
     if let Some(f) = &g.fleet {
         watched.push(f);
