@@ -1120,8 +1120,10 @@ impl Core {
             });
         }
         self.status_file_is_ours(session, &snap)?;
-        self.announced
-            .insert(presence.session_id.clone(), presence.clone());
+        let first = self
+            .announced
+            .insert(presence.session_id.clone(), presence.clone())
+            .is_none();
         let files = vec![self.status_file(
             &snap,
             snap.board.tasks(),
@@ -1131,7 +1133,7 @@ impl Core {
             None,
         )];
         let written = Instant::now();
-        match self.clone.commit_and_push(
+        let pushed = self.clone.commit_and_push(
             &files,
             &format!(
                 "status of {}\n\n{}",
@@ -1142,12 +1144,21 @@ impl Core {
                     None
                 )
             ),
-        )? {
-            Pushed::Landed { .. } => {
+        );
+        match pushed {
+            Ok(Pushed::Landed { .. }) => {
                 self.heartbeats.insert(presence.session_id.clone(), written);
                 Ok(Some(()))
             }
-            Pushed::Rejected => Ok(None),
+            // A first announcement that did not land is not this process's yet: until it does,
+            // the file still names the process being taken over, and a heartbeat in between
+            // would take that for a take-over of this one (seeds 100032, 30000005).
+            rejected => {
+                if first {
+                    self.announced.remove(session);
+                }
+                rejected.map(|_| None)
+            }
         }
     }
 
