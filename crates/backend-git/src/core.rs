@@ -795,6 +795,15 @@ impl Core {
                 });
                 continue;
             }
+            // Nor does a claim of the same session from another process take it over (seed
+            // 80011: a process being taken over claimed on etcd before it learnt it, and its
+            // confirmation in git replaced the new process's claim there: both ran the task).
+            if held_live && want.status == TaskStatus::Claimed {
+                out.push(RecordOutcome::Conflict {
+                    holder: current.claimed_by.clone(),
+                });
+                continue;
+            }
             let mine = want
                 .holder
                 .as_ref()

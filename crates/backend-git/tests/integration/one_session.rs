@@ -471,3 +471,41 @@ async fn another_stores_available_does_not_end_a_claim_a_live_process_holds_in_g
         (TaskStatus::Claimed, Some("session-1-a"))
     );
 }
+
+#[tokio::test]
+async fn a_claim_recorded_from_another_process_of_the_session_does_not_replace_a_live_ones() {
+    // Seed 80011: the process being taken over claimed on etcd before it learnt it; its
+    // confirmation in git replaced the new process's claim of the task, and both ran it.
+    let remote = BareRemote::new(&board(1));
+    let me = agent_core::process::this_process().to_owned();
+    let live = agent_clone(&remote, "new", &me).await;
+    let won = live
+        .claim(&tid("T0"), &sid("session-1-a"))
+        .await
+        .expect("claim");
+    assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+    let mut config = remote.config("old");
+    config.session = Some(sid("session-1-a"));
+    config.process = Some(format!(
+        "{}@{}/1",
+        std::process::id(),
+        agent_core::process::hostname()
+    ));
+    let old = GitBackend::open(config).await.expect("open");
+    let item = agent_core::mirror::Mirrored {
+        task: tid("T0"),
+        status: TaskStatus::Claimed,
+        holder: Some(sid("session-1-a")),
+        token: Some(agent_core::FencingToken(99)),
+    };
+    let out = old.record(&[item]).await.expect("record");
+    assert!(
+        matches!(
+            out.as_slice(),
+            [agent_core::mirror::RecordOutcome::Conflict { .. }]
+        ),
+        "{out:?}"
+    );
+    let status = remote.read("STATUS-SESSION-1.yaml").expect("STATUS");
+    assert!(!status.contains("token: 99"), "{status}");
+}
