@@ -16,8 +16,8 @@ pub struct GitConfig {
     pub board: String,
     /// The directory (inside the repo) that holds STATUS files; empty: the repo root.
     pub status_dir: String,
-    /// STATUS file name; `{n}` is the session's number (`session-1-ndi` → `1`, or the whole id when
-    /// it has no digits), `{session}` the whole id.
+    /// STATUS file name; `{n}` is the session's number (`session-1-ndi` → `1`; the whole id for
+    /// ids not of the guide's form, see `session_number`), `{session}` the whole id.
     pub status_pattern: String,
     /// The dedicated clone (never the user's working tree).
     pub workdir: PathBuf,
@@ -35,6 +35,9 @@ pub struct GitConfig {
     /// re-claimed only by it while it may be alive. `None` for one-shot commands, whose claims
     /// their session adopts from any process.
     pub process: Option<String>,
+    /// A one-shot command (`ifc claim`): nothing heartbeats its claims after it exits, so they
+    /// hold until released, as an etcd claim without a lease does.
+    pub one_shot: bool,
 }
 
 impl GitConfig {
@@ -54,6 +57,7 @@ impl GitConfig {
             session: None,
             watch_remote: true,
             process: None,
+            one_shot: false,
         }
     }
 

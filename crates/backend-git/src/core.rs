@@ -601,7 +601,11 @@ impl Core {
             t.status = TaskStatus::Claimed;
             t.owner = Some(session.clone());
         }
-        let record = ClaimRecord::now(token, self.config.process.clone());
+        let mut record = ClaimRecord::now(token, self.config.process.clone());
+        // A one-shot command's claim has nothing to heartbeat it: it holds until released, as
+        // an etcd claim without a lease does (seed 1000000010: a CLI claim read as stale 2 s
+        // later, its release was refused, and the bridge carried it into etcd for nobody).
+        record.until_released = self.config.one_shot;
         let files = vec![
             (
                 self.config.board.clone(),
@@ -623,7 +627,7 @@ impl Core {
                         session: session.clone(),
                         token: depth,
                         at: record.at,
-                        until_released: false,
+                        until_released: record.until_released,
                     },
                 );
                 self.heartbeats.insert(session.clone(), written);

@@ -159,7 +159,10 @@ async fn open_git_for(
             let connect = || GitBackend::open(config.clone());
             wait_for("the git remote", &remote, false, waiting, connect).await
         }
-        None => GitBackend::open(config).await,
+        None => {
+            config.one_shot = true;
+            GitBackend::open(config).await
+        }
     };
     Ok(Arc::new(git.context("cannot open the git task board")?))
 }

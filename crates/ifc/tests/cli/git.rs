@@ -163,3 +163,41 @@ fn bad_boards_and_settings_are_usage_errors_and_a_missing_remote_is_infrastructu
         text(&out.stderr)
     );
 }
+
+#[test]
+fn a_cli_claim_in_git_mode_holds_until_released() {
+    // Seed 1000000010: a CLI claim read as stale 2 s later (nothing heartbeats it once the
+    // command exits); its release was refused and the task stayed held for nobody.
+    let (remote, cwd) = (BareRemote::new(FIXTURE), workspace());
+    let claim = |session: &str| {
+        run(ifc_git(&remote, cwd.path()).args([
+            "--stale-after",
+            "1s",
+            "claim",
+            "P0.2.6",
+            "--session",
+            session,
+        ]))
+    };
+    let out = claim("session-4-sip");
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let out = claim("session-5-other");
+    assert_eq!(
+        code(&out),
+        1,
+        "held past --stale-after: {}",
+        text(&out.stdout)
+    );
+    let out = run(ifc_git(&remote, cwd.path()).args([
+        "--stale-after",
+        "1s",
+        "release",
+        "P0.2.6",
+        "--session",
+        "session-4-sip",
+        "--status",
+        "complete",
+    ]));
+    assert_eq!(code(&out), 0, "{}{}", text(&out.stdout), text(&out.stderr));
+}
