@@ -49,6 +49,7 @@ impl Backend for Router {
         // an etcd claimer that saw the reopening before git had it would be told "complete".
         let me = &self.shared;
         let on_primary = lock(&me.state).serving == Side::Primary;
+        let mut on_git = None;
         if let (true, true, Ok(git), Ok(etcd)) = (
             on_primary,
             me.config.claims_in_git,
@@ -69,7 +70,10 @@ impl Backend for Router {
             }
             match git.put(task, patch).await {
                 Ok(PutOutcome::Held { holder }) => return Ok(PutOutcome::Held { holder }),
-                Ok(_) => me.count("put", Side::Fallback),
+                Ok(outcome) => {
+                    me.count("put", Side::Fallback);
+                    on_git = Some(outcome);
+                }
                 Err(e) => {
                     tracing::warn!(%task, error = %e, "the change is not on the git board")
                 }
@@ -80,7 +84,16 @@ impl Backend for Router {
             let (t, p) = (t.clone(), p.clone());
             async move { b.put(&t, &p).await }
         };
-        Ok(me.route("put", f).await?.0)
+        let outcome = me.route("put", f).await?.0;
+        // A change the board took is a change, though etcd already said so (seed 2000000032:
+        // a reopening reached the board, was reported "unchanged", and so was not recorded).
+        Ok(match (outcome, on_git) {
+            (
+                PutOutcome::Unchanged,
+                Some(changed @ (PutOutcome::Updated | PutOutcome::Created)),
+            ) => changed,
+            (outcome, _) => outcome,
+        })
     }
 
     async fn claim(&self, task: &TaskId, session: &SessionId) -> BackendResult<ClaimOutcome> {

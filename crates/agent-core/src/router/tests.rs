@@ -520,3 +520,25 @@ async fn while_git_does_not_answer_a_completion_waits_for_it_and_lands_in_both_s
     assert_eq!(face(&fleet.in_git("A").await).0, TaskStatus::Complete);
     assert_eq!(face(&fleet.in_etcd("A").await).0, TaskStatus::Complete);
 }
+
+#[tokio::test]
+async fn a_reopening_the_board_took_is_reported_as_a_change() {
+    // Seed 2000000032: git had the task complete, etcd not yet; the reopening changed the board
+    // but was reported "unchanged", so it was not recorded, and its second run looked like a
+    // double run.
+    let f = Fleet::new(&["A"]).await;
+    let git = MemoryBackend::new(f.git.clone(), None);
+    let patch = TaskPatch {
+        status: Some(TaskStatus::Complete),
+        ..TaskPatch::default()
+    };
+    git.put(&tid("A"), &patch).await.expect("complete on git");
+    let r = f.router(Mode::Coordinator);
+    let reopen = TaskPatch {
+        status: Some(TaskStatus::Available),
+        ..TaskPatch::default()
+    };
+    let out = r.put(&tid("A"), &reopen).await.expect("put");
+    assert_eq!(out, crate::PutOutcome::Updated);
+    assert_eq!(f.read(&f.git, "A").await.status, TaskStatus::Available);
+}
