@@ -85,6 +85,9 @@ impl Clone {
             clean: false,
         };
         let guard = clone.exclusive();
+        if guard.is_some() {
+            clone.clear_left_locks();
+        }
         clone.sync()?;
         drop(guard);
         Ok(clone)
@@ -183,58 +186,26 @@ impl Clone {
         if !path.join("HEAD").is_file() {
             return None;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path.join("ifc-write.lock"))
-            .ok()?;
-        let deadline = std::time::Instant::now() + TURN_WAIT;
-        let mut pause = std::time::Duration::from_millis(1);
-        loop {
-            match file.try_lock() {
-                Ok(()) => return Some(file),
-                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(std::time::Duration::from_millis(10));
-                }
-                Err(_) => return None,
-            }
-        }
+        flock_within(&path.join("ifc-write.lock"), TURN_WAIT)
     }
 
     /// Takes the clone for one operation: an exclusive lock on `.git/ifc-clone.lock` until the
     /// guard drops, so processes sharing a clone (an agent and a CLI command of one session in
-    /// one directory, a restarted bridge) take turns. git's own lock files found while holding
-    /// it were left by a process that died mid-write, and are removed (else every later write
-    /// fails: "failed to lock file '…/refs/heads/main.lock'"). `None` when the lock cannot be had
-    /// within [`CLONE_WAIT`] (a stopped holder): the operation goes on without it.
+    /// one directory, a restarted bridge) take turns. `None` when the lock cannot be had within
+    /// [`CLONE_WAIT`] (a stopped holder): the operation goes on without it.
     pub fn exclusive(&self) -> Option<std::fs::File> {
-        let git = self.config.workdir.join(".git");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(git.join("ifc-clone.lock"))
-            .ok()?;
-        let deadline = std::time::Instant::now() + CLONE_WAIT;
-        let mut pause = std::time::Duration::from_millis(1);
-        loop {
-            match file.try_lock() {
-                Ok(()) => break,
-                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(std::time::Duration::from_millis(20));
-                }
-                Err(_) => return None,
-            }
-        }
-        for lock in left_locks(&git) {
+        flock_within(&self.config.workdir.join(".git/ifc-clone.lock"), CLONE_WAIT)
+    }
+
+    /// git's own lock files found while holding the clone (at open) were left by a process that
+    /// died mid-write, and are removed (else every later write fails: "failed to lock file
+    /// '…/refs/heads/main.lock'", seeds 40015 and 50011).
+    fn clear_left_locks(&self) {
+        for lock in left_locks(&self.config.workdir.join(".git")) {
             if std::fs::remove_file(&lock).is_ok() {
                 tracing::warn!(lock = %lock.display(), "removed a lock file left in the clone by a process that died mid-write");
             }
         }
-        Some(file)
     }
 
     /// The local remote's repository, opened once and kept. A kept handle is used only while
@@ -638,6 +609,29 @@ fn fetch_options(config: &GitConfig) -> FetchOptions<'_> {
 
 /// How long an operation waits for another process's operation on the same clone.
 const CLONE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An exclusive lock on `path` (created if missing), held until the file drops; `None` if it
+/// cannot be had within `wait` or the file cannot be opened.
+fn flock_within(path: &Path, wait: std::time::Duration) -> Option<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .ok()?;
+    let deadline = std::time::Instant::now() + wait;
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Some(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(10));
+            }
+            Err(_) => return None,
+        }
+    }
+}
 
 /// git's lock files in a clone's `.git` (`index.lock`, `HEAD.lock`, `refs/**/*.lock`, …).
 fn left_locks(git: &Path) -> Vec<std::path::PathBuf> {
