@@ -121,6 +121,13 @@ struct State {
     /// The presence registered (`Backend::register`): a coordinator attached later
     /// (`Router::attach_coordinator`) is told it too.
     registered: Option<Presence>,
+    /// Whether that registration takes the session over from a running process.
+    take_over: bool,
+    /// Stores whose registration did not land (they did not answer): registered again before
+    /// this process acts in them, so it never works in a store that still names another live
+    /// process of the session (seed 60000020: git's registration lost 64 push races, the agent
+    /// worked there anyway, and the process it had taken over evicted it instead).
+    unregistered: std::collections::BTreeSet<Side>,
     /// Someone follows the router's events (`subscribe` was called).
     followed: bool,
     /// A pump forwards the coordinator's events (set by whoever starts it, once).
@@ -196,6 +203,8 @@ impl Router {
             refused: HashMap::new(),
             stats: RouterStats::default(),
             registered: None,
+            take_over: false,
+            unregistered: Default::default(),
             followed: false,
             following_primary: false,
         };
@@ -302,7 +311,8 @@ impl Router {
             if let Some(p) = registered {
                 let mut p = p.clone();
                 p.backend = etcd.name().into();
-                match etcd.register(&p, false).await {
+                let take_over = lock(&me.state).take_over;
+                match etcd.register(&p, take_over).await {
                     Ok(None) => {}
                     // Another process runs the session there: this one yields.
                     Ok(Some(other)) => me.broadcast(BackendEvent::SessionTaken {
@@ -310,6 +320,7 @@ impl Router {
                         by: Box::new(other),
                     }),
                     Err(e) => {
+                        lock(&me.state).unregistered.insert(Side::Primary);
                         tracing::warn!(session = %me.config.name, error = %e, "cannot register the session with the coordinator yet")
                     }
                 }
@@ -426,12 +437,17 @@ impl Shared {
             (s.mode, s.serving)
         };
         if mode != Mode::Hybrid || serving == Side::Fallback || self.fallback.is_none() {
+            self.ensure_registered(serving).await?;
             let out = f(self.backend(serving)?.clone()).await?;
             self.count(op, serving);
             return Ok((out, serving));
         }
         let primary = self.backend(Side::Primary)?.clone();
-        let why = match tokio::time::timeout(self.config.deadline, f(primary)).await {
+        let attempt = async {
+            self.ensure_registered(Side::Primary).await?;
+            f(primary).await
+        };
+        let why = match tokio::time::timeout(self.config.deadline, attempt).await {
             Ok(Ok(out)) => {
                 self.succeeded().await;
                 self.count(op, Side::Primary);
@@ -446,9 +462,43 @@ impl Shared {
         if let Some(m) = &self.mirror {
             m.flush(Duration::from_secs(5)).await;
         }
+        self.ensure_registered(Side::Fallback).await?;
         let out = f(self.backend(Side::Fallback)?.clone()).await?;
         self.count(op, Side::Fallback);
         Ok((out, Side::Fallback))
+    }
+
+    /// Registers the session again in `side` if its registration there did not land: an
+    /// answer that another live process runs the session there is `SessionElsewhere` (and the
+    /// subscribers are told), a store that still does not answer fails the operation.
+    async fn ensure_registered(&self, side: Side) -> BackendResult<()> {
+        let (mut presence, take_over) = {
+            let s = lock(&self.state);
+            match &s.registered {
+                Some(p) if s.unregistered.contains(&side) => (p.clone(), s.take_over),
+                _ => return Ok(()),
+            }
+        };
+        let b = self.backend(side)?.clone();
+        presence.backend = b.name().into();
+        match b.register(&presence, take_over).await? {
+            None => {
+                lock(&self.state).unregistered.remove(&side);
+                tracing::info!(session = %presence.session_id, backend = b.name(), "registered the session in this store");
+                Ok(())
+            }
+            Some(other) => {
+                let elsewhere = crate::process::describe(&other);
+                self.broadcast(BackendEvent::SessionTaken {
+                    session: presence.session_id.clone(),
+                    by: Box::new(other),
+                });
+                Err(BackendError::SessionElsewhere {
+                    session: presence.session_id.to_string(),
+                    elsewhere,
+                })
+            }
+        }
     }
 
     /// git's state of `task` changed: a refusal it gave is forgotten, and the subscribers are

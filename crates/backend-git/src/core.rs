@@ -33,7 +33,11 @@ struct Held {
 
 /// The board and STATUS files at the head, with what readers see of each task.
 pub(crate) struct Snapshot {
-    board: Board,
+    /// The board at the head or, while the head's does not parse, the last one that did.
+    board: std::sync::Arc<Board>,
+    /// Why the head's board does not parse (`file:line: problem`): nothing is written to it
+    /// until someone fixes it.
+    broken: Option<String>,
     statuses: HashMap<SessionId, StatusIn>,
     depth: u64,
 }
@@ -100,6 +104,11 @@ pub(crate) struct Core {
     evicted: HashMap<SessionId, agent_core::Presence>,
     /// Set while a registration writes this process's presence over another's.
     taking_over: bool,
+    /// The last board that parsed, by blob id: reused while the head's board is that blob, and
+    /// served while the head's does not parse.
+    good_board: Option<(Option<Oid>, std::sync::Arc<Board>)>,
+    /// The board blob that did not parse, and why (reported once per blob).
+    broken_board: Option<(Option<Oid>, String)>,
 }
 
 impl std::fmt::Debug for Core {
@@ -139,6 +148,8 @@ impl Core {
             relinquished: Default::default(),
             evicted: HashMap::new(),
             taking_over: false,
+            good_board: None,
+            broken_board: None,
         };
         // Start from the current head: subscribers get it as their snapshot.
         let snap = core.snapshot()?;
@@ -156,16 +167,88 @@ impl Core {
         BackendError::InvalidInput(e.to_string())
     }
 
+    /// The board at `head`: parsed once per blob. While it does not parse (a person's mistake,
+    /// pushed while agents run), the last board that did is served, and the problem is logged
+    /// once per broken blob; `broken` says why. With no good board known, the newest one in
+    /// the history that parses; none at all is an error.
+    fn board_at(&mut self, head: Oid) -> BackendResult<(std::sync::Arc<Board>, Option<String>)> {
+        let blob = self.clone.blob_id_at(head, &self.config.board)?;
+        if let Some((id, board)) = &self.good_board {
+            if *id == blob {
+                return Ok((board.clone(), None));
+            }
+        }
+        let text = self
+            .clone
+            .read_at(head, &self.config.board)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let error = match Board::parse(&self.config.board, &text) {
+            Ok(board) => {
+                if self.broken_board.take().is_some() {
+                    tracing::info!(board = %self.config.board, "the board parses again: writing to it again");
+                }
+                let board = std::sync::Arc::new(board);
+                self.good_board = Some((blob, board.clone()));
+                return Ok((board, None));
+            }
+            Err(e) => e,
+        };
+        if self.good_board.is_none() {
+            self.good_board = self.last_good_board(head)?;
+        }
+        let Some((_, good)) = &self.good_board else {
+            return Err(self.board_error(error));
+        };
+        let good = good.clone();
+        let why = error.to_string();
+        if self.broken_board.as_ref().is_none_or(|(id, _)| *id != blob) {
+            tracing::warn!(problem = %why, "the board does not parse: serving its last good state, and writing nothing to it until it is fixed");
+            self.broken_board = Some((blob, why.clone()));
+        }
+        Ok((good, Some(why)))
+    }
+
+    /// The newest board before `head` (up to 200 commits back) that parses, with its blob id.
+    fn last_good_board(
+        &mut self,
+        head: Oid,
+    ) -> BackendResult<Option<(Option<Oid>, std::sync::Arc<Board>)>> {
+        let mut at = self.clone.parent(head)?;
+        for _ in 0..200 {
+            let Some(oid) = at else { break };
+            if let Some(bytes) = self.clone.read_at(oid, &self.config.board)? {
+                if let Ok(board) =
+                    Board::parse(&self.config.board, &String::from_utf8_lossy(&bytes))
+                {
+                    let blob = self.clone.blob_id_at(oid, &self.config.board)?;
+                    return Ok(Some((blob, std::sync::Arc::new(board))));
+                }
+            }
+            at = self.clone.parent(oid)?;
+        }
+        Ok(None)
+    }
+
+    /// Refuses a write that would render the board while the head's does not parse: it would
+    /// write the last good board over the person's edit.
+    fn board_writable(&self, snap: &Snapshot) -> BackendResult<()> {
+        match &snap.broken {
+            None => Ok(()),
+            Some(why) => Err(BackendError::Corrupt {
+                key: self.config.board.clone(),
+                reason: format!(
+                    "{why} (claims, releases and puts of the board wait until it is fixed)"
+                ),
+            }),
+        }
+    }
+
     /// The board and STATUS files at the clone's head.
     fn snapshot(&mut self) -> BackendResult<Snapshot> {
         let head = self.clone.head()?;
         let depth = self.clone.depth(head)?;
-        let text = self
-            .clone
-            .read(&self.config.board)?
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default();
-        let board = Board::parse(&self.config.board, &text).map_err(|e| self.board_error(e))?;
+        let (board, broken) = self.board_at(head)?;
         let mut statuses = HashMap::new();
         let owners: std::collections::BTreeSet<SessionId> = board
             .tasks()
@@ -188,6 +271,7 @@ impl Core {
         }
         Ok(Snapshot {
             board,
+            broken,
             statuses,
             depth,
         })
@@ -596,6 +680,7 @@ impl Core {
             }));
         }
         let token = snap.depth + 1;
+        self.board_writable(&snap)?;
         let mut tasks = snap.board.tasks().to_vec();
         if let Some(t) = tasks.iter_mut().find(|t| &t.id == id) {
             t.status = TaskStatus::Claimed;
@@ -674,6 +759,7 @@ impl Core {
             }
             return Ok(Some(ReleaseOutcome::NotHolder { holder }));
         }
+        self.board_writable(&snap)?;
         let mut tasks = snap.board.tasks().to_vec();
         if let Some(t) = tasks.iter_mut().find(|t| &t.id == id) {
             t.status = to.status();
@@ -718,6 +804,7 @@ impl Core {
         let _turn = self.clone.write_turn();
         patch.validate(id)?;
         let snap = self.sync()?;
+        self.board_writable(&snap)?;
         let mut tasks = snap.board.tasks().to_vec();
         let outcome = match tasks.iter_mut().find(|t| &t.id == id) {
             None => {
@@ -770,6 +857,7 @@ impl Core {
     pub fn record(&mut self, items: &[Mirrored]) -> BackendResult<Option<Vec<RecordOutcome>>> {
         let _turn = self.clone.write_turn();
         let snap = self.sync()?;
+        self.board_writable(&snap)?;
         let mut tasks = snap.board.tasks().to_vec();
         let mut out = Vec::with_capacity(items.len());
         let mut held = self.held.clone();

@@ -102,6 +102,38 @@ impl BareRemote {
         }
     }
 
+    /// A person's edit of `path`: `change` of the file as it is on `main`, committed on top of
+    /// it as a compare-and-swap (read again and retried when an agent pushed in between).
+    pub fn edit(&self, path: &str, message: &str, change: impl Fn(&str) -> String) -> Oid {
+        let repo = Repository::open_bare(&self.path).expect("open bare");
+        let sig = Signature::now("person", "person@localhost").expect("signature");
+        loop {
+            let parent = repo.refname_to_id("refs/heads/main").expect("main");
+            let commit = repo.find_commit(parent).expect("head commit");
+            let base = commit.tree().expect("tree");
+            let before = base
+                .get_path(Path::new(path))
+                .ok()
+                .and_then(|e| repo.find_blob(e.id()).ok())
+                .map(|b| String::from_utf8_lossy(b.content()).into_owned())
+                .unwrap_or_default();
+            let blob = repo.blob(change(&before).as_bytes()).expect("blob");
+            let mut update = TreeUpdateBuilder::new();
+            update.upsert(path, blob, FileMode::Blob);
+            let tree_id = update.create_updated(&repo, &base).expect("tree update");
+            let tree = repo.find_tree(tree_id).expect("tree");
+            let new = repo
+                .commit(None, &sig, &sig, message, &tree, &[&commit])
+                .expect("commit");
+            if repo
+                .reference_matching("refs/heads/main", new, true, parent, message)
+                .is_ok()
+            {
+                return new;
+            }
+        }
+    }
+
     /// A file on `main`.
     pub fn read(&self, path: &str) -> Option<String> {
         let repo = Repository::open_bare(&self.path).expect("open bare");

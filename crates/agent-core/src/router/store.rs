@@ -342,7 +342,11 @@ impl Backend for Router {
         take_over: bool,
     ) -> BackendResult<Option<Presence>> {
         let me = &self.shared;
-        lock(&me.state).registered = Some(presence.clone());
+        {
+            let mut s = lock(&me.state);
+            s.registered = Some(presence.clone());
+            s.take_over = take_over;
+        }
         let (mut registered, mut failure) = (false, None);
         for side in [Side::Primary, Side::Fallback] {
             let Ok(b) = me.backend(side) else { continue };
@@ -351,11 +355,13 @@ impl Backend for Router {
             match b.register(&p, take_over).await {
                 Ok(None) => {
                     me.count("register", side);
+                    lock(&me.state).unregistered.remove(&side);
                     registered = true;
                 }
                 Ok(Some(other)) => return Ok(Some(other)),
                 Err(e) if e.is_transient() => {
-                    tracing::warn!(session = %presence.session_id, backend = b.name(), error = %e, "cannot register the session in this store");
+                    tracing::warn!(session = %presence.session_id, backend = b.name(), error = %e, "cannot register the session in this store: registering again before working there");
+                    lock(&me.state).unregistered.insert(side);
                     failure = Some(e);
                 }
                 Err(e) => return Err(e),

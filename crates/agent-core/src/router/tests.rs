@@ -542,3 +542,38 @@ async fn a_reopening_the_board_took_is_reported_as_a_change() {
     assert_eq!(out, crate::PutOutcome::Updated);
     assert_eq!(f.read(&f.git, "A").await.status, TaskStatus::Available);
 }
+
+#[tokio::test]
+async fn a_store_the_registration_missed_is_registered_before_the_session_works_there() {
+    // Seed 60000020: git's registration did not land (its pushes kept losing), the agent worked
+    // on git anyway, and git still named the process it had taken over.
+    let fleet = Fleet::new(&["A"]).await;
+    let r = fleet.router(Mode::Git);
+    let me = crate::Presence {
+        session_id: sid("s1"),
+        state: "idle".into(),
+        current_task: None,
+        backend: String::new(),
+        started_at: chrono::Utc::now(),
+        pid: 1,
+        host: "h".into(),
+        version: String::new(),
+    };
+    fleet.git.set_reachable(false);
+    assert_eq!(r.register(&me, true).await.expect("etcd took it"), None);
+    fleet.git.set_reachable(true);
+    let in_git = || async {
+        MemoryBackend::new(fleet.git.clone(), None)
+            .sessions()
+            .await
+            .expect("sessions")
+    };
+    assert!(in_git().await.is_empty());
+    won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
+    let registered: Vec<SessionId> = in_git().await.into_iter().map(|p| p.session_id).collect();
+    assert_eq!(
+        registered,
+        [sid("s1")],
+        "registered in git before its claim there"
+    );
+}

@@ -149,6 +149,7 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         awaited: HashMap::new(),
         history,
         evicted: false,
+        warned: HashMap::new(),
     };
     driver.run(sub, watch).await
 }
@@ -177,9 +178,30 @@ struct Driver {
     history: Option<History>,
     /// Another process took the session over: this one stops (exit 5).
     evicted: bool,
+    /// The last failure warned about for each (task, operation): the same failure again (a
+    /// board that stays broken for minutes) is logged at debug, not once a second.
+    warned: HashMap<(TaskId, &'static str), String>,
 }
 
 impl Driver {
+    /// Whether a failure of `operation` on `task` is new (warn about it) or the one warned
+    /// about last time; a success forgets it.
+    fn first_warning(
+        &mut self,
+        task: &TaskId,
+        operation: &'static str,
+        error: Option<&str>,
+    ) -> bool {
+        let key = (task.clone(), operation);
+        match error {
+            None => {
+                self.warned.remove(&key);
+                false
+            }
+            Some(e) => self.warned.insert(key, e.to_owned()).as_deref() != Some(e),
+        }
+    }
+
     /// Publishes what the session is doing (working on `task`, or idle).
     async fn announce(&mut self, task: Option<&agent_core::TaskId>) {
         self.presence.state = if task.is_some() { "working" } else { "idle" }.into();
@@ -474,6 +496,7 @@ impl Driver {
             }
             Output::Claim(task) => match self.timed_claim(&task, &session).await {
                 Ok(outcome) => {
+                    self.first_warning(&task, "claim", None);
                     tracing::info!(%task, %session, ?outcome, backend = self.backend.serving_name(), "claim");
                     inputs.push_back(Input::Claimed { task, outcome });
                 }
@@ -482,7 +505,11 @@ impl Driver {
                     inputs.push_back(Input::ClaimFailed { task });
                 }
                 Err(e) => {
-                    tracing::warn!(%task, %session, error = %e, "claim failed; retrying later");
+                    if self.first_warning(&task, "claim", Some(&e.to_string())) {
+                        tracing::warn!(%task, %session, error = %e, "claim failed; retrying later");
+                    } else {
+                        tracing::debug!(%task, %session, error = %e, "claim failed again");
+                    }
                     inputs.push_back(Input::ClaimFailed { task });
                 }
             },
@@ -517,6 +544,7 @@ impl Driver {
             Output::Release { task, to, token } => {
                 match self.backend.release(&task, &session, to, token).await {
                     Ok(outcome) => {
+                        self.first_warning(&task, "release", None);
                         match &outcome {
                             ReleaseOutcome::Released { .. } => {
                                 tracing::info!(%task, %session, status = %to.status(), "release");
@@ -547,7 +575,11 @@ impl Driver {
                         self.announce(None).await;
                     }
                     Err(e) => {
-                        tracing::warn!(%task, %session, error = %e, "release failed; retrying");
+                        if self.first_warning(&task, "release", Some(&e.to_string())) {
+                            tracing::warn!(%task, %session, error = %e, "release failed; retrying until it lands (the claim is kept)");
+                        } else {
+                            tracing::debug!(%task, %session, error = %e, "release failed again");
+                        }
                         inputs.push_back(Input::ReleaseFailed { task });
                     }
                 }

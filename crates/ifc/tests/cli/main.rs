@@ -4,6 +4,7 @@
 mod agent;
 mod exclusive;
 mod git;
+mod human;
 mod hybrid;
 mod metrics;
 mod migrate;
