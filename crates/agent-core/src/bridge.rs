@@ -133,7 +133,7 @@ fn ahead(ef: &Face, gf: &Face, base: Option<&Face>, live: &Live) -> Ahead {
 }
 
 /// The transition that makes the side behind (`current`) say `want`.
-fn transition(task: &TaskId, want: &Face, current: &Face) -> Mirrored {
+pub fn transition(task: &TaskId, want: &Face, current: &Face) -> Mirrored {
     Mirrored {
         task: task.clone(),
         status: want.status,
