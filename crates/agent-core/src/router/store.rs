@@ -254,8 +254,13 @@ impl Backend for Router {
                             .await;
                     }
                 } else if !on_coordinator && me.primary.get().is_some() {
-                    // Done on git only: the coordinator is told before it serves a claim again.
-                    lock(&me.state).pending_up.push(done);
+                    // Done on git only: the coordinator is told before it serves a claim again,
+                    // naming the etcd claim it ends (if there was one), so a task reopened there
+                    // since is not ended by it (seed 60000054).
+                    lock(&me.state).pending_up.push(Mirrored {
+                        token: held.primary,
+                        ..done
+                    });
                 }
                 o
             }

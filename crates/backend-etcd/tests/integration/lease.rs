@@ -46,3 +46,48 @@ async fn a_live_session_keeps_its_claim_for_many_ttls_under_one_lease() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_completion_of_an_old_claim_carried_late_does_not_end_a_reopening() {
+    // Seed 60000054: a session completed its etcd claim on git during an outage; an operator
+    // reopened the task in etcd; the session's return carried its old completion over the
+    // reopening, and the task read complete by it again although another session had redone it.
+    use agent_core::{FencingToken, Mirrored, RecordOutcome, TaskStatus};
+    let server = EtcdServer::start();
+    let b = crate::backend(&server, true).await;
+    let (task, s) = (
+        TaskId::parse("REOPENED").expect("id"),
+        SessionId::parse("returning").expect("id"),
+    );
+    b.put(&task, &TaskPatch::default()).await.expect("put");
+    let token = match b.claim(&task, &s).await.expect("claim") {
+        ClaimOutcome::Won(c) => c.token,
+        other => panic!("{other:?}"),
+    };
+    let late = |token: Option<FencingToken>| Mirrored {
+        task: task.clone(),
+        status: TaskStatus::Complete,
+        holder: Some(s.clone()),
+        token,
+    };
+    // The bridge carries the completion from git first, then the operator reopens the task.
+    let out = b.record(&[late(None)]).await.expect("record");
+    assert_eq!(out, [RecordOutcome::Written]);
+    let reopen = TaskPatch {
+        status: Some(TaskStatus::Available),
+        ..TaskPatch::default()
+    };
+    assert_eq!(
+        b.put(&task, &reopen).await.expect("reopen"),
+        agent_core::PutOutcome::Updated
+    );
+    let out = b.record(&[late(Some(token))]).await.expect("record");
+    assert!(matches!(out[..], [RecordOutcome::Kept { .. }]), "{out:?}");
+    assert_eq!(
+        b.get(&task).await.expect("get").expect("task").status,
+        TaskStatus::Available
+    );
+    // A completion that names no etcd claim (done on git alone) is carried as before.
+    let out = b.record(&[late(None)]).await.expect("record");
+    assert_eq!(out, [RecordOutcome::Written]);
+}
