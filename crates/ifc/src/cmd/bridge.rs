@@ -168,13 +168,18 @@ impl Bridge {
             }
         };
         let mut plan = bridge::plan(&e.tasks, &b.tasks, &self.base, &live);
-        if !plan.to_git.is_empty() {
-            // What etcd said a moment ago may be gone already (a claim ended, then its session
-            // claimed the task again under a new token; to the board the two claims look the
-            // same): a transition is carried to git only if etcd still says so now.
-            let now = faces_now(etcd).await?;
-            plan.to_git
-                .retain(|item| now.get(&item.task) == Some(&landed(item)));
+        // What a store said a moment ago may be gone already (a claim ended, then its session
+        // claimed the task again under a new token, to the board the two claims look the same;
+        // seed 40000077: git's completion carried into etcd just after an operator had reopened
+        // the task in both): a transition is carried only if its source still says so now.
+        for (source, items) in [(etcd, &mut plan.to_git), (git, &mut plan.to_etcd)] {
+            if !items.is_empty() {
+                let now = faces_now(source).await?;
+                // A task's steps (an end, then the source's state) go by its last one.
+                let last: BTreeMap<TaskId, Face> =
+                    items.iter().map(|i| (i.task.clone(), landed(i))).collect();
+                items.retain(|item| now.get(&item.task) == last.get(&item.task));
+            }
         }
         let mut now_conflicting: BTreeSet<TaskId> = BTreeSet::new();
         for c in &plan.conflicts {
