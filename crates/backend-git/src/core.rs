@@ -109,6 +109,8 @@ pub(crate) struct Core {
     good_board: Option<(Option<Oid>, std::sync::Arc<Board>)>,
     /// The board blob that did not parse, and why (reported once per blob).
     broken_board: Option<(Option<Oid>, String)>,
+    /// STATUS files that did not parse, with why (reported once per problem).
+    unreadable_statuses: HashMap<String, String>,
 }
 
 impl std::fmt::Debug for Core {
@@ -150,6 +152,7 @@ impl Core {
             taking_over: false,
             good_board: None,
             broken_board: None,
+            unreadable_statuses: HashMap::new(),
         };
         // Start from the current head: subscribers get it as their snapshot.
         let snap = core.snapshot()?;
@@ -259,6 +262,7 @@ impl Core {
             let path = self.config.status_path(&owner);
             if let Some(bytes) = self.clone.read(&path)? {
                 let status = StatusIn::parse(&path, &bytes);
+                self.report_unreadable(&path, &owner, &status);
                 // A STATUS file of another session that shares the number is not this one's.
                 if status
                     .session_id
@@ -275,6 +279,33 @@ impl Core {
             statuses,
             depth,
         })
+    }
+
+    /// Says once per problem that a session's STATUS file does not parse (a person's edit): its
+    /// claims stay held (nothing in it says they were given up), and a session of this process
+    /// writes the file again at its next heartbeat.
+    fn report_unreadable(&mut self, path: &str, owner: &SessionId, status: &StatusIn) {
+        match &status.unreadable {
+            None => {
+                if self.unreadable_statuses.remove(path).is_some() {
+                    tracing::info!(file = path, "the STATUS file parses again");
+                }
+            }
+            Some(why) => {
+                if self.unreadable_statuses.get(path) != Some(why) {
+                    let ours = self.held.values().any(|h| &h.session == owner)
+                        || self.announced.contains_key(owner);
+                    let next = if ours {
+                        "this process writes it again at its next heartbeat"
+                    } else {
+                        "its claims stay held until its session writes it again"
+                    };
+                    tracing::warn!(file = path, session = %owner, problem = %why, "a STATUS file does not parse: {next}");
+                    self.unreadable_statuses
+                        .insert(path.to_owned(), why.clone());
+                }
+            }
+        }
     }
 
     /// Fetches, moves to the remote head, and tells subscribers what changed.
@@ -405,7 +436,13 @@ impl Core {
                         t.status == TaskStatus::Claimed
                             && t.claimed_by.as_ref() == Some(&held.session)
                     })
-                    && snap.token(&held.session, id) == Some(held.token);
+                    && (snap.token(&held.session, id) == Some(held.token)
+                        // Unreadable (a person garbled it): nothing says the claim ended; the
+                        // next heartbeat writes the file again with it.
+                        || snap
+                            .statuses
+                            .get(&held.session)
+                            .is_some_and(|s| s.unreadable.is_some()));
                 !still
             })
             .map(|(id, _)| id.clone())

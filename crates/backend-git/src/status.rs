@@ -92,16 +92,23 @@ pub struct StatusIn {
     pub claims: Option<BTreeMap<String, ClaimRecord>>,
     /// The writer's `--stale-after` (`20s`), if it said.
     pub stale_after: Option<String>,
+    /// Why the file could not be read (`file:line: problem`), if it could not: nothing in it
+    /// is known, so nothing in it is taken as given up either.
+    #[serde(skip)]
+    pub unreadable: Option<String>,
 }
 
 impl StatusIn {
-    /// Parses a STATUS file; anything unreadable reads as an empty status (no heartbeat known).
+    /// Parses a STATUS file; anything unreadable reads as an empty status (no heartbeat known)
+    /// that says why in `unreadable`.
     pub fn parse(path: &str, bytes: &[u8]) -> StatusIn {
         let text = String::from_utf8_lossy(bytes);
-        agent_core::yaml::from_str::<StatusIn>(std::path::Path::new(path), &text).unwrap_or_else(|e| {
-            tracing::debug!(error = %e, "unreadable STATUS file; treated as having no heartbeat");
-            StatusIn::default()
-        })
+        agent_core::yaml::from_str::<StatusIn>(std::path::Path::new(path), &text).unwrap_or_else(
+            |e| StatusIn {
+                unreadable: Some(e.to_string()),
+                ..StatusIn::default()
+            },
+        )
     }
 
     /// When the session last wrote it, if it says.

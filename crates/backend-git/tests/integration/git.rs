@@ -115,6 +115,64 @@ async fn a_stale_claim_can_be_taken_over_and_a_fresh_one_cannot() {
     );
 }
 
+#[tokio::test]
+async fn a_garbled_status_file_costs_no_claim_and_its_session_writes_it_again() {
+    // Issue 14 #6: `state: [unclosed` pushed by a person silently freed the session's claims:
+    // its running task was killed and another session ran it.
+    let remote = BareRemote::new(crate::EMPTY_BOARD);
+    let mut config = remote.config("a");
+    config.stale_after = Duration::from_secs(2);
+    let a = GitBackend::open(config.clone()).await.expect("open");
+    a.put(&tid("T"), &TaskPatch::default()).await.expect("put");
+    let mut sub = a.subscribe().await.expect("subscribe");
+    let token = match a.claim(&tid("T"), &sid("session-1")).await.expect("claim") {
+        ClaimOutcome::Won(c) => c.token,
+        other => panic!("{other:?}"),
+    };
+    let path = config.status_path(&sid("session-1"));
+    remote.commit(&[(path.as_str(), b"state: [unclosed\n")], "person: garbled");
+    let b = GitBackend::open(remote.config("b")).await.expect("open");
+    assert_eq!(
+        b.claim(&tid("T"), &sid("session-2")).await.expect("claim"),
+        ClaimOutcome::Lost {
+            holder: Some(sid("session-1"))
+        },
+        "an unreadable STATUS file frees nothing"
+    );
+    // Its session writes it again (its heartbeats come every 0.5 s), with the claim.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = remote.read(&path).unwrap_or_default();
+        if text.contains("session_id: session-1") && text.contains(&format!("token: {}", token.0)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not rewritten: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+        assert!(
+            !matches!(event, BackendEvent::ClaimLost { .. }),
+            "the holder kept its claim: {event:?}"
+        );
+    }
+    let out = a
+        .release(
+            &tid("T"),
+            &sid("session-1"),
+            agent_core::ReleaseTo::Complete,
+            Some(token),
+        )
+        .await
+        .expect("release");
+    assert!(
+        matches!(out, agent_core::ReleaseOutcome::Released { .. }),
+        "{out:?}"
+    );
+}
+
 async fn first_event(
     backend: &GitBackend,
     change: impl std::future::Future<Output = ()>,
