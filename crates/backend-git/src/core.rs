@@ -111,6 +111,8 @@ pub(crate) struct Core {
     broken_board: Option<(Option<Oid>, String)>,
     /// STATUS files that did not parse, with why (reported once per problem).
     unreadable_statuses: HashMap<String, String>,
+    /// The last fencing token this process issued.
+    last_token: u64,
 }
 
 impl std::fmt::Debug for Core {
@@ -153,6 +155,7 @@ impl Core {
             good_board: None,
             broken_board: None,
             unreadable_statuses: HashMap::new(),
+            last_token: 0,
         };
         // Start from the current head: subscribers get it as their snapshot.
         let snap = core.snapshot()?;
@@ -671,6 +674,29 @@ impl Core {
         )
     }
 
+    /// A new claim's fencing token: the time in milliseconds, unless the branch's depth, a token
+    /// the head records for the task, or the last one this process issued is as large (then
+    /// one more). Tokens only grow, even across a person's force-push, which makes the depth
+    /// smaller and drops the STATUS files that recorded the larger tokens (issue 14 #5: `T1`
+    /// claimed under token 3 by one session, then under 3 by another).
+    fn next_token(&self, snap: &Snapshot, id: &TaskId) -> u64 {
+        let recorded = snap
+            .statuses
+            .values()
+            .filter_map(|s| s.token(id))
+            .max()
+            .unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        now.max(
+            snap.depth
+                .max(recorded)
+                .max(self.last_token)
+                .saturating_add(1),
+        )
+    }
+
     /// One claim attempt: `None` when the push was rejected (the caller tries again).
     pub fn claim(
         &mut self,
@@ -716,7 +742,7 @@ impl Core {
                 holder: Some(session.clone()),
             }));
         }
-        let token = snap.depth + 1;
+        let token = self.next_token(&snap, id);
         self.board_writable(&snap)?;
         let mut tasks = snap.board.tasks().to_vec();
         if let Some(t) = tasks.iter_mut().find(|t| &t.id == id) {
@@ -741,13 +767,13 @@ impl Core {
         );
         let written = Instant::now();
         match self.clone.commit_and_push(&files, &message)? {
-            Pushed::Landed { depth } => {
-                debug_assert_eq!(depth, token);
+            Pushed::Landed { .. } => {
+                self.last_token = token;
                 self.held.insert(
                     id.clone(),
                     Held {
                         session: session.clone(),
-                        token: depth,
+                        token,
                         at: record.at,
                         until_released: record.until_released,
                     },
@@ -758,7 +784,7 @@ impl Core {
                 Ok(Some(ClaimOutcome::Won(Claim {
                     task: id.clone(),
                     session: session.clone(),
-                    token: FencingToken(depth),
+                    token: FencingToken(token),
                     leased: true,
                 })))
             }

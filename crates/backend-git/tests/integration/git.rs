@@ -158,18 +158,61 @@ async fn a_garbled_status_file_costs_no_claim_and_its_session_writes_it_again() 
             "the holder kept its claim: {event:?}"
         );
     }
-    let out = a
-        .release(
-            &tid("T"),
-            &sid("session-1"),
-            agent_core::ReleaseTo::Complete,
-            Some(token),
-        )
+    released(&a, "T", "session-1", agent_core::ReleaseTo::Complete, token).await;
+}
+
+/// Releases `task` for `session` with `token`, which must work.
+async fn released(
+    b: &GitBackend,
+    task: &str,
+    session: &str,
+    to: agent_core::ReleaseTo,
+    token: agent_core::FencingToken,
+) {
+    let out = b
+        .release(&tid(task), &sid(session), to, Some(token))
         .await
         .expect("release");
     assert!(
         matches!(out, agent_core::ReleaseOutcome::Released { .. }),
         "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn fencing_tokens_only_grow_even_when_a_person_rewrites_the_history() {
+    // Issue 14 #5: after a force-push, T1 was claimed under token 3 by one session, then under
+    // 3 by another; T2 under 7, then 6.
+    let remote = BareRemote::new(crate::EMPTY_BOARD);
+    let a = GitBackend::open(remote.config("a")).await.expect("open");
+    a.put(&tid("T"), &TaskPatch::default()).await.expect("put");
+    let start = git2::Repository::open_bare(remote.path())
+        .and_then(|r| r.refname_to_id("refs/heads/main"))
+        .expect("head");
+    let mut tokens = Vec::new();
+    for session in ["session-1", "session-2"] {
+        let token = match a.claim(&tid("T"), &sid(session)).await.expect("claim") {
+            ClaimOutcome::Won(c) => c.token,
+            other => panic!("{other:?}"),
+        };
+        tokens.push(token);
+        released(&a, "T", session, agent_core::ReleaseTo::Available, token).await;
+        // A person force-pushes the branch back to before the claim.
+        git2::Repository::open_bare(remote.path())
+            .and_then(|r| {
+                r.reference("refs/heads/main", start, true, "force-push")
+                    .map(drop)
+            })
+            .expect("force-push");
+    }
+    let b = GitBackend::open(remote.config("b")).await.expect("open");
+    match b.claim(&tid("T"), &sid("session-3")).await.expect("claim") {
+        ClaimOutcome::Won(c) => tokens.push(c.token),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens grow across force-pushes: {tokens:?}"
     );
 }
 
