@@ -86,6 +86,8 @@ pub enum Output {
     /// Something worth a log line (a blocker cleared, a retry scheduled).
     Note(String),
     Exit(u8),
+    /// Something the operator must hear about (logged as a warning).
+    Warn(String),
 }
 
 /// What the loop derives from the view's set of tasks and their blockers.
@@ -95,7 +97,14 @@ struct Index {
     mine: Vec<TaskId>,
     /// Every id some task is blocked by.
     blockers: std::collections::HashSet<TaskId>,
+    /// The list's patterns that match no task (an id that is not on the board, deleted, or a
+    /// glob that matches nothing).
+    unmatched: Vec<String>,
 }
+
+/// How long an `--until-done` session waits for a pattern of its list that matches no task to
+/// match one (tasks created after the agent started) before it gives up with exit 1.
+pub const UNMATCHED_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq)]
 enum Phase {
@@ -130,6 +139,8 @@ pub struct ClaimLoop {
     /// (older) can arrive after the release returned, and must not make the view show the task
     /// held by this session again (which reads as "adopt it" and costs a useless claim).
     completed: HashSet<TaskId>,
+    /// Since when each pattern of the list has matched no task (warned about once).
+    unmatched_since: HashMap<String, Instant>,
 }
 
 impl ClaimLoop {
@@ -144,6 +155,7 @@ impl ClaimLoop {
             release_retry: None,
             stopping: false,
             completed: HashSet::new(),
+            unmatched_since: HashMap::new(),
         }
     }
 
@@ -440,6 +452,13 @@ impl ClaimLoop {
                 .values()
                 .flat_map(|t| t.blocked_by.iter().cloned())
                 .collect(),
+            unmatched: self
+                .plan
+                .patterns
+                .iter()
+                .filter(|p| !self.view.keys().any(|id| p.matches(id)))
+                .map(|p| p.as_str().to_owned())
+                .collect(),
         })
     }
 
@@ -467,8 +486,59 @@ impl ClaimLoop {
             return;
         }
         let index = self.take_index();
+        if !self.view.is_empty() && self.unmatched(&index.unmatched, now, out) {
+            return;
+        }
         self.decide_next(&index.mine, now, out);
         self.index = Some(index);
+    }
+
+    /// Warns once about each pattern of the list that matches no task; an `--until-done`
+    /// session whose pattern has matched nothing for [`UNMATCHED_GRACE`] can never be done, and
+    /// exits 1 (`true`: it did).
+    fn unmatched(&mut self, unmatched: &[String], now: Instant, out: &mut Vec<Output>) -> bool {
+        self.unmatched_since
+            .retain(|p, _| unmatched.iter().any(|u| u == p));
+        for p in unmatched {
+            if !self.unmatched_since.contains_key(p) {
+                self.unmatched_since.insert(p.clone(), now);
+                let what = if p.contains(['*', '?']) {
+                    format!("the pattern {p} of the session's list matches no task")
+                } else {
+                    format!("{p} of the session's list is not on the board")
+                };
+                out.push(Output::Warn(if self.plan.until_done {
+                    format!(
+                        "{what}: --until-done gives up in {UNMATCHED_GRACE:?} unless it appears"
+                    )
+                } else {
+                    what
+                }));
+            }
+        }
+        if !self.plan.until_done || self.stopping {
+            return false;
+        }
+        let oldest = self
+            .unmatched_since
+            .iter()
+            .min_by_key(|(_, since)| **since)
+            .map(|(p, since)| (p.clone(), *since));
+        match oldest {
+            Some((p, since)) if now >= since + UNMATCHED_GRACE => {
+                self.phase = Phase::Done;
+                out.push(Output::Warn(format!(
+                    "{p} matched no task for {UNMATCHED_GRACE:?}: the session's list can never be done"
+                )));
+                out.push(Output::Exit(1));
+                true
+            }
+            Some((_, since)) => {
+                out.push(Output::WakeAt(since + UNMATCHED_GRACE));
+                false
+            }
+            None => false,
+        }
     }
 
     fn decide_next(&mut self, mine: &[TaskId], now: Instant, out: &mut Vec<Output>) {
@@ -483,7 +553,9 @@ impl ClaimLoop {
             return;
         }
         if self.plan.until_done && !self.view.is_empty() {
+            // A pattern that matches nothing yet is not done (see `unmatched`).
             if !mine.is_empty()
+                && self.unmatched_since.is_empty()
                 && mine
                     .iter()
                     .all(|id| self.status_of(id) == Some(TaskStatus::Complete))

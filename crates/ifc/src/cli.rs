@@ -298,7 +298,8 @@ pub struct AgentArgs {
     #[arg(long)]
     pub config: PathBuf,
     /// Exit 0 once every task of the session's list is complete (by anyone); exit 1 if one can
-    /// never become claimable
+    /// never become claimable (a missing blocker, a cycle, or an id or glob of the list that
+    /// matches no task for 10 s)
     #[arg(long)]
     pub until_done: bool,
     /// Where per-task logs go [default: .ifc/logs/<session>]

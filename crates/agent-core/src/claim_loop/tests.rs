@@ -355,9 +355,15 @@ fn unknown_tasks_of_interest_are_fetched_and_claim_errors_back_off() {
         },
         now,
     );
-    assert_eq!(out, vec![Output::Fetch(id("N.1"))]);
+    // (The timer for N.* matching nothing yet aside.)
+    let actions = |out: Vec<Output>| -> Vec<Output> {
+        out.into_iter()
+            .filter(|o| !matches!(o, Output::WakeAt(_)))
+            .collect()
+    };
+    assert_eq!(actions(out), vec![Output::Fetch(id("N.1"))]);
     let out = l.step(changed("Y", TaskStatus::Available, None), now);
-    assert!(out.is_empty(), "not ours, blocks nothing of ours");
+    assert!(actions(out).is_empty(), "not ours, blocks nothing of ours");
     assert_eq!(
         claims(&l.step(Input::Fetched(task("N.1", TaskStatus::Available, &[])), now)),
         ["N.1"]
@@ -473,4 +479,63 @@ fn a_task_held_by_this_session_in_another_process_is_asked_again_only_after_the_
     assert!(claims(&out).is_empty(), "{out:?}");
     let out = l.step(Input::Tick, now + Duration::from_secs(1));
     assert_eq!(claims(&out), ["T"]);
+}
+
+#[test]
+fn an_until_done_list_with_a_task_not_on_the_board_warns_at_once_and_gives_up_after_the_grace() {
+    // Issue 14 #4: a row an --until-done agent needed was deleted; the agent idled forever.
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["A", "GONE", "Z.*"]));
+    let out = l.step(
+        Input::Snapshot(vec![task("A", TaskStatus::Complete, &[])]),
+        now,
+    );
+    let warnings: Vec<&String> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Warn(w) => Some(w),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(warnings.len(), 2, "{out:?}");
+    assert!(
+        warnings[0].contains("GONE") && warnings[1].contains("Z.*"),
+        "{warnings:?}"
+    );
+    assert!(
+        !out.contains(&Output::Exit(0)),
+        "not done while GONE is missing: {out:?}"
+    );
+    assert!(
+        out.contains(&Output::WakeAt(now + UNMATCHED_GRACE)),
+        "{out:?}"
+    );
+    // Z.1 appears (created after the agent started): only GONE is left, warned about once.
+    let out = l.step(
+        Input::Fetched(task("Z.1", TaskStatus::Complete, &[])),
+        now + Duration::from_secs(1),
+    );
+    assert!(!out.iter().any(|o| matches!(o, Output::Warn(_))), "{out:?}");
+    let out = l.step(Input::Tick, now + UNMATCHED_GRACE);
+    assert!(out.contains(&Output::Exit(1)), "{out:?}");
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Warn(w) if w.contains("GONE"))),
+        "the reason is named: {out:?}"
+    );
+}
+
+#[test]
+fn a_list_whose_missing_task_appears_in_time_finishes_normally() {
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["A", "LATE"]));
+    l.step(
+        Input::Snapshot(vec![task("A", TaskStatus::Complete, &[])]),
+        now,
+    );
+    let out = l.step(
+        Input::Fetched(task("LATE", TaskStatus::Complete, &[])),
+        now + Duration::from_secs(2),
+    );
+    assert!(out.contains(&Output::Exit(0)), "{out:?}");
 }

@@ -591,6 +591,7 @@ impl Driver {
             },
             Output::WakeAt(at) => self.wake = Some(self.wake.map_or(at, |w| w.min(at))),
             Output::Note(text) => tracing::info!(%session, "{text}"),
+            Output::Warn(text) => tracing::warn!(%session, "{text}"),
             Output::Exit(code) => return Some(code),
         }
         None

@@ -88,3 +88,27 @@ fn a_board_that_stops_parsing_while_a_task_runs_costs_neither_the_claim_nor_the_
     assert_eq!(text.matches("✅ DONE").count(), 2, "{text}");
     assert_eq!(text.matches("session-1").count(), 2, "{text}");
 }
+
+#[test]
+fn an_until_done_agent_whose_task_is_deleted_from_the_board_says_so_and_exits_1() {
+    // Issue 14 #4: its task was stopped (right), then the agent idled forever with no message.
+    let (remote, w) = (BareRemote::new(&board(&["D1", "D2"])), Workdir::new());
+    let log = w.path().join("agent.log");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut agent = git_agent(&remote, &w, "session-1", &["D1", "D2"], &log);
+    wait_for("D1 to be done", Duration::from_secs(60), || {
+        w.done().contains(&"D1".to_owned())
+    });
+    remote.edit(BOARD_PATH, "person: D2 is not needed after all", |b| {
+        b.lines()
+            .filter(|l| !l.starts_with("| D2 "))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    });
+    assert_eq!(finish(&mut agent, Duration::from_secs(60)), 1, "{}", read());
+    assert!(
+        read().contains("D2 of the session's list is not on the board"),
+        "{}",
+        read()
+    );
+}
