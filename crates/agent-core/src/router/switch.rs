@@ -64,6 +64,13 @@ impl Shared {
             return;
         };
         tracing::warn!(session = %self.config.name, backend = backend.name(), "now served by {}", backend.name());
+        // A store the registration missed is registered now, not at the next operation routed
+        // there (an idle agent may route none): until then a take-over there would go unheard
+        // (seed 80000037: taken over while idle on git, where it had never registered, the
+        // process ran on for 60 s).
+        if let Err(e) = self.ensure_registered(target).await {
+            tracing::warn!(session = %self.config.name, backend = backend.name(), error = %e, "cannot register the session in the store now serving");
+        }
         match backend.list().await {
             Ok(listing) => self.broadcast(BackendEvent::Resync(listing)),
             Err(e) => {

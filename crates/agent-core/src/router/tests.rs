@@ -543,14 +543,9 @@ async fn a_reopening_the_board_took_is_reported_as_a_change() {
     assert_eq!(f.read(&f.git, "A").await.status, TaskStatus::Available);
 }
 
-#[tokio::test]
-async fn a_store_the_registration_missed_is_registered_before_the_session_works_there() {
-    // Seed 60000020: git's registration did not land (its pushes kept losing), the agent worked
-    // on git anyway, and git still named the process it had taken over.
-    let fleet = Fleet::new(&["A"]).await;
-    let r = fleet.router(Mode::Git);
-    let me = crate::Presence {
-        session_id: sid("s1"),
+fn presence_of(session: &str) -> crate::Presence {
+    crate::Presence {
+        session_id: sid(session),
         state: "idle".into(),
         current_task: None,
         backend: String::new(),
@@ -558,22 +553,55 @@ async fn a_store_the_registration_missed_is_registered_before_the_session_works_
         pid: 1,
         host: "h".into(),
         version: String::new(),
-    };
+    }
+}
+
+async fn registered_in(store: &MemoryStore) -> Vec<SessionId> {
+    MemoryBackend::new(store.clone(), None)
+        .sessions()
+        .await
+        .expect("sessions")
+        .into_iter()
+        .map(|p| p.session_id)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_store_the_registration_missed_is_registered_before_the_session_works_there() {
+    // Seed 60000020: git's registration did not land (its pushes kept losing), the agent worked
+    // on git anyway, and git still named the process it had taken over.
+    let fleet = Fleet::new(&["A"]).await;
+    let r = fleet.router(Mode::Git);
     fleet.git.set_reachable(false);
-    assert_eq!(r.register(&me, true).await.expect("etcd took it"), None);
-    fleet.git.set_reachable(true);
-    let in_git = || async {
-        MemoryBackend::new(fleet.git.clone(), None)
-            .sessions()
-            .await
-            .expect("sessions")
-    };
-    assert!(in_git().await.is_empty());
-    won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
-    let registered: Vec<SessionId> = in_git().await.into_iter().map(|p| p.session_id).collect();
     assert_eq!(
-        registered,
+        r.register(&presence_of("s1"), true)
+            .await
+            .expect("etcd took it"),
+        None
+    );
+    fleet.git.set_reachable(true);
+    assert!(registered_in(&fleet.git).await.is_empty());
+    won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
+    assert_eq!(
+        registered_in(&fleet.git).await,
         [sid("s1")],
         "registered in git before its claim there"
     );
+}
+
+#[tokio::test]
+async fn a_switch_registers_the_session_in_a_store_its_registration_missed() {
+    // Seed 80000037: idle after a rollback to git, where its registration had failed at start,
+    // the process never heard that another had taken the session over there.
+    let fleet = Fleet::new(&["A"]).await;
+    let r = fleet.router(Mode::Hybrid);
+    fleet.git.set_reachable(false);
+    assert_eq!(
+        r.register(&presence_of("s1"), false).await.expect("etcd"),
+        None
+    );
+    fleet.git.set_reachable(true);
+    assert!(registered_in(&fleet.git).await.is_empty());
+    r.set_mode(Mode::Git).await.expect("to git");
+    assert_eq!(registered_in(&fleet.git).await, [sid("s1")]);
 }
