@@ -1326,7 +1326,7 @@ impl Core {
         }
     }
 
-    /// Sessions whose STATUS heartbeat is fresh.
+    /// Sessions whose STATUS heartbeat is fresh, written by an agent process that may be alive.
     pub fn sessions(&mut self) -> BackendResult<Vec<agent_core::Presence>> {
         self.sync()?;
         let (prefix, suffix) = self
@@ -1351,7 +1351,12 @@ impl Core {
             };
             let status = StatusIn::parse(&path, &bytes);
             let fresh = self.fresh(Some(&status));
-            if let Some(p) = status.presence().filter(|_| fresh) {
+            // A live session is an agent process: not one-shot commands' files (pid 0), not an
+            // agent that has exited (its heartbeat is fresh for a while yet).
+            let live = status.presence().filter(|p| {
+                fresh && p.pid != 0 && agent_core::process::may_be_alive(p.pid, &p.host)
+            });
+            if let Some(p) = live {
                 out.push(p);
             }
         }

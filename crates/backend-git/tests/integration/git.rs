@@ -216,6 +216,40 @@ async fn fencing_tokens_only_grow_even_when_a_person_rewrites_the_history() {
     );
 }
 
+#[tokio::test]
+async fn only_agents_that_may_be_alive_are_listed_as_sessions() {
+    // Issue 14 #8: agents that had exited were listed as idle until their heartbeat went stale,
+    // and one-shot commands' sessions as idle with pid 0.
+    let remote = BareRemote::new(crate::EMPTY_BOARD);
+    let b = GitBackend::open(remote.config("a")).await.expect("open");
+    let presence = |session: &str, pid: u32| agent_core::Presence {
+        session_id: sid(session),
+        state: "idle".into(),
+        current_task: None,
+        backend: "git".into(),
+        started_at: chrono::Utc::now(),
+        pid,
+        host: agent_core::process::hostname(),
+        version: "test".into(),
+    };
+    // A pid far above any the kernel hands out: that process is gone.
+    for (session, pid) in [
+        ("session-1", std::process::id()),
+        ("session-2", 4_000_000),
+        ("session-3", 0),
+    ] {
+        b.announce(&presence(session, pid)).await.expect("announce");
+    }
+    let listed: Vec<SessionId> = b
+        .sessions()
+        .await
+        .expect("sessions")
+        .into_iter()
+        .map(|p| p.session_id)
+        .collect();
+    assert_eq!(listed, [sid("session-1")]);
+}
+
 async fn first_event(
     backend: &GitBackend,
     change: impl std::future::Future<Output = ()>,
