@@ -567,6 +567,29 @@ impl ClaimLoop {
                 out.push(Output::Exit(0));
                 return;
             }
+            // What is not complete, this session gave up on (max_attempts): it can do no more.
+            let given_up: Vec<&TaskId> = mine
+                .iter()
+                .filter(|id| self.status_of(id) != Some(TaskStatus::Complete))
+                .collect();
+            if !given_up.is_empty()
+                && self.unmatched_since.is_empty()
+                && given_up.iter().all(|id| {
+                    self.attempts
+                        .get(*id)
+                        .is_some_and(|n| *n >= self.plan.max_attempts)
+                })
+            {
+                self.phase = Phase::Done;
+                let ids: Vec<&str> = given_up.iter().map(|id| id.as_str()).collect();
+                out.push(Output::Warn(format!(
+                    "the session gave up on {} after {} failed attempts each; everything else of its list is complete",
+                    ids.join(", "),
+                    self.plan.max_attempts
+                )));
+                out.push(Output::Exit(1));
+                return;
+            }
             if let Some((id, why)) = self.impossible(mine) {
                 self.phase = Phase::Done;
                 out.push(Output::Note(format!("{id} can never be claimed: {why}")));

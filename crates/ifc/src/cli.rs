@@ -299,7 +299,7 @@ pub struct AgentArgs {
     pub config: PathBuf,
     /// Exit 0 once every task of the session's list is complete (by anyone); exit 1 if one can
     /// never become claimable (a missing blocker, a cycle, or an id or glob of the list that
-    /// matches no task for 10 s)
+    /// matches no task for 10 s) or the session gave up (max_attempts) on all that is left
     #[arg(long)]
     pub until_done: bool,
     /// Where per-task logs go [default: .ifc/logs/<session>]

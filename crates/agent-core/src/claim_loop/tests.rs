@@ -539,3 +539,48 @@ fn a_list_whose_missing_task_appears_in_time_finishes_normally() {
     );
     assert!(out.contains(&Output::Exit(0)), "{out:?}");
 }
+
+#[test]
+fn an_until_done_session_that_gave_up_on_what_is_left_exits_1() {
+    // Issue 15 #5: after max_attempts ("leaving it to other sessions") --until-done waited forever.
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["A", "F"]));
+    l.step(
+        Input::Snapshot(vec![
+            task("A", TaskStatus::Complete, &[]),
+            task("F", TaskStatus::Available, &[]),
+        ]),
+        now,
+    );
+    let mut at = now;
+    for attempt in 1..=2 {
+        l.step(won("F", attempt), at);
+        let out = l.step(
+            Input::Exited {
+                task: id("F"),
+                success: false,
+            },
+            at,
+        );
+        assert!(
+            out.iter().any(|o| matches!(o, Output::Release { .. })),
+            "{out:?}"
+        );
+        let out = l.step(Input::Released { task: id("F") }, at);
+        if attempt == 1 {
+            assert!(
+                !out.contains(&Output::Exit(1)),
+                "one attempt is left: {out:?}"
+            );
+            at += Duration::from_secs(5);
+            assert_eq!(claims(&l.step(Input::Tick, at)), ["F"]);
+        } else {
+            assert!(out.contains(&Output::Exit(1)), "{out:?}");
+            assert!(
+                out.iter()
+                    .any(|o| matches!(o, Output::Warn(w) if w.contains("gave up on F"))),
+                "{out:?}"
+            );
+        }
+    }
+}
