@@ -59,6 +59,8 @@ pub fn shim(argv: &[String]) -> std::process::ExitCode {
 pub struct TaskProcess {
     pub claim: Claim,
     child: tokio::process::Child,
+    /// The shim's pid, which is the task's process group.
+    group: Option<Pid>,
     /// The write end of the shim's stdin: dropping it (or the agent dying) ends the task.
     _lifeline: Option<tokio::process::ChildStdin>,
     pub log: PathBuf,
@@ -99,11 +101,16 @@ impl TaskProcess {
             cmd.current_dir(dir);
         }
         let mut child = cmd.spawn()?;
+        let group = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .map(Pid::from_raw);
         let lifeline = child.stdin.take();
         let now = Instant::now();
         Ok(TaskProcess {
             claim: claim.clone(),
             child,
+            group,
             _lifeline: lifeline,
             log,
             started: now,
@@ -113,9 +120,15 @@ impl TaskProcess {
         })
     }
 
-    /// Waits for the process to end; `true` if it exited 0 and was not killed by us.
+    /// Waits for the process to end; `true` if it exited 0 and was not killed by us. What the
+    /// command left running in its process group (`cmd &`) is killed then: a finished task
+    /// leaves nothing behind (issue 15 #6). The group outlives its reaped leader while it has
+    /// members, and its id is not reused meanwhile.
     pub async fn wait(&mut self) -> bool {
         let status = self.child.wait().await;
+        if let Some(group) = self.group.take() {
+            let _ = killpg(group, Signal::SIGKILL);
+        }
         self.killed.is_none() && status.is_ok_and(|s| s.success())
     }
 
@@ -124,8 +137,8 @@ impl TaskProcess {
         if self.killed.is_none() {
             self.killed = Some(reason.to_owned());
         }
-        if let Some(pid) = self.child.id() {
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        if let Some(group) = self.group {
+            let _ = killpg(group, Signal::SIGKILL);
         }
     }
 

@@ -703,3 +703,33 @@ fn the_history_of_a_run_with_an_agent_killed_mid_task_checks_clean() {
     assert_eq!(code(&out), 1, "{}", text(&out.stdout));
     assert!(text(&out.stdout).contains("H00"), "{}", text(&out.stdout));
 }
+
+#[test]
+fn what_a_finished_task_left_running_in_the_background_is_killed() {
+    // Issue 15 #6: `(sleep 30; echo late) & echo done`: the task was complete, the agent
+    // exited, and `sleep 30` kept running.
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    put(&e, w.path(), &["BG"]);
+    let script = r#"(sleep 30; echo late >> "$MARKS/late") & echo $! > "$MARKS/bg.pid"; echo "$IFC_TASK_ID" >> "$SHARED""#;
+    let config = w.session("s-bg", &["BG"], script, "");
+    let log = w.path().join("agent.log");
+    let mut agent = spawn_agent(ifc(&e, w.path()), &config, &log, &["--until-done"]);
+    assert_eq!(
+        finish(&mut agent, Duration::from_secs(60)),
+        0,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let pid: i32 = std::fs::read_to_string(w.path().join("bg.pid"))
+        .expect("the background pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    wait_for(
+        "the background child to be gone",
+        Duration::from_secs(10),
+        || !alive(pid),
+    );
+    assert_eq!(w.done(), ["BG"]);
+}
