@@ -38,12 +38,23 @@ pub(crate) struct Inner {
     /// Sessions this process registered (agents): a new lease for one of them is granted only
     /// while no other process has taken the session over.
     pub registered: Mutex<std::collections::HashSet<SessionId>>,
+    /// The presence each session last published here: published again under a new lease when
+    /// its lease is lost (else an idle agent vanished from `ifc status` until its next claim).
+    pub presences: Mutex<HashMap<SessionId, agent_core::Presence>>,
     pub repairs: mpsc::UnboundedSender<Repair>,
+    /// Sessions whose lease was lost: their presence is to be published again (by the task
+    /// `EtcdBackend::connect` starts, outside the lease keeper).
+    pub republish: mpsc::UnboundedSender<SessionId>,
     tasks: Mutex<Vec<AbortHandle>>,
 }
 
 impl Inner {
-    pub fn new(conn: Conn, config: EtcdConfig, repairs: mpsc::UnboundedSender<Repair>) -> Self {
+    pub fn new(
+        conn: Conn,
+        config: EtcdConfig,
+        repairs: mpsc::UnboundedSender<Repair>,
+        republish: mpsc::UnboundedSender<SessionId>,
+    ) -> Self {
         Inner {
             keys: Keys::new(&config.prefix),
             conn,
@@ -56,7 +67,9 @@ impl Inner {
             leases: Mutex::new(HashMap::new()),
             granted: Mutex::new(Default::default()),
             registered: Mutex::new(Default::default()),
+            presences: Mutex::new(HashMap::new()),
             repairs,
+            republish,
             tasks: Mutex::new(Vec::new()),
         }
     }

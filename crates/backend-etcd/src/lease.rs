@@ -64,12 +64,41 @@ impl Inner {
             }
             inner.cache().lease_lost(id);
             tracing::warn!(%session, lease = id, "session lease lost; its claims are gone");
+            let _ = inner.republish.send(session);
             // Not revoked: if etcd still has it (it restarted, or we only lost touch), it ends
             // by its TTL, and a release already under way for a task that finished before the
             // loss can still land with its fencing token instead of the work being done again.
         });
         self.adopt(keeper.abort_handle());
         Ok(id)
+    }
+
+    /// After a lease loss: the session's presence (gone with the lease) is published again
+    /// under a new one, retried until etcd answers (issue 15 #7: an idle agent whose lease
+    /// lapsed vanished from `ifc status` though it ran). Not if another process took the
+    /// session over meanwhile: this one hears so at its next claim.
+    pub(crate) async fn publish_presence_again(self: &Arc<Self>, session: &SessionId) {
+        let last = self
+            .presences
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(session)
+            .cloned();
+        let Some(presence) = last else { return };
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            match self.announce(&presence).await {
+                Ok(()) => {
+                    tracing::info!(%session, "presence published again under a new lease");
+                    return;
+                }
+                Err(BackendError::SessionElsewhere { .. }) => return,
+                Err(e) => {
+                    tracing::debug!(%session, error = %e, "cannot publish the presence yet");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
     }
 
     fn lease_map(&self) -> MutexGuard<'_, HashMap<SessionId, Arc<OnceCell<i64>>>> {

@@ -52,7 +52,17 @@ impl EtcdBackend {
     pub async fn connect(config: EtcdConfig) -> BackendResult<Self> {
         let conn = conn::Conn::connect(&config).await?;
         let (repairs_tx, mut repairs) = mpsc::unbounded_channel();
-        let inner = Arc::new(Inner::new(conn, config, repairs_tx));
+        let (republish_tx, mut republish) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner::new(conn, config, repairs_tx, republish_tx));
+        let republisher = {
+            let inner = Arc::clone(&inner);
+            tokio::spawn(async move {
+                while let Some(session) = republish.recv().await {
+                    inner.publish_presence_again(&session).await;
+                }
+            })
+        };
+        inner.adopt(republisher.abort_handle());
         let repairer = {
             let inner = Arc::clone(&inner);
             tokio::spawn(async move {

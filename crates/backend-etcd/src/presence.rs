@@ -144,9 +144,20 @@ impl Inner {
         }
     }
 
+    /// A presence published here: what a lease loss publishes again.
+    fn remember(&self, presence: &Presence) {
+        self.presences
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(presence.session_id.clone(), presence.clone());
+    }
+
     pub(crate) async fn announce(self: &Arc<Self>, presence: &Presence) -> BackendResult<()> {
         match self.put_presence(presence).await? {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.remember(presence);
+                Ok(())
+            }
             Err(kv) => {
                 let other = holder(&kv, &presence.session_id);
                 Err(BackendError::SessionElsewhere {
@@ -169,6 +180,7 @@ impl Inner {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(presence.session_id.clone());
+                    self.remember(presence);
                     return Ok(None);
                 }
                 Err(kv) => kv,
@@ -189,6 +201,7 @@ impl Inner {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(presence.session_id.clone());
+                    self.remember(presence);
                     return Ok(None);
                 }
                 continue;

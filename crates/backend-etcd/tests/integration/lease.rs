@@ -91,3 +91,43 @@ async fn a_completion_of_an_old_claim_carried_late_does_not_end_a_reopening() {
     let out = b.record(&[late(None)]).await.expect("record");
     assert_eq!(out, [RecordOutcome::Written]);
 }
+
+#[tokio::test]
+async fn an_idle_session_whose_lease_was_lost_is_listed_again() {
+    // Issue 15 #7: an idle agent whose lease lapsed (etcd paused past the TTL) vanished from
+    // `ifc status` until its next claim, though it ran.
+    let server = EtcdServer::start();
+    let mut raw = crate::raw_client(&server).await;
+    let b = crate::backend(&server, true).await;
+    let observer = crate::backend(&server, true).await;
+    let s = SessionId::parse("idle-one").expect("id");
+    let presence = agent_core::Presence {
+        session_id: s.clone(),
+        state: "idle".into(),
+        current_task: None,
+        backend: "etcd".into(),
+        started_at: chrono::Utc::now(),
+        pid: std::process::id(),
+        host: agent_core::process::hostname(),
+        version: "test".into(),
+    };
+    assert_eq!(b.register(&presence, false).await.expect("register"), None);
+    let lease = raw.get("sessions/idle-one", None).await.expect("get").kvs()[0].lease();
+    raw.lease_revoke(lease).await.expect("revoke");
+    let listed = || async {
+        observer
+            .sessions()
+            .await
+            .expect("sessions")
+            .iter()
+            .any(|p| p.session_id == s)
+    };
+    assert!(!listed().await, "gone with its lease");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !listed().await {
+        assert!(tokio::time::Instant::now() < deadline, "never listed again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now = raw.get("sessions/idle-one", None).await.expect("get").kvs()[0].lease();
+    assert_ne!(now, lease, "under a new lease");
+}
