@@ -214,6 +214,9 @@ async fn put(
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
+    if let Some(blockers) = &blocked_by {
+        check_blockers(b, &args.task, blockers).await?;
+    }
     let patch = TaskPatch {
         title: args.title.clone(),
         status: args.status,
@@ -258,6 +261,53 @@ async fn put(
         }
     }
     Ok(code)
+}
+
+/// Refuses blockers that would keep `task` from ever being claimable: one that does not exist,
+/// or a chain of blockers that leads back to `task` (issue 15 #4: both were accepted silently,
+/// and an agent waiting for the task retried it every second for ever).
+async fn check_blockers(b: &dyn Backend, task: &TaskId, blockers: &[TaskId]) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    // (a blocker to look at, the chain from `task` to it)
+    let mut stack: Vec<(TaskId, Vec<TaskId>)> = blockers
+        .iter()
+        .map(|x| (x.clone(), vec![task.clone(), x.clone()]))
+        .collect();
+    while let Some((at, chain)) = stack.pop() {
+        let path = || {
+            chain
+                .iter()
+                .map(TaskId::as_str)
+                .collect::<Vec<_>>()
+                .join(" → ")
+        };
+        if &at == task {
+            return Err(agent_core::BackendError::InvalidInput(format!(
+                "{task} would wait for itself: {}",
+                path()
+            ))
+            .into());
+        }
+        if !seen.insert(at.clone()) {
+            continue;
+        }
+        let Some(t) = b.get(&at).await? else {
+            return Err(agent_core::BackendError::InvalidInput(format!(
+                "blocker {at} of {task} does not exist ({}): put it first",
+                path()
+            ))
+            .into());
+        };
+        if t.status == agent_core::TaskStatus::Complete {
+            continue;
+        }
+        for next in t.blocked_by {
+            let mut longer = chain.clone();
+            longer.push(next.clone());
+            stack.push((next, longer));
+        }
+    }
+    Ok(())
 }
 
 async fn get(b: &dyn Backend, output: Output, task: &TaskId, out: &mut impl Write) -> Result<u8> {

@@ -361,6 +361,39 @@ async fn a_claim_with_ttl_expires_after_its_process_exits() {
 }
 
 #[tokio::test]
+async fn put_refuses_a_missing_blocker_and_a_cycle_by_name() {
+    // Issue 15 #4: both were accepted silently; `status` showed the task available and an agent
+    // waiting for it retried its claim every second for ever.
+    let server = EtcdServer::start();
+    for t in ["A", "B"] {
+        assert_eq!(code(&run(ifc(&server).args(["put", t]))), 0);
+    }
+    let out = run(ifc(&server).args(["put", "A", "--blocked-by", "NOPE"]));
+    assert_eq!(code(&out), 2, "{out:?}");
+    assert!(
+        text(&out.stderr).contains("blocker NOPE of A does not exist"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(ifc(&server).args(["put", "B", "--blocked-by", "A"]));
+    assert_eq!(code(&out), 0, "{out:?}");
+    let out = run(ifc(&server).args(["put", "A", "--blocked-by", "B"]));
+    assert_eq!(code(&out), 2, "{out:?}");
+    assert!(
+        text(&out.stderr).contains("A would wait for itself: A → B → A"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(ifc(&server).args(["get", "A", "-o", "json"]));
+    let a: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        a["blocked_by"],
+        serde_json::json!([]),
+        "nothing was written"
+    );
+}
+
+#[tokio::test]
 async fn bad_input_exits_2_and_quotes_the_value() {
     let server = EtcdServer::start();
     for args in [
