@@ -82,6 +82,14 @@ impl Snapshot {
     fn token(&self, session: &SessionId, task: &TaskId) -> Option<u64> {
         self.statuses.get(session).and_then(|s| s.token(task))
     }
+
+    /// Whether `session`'s STATUS file says nothing readable: missing or unreadable (a person
+    /// deleted or garbled it). Its claims are then neither confirmed nor given up by it.
+    fn status_unknown(&self, session: &SessionId) -> bool {
+        self.statuses
+            .get(session)
+            .is_none_or(|s| s.unreadable.is_some())
+    }
 }
 
 pub(crate) struct Core {
@@ -321,6 +329,12 @@ impl Core {
 
     fn emit(&mut self, snap: &Snapshot) -> BackendResult<()> {
         let head = self.clone.head()?;
+        if let Some(told) = self
+            .told_head
+            .filter(|t| !self.clone.descends_from(head, *t))
+        {
+            tracing::warn!(branch = %self.config.branch, was = %told, now = %head, "the branch's history was rewritten (a force-push): what the lost commits recorded (claims, completions) is gone from the board, and tasks they completed may be run again");
+        }
         if self.told_head != Some(head) {
             // One board diff per commit that changed the board, oldest first.
             // Commits that did not touch the board (heartbeats, STATUS files) are skipped unread.
@@ -440,12 +454,9 @@ impl Core {
                             && t.claimed_by.as_ref() == Some(&held.session)
                     })
                     && (snap.token(&held.session, id) == Some(held.token)
-                        // Unreadable (a person garbled it): nothing says the claim ended; the
-                        // next heartbeat writes the file again with it.
-                        || snap
-                            .statuses
-                            .get(&held.session)
-                            .is_some_and(|s| s.unreadable.is_some()));
+                        // Unreadable or deleted (a person's edit): nothing says the claim
+                        // ended; the next heartbeat writes the file again with it.
+                        || snap.status_unknown(&held.session));
                 !still
             })
             .map(|(id, _)| id.clone())
@@ -812,8 +823,16 @@ impl Core {
             None
         };
         let live_token = snap.token(session, id);
-        let holds =
-            holder.as_ref() == Some(session) && want.is_none_or(|w| Some(w.0) == live_token);
+        // A STATUS file a person garbled or deleted says nothing about the claim: this
+        // process's own record of it (its token) stands (the tester's report: the release of a
+        // finished task was refused, and the task ran again).
+        let own = self
+            .held
+            .get(id)
+            .is_some_and(|h| &h.session == session && want.is_none_or(|w| w.0 == h.token));
+        let token_ok =
+            want.is_none_or(|w| Some(w.0) == live_token) || (own && snap.status_unknown(session));
+        let holds = holder.as_ref() == Some(session) && token_ok;
         if !holds {
             if agent_core::model::already_completed_by(&current, session, to) {
                 return Ok(Some(ReleaseOutcome::Released {
@@ -1056,6 +1075,18 @@ impl Core {
                 Err(e)
             }
         }
+    }
+
+    /// After a poll: whether a session of this process was taken over (told at once, not at the
+    /// next heartbeat, which comes only every `stale_after / 4`: the tester's take-over went
+    /// unnoticed for the 28 s its victim's task still ran), and whether a heartbeat is due now
+    /// because a person garbled or deleted one of this process's STATUS files.
+    pub fn after_poll(&mut self, snap: &Snapshot) -> bool {
+        let announced: Vec<SessionId> = self.announced.keys().cloned().collect();
+        for session in announced {
+            let _ = self.taken_over(&session);
+        }
+        self.held.values().any(|h| snap.status_unknown(&h.session))
     }
 
     /// Refreshes the STATUS files of the sessions that hold claims here. `Ok(false)`: the push

@@ -210,12 +210,16 @@ async fn run(
         let result = if heartbeat_due {
             beat_until_landed(&core).await
         } else {
-            blocking(&core, |c| {
-                let r = c.sync().map(drop);
+            let beat_now = blocking(&core, |c| {
+                let r = c.sync().map(|snap| c.after_poll(&snap));
                 c.fence_if_silent();
                 r
             })
-            .await
+            .await;
+            match beat_now {
+                Ok(true) => beat_until_landed(&core).await,
+                other => other.map(drop),
+            }
         };
         match result {
             Ok(()) => {

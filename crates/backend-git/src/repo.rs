@@ -272,6 +272,15 @@ impl Clone {
         Ok(())
     }
 
+    /// Whether `oid` has `ancestor` in its history (false when unknown: a rewritten history).
+    pub fn descends_from(&self, oid: Oid, ancestor: Oid) -> bool {
+        oid == ancestor
+            || self
+                .repo
+                .graph_descendant_of(oid, ancestor)
+                .unwrap_or(false)
+    }
+
     /// The head the clone is at.
     pub fn head(&self) -> Result<Oid, BackendError> {
         self.repo

@@ -134,6 +134,31 @@ impl BareRemote {
         }
     }
 
+    /// A person's `git rm path` on `main`, pushed (compare-and-swap, retried).
+    pub fn remove(&self, path: &str, message: &str) -> Oid {
+        let repo = Repository::open_bare(&self.path).expect("open bare");
+        let sig = Signature::now("person", "person@localhost").expect("signature");
+        loop {
+            let parent = repo.refname_to_id("refs/heads/main").expect("main");
+            let commit = repo.find_commit(parent).expect("head commit");
+            let mut update = TreeUpdateBuilder::new();
+            update.remove(path);
+            let tree_id = update
+                .create_updated(&repo, &commit.tree().expect("tree"))
+                .expect("tree update");
+            let tree = repo.find_tree(tree_id).expect("tree");
+            let new = repo
+                .commit(None, &sig, &sig, message, &tree, &[&commit])
+                .expect("commit");
+            if repo
+                .reference_matching("refs/heads/main", new, true, parent, message)
+                .is_ok()
+            {
+                return new;
+            }
+        }
+    }
+
     /// A file on `main`.
     pub fn read(&self, path: &str) -> Option<String> {
         let repo = Repository::open_bare(&self.path).expect("open bare");

@@ -180,6 +180,37 @@ async fn released(
 }
 
 #[tokio::test]
+async fn a_finished_task_is_released_though_a_person_garbled_or_deleted_its_status_file() {
+    // The tester's report: released while its STATUS file was garbled, a finished task was
+    // refused ("not the holder") and ran again.
+    let remote = BareRemote::new(crate::EMPTY_BOARD);
+    let mut config = remote.config("a");
+    config.stale_after = Duration::from_secs(3600);
+    let a = GitBackend::open(config.clone()).await.expect("open");
+    for t in ["G", "D"] {
+        a.put(&tid(t), &TaskPatch::default()).await.expect("put");
+    }
+    let path = config.status_path(&sid("session-1"));
+    for (t, edit) in [("G", Some(&b"state: [unclosed\n"[..])), ("D", None)] {
+        let token = match a.claim(&tid(t), &sid("session-1")).await.expect("claim") {
+            ClaimOutcome::Won(c) => c.token,
+            other => panic!("{other:?}"),
+        };
+        match edit {
+            Some(bytes) => {
+                remote.commit(&[(path.as_str(), bytes)], "person: garbled");
+            }
+            None => {
+                remote.remove(&path, "person: deleted");
+            }
+        }
+        released(&a, t, "session-1", agent_core::ReleaseTo::Complete, token).await;
+        let task = a.get(&tid(t)).await.expect("get").expect("task");
+        assert_eq!(task.status, TaskStatus::Complete, "{t}");
+    }
+}
+
+#[tokio::test]
 async fn fencing_tokens_only_grow_even_when_a_person_rewrites_the_history() {
     // Issue 14 #5: after a force-push, T1 was claimed under token 3 by one session, then under
     // 3 by another; T2 under 7, then 6.

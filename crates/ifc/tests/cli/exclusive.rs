@@ -261,3 +261,43 @@ fn a_take_over_in_git_mode_stops_the_running_agent_which_finishes_its_task() {
     assert!(first_log.contains("release task=A"), "{first_log}");
     assert_eq!(w.done(), ["A"], "A ran once");
 }
+
+#[test]
+fn a_take_over_in_git_mode_is_heard_while_the_old_agent_runs_a_long_task() {
+    // The tester's report: taken over during a 30 s task, the old agent heard of it only when
+    // its task ended (its heartbeat comes every stale-after / 4), and both processes ran tasks of
+    // the session at once; the shutdown grace never applied.
+    let remote = BareRemote::new(
+        "| ID | Task | Status | Owner |\n|---|---|---|---|\n| L1 | a | 🔵 AVAILABLE |  |\n| L2 | b | 🔵 AVAILABLE |  |\n",
+    );
+    let w = Workdir::new();
+    let marker = w.path().join("L1.started");
+    let script = format!(
+        r#"if [ "$IFC_TASK_ID" = L1 ]; then touch {:?}; sleep 120; fi; echo "$IFC_TASK_ID" >> "$SHARED""#,
+        marker.display().to_string()
+    );
+    let config = w.session(
+        "session-1-x",
+        &["L1", "L2"],
+        &script,
+        "shutdown_grace: 1s\n",
+    );
+    let agent = |log: &str, extra: &[&str]| {
+        let mut cmd = ifc_git(&remote, w.path());
+        // Heartbeats every 150 s: only a take-over heard at a poll stops the first in time.
+        cmd.env("IFC_POLL_INTERVAL", "200ms")
+            .args(["--stale-after", "600s", "--git-workdir"])
+            .arg(w.path().join(log));
+        spawn_agent(cmd, &config, &w.path().join(format!("{log}.log")), extra)
+    };
+    let mut first = agent("first", &[]);
+    wait_for("L1 to start", Duration::from_secs(30), || marker.exists());
+    let _second = agent("second", &["--take-over"]);
+    let first_code = finish(&mut first, Duration::from_secs(60));
+    let first_log = std::fs::read_to_string(w.path().join("first.log")).unwrap_or_default();
+    assert_eq!(first_code, 5, "{first_log}");
+    assert!(
+        first_log.contains("still running at the end of the shutdown grace period"),
+        "its running task was stopped after the grace: {first_log}"
+    );
+}
