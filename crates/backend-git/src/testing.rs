@@ -105,12 +105,7 @@ impl BareRemote {
     /// A person's edit of `path`: `change` of the file as it is on `main`, committed on top of
     /// it as a compare-and-swap (read again and retried when an agent pushed in between).
     pub fn edit(&self, path: &str, message: &str, change: impl Fn(&str) -> String) -> Oid {
-        let repo = Repository::open_bare(&self.path).expect("open bare");
-        let sig = Signature::now("person", "person@localhost").expect("signature");
-        loop {
-            let parent = repo.refname_to_id("refs/heads/main").expect("main");
-            let commit = repo.find_commit(parent).expect("head commit");
-            let base = commit.tree().expect("tree");
+        self.person_commit(message, |repo, base, update| {
             let before = base
                 .get_path(Path::new(path))
                 .ok()
@@ -118,34 +113,33 @@ impl BareRemote {
                 .map(|b| String::from_utf8_lossy(b.content()).into_owned())
                 .unwrap_or_default();
             let blob = repo.blob(change(&before).as_bytes()).expect("blob");
-            let mut update = TreeUpdateBuilder::new();
             update.upsert(path, blob, FileMode::Blob);
-            let tree_id = update.create_updated(&repo, &base).expect("tree update");
-            let tree = repo.find_tree(tree_id).expect("tree");
-            let new = repo
-                .commit(None, &sig, &sig, message, &tree, &[&commit])
-                .expect("commit");
-            if repo
-                .reference_matching("refs/heads/main", new, true, parent, message)
-                .is_ok()
-            {
-                return new;
-            }
-        }
+        })
     }
 
     /// A person's `git rm path` on `main`, pushed (compare-and-swap, retried).
     pub fn remove(&self, path: &str, message: &str) -> Oid {
+        self.person_commit(message, |_, _, update| {
+            update.remove(path);
+        })
+    }
+
+    /// A person's commit on `main`: `change` says what changes in the head's tree; committed as
+    /// a compare-and-swap, read again and retried when an agent pushed in between.
+    fn person_commit(
+        &self,
+        message: &str,
+        change: impl Fn(&Repository, &git2::Tree<'_>, &mut TreeUpdateBuilder),
+    ) -> Oid {
         let repo = Repository::open_bare(&self.path).expect("open bare");
         let sig = Signature::now("person", "person@localhost").expect("signature");
         loop {
             let parent = repo.refname_to_id("refs/heads/main").expect("main");
             let commit = repo.find_commit(parent).expect("head commit");
+            let base = commit.tree().expect("tree");
             let mut update = TreeUpdateBuilder::new();
-            update.remove(path);
-            let tree_id = update
-                .create_updated(&repo, &commit.tree().expect("tree"))
-                .expect("tree update");
+            change(&repo, &base, &mut update);
+            let tree_id = update.create_updated(&repo, &base).expect("tree update");
             let tree = repo.find_tree(tree_id).expect("tree");
             let new = repo
                 .commit(None, &sig, &sig, message, &tree, &[&commit])
