@@ -166,7 +166,19 @@ pub fn plan(etcd: &[Task], git: &[Task], base: &BTreeMap<TaskId, Face>, live: &L
             status: TaskStatus::Available,
             holder: None,
         };
-        let moved_on = base.get(&et.id) == Some(&ef)
+        // Without a common past (the bridge restarted) the same holds when git has the task
+        // complete and etcd's holder is not a live etcd session: nothing of a claim nobody runs
+        // is lost by recording the completion (seed 150000009: a git session's claim, copied
+        // into etcd, outlived the task's completion in git for good). Another session's claim
+        // in git stays a conflict: both may be real (two one-shot claims).
+        let agreed_on_it = match base.get(&et.id) {
+            Some(b) => b == &ef,
+            None => {
+                gf.status == TaskStatus::Complete
+                    && ef.holder.as_ref().is_some_and(|h| !live.etcd.contains(h))
+            }
+        };
+        let moved_on = agreed_on_it
             && ef.status == TaskStatus::Claimed
             && gf.holder.is_some()
             && gf.holder != ef.holder
@@ -327,13 +339,38 @@ mod tests {
             .collect();
         assert_eq!(got, vec![(A, Some(sid("s1"))), (D, Some(sid("s2")))]);
         assert!(p.conflicts.is_empty() && p.to_git.is_empty());
-        // Without that common past it stays a conflict: nobody can tell which is right.
+        // Without that common past it stays a conflict while s1 is a live etcd session (nobody
+        // can tell which is right), or when git has another claim; a completion in git ends the
+        // claim of a session not live in etcd as above (seed 150000009).
+        let live = Live {
+            etcd: [sid("s1")].into(),
+            git: BTreeSet::new(),
+        };
+        let p = plan(
+            &[t("T", C, Some("s1"))],
+            &[t("T", D, Some("s2"))],
+            &BTreeMap::new(),
+            &live,
+        );
+        assert_eq!(p.conflicts.len(), 1);
         let p = plan(
             &[t("T", C, Some("s1"))],
             &[t("T", D, Some("s2"))],
             &BTreeMap::new(),
             &Live::default(),
         );
-        assert_eq!(p.conflicts.len(), 1);
+        let got: Vec<(TaskStatus, Option<SessionId>)> = p
+            .to_etcd
+            .iter()
+            .map(|m| (m.status, m.holder.clone()))
+            .collect();
+        assert_eq!(got, vec![(A, Some(sid("s1"))), (D, Some(sid("s2")))]);
+        let p = plan(
+            &[t("T", C, Some("s1"))],
+            &[t("T", C, Some("s2"))],
+            &BTreeMap::new(),
+            &Live::default(),
+        );
+        assert_eq!(p.conflicts.len(), 1, "two claims, both maybe real");
     }
 }
