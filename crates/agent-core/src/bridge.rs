@@ -320,24 +320,32 @@ mod tests {
         );
     }
 
+    /// What `plan` records in etcd for T, claimed by s1 there and `git` (status, by s2) in git.
+    fn to_etcd_for(git: TaskStatus, base: &BTreeMap<TaskId, Face>, live: &Live) -> Plan {
+        plan(
+            &[t("T", C, Some("s1"))],
+            &[t("T", git, Some("s2"))],
+            base,
+            live,
+        )
+    }
+
+    fn steps(p: &Plan) -> Vec<(TaskStatus, Option<SessionId>)> {
+        p.to_etcd
+            .iter()
+            .map(|m| (m.status, m.holder.clone()))
+            .collect()
+    }
+
     #[test]
     fn a_claim_that_ended_in_git_without_a_release_is_ended_in_etcd_too() {
         // Found by `scripts/chaos --random --seed 3018`: git's claim of s1 ended (s1 was killed,
         // its restart let it go) and s2 did the task; etcd kept the copy of s1's claim forever.
         let base: BTreeMap<TaskId, Face> =
             [(TaskId::parse("T").expect("id"), face(C, Some("s1")))].into();
-        let p = plan(
-            &[t("T", C, Some("s1"))],
-            &[t("T", D, Some("s2"))],
-            &base,
-            &Live::default(),
-        );
-        let got: Vec<(TaskStatus, Option<SessionId>)> = p
-            .to_etcd
-            .iter()
-            .map(|m| (m.status, m.holder.clone()))
-            .collect();
-        assert_eq!(got, vec![(A, Some(sid("s1"))), (D, Some(sid("s2")))]);
+        let ended = vec![(A, Some(sid("s1"))), (D, Some(sid("s2")))];
+        let p = to_etcd_for(D, &base, &Live::default());
+        assert_eq!(steps(&p), ended);
         assert!(p.conflicts.is_empty() && p.to_git.is_empty());
         // Without that common past it stays a conflict while s1 is a live etcd session (nobody
         // can tell which is right), or when git has another claim; a completion in git ends the
@@ -346,31 +354,13 @@ mod tests {
             etcd: [sid("s1")].into(),
             git: BTreeSet::new(),
         };
-        let p = plan(
-            &[t("T", C, Some("s1"))],
-            &[t("T", D, Some("s2"))],
-            &BTreeMap::new(),
-            &live,
+        let none = BTreeMap::new();
+        assert_eq!(to_etcd_for(D, &none, &live).conflicts.len(), 1);
+        assert_eq!(steps(&to_etcd_for(D, &none, &Live::default())), ended);
+        assert_eq!(
+            to_etcd_for(C, &none, &Live::default()).conflicts.len(),
+            1,
+            "two claims, both maybe real"
         );
-        assert_eq!(p.conflicts.len(), 1);
-        let p = plan(
-            &[t("T", C, Some("s1"))],
-            &[t("T", D, Some("s2"))],
-            &BTreeMap::new(),
-            &Live::default(),
-        );
-        let got: Vec<(TaskStatus, Option<SessionId>)> = p
-            .to_etcd
-            .iter()
-            .map(|m| (m.status, m.holder.clone()))
-            .collect();
-        assert_eq!(got, vec![(A, Some(sid("s1"))), (D, Some(sid("s2")))]);
-        let p = plan(
-            &[t("T", C, Some("s1"))],
-            &[t("T", C, Some("s2"))],
-            &BTreeMap::new(),
-            &Live::default(),
-        );
-        assert_eq!(p.conflicts.len(), 1, "two claims, both maybe real");
     }
 }
