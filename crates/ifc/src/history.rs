@@ -97,6 +97,9 @@ pub struct Report {
     pub stale_completions: Vec<String>,
     /// Tasks completed more than once.
     pub double_completions: Vec<String>,
+    /// Tasks whose command ran to success more than once (in one life of the task: an
+    /// operator's reopening starts a new one), whether or not each run's completion was taken.
+    pub repeated_runs: Vec<String>,
     /// Tasks that were won but never completed.
     pub lost_tasks: Vec<String>,
     /// Lines that are not records.
@@ -109,6 +112,7 @@ impl Report {
             + self.unclaimed_completions.len()
             + self.stale_completions.len()
             + self.double_completions.len()
+            + self.repeated_runs.len()
             + self.lost_tasks.len()
             + self.unreadable.len()
     }
@@ -246,6 +250,25 @@ pub fn check(records: &[Record]) -> Report {
             report
                 .double_completions
                 .push(format!("{task}: completed {most} times"));
+        }
+        // Finished runs per life: a run whose completion was refused (its claim lapsed while it
+        // could not be recorded) and that then ran again is a task run twice too.
+        let (mut finished, mut most_finished) = (0, 0);
+        for r in rs
+            .iter()
+            .filter(|r| (r.event == "exit" && r.success == Some(true)) || r.event == "reopened")
+        {
+            if r.event == "reopened" {
+                finished = 0;
+            } else {
+                finished += 1;
+                most_finished = most_finished.max(finished);
+            }
+        }
+        if most_finished > 1 && most <= 1 {
+            report.repeated_runs.push(format!(
+                "{task}: ran to success {most_finished} times (a finished run was not recorded complete, and the task ran again)"
+            ));
         }
         // A task its last claimer gave back (max attempts, shutdown grace) is not lost.
         let given_back = rs.iter().rposition(|r| r.event == "won").is_some_and(|w| {
@@ -398,5 +421,35 @@ mod tests {
         let mut h = run(0, "s1", "A", 1);
         h.extend(run(20, "s2", "A", 2));
         assert_eq!(check(&h).double_completions.len(), 1);
+    }
+
+    #[test]
+    fn a_finished_run_that_ran_again_because_its_completion_was_refused_is_found() {
+        // Seeds 40000077 and 150000009: the git remote was away past the heartbeat's limit; the
+        // run had finished, its completion was refused, and another session ran the task again.
+        let done = |t: i64, session: &str, token: u64| {
+            let mut e = r(t, session, "F", "exit", token);
+            e.success = Some(true);
+            e
+        };
+        let mut h = vec![
+            r(0, "s1", "F", "won", 1),
+            r(1, "s1", "F", "start", 1),
+            done(2, "s1", 1),
+            r(3, "s1", "F", "fenced", 1),
+            r(4, "s1", "F", "refused", 1),
+            r(5, "s2", "F", "won", 2),
+            r(6, "s2", "F", "start", 2),
+            done(7, "s2", 2),
+            r(8, "s2", "F", "complete", 2),
+        ];
+        let report = check(&h);
+        assert_eq!(report.repeated_runs.len(), 1, "{report:?}");
+        assert_eq!(report.violations(), 1, "{report:?}");
+        // After an operator's reopening, a second run is the task's new life.
+        h.drain(3..5);
+        h.insert(3, r(3, "s1", "F", "complete", 1));
+        h.insert(4, r(4, "ifc", "F", "reopened", 0));
+        assert_eq!(check(&h).violations(), 0, "{:?}", check(&h));
     }
 }

@@ -95,6 +95,7 @@ fn check_history(files: &[std::path::PathBuf], output: Output, out: &mut impl Wr
                 ("unclaimed completion", &report.unclaimed_completions),
                 ("stale completion", &report.stale_completions),
                 ("double completion", &report.double_completions),
+                ("repeated run", &report.repeated_runs),
                 ("lost task", &report.lost_tasks),
                 ("unreadable line", &report.unreadable),
             ] {
