@@ -191,6 +191,10 @@ impl Core {
             if *id == blob {
                 return Ok((board.clone(), None));
             }
+            // The same broken blob as the last poll: not read and parsed again.
+            if let Some((_, why)) = self.broken_board.as_ref().filter(|(b, _)| *b == blob) {
+                return Ok((board.clone(), Some(why.clone())));
+            }
         }
         let text = self
             .clone
