@@ -239,27 +239,25 @@ impl Bridge {
         now_conflicting: &mut BTreeSet<TaskId>,
     ) -> Result<usize> {
         let mut written = 0;
-        {
-            let outcomes = store.record(items).await?;
-            for (item, outcome) in items.iter().zip(outcomes) {
-                match outcome {
-                    RecordOutcome::Written | RecordOutcome::Unchanged => {
-                        written += usize::from(outcome == RecordOutcome::Written);
-                        self.base.insert(item.task.clone(), landed(item));
-                        tracing::info!(task = %item.task, status = %item.status, holder = ?item.holder, to = name, "bridged");
-                    }
-                    RecordOutcome::Conflict { holder } => {
-                        now_conflicting.insert(item.task.clone());
-                        if !self.reported.contains(&item.task) {
-                            self.conflicts_total += 1;
-                            tracing::warn!(task = %item.task, wanted = ?item.holder, held_by = ?holder, store = name, conflicts_total = self.conflicts_total, "conflict: left alone");
-                        }
-                    }
-                    RecordOutcome::Kept { reason } => {
-                        tracing::debug!(task = %item.task, store = name, %reason, "not bridged: the store is ahead")
-                    }
-                    RecordOutcome::NotFound => {}
+        let outcomes = store.record(items).await?;
+        for (item, outcome) in items.iter().zip(outcomes) {
+            match outcome {
+                RecordOutcome::Written | RecordOutcome::Unchanged => {
+                    written += usize::from(outcome == RecordOutcome::Written);
+                    self.base.insert(item.task.clone(), landed(item));
+                    tracing::info!(task = %item.task, status = %item.status, holder = ?item.holder, to = name, "bridged");
                 }
+                RecordOutcome::Conflict { holder } => {
+                    now_conflicting.insert(item.task.clone());
+                    if !self.reported.contains(&item.task) {
+                        self.conflicts_total += 1;
+                        tracing::warn!(task = %item.task, wanted = ?item.holder, held_by = ?holder, store = name, conflicts_total = self.conflicts_total, "conflict: left alone");
+                    }
+                }
+                RecordOutcome::Kept { reason } => {
+                    tracing::debug!(task = %item.task, store = name, %reason, "not bridged: the store is ahead")
+                }
+                RecordOutcome::NotFound => {}
             }
         }
         Ok(written)
