@@ -291,7 +291,15 @@ impl ClaimLoop {
                 }
                 let (token, fenced) = (claim.token, *fenced);
                 self.phase = Phase::Idle;
-                if fenced {
+                if fenced && success {
+                    // It finished before the kill reached it: the store decides whether the
+                    // completion still lands (it does while nobody claimed the task since),
+                    // rather than the work being done twice.
+                    out.push(Output::Note(format!(
+                        "{task}: finished although its claim was lost; reporting it done, which lands only if nobody claimed it since"
+                    )));
+                    self.release(task, ReleaseTo::Complete, Some(token), &mut out);
+                } else if fenced {
                     // Not the task's fault, so no attempt is used; but the session backs off, so a
                     // session that keeps losing its lease does not grab the task straight back.
                     self.not_before

@@ -28,6 +28,9 @@ struct Record {
     task: Task,
     /// The lease the stored claim was made under, if any.
     lease: Option<u64>,
+    /// The claim that ended with its lease, while nothing was written since: its holder (session,
+    /// token, client) may still complete the task.
+    lapsed: Option<(SessionId, u64, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +149,7 @@ impl State {
                         rec.task.claimed_by = None;
                         rec.task.claimed_at = None;
                         rec.lease = None;
+                        rec.lapsed = Some((claim.session.clone(), claim.token, owner));
                     }
                 });
                 let lost = BackendEvent::ClaimLost {
@@ -313,12 +317,6 @@ impl MemoryBackend {
         }
         Some(lease)
     }
-
-    /// The lease this client holds for `session`, if it holds one.
-    fn my_lease(&self, session: &SessionId) -> Option<u64> {
-        let leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
-        leases.get(session).map(|(l, _)| *l)
-    }
 }
 
 impl Drop for MemoryBackend {
@@ -360,6 +358,7 @@ impl Backend for MemoryBackend {
                     Record {
                         task: new,
                         lease: None,
+                        lapsed: None,
                     },
                 );
             });
@@ -372,6 +371,7 @@ impl Backend for MemoryBackend {
                 state.mutate(task, |s| {
                     if let Some(rec) = s.tasks.get_mut(task) {
                         rec.task = next;
+                        rec.lapsed = None;
                     }
                 });
                 Ok(PutOutcome::Updated)
@@ -396,7 +396,14 @@ impl Backend for MemoryBackend {
         next.claimed_by = Some(session.clone());
         next.claimed_at = Some(Utc::now());
         state.mutate(task, |s| {
-            s.tasks.insert(task.clone(), Record { task: next, lease });
+            s.tasks.insert(
+                task.clone(),
+                Record {
+                    task: next,
+                    lease,
+                    lapsed: None,
+                },
+            );
             s.claims.insert(
                 task.clone(),
                 ClaimKey {
@@ -421,7 +428,6 @@ impl Backend for MemoryBackend {
         to: ReleaseTo,
         token: Option<FencingToken>,
     ) -> BackendResult<ReleaseOutcome> {
-        let my_lease = self.my_lease(session);
         let mut state = self.store.up()?;
         let Some(current) = state.effective(task) else {
             return Ok(ReleaseOutcome::NotFound);
@@ -434,15 +440,36 @@ impl Backend for MemoryBackend {
         let held_token = claim.as_ref().map(|c| c.token).unwrap_or(state.revision);
         let holds = holder.as_ref() == Some(session)
             && token.is_none_or(|t| t.0 == held_token)
-            && match (&claim, my_lease) {
-                (Some(c), Some(mine)) => c.lease.is_none_or(|l| l == mine),
-                _ => true,
-            };
+            // Under a lease of another client (the same session id run twice): not ours to end.
+            && claim.as_ref().and_then(|c| c.lease).is_none_or(|l| {
+                state.leases.get(&l).is_some_and(|lease| lease.owner == self.id)
+            });
         if !holds {
             if crate::model::already_completed_by(&current, session, to) {
                 return Ok(ReleaseOutcome::Released {
                     token: token.unwrap_or(FencingToken(0)),
                 });
+            }
+            let lapsed_here = token.filter(|_| to == ReleaseTo::Complete).filter(|t| {
+                state.tasks.get(task).and_then(|r| r.lapsed.as_ref())
+                    == Some(&(session.clone(), t.0, self.id))
+            });
+            if let Some(t) = lapsed_here {
+                // Its lease ended and nobody wrote the task since: the run finished once.
+                let mut done = current;
+                done.status = TaskStatus::Complete;
+                done.claimed_by = Some(session.clone());
+                state.mutate(task, |s| {
+                    s.tasks.insert(
+                        task.clone(),
+                        Record {
+                            task: done,
+                            lease: None,
+                            lapsed: None,
+                        },
+                    );
+                });
+                return Ok(ReleaseOutcome::Released { token: t });
             }
             return Ok(ReleaseOutcome::NotHolder { holder });
         }
@@ -459,6 +486,7 @@ impl Backend for MemoryBackend {
                 Record {
                     task: next,
                     lease: None,
+                    lapsed: None,
                 },
             );
         });
@@ -500,6 +528,7 @@ impl Backend for MemoryBackend {
                             Record {
                                 task: next,
                                 lease: None,
+                                lapsed: None,
                             },
                         );
                     });

@@ -15,10 +15,18 @@ use crate::config::EtcdConfig;
 /// watch that cannot read a revision would stop at it for good.
 pub(crate) const MAX_RESPONSE: usize = 1 << 30;
 
+/// When etcd stopped answering this process, and when it answered again.
+#[derive(Debug, Default)]
+struct Touch {
+    cut_off: Option<std::time::Instant>,
+    back: Option<std::time::Instant>,
+}
+
 /// A connected client plus what error messages need to name.
 #[derive(Clone)]
 pub(crate) struct Conn {
     client: Client,
+    touch: std::sync::Arc<std::sync::Mutex<Touch>>,
     endpoints: String,
     /// With one endpoint a connect error is reported at once: there is nowhere else to go.
     several_endpoints: bool,
@@ -86,6 +94,7 @@ impl Conn {
         .map_err(|e| classify(&endpoints, e))?;
         let conn = Conn {
             client,
+            touch: Default::default(),
             endpoints,
             several_endpoints: cfg.endpoints.len() > 1,
             request_timeout: cfg.request_timeout,
@@ -168,14 +177,36 @@ impl Conn {
                 }
             }
         };
-        match tokio::time::timeout(deadline, attempts).await {
+        let result = match tokio::time::timeout(deadline, attempts).await {
             Ok(result) => result.map_err(|e| classify(&self.endpoints, e)),
             Err(_) => Err(BackendError::Timeout {
                 endpoint: self.endpoints.clone(),
                 operation: operation.to_owned(),
                 after: deadline,
             }),
+        };
+        self.heard(&result);
+        result
+    }
+
+    /// Notes whether etcd answered (see `back_in_touch`).
+    fn heard<T>(&self, result: &BackendResult<T>) {
+        let mut touch = self.touch.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Err(e) if e.is_transient() => {
+                touch.cut_off.get_or_insert_with(std::time::Instant::now);
+            }
+            Ok(_) if touch.cut_off.take().is_some() => {
+                touch.back = Some(std::time::Instant::now());
+            }
+            _ => {}
         }
+    }
+
+    /// How long ago etcd answered this process again after not answering, if it did.
+    pub fn back_in_touch(&self) -> Option<Duration> {
+        let touch = self.touch.lock().unwrap_or_else(|p| p.into_inner());
+        touch.back.map(|b| b.elapsed())
     }
 
     /// Maps a client error to the Backend's error kinds.

@@ -33,13 +33,7 @@ impl Inner {
         for _ in 0..16 {
             let view = self.read_view(id, false).await?;
             let (outcome, next) = match &view.record {
-                None => (
-                    Imported::Created,
-                    Record {
-                        task: want.clone(),
-                        lease: None,
-                    },
-                ),
+                None => (Imported::Created, Record::plain(want.clone())),
                 Some(stored) => {
                     let (current, _) =
                         effective(stored, view.claim.as_ref()).map_err(|reason| {
@@ -75,7 +69,7 @@ impl Inner {
                     if task == current && !(force && view.claim.is_some()) {
                         return Ok(Imported::Unchanged);
                     }
-                    (Imported::Updated, Record { task, lease: None })
+                    (Imported::Updated, Record::plain(task))
                 }
             };
             if dry_run {
@@ -123,10 +117,7 @@ impl Inner {
                     reason: "the task was reopened or changed hands here after that claim".into(),
                 });
             }
-            let next = Record {
-                task: mirror::applied(&current, want),
-                lease: None,
-            };
+            let next = Record::plain(mirror::applied(&current, want));
             if self.replace(id, &view, &next, "record").await? {
                 return Ok(RecordOutcome::Written);
             }

@@ -142,11 +142,6 @@ impl Inner {
                 .contains(&lease)
     }
 
-    /// The lease `session` currently holds through this backend, if any.
-    pub(crate) fn current_lease(&self, session: &SessionId) -> Option<i64> {
-        self.lease_map().get(session).and_then(|c| c.get().copied())
-    }
-
     /// Renews `lease` until it cannot be: returns when etcd says it is gone or `deadline` passes
     /// without a renewal. Each renewal opens its own keep-alive stream and closes it: a process
     /// hosting many sessions holds no stream per idle lease (etcd keeps two goroutines per open

@@ -235,11 +235,16 @@ impl Inner {
                     Claimability::Yes => unreachable!("handled above"),
                 });
             }
+            self.leave_lapsed_claim_a_while(id, session, &view)?;
             let mut next = current.clone();
             next.status = TaskStatus::Claimed;
             next.claimed_by = Some(session.clone());
             next.claimed_at = Some(Utc::now());
-            let record = Record { task: next, lease };
+            let record = Record {
+                task: next,
+                lease,
+                lapsed: None,
+            };
             let (task_key, claim_key) = (self.keys.task(id), self.keys.claim(id));
             let mut compares = vec![
                 Compare::mod_revision(task_key.clone(), CompareOp::Equal, view.record_rev()),
@@ -308,7 +313,6 @@ impl Inner {
         to: ReleaseTo,
         want: Option<FencingToken>,
     ) -> BackendResult<ReleaseOutcome> {
-        let my_lease = self.current_lease(session);
         let (mut view, mut fresh) = self.view(id).await?;
         for _ in 0..MAX_ROUNDS {
             let (current, live_token) = match self.current(id, &view) {
@@ -325,10 +329,14 @@ impl Inner {
             } else {
                 None
             };
-            let lease_ok = match (my_lease, &view.claim) {
-                (Some(mine), Some(claim)) => claim.lease == 0 || claim.lease == mine,
-                _ => true,
-            };
+            // Under a lease of another process (the same session id run twice), not ours to
+            // end. Any lease this client was granted is ours: after a lost keep-alive the session
+            // has a new one, and the claim made under the old one (still alive in etcd, which
+            // restarted or only lost touch) is still this process's to complete.
+            let lease_ok = view
+                .claim
+                .as_ref()
+                .is_none_or(|c| c.lease == 0 || self.granted_here(c.lease));
             let holds = holder.as_ref() == Some(session)
                 && want.is_none_or(|t| Some(t) == live_token.map(token))
                 && lease_ok;
@@ -342,6 +350,16 @@ impl Inner {
                         token: want.unwrap_or(FencingToken(0)),
                     });
                 }
+                if let Some(w) = want.filter(|_| to == ReleaseTo::Complete) {
+                    match self.complete_lapsed(id, session, w, &view).await? {
+                        Some(true) => return Ok(ReleaseOutcome::Released { token: w }),
+                        Some(false) => {
+                            (view, fresh) = (self.read_view(id, false).await?, true);
+                            continue;
+                        }
+                        None => {}
+                    }
+                }
                 return Ok(ReleaseOutcome::NotHolder { holder });
             }
             let mut next = current.clone();
@@ -350,10 +368,7 @@ impl Inner {
                 next.claimed_by = None;
                 next.claimed_at = None;
             }
-            let record = Record {
-                task: next,
-                lease: None,
-            };
+            let record = Record::plain(next);
             let (task_key, claim_key) = (self.keys.task(id), self.keys.claim(id));
             let txn = Txn::new()
                 .when(vec![
@@ -392,13 +407,7 @@ impl Inner {
         for _ in 0..MAX_ROUNDS {
             let view = self.read_view(id, false).await?;
             let (record, outcome) = match &view.record {
-                None => (
-                    Record {
-                        task: patch.create(id.clone()),
-                        lease: None,
-                    },
-                    PutOutcome::Created,
-                ),
+                None => (Record::plain(patch.create(id.clone())), PutOutcome::Created),
                 Some(stored) => {
                     let (current, _) =
                         effective(stored, view.claim.as_ref()).map_err(|r| self.corrupt(id, r))?;
@@ -414,7 +423,14 @@ impl Inner {
                         .ok()
                         .and_then(|r| r.lease)
                         .filter(|_| next.status == TaskStatus::Claimed);
-                    (Record { task: next, lease }, PutOutcome::Updated)
+                    (
+                        Record {
+                            task: next,
+                            lease,
+                            lapsed: None,
+                        },
+                        PutOutcome::Updated,
+                    )
                 }
             };
             let task_key = self.keys.task(id);
@@ -431,6 +447,88 @@ impl Inner {
         Err(self.contention(id))
     }
 
+    /// Right after etcd answered this process again, a claim that ended with its lease most
+    /// likely ended because its holder could not reach etcd either, not because it died: its
+    /// holder gets one lease TTL to report the run it may have finished (`complete_lapsed`)
+    /// before another session takes the task, else the finished work is done again.
+    fn leave_lapsed_claim_a_while(
+        &self,
+        id: &TaskId,
+        session: &SessionId,
+        view: &View,
+    ) -> BackendResult<()> {
+        let Some(grace) = self.config.lease_ttl else {
+            return Ok(());
+        };
+        let Some(back) = self.conn.back_in_touch().filter(|b| *b < grace) else {
+            return Ok(());
+        };
+        let lapsed = view
+            .record
+            .as_ref()
+            .filter(|_| view.claim.is_none())
+            .and_then(|s| {
+                s.record
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.lapsed_claim(s.mod_rev))
+            });
+        match lapsed {
+            Some(l) if &l.session != session => Err(BackendError::Unavailable {
+                endpoint: self.conn.endpoints().to_owned(),
+                reason: format!(
+                    "{id}: etcd is back after not answering; {}'s claim ended with its lease meanwhile and is left to it for {:?} more",
+                    l.session,
+                    grace.saturating_sub(back)
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Completes a task whose claim by `session` (token `want`) ended with its lease while nobody
+    /// wrote it since: the run finished once and nobody else started it, so it is not run again.
+    /// `None`: not such a claim (or not this process's); `Some(false)`: the task changed under us.
+    async fn complete_lapsed(
+        &self,
+        id: &TaskId,
+        session: &SessionId,
+        want: FencingToken,
+        view: &View,
+    ) -> BackendResult<Option<bool>> {
+        let Some(stored) = view.record.as_ref().filter(|_| view.claim.is_none()) else {
+            return Ok(None);
+        };
+        let Ok(record) = &stored.record else {
+            return Ok(None);
+        };
+        let ours = record.lapsed_claim(stored.mod_rev).is_some_and(|l| {
+            &l.session == session && token(l.token) == want && self.granted_here(l.lease)
+        });
+        if !ours {
+            return Ok(None);
+        }
+        let mut done = record.task.clone();
+        done.status = TaskStatus::Complete;
+        done.claimed_by = Some(session.clone());
+        let task_key = self.keys.task(id);
+        let txn = Txn::new()
+            .when(vec![
+                Compare::mod_revision(task_key.clone(), CompareOp::Equal, stored.mod_rev),
+                Compare::mod_revision(self.keys.claim(id), CompareOp::Equal, 0),
+            ])
+            .and_then(vec![TxnOp::put(
+                task_key,
+                Record::plain(done).encode(),
+                None,
+            )]);
+        let landed = self.conn.txn("release", txn).await?.succeeded();
+        if landed {
+            tracing::info!(task = %id, %session, token = want.0, "completed after its lease ended: nobody claimed it since");
+        }
+        Ok(Some(landed))
+    }
+
     /// Resets a record left `claimed` under a lease that is gone, if nothing changed since.
     pub(crate) async fn repair(&self, id: &TaskId, record_rev: i64) -> BackendResult<bool> {
         let view = self.read_view(id, false).await?;
@@ -443,6 +541,12 @@ impl Inner {
         let Ok((task, _)) = effective(stored, None) else {
             return Ok(false);
         };
+        // Its holder may still complete it while nobody else claims it (`complete_lapsed`).
+        let lapsed = stored
+            .record
+            .as_ref()
+            .ok()
+            .and_then(|r| r.lapsed_claim(record_rev));
         let task_key = self.keys.task(id);
         let txn = Txn::new()
             .when(vec![
@@ -451,7 +555,12 @@ impl Inner {
             ])
             .and_then(vec![TxnOp::put(
                 task_key,
-                Record { task, lease: None }.encode(),
+                Record {
+                    task,
+                    lease: None,
+                    lapsed,
+                }
+                .encode(),
                 None,
             )]);
         Ok(self.conn.txn("repair", txn).await?.succeeded())

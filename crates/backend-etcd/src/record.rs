@@ -8,6 +8,8 @@ use serde_json::{Map, Value};
 
 /// Field naming the lease an ifc claim was made under. Only records carrying it expire by themselves.
 const LEASE_FIELD: &str = "ifc_lease";
+/// Field naming the last claim of a task whose lease ended, kept until the next write (see `Lapsed`).
+const LAPSED_FIELD: &str = "ifc_lapsed";
 
 /// A task record as stored (its status may describe a claim whose lease is gone).
 #[derive(Debug, Clone, PartialEq)]
@@ -15,6 +17,19 @@ pub(crate) struct Record {
     pub task: Task,
     /// The lease of the ifc claim recorded here, if any.
     pub lease: Option<i64>,
+    /// The claim that ended with its lease, while nothing was written since (see `Lapsed`).
+    pub lapsed: Option<Lapsed>,
+}
+
+/// A claim whose lease ended (etcd away longer than the TTL) with nobody's write since: its
+/// holder may still report the task done, the work was done once and nobody else started it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Lapsed {
+    pub session: SessionId,
+    /// The claim's fencing token.
+    pub token: i64,
+    /// The lease it was made under (only the process granted it may complete it).
+    pub lease: i64,
 }
 
 /// A record key's value with the revision it was last written at.
@@ -92,6 +107,12 @@ impl Record {
                     .ok_or_else(|| format!("{LEASE_FIELD} must be an integer, found {v}"))?,
             ),
         };
+        let lapsed = match map.remove(LAPSED_FIELD) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(decode_lapsed(&v).ok_or_else(|| {
+                format!("{LAPSED_FIELD} must be {{\"session\", \"token\", \"lease\"}}, found {v}")
+            })?),
+        };
         if status == TaskStatus::Claimed && claimed_by.is_none() {
             return Err("status is claimed but claimed_by is empty".into());
         }
@@ -104,7 +125,35 @@ impl Record {
             blocked_by,
             extra: map,
         };
-        Ok(Record { task, lease })
+        Ok(Record {
+            task,
+            lease,
+            lapsed,
+        })
+    }
+
+    /// A plain record: no lease, no lapsed claim.
+    pub fn plain(task: Task) -> Record {
+        Record {
+            task,
+            lease: None,
+            lapsed: None,
+        }
+    }
+
+    /// The claim that ended with its lease, for a record stored at `mod_rev` whose claim key is
+    /// gone: a `claimed` record under a lease written by the claim itself (nothing since: the
+    /// token is the record's revision), or what the repairer kept of it.
+    pub fn lapsed_claim(&self, mod_rev: i64) -> Option<Lapsed> {
+        match (self.task.status, self.lease, &self.task.claimed_by) {
+            (TaskStatus::Claimed, Some(lease), Some(session)) => Some(Lapsed {
+                session: session.clone(),
+                token: mod_rev,
+                lease,
+            }),
+            (TaskStatus::Available, _, _) => self.lapsed.clone(),
+            _ => None,
+        }
     }
 
     /// The JSON stored for this record: the guide's fields first, then ifc's, then unknown ones.
@@ -139,6 +188,12 @@ impl Record {
         }
         if let Some(lease) = self.lease {
             map.insert(LEASE_FIELD.into(), Value::from(lease));
+        }
+        if let Some(l) = &self.lapsed {
+            map.insert(
+                LAPSED_FIELD.into(),
+                serde_json::json!({"session": l.session.as_str(), "token": l.token, "lease": l.lease}),
+            );
         }
         for (k, v) in &t.extra {
             map.entry(k.clone()).or_insert_with(|| v.clone());
@@ -208,6 +263,14 @@ pub(crate) fn effective_face<'a>(
             task.claimed_by.clone(),
             Some(stored.mod_rev),
         ),
+    })
+}
+
+fn decode_lapsed(v: &Value) -> Option<Lapsed> {
+    Some(Lapsed {
+        session: SessionId::parse(v.get("session")?.as_str()?).ok()?,
+        token: v.get("token")?.as_i64()?,
+        lease: v.get("lease")?.as_i64()?,
     })
 }
 

@@ -223,6 +223,11 @@ impl EtcdServer {
         }
     }
 
+    /// The pid of the running etcd (to pause it with SIGSTOP, as a hung member is).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills etcd with SIGKILL (data dir kept) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -121,6 +121,10 @@ pub(crate) struct Core {
     unreadable_statuses: HashMap<String, String>,
     /// The last fencing token this process issued.
     last_token: u64,
+    /// Since when the remote has not answered (the first failed sync since the last good one).
+    cut_off: Option<Instant>,
+    /// When the remote answered again after being away (see `leave_stale_claims_a_while`).
+    back_in_touch: Option<Instant>,
 }
 
 impl std::fmt::Debug for Core {
@@ -163,6 +167,8 @@ impl Core {
             good_board: None,
             broken_board: None,
             unreadable_statuses: HashMap::new(),
+            cut_off: None,
+            back_in_touch: None,
             last_token: 0,
         };
         // Start from the current head: subscribers get it as their snapshot.
@@ -325,7 +331,13 @@ impl Core {
 
     /// Fetches, moves to the remote head, and tells subscribers what changed.
     pub fn sync(&mut self) -> BackendResult<Snapshot> {
-        self.clone.sync()?;
+        if let Err(e) = self.clone.sync() {
+            self.cut_off.get_or_insert_with(Instant::now);
+            return Err(e);
+        }
+        if self.cut_off.take().is_some() {
+            self.back_in_touch = Some(Instant::now());
+        }
         let snap = self.snapshot()?;
         self.emit(&snap)?;
         Ok(snap)
@@ -738,6 +750,9 @@ impl Core {
             snap.find(b)
                 .map(|t| snap.effective(t, self.config.stale_after).status)
         };
+        if current.status == TaskStatus::Available && row.status == TaskStatus::Claimed {
+            self.leave_stale_claims_a_while(id, row.owner.as_ref())?;
+        }
         match current.claimability(session, status_of) {
             Claimability::Held(holder) => return Ok(Some(ClaimOutcome::Lost { holder })),
             Claimability::No(status) => return Ok(Some(ClaimOutcome::NotClaimable { status })),
@@ -836,7 +851,8 @@ impl Core {
             .is_some_and(|h| &h.session == session && want.is_none_or(|w| w.0 == h.token));
         let token_ok =
             want.is_none_or(|w| Some(w.0) == live_token) || (own && snap.status_unknown(session));
-        let holds = holder.as_ref() == Some(session) && token_ok;
+        let holds = (holder.as_ref() == Some(session) && token_ok)
+            || self.lapsed_but_untouched(&snap, row, session, to, want);
         if !holds {
             if agent_core::model::already_completed_by(&current, session, to) {
                 return Ok(Some(ReleaseOutcome::Released {
@@ -860,7 +876,7 @@ impl Core {
             ),
             self.status_file(&snap, &tasks, session, None, None, Some(id)),
         ];
-        let token = live_token.unwrap_or_default();
+        let token = want.map(|w| w.0).or(live_token).unwrap_or_default();
         let verb = if to == ReleaseTo::Complete {
             "complete"
         } else {
@@ -875,6 +891,7 @@ impl Core {
             Pushed::Landed { .. } => {
                 self.heartbeats.insert(session.clone(), written);
                 self.held.remove(id);
+                self.relinquished.remove(&(id.clone(), token));
                 let snap = self.snapshot()?;
                 self.emit(&snap)?;
                 Ok(Some(ReleaseOutcome::Released {
@@ -883,6 +900,56 @@ impl Core {
             }
             Pushed::Rejected => Ok(None),
         }
+    }
+
+    /// Right after the remote came back from being away, a claim whose heartbeat went stale is
+    /// most likely stale because its holder could not reach the remote either, not because it
+    /// died: its holder gets `stale_after / 4` to re-assert it or report the run it finished,
+    /// before this process takes it (else the finished work is done again).
+    fn leave_stale_claims_a_while(
+        &self,
+        id: &TaskId,
+        holder: Option<&SessionId>,
+    ) -> BackendResult<()> {
+        let grace = self.config.stale_after / 4;
+        let Some(back) = self.back_in_touch.filter(|b| b.elapsed() < grace) else {
+            return Ok(());
+        };
+        let holder = holder.map_or_else(|| "its holder".to_owned(), ToString::to_string);
+        Err(BackendError::Unavailable {
+            endpoint: self.config.remote.clone(),
+            reason: format!(
+                "{id}: the remote is back after being away; {holder}'s claim went stale meanwhile and is left to {holder} for {:?} more",
+                grace.saturating_sub(back.elapsed())
+            ),
+        })
+    }
+
+    /// Whether `session`'s claim (token `want`), which this process gave up when its heartbeat
+    /// could not land in time (`fence_if_silent`) or which went stale, is still the board's last
+    /// word on the task: the row still names the session in progress and its STATUS lists that
+    /// claim or none. Nobody claimed it since, so a completion of the run that finished lands
+    /// instead of the task being run again.
+    fn lapsed_but_untouched(
+        &self,
+        snap: &Snapshot,
+        row: &BoardTask,
+        session: &SessionId,
+        to: ReleaseTo,
+        want: Option<FencingToken>,
+    ) -> bool {
+        let Some(want) = want.filter(|_| to == ReleaseTo::Complete) else {
+            return false;
+        };
+        let listed = snap.token(session, &row.id);
+        row.status == TaskStatus::Claimed
+            && row.owner.as_ref() == Some(session)
+            && self.relinquished.contains(&(row.id.clone(), want.0))
+            && (listed == Some(want.0)
+                || snap
+                    .statuses
+                    .get(session)
+                    .is_some_and(|s| s.disowns(&row.id)))
     }
 
     /// One put attempt: `None` when the push was rejected (the caller tries again).

@@ -220,9 +220,8 @@ fn a_failed_task_is_given_back_and_retried_after_a_backoff_at_most_max_attempts_
     assert!(claims(&out).is_empty(), "{out:?}");
 }
 
-#[test]
-fn a_lost_claim_kills_the_task_and_is_not_reported_done() {
-    let now = Instant::now();
+/// A session whose claim was lost, running `T` under token 3 and told to kill it.
+fn fenced_t(now: Instant) -> ClaimLoop {
     let mut l = ClaimLoop::new(plan(&["T"]));
     l.step(
         Input::Snapshot(vec![task("T", TaskStatus::Available, &[])]),
@@ -237,6 +236,30 @@ fn a_lost_claim_kills_the_task_and_is_not_reported_done() {
             reason: "the session's claim was lost".into()
         }]
     );
+    l
+}
+
+#[test]
+fn a_lost_claim_kills_the_task_and_a_killed_run_is_not_reported_done() {
+    let now = Instant::now();
+    let mut l = fenced_t(now);
+    let out = l.step(
+        Input::Exited {
+            task: id("T"),
+            success: false,
+        },
+        now,
+    );
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Release { .. })),
+        "no release after fencing: {out:?}"
+    );
+}
+
+#[test]
+fn a_run_that_finished_before_the_kill_is_reported_done_under_its_token() {
+    let now = Instant::now();
+    let mut l = fenced_t(now);
     let out = l.step(
         Input::Exited {
             task: id("T"),
@@ -245,8 +268,12 @@ fn a_lost_claim_kills_the_task_and_is_not_reported_done() {
         now,
     );
     assert!(
-        !out.iter().any(|o| matches!(o, Output::Release { .. })),
-        "no release after fencing: {out:?}"
+        out.contains(&Output::Release {
+            task: id("T"),
+            to: ReleaseTo::Complete,
+            token: Some(FencingToken(3)),
+        }),
+        "{out:?}"
     );
 }
 

@@ -369,46 +369,84 @@ pub async fn lease_expiry_recovery(h: &impl Harness) {
     );
 }
 
-/// After a holder's lease ends, its release and completion change nothing, and it is told.
+/// After a holder's lease ends it is told; the task reads available. Its completion still
+/// lands while nobody claimed or changed the task since (the run finished once, nobody else
+/// started it: running it again would do the work twice); once another session claimed it,
+/// neither its completion nor its giving back changes anything.
 pub async fn fencing_after_lease_end(h: &impl Harness) {
-    let t = tid("TEST-FENCE");
+    /// `a` claims `t` for `sa`, its lease ends; the token of that claim.
+    async fn lapse(
+        h: &impl Harness,
+        (a, b): (&dyn Backend, &dyn Backend),
+        sa: &SessionId,
+        events: &mut crate::Subscription,
+        t: &TaskId,
+    ) -> FencingToken {
+        put_status(b, t, TaskStatus::Available).await;
+        let old = won(a, t, sa).await;
+        h.end_lease(t).await;
+        let lost = tokio::time::timeout(WAIT, async {
+            loop {
+                match events.next().await {
+                    Some(BackendEvent::ClaimLost {
+                        task,
+                        session,
+                        token,
+                    }) if &task == t => return (task, session, token),
+                    Some(_) => continue,
+                    None => panic!("subscription ended"),
+                }
+            }
+        })
+        .await
+        .expect("the holder is told its claim is lost");
+        assert_eq!(lost, (t.clone(), sa.clone(), old));
+        let read = eventually(WAIT, "the task to read available", || async {
+            let task = b.get(t).await.expect("get")?;
+            (task.status == TaskStatus::Available).then_some(task)
+        })
+        .await;
+        assert_eq!(read.claimed_by, None);
+        old
+    }
+
     let (a, b) = (h.client().await, h.client().await);
     let (sa, sb) = (sid("stale-holder"), sid("new-holder"));
-    put_status(&*b, &t, TaskStatus::Available).await;
     let mut a_events = a.subscribe().await.expect("subscribe");
-    let old = won(&*a, &t, &sa).await;
-    h.end_lease(&t).await;
-    let lost = tokio::time::timeout(WAIT, async {
-        loop {
-            match a_events.next().await {
-                Some(BackendEvent::ClaimLost {
-                    task,
-                    session,
-                    token,
-                }) => return (task, session, token),
-                Some(_) => continue,
-                None => panic!("subscription ended"),
-            }
-        }
-    })
-    .await
-    .expect("the holder is told its claim is lost");
-    assert_eq!(lost, (t.clone(), sa.clone(), old));
-
-    let read = eventually(WAIT, "the task to read available", || async {
-        let task = b.get(&t).await.expect("get")?;
-        (task.status == TaskStatus::Available).then_some(task)
-    })
-    .await;
-    assert_eq!(read.claimed_by, None);
-    // Stale holder, nobody else yet.
+    // Stale holder, nobody else since: giving back changes nothing (it is free already); a
+    // completion under another token changes nothing; its own completion lands.
+    let t = tid("TEST-FENCE");
+    let old = lapse(h, (&*a, &*b), &sa, &mut a_events, &t).await;
     let r = a
-        .release(&t, &sa, ReleaseTo::Complete, Some(old))
+        .release(&t, &sa, ReleaseTo::Available, Some(old))
+        .await
+        .expect("release");
+    assert_eq!(r, ReleaseOutcome::NotHolder { holder: None });
+    let r = a
+        .release(
+            &t,
+            &sa,
+            ReleaseTo::Complete,
+            Some(FencingToken(old.0 + 1_000_000)),
+        )
         .await
         .expect("release");
     assert_eq!(r, ReleaseOutcome::NotHolder { holder: None });
     assert_eq!(get(&*b, &t).await.status, TaskStatus::Available);
-    // Stale holder after someone else took it.
+    let r = a
+        .release(&t, &sa, ReleaseTo::Complete, Some(old))
+        .await
+        .expect("release");
+    assert_eq!(r, ReleaseOutcome::Released { token: old });
+    let done = get(&*b, &t).await;
+    assert_eq!(
+        (done.status, done.claimed_by.as_ref()),
+        (TaskStatus::Complete, Some(&sa))
+    );
+
+    // Stale holder after someone else took it: nothing it says changes anything.
+    let t = tid("TEST-FENCE-TAKEN");
+    let old = lapse(h, (&*a, &*b), &sa, &mut a_events, &t).await;
     won(&*b, &t, &sb).await;
     let before = get(&*b, &t).await;
     for to in [ReleaseTo::Complete, ReleaseTo::Available] {
@@ -425,6 +463,19 @@ pub async fn fencing_after_lease_end(h: &impl Harness) {
         before,
         "a stale release changed nothing"
     );
+
+    // Stale holder after the new holder gave it back: the task changed hands in between.
+    let r = b
+        .release(&t, &sb, ReleaseTo::Available, None)
+        .await
+        .expect("release");
+    assert!(matches!(r, ReleaseOutcome::Released { .. }), "{r:?}");
+    let r = a
+        .release(&t, &sa, ReleaseTo::Complete, Some(old))
+        .await
+        .expect("release");
+    assert_eq!(r, ReleaseOutcome::NotHolder { holder: None });
+    assert_eq!(get(&*b, &t).await.status, TaskStatus::Available);
 }
 
 /// Only the holder releases; completion keeps the completer and is final.

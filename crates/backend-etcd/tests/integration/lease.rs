@@ -101,16 +101,7 @@ async fn an_idle_session_whose_lease_was_lost_is_listed_again() {
     let b = crate::backend(&server, true).await;
     let observer = crate::backend(&server, true).await;
     let s = SessionId::parse("idle-one").expect("id");
-    let presence = agent_core::Presence {
-        session_id: s.clone(),
-        state: "idle".into(),
-        current_task: None,
-        backend: "etcd".into(),
-        started_at: chrono::Utc::now(),
-        pid: std::process::id(),
-        host: agent_core::process::hostname(),
-        version: "test".into(),
-    };
+    let presence = presence_of(&s);
     assert_eq!(b.register(&presence, false).await.expect("register"), None);
     let lease = raw.get("sessions/idle-one", None).await.expect("get").kvs()[0].lease();
     raw.lease_revoke(lease).await.expect("revoke");
@@ -130,4 +121,160 @@ async fn an_idle_session_whose_lease_was_lost_is_listed_again() {
     }
     let now = raw.get("sessions/idle-one", None).await.expect("get").kvs()[0].lease();
     assert_ne!(now, lease, "under a new lease");
+}
+
+/// The presence of an agent of session `s` in this process.
+fn presence_of(s: &SessionId) -> agent_core::Presence {
+    agent_core::Presence {
+        session_id: s.clone(),
+        state: "idle".into(),
+        current_task: None,
+        backend: "etcd".into(),
+        started_at: chrono::Utc::now(),
+        pid: std::process::id(),
+        host: agent_core::process::hostname(),
+        version: "test".into(),
+    }
+}
+
+/// `holder` claims `task` for `s` under a lease; returns the claim's token.
+async fn claimed(holder: &impl Backend, task: &TaskId, s: &SessionId) -> agent_core::FencingToken {
+    holder.put(task, &TaskPatch::default()).await.expect("put");
+    match holder.claim(task, s).await.expect("claim") {
+        ClaimOutcome::Won(c) => c.token,
+        other => panic!("claim: {other:?}"),
+    }
+}
+
+/// `holder`'s completion of `task` under `token` lands, and the task reads complete by `s`.
+async fn completes(
+    holder: &impl Backend,
+    t: &TaskId,
+    s: &SessionId,
+    token: agent_core::FencingToken,
+) {
+    use agent_core::{ReleaseOutcome, ReleaseTo, TaskStatus};
+    let out = holder
+        .release(t, s, ReleaseTo::Complete, Some(token))
+        .await
+        .expect("release");
+    assert_eq!(out, ReleaseOutcome::Released { token });
+    let done = holder.get(t).await.expect("get").expect("task");
+    assert_eq!(
+        (done.status, done.claimed_by.as_ref()),
+        (TaskStatus::Complete, Some(s))
+    );
+}
+
+/// Ends the lease of `task`'s claim from outside and waits until the expired-claim repairer has
+/// rewritten the record (it then names the lapsed claim).
+async fn lapse_and_repair(raw: &mut etcd_client::Client, task: &TaskId) {
+    let key = format!("claims/{task}");
+    let lease = raw.get(key, None).await.expect("get").kvs()[0].lease();
+    raw.lease_revoke(lease).await.expect("revoke");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = raw.get(format!("tasks/{task}"), None).await.expect("get");
+        let text = resp.kvs()[0].value_str().expect("utf8").to_owned();
+        if text.contains("ifc_lapsed") {
+            assert!(text.contains(r#""status":"available""#), "{text}");
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never repaired: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_run_that_finished_while_its_lease_lapsed_completes_if_nobody_claimed_it_since() {
+    // Seeds of the random generator: a run that finished while etcd was away longer than the TTL
+    // had its completion refused, and the task ran again in full.
+    use agent_core::{ReleaseOutcome, ReleaseTo, TaskStatus};
+    let server = EtcdServer::start();
+    let mut raw = crate::raw_client(&server).await;
+    let holder = crate::backend(&server, true).await;
+    let s = SessionId::parse("lapsed").expect("id");
+
+    // The repaired record still names the claim: its holder completes the task.
+    let t = TaskId::parse("LAPSED-DONE").expect("id");
+    let token = claimed(&holder, &t, &s).await;
+    lapse_and_repair(&mut raw, &t).await;
+    completes(&holder, &t, &s, token).await;
+    let text = raw.get("tasks/LAPSED-DONE", None).await.expect("get").kvs()[0]
+        .value_str()
+        .expect("utf8")
+        .to_owned();
+    assert!(!text.contains("ifc_lapsed"), "{text}");
+
+    // Another process of the same session id, with the same token: not the process that ran it.
+    let t = TaskId::parse("LAPSED-ELSEWHERE").expect("id");
+    let token = claimed(&holder, &t, &s).await;
+    lapse_and_repair(&mut raw, &t).await;
+    let other = crate::backend(&server, false).await;
+    let out = other
+        .release(&t, &s, ReleaseTo::Complete, Some(token))
+        .await
+        .expect("release");
+    assert_eq!(out, ReleaseOutcome::NotHolder { holder: None });
+
+    // An operator's write since (a new title) is somebody's word on the task: refused.
+    let t = TaskId::parse("LAPSED-EDITED").expect("id");
+    let token = claimed(&holder, &t, &s).await;
+    lapse_and_repair(&mut raw, &t).await;
+    let retitle = TaskPatch {
+        title: Some("edited".into()),
+        ..TaskPatch::default()
+    };
+    holder.put(&t, &retitle).await.expect("put");
+    let out = holder
+        .release(&t, &s, ReleaseTo::Complete, Some(token))
+        .await
+        .expect("release");
+    assert_eq!(out, ReleaseOutcome::NotHolder { holder: None });
+    let t_now = holder.get(&t).await.expect("get").expect("task");
+    assert_eq!(t_now.status, TaskStatus::Available);
+}
+
+#[tokio::test]
+async fn a_claim_that_outlived_a_lost_keep_alive_is_still_its_process_to_complete() {
+    // etcd down longer than the TTL, then back: the session's keep-alive gave up and the session
+    // took a new lease (its presence is published again), while etcd, restarted, kept the old
+    // lease and the claim under it. The finished run's completion was refused ("not holder":
+    // another lease), and the task ran again.
+    let mut server = EtcdServer::start();
+    let holder = crate::backend(&server, true).await;
+    let s = SessionId::parse("outlived").expect("id");
+    let presence = presence_of(&s);
+    assert_eq!(
+        holder.register(&presence, false).await.expect("register"),
+        None
+    );
+    let t = TaskId::parse("OUTLIVED").expect("id");
+    let token = claimed(&holder, &t, &s).await;
+    let mut raw = crate::raw_client(&server).await;
+    let old = raw.get("claims/OUTLIVED", None).await.expect("get").kvs()[0].lease();
+    server.kill();
+    tokio::time::sleep(crate::TTL * 2).await;
+    server.restart();
+    let mut raw = crate::raw_client(&server).await;
+    // The session takes a new lease for its presence; the claim stays under the old one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let kvs = raw.get("sessions/outlived", None).await.expect("get");
+        if kvs.kvs().first().is_some_and(|kv| kv.lease() != old) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no new lease");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let claim = raw.get("claims/OUTLIVED", None).await.expect("get");
+    assert_eq!(
+        claim.kvs().first().map(|kv| kv.lease()),
+        Some(old),
+        "etcd kept the claim under its old lease"
+    );
+    completes(&holder, &t, &s, token).await;
 }

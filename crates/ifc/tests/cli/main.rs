@@ -6,6 +6,7 @@ mod exclusive;
 mod git;
 mod human;
 mod hybrid;
+mod lapsed;
 mod metrics;
 mod migrate;
 mod security;

@@ -1,0 +1,96 @@
+//! A run that finished while its claim lapsed (etcd paused past the lease TTL, the git remote
+//! away past `--stale-after`) is reported done and not run again, though another session waits
+//! for the task: real agents, a real etcd and a real git remote.
+
+use std::time::Duration;
+
+use backend_etcd::testing::EtcdServer;
+use backend_git::testing::BareRemote;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::agent::{finish, ifc, put, spawn_agent, wait_for, Agent, Workdir};
+
+/// Marks that it started, works 2 s, then records that it ran.
+const SLOW: &str =
+    r#"touch "$MARKS/started-$IFC_TASK_ID"; sleep 2; echo "$IFC_TASK_ID" >> "$SHARED""#;
+
+fn started(w: &Workdir) -> bool {
+    w.path().join("started-T1").exists()
+}
+
+fn both_finish(w: &Workdir, mut agents: Vec<(Agent, std::path::PathBuf)>) {
+    for (agent, log) in &mut agents {
+        let code = finish(agent, Duration::from_secs(120));
+        let text = std::fs::read_to_string(&*log).unwrap_or_default();
+        assert_eq!(code, 0, "{}:\n{text}", log.display());
+    }
+    let logs: Vec<String> = agents
+        .iter()
+        .map(|(_, log)| std::fs::read_to_string(log).unwrap_or_default())
+        .collect();
+    assert_eq!(w.done(), ["T1"], "T1 ran once:\n{}", logs.join("\n----\n"));
+}
+
+#[test]
+fn a_run_that_finished_while_etcd_was_paused_past_the_ttl_is_not_run_again() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    put(&e, w.path(), &["T1"]);
+    let mut agents = Vec::new();
+    for session in ["holder", "taker"] {
+        let config = w.session(session, &["T1"], SLOW, "");
+        let log = w.path().join(format!("{session}.log"));
+        let agent = spawn_agent(ifc(&e, w.path()), &config, &log, &["--until-done"]);
+        agents.push((agent, log));
+        if session == "holder" {
+            wait_for("the holder to start T1", Duration::from_secs(30), || {
+                started(&w)
+            });
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = etcd.pid().expect("etcd runs");
+    let pid = Pid::from_raw(i32::try_from(pid).expect("pid"));
+    kill(pid, Signal::SIGSTOP).expect("pause etcd");
+    // Three lease TTLs: the run ends (2 s) while etcd is away, and the claim's lease ends.
+    std::thread::sleep(Duration::from_secs(6));
+    kill(pid, Signal::SIGCONT).expect("resume etcd");
+    both_finish(&w, agents);
+}
+
+#[test]
+fn a_run_that_finished_while_the_git_remote_was_away_past_stale_after_is_not_run_again() {
+    let board =
+        "| ID | Task | Status | Owner |\n|---|---|---|---|\n| T1 | one | 🔵 AVAILABLE | |\n";
+    let (remote, w) = (BareRemote::new(board), Workdir::new());
+    let mut agents = Vec::new();
+    for (k, session) in ["session-1-holder", "session-2-taker"]
+        .into_iter()
+        .enumerate()
+    {
+        let config = w.session(session, &["T1"], SLOW, "");
+        let log = w.path().join(format!("{session}.log"));
+        let mut cmd = ifc("http://127.0.0.1:1", w.path());
+        cmd.env("IFC_MODE", "git")
+            .env("IFC_GIT_REMOTE", remote.path())
+            .env("IFC_GIT_WORKDIR", w.path().join(format!("clone-{k}")))
+            .env("IFC_POLL_INTERVAL", "200ms")
+            .args(["--stale-after", "8s"]);
+        agents.push((spawn_agent(cmd, &config, &log, &["--until-done"]), log));
+        if k == 0 {
+            wait_for("the holder to start T1", Duration::from_secs(30), || {
+                started(&w)
+            });
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let away = remote.path().with_extension("away");
+    std::fs::rename(remote.path(), &away).expect("move the remote away");
+    // Longer than --stale-after: the holder fences itself, the claim reads stale to the taker.
+    std::thread::sleep(Duration::from_secs(10));
+    std::fs::rename(&away, remote.path()).expect("move the remote back");
+    both_finish(&w, agents);
+    let text = remote.read("docs/PHASE-0-TASK-BOARD.md").expect("board");
+    assert!(text.contains("✅ DONE"), "{text}");
+}
