@@ -57,6 +57,7 @@ fn bench(c: &mut Criterion) {
                         task: id("T04999"),
                         status: Some(TaskStatus::Complete),
                         holder: None,
+                        blocked_by: None,
                     },
                     black_box(Instant::now()),
                 )

@@ -33,14 +33,18 @@ pub struct Plan {
 pub enum Input {
     /// Every task, as the backend lists it (at start and after a re-sync).
     Snapshot(Vec<Task>),
-    /// A task's status or holder changed.
+    /// A task's status, holder or blockers changed.
     Changed {
         task: TaskId,
         status: Option<TaskStatus>,
         holder: Option<SessionId>,
+        /// Its blockers now (`None`: not known, keep the view's).
+        blocked_by: Option<Vec<TaskId>>,
     },
     /// A task fetched after `Output::Fetch`.
     Fetched(Task),
+    /// `Output::Fetch` found no such task.
+    Missing(TaskId),
     /// The answer to `Output::Claim`.
     Claimed { task: TaskId, outcome: ClaimOutcome },
     /// `Output::Claim` failed (backend unreachable): try again later.
@@ -139,6 +143,8 @@ pub struct ClaimLoop {
     /// (older) can arrive after the release returned, and must not make the view show the task
     /// held by this session again (which reads as "adopt it" and costs a useless claim).
     completed: HashSet<TaskId>,
+    /// Tasks asked for with `Output::Fetch` and not answered yet: not known to be missing.
+    fetching: HashSet<TaskId>,
     /// Since when each pattern of the list has matched no task (warned about once).
     unmatched_since: HashMap<String, Instant>,
 }
@@ -155,6 +161,7 @@ impl ClaimLoop {
             release_retry: None,
             stopping: false,
             completed: HashSet::new(),
+            fetching: HashSet::new(),
             unmatched_since: HashMap::new(),
         }
     }
@@ -209,14 +216,23 @@ impl ClaimLoop {
                 self.index = None;
             }
             Input::Fetched(task) => {
+                self.fetching.remove(&task.id);
+                // Blockers it names that the view does not know yet (a blocker edit).
+                self.fetch_unknown(&task.blocked_by, &mut out);
                 self.view.insert(task.id.clone(), task);
+                self.index = None;
+            }
+            Input::Missing(task) => {
+                self.fetching.remove(&task);
+                self.view.remove(&task);
                 self.index = None;
             }
             Input::Changed {
                 task,
                 status,
                 holder,
-            } => self.changed(task, status, holder, now, &mut out),
+                blocked_by,
+            } => self.changed(task, status, holder, blocked_by, now, &mut out),
             Input::Claimed { task, outcome } => {
                 if self.phase != Phase::Claiming(task.clone()) {
                     return out;
@@ -265,7 +281,9 @@ impl ClaimLoop {
                                 .get(&task)
                                 .map(|t| t.blocked_by.clone())
                                 .unwrap_or_default();
-                            out.extend(blockers.into_iter().map(Output::Fetch));
+                            for b in blockers {
+                                self.fetch(b, &mut out);
+                            }
                             self.not_before
                                 .insert(task.clone(), now + self.plan.retry_backoff);
                         }
@@ -395,6 +413,7 @@ impl ClaimLoop {
         task: TaskId,
         status: Option<TaskStatus>,
         holder: Option<SessionId>,
+        blocked_by: Option<Vec<TaskId>>,
         now: Instant,
         out: &mut Vec<Output>,
     ) {
@@ -411,12 +430,23 @@ impl ClaimLoop {
             self.index = None;
             return;
         };
-        let Some(entry) = self.view.get_mut(&task) else {
+        if !self.view.contains_key(&task) {
             if self.plan.patterns.iter().any(|p| p.matches(&task))
                 || self.index().blockers.contains(&task)
             {
-                out.push(Output::Fetch(task));
+                self.fetch(task, out);
             }
+            return;
+        }
+        if let Some(blockers) = blocked_by.filter(|b| self.view[&task].blocked_by != *b) {
+            // An operator's `put --blocked-by` while this session waits for the task.
+            self.fetch_unknown(&blockers, out);
+            if let Some(entry) = self.view.get_mut(&task) {
+                entry.blocked_by = blockers;
+            }
+            self.index = None;
+        }
+        let Some(entry) = self.view.get_mut(&task) else {
             return;
         };
         let was = entry.status;
@@ -441,6 +471,20 @@ impl ClaimLoop {
                     "blocker {task} cleared: {} claimable",
                     unblocked.join(", ")
                 )));
+            }
+        }
+    }
+
+    fn fetch(&mut self, task: TaskId, out: &mut Vec<Output>) {
+        self.fetching.insert(task.clone());
+        out.push(Output::Fetch(task));
+    }
+
+    /// Fetches those of `tasks` the view does not hold.
+    fn fetch_unknown(&mut self, tasks: &[TaskId], out: &mut Vec<Output>) {
+        for t in tasks {
+            if !self.view.contains_key(t) {
+                self.fetch(t.clone(), out);
             }
         }
     }
@@ -636,6 +680,7 @@ impl ClaimLoop {
                     continue;
                 }
                 match self.view.get(b) {
+                    None if self.fetching.contains(b) => {}
                     None => return Some((id.clone(), format!("its blocker {b} does not exist"))),
                     Some(t) if t.status != TaskStatus::Complete => {
                         stack.extend(t.blocked_by.iter())

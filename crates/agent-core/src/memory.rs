@@ -96,7 +96,11 @@ impl State {
     }
 
     fn notify(&mut self, id: &TaskId, before: Option<Task>, after: Option<Task>) {
-        let key = |t: &Option<Task>| t.as_ref().map(|t| (t.status, t.claimed_by.clone()));
+        // Blockers too: a waiting session must hear of a blocker edit (issue 15 #4).
+        let key = |t: &Option<Task>| {
+            t.as_ref()
+                .map(|t| (t.status, t.claimed_by.clone(), t.blocked_by.clone()))
+        };
         if key(&before) == key(&after) {
             return;
         }
@@ -104,6 +108,10 @@ impl State {
             task: id.clone(),
             old_status: before.map(|t| t.status),
             new_status: after.as_ref().map(|t| t.status),
+            blocked_by: after
+                .as_ref()
+                .map(|t| t.blocked_by.clone())
+                .unwrap_or_default(),
             holder: after.and_then(|t| t.claimed_by),
             revision: self.revision,
             time: SystemTime::now(),

@@ -324,6 +324,9 @@ pub struct TaskEvent {
     pub new_status: Option<TaskStatus>,
     /// The holder after the change (`claimed`), or the completer (`complete`).
     pub holder: Option<SessionId>,
+    /// The task's blockers after the change (an edit of them alone is an event too: a waiting
+    /// session must hear of it).
+    pub blocked_by: Vec<TaskId>,
     /// The backend's revision of the change; strictly increasing along one subscription.
     pub revision: u64,
     /// When this process observed the change.

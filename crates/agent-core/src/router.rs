@@ -516,6 +516,7 @@ impl Shared {
                 old_status: None,
                 new_status: Some(t.status),
                 holder: t.claimed_by.clone(),
+                blocked_by: t.blocked_by.clone(),
                 revision: 0,
                 time: std::time::SystemTime::now(),
             }));

@@ -35,7 +35,9 @@ pub(crate) struct Repair {
     pub record_rev: i64,
 }
 
-type Face = Option<(TaskStatus, Option<SessionId>)>;
+/// What watchers are told of: the effective status and holder, and the blockers (a waiting
+/// session must hear of a blocker edit, whose status may not change: issue 15 #4).
+type Face = Option<(TaskStatus, Option<SessionId>, Vec<TaskId>)>;
 
 #[derive(Debug, Default)]
 pub(crate) struct Cache {
@@ -49,11 +51,18 @@ pub(crate) struct Cache {
 }
 
 impl Cache {
-    /// What watchers see of a task: its effective status and holder.
+    /// What watchers see of a task: its effective status, holder and blockers.
     fn face(&self, id: &TaskId) -> Face {
         let stored = self.records.get(id)?;
         match effective_face(stored, self.claims.get(id)) {
-            Ok((status, holder, _)) => Some((status, holder)),
+            Ok((status, holder, _)) => {
+                let blockers = stored
+                    .record
+                    .as_ref()
+                    .map(|r| r.task.blocked_by.clone())
+                    .unwrap_or_default();
+                Some((status, holder, blockers))
+            }
             // A corrupt record has no status to report; it reads as absent to watchers.
             Err(_) => None,
         }
@@ -124,9 +133,10 @@ impl Cache {
             if old != new {
                 let event = TaskEvent {
                     task: id.clone(),
-                    old_status: old.map(|(s, _)| s),
-                    new_status: new.as_ref().map(|(s, _)| *s),
-                    holder: new.as_ref().and_then(|(_, h)| h.clone()),
+                    old_status: old.map(|(s, _, _)| s),
+                    new_status: new.as_ref().map(|(s, _, _)| *s),
+                    holder: new.as_ref().and_then(|(_, h, _)| h.clone()),
+                    blocked_by: new.as_ref().map(|(_, _, b)| b.clone()).unwrap_or_default(),
                     revision: u64::try_from(revision).unwrap_or_default(),
                     time: SystemTime::now(),
                 };
@@ -218,7 +228,7 @@ impl Cache {
         if !self.synced {
             return None;
         }
-        self.face(id).map(|(status, _)| status)
+        self.face(id).map(|(status, _, _)| status)
     }
 
     /// The view of one task, if the cache is synced.

@@ -132,6 +132,17 @@ impl Inner {
         }
     }
 
+    /// Takes on `lease` of this session's process that died on this host, as if granted here: a
+    /// run that process finished but could not report (killed between the exit and the report)
+    /// may then be completed by this one under its token, while nobody claimed the task since
+    /// (`complete_lapsed`).
+    pub(crate) fn inherit(&self, lease: i64) {
+        self.granted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(lease);
+    }
+
     /// Whether `lease` was granted to this client (0, no lease, is nobody's).
     pub(crate) fn granted_here(&self, lease: i64) -> bool {
         lease != 0

@@ -136,6 +136,7 @@ impl Inner {
             return Ok(false);
         }
         tracing::warn!(%session, pid = p.pid, host = %p.host, "the process holding the claim is gone: its lease is revoked");
+        self.inherit(lease);
         let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(lease).await };
         match self.conn.call("lease revoke", revoke).await {
             Ok(_) => Ok(true),
@@ -209,6 +210,7 @@ impl Inner {
             tracing::warn!(session = %presence.session_id, pid = other.pid, host = %other.host, "taking the session over from a process that is gone: its claims end now");
             if kv.lease() != 0 {
                 let id = kv.lease();
+                self.inherit(id);
                 let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(id).await };
                 if let Err(e) = self.conn.call("lease revoke", revoke).await {
                     if !crate::lease::lease_gone(&e) {

@@ -19,7 +19,9 @@ use crate::config::GitConfig;
 use crate::repo::{Clone, Pushed};
 use crate::status::{self, ClaimRecord, SessionState, StatusIn};
 
-type Face = Option<(TaskStatus, Option<SessionId>)>;
+/// What subscribers are told of a task: status, holder and blockers (a waiting session must hear
+/// of a blocker edit, whose status may not change: issue 15 #4).
+type Face = Option<(TaskStatus, Option<SessionId>, Vec<TaskId>)>;
 
 /// A claim this backend won and has not released.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,7 +147,7 @@ fn trailers(task: Option<&TaskId>, session: Option<&SessionId>, token: Option<u6
 }
 
 fn face(t: &Task) -> Face {
-    Some((t.status, t.claimed_by.clone()))
+    Some((t.status, t.claimed_by.clone(), t.blocked_by.clone()))
 }
 
 impl Core {
@@ -373,7 +375,11 @@ impl Core {
                     continue;
                 };
                 for t in board.tasks() {
-                    self.tell(&t.id, Some((t.status, t.owner.clone())), depth);
+                    self.tell(
+                        &t.id,
+                        Some((t.status, t.owner.clone(), t.blocked_by.clone())),
+                        depth,
+                    );
                 }
             }
             self.told_head = Some(head);
@@ -413,9 +419,10 @@ impl Core {
         }
         let event = TaskEvent {
             task: id.clone(),
-            old_status: old.as_ref().map(|(s, _)| *s),
-            new_status: new.as_ref().map(|(s, _)| *s),
-            holder: new.as_ref().and_then(|(_, h)| h.clone()),
+            old_status: old.as_ref().map(|(s, _, _)| *s),
+            new_status: new.as_ref().map(|(s, _, _)| *s),
+            holder: new.as_ref().and_then(|(_, h, _)| h.clone()),
+            blocked_by: new.as_ref().map(|(_, _, b)| b.clone()).unwrap_or_default(),
             revision,
             time: SystemTime::now(),
         };

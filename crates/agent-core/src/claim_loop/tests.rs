@@ -66,6 +66,7 @@ fn changed(name: &str, status: TaskStatus, holder: Option<&str>) -> Input {
         task: id(name),
         status: Some(status),
         holder: holder.map(sid),
+        blocked_by: None,
     }
 }
 
@@ -113,6 +114,7 @@ fn claims_the_first_claimable_task_in_priority_order() {
             task: id("A.1"),
             status: Some(TaskStatus::Available),
             holder: None,
+            blocked_by: None,
         },
         now,
     );
@@ -379,6 +381,7 @@ fn unknown_tasks_of_interest_are_fetched_and_claim_errors_back_off() {
             task: id("N.1"),
             status: Some(TaskStatus::Available),
             holder: None,
+            blocked_by: None,
         },
         now,
     );
@@ -610,4 +613,79 @@ fn an_until_done_session_that_gave_up_on_what_is_left_exits_1() {
             );
         }
     }
+}
+
+/// The store's word that `name`'s blockers are now `blocked_by` (status and holder unchanged).
+fn reblocked(name: &str, status: TaskStatus, blocked_by: &[&str]) -> Input {
+    Input::Changed {
+        task: id(name),
+        status: Some(status),
+        holder: None,
+        blocked_by: Some(blocked_by.iter().map(|b| id(b)).collect()),
+    }
+}
+
+#[test]
+fn a_waiting_session_claims_a_task_whose_blockers_were_edited_to_complete_ones() {
+    // Issue 15 #4: `ifc put A1 --blocked-by DONE0` while an agent waited for A1: never claimed.
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["A1"]));
+    let out = l.step(
+        Input::Snapshot(vec![
+            task("A1", TaskStatus::Blocked, &["X"]),
+            task("X", TaskStatus::Available, &[]),
+            task("DONE0", TaskStatus::Complete, &[]),
+        ]),
+        now,
+    );
+    assert!(claims(&out).is_empty(), "{out:?}");
+    let out = l.step(reblocked("A1", TaskStatus::Blocked, &["DONE0"]), now);
+    assert_eq!(claims(&out), ["A1"], "{out:?}");
+}
+
+#[test]
+fn a_blocker_edit_to_a_missing_task_or_a_cycle_ends_until_done_with_1() {
+    let now = Instant::now();
+    let waiting = || {
+        let mut l = ClaimLoop::new(plan(&["A1"]));
+        l.step(
+            Input::Snapshot(vec![
+                task("A1", TaskStatus::Blocked, &["X"]),
+                task("X", TaskStatus::Available, &["Y"]),
+                task("Y", TaskStatus::Available, &[]),
+            ]),
+            now,
+        );
+        l
+    };
+    // A blocker the view does not know is read first: not called missing before the answer.
+    let mut l = waiting();
+    let out = l.step(reblocked("A1", TaskStatus::Blocked, &["GHOST"]), now);
+    assert!(out.contains(&Output::Fetch(id("GHOST"))), "{out:?}");
+    assert!(!out.contains(&Output::Exit(1)), "{out:?}");
+    let out = l.step(Input::Missing(id("GHOST")), now);
+    assert!(out.contains(&Output::Exit(1)), "{out:?}");
+    assert!(
+        out.contains(&Output::Note(
+            "A1 can never be claimed: its blocker GHOST does not exist".into()
+        )),
+        "{out:?}"
+    );
+    // One that exists is waited for.
+    let mut l = waiting();
+    l.step(reblocked("A1", TaskStatus::Blocked, &["NEW"]), now);
+    let out = l.step(Input::Fetched(task("NEW", TaskStatus::Available, &[])), now);
+    assert!(!out.contains(&Output::Exit(1)), "{out:?}");
+    let out = l.step(changed("NEW", TaskStatus::Complete, Some("x")), now);
+    assert_eq!(claims(&out), ["A1"], "{out:?}");
+    // A cycle made by editing a blocker's blockers.
+    let mut l = waiting();
+    let out = l.step(reblocked("Y", TaskStatus::Available, &["A1"]), now);
+    assert!(out.contains(&Output::Exit(1)), "{out:?}");
+    assert!(
+        out.contains(&Output::Note(
+            "A1 can never be claimed: its blockers form a cycle".into()
+        )),
+        "{out:?}"
+    );
 }

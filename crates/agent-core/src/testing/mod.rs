@@ -42,7 +42,7 @@ macro_rules! conformance_suite {
             claim_success, claim_race_two, claim_race_many, claim_of_missing_task,
             realtime_event, events_in_revision_order, lease_expiry_recovery,
             fencing_after_lease_end, release_fencing, release_available_then_reclaim,
-            holder_reclaim_supersedes, blockers_gate_claims, put_rules, presence_lives_with_the_session,
+            holder_reclaim_supersedes, blockers_gate_claims, blocker_edit_is_an_event, put_rules, presence_lives_with_the_session,
             record_rules);
     };
     (@cases $harness:expr; $($case:ident),* $(,)?) => {
@@ -597,6 +597,35 @@ pub async fn holder_reclaim_supersedes(h: &impl Harness) {
         .await
         .expect("release");
     assert_eq!(r, ReleaseOutcome::Released { token: second });
+}
+
+/// An edit of a task's blockers alone (its status unchanged) reaches subscribers, with the new
+/// blockers: a session waiting for the task must hear of it.
+pub async fn blocker_edit_is_an_event(h: &impl Harness) {
+    let b = h.client().await;
+    let (t, b1, b2) = (tid("P0.3.1"), tid("P0.1.1"), tid("P0.1.2"));
+    put_status(&*b, &b1, TaskStatus::Available).await;
+    put_status(&*b, &b2, TaskStatus::Complete).await;
+    let patch = |blocker: &TaskId| TaskPatch {
+        status: Some(TaskStatus::Blocked),
+        blocked_by: Some(vec![blocker.clone()]),
+        title: None,
+    };
+    b.put(&t, &patch(&b1)).await.expect("put");
+    let mut sub = b.subscribe().await.expect("subscribe");
+    assert_eq!(
+        b.put(&t, &patch(&b2)).await.expect("put"),
+        PutOutcome::Updated
+    );
+    let e = next_event_for(&mut sub, &t, WAIT).await;
+    assert_eq!(
+        (e.old_status, e.new_status, e.blocked_by),
+        (
+            Some(TaskStatus::Blocked),
+            Some(TaskStatus::Blocked),
+            vec![b2.clone()]
+        )
+    );
 }
 
 /// A task is claimable only once every blocker is complete.

@@ -4,6 +4,7 @@
 //! here and its result fed back as an input.
 
 mod config_watch;
+mod outbox;
 mod task;
 
 use std::collections::{HashMap, VecDeque};
@@ -139,6 +140,7 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         repo_rollback: false,
         mode,
         backend,
+        outbox: outbox::Outbox::new(&log_dir),
         log_dir,
         lp,
         running: None,
@@ -156,6 +158,8 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
 
 struct Driver {
     session: SessionFile,
+    /// Finished runs whose completion the store has not answered yet.
+    outbox: outbox::Outbox,
     config_path: PathBuf,
     /// `--mode`/`IFC_MODE`, fixed for the process.
     global_mode: Option<Mode>,
@@ -199,6 +203,39 @@ impl Driver {
                 false
             }
             Some(e) => self.warned.insert(key, e.to_owned()).as_deref() != Some(e),
+        }
+    }
+
+    /// Reports the runs a previous agent of this session finished but was killed before
+    /// reporting: under the old run's fencing token, so the store accepts the completion only if
+    /// nobody claimed or changed the task since (the run was done once: it is not done again).
+    async fn report_finished_runs(&mut self) {
+        let session = self.session.session_id.clone();
+        for (task, token) in self.outbox.pending() {
+            match self
+                .backend
+                .release(
+                    &task,
+                    &session,
+                    agent_core::ReleaseTo::Complete,
+                    Some(token),
+                )
+                .await
+            {
+                Ok(ReleaseOutcome::Released { .. }) => {
+                    tracing::info!(%task, %session, %token, "reported the completion of a run the session's previous agent finished");
+                    self.record(task.as_str(), "complete", Some(token.0), None);
+                    self.outbox.reported(&task);
+                }
+                Ok(other) => {
+                    tracing::warn!(%task, %session, %token, outcome = ?other, "a run the session's previous agent finished cannot be reported: the task changed since");
+                    self.record(task.as_str(), "refused", Some(token.0), None);
+                    self.outbox.reported(&task);
+                }
+                Err(e) => {
+                    tracing::warn!(%task, %session, %token, error = %e, "cannot report a run the session's previous agent finished yet: it is tried again at the next start");
+                }
+            }
         }
     }
 
@@ -362,6 +399,7 @@ impl Driver {
         let mut sigterm = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
         let mut sigint = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
         let mut limits = tokio::time::interval(Duration::from_millis(500));
+        self.report_finished_runs().await;
         let mut inputs = VecDeque::from([Input::Snapshot(sub.snapshot.tasks.clone())]);
         let grace = self
             .session
@@ -413,7 +451,7 @@ impl Driver {
                 event = sub.next() => match event {
                     Some(BackendEvent::Task(e)) => {
                         self.heard(&e);
-                        inputs.push_back(Input::Changed { task: e.task, status: e.new_status, holder: e.holder });
+                        inputs.push_back(Input::Changed { task: e.task, status: e.new_status, holder: e.holder, blocked_by: Some(e.blocked_by) });
                     }
                     Some(BackendEvent::ClaimLost { task, session, token }) if session == self.session.session_id => {
                         tracing::warn!(%task, %session, "claim lost: stopping the task, it will not be reported done");
@@ -445,6 +483,11 @@ impl Driver {
                         self.drain_until = None;
                         self.metrics.set_active_tasks(0);
                         self.record(t.claim.task.as_str(), "exit", Some(t.claim.token.0), Some(success));
+                        if success {
+                            if let Err(e) = self.outbox.finished(&t.claim.task, t.claim.token) {
+                                tracing::warn!(task = %t.claim.task, error = %e, "cannot note the finished run: if this agent dies before reporting it, the task runs again");
+                            }
+                        }
                         inputs.push_back(Input::Exited { task: t.claim.task.clone(), success });
                     }
                 }
@@ -545,6 +588,7 @@ impl Driver {
                 match self.backend.release(&task, &session, to, token).await {
                     Ok(outcome) => {
                         self.first_warning(&task, "release", None);
+                        self.outbox.reported(&task);
                         match &outcome {
                             ReleaseOutcome::Released { .. } => {
                                 tracing::info!(%task, %session, status = %to.status(), "release");
@@ -586,7 +630,7 @@ impl Driver {
             }
             Output::Fetch(task) => match self.backend.get(&task).await {
                 Ok(Some(t)) => inputs.push_back(Input::Fetched(t)),
-                Ok(None) => {}
+                Ok(None) => inputs.push_back(Input::Missing(task)),
                 Err(e) => tracing::warn!(%task, error = %e, "cannot read a changed task"),
             },
             Output::WakeAt(at) => self.wake = Some(self.wake.map_or(at, |w| w.min(at))),

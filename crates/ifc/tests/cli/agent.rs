@@ -300,8 +300,8 @@ fn a_git_agent_started_while_the_remote_is_away_waits_for_it() {
     );
 }
 
-#[test]
-fn a_waiting_agent_claims_its_task_when_the_blocker_clears_without_polling() {
+/// An agent of session `waiter` (`--until-done`) waiting for task W, blocked by task B.
+fn waiting_for_w_blocked_by_b() -> (EtcdServer, Workdir, Agent, PathBuf) {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
     let e = etcd.endpoint();
     put(&e, w.path(), &["B"]);
@@ -312,12 +312,38 @@ fn a_waiting_agent_claims_its_task_when_the_blocker_clears_without_polling() {
     );
     let config = w.session("waiter", &["W"], APPEND, "");
     let log = w.path().join("waiter.log");
-    let mut agent = spawn_agent(ifc(&e, w.path()), &config, &log, &["--until-done"]);
+    let agent = spawn_agent(ifc(&e, w.path()), &config, &log, &["--until-done"]);
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_for("the agent to start", Duration::from_secs(20), || {
         read_log().contains("agent started")
     });
     std::thread::sleep(Duration::from_millis(500));
+    (etcd, w, agent, log)
+}
+
+#[test]
+fn a_waiting_agent_claims_its_task_when_its_blockers_are_edited_to_complete_ones() {
+    // Issue 15 #4: `ifc put W --blocked-by DONE0` while an agent waited for W: it never claimed
+    // W (a fresh agent did at once): the edit changed no status, so nothing told the agent.
+    let (etcd, w, mut agent, log) = waiting_for_w_blocked_by_b();
+    let e = etcd.endpoint();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    put(&e, w.path(), &["DONE0", "--status", "complete"]);
+    put(&e, w.path(), &["W", "--blocked-by", "DONE0"]);
+    assert_eq!(
+        finish(&mut agent, Duration::from_secs(30)),
+        0,
+        "{}",
+        read_log()
+    );
+    assert_eq!(w.done(), ["W"]);
+}
+
+#[test]
+fn a_waiting_agent_claims_its_task_when_the_blocker_clears_without_polling() {
+    let (etcd, w, mut agent, log) = waiting_for_w_blocked_by_b();
+    let e = etcd.endpoint();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     // Another process does the blocker.
     assert_eq!(
         code(&run(ifc(&e, w.path()).args([

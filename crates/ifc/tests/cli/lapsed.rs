@@ -94,3 +94,37 @@ fn a_run_that_finished_while_the_git_remote_was_away_past_stale_after_is_not_run
     let text = remote.read("docs/PHASE-0-TASK-BOARD.md").expect("board");
     assert!(text.contains("✅ DONE"), "{text}");
 }
+
+#[test]
+fn a_run_whose_agent_was_killed_before_reporting_it_is_reported_by_the_next_agent() {
+    // Seeds 220000005 and others: an agent killed -9 between its task's exit and the
+    // completion's landing; the restarted agent (or another session) ran the task again.
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    put(&e, w.path(), &["T1"]);
+    let gated = r#"touch "$MARKS/started-$IFC_TASK_ID"; while [ ! -e "$MARKS/go" ]; do sleep 0.05; done; echo "$IFC_TASK_ID" >> "$SHARED""#;
+    let config = w.session("killed", &["T1"], gated, "");
+    let log = w.path().join("first.log");
+    let mut first = spawn_agent(ifc(&e, w.path()), &config, &log, &["--until-done"]);
+    wait_for("T1 to start", Duration::from_secs(30), || started(&w));
+    // etcd stops answering, the run finishes, and the agent dies before its report lands.
+    let pid = Pid::from_raw(i32::try_from(etcd.pid().expect("etcd runs")).expect("pid"));
+    kill(pid, Signal::SIGSTOP).expect("pause etcd");
+    std::fs::write(w.path().join("go"), "").expect("go");
+    wait_for("T1 to finish", Duration::from_secs(30), || {
+        w.done() == ["T1"]
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    first.kill().expect("kill -9 the agent");
+    first.wait().expect("reap");
+    kill(pid, Signal::SIGCONT).expect("resume etcd");
+
+    let log = w.path().join("second.log");
+    let second = spawn_agent(ifc(&e, w.path()), &config, &log, &["--until-done"]);
+    both_finish(&w, vec![(second, log.clone())]);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("reported the completion of a run the session's previous agent finished"),
+        "{text}"
+    );
+}
