@@ -57,7 +57,13 @@ pub async fn run(args: &DevArgs) -> Result<u8> {
     let log_path = dir.join("etcd.log");
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("cannot write {}", log_path.display()))?;
-    let mut child = tokio::process::Command::new(&bin)
+    // Under the task shim, in a process group of its own: when `ifc dev` dies (even by
+    // `kill -9`), the shim reads the end of its stdin and kills the group, etcd with it (issue
+    // 15 #9: etcd outlived `ifc dev` and kept the port).
+    let exe = std::env::current_exe().context("cannot find the ifc binary")?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg(crate::agent::SHIM)
+        .arg(&bin)
         .arg("--name=ifc-dev")
         .arg(format!("--data-dir={}", dir.join("etcd").display()))
         .arg(format!("--listen-client-urls={client}"))
@@ -69,12 +75,18 @@ pub async fn run(args: &DevArgs) -> Result<u8> {
         // memory grows with every write (a watch cut off for longer re-lists).
         .arg("--auto-compaction-mode=periodic")
         .arg("--auto-compaction-retention=1h")
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(log.try_clone().context("etcd log")?)
         .stderr(log)
-        .kill_on_drop(true)
+        .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
+    // Dropped when this process ends, however it ends: the shim then kills etcd.
+    let _lifeline = child.stdin.take();
+    let group = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .map(nix::unistd::Pid::from_raw);
     let config = backend_etcd::EtcdConfig {
         endpoints: vec![client.clone()],
         ..backend_etcd::EtcdConfig::default()
@@ -132,16 +144,19 @@ pub async fn run(args: &DevArgs) -> Result<u8> {
         _ = sigterm.recv() => {}
         _ = sigint.recv() => {}
     }
-    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
-    match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-        Ok(_) => {}
-        Err(_) => {
-            let _ = child.kill().await;
+    // SIGTERM to the group (etcd stops cleanly; the shim goes with it), then wait until the
+    // group is empty, SIGKILL after 10 s.
+    if let Some(group) = group {
+        use nix::sys::signal::{killpg, Signal};
+        let _ = killpg(group, Signal::SIGTERM);
+        let _ = child.wait().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while killpg(group, None).is_ok() {
+            if tokio::time::Instant::now() > deadline {
+                let _ = killpg(group, Signal::SIGKILL);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     eprintln!("etcd stopped");

@@ -317,16 +317,19 @@ fn ifc_dev_serves_a_local_etcd_until_ctrl_c_and_says_how_to_get_etcd() {
             break p;
         }
     };
-    let mut dev = crate::agent::Agent(
-        std::process::Command::new(bin)
-            .current_dir(w.path())
-            .args(["dev", "--port", &port.to_string(), "--etcd-bin"])
-            .arg(&etcd)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("ifc dev"),
-    );
+    let start_dev = || {
+        crate::agent::Agent(
+            std::process::Command::new(bin)
+                .current_dir(w.path())
+                .args(["dev", "--port", &port.to_string(), "--etcd-bin"])
+                .arg(&etcd)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("ifc dev"),
+        )
+    };
+    let mut dev = start_dev();
     let stdout = dev.0.stdout.take().expect("stdout");
     let mut lines = std::io::BufReader::new(stdout).lines();
     let first = lines.next().expect("a line").expect("utf-8");
@@ -348,4 +351,19 @@ fn ifc_dev_serves_a_local_etcd_until_ctrl_c_and_says_how_to_get_etcd() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         "etcd stopped with it"
     );
+
+    // Killed -9, `ifc dev` takes its etcd with it (issue 15 #9: etcd kept the port).
+    let mut dev = start_dev();
+    let stdout = dev.0.stdout.take().expect("stdout");
+    let first = std::io::BufReader::new(stdout)
+        .lines()
+        .next()
+        .expect("a line")
+        .expect("utf-8");
+    assert!(first.contains("is serving on"), "{first}");
+    dev.kill().expect("kill -9");
+    dev.wait().expect("reap");
+    crate::agent::wait_for("etcd to go", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+    });
 }
