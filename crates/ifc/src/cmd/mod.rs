@@ -223,7 +223,7 @@ async fn put(
         status: args.status,
         blocked_by,
     };
-    let outcome = b.put(&args.task, &patch).await?;
+    let outcome = settled("put", &args.task, || b.put(&args.task, &patch)).await?;
     let reopens = matches!(
         args.status,
         Some(agent_core::TaskStatus::Available | agent_core::TaskStatus::Blocked)
@@ -262,6 +262,32 @@ async fn put(
         }
     }
     Ok(code)
+}
+
+/// Runs one write of a command; if its answer timed out (etcd may have applied it all the same),
+/// runs it once more, and that answer says what is true: each write is safe to repeat (the
+/// session's re-claim of a task it holds wins again, a repeated completion is `Released`, a put
+/// already applied is `Unchanged`; issue 15 #3: `claim` said "timed out" and the task was claimed
+/// for nobody's process). If the second times out too, the error says the outcome is unknown
+/// and how to find it out.
+async fn settled<T, F, Fut>(what: &str, task: &TaskId, mut write: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = agent_core::BackendResult<T>>,
+{
+    match write().await {
+        Err(agent_core::BackendError::Timeout { .. }) => {}
+        other => return Ok(other?),
+    }
+    tracing::warn!(%task, "{what} timed out and may have been applied: asking again");
+    match write().await {
+        Err(e @ agent_core::BackendError::Timeout { .. }) => Err(anyhow::Error::new(e).context(
+            format!(
+                "the {what} of {task} timed out twice: it may or may not have been applied; `ifc get {task}` shows what is stored"
+            ),
+        )),
+        other => Ok(other?),
+    }
 }
 
 /// Refuses blockers that would keep `task` from ever being claimable: one that does not exist,
@@ -335,7 +361,7 @@ async fn claim(
 ) -> Result<u8> {
     let mut code = 0;
     for task in &args.tasks {
-        let outcome = b.claim(task, &args.session).await?;
+        let outcome = settled("claim", task, || b.claim(task, &args.session)).await?;
         if let (Some(h), ClaimOutcome::Won(c)) = (history, &outcome) {
             h.log(
                 args.session.as_str(),
@@ -405,14 +431,27 @@ async fn release(
         ReleaseStatus::Complete => ReleaseTo::Complete,
         ReleaseStatus::Available => ReleaseTo::Available,
     };
-    let outcome = b
-        .release(
-            &args.task,
-            &args.session,
-            to,
-            args.fencing_token.map(FencingToken),
-        )
-        .await?;
+    let token = args.fencing_token.map(FencingToken);
+    let mut retried = false;
+    let outcome = settled("release", &args.task, || {
+        let first = !std::mem::replace(&mut retried, true);
+        async move {
+            let outcome = b.release(&args.task, &args.session, to, token).await?;
+            // The first attempt landed (its answer timed out): giving back an available task
+            // again reads "not the holder" and nobody holds it, which is what was asked.
+            Ok(match outcome {
+                ReleaseOutcome::NotHolder { holder: None }
+                    if !first && to == ReleaseTo::Available =>
+                {
+                    ReleaseOutcome::Released {
+                        token: token.unwrap_or(FencingToken(0)),
+                    }
+                }
+                other => other,
+            })
+        }
+    })
+    .await?;
     if matches!(outcome, ReleaseOutcome::Released { .. }) {
         // An operator acting for a running agent: say what it does to the agent.
         let running = b
@@ -536,5 +575,58 @@ async fn watch(b: &dyn Backend, output: Output) -> Result<u8> {
             }
             _ = tokio::signal::ctrl_c() => return Ok(0),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_core::BackendError;
+
+    fn timeout() -> BackendError {
+        BackendError::Timeout {
+            endpoint: "http://127.0.0.1:1".into(),
+            operation: "claim".into(),
+            after: std::time::Duration::from_millis(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_answer_timed_out_is_asked_again_and_the_second_answer_stands() {
+        let t = TaskId::parse("T").expect("id");
+        let mut answers = vec![Ok(7), Err(timeout())];
+        let got = settled("claim", &t, || {
+            let next = answers.pop().expect("at most two attempts");
+            async move { next }
+        })
+        .await
+        .expect("the second answer");
+        assert_eq!(got, 7);
+
+        let mut answers = vec![Err(timeout()), Err(timeout())];
+        let err = settled("claim", &t, || {
+            let next: agent_core::BackendResult<u8> = answers.pop().expect("two attempts");
+            async move { next }
+        })
+        .await
+        .expect_err("unknown");
+        let text = format!("{err:#}");
+        assert!(text.contains("may or may not have been applied"), "{text}");
+        assert!(text.contains("ifc get T"), "{text}");
+        assert!(
+            err.chain()
+                .any(|c| matches!(c.downcast_ref(), Some(BackendError::Timeout { .. }))),
+            "still an infrastructure error (exit 3): {text}"
+        );
+
+        // Any other answer, error or not, is not asked again.
+        let mut calls = 0;
+        let err = settled("put", &t, || {
+            calls += 1;
+            async { Err::<u8, _>(BackendError::InvalidInput("bad".into())) }
+        })
+        .await
+        .expect_err("invalid");
+        assert_eq!(calls, 1, "{err}");
     }
 }
