@@ -620,6 +620,33 @@ impl Shared {
         }
     }
 
+    /// Follows git when its first subscription failed (the remote was away when the agent
+    /// started): retried until it answers, then its events are pumped. Without it, the agent
+    /// never heard git's changes, nor that another process took the session over there (seed
+    /// 260000011: a taken-over agent idled on for good after a rollback moved it to git).
+    pub(super) async fn follow_fallback(weak: std::sync::Weak<Shared>) {
+        let mut backoff =
+            crate::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            let Some(me) = weak.upgrade() else { return };
+            let Ok(git) = me.backend(Side::Fallback).cloned() else {
+                return;
+            };
+            match git.subscribe().await {
+                Ok(sub) => {
+                    tracing::info!(session = %me.config.name, backend = git.name(), "following this store's changes");
+                    drop(me);
+                    return Shared::pump(weak, Side::Fallback, sub).await;
+                }
+                Err(e) => {
+                    tracing::debug!(session = %me.config.name, error = %e, "cannot follow git's changes yet");
+                    drop(me);
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+
     /// Forwards a backend's events to the router's subscribers: the serving side's task events,
     /// and `ClaimLost` for claims that were asserted only on that side.
     async fn pump(weak: std::sync::Weak<Shared>, side: Side, mut sub: Subscription) {

@@ -308,12 +308,13 @@ impl Backend for Router {
                     }
                     Err(e) => {
                         tracing::warn!(session = %me.config.name, backend = b.name(), error = %e, "cannot follow this store's changes yet");
+                        // Tried again until it answers.
+                        let weak = Arc::downgrade(&self.shared);
                         if side == Side::Primary {
-                            // Tried again until it answers.
                             lock(&me.state).following_primary = false;
-                            pumps.push(tokio::spawn(Shared::follow_primary(Arc::downgrade(
-                                &self.shared,
-                            ))));
+                            pumps.push(tokio::spawn(Shared::follow_primary(weak)));
+                        } else {
+                            pumps.push(tokio::spawn(Shared::follow_fallback(weak)));
                         }
                     }
                 }

@@ -605,3 +605,39 @@ async fn a_switch_registers_the_session_in_a_store_its_registration_missed() {
     r.set_mode(Mode::Git).await.expect("to git");
     assert_eq!(registered_in(&fleet.git).await, [sid("s1")]);
 }
+
+#[tokio::test]
+async fn git_is_followed_once_it_answers_when_it_did_not_at_subscribe() {
+    // Seed 260000011: an agent subscribed while the git remote was away never followed git:
+    // moved there by a rollback, it never heard git's changes nor that it was taken over.
+    let fleet = Fleet::new(&["B"]).await;
+    fleet.git.set_reachable(false);
+    let r = fleet.router(Mode::Coordinator);
+    let mut sub = r.subscribe().await.expect("subscribe (etcd serves)");
+    fleet.git.set_reachable(true);
+    r.set_mode(Mode::Git).await.expect("mode");
+    wait_serving(&r, Side::Fallback).await;
+    let git_session = MemoryBackend::new(fleet.git.clone(), None);
+    // Once the retry has subscribed, a change in git reaches the router's subscribers.
+    eventually(Duration::from_secs(10), "git's change heard", || {
+        let git_session = &git_session;
+        let heard = std::iter::from_fn(|| sub.try_next()).any(|e| {
+            matches!(e, BackendEvent::Task(t) if t.task == tid("B") && t.new_status == Some(TaskStatus::Blocked))
+        });
+        async move {
+            if heard {
+                return Some(());
+            }
+            // Toggled until heard: a change before the retry subscribed is not replayed.
+            for status in [TaskStatus::Available, TaskStatus::Blocked] {
+                let patch = TaskPatch {
+                    status: Some(status),
+                    ..TaskPatch::default()
+                };
+                git_session.put(&tid("B"), &patch).await.expect("put");
+            }
+            None
+        }
+    })
+    .await;
+}
