@@ -145,6 +145,9 @@ pub struct ClaimLoop {
     completed: HashSet<TaskId>,
     /// Tasks asked for with `Output::Fetch` and not answered yet: not known to be missing.
     fetching: HashSet<TaskId>,
+    /// Whether the store's list has come (`Input::Snapshot`): an empty board is a board too (the
+    /// tester's report: `--until-done` on an empty board, a mistyped prefix, waited silently).
+    listed: bool,
     /// Since when each pattern of the list has matched no task (warned about once).
     unmatched_since: HashMap<String, Instant>,
 }
@@ -162,6 +165,7 @@ impl ClaimLoop {
             stopping: false,
             completed: HashSet::new(),
             fetching: HashSet::new(),
+            listed: false,
             unmatched_since: HashMap::new(),
         }
     }
@@ -212,6 +216,7 @@ impl ClaimLoop {
         let mut out = Vec::new();
         match input {
             Input::Snapshot(tasks) => {
+                self.listed = true;
                 self.view = tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
                 self.index = None;
             }
@@ -538,7 +543,7 @@ impl ClaimLoop {
             return;
         }
         let index = self.take_index();
-        if !self.view.is_empty() && self.unmatched(&index.unmatched, now, out) {
+        if self.listed && self.unmatched(&index.unmatched, now, out) {
             return;
         }
         self.decide_next(&index.mine, now, out);
@@ -604,7 +609,7 @@ impl ClaimLoop {
             out.push(Output::Claim(id.clone()));
             return;
         }
-        if self.plan.until_done && !self.view.is_empty() {
+        if self.plan.until_done && self.listed {
             // A pattern that matches nothing yet is not done (see `unmatched`).
             if !mine.is_empty()
                 && self.unmatched_since.is_empty()

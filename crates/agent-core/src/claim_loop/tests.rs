@@ -689,3 +689,21 @@ fn a_blocker_edit_to_a_missing_task_or_a_cycle_ends_until_done_with_1() {
         "{out:?}"
     );
 }
+
+#[test]
+fn until_done_on_an_empty_board_warns_at_once_and_gives_up_after_the_grace() {
+    // The tester's report: no warning, no exit, when no task at all was on the board.
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["W"]));
+    let out = l.step(Input::Snapshot(Vec::new()), now);
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Warn(w) if w.contains("W of the session's list is not on the board"))),
+        "{out:?}"
+    );
+    assert!(!out.contains(&Output::Exit(1)), "{out:?}");
+    let out = l.step(
+        Input::Tick,
+        now + UNMATCHED_GRACE + Duration::from_millis(1),
+    );
+    assert!(out.contains(&Output::Exit(1)), "{out:?}");
+}

@@ -454,9 +454,13 @@ impl Driver {
                         inputs.push_back(Input::Changed { task: e.task, status: e.new_status, holder: e.holder, blocked_by: Some(e.blocked_by) });
                     }
                     Some(BackendEvent::ClaimLost { task, session, token }) if session == self.session.session_id => {
-                        tracing::warn!(%task, %session, "claim lost: stopping the task, it will not be reported done");
                         // The token the task runs under (a claim carried across stores has one per store).
                         let running = self.running.as_ref().filter(|t| t.claim.task == task).map(|t| t.claim.token.0);
+                        if running.is_some() {
+                            tracing::warn!(%task, %session, "claim lost: stopping the task, it will not be reported done");
+                        } else {
+                            tracing::warn!(%task, %session, "claim lost; a run of it that finished is still reported, and counts if nobody claimed the task since");
+                        }
                         self.record(task.as_str(), "fenced", Some(running.unwrap_or(token.0)), None);
                         inputs.push_back(Input::Lost { task });
                     }

@@ -132,8 +132,14 @@ impl TaskProcess {
         self.killed.is_none() && status.is_ok_and(|s| s.success())
     }
 
-    /// Kills the whole process group now.
+    /// Kills the whole process group now. A command that has exited already (the agent, busy
+    /// in a call to a store that does not answer, has not seen its end yet) finished on its own:
+    /// it is not counted as killed (the tester's report: a run that had finished was recorded as
+    /// killed when its claim was lost a moment later, and ran again).
     pub fn kill(&mut self, reason: &str) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
         if self.killed.is_none() {
             self.killed = Some(reason.to_owned());
         }
