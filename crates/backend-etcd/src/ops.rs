@@ -28,6 +28,13 @@ pub(crate) struct RawListing {
 /// How many compare-and-swap rounds an operation tries before reporting contention.
 const MAX_ROUNDS: usize = 16;
 
+/// The claim of `view`'s task that ended with its lease, with nobody's write since.
+fn lapsed_in(view: &View) -> Option<crate::record::Lapsed> {
+    let stored = view.record.as_ref().filter(|_| view.claim.is_none())?;
+    let record = stored.record.as_ref().ok()?;
+    record.lapsed_claim(stored.mod_rev)
+}
+
 fn token(rev: i64) -> FencingToken {
     FencingToken(u64::try_from(rev).unwrap_or_default())
 }
@@ -463,17 +470,7 @@ impl Inner {
         let Some(back) = self.conn.back_in_touch().filter(|b| *b < grace) else {
             return Ok(());
         };
-        let lapsed = view
-            .record
-            .as_ref()
-            .filter(|_| view.claim.is_none())
-            .and_then(|s| {
-                s.record
-                    .as_ref()
-                    .ok()
-                    .and_then(|r| r.lapsed_claim(s.mod_rev))
-            });
-        match lapsed {
+        match lapsed_in(view) {
             Some(l) if &l.session != session => Err(BackendError::Unavailable {
                 endpoint: self.conn.endpoints().to_owned(),
                 reason: format!(
@@ -496,18 +493,15 @@ impl Inner {
         want: FencingToken,
         view: &View,
     ) -> BackendResult<Option<bool>> {
-        let Some(stored) = view.record.as_ref().filter(|_| view.claim.is_none()) else {
+        let ours = lapsed_in(view).is_some_and(|l| {
+            &l.session == session && token(l.token) == want && self.granted_here(l.lease)
+        });
+        let (Some(stored), true) = (view.record.as_ref(), ours) else {
             return Ok(None);
         };
         let Ok(record) = &stored.record else {
             return Ok(None);
         };
-        let ours = record.lapsed_claim(stored.mod_rev).is_some_and(|l| {
-            &l.session == session && token(l.token) == want && self.granted_here(l.lease)
-        });
-        if !ours {
-            return Ok(None);
-        }
         let mut done = record.task.clone();
         done.status = TaskStatus::Complete;
         done.claimed_by = Some(session.clone());
