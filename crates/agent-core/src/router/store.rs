@@ -165,6 +165,19 @@ impl Backend for Router {
             .filter(|h| &h.session == session)
             .cloned();
         let Some(held) = held else {
+            // A claim this router did not make or no longer tracks (a one-shot command's, a run
+            // a killed agent finished, a claim whose git side was lost): while the fleet has a
+            // git side, git's word comes first. A task another session claimed or completed
+            // there since is not ended here (seeds 280000026, 280000047: a lapsed etcd
+            // completion landed after a git session had taken the task and run it).
+            let serving = lock(&me.state).serving;
+            if let (Side::Primary, true, Ok(git)) =
+                (serving, me.config.claims_in_git, me.backend(Side::Fallback))
+            {
+                if let Some(refused) = taken_in_git(git, task, session).await? {
+                    return Ok(refused);
+                }
+            }
             let (t, s) = (task.clone(), session.clone());
             let f = move |b: Arc<dyn Backend>| {
                 let (t, s) = (t.clone(), s.clone());
@@ -207,7 +220,26 @@ impl Backend for Router {
                     me.count("release", Side::Fallback);
                     released = Some(o);
                 }
-                Ok(o) => refused = Some(o),
+                Ok(o) => {
+                    // Git gave the task to another session (this claim went stale there, and
+                    // its loss is not yet heard): the etcd claim is given back, not completed.
+                    if me.config.claims_in_git && held.primary.is_some() {
+                        let git = me.backend(Side::Fallback)?;
+                        if let Some(taken) = taken_in_git(git, task, session).await? {
+                            lock(&me.state).held.remove(task);
+                            let etcd = me.backend(Side::Primary)?;
+                            if let Err(e) = etcd
+                                .release(task, session, ReleaseTo::Available, held.primary)
+                                .await
+                            {
+                                tracing::warn!(%task, %session, error = %e, "cannot give the etcd claim back; it ends with the session's lease");
+                            }
+                            tracing::warn!(%task, %session, "release refused: git gave the task to another session");
+                            return Ok(taken);
+                        }
+                    }
+                    refused = Some(o)
+                }
                 // While the fleet has a git side, git takes the release first or nobody does:
                 // a completion on etcd alone would be redone by a git session once this claim
                 // goes stale there (seed 6013: killed with the completion still queued for git).
@@ -426,4 +458,24 @@ impl Backend for Router {
             }
         }
     }
+}
+
+/// `Some(refusal)` when git shows `task` claimed or completed by a session other than `session`:
+/// a release by `session` must then change nothing, in either store.
+async fn taken_in_git(
+    git: &Arc<dyn Backend>,
+    task: &TaskId,
+    session: &SessionId,
+) -> BackendResult<Option<ReleaseOutcome>> {
+    let Some(there) = git.get(task).await? else {
+        return Ok(None);
+    };
+    let other = there.claimed_by.as_ref().is_some_and(|s| s != session);
+    Ok(match there.status {
+        crate::TaskStatus::Claimed if other => Some(ReleaseOutcome::NotHolder {
+            holder: there.claimed_by,
+        }),
+        crate::TaskStatus::Complete if other => Some(ReleaseOutcome::NotHolder { holder: None }),
+        _ => None,
+    })
 }

@@ -40,6 +40,18 @@ impl Fleet {
 
     /// `claims_in_git: false`: a fleet that declared git retired.
     fn router_configured(&self, mode: Mode, mirror: bool, claims_in_git: bool) -> Router {
+        self.router_on(self.etcd_client(), mode, mirror, claims_in_git)
+    }
+
+    /// A router over the given etcd client: two of them over one client are one session's
+    /// agent and its successor that took the session's lease over.
+    fn router_on(
+        &self,
+        etcd: Arc<dyn Backend>,
+        mode: Mode,
+        mirror: bool,
+        claims_in_git: bool,
+    ) -> Router {
         let mut config = RouterConfig::new("s1", mode);
         config.mirror = mirror;
         config.claims_in_git = claims_in_git;
@@ -48,12 +60,16 @@ impl Fleet {
         config.probe_initial = Duration::from_millis(50);
         config.probe_max = Duration::from_millis(200);
         config.check_interval = Duration::from_millis(50);
-        let etcd: Arc<dyn Backend> = Arc::new(MemoryBackend::new(
-            self.etcd.clone(),
-            Some(Duration::from_secs(30)),
-        ));
         let git: Arc<dyn Backend> = Arc::new(MemoryBackend::new(self.git.clone(), None));
         Router::new(Some(etcd), Some(git), config).expect("router")
+    }
+
+    /// One process's etcd client (leases of 30 s).
+    fn etcd_client(&self) -> Arc<dyn Backend> {
+        Arc::new(MemoryBackend::new(
+            self.etcd.clone(),
+            Some(Duration::from_secs(30)),
+        ))
     }
 
     async fn in_etcd(&self, t: &str) -> Task {
@@ -640,4 +656,85 @@ async fn git_is_followed_once_it_answers_when_it_did_not_at_subscribe() {
         }
     })
     .await;
+}
+
+/// `s1`'s claim of `t` (won through `r`) goes to `s2` in git: `s1`'s git claim went stale there
+/// and a git session took the task.
+async fn taken_in_git_by_s2(fleet: &Fleet, t: &str, token: crate::FencingToken) {
+    let git_session = MemoryBackend::new(fleet.git.clone(), None);
+    let out = git_session
+        .release(&tid(t), &sid("s1"), ReleaseTo::Available, Some(token))
+        .await
+        .expect("lapse in git");
+    assert!(matches!(out, ReleaseOutcome::Released { .. }), "{out:?}");
+    won(git_session
+        .claim(&tid(t), &sid("s2"))
+        .await
+        .expect("git claim"));
+}
+
+#[tokio::test]
+async fn a_finished_run_is_not_completed_on_etcd_when_git_gave_the_task_to_another_session() {
+    // Seeds 280000026, 280000047: a coordinator session's claim lapsed, a git session took the
+    // task in git and ran it, and the first session's late completion landed on etcd: the
+    // task completed twice, by two sessions. Git's word comes first, whether the router still
+    // tracks the claim (its loss not yet heard) or not (a restarted agent reporting the run).
+    for tracked in [true, false] {
+        let fleet = Fleet::new(&["A"]).await;
+        let etcd = fleet.etcd_client();
+        let r = fleet.router_on(etcd.clone(), Mode::Coordinator, true, true);
+        let c = won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
+        assert_eq!(
+            face(&fleet.in_git("A").await),
+            (TaskStatus::Claimed, Some("s1"))
+        );
+        taken_in_git_by_s2(&fleet, "A", c.token).await;
+        let reporter = if tracked {
+            r
+        } else {
+            fleet.router_on(etcd, Mode::Coordinator, true, true)
+        };
+        let out = reporter
+            .release(&tid("A"), &sid("s1"), ReleaseTo::Complete, Some(c.token))
+            .await
+            .expect("release");
+        assert!(
+            matches!(out, ReleaseOutcome::NotHolder { .. }),
+            "tracked={tracked}: {out:?}"
+        );
+        assert_ne!(
+            fleet.in_etcd("A").await.status,
+            TaskStatus::Complete,
+            "tracked={tracked}"
+        );
+        assert_eq!(
+            face(&fleet.in_git("A").await),
+            (TaskStatus::Claimed, Some("s2")),
+            "tracked={tracked}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_finished_run_still_completes_on_both_when_git_has_nobody_else() {
+    // The other side of the rule: a restarted agent's report of a run whose claim git still
+    // shows as its own lands in both stores.
+    let fleet = Fleet::new(&["A"]).await;
+    let etcd = fleet.etcd_client();
+    let r = fleet.router_on(etcd.clone(), Mode::Coordinator, true, true);
+    let c = won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
+    let restarted = fleet.router_on(etcd, Mode::Coordinator, true, true);
+    let out = restarted
+        .release(&tid("A"), &sid("s1"), ReleaseTo::Complete, Some(c.token))
+        .await
+        .expect("release");
+    assert!(matches!(out, ReleaseOutcome::Released { .. }), "{out:?}");
+    assert_eq!(
+        face(&fleet.in_etcd("A").await),
+        (TaskStatus::Complete, Some("s1"))
+    );
+    assert_eq!(
+        face(&fleet.in_git("A").await),
+        (TaskStatus::Complete, Some("s1"))
+    );
 }
