@@ -1,12 +1,14 @@
-//! The connection to etcd: building the client (endpoints, TLS, auth, HTTP/2 keep-alive) and
-//! running every call under a deadline with errors mapped to the Backend's typed errors, each
-//! naming the endpoints.
+//! The connection to etcd: building the clients (endpoints, TLS, auth, HTTP/2 keep-alive) and
+//! running every call under a deadline, moving to the next member when one does not answer, with
+//! errors mapped to the Backend's typed errors, each naming the endpoints.
 
 use std::future::Future;
 use std::time::Duration;
 
 use agent_core::{BackendError, BackendResult};
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions, Txn, TxnResponse};
+
+use crate::members::Members;
 
 use crate::config::EtcdConfig;
 
@@ -25,7 +27,7 @@ struct Touch {
 /// A connected client plus what error messages need to name.
 #[derive(Clone)]
 pub(crate) struct Conn {
-    client: Client,
+    members: std::sync::Arc<Members>,
     touch: std::sync::Arc<std::sync::Mutex<Touch>>,
     endpoints: String,
     /// With one endpoint a connect error is reported at once: there is nowhere else to go.
@@ -80,20 +82,8 @@ impl Conn {
         if let Some((user, password)) = &cfg.user {
             options = options.with_user(user.clone(), password.clone());
         }
-        let client = tokio::time::timeout(
-            cfg.dial_timeout,
-            Client::connect(&cfg.endpoints, Some(options)),
-        )
-        .await
-        .map_err(|_| BackendError::Timeout {
-            endpoint: endpoints.clone(),
-            operation: "connect".into(),
-            after: cfg.dial_timeout,
-        })?
-        // Bad URLs and TLS settings are input errors; a refused login is `Rejected`.
-        .map_err(|e| classify(&endpoints, e))?;
         let conn = Conn {
-            client,
+            members: std::sync::Arc::new(Members::new(&cfg.endpoints, options)),
             touch: Default::default(),
             endpoints,
             several_endpoints: cfg.endpoints.len() > 1,
@@ -152,8 +142,11 @@ impl Conn {
     }
 
     /// Runs `call` until it succeeds, fails in a way that may have reached etcd, or `deadline`
-    /// passes. A call that failed to *connect* never reached etcd, so it is tried again at once:
-    /// with an endpoint list, the balancer may have picked a member that is down.
+    /// passes. With several members, a member that does not answer within half the deadline, or
+    /// cannot be reached, is passed over for a while and the call goes to the next one: a
+    /// silent member (stopped, black-holed) is treated like a dead one. Every write ifc makes
+    /// is a compare-and-swap or idempotent, so one that the silent member takes late changes
+    /// nothing.
     pub async fn within<T, F, Fut>(
         &self,
         operation: &str,
@@ -164,29 +157,73 @@ impl Conn {
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let attempts = async {
-            let mut pause = Duration::from_millis(5);
-            loop {
-                match call(self.client.clone()).await {
-                    Err(e) if self.several_endpoints && never_sent(&e) => {
-                        tracing::debug!(operation, error = %e, "connect failed; trying another endpoint");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_millis(100));
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(5);
+        let result = loop {
+            let remaining = deadline.saturating_sub(started.elapsed());
+            if remaining.is_zero() {
+                break Err(BackendError::Timeout {
+                    endpoint: self.endpoints.clone(),
+                    operation: operation.to_owned(),
+                    after: deadline,
+                });
+            }
+            let member = self.members.pick();
+            let attempt = if self.several_endpoints {
+                remaining.min(deadline / 2)
+            } else {
+                remaining
+            };
+            let members = &self.members;
+            let answer = tokio::time::timeout(attempt, async {
+                let client = members.client(member).await?;
+                call(client).await
+            })
+            .await;
+            let endpoint = self.members.endpoint(member);
+            match answer {
+                Ok(Ok(value)) => {
+                    self.members.answered(member);
+                    break Ok(value);
+                }
+                Ok(Err(e)) if self.several_endpoints && never_sent(&e) => {
+                    if self.members.avoid(member) {
+                        tracing::info!(endpoint, operation, error = %e, "etcd member unreachable; using the next one");
                     }
-                    other => return other,
+                    tokio::time::sleep(pause.min(remaining)).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Ok(Err(e)) => break Err(classify(&self.endpoints, e)),
+                Err(_) if self.several_endpoints => {
+                    if self.members.avoid(member) {
+                        tracing::warn!(endpoint, operation, after = ?attempt, "etcd member did not answer; using the next one");
+                    }
+                }
+                Err(_) => {
+                    break Err(BackendError::Timeout {
+                        endpoint: self.endpoints.clone(),
+                        operation: operation.to_owned(),
+                        after: deadline,
+                    })
                 }
             }
         };
-        let result = match tokio::time::timeout(deadline, attempts).await {
-            Ok(result) => result.map_err(|e| classify(&self.endpoints, e)),
-            Err(_) => Err(BackendError::Timeout {
-                endpoint: self.endpoints.clone(),
-                operation: operation.to_owned(),
-                after: deadline,
-            }),
-        };
         self.heard(&result);
         result
+    }
+
+    /// A call's stream (a watch) went silent: the member that serves calls is passed over for a
+    /// while, so the stream is opened again elsewhere.
+    pub fn serving_member_silent(&self) {
+        if self.several_endpoints {
+            let member = self.members.pick();
+            if self.members.avoid(member) {
+                tracing::warn!(
+                    endpoint = self.members.endpoint(member),
+                    "etcd member went silent; using the next one"
+                );
+            }
+        }
     }
 
     /// Notes whether etcd answered (see `back_in_touch`).

@@ -129,6 +129,7 @@ impl Inner {
                 }
                 _ = tick.tick() => {
                     if last_heard.elapsed() > silence_limit {
+                        self.conn.serving_member_silent();
                         return WatchEnd::Broken(format!("no answer to progress requests for {silence_limit:?}"));
                     }
                     if let Err(e) = requests.request_progress().await {

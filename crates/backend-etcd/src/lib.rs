@@ -15,6 +15,7 @@ mod informer;
 mod inner;
 mod keys;
 mod lease;
+mod members;
 mod ops;
 mod presence;
 mod record;

@@ -27,12 +27,23 @@ async fn claims_go_on_when_a_cluster_member_dies() {
     ));
 
     cluster.members[0].kill();
-    for id in &ids[1..] {
-        // While the cluster notices (and maybe elects a new leader) a call may fail as
-        // unavailable; the caller retries. Never a wrong answer.
+    // While the cluster notices (and maybe elects a new leader) a call may fail as
+    // unavailable; the caller retries. Never a wrong answer.
+    claim_all(&backend, &ids[1..], &session).await;
+    let listing = backend.list().await.expect("list");
+    assert!(listing
+        .tasks
+        .iter()
+        .all(|t| t.status == TaskStatus::Claimed && t.claimed_by.as_ref() == Some(&session)));
+}
+
+/// Claims every task of `ids` for `session`, retrying what etcd did not answer (a new leader
+/// being elected) a bounded number of times.
+async fn claim_all(backend: &backend_etcd::EtcdBackend, ids: &[TaskId], session: &SessionId) {
+    for id in ids {
         let mut tries = 0;
         loop {
-            match backend.claim(id, &session).await {
+            match backend.claim(id, session).await {
                 Ok(ClaimOutcome::Won(_)) => break,
                 Ok(other) => panic!("{id}: {other:?}"),
                 Err(e @ (BackendError::Unavailable { .. } | BackendError::Timeout { .. })) => {
@@ -44,9 +55,97 @@ async fn claims_go_on_when_a_cluster_member_dies() {
             }
         }
     }
+}
+
+fn task_ids(prefix: &str, n: usize) -> Vec<TaskId> {
+    (0..n)
+        .map(|i| TaskId::parse(&format!("{prefix}-{i}")).expect("valid"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_endpoint_listed_first_is_passed_over() {
+    // Issue 15 #2: an endpoint that accepts connections and never answers (a black-holed
+    // host) made every call time out. The listener is never accepted from: the kernel
+    // completes the handshake, nothing ever answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent = format!("http://{}", silent.local_addr().expect("addr"));
+    let server = backend_etcd::testing::EtcdServer::start();
+    let config = EtcdConfig {
+        endpoints: vec![silent, server.endpoint()],
+        lease_ttl: Some(crate::TTL),
+        ..server.config()
+    };
+    let backend = backend_etcd::EtcdBackend::connect(config)
+        .await
+        .expect("connects through the member that answers");
+    backend.start_watch().await.expect("watch starts");
+    let ids = task_ids("S", 10);
+    for id in &ids {
+        // Not one call fails: the silent endpoint was passed over at the first timeout.
+        backend.put(id, &TaskPatch::default()).await.expect("put");
+    }
+    let session = SessionId::parse("s").expect("valid");
+    for id in &ids {
+        assert!(matches!(
+            backend.claim(id, &session).await.expect("claim"),
+            ClaimOutcome::Won(_)
+        ));
+    }
+    // The lease is kept alive through the member that answers: the claims outlive its TTL.
+    tokio::time::sleep(crate::TTL * 2).await;
     let listing = backend.list().await.expect("list");
     assert!(listing
         .tasks
         .iter()
         .all(|t| t.status == TaskStatus::Claimed && t.claimed_by.as_ref() == Some(&session)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_go_on_when_the_first_listed_member_hangs() {
+    // Issue 15 #2: one member SIGSTOPped (it accepts connections, never answers), listed first.
+    let cluster = EtcdCluster::start(3);
+    let config = EtcdConfig {
+        lease_ttl: Some(crate::TTL),
+        ..cluster.config()
+    };
+    let first = crate::backend_with(config.clone(), true).await;
+    let session = SessionId::parse("s").expect("valid");
+    let before = task_ids("H", 5);
+    for id in &before {
+        first.put(id, &TaskPatch::default()).await.expect("put");
+    }
+    claim_all(&first, &before[..1], &session).await;
+    let pid = cluster.members[0].pid().expect("running");
+    let stop = |signal: &str| {
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid}");
+    };
+    stop("-STOP");
+    // A backend already running goes on, and one started now connects (an agent starting).
+    claim_all(&first, &before[1..], &session).await;
+    let second = crate::backend_with(config, true).await;
+    let other = SessionId::parse("t").expect("valid");
+    let later = task_ids("L", 5);
+    for id in &later {
+        second.put(id, &TaskPatch::default()).await.expect("put");
+    }
+    claim_all(&second, &later, &other).await;
+    // The first session's claims live on through the members that answer.
+    tokio::time::sleep(crate::TTL * 2).await;
+    let listing = second.list().await.expect("list");
+    stop("-CONT");
+    for t in &listing.tasks {
+        let holder = if t.id.as_str().starts_with('H') {
+            &session
+        } else {
+            &other
+        };
+        assert_eq!(t.status, TaskStatus::Claimed, "{}", t.id);
+        assert_eq!(t.claimed_by.as_ref(), Some(holder), "{}", t.id);
+    }
+    assert_eq!(listing.tasks.len(), 10);
 }
