@@ -511,8 +511,18 @@ impl Backend for MemoryBackend {
                 out.push(RecordOutcome::NotFound);
                 continue;
             };
+            // As etcd: a claim under another client's live lease ends by its holder's release
+            // or by the lease's end, not by another store's "available".
+            let leased_elsewhere = state.claims.get(&want.task).is_some_and(|c| {
+                c.lease
+                    .is_some_and(|l| state.leases.get(&l).is_some_and(|l| l.owner != self.id))
+            });
+            let freeing = matches!(want.status, TaskStatus::Available | TaskStatus::Blocked);
             match mirror::decide(&current, want) {
                 Decision::Skip(outcome) => out.push(outcome),
+                Decision::Write if leased_elsewhere && freeing => out.push(RecordOutcome::Kept {
+                    reason: "held under a live lease".into(),
+                }),
                 Decision::Write => {
                     let next = mirror::applied(&current, want);
                     // A recorded claim is fenced by the token it had where it was made.

@@ -523,6 +523,52 @@ impl Shared {
         }
     }
 
+    /// Git freed `task` (its holder released it, or its holder's heartbeat went stale): a copy
+    /// of that claim in etcd (carried there by a catch-up or a bridge, without a lease) would
+    /// hold the task for nobody, so it ends too. Etcd keeps a claim under a live lease (only
+    /// its holder or the lease's end frees that), and git is asked again first: the event may
+    /// be old news. Issue 15 #8.
+    async fn end_copied_claim(&self, task: &TaskId) {
+        if !self.config.claims_in_git || lock(&self.state).held.contains_key(task) {
+            return;
+        }
+        let (Ok(etcd), Ok(git)) = (self.backend(Side::Primary), self.backend(Side::Fallback))
+        else {
+            return;
+        };
+        let Ok(Some(here)) = etcd.get(task).await else {
+            return;
+        };
+        // This session's own claims end by its own release.
+        let own = here
+            .claimed_by
+            .as_ref()
+            .is_some_and(|h| h.as_str() == self.config.name);
+        if here.status != crate::TaskStatus::Claimed || own {
+            return;
+        }
+        let Ok(Some(there)) = git.get(task).await else {
+            return;
+        };
+        if !matches!(
+            there.status,
+            crate::TaskStatus::Available | crate::TaskStatus::Blocked
+        ) {
+            return;
+        }
+        let end = crate::mirror::Mirrored {
+            task: task.clone(),
+            status: there.status,
+            holder: here.claimed_by.clone(),
+            token: None,
+        };
+        if let Ok(out) = etcd.record(std::slice::from_ref(&end)).await {
+            if out.first() == Some(&crate::mirror::RecordOutcome::Written) {
+                tracing::info!(%task, holder = ?here.claimed_by, "ended an etcd claim git no longer has (released there, or its holder's heartbeat went stale)");
+            }
+        }
+    }
+
     /// git's earlier answer for `task`, if it still stands.
     fn refusal(&self, task: &TaskId) -> Option<crate::model::ClaimOutcome> {
         let mut s = lock(&self.state);
@@ -666,6 +712,12 @@ impl Shared {
                     if serving == side {
                         me.broadcast(BackendEvent::Task(e));
                     } else {
+                        if matches!(
+                            e.new_status,
+                            Some(crate::TaskStatus::Available | crate::TaskStatus::Blocked)
+                        ) {
+                            me.end_copied_claim(&e.task).await;
+                        }
                         me.git_changed(&e.task).await;
                     }
                 }

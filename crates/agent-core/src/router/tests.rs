@@ -738,3 +738,71 @@ async fn a_finished_run_still_completes_on_both_when_git_has_nobody_else() {
         (TaskStatus::Complete, Some("s1"))
     );
 }
+
+#[tokio::test]
+async fn a_claim_copied_into_etcd_ends_when_git_frees_the_task() {
+    // Issue 15 #8: a git session's claim copied into etcd (catch-up, bridge) has no lease: once
+    // the session let go of it in git (released, or its heartbeat went stale) etcd's copy held
+    // the task for nobody until someone ran `ifc release`.
+    let fleet = Fleet::new(&["A", "B", "C"]).await;
+    let git_session = MemoryBackend::new(fleet.git.clone(), None);
+    let a = won(git_session
+        .claim(&tid("A"), &sid("s2"))
+        .await
+        .expect("claim"));
+    won(git_session
+        .claim(&tid("B"), &sid("s2"))
+        .await
+        .expect("claim"));
+    let copier = MemoryBackend::new(fleet.etcd.clone(), None);
+    let copies: Vec<Mirrored> = ["A", "B"]
+        .iter()
+        .map(|t| Mirrored {
+            task: tid(t),
+            status: TaskStatus::Claimed,
+            holder: Some(sid("s2")),
+            token: None,
+        })
+        .collect();
+    copier.record(&copies).await.expect("copied");
+    // C is held in etcd by a live session of another process, under its lease.
+    let other_process = fleet.etcd_client();
+    won(other_process
+        .claim(&tid("C"), &sid("s3"))
+        .await
+        .expect("claim"));
+
+    let r = fleet.router(Mode::Coordinator);
+    let _sub = r.subscribe().await.expect("subscribe");
+    // Git's word on C changes (a person toggles the row): the leased claim stays. Heard
+    // before A's release below (one pump, in order).
+    for status in [TaskStatus::Blocked, TaskStatus::Available] {
+        let patch = TaskPatch {
+            status: Some(status),
+            ..TaskPatch::default()
+        };
+        git_session.put(&tid("C"), &patch).await.expect("put");
+    }
+    git_session
+        .release(&tid("A"), &sid("s2"), ReleaseTo::Available, Some(a.token))
+        .await
+        .expect("release in git");
+    eventually(
+        Duration::from_secs(10),
+        "etcd's copy of A to end",
+        || async { (fleet.in_etcd("A").await.status == TaskStatus::Available).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        face(&fleet.in_etcd("B").await),
+        (TaskStatus::Claimed, Some("s2")),
+        "git still has B"
+    );
+    assert_eq!(
+        face(&fleet.in_etcd("C").await),
+        (TaskStatus::Claimed, Some("s3")),
+        "a claim under a live lease is its holder's"
+    );
+    // The task is claimable again on etcd.
+    won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
+}
