@@ -523,13 +523,22 @@ impl Shared {
         }
     }
 
-    /// Git freed `task` (its holder released it, or its holder's heartbeat went stale): a copy
-    /// of that claim in etcd (carried there by a catch-up or a bridge, without a lease) would
-    /// hold the task for nobody, so it ends too. Etcd keeps a claim under a live lease (only
-    /// its holder or the lease's end frees that), and git is asked again first: the event may
-    /// be old news. Issue 15 #8.
-    async fn end_copied_claim(&self, task: &TaskId) {
-        if !self.config.claims_in_git || lock(&self.state).held.contains_key(task) {
+    /// What git says of `task` now that etcd must hear while this session works there (issue
+    /// 15 #8, #11), as a bridge would carry it:
+    /// - git freed it (its holder released it, or its holder's heartbeat went stale): a copy of
+    ///   that claim in etcd (carried there by a catch-up or a bridge, without a lease) would
+    ///   hold the task for nobody, so it ends too. Etcd keeps a claim under a live lease (only
+    ///   its holder or the lease's end frees that).
+    /// - git has it complete (a session did it while on git): etcd's sessions waiting for it as
+    ///   a blocker would wait for ever. Etcd keeps another session's claim (a conflict).
+    ///
+    /// Git is asked again first: the event may be old news.
+    async fn carry_from_git(&self, task: &TaskId, status: crate::TaskStatus) {
+        use crate::TaskStatus::{Available, Blocked, Claimed, Complete};
+        if !self.config.claims_in_git
+            || !matches!(status, Available | Blocked | Complete)
+            || lock(&self.state).held.contains_key(task)
+        {
             return;
         }
         let (Ok(etcd), Ok(git)) = (self.backend(Side::Primary), self.backend(Side::Fallback))
@@ -544,27 +553,34 @@ impl Shared {
             .claimed_by
             .as_ref()
             .is_some_and(|h| h.as_str() == self.config.name);
-        if here.status != crate::TaskStatus::Claimed || own {
+        let behind = match status {
+            Complete => here.status != Complete,
+            _ => here.status == Claimed,
+        };
+        if !behind || (here.status == Claimed && own) {
             return;
         }
         let Ok(Some(there)) = git.get(task).await else {
             return;
         };
-        if !matches!(
-            there.status,
-            crate::TaskStatus::Available | crate::TaskStatus::Blocked
-        ) {
-            return;
-        }
-        let end = crate::mirror::Mirrored {
-            task: task.clone(),
-            status: there.status,
-            holder: here.claimed_by.clone(),
-            token: None,
+        let item = match there.status {
+            Available | Blocked if status != Complete => crate::mirror::Mirrored {
+                task: task.clone(),
+                status: there.status,
+                holder: here.claimed_by.clone(),
+                token: None,
+            },
+            Complete if status == Complete => crate::mirror::Mirrored {
+                task: task.clone(),
+                status: Complete,
+                holder: there.claimed_by.clone(),
+                token: None,
+            },
+            _ => return,
         };
-        if let Ok(out) = etcd.record(std::slice::from_ref(&end)).await {
+        if let Ok(out) = etcd.record(std::slice::from_ref(&item)).await {
             if out.first() == Some(&crate::mirror::RecordOutcome::Written) {
-                tracing::info!(%task, holder = ?here.claimed_by, "ended an etcd claim git no longer has (released there, or its holder's heartbeat went stale)");
+                tracing::info!(%task, status = %item.status, holder = ?item.holder, "carried git's word on the task into etcd");
             }
         }
     }
@@ -712,11 +728,8 @@ impl Shared {
                     if serving == side {
                         me.broadcast(BackendEvent::Task(e));
                     } else {
-                        if matches!(
-                            e.new_status,
-                            Some(crate::TaskStatus::Available | crate::TaskStatus::Blocked)
-                        ) {
-                            me.end_copied_claim(&e.task).await;
+                        if let Some(status) = e.new_status {
+                            me.carry_from_git(&e.task, status).await;
                         }
                         me.git_changed(&e.task).await;
                     }

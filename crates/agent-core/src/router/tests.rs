@@ -806,3 +806,32 @@ async fn a_claim_copied_into_etcd_ends_when_git_frees_the_task() {
     // The task is claimable again on etcd.
     won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
 }
+
+#[tokio::test]
+async fn a_completion_made_in_git_reaches_etcd() {
+    // Issue 15 #11: a hybrid session on etcd waited for ever for a blocker another session
+    // completed while on git: nothing carried a git-only completion into etcd.
+    let fleet = Fleet::new(&["A", "B"]).await;
+    let r = fleet.router(Mode::Hybrid);
+    let _sub = r.subscribe().await.expect("subscribe");
+    let git_session = MemoryBackend::new(fleet.git.clone(), None);
+    let c = won(git_session
+        .claim(&tid("A"), &sid("s2"))
+        .await
+        .expect("claim"));
+    git_session
+        .release(&tid("A"), &sid("s2"), ReleaseTo::Complete, Some(c.token))
+        .await
+        .expect("complete in git");
+    eventually(
+        Duration::from_secs(10),
+        "git's completion of A in etcd",
+        || async { (fleet.in_etcd("A").await.status == TaskStatus::Complete).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        face(&fleet.in_etcd("A").await),
+        (TaskStatus::Complete, Some("s2"))
+    );
+    assert_eq!(fleet.in_etcd("B").await.status, TaskStatus::Available);
+}
