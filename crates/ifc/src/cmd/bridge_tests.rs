@@ -11,13 +11,27 @@ use async_trait::async_trait;
 
 use super::*;
 
-/// A store that runs `during_record` (once) while its first `record` is under way: the other
-/// store moving on in the middle of the bridge's write.
+/// A store that lets the test change things (once) in the middle of a round: while its first
+/// `record` is under way (the other store moving on during the bridge's write), or, with
+/// `after_list`, right after its first `list` (this store moving on after the bridge read it).
 #[derive(Debug)]
 struct MovesDuringRecord {
     inner: MemoryBackend,
     during_record: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     done: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    after_list: bool,
+}
+
+impl MovesDuringRecord {
+    /// Signals `during_record` and waits for `done`, the first time only.
+    async fn pause(&self) {
+        let go = self.during_record.lock().expect("lock").take();
+        let done = self.done.lock().expect("lock").take();
+        if let (Some(go), Some(done)) = (go, done) {
+            let _ = go.send(());
+            let _ = done.await;
+        }
+    }
 }
 
 #[async_trait]
@@ -29,7 +43,11 @@ impl Backend for MovesDuringRecord {
         self.inner.get(task).await
     }
     async fn list(&self) -> BackendResult<Listing> {
-        self.inner.list().await
+        let listing = self.inner.list().await;
+        if self.after_list {
+            self.pause().await;
+        }
+        listing
     }
     async fn put(&self, task: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {
         self.inner.put(task, patch).await
@@ -47,11 +65,8 @@ impl Backend for MovesDuringRecord {
         self.inner.release(task, session, to, token).await
     }
     async fn record(&self, items: &[Mirrored]) -> BackendResult<Vec<RecordOutcome>> {
-        let go = self.during_record.lock().expect("lock").take();
-        let done = self.done.lock().expect("lock").take();
-        if let (Some(go), Some(done)) = (go, done) {
-            let _ = go.send(());
-            let _ = done.await;
+        if !self.after_list {
+            self.pause().await;
         }
         self.inner.record(items).await
     }
@@ -99,6 +114,7 @@ async fn a_claim_released_while_the_bridge_carries_it_is_released_in_git_too() {
         inner: MemoryBackend::new(git_store.clone(), None),
         during_record: Mutex::new(Some(go)),
         done: Mutex::new(Some(done)),
+        after_list: false,
     };
     let releaser = async {
         started.await.expect("the bridge writes");
@@ -121,5 +137,71 @@ async fn a_claim_released_while_the_bridge_carries_it_is_released_in_git_too() {
         (in_git.status, in_git.claimed_by),
         (TaskStatus::Available, None),
         "git is released within the same round"
+    );
+}
+
+#[tokio::test]
+async fn a_reopen_made_after_the_bridge_read_the_store_is_not_written_over() {
+    // Seed 352000038: a round read etcd (A claimed by s), then git (A complete by s), and took
+    // 3 s to get to its write; meanwhile an operator reopened A. The bridge wrote git's
+    // completion over the reopen, git ran A again, and the stores ended in a conflict.
+    let (etcd_store, git_store) = (MemoryStore::new(), MemoryStore::new());
+    let plain_etcd = MemoryBackend::new(etcd_store.clone(), None);
+    let git = MemoryBackend::new(git_store.clone(), None);
+    for b in [&plain_etcd, &git] {
+        b.put(&id("A"), &TaskPatch::default()).await.expect("put");
+    }
+    let claimed = Mirrored {
+        task: id("A"),
+        status: TaskStatus::Claimed,
+        holder: Some(sid("s")),
+        token: None,
+    };
+    for b in [&plain_etcd, &git] {
+        b.record(std::slice::from_ref(&claimed))
+            .await
+            .expect("record");
+    }
+    let mut bridge = Bridge::default();
+    assert_eq!(bridge.round(&plain_etcd, &git).await.expect("round"), 0);
+    let complete = Mirrored {
+        status: TaskStatus::Complete,
+        ..claimed
+    };
+    git.record(std::slice::from_ref(&complete))
+        .await
+        .expect("record");
+    let (go, listed) = tokio::sync::oneshot::channel();
+    let (finish, done) = tokio::sync::oneshot::channel();
+    let etcd = MovesDuringRecord {
+        inner: MemoryBackend::new(etcd_store.clone(), None),
+        during_record: Mutex::new(Some(go)),
+        done: Mutex::new(Some(done)),
+        after_list: true,
+    };
+    let operator = async {
+        listed.await.expect("the bridge reads etcd");
+        // A hybrid session carries git's completion into etcd, then the operator reopens A.
+        plain_etcd
+            .record(std::slice::from_ref(&complete))
+            .await
+            .expect("record");
+        let reopen = TaskPatch {
+            status: Some(TaskStatus::Available),
+            ..TaskPatch::default()
+        };
+        assert_eq!(
+            plain_etcd.put(&id("A"), &reopen).await.expect("reopen"),
+            PutOutcome::Updated
+        );
+        finish.send(()).expect("the bridge waits");
+    };
+    let (round, ()) = tokio::join!(bridge.round(&etcd, &git), operator);
+    round.expect("round");
+    let in_etcd = plain_etcd.get(&id("A")).await.expect("get").expect("task");
+    assert_eq!(
+        (in_etcd.status, in_etcd.claimed_by),
+        (TaskStatus::Available, None),
+        "the operator's reopen stands"
     );
 }
