@@ -283,8 +283,7 @@ impl Core {
             .collect();
         for owner in owners {
             let path = self.config.status_path(&owner);
-            if let Some(bytes) = self.clone.read(&path)? {
-                let status = StatusIn::parse(&path, &bytes);
+            if let Some(status) = self.status_at(&path)? {
                 self.report_unreadable(&path, &owner, &status);
                 // A STATUS file of another session that shares the number is not this one's.
                 if status
@@ -1167,13 +1166,13 @@ impl Core {
         self.held.values().any(|h| snap.status_unknown(&h.session))
     }
 
-    /// Refreshes the STATUS files of the sessions that hold claims here. `Ok(false)`: the push
-    /// was rejected (try again soon). Claims whose heartbeat is getting old are fenced first.
+    /// Refreshes the STATUS files of the sessions that hold claims here or run here: by moving
+    /// their heartbeat refs while the branch's file says what they would write (no commit), by
+    /// a commit otherwise (a state to record, a file a person garbled, a remote that refuses
+    /// the refs). `Ok(false)`: the push was rejected (try again soon). Claims whose heartbeat
+    /// is getting old are fenced first.
     pub fn heartbeat(&mut self) -> BackendResult<bool> {
-        // Before waiting for the write turn: a claim whose heartbeat is getting old is fenced
-        // on time even when the turn is slow to come.
         self.fence_if_silent();
-        let _turn = self.clone.write_turn();
         let snap = self.sync()?;
         self.fence_if_silent();
         let announced: Vec<SessionId> = self.announced.keys().cloned().collect();
@@ -1186,18 +1185,41 @@ impl Core {
             .map(|h| h.session.clone())
             .chain(self.announced.keys().cloned())
             .collect();
-        if sessions.is_empty() {
+        let mut to_commit = std::collections::BTreeSet::new();
+        for s in sessions {
+            let written = Instant::now();
+            let (path, bytes) = self.heartbeat_file(&snap, &s);
+            let unchanged = self
+                .clone
+                .read(&path)?
+                .is_some_and(|on_branch| same_but_time(&on_branch, &bytes));
+            if unchanged && self.clone.push_heartbeat(&path, &bytes)? {
+                // A ref is no compare-and-swap with the branch: a claimant that read the last
+                // beat as stale just before this one landed may take the claim. It can only if
+                // this beat took longer than `stale_after / 4` to land (the holder fences at
+                // three quarters of `stale_after` after its last counted beat): such a beat is
+                // not counted, and the claim is given up on time.
+                if written.elapsed() < self.config.stale_after / 4 {
+                    self.heartbeats.insert(s, written);
+                }
+            } else {
+                to_commit.insert(s);
+            }
+        }
+        if to_commit.is_empty() {
             return Ok(true);
         }
+        // A commit: wait for the write turn (a claim whose heartbeat is getting old was fenced
+        // above, on time, however slow the turn is to come).
+        let _turn = self.clone.write_turn();
+        let snap = self.sync()?;
+        self.fence_if_silent();
+        let sessions = to_commit;
+        let written = Instant::now();
         let files: Vec<(String, Vec<u8>)> = sessions
             .iter()
-            .map(|s| {
-                // A heartbeat keeps what the session last announced it is working on.
-                let current = self.announced.get(s).and_then(|p| p.current_task.as_ref());
-                self.status_file(&snap, snap.board.tasks(), s, current, None, None)
-            })
+            .map(|s| self.heartbeat_file(&snap, s))
             .collect();
-        let written = Instant::now();
         let message = sessions.iter().fold("heartbeat\n\n".to_owned(), |m, s| {
             m + &trailers(None, Some(s), None)
         });
@@ -1211,6 +1233,16 @@ impl Core {
             }
         }
         Ok(landed)
+    }
+
+    /// `session`'s STATUS file as a heartbeat writes it: what it last announced it is working
+    /// on, its claims, the time now.
+    fn heartbeat_file(&self, snap: &Snapshot, session: &SessionId) -> (String, Vec<u8>) {
+        let current = self
+            .announced
+            .get(session)
+            .and_then(|p| p.current_task.as_ref());
+        self.status_file(snap, snap.board.tasks(), session, current, None, None)
     }
 
     /// Others may take a claim once its owner's `updated_at` is `stale_after` old; the holder
@@ -1233,18 +1265,27 @@ impl Core {
         }
     }
 
+    /// The STATUS file at `path` at the head, its `updated_at` brought up to date by its
+    /// heartbeat ref (`StatusIn::refreshed_by`).
+    fn status_at(&self, path: &str) -> BackendResult<Option<StatusIn>> {
+        let beat = self
+            .clone
+            .heartbeat(path)
+            .map(|b| StatusIn::parse(path, &b));
+        Ok(self
+            .clone
+            .read(path)?
+            .map(|b| StatusIn::parse(path, &b).refreshed_by(beat)))
+    }
+
     /// The session's STATUS file at the head, if it is that session's.
     fn status_at_head(&self, session: &SessionId) -> BackendResult<Option<StatusIn>> {
         let path = self.config.status_path(session);
-        Ok(self
-            .clone
-            .read(&path)?
-            .map(|b| StatusIn::parse(&path, &b))
-            .filter(|s| {
-                s.session_id
-                    .as_deref()
-                    .is_none_or(|id| id == session.as_str())
-            }))
+        Ok(self.status_at(&path)?.filter(|s| {
+            s.session_id
+                .as_deref()
+                .is_none_or(|id| id == session.as_str())
+        }))
     }
 
     /// Takes the clone for one operation (see `Clone::exclusive`).
@@ -1257,10 +1298,9 @@ impl Core {
     /// (`session-1-frontend`, `session-1-backend`) would each drop the other's claims.
     fn status_file_is_ours(&self, session: &SessionId, snap: &Snapshot) -> BackendResult<()> {
         let path = self.config.status_path(session);
-        let Some(bytes) = self.clone.read(&path)? else {
+        let Some(file) = self.status_at(&path)? else {
             return Ok(());
         };
-        let file = StatusIn::parse(&path, &bytes);
         let Some(other) = file
             .session_id
             .as_deref()
@@ -1455,10 +1495,9 @@ impl Core {
             if !path.ends_with(suffix) || path[dir_prefix.len()..].contains('/') {
                 continue;
             }
-            let Some(bytes) = self.clone.read(&path)? else {
+            let Some(status) = self.status_at(&path)? else {
                 continue;
             };
-            let status = StatusIn::parse(&path, &bytes);
             let fresh = self.fresh(Some(&status));
             // A live session is an agent process: not one-shot commands' files (pid 0), not an
             // agent that has exited (its heartbeat is fresh for a while yet).
@@ -1472,6 +1511,17 @@ impl Core {
         out.sort_by(|a, b| a.session_id.cmp(&b.session_id));
         Ok(out)
     }
+}
+
+/// Whether two STATUS files say the same but for the time they were written.
+fn same_but_time(a: &[u8], b: &[u8]) -> bool {
+    let lines = |t: &[u8]| -> Vec<Vec<u8>> {
+        t.split(|c| *c == b'\n')
+            .filter(|l| !l.starts_with(b"updated_at:"))
+            .map(<[u8]>::to_vec)
+            .collect()
+    };
+    lines(a) == lines(b)
 }
 
 /// The claims `file` lists that the board `rows` still show held by `session`.

@@ -41,6 +41,11 @@ pub(crate) struct Clone {
     /// Whether the work tree and index are exactly the branch's commit (no write left half
     /// done): a sync that finds the remote where the branch already is then has nothing to do.
     clean: bool,
+    /// Writes made through this clone (see `wrote`).
+    writes: u64,
+    /// The remote refused a heartbeat ref (a host that takes only branches): heartbeats are
+    /// committed to the branch instead.
+    heartbeat_refused: bool,
 }
 
 impl std::fmt::Debug for Clone {
@@ -83,6 +88,8 @@ impl Clone {
             depths: HashMap::new(),
             local_remote: None,
             clean: false,
+            writes: 0,
+            heartbeat_refused: false,
         };
         let guard = clone.exclusive();
         if guard.is_some() {
@@ -148,13 +155,18 @@ impl Clone {
                 .map_err(|e| remote_error(&self.config, e))?,
             None => {
                 let refspec = format!("+{}:{}", self.branch_ref, self.remote_ref);
+                let beats = format!("+{HEARTBEAT_REFS}*:{HEARTBEAT_REFS}*");
                 let mut remote = self
                     .repo
                     .find_remote("origin")
                     .map_err(|e| self.local_err(e))?;
                 let mut options = fetch_options(&self.config);
                 remote
-                    .fetch(&[refspec.as_str()], Some(&mut options), None)
+                    .fetch(
+                        &[refspec.as_str(), beats.as_str()],
+                        Some(&mut options),
+                        None,
+                    )
                     .map_err(|e| remote_error(&self.config, e))?;
             }
         }
@@ -252,6 +264,17 @@ impl Clone {
             self.repo
                 .reference(&self.remote_ref, head, true, "ifc fetch")?;
         }
+        let beats: Vec<(String, Oid)> = source
+            .references_glob(&format!("{HEARTBEAT_REFS}*"))?
+            .flatten()
+            .filter_map(|r| Some((r.name()?.to_owned(), r.target()?)))
+            .collect();
+        for (name, oid) in beats {
+            if self.repo.refname_to_id(&name).ok() != Some(oid) {
+                copy_objects(&source, &self.repo, oid)?;
+                self.repo.reference(&name, oid, true, "ifc fetch")?;
+            }
+        }
         self.local_remote = Some(source);
         Ok(())
     }
@@ -318,6 +341,114 @@ impl Clone {
             .find_blob(entry.id())
             .map_err(|e| self.local_err(e))?;
         Ok(Some(blob.content().to_vec()))
+    }
+
+    /// The STATUS file at `path` as its session's last heartbeat wrote it (`None`: no
+    /// heartbeat since the fetch), read from its heartbeat ref (see [`HEARTBEAT_REFS`]).
+    pub fn heartbeat(&self, path: &str) -> Option<Vec<u8>> {
+        let oid = self.repo.refname_to_id(&heartbeat_ref(path)?).ok()?;
+        self.read_at(oid, HEARTBEAT_FILE).ok().flatten()
+    }
+
+    /// Moves `path`'s heartbeat ref, here and on the remote, to a commit of `content` alone
+    /// (no parent: the ref is moved, never appended to, and old heartbeats are garbage). Not a
+    /// compare-and-swap: only the session's own process writes it. `Ok(false)`: the path makes
+    /// no valid ref name, or the remote refuses the ref (the caller commits the file instead).
+    pub fn push_heartbeat(&mut self, path: &str, content: &[u8]) -> Result<bool, BackendError> {
+        let Some(name) = heartbeat_ref(path).filter(|_| !self.heartbeat_refused) else {
+            return Ok(false);
+        };
+        let commit = {
+            let blob = self.repo.blob(content).map_err(|e| self.local_err(e))?;
+            let mut tree = self.repo.treebuilder(None).map_err(|e| self.local_err(e))?;
+            tree.insert(HEARTBEAT_FILE, blob, 0o100644)
+                .map_err(|e| self.local_err(e))?;
+            let tree = tree.write().map_err(|e| self.local_err(e))?;
+            let tree = self.repo.find_tree(tree).map_err(|e| self.local_err(e))?;
+            let (author, email) = &self.config.author;
+            let sig = Signature::now(author, email).map_err(|e| self.local_err(e))?;
+            self.repo
+                .commit(None, &sig, &sig, "heartbeat", &tree, &[])
+                .map_err(|e| self.local_err(e))?
+        };
+        self.repo
+            .reference(&name, commit, true, "ifc heartbeat")
+            .map_err(|e| self.local_err(e))?;
+        match self.config.local_remote() {
+            Some(path) => {
+                let target = self
+                    .take_local_remote(&path)
+                    .map_err(|e| remote_error(&self.config, e))?;
+                copy_objects(&self.repo, &target, commit)
+                    .and_then(|()| target.reference(&name, commit, true, "ifc heartbeat"))
+                    .map_err(|e| remote_error(&self.config, e))?;
+                self.local_remote = Some(target);
+            }
+            None => {
+                let refspec = format!("+{name}:{name}");
+                let rejected = Cell::new(None);
+                let mut remote = self
+                    .repo
+                    .find_remote("origin")
+                    .map_err(|e| self.local_err(e))?;
+                remote
+                    .push(
+                        &[refspec.as_str()],
+                        Some(&mut push_options(&self.config, &rejected)),
+                    )
+                    .map_err(|e| remote_error(&self.config, e))?;
+                if let Some(reason) = rejected.take() {
+                    if !self.heartbeat_refused {
+                        tracing::warn!(remote = %self.config.remote, r#ref = %name, %reason, "the remote refuses heartbeat refs: heartbeats are commits on the branch instead");
+                        self.heartbeat_refused = true;
+                    }
+                    return Ok(false);
+                }
+            }
+        }
+        self.wrote();
+        Ok(true)
+    }
+
+    /// Counts a write; every [`GC_EVERY`] writes, packs the clone and a remote on this file
+    /// system in the background (`git gc --auto`: it does nothing until there is enough to
+    /// pack, and a second gc of one repository waits its turn on git's own lock). Old
+    /// heartbeats and their objects go with the unreachable objects older than
+    /// [`GC_PRUNE`]; young ones stay, so a write in flight never loses an object.
+    fn wrote(&mut self) {
+        self.writes += 1;
+        if !self.writes.is_multiple_of(GC_EVERY) {
+            return;
+        }
+        let mut dirs = vec![self.config.workdir.clone()];
+        dirs.extend(self.config.local_remote());
+        std::thread::spawn(move || {
+            for dir in dirs {
+                let out = std::process::Command::new("git")
+                    .arg("-C")
+                    .arg(&dir)
+                    .args(["-c", "gc.auto=1000", "-c"])
+                    .arg(format!("gc.pruneExpire={GC_PRUNE}"))
+                    .args([
+                        "-c",
+                        "gc.reflogExpireUnreachable=now",
+                        "gc",
+                        "--auto",
+                        "--quiet",
+                    ])
+                    .stdin(std::process::Stdio::null())
+                    .output();
+                match out {
+                    Ok(o) if o.status.success() => {}
+                    Ok(o) => {
+                        tracing::debug!(dir = %dir.display(), stderr = %String::from_utf8_lossy(&o.stderr).trim(), "git gc did not run")
+                    }
+                    Err(e) => {
+                        tracing::debug!(dir = %dir.display(), error = %e, "git gc could not start (is git installed?)")
+                    }
+                }
+            }
+        });
     }
 
     /// The first parent of `oid`, if any.
@@ -417,6 +548,7 @@ impl Clone {
             Some(path) => self.push_local(&path, parent_id, commit_id)?,
             None => self.push_network()?,
         };
+        self.wrote();
         if landed {
             self.repo
                 .reference(&self.remote_ref, commit_id, true, "ifc push")
@@ -493,6 +625,27 @@ impl Clone {
     fn local_err(&self, e: git2::Error) -> BackendError {
         local(&self.config.workdir, e)
     }
+}
+
+/// Where heartbeats live: `refs/ifc/heartbeat/<STATUS path>`, one ref per session, each a
+/// parentless commit of the STATUS file as of the session's last heartbeat. The branch people
+/// read gets a commit only when a session's state changes (a claim, a release, a new current
+/// task); readers take a session's liveness from the later of the two (`Core::status_at`).
+pub(crate) const HEARTBEAT_REFS: &str = "refs/ifc/heartbeat/";
+
+/// The one file in a heartbeat commit.
+const HEARTBEAT_FILE: &str = "STATUS.yaml";
+
+/// Writes (commits and heartbeats) between two `git gc --auto` runs.
+const GC_EVERY: u64 = 200;
+
+/// How old an unreachable object must be before gc removes it.
+const GC_PRUNE: &str = "10.minutes.ago";
+
+/// The heartbeat ref of the STATUS file at `path`, if that makes a valid ref name.
+fn heartbeat_ref(path: &str) -> Option<String> {
+    let name = format!("{HEARTBEAT_REFS}{path}");
+    git2::Reference::is_valid_name(&name).then_some(name)
 }
 
 /// How long a writer waits for its turn on a local remote before racing without it.

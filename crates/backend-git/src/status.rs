@@ -1,6 +1,8 @@
 //! STATUS files: each session's `STATUS-SESSION-<n>.yaml` (session id, state, current task,
 //! backend, `updated_at`, and the fencing tokens of the claims it holds). Its `updated_at` is the
-//! session's heartbeat: a claim whose owner's STATUS is older than `stale_after` is free.
+//! session's heartbeat: a claim whose owner's STATUS is older than `stale_after` is free. The
+//! branch's file changes with the session's state; the heartbeat itself moves a ref
+//! (`repo::HEARTBEAT_REFS`), so idle sessions add no commits.
 
 use std::collections::BTreeMap;
 
@@ -109,6 +111,24 @@ impl StatusIn {
                 ..StatusIn::default()
             },
         )
+    }
+
+    /// The file on the branch brought up to date by its session's heartbeat ref (the same
+    /// file as of the last heartbeat): the later `updated_at` counts, but only from the
+    /// process the branch's file names (a process taken over keeps beating until it notices,
+    /// and must not keep its successor's claims alive, nor its own). An unreadable file on
+    /// the branch stays unreadable.
+    pub fn refreshed_by(mut self, beat: Option<StatusIn>) -> StatusIn {
+        let Some(beat) = beat.filter(|b| b.unreadable.is_none()) else {
+            return self;
+        };
+        let same_writer = self.unreadable.is_none()
+            && beat.session_id == self.session_id
+            && (beat.pid, &beat.host, &beat.started_at) == (self.pid, &self.host, &self.started_at);
+        if same_writer && beat.updated_at() > self.updated_at() {
+            self.updated_at = beat.updated_at;
+        }
+        self
     }
 
     /// When the session last wrote it, if it says.

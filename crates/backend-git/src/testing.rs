@@ -170,11 +170,14 @@ impl BareRemote {
         let text = self
             .read(status_path)
             .unwrap_or_else(|| panic!("{status_path} exists"));
+        // Written long ago by a process started long ago: a live holder's heartbeat refs
+        // (which count only for the process the branch's file names) no longer keep it fresh.
         let old: String = text
             .lines()
+            .filter(|l| !l.starts_with("started_at:"))
             .map(|l| {
                 if l.starts_with("updated_at:") {
-                    "updated_at: 2000-01-01T00:00:00Z".to_owned()
+                    "updated_at: 2000-01-01T00:00:00Z\nstarted_at: 2000-01-01T00:00:00Z".to_owned()
                 } else {
                     l.to_owned()
                 }
@@ -182,6 +185,96 @@ impl BareRemote {
             .collect::<Vec<_>>()
             .join("\n");
         self.commit(&[(status_path, old.as_bytes())], "test: stale heartbeat");
+        // And its heartbeat ref, if it has one, as old.
+        let repo = Repository::open_bare(&self.path).expect("open bare");
+        let name = format!("refs/ifc/heartbeat/{status_path}");
+        if repo.find_reference(&name).is_ok() {
+            let sig = Signature::now("test", "test@localhost").expect("signature");
+            let blob = repo.blob(old.as_bytes()).expect("blob");
+            let mut tree = repo.treebuilder(None).expect("tree");
+            tree.insert("STATUS.yaml", blob, 0o100644).expect("entry");
+            let tree = repo.find_tree(tree.write().expect("tree")).expect("tree");
+            let commit = repo
+                .commit(None, &sig, &sig, "test: stale heartbeat", &tree, &[])
+                .expect("commit");
+            repo.reference(&name, commit, true, "test: stale heartbeat")
+                .expect("ref");
+        }
+    }
+
+    /// The commits on `main`, newest first: (id, message).
+    pub fn log(&self) -> Vec<(Oid, String)> {
+        let repo = Repository::open_bare(&self.path).expect("open bare");
+        let mut walk = repo.revwalk().expect("revwalk");
+        walk.push_ref("refs/heads/main").expect("main");
+        walk.flatten()
+            .map(|oid| {
+                let message = repo
+                    .find_commit(oid)
+                    .map(|c| c.message().unwrap_or_default().to_owned())
+                    .unwrap_or_default();
+                (oid, message)
+            })
+            .collect()
+    }
+}
+
+/// `git daemon` serving a [`BareRemote`] over `git://` on a free loopback port (pushes
+/// allowed): the network transport, as a hosted remote is reached. Killed on drop.
+#[derive(Debug)]
+pub struct GitDaemon {
+    child: std::process::Child,
+    /// The remote's URL (what `GitConfig::remote` names).
+    pub url: String,
+}
+
+impl BareRemote {
+    /// Serves this remote with `git daemon` (the `git` package's; fails loudly without it).
+    pub fn serve(&self) -> GitDaemon {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let base = self.path.parent().expect("the remote's directory");
+        // git-daemon itself, not `git daemon`: the `git` wrapper runs it as a child, which
+        // killing the wrapper would leave behind.
+        let exec_path = std::process::Command::new("git")
+            .arg("--exec-path")
+            .output()
+            .expect("git runs (install git: apt-get install git)");
+        let exec_path = String::from_utf8_lossy(&exec_path.stdout).trim().to_owned();
+        let child = std::process::Command::new(Path::new(&exec_path).join("git-daemon"))
+            .arg("--reuseaddr")
+            .arg("--export-all")
+            .arg("--enable=receive-pack")
+            .arg("--listen=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", base.display()))
+            .arg(base)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("git-daemon starts (install git: apt-get install git)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "git daemon did not listen on 127.0.0.1:{port} within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let name = self.path.file_name().expect("name").to_string_lossy();
+        GitDaemon {
+            child,
+            url: format!("git://127.0.0.1:{port}/{name}"),
+        }
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

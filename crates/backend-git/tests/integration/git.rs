@@ -271,14 +271,18 @@ async fn only_agents_that_may_be_alive_are_listed_as_sessions() {
     ] {
         b.announce(&presence(session, pid)).await.expect("announce");
     }
-    let listed: Vec<SessionId> = b
+    assert_eq!(listed(&b).await, [sid("session-1")]);
+}
+
+/// The sessions `backend` lists as live.
+async fn listed(backend: &GitBackend) -> Vec<SessionId> {
+    backend
         .sessions()
         .await
         .expect("sessions")
         .into_iter()
         .map(|p| p.session_id)
-        .collect();
-    assert_eq!(listed, [sid("session-1")]);
+        .collect()
 }
 
 async fn first_event(
@@ -703,4 +707,93 @@ async fn a_reader_with_a_shorter_stale_after_waits_for_the_holders_own() {
         ),
         "{out:?}"
     );
+}
+
+#[tokio::test]
+async fn heartbeats_keep_claims_and_presence_alive_without_adding_commits_to_the_branch() {
+    // Issue 14 #7: every heartbeat was a commit on the board's branch (72 a minute for three
+    // idle agents), so a person's `git log` of the board drowned in them.
+    let remote = BareRemote::new(&two_tasks());
+    heartbeats_add_no_commits(&remote, |name| remote.config(name)).await;
+}
+
+#[tokio::test]
+async fn heartbeats_add_no_commits_over_the_network_transport_either() {
+    let remote = BareRemote::new(&two_tasks());
+    let daemon = remote.serve();
+    heartbeats_add_no_commits(&remote, |name| {
+        let mut config = remote.config(name);
+        config.remote = daemon.url.clone();
+        config
+    })
+    .await;
+}
+
+fn two_tasks() -> String {
+    format!(
+        "{}| A | t | 🔵 AVAILABLE |  |  |\n| B | t | 🔵 AVAILABLE |  |  |\n",
+        crate::EMPTY_BOARD
+    )
+}
+
+async fn heartbeats_add_no_commits(
+    remote: &BareRemote,
+    config: impl Fn(&str) -> backend_git::GitConfig,
+) {
+    let mut holder_config = config("holder");
+    holder_config.stale_after = Duration::from_secs(2);
+    let holder = GitBackend::open(holder_config).await.expect("open");
+    let me = agent_core::Presence {
+        session_id: sid("session-1-x"),
+        state: "idle".into(),
+        current_task: None,
+        backend: "git".into(),
+        started_at: chrono::Utc::now(),
+        pid: std::process::id(),
+        host: agent_core::process::hostname(),
+        version: "test".into(),
+    };
+    holder.register(&me, false).await.expect("register");
+    let won = holder
+        .claim(&tid("A"), &sid("session-1-x"))
+        .await
+        .expect("claim");
+    assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+    let before = remote.log();
+    // Three times the staleness horizon: without heartbeats the claim would read free.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = remote.log();
+    let added: Vec<&String> = after[..after.len() - before.len()]
+        .iter()
+        .map(|(_, m)| m)
+        .collect();
+    assert!(added.is_empty(), "commits added by heartbeats: {added:?}");
+    let mut config = config("reader");
+    config.stale_after = Duration::from_secs(2);
+    let reader = GitBackend::open(config).await.expect("open");
+    assert_eq!(
+        reader
+            .claim(&tid("A"), &sid("session-2-y"))
+            .await
+            .expect("claim"),
+        ClaimOutcome::Lost {
+            holder: Some(sid("session-1-x"))
+        },
+        "the holder's claim is still held"
+    );
+    assert_eq!(
+        listed(&reader).await,
+        [sid("session-1-x")],
+        "the holder is still present"
+    );
+    // Once the holder is gone its heartbeats stop, and the claim comes back by itself.
+    drop(holder);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(matches!(
+        reader
+            .claim(&tid("A"), &sid("session-2-y"))
+            .await
+            .expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
 }
