@@ -19,6 +19,13 @@ use tokio::time::Instant;
 /// The hidden first argument that makes `ifc` the task shim.
 pub const SHIM: &str = "__task-shim";
 
+/// The shim's environment variable naming the session's log directory: a command that exits 0
+/// is noted there as finished (`Outbox::finished`) by the shim itself, the moment it exits.
+/// The agent may be busy in a call to a store that does not answer just then, and be killed
+/// before it sees the exit (the tester's report: a hung etcd delayed the note by a second, an
+/// agent killed then ran the finished task again on restart).
+const NOTE_DIR: &str = "IFC_SHIM_NOTE_DIR";
+
 /// Runs in the shim process: start the command in this process group, and kill the group when
 /// stdin (held by the agent) closes. Exits with the command's status.
 pub fn shim(argv: &[String]) -> std::process::ExitCode {
@@ -27,8 +34,10 @@ pub fn shim(argv: &[String]) -> std::process::ExitCode {
     let Some((program, rest)) = argv.split_first() else {
         return std::process::ExitCode::from(2);
     };
+    let note = std::env::var_os(NOTE_DIR).map(PathBuf::from);
     let mut child = match std::process::Command::new(program)
         .args(rest)
+        .env_remove(NOTE_DIR)
         .stdin(Stdio::null())
         .spawn()
     {
@@ -44,13 +53,39 @@ pub fn shim(argv: &[String]) -> std::process::ExitCode {
         while matches!(std::io::stdin().read(&mut sink), Ok(n) if n > 0) {}
         let _ = killpg(nix::unistd::getpgrp(), Signal::SIGKILL);
     });
-    match child.wait() {
+    let status = child.wait();
+    if status.as_ref().is_ok_and(|s| s.success()) {
+        note_finished(note.as_deref());
+    }
+    match status {
         Ok(status) => match (status.code(), status.signal()) {
             (Some(code), _) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
             (None, Some(sig)) => std::process::ExitCode::from(u8::try_from(128 + sig).unwrap_or(1)),
             _ => std::process::ExitCode::from(1),
         },
         Err(_) => std::process::ExitCode::from(1),
+    }
+}
+
+/// Notes the run (`IFC_TASK_ID` under `IFC_FENCING_TOKEN`, as the agent set them) as
+/// finished in the session's outbox under `dir`.
+fn note_finished(dir: Option<&Path>) {
+    let (Some(dir), Ok(task), Ok(token)) = (
+        dir,
+        std::env::var("IFC_TASK_ID"),
+        std::env::var("IFC_FENCING_TOKEN"),
+    ) else {
+        return;
+    };
+    let (Ok(task), Ok(token)) = (agent_core::TaskId::parse(&task), token.parse::<u64>()) else {
+        return;
+    };
+    if let Err(e) = super::outbox::Outbox::new(dir).finished(&task, agent_core::FencingToken(token))
+    {
+        eprintln!(
+            "ifc: cannot note the finished run of {task} in {}: {e}",
+            dir.display()
+        );
     }
 }
 
@@ -92,6 +127,7 @@ impl TaskProcess {
             .env("IFC_SESSION_ID", claim.session.as_str())
             .env("IFC_FENCING_TOKEN", claim.token.to_string())
             .env("IFC_BACKEND", backend)
+            .env(NOTE_DIR, log_dir)
             .stdin(Stdio::piped())
             .stdout(out)
             .stderr(err)

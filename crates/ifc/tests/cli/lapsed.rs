@@ -95,10 +95,17 @@ fn a_run_that_finished_while_the_git_remote_was_away_past_stale_after_is_not_run
     assert!(text.contains("✅ DONE"), "{text}");
 }
 
-#[test]
-fn a_run_whose_agent_was_killed_before_reporting_it_is_reported_by_the_next_agent() {
-    // Seeds 220000005 and others: an agent killed -9 between its task's exit and the
-    // completion's landing; the restarted agent (or another session) ran the task again.
+/// What stops answering while a gated run finishes: etcd (the agent cannot report it) or the
+/// agent itself (it cannot even see the run end).
+#[derive(Clone, Copy)]
+enum Stopped {
+    Etcd,
+    Agent,
+}
+
+/// T1's run finishes while `stopped` is stopped, its agent is killed -9, and the session's next
+/// agent reports the run instead of running T1 again.
+fn a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(stopped: Stopped) {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
     let e = etcd.endpoint();
     put(&e, w.path(), &["T1"]);
@@ -107,9 +114,12 @@ fn a_run_whose_agent_was_killed_before_reporting_it_is_reported_by_the_next_agen
     let log = w.path().join("first.log");
     let mut first = spawn_agent(ifc(&e, w.path()), &config, &log, &["--until-done"]);
     wait_for("T1 to start", Duration::from_secs(30), || started(&w));
-    // etcd stops answering, the run finishes, and the agent dies before its report lands.
-    let pid = Pid::from_raw(i32::try_from(etcd.pid().expect("etcd runs")).expect("pid"));
-    kill(pid, Signal::SIGSTOP).expect("pause etcd");
+    let pid = match stopped {
+        Stopped::Etcd => etcd.pid().expect("etcd runs"),
+        Stopped::Agent => first.id(),
+    };
+    let pid = Pid::from_raw(i32::try_from(pid).expect("pid"));
+    kill(pid, Signal::SIGSTOP).expect("stop it");
     std::fs::write(w.path().join("go"), "").expect("go");
     wait_for("T1 to finish", Duration::from_secs(30), || {
         w.done() == ["T1"]
@@ -117,7 +127,9 @@ fn a_run_whose_agent_was_killed_before_reporting_it_is_reported_by_the_next_agen
     std::thread::sleep(Duration::from_millis(500));
     first.kill().expect("kill -9 the agent");
     first.wait().expect("reap");
-    kill(pid, Signal::SIGCONT).expect("resume etcd");
+    if let Stopped::Etcd = stopped {
+        kill(pid, Signal::SIGCONT).expect("resume etcd");
+    }
 
     let log = w.path().join("second.log");
     let second = spawn_agent(ifc(&e, w.path()), &config, &log, &["--until-done"]);
@@ -127,4 +139,19 @@ fn a_run_whose_agent_was_killed_before_reporting_it_is_reported_by_the_next_agen
         text.contains("reported the completion of a run the session's previous agent finished"),
         "{text}"
     );
+}
+
+#[test]
+fn a_run_whose_agent_was_killed_before_reporting_it_is_reported_by_the_next_agent() {
+    // Seeds 220000005 and others: an agent killed -9 between its task's exit and the
+    // completion's landing; the restarted agent (or another session) ran the task again.
+    a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(Stopped::Etcd);
+}
+
+#[test]
+fn a_run_that_finished_while_its_agent_was_busy_is_noted_and_not_run_again() {
+    // The tester's report: a hung etcd call kept the agent from seeing its task's exit for a
+    // second; killed then, the agent left no note, and its restart ran the finished task
+    // again. Here the agent is stopped outright while its run finishes, then killed -9.
+    a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(Stopped::Agent);
 }
