@@ -206,9 +206,116 @@ pub fn plan(etcd: &[Task], git: &[Task], base: &BTreeMap<TaskId, Face>, live: &L
     out
 }
 
+/// A task whose blockers the two stores list differently (order aside).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockerDifference {
+    pub task: TaskId,
+    pub etcd: Vec<TaskId>,
+    pub git: Vec<TaskId>,
+}
+
+/// A task's blockers as a set: the board lists them in the order a person wrote them.
+pub fn blocker_set(t: &Task) -> BTreeSet<TaskId> {
+    t.blocked_by.iter().cloned().collect()
+}
+
+/// Every task in both stores whose blockers differ, sorted by id.
+pub fn blocker_differences(etcd: &[Task], git: &[Task]) -> Vec<BlockerDifference> {
+    let g: BTreeMap<&TaskId, &Task> = git.iter().map(|t| (&t.id, t)).collect();
+    let mut out: Vec<BlockerDifference> = etcd
+        .iter()
+        .filter_map(|et| {
+            let gt = g.get(&et.id)?;
+            (blocker_set(et) != blocker_set(gt)).then(|| BlockerDifference {
+                task: et.id.clone(),
+                etcd: blocker_set(et).into_iter().collect(),
+                git: blocker_set(gt).into_iter().collect(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.task.cmp(&b.task));
+    out
+}
+
+/// Blocker edits to carry: the side whose blockers moved from what both last agreed on
+/// (`base`) wins. Without a common past, or when both moved, nothing is carried (the
+/// difference is the audit's to show, a person's to settle).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BlockerPlan {
+    /// (task, blockers) to write in etcd.
+    pub to_etcd: Vec<(TaskId, Vec<TaskId>)>,
+    /// (task, blockers) to write on the board.
+    pub to_git: Vec<(TaskId, Vec<TaskId>)>,
+    /// Differences nothing decides.
+    pub undecided: Vec<BlockerDifference>,
+}
+
+/// See [`BlockerPlan`].
+pub fn plan_blockers(
+    etcd: &[Task],
+    git: &[Task],
+    base: &BTreeMap<TaskId, BTreeSet<TaskId>>,
+) -> BlockerPlan {
+    let e: BTreeMap<&TaskId, &Task> = etcd.iter().map(|t| (&t.id, t)).collect();
+    let g: BTreeMap<&TaskId, &Task> = git.iter().map(|t| (&t.id, t)).collect();
+    let mut out = BlockerPlan::default();
+    for d in blocker_differences(etcd, git) {
+        let (et, gt) = (e[&d.task], g[&d.task]);
+        match base.get(&d.task) {
+            Some(b) if *b == blocker_set(et) => out.to_etcd.push((d.task, gt.blocked_by.clone())),
+            Some(b) if *b == blocker_set(gt) => out.to_git.push((d.task, et.blocked_by.clone())),
+            _ => out.undecided.push(d),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blocker_edit_goes_from_the_side_that_made_it() {
+        let with = |id: &str, blockers: &[&str]| {
+            let mut task = t(id, A, None);
+            task.blocked_by = blockers
+                .iter()
+                .map(|b| TaskId::parse(b).expect("id"))
+                .collect();
+            task
+        };
+        let ids = |v: &[&str]| -> BTreeSet<TaskId> {
+            v.iter().map(|b| TaskId::parse(b).expect("id")).collect()
+        };
+        let etcd = vec![
+            with("edited-in-git", &["P0"]),
+            with("edited-in-etcd", &["P1", "P2"]),
+            with("no-past", &["P0"]),
+            with("both-moved", &["P1"]),
+            with("reordered", &["P1", "P2"]),
+        ];
+        let git = vec![
+            with("edited-in-git", &[]),
+            with("edited-in-etcd", &["P1"]),
+            with("no-past", &[]),
+            with("both-moved", &["P2"]),
+            with("reordered", &["P2", "P1"]),
+        ];
+        let base = BTreeMap::from([
+            (TaskId::parse("edited-in-git").expect("id"), ids(&["P0"])),
+            (TaskId::parse("edited-in-etcd").expect("id"), ids(&["P1"])),
+            (TaskId::parse("both-moved").expect("id"), ids(&["P0"])),
+        ]);
+        let plan = plan_blockers(&etcd, &git, &base);
+        let task = |s: &str| TaskId::parse(s).expect("id");
+        assert_eq!(plan.to_etcd, [(task("edited-in-git"), vec![])]);
+        assert_eq!(
+            plan.to_git,
+            [(task("edited-in-etcd"), vec![task("P1"), task("P2")])]
+        );
+        let undecided: Vec<&str> = plan.undecided.iter().map(|d| d.task.as_str()).collect();
+        assert_eq!(undecided, ["both-moved", "no-past"]);
+    }
 
     fn t(id: &str, status: TaskStatus, holder: Option<&str>) -> Task {
         let mut task = Task::new(TaskId::parse(id).expect("id"), status);

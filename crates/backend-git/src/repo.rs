@@ -429,13 +429,15 @@ impl Clone {
                     .arg(&dir)
                     .args(["-c", "gc.auto=1000", "-c"])
                     .arg(format!("gc.pruneExpire={GC_PRUNE}"))
+                    // A gc that left young unreachable objects (heartbeats of the last minutes)
+                    // writes gc.log, which would stop every automatic gc for a day.
                     .args([
                         "-c",
+                        "gc.logExpiry=now",
+                        "-c",
                         "gc.reflogExpireUnreachable=now",
-                        "gc",
-                        "--auto",
-                        "--quiet",
                     ])
+                    .args(["gc", "--auto", "--quiet"])
                     .stdin(std::process::Stdio::null())
                     .output();
                 match out {
@@ -639,8 +641,10 @@ const HEARTBEAT_FILE: &str = "STATUS.yaml";
 /// Writes (commits and heartbeats) between two `git gc --auto` runs.
 const GC_EVERY: u64 = 200;
 
-/// How old an unreachable object must be before gc removes it.
-const GC_PRUNE: &str = "10.minutes.ago";
+/// How old an unreachable object must be before gc removes it: far longer than a write takes
+/// from copying its objects to moving its ref, short enough that old heartbeats (three objects
+/// each) do not pile up.
+const GC_PRUNE: &str = "2.minutes.ago";
 
 /// The heartbeat ref of the STATUS file at `path`, if that makes a valid ref name.
 fn heartbeat_ref(path: &str) -> Option<String> {

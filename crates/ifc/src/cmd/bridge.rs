@@ -9,7 +9,7 @@ use std::time::Duration;
 use agent_core::bridge::{self, Difference, Face, Live};
 use agent_core::config::FleetFile;
 use agent_core::{
-    Backend, Mirrored, RecordOutcome, SessionId, Task, TaskId, TaskPatch, TaskStatus,
+    Backend, BackendError, Mirrored, RecordOutcome, SessionId, Task, TaskId, TaskPatch, TaskStatus,
 };
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -58,7 +58,12 @@ pub async fn audit(g: &Global, output: Output, out: &mut impl Write) -> Result<u
     let (etcd, git) = open(g, fleet.as_ref(), "ifc-audit").await?;
     let (e, b) = (etcd.list().await?, git.list().await?);
     let diffs = bridge::compare(&e.tasks, &b.tasks);
+    let blockers = bridge::blocker_differences(&e.tasks, &b.tasks);
     let conflicts = diffs.iter().filter(|d| d.conflict).count();
+    let list = |v: &[TaskId]| {
+        let ids: Vec<&str> = v.iter().map(TaskId::as_str).collect();
+        format!("blocked by [{}]", ids.join(", "))
+    };
     match output {
         Output::Json => writeln!(
             out,
@@ -69,10 +74,11 @@ pub async fn audit(g: &Global, output: Output, out: &mut impl Write) -> Result<u
                 "tasks_git": b.tasks.len(),
                 "differences": diffs.iter().filter(|d| !d.conflict).map(difference_json).collect::<Vec<_>>(),
                 "conflicts": diffs.iter().filter(|d| d.conflict).map(difference_json).collect::<Vec<_>>(),
+                "blocker_differences": blockers,
             })
         )?,
         Output::Table => {
-            if !diffs.is_empty() {
+            if !diffs.is_empty() || !blockers.is_empty() {
                 writeln!(out, "{:<24} {:<28} {:<28} KIND", "TASK", "ETCD", "GIT")?;
                 for d in &diffs {
                     writeln!(
@@ -84,17 +90,30 @@ pub async fn audit(g: &Global, output: Output, out: &mut impl Write) -> Result<u
                         if d.conflict { "CONFLICT" } else { "differs" }
                     )?;
                 }
+                for d in &blockers {
+                    writeln!(
+                        out,
+                        "{:<24} {:<28} {:<28} blockers differ",
+                        printable(d.task.as_str()),
+                        printable(&list(&d.etcd)),
+                        printable(&list(&d.git)),
+                    )?;
+                }
             }
             writeln!(
                 out,
                 "{} tasks in etcd, {} on the board: {} differ, {conflicts} conflict(s)",
                 e.tasks.len(),
                 b.tasks.len(),
-                diffs.len() - conflicts
+                diffs.len() - conflicts + blockers.len()
             )?;
         }
     }
-    Ok(if diffs.is_empty() { 0 } else { exit::NO })
+    Ok(if diffs.is_empty() && blockers.is_empty() {
+        0
+    } else {
+        exit::NO
+    })
 }
 
 /// The bridge's memory between rounds.
@@ -105,6 +124,10 @@ struct Bridge {
     /// Conflicts already counted (counted again only after they cleared).
     reported: BTreeSet<TaskId>,
     conflicts_total: u64,
+    /// The blockers both stores last listed alike, per task.
+    blockers_base: BTreeMap<TaskId, BTreeSet<TaskId>>,
+    /// Blocker differences nothing decides, already logged.
+    blockers_reported: BTreeSet<TaskId>,
 }
 
 /// A new task for the other store: same title and blockers; free unless complete.
@@ -241,6 +264,76 @@ impl Bridge {
             }
         }
         self.reported = now_conflicting;
+        written += self.carry_blockers(etcd, git, &e.tasks, &b.tasks).await?;
+        Ok(written)
+    }
+
+    /// Carries blocker edits (`ifc put --blocked-by` in one mode, a person's edit of the
+    /// board) from the store that made them: an etcd session waited for ever for a blocker a
+    /// git-side edit had removed. Returns how many were written.
+    async fn carry_blockers(
+        &mut self,
+        etcd: &dyn Backend,
+        git: &dyn Backend,
+        e: &[Task],
+        b: &[Task],
+    ) -> Result<usize> {
+        let in_git: BTreeMap<&TaskId, &Task> = b.iter().map(|t| (&t.id, t)).collect();
+        for et in e {
+            if in_git
+                .get(&et.id)
+                .is_some_and(|gt| bridge::blocker_set(gt) == bridge::blocker_set(et))
+            {
+                self.blockers_base
+                    .insert(et.id.clone(), bridge::blocker_set(et));
+            }
+        }
+        let plan = bridge::plan_blockers(e, b, &self.blockers_base);
+        let mut written = 0;
+        for (store, source, items, name) in [
+            (etcd, git, plan.to_etcd, "etcd"),
+            (git, etcd, plan.to_git, "git"),
+        ] {
+            if items.is_empty() {
+                continue;
+            }
+            // Carried only while the source still lists them so.
+            let now: BTreeMap<TaskId, BTreeSet<TaskId>> = source
+                .list()
+                .await?
+                .tasks
+                .iter()
+                .map(|t| (t.id.clone(), bridge::blocker_set(t)))
+                .collect();
+            for (task, blockers) in items {
+                let set: BTreeSet<TaskId> = blockers.iter().cloned().collect();
+                if now.get(&task) != Some(&set) {
+                    continue;
+                }
+                let patch = TaskPatch {
+                    blocked_by: Some(blockers.clone()),
+                    ..TaskPatch::default()
+                };
+                match store.put(&task, &patch).await {
+                    Ok(_) => {
+                        written += 1;
+                        tracing::info!(%task, blocked_by = ?blockers, to = name, "bridged blockers");
+                        self.blockers_base.insert(task, set);
+                    }
+                    Err(BackendError::InvalidInput(why)) => {
+                        tracing::warn!(%task, blocked_by = ?blockers, to = name, reason = %why, "blockers not bridged")
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        for d in &plan.undecided {
+            if self.blockers_reported.insert(d.task.clone()) {
+                tracing::warn!(task = %d.task, etcd = ?d.etcd, git = ?d.git, "the stores list different blockers and neither is known to be newer: left alone (make one side match)");
+            }
+        }
+        self.blockers_reported
+            .retain(|t| plan.undecided.iter().any(|d| &d.task == t));
         Ok(written)
     }
 
@@ -350,9 +443,10 @@ pub async fn run(
         conflicts.store(bridge.conflicts_total, std::sync::atomic::Ordering::Relaxed);
         if args.once {
             let (e, b) = (etcd.list().await?, git.list().await?);
-            let diffs = bridge::compare(&e.tasks, &b.tasks);
+            let diffs = bridge::compare(&e.tasks, &b.tasks).len()
+                + bridge::blocker_differences(&e.tasks, &b.tasks).len();
             let summary = json!({
-                "differences": diffs.len(),
+                "differences": diffs,
                 "conflicts_total": bridge.conflicts_total,
             });
             match output {
@@ -360,11 +454,10 @@ pub async fn run(
                 Output::Table => writeln!(
                     out,
                     "{} difference(s) left, {} conflict(s)",
-                    diffs.len(),
-                    bridge.conflicts_total
+                    diffs, bridge.conflicts_total
                 )?,
             }
-            return Ok(if diffs.is_empty() { 0 } else { exit::NO });
+            return Ok(if diffs == 0 { 0 } else { exit::NO });
         }
         tokio::select! {
             _ = tokio::time::sleep_until(started + interval) => {}

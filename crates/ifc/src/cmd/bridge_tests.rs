@@ -205,3 +205,42 @@ async fn a_reopen_made_after_the_bridge_read_the_store_is_not_written_over() {
         "the operator's reopen stands"
     );
 }
+
+#[tokio::test]
+async fn a_blocker_edit_in_either_store_reaches_the_other() {
+    // The tester's report: `--mode git put PB2 --blocked-by ""` never reached etcd, whose
+    // agent waited for PB0 for ever while audit and the bridge said the stores agreed.
+    let (etcd, git) = (
+        MemoryBackend::new(MemoryStore::new(), None),
+        MemoryBackend::new(MemoryStore::new(), None),
+    );
+    let blocked = TaskPatch {
+        blocked_by: Some(vec![id("P0")]),
+        ..TaskPatch::default()
+    };
+    for b in [&etcd, &git] {
+        for t in ["P0", "P1"] {
+            b.put(&id(t), &TaskPatch::default()).await.expect("put");
+        }
+        b.put(&id("PB2"), &blocked).await.expect("put");
+    }
+    let mut bridge = Bridge::default();
+    bridge.round(&etcd, &git).await.expect("round");
+    let unblock = TaskPatch {
+        blocked_by: Some(vec![]),
+        ..TaskPatch::default()
+    };
+    git.put(&id("PB2"), &unblock).await.expect("edit in git");
+    assert_eq!(bridge.round(&etcd, &git).await.expect("round"), 1);
+    let in_etcd = etcd.get(&id("PB2")).await.expect("get").expect("task");
+    assert_eq!(in_etcd.blocked_by, Vec::<TaskId>::new());
+    // And the other way.
+    let reblock = TaskPatch {
+        blocked_by: Some(vec![id("P1")]),
+        ..TaskPatch::default()
+    };
+    etcd.put(&id("PB2"), &reblock).await.expect("edit in etcd");
+    assert_eq!(bridge.round(&etcd, &git).await.expect("round"), 1);
+    let in_git = git.get(&id("PB2")).await.expect("get").expect("task");
+    assert_eq!(in_git.blocked_by, [id("P1")]);
+}
