@@ -857,7 +857,15 @@ impl Core {
             .is_some_and(|h| &h.session == session && want.is_none_or(|w| w.0 == h.token));
         let token_ok =
             want.is_none_or(|w| Some(w.0) == live_token) || (own && snap.status_unknown(session));
-        let holds = (holder.as_ref() == Some(session) && token_ok)
+        // A claim a live agent process of the session holds is that process's to end, as an
+        // etcd claim under its lease is (the tester's report: a one-shot `release --status
+        // complete` killed the agent's run and marked the task done with its work unfinished).
+        let anothers = snap
+            .statuses
+            .get(session)
+            .and_then(|s| s.claim(id))
+            .is_some_and(|c| c.held_by_other_process(self.config.process.as_deref()));
+        let holds = (holder.as_ref() == Some(session) && token_ok && !anothers)
             || self.lapsed_but_untouched(&snap, row, session, to, want);
         if !holds {
             if agent_core::model::already_completed_by(&current, session, to) {

@@ -454,16 +454,9 @@ async fn release(
     .await?;
     if matches!(outcome, ReleaseOutcome::Released { .. }) {
         // An operator acting for a running agent: say what it does to the agent.
-        let running = b
-            .sessions()
+        let running = running_agent(b, &args.session)
             .await
-            .unwrap_or_default()
-            .into_iter()
-            .find(|p| {
-                p.session_id == args.session
-                    && p.pid != 0
-                    && p.current_task.as_ref() == Some(&args.task)
-            });
+            .filter(|p| p.current_task.as_ref() == Some(&args.task));
         if let Some(p) = running {
             eprintln!(
                 "note: {} was running {} in its agent ({}): that run is stopped and will not be reported",
@@ -510,9 +503,19 @@ async fn release(
         }
         (Output::Table, ReleaseOutcome::NotHolder { holder }) => {
             let who = holder.as_ref().map_or("nobody".into(), |h| h.to_string());
-            // The session is the holder, under another claim: the token is what does not match.
-            let why = match (holder, args.fencing_token) {
-                (Some(h), Some(t)) if *h == args.session => format!(
+            // The session is the holder: in a running agent (whose run only it ends), or under
+            // another claim (the token is what does not match).
+            let agent = match holder {
+                Some(h) if *h == args.session => running_agent(b, &args.session).await,
+                _ => None,
+            };
+            let why = match (holder, agent, args.fencing_token) {
+                (_, Some(p), _) => format!(
+                    "{} is held by {who}'s running agent ({}): only that agent ends its run (SIGTERM stops it and gives the task back)",
+                    args.task,
+                    agent_core::process::describe(&p)
+                ),
+                (Some(h), None, Some(t)) if *h == args.session => format!(
                     "{} is held by {who} under another fencing token than {t} (a newer claim, or another process's)",
                     args.task
                 ),
@@ -523,6 +526,18 @@ async fn release(
         (Output::Table, ReleaseOutcome::NotFound) => writeln!(out, "task {} not found", args.task)?,
     }
     Ok(code)
+}
+
+/// The agent process running `session` now, if one is listed.
+async fn running_agent(
+    b: &dyn Backend,
+    session: &agent_core::SessionId,
+) -> Option<agent_core::Presence> {
+    b.sessions()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| &p.session_id == session && p.pid != 0)
 }
 
 async fn status(b: &dyn Backend, output: Output, out: &mut impl Write) -> Result<u8> {

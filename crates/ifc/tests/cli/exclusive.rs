@@ -301,3 +301,53 @@ fn a_take_over_in_git_mode_is_heard_while_the_old_agent_runs_a_long_task() {
         "its running task was stopped after the grace: {first_log}"
     );
 }
+
+#[test]
+fn a_cli_release_for_a_session_whose_agent_runs_the_task_leaves_the_run_alone() {
+    // The tester's report: in git mode `ifc release A --session S --status complete` from
+    // another directory killed S's agent's run and marked A done, its work unfinished (with
+    // `--status available` the run was killed and started again); etcd refused it, saying
+    // "held by S" to S.
+    let (etcd, remote, w) = (EtcdServer::start(), BareRemote::new(BOARD), Workdir::new());
+    let e = etcd.endpoint();
+    put(&e, w.path(), &["A"]);
+    let git_store = |cmd: &mut std::process::Command, dir: &str| {
+        cmd.env("IFC_MODE", "git")
+            .env("IFC_GIT_REMOTE", remote.path())
+            .env("IFC_GIT_WORKDIR", w.path().join(dir))
+            .env("IFC_POLL_INTERVAL", "200ms");
+    };
+    for store in ["etcd", "git"] {
+        let marker = w.path().join(format!("A.{store}.started"));
+        let script = format!(
+            r#"echo "$IFC_TASK_ID" >> "$SHARED"; touch {:?}; sleep 3; echo "$IFC_TASK_ID" >> "$SHARED""#,
+            marker.display().to_string()
+        );
+        let session = format!("runner-{store}");
+        let config = w.session(&session, &["A"], &script, "");
+        let mut cmd = ifc(&e, w.path());
+        if store == "git" {
+            git_store(&mut cmd, "agent-clone");
+        }
+        let log = w.path().join(format!("agent-{store}.log"));
+        let mut agent = spawn_agent(cmd, &config, &log, &["--until-done"]);
+        wait_for("the task to start", Duration::from_secs(30), || {
+            marker.exists()
+        });
+        for status in ["complete", "available"] {
+            let mut cmd = ifc(&e, w.path());
+            if store == "git" {
+                git_store(&mut cmd, "cli-clone");
+            }
+            let out = run(cmd.args(["release", "A", "--session", &session, "--status", status]));
+            let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+            assert_eq!(code(&out), 1, "{store}, --status {status}: {said}");
+            assert!(said.contains("running agent"), "{store}: {said}");
+        }
+        let code_agent = finish(&mut agent, Duration::from_secs(60));
+        let text_log = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(code_agent, 0, "{store}: {text_log}");
+        assert_eq!(w.done(), ["A", "A"], "{store}: one run, start to end");
+        std::fs::remove_file(w.shared()).ok();
+    }
+}
