@@ -132,6 +132,8 @@ struct State {
     followed: bool,
     /// A pump forwards the coordinator's events (set by whoever starts it, once).
     following_primary: bool,
+    /// A return to the coordinator was put off because it holds no tasks (said once).
+    told_etcd_empty: bool,
 }
 
 /// Counts for metrics.
@@ -207,6 +209,7 @@ impl Router {
             unregistered: Default::default(),
             followed: false,
             following_primary: false,
+            told_etcd_empty: false,
         };
         // The git mirror: a hybrid session's (unless a bridge mirrors for it), and, while the
         // fleet has a git side, every session's, so a completion git could not take at once

@@ -153,6 +153,16 @@ impl Shared {
         let pending = std::mem::take(&mut lock(&self.state).pending_up);
         let mut plan = pending.clone();
         match (git.list().await, etcd.list().await) {
+            // An etcd with no tasks at all has not been migrated yet (the tester's report: two
+            // hybrid agents moved to an empty etcd that came up, found their list empty, and
+            // left the board's tasks undone): the session stays on git.
+            (Ok(ahead), Ok(behind)) if behind.tasks.is_empty() && !ahead.tasks.is_empty() => {
+                if !std::mem::replace(&mut lock(&self.state).told_etcd_empty, true) {
+                    tracing::warn!(session = %self.config.name, tasks_in_git = ahead.tasks.len(), "the coordinator answers but holds no tasks: staying on git (`ifc migrate --from-git` copies the board into etcd)");
+                }
+                lock(&self.state).pending_up.extend(pending);
+                return false;
+            }
             (Ok(ahead), Ok(behind)) => plan.extend(catch_up(&ahead.tasks, &behind.tasks)),
             (Err(e), _) | (_, Err(e)) => {
                 tracing::warn!(session = %self.config.name, error = %e, "cannot compare git with the coordinator");

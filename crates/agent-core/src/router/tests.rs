@@ -835,3 +835,33 @@ async fn a_completion_made_in_git_reaches_etcd() {
     );
     assert_eq!(fleet.in_etcd("B").await.status, TaskStatus::Available);
 }
+
+#[tokio::test]
+async fn a_hybrid_session_stays_on_git_while_the_coordinator_holds_no_tasks() {
+    // The tester's report: hybrid agents on git moved to an etcd that came up empty (not yet
+    // migrated), found their list gone, and left the board's tasks undone.
+    let fleet = Fleet::new(&[]).await;
+    let r = fleet.router(Mode::Hybrid);
+    let _sub = r.subscribe().await.expect("subscribe");
+    fleet.etcd.set_reachable(false);
+    wait_serving(&r, Side::Fallback).await;
+    let git = MemoryBackend::new(fleet.git.clone(), None);
+    git.put(&tid("A"), &TaskPatch::default())
+        .await
+        .expect("put");
+    fleet.etcd.set_reachable(true);
+    // Many probe intervals: the empty coordinator answers all along, and is not served.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(r.serving(), Side::Fallback);
+    won(r.claim(&tid("A"), &sid("s1")).await.expect("claim on git"));
+    // Migrated: the session returns, its git claim carried along.
+    let etcd = MemoryBackend::new(fleet.etcd.clone(), None);
+    etcd.put(&tid("A"), &TaskPatch::default())
+        .await
+        .expect("migrate");
+    wait_serving(&r, Side::Primary).await;
+    assert_eq!(
+        face(&fleet.in_etcd("A").await),
+        (TaskStatus::Claimed, Some("s1"))
+    );
+}
