@@ -427,7 +427,9 @@ impl Clone {
                 let out = std::process::Command::new("git")
                     .arg("-C")
                     .arg(&dir)
-                    .args(["-c", "gc.auto=1000", "-c"])
+                    // Few packs: each incremental pack stores the board whole again, one pack
+                    // of everything stores it once and deltas.
+                    .args(["-c", "gc.auto=1000", "-c", "gc.autoPackLimit=8", "-c"])
                     .arg(format!("gc.pruneExpire={GC_PRUNE}"))
                     // A gc that left young unreachable objects (heartbeats of the last minutes)
                     // writes gc.log, which would stop every automatic gc for a day.
