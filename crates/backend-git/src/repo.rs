@@ -68,9 +68,19 @@ impl Clone {
                 .find_remote("origin")
                 .ok()
                 .and_then(|r| r.url().map(str::to_owned));
-            if url.as_deref() != Some(config.remote.as_str()) {
+            // A clone that never fetched anything (its first contact failed: a mistyped
+            // remote) holds nothing: it follows the remote asked for now (the tester's report:
+            // one mistyped --git-remote made every later command in the directory fail).
+            let never_fetched = repo
+                .references_glob("refs/remotes/origin/*")
+                .map_or(true, |mut r| r.next().is_none());
+            if url.as_deref() != Some(config.remote.as_str()) && never_fetched {
+                repo.remote_set_url("origin", &config.remote)
+                    .map_err(|e| local(dir, e))?;
+                tracing::info!(workdir = %dir.display(), was = ?url, now = %config.remote, "the clone had never fetched from its remote: it follows the one asked for now");
+            } else if url.as_deref() != Some(config.remote.as_str()) {
                 return Err(BackendError::InvalidInput(format!(
-                    "{} is a clone of {}, not of {}: use another --git-workdir",
+                    "{} is a clone of {}, not of {}: use another --git-workdir (or delete that directory)",
                     dir.display(),
                     url.unwrap_or_else(|| "nothing".into()),
                     config.remote

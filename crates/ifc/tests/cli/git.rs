@@ -201,3 +201,31 @@ fn a_cli_claim_in_git_mode_holds_until_released() {
     ]));
     assert_eq!(code(&out), 0, "{}{}", text(&out.stdout), text(&out.stderr));
 }
+
+#[test]
+fn a_mistyped_remote_does_not_spoil_the_directory_for_the_right_one() {
+    // The tester's report: after `--git-remote nope.git status` (exit 3), every command with
+    // the right remote in that directory failed: ".ifc/git/ifc-cli is a clone of nope.git".
+    let (remote, cwd) = (BareRemote::new(FIXTURE), workspace());
+    let wrong = remote.path().with_file_name("nope.git");
+    let out = run(ifc_git(&remote, cwd.path())
+        .env("IFC_GIT_REMOTE", &wrong)
+        .arg("status"));
+    assert_eq!(code(&out), 3, "{}", text(&out.stderr));
+    let out = run(ifc_git(&remote, cwd.path()).arg("status"));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("P0.2.6"),
+        "{}",
+        text(&out.stdout)
+    );
+    // A clone that did fetch from another remote is still refused, and says what to do.
+    let other = BareRemote::new(FIXTURE);
+    let out = run(ifc_git(&other, cwd.path()).arg("status"));
+    assert_eq!(code(&out), 2, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("delete that directory"),
+        "{}",
+        text(&out.stderr)
+    );
+}
