@@ -134,6 +134,8 @@ struct State {
     following_primary: bool,
     /// A return to the coordinator was put off because it holds no tasks (said once).
     told_etcd_empty: bool,
+    /// The last `record_logged` failed (its warning is not repeated until one works).
+    record_failing: bool,
 }
 
 /// Counts for metrics.
@@ -210,6 +212,7 @@ impl Router {
             followed: false,
             following_primary: false,
             told_etcd_empty: false,
+            record_failing: false,
         };
         // The git mirror: a hybrid session's (unless a bridge mirrors for it), and, while the
         // fleet has a git side, every session's, so a completion git could not take at once

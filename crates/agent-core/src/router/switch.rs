@@ -210,6 +210,9 @@ impl Shared {
     ) -> bool {
         match to.record(plan).await {
             Ok(out) => {
+                if std::mem::take(&mut lock(&self.state).record_failing) {
+                    tracing::info!(session = %self.config.name, "writing what happened elsewhere into {name} works again");
+                }
                 for (item, outcome) in plan.iter().zip(&out) {
                     if let RecordOutcome::Conflict { holder } = outcome {
                         lock(&self.state).stats.conflicts += 1;
@@ -219,7 +222,12 @@ impl Shared {
                 true
             }
             Err(e) => {
-                tracing::warn!(session = %self.config.name, error = %e, "cannot write what happened elsewhere into {name}");
+                // Said once per outage, not at every attempt (the tester counted 17 a second).
+                if std::mem::replace(&mut lock(&self.state).record_failing, true) {
+                    tracing::debug!(session = %self.config.name, error = %e, "cannot write what happened elsewhere into {name}");
+                } else {
+                    tracing::warn!(session = %self.config.name, error = %e, "cannot write what happened elsewhere into {name}; retrying (said again once it works)");
+                }
                 false
             }
         }
