@@ -650,8 +650,10 @@ pub(crate) const HEARTBEAT_REFS: &str = "refs/ifc/heartbeat/";
 /// The one file in a heartbeat commit.
 const HEARTBEAT_FILE: &str = "STATUS.yaml";
 
-/// Writes (commits and heartbeats) between two `git gc --auto` runs.
-const GC_EVERY: u64 = 200;
+/// Writes (commits and heartbeats) between two `git gc --auto` runs: about two minutes of an
+/// idle agent's heartbeats at `--poll-interval 1s`, an hour at the defaults. A run that finds
+/// too little to pack costs a directory listing.
+const GC_EVERY: u64 = 50;
 
 /// How old an unreachable object must be before gc removes it: far longer than a write takes
 /// from copying its objects to moving its ref, short enough that old heartbeats (three objects
