@@ -650,15 +650,16 @@ pub(crate) const HEARTBEAT_REFS: &str = "refs/ifc/heartbeat/";
 /// The one file in a heartbeat commit.
 const HEARTBEAT_FILE: &str = "STATUS.yaml";
 
-/// Writes (commits and heartbeats) between two `git gc --auto` runs: about two minutes of an
-/// idle agent's heartbeats at `--poll-interval 1s`, an hour at the defaults. A run that finds
-/// too little to pack costs a directory listing.
-const GC_EVERY: u64 = 50;
+/// Writes (commits and heartbeats) between two `git gc --auto` runs: under a minute of an idle
+/// agent's heartbeats at `--poll-interval 1s`, 25 minutes at the defaults. A run that finds too
+/// little to pack costs a directory listing. (At 50, ten idle agents at `--poll-interval 1s`
+/// each pruned once in four minutes and left 2,880 loose heartbeat objects behind.)
+const GC_EVERY: u64 = 20;
 
 /// How old an unreachable object must be before gc removes it: far longer than a write takes
 /// from copying its objects to moving its ref, short enough that old heartbeats (three objects
 /// each) do not pile up.
-const GC_PRUNE: &str = "2.minutes.ago";
+const GC_PRUNE: &str = "1.minute.ago";
 
 /// The heartbeat ref of the STATUS file at `path`, if that makes a valid ref name.
 fn heartbeat_ref(path: &str) -> Option<String> {
