@@ -74,6 +74,20 @@ impl Clone {
             let never_fetched = repo
                 .references_glob("refs/remotes/origin/*")
                 .map_or(true, |mut r| r.next().is_none());
+            // One local remote spelled two ways (relative and absolute, a trailing slash,
+            // file://) is the same remote (the tester's report).
+            let same_place = |a: &str| {
+                let path = |r: &str| {
+                    let mut c = config.clone();
+                    c.remote = r.to_owned();
+                    c.local_remote().and_then(|p| std::fs::canonicalize(p).ok())
+                };
+                path(a).is_some_and(|p| Some(p) == path(&config.remote))
+            };
+            let url = match url {
+                Some(u) if u != config.remote && same_place(&u) => Some(config.remote.clone()),
+                other => other,
+            };
             if url.as_deref() != Some(config.remote.as_str()) && never_fetched {
                 repo.remote_set_url("origin", &config.remote)
                     .map_err(|e| local(dir, e))?;

@@ -69,7 +69,7 @@ pub async fn audit(g: &Global, output: Output, out: &mut impl Write) -> Result<u
             out,
             "{}",
             json!({
-                "agree": diffs.is_empty(),
+                "agree": diffs.is_empty() && blockers.is_empty(),
                 "tasks_etcd": e.tasks.len(),
                 "tasks_git": b.tasks.len(),
                 "differences": diffs.iter().filter(|d| !d.conflict).map(difference_json).collect::<Vec<_>>(),

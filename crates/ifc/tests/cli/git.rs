@@ -229,3 +229,17 @@ fn a_mistyped_remote_does_not_spoil_the_directory_for_the_right_one() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn one_local_remote_spelled_three_ways_is_one_remote() {
+    // The tester's report: `--git-remote /x/coord.git` after `--git-remote ../coord.git` (or
+    // with a trailing slash, or as file://) in one directory was refused as another remote.
+    let (remote, cwd) = (BareRemote::new(FIXTURE), workspace());
+    let path = remote.path().display().to_string();
+    for spelling in [path.clone(), format!("{path}/"), format!("file://{path}")] {
+        let out = run(ifc_git(&remote, cwd.path())
+            .env("IFC_GIT_REMOTE", &spelling)
+            .arg("status"));
+        assert_eq!(code(&out), 0, "{spelling}: {}", text(&out.stderr));
+    }
+}
