@@ -74,6 +74,18 @@ impl EtcdServer {
     }
 
     fn start_single(tls: Option<ServerTls>) -> EtcdServer {
+        // A free port another process took before etcd bound it: new ports, a few times.
+        for _ in 0..4 {
+            match EtcdServer::try_start_single(tls.clone()) {
+                Ok(server) => return server,
+                Err(why) if why.contains("address already in use") => continue,
+                Err(why) => panic!("{why}"),
+            }
+        }
+        panic!("etcd: every pair of free ports was taken before etcd bound it");
+    }
+
+    fn try_start_single(tls: Option<ServerTls>) -> Result<EtcdServer, String> {
         let dir = tempfile::Builder::new()
             .prefix("ifc-etcd-")
             .tempdir()
@@ -90,8 +102,8 @@ impl EtcdServer {
         server.dir = Some(dir);
         server.tls = tls;
         server.launch();
-        server.wait_ready();
-        server
+        server.try_ready()?;
+        Ok(server)
     }
 
     fn member(
@@ -194,16 +206,23 @@ impl EtcdServer {
     }
 
     fn wait_ready(&mut self) {
+        if let Err(why) = self.try_ready() {
+            panic!("{why}");
+        }
+    }
+
+    /// Waits until etcd serves; `Err` (with its log) if it exited first.
+    fn try_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let health = format!("127.0.0.1:{}", self.client_port);
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-                    panic!(
+                    return Err(format!(
                         "etcd {} exited with {status} before serving:\n{log}",
                         self.name
-                    );
+                    ));
                 }
             }
             // Over TLS (with client certificates) a listening port is as far as a probe can see.
@@ -212,7 +231,7 @@ impl EtcdServer {
                 None => http_health_ok(&health),
             };
             if ready {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
@@ -268,8 +287,20 @@ pub struct EtcdCluster {
 }
 
 impl EtcdCluster {
-    /// Starts `n` members and waits until each serves.
+    /// Starts `n` members and waits until each serves. A free port another process took
+    /// before etcd bound it ("address already in use") means new ports, a few times.
     pub fn start(n: usize) -> EtcdCluster {
+        for _ in 0..4 {
+            match EtcdCluster::try_start(n) {
+                Ok(cluster) => return cluster,
+                Err(why) if why.contains("address already in use") => continue,
+                Err(why) => panic!("{why}"),
+            }
+        }
+        panic!("etcd cluster: every set of free ports was taken before etcd bound it");
+    }
+
+    fn try_start(n: usize) -> Result<EtcdCluster, String> {
         let dir = tempfile::Builder::new()
             .prefix("ifc-etcd-cluster-")
             .tempdir()
@@ -296,11 +327,13 @@ impl EtcdCluster {
             .collect();
         // All must be running before any can elect a leader and serve.
         members.iter_mut().for_each(EtcdServer::launch);
-        members.iter_mut().for_each(EtcdServer::wait_ready);
-        EtcdCluster {
+        for m in &mut members {
+            m.try_ready()?;
+        }
+        Ok(EtcdCluster {
             members,
             dir: Some(dir),
-        }
+        })
     }
 
     /// Every member's client URL.
