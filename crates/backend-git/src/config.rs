@@ -82,14 +82,19 @@ impl GitConfig {
     /// Whether the remote is on this machine's file system (so its refs can be watched and a
     /// push can be a compare-and-swap on the ref itself).
     pub fn local_remote(&self) -> Option<PathBuf> {
-        let r = &self.remote;
-        if let Some(path) = r.strip_prefix("file://") {
-            return Some(PathBuf::from(path));
-        }
-        let is_url =
-            r.contains("://") || (r.contains(':') && !r.starts_with('/') && !r.starts_with('.'));
-        (!is_url).then(|| PathBuf::from(r))
+        local_path(&self.remote)
     }
+}
+
+/// The path a remote names on this machine's file system, if it names one (a path or
+/// `file://…`, not a URL of another transport).
+pub fn local_path(remote: &str) -> Option<PathBuf> {
+    if let Some(path) = remote.strip_prefix("file://") {
+        return Some(PathBuf::from(path));
+    }
+    let is_url = remote.contains("://")
+        || (remote.contains(':') && !remote.starts_with('/') && !remote.starts_with('.'));
+    (!is_url).then(|| PathBuf::from(remote))
 }
 
 fn join(dir: &str, name: &str) -> String {

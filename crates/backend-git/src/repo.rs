@@ -76,23 +76,16 @@ impl Clone {
                 .map_or(true, |mut r| r.next().is_none());
             // One local remote spelled two ways (relative and absolute, a trailing slash,
             // file://) is the same remote (the tester's report).
-            let same_place = |a: &str| {
-                let path = |r: &str| {
-                    let mut c = config.clone();
-                    c.remote = r.to_owned();
-                    c.local_remote().and_then(|p| std::fs::canonicalize(p).ok())
-                };
-                path(a).is_some_and(|p| Some(p) == path(&config.remote))
-            };
-            let url = match url {
-                Some(u) if u != config.remote && same_place(&u) => Some(config.remote.clone()),
-                other => other,
-            };
-            if url.as_deref() != Some(config.remote.as_str()) && never_fetched {
+            let place =
+                |r: &str| crate::config::local_path(r).and_then(|p| std::fs::canonicalize(p).ok());
+            let same = url.as_deref().is_some_and(|u| {
+                u == config.remote || place(u).is_some_and(|p| Some(p) == place(&config.remote))
+            });
+            if !same && never_fetched {
                 repo.remote_set_url("origin", &config.remote)
                     .map_err(|e| local(dir, e))?;
                 tracing::info!(workdir = %dir.display(), was = ?url, now = %config.remote, "the clone had never fetched from its remote: it follows the one asked for now");
-            } else if url.as_deref() != Some(config.remote.as_str()) {
+            } else if !same {
                 return Err(BackendError::InvalidInput(format!(
                     "{} is a clone of {}, not of {}: use another --git-workdir (or delete that directory)",
                     dir.display(),
