@@ -60,6 +60,7 @@ pub async fn audit(g: &Global, output: Output, out: &mut impl Write) -> Result<u
     let diffs = bridge::compare(&e.tasks, &b.tasks);
     let blockers = bridge::blocker_differences(&e.tasks, &b.tasks);
     let conflicts = diffs.iter().filter(|d| d.conflict).count();
+    let agree = diffs.is_empty() && blockers.is_empty();
     let list = |v: &[TaskId]| {
         let ids: Vec<&str> = v.iter().map(TaskId::as_str).collect();
         format!("blocked by [{}]", ids.join(", "))
@@ -69,7 +70,7 @@ pub async fn audit(g: &Global, output: Output, out: &mut impl Write) -> Result<u
             out,
             "{}",
             json!({
-                "agree": diffs.is_empty() && blockers.is_empty(),
+                "agree": agree,
                 "tasks_etcd": e.tasks.len(),
                 "tasks_git": b.tasks.len(),
                 "differences": diffs.iter().filter(|d| !d.conflict).map(difference_json).collect::<Vec<_>>(),
@@ -78,7 +79,7 @@ pub async fn audit(g: &Global, output: Output, out: &mut impl Write) -> Result<u
             })
         )?,
         Output::Table => {
-            if !diffs.is_empty() || !blockers.is_empty() {
+            if !agree {
                 writeln!(out, "{:<24} {:<28} {:<28} KIND", "TASK", "ETCD", "GIT")?;
                 for d in &diffs {
                     writeln!(
@@ -109,11 +110,7 @@ pub async fn audit(g: &Global, output: Output, out: &mut impl Write) -> Result<u
             )?;
         }
     }
-    Ok(if diffs.is_empty() && blockers.is_empty() {
-        0
-    } else {
-        exit::NO
-    })
+    Ok(if agree { 0 } else { exit::NO })
 }
 
 /// The bridge's memory between rounds.
