@@ -146,6 +146,15 @@ pub fn transition(task: &TaskId, want: &Face, current: &Face) -> Mirrored {
     }
 }
 
+/// What replaces a stale copy (`copy`, a claim) with what its source says (`source`): the copy's
+/// end, then the source's state unless that is free or the same session's.
+fn replace_copy(task: &TaskId, copy: &Face, source: &Face, free: &Face) -> Vec<Mirrored> {
+    if source.status == TaskStatus::Available || source.holder == copy.holder {
+        return vec![transition(task, source, copy)];
+    }
+    vec![transition(task, free, copy), transition(task, source, free)]
+}
+
 /// One bridge round: for every task in both stores that differs, what to record where. `base`
 /// is what the two last agreed on (updated by the caller for what landed).
 pub fn plan(etcd: &[Task], git: &[Task], base: &BTreeMap<TaskId, Face>, live: &Live) -> Plan {
@@ -166,6 +175,22 @@ pub fn plan(etcd: &[Task], git: &[Task], base: &BTreeMap<TaskId, Face>, live: &L
             status: TaskStatus::Available,
             holder: None,
         };
+        // A claim one store holds as a copy of the other's, which says otherwise now, is stale:
+        // the store it came from has the word on it, whatever the common past says (seed
+        // 361000041: a one-shot git claim copied into etcd was released in git, and a round
+        // that read etcd just before the copy ended wrote it back into git, for nobody).
+        let copy_in = |t: &Task, f: &Face| t.copied && f.status == TaskStatus::Claimed;
+        match (copy_in(et, &ef), copy_in(gt, &gf)) {
+            (true, false) => {
+                out.to_etcd.extend(replace_copy(&et.id, &ef, &gf, &free));
+                continue;
+            }
+            (false, true) => {
+                out.to_git.extend(replace_copy(&et.id, &gf, &ef, &free));
+                continue;
+            }
+            _ => {}
+        }
         // Without a common past (the bridge restarted) the same holds when git has the task
         // complete and etcd's holder is not a live etcd session: nothing of a claim nobody runs
         // is lost by recording the completion (seed 150000009: a git session's claim, copied
@@ -469,5 +494,48 @@ mod tests {
             1,
             "two claims, both maybe real"
         );
+    }
+
+    #[test]
+    fn a_copy_gives_way_to_what_the_store_it_came_from_says_now() {
+        // Seed 361000041: etcd holds a copy of cli's git claim; git released it since. Whatever
+        // the common past, the copy is ended, not written back into git.
+        let copy = |id: &str, holder: &str| {
+            let mut task = t(id, C, Some(holder));
+            task.copied = true;
+            task
+        };
+        let agreed_free: BTreeMap<TaskId, Face> =
+            [(TaskId::parse("T").expect("id"), face(A, None))].into();
+        let live = Live {
+            etcd: [sid("cli")].into(),
+            git: BTreeSet::new(),
+        };
+        for base in [BTreeMap::new(), agreed_free] {
+            let p = plan(&[copy("T", "cli")], &[t("T", A, None)], &base, &live);
+            assert!(p.to_git.is_empty(), "{p:?}");
+            assert_eq!(steps(&p), [(A, Some(sid("cli")))]);
+            // Git since gave the task to s2: the copy ends and s2's claim is written, no conflict.
+            let p = plan(&[copy("T", "cli")], &[t("T", C, Some("s2"))], &base, &live);
+            assert_eq!(steps(&p), [(A, Some(sid("cli"))), (C, Some(sid("s2")))]);
+            assert!(p.conflicts.is_empty() && p.to_git.is_empty());
+            // The other way round: git's copy of an etcd claim that etcd ended.
+            let p = plan(&[t("T", A, None)], &[copy("T", "cli")], &base, &live);
+            assert!(p.to_etcd.is_empty(), "{p:?}");
+            let to_git: Vec<_> = p
+                .to_git
+                .iter()
+                .map(|m| (m.status, m.holder.clone()))
+                .collect();
+            assert_eq!(to_git, [(A, Some(sid("cli")))]);
+        }
+        // A copy that agrees with its source is left alone.
+        let p = plan(
+            &[copy("T", "cli")],
+            &[t("T", C, Some("cli"))],
+            &BTreeMap::new(),
+            &live,
+        );
+        assert_eq!(p, Plan::default());
     }
 }

@@ -78,6 +78,7 @@ impl State {
             task.claimed_by = None;
             task.claimed_at = None;
         }
+        task.copied &= task.status == TaskStatus::Claimed;
         Some(task)
     }
 
@@ -403,6 +404,7 @@ impl Backend for MemoryBackend {
         next.status = TaskStatus::Claimed;
         next.claimed_by = Some(session.clone());
         next.claimed_at = Some(Utc::now());
+        next.copied = false;
         state.mutate(task, |s| {
             s.tasks.insert(
                 task.clone(),

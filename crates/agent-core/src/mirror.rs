@@ -99,9 +99,11 @@ pub fn decide(current: &Task, want: &Mirrored) -> Decision {
     }
 }
 
-/// `current` with `want` applied (the caller has checked [`decide`]). A claim keeps its time.
+/// `current` with `want` applied (the caller has checked [`decide`]). A claim keeps its time,
+/// and is marked a copy (see [`Task::copied`]).
 pub fn applied(current: &Task, want: &Mirrored) -> Task {
     let mut next = current.clone();
+    next.copied = want.status == TaskStatus::Claimed;
     next.status = match want.status {
         TaskStatus::Blocked => TaskStatus::Available,
         s => s,
@@ -132,10 +134,14 @@ pub fn rank(status: TaskStatus) -> u8 {
 
 /// What brings `to` up to `from`: every task that `from` has further along (claimed or complete
 /// where `to` is behind). Never backwards; whether each may be written is `decide`'s to say (a
-/// claim by another session there is a conflict, reported by `record`).
+/// claim by another session there is a conflict, reported by `record`). A claim `from` holds as
+/// a copy of `to`'s is not carried back (seeds 361000041, 362000029: a one-shot claim, copied
+/// from git into etcd, bounced back into git after its release there, and was copied into etcd
+/// again: both stores held the task for a session that had gone).
 pub fn catch_up(from: &[Task], to: &[Task]) -> Vec<Mirrored> {
     let there: std::collections::HashMap<&TaskId, &Task> = to.iter().map(|t| (&t.id, t)).collect();
     from.iter()
+        .filter(|t| !(t.copied && t.status == TaskStatus::Claimed))
         .filter(|t| {
             there.get(&t.id).is_some_and(|other| {
                 rank(t.status) > rank(other.status)
@@ -246,5 +252,26 @@ mod tests {
             done.claimed_by.map(|s| s.to_string()).as_deref(),
             Some("s1")
         );
+    }
+
+    #[test]
+    fn a_copy_is_never_carried_back_to_where_it_came_from() {
+        let claim = applied(&task(A, None), &want(C, "cli"));
+        assert!(claim.copied, "a recorded claim is a copy");
+        let mut other = claim.clone();
+        other.id = TaskId::parse("U").expect("id");
+        other.copied = false;
+        let behind = vec![task(A, None), {
+            let mut t = task(A, None);
+            t.id = TaskId::parse("U").expect("id");
+            t
+        }];
+        let plan = catch_up(&[claim.clone(), other], &behind);
+        let got: Vec<&str> = plan.iter().map(|m| m.task.as_str()).collect();
+        assert_eq!(got, ["U"], "the copy stays where it was copied to");
+        let done = applied(&claim, &want(D, "cli"));
+        assert!(!done.copied, "only a claim is a copy");
+        let freed = applied(&claim, &want(A, "cli"));
+        assert!(!freed.copied);
     }
 }

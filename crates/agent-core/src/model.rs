@@ -98,6 +98,10 @@ pub struct Task {
     pub claimed_at: Option<DateTime<Utc>>,
     /// Tasks that must be complete before this one is claimable.
     pub blocked_by: Vec<TaskId>,
+    /// The claim was written here from the other store (by a bridge, or a router bringing one
+    /// store up to the other), not won here: the store it came from has the word on it, and it
+    /// is never carried back there. Only ever set on a `claimed` task.
+    pub copied: bool,
     /// Fields this version of ifc does not know, kept verbatim through every write.
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
@@ -112,6 +116,7 @@ impl Task {
             claimed_by: None,
             claimed_at: None,
             blocked_by: Vec::new(),
+            copied: false,
             extra: serde_json::Map::new(),
         }
     }

@@ -247,6 +247,7 @@ impl Inner {
             next.status = TaskStatus::Claimed;
             next.claimed_by = Some(session.clone());
             next.claimed_at = Some(Utc::now());
+            next.copied = false;
             let record = Record {
                 task: next,
                 lease,

@@ -10,6 +10,8 @@ use serde_json::{Map, Value};
 const LEASE_FIELD: &str = "ifc_lease";
 /// Field naming the last claim of a task whose lease ended, kept until the next write (see `Lapsed`).
 const LAPSED_FIELD: &str = "ifc_lapsed";
+/// Field marking a claim written here from the git side, not won here (see `Task::copied`).
+const COPIED_FIELD: &str = "ifc_copied";
 
 /// A task record as stored (its status may describe a claim whose lease is gone).
 #[derive(Debug, Clone, PartialEq)]
@@ -113,6 +115,11 @@ impl Record {
                 format!("{LAPSED_FIELD} must be {{\"session\", \"token\", \"lease\"}}, found {v}")
             })?),
         };
+        let copied = match map.remove(COPIED_FIELD) {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => b,
+            Some(v) => return Err(format!("{COPIED_FIELD} must be true or false, found {v}")),
+        };
         if status == TaskStatus::Claimed && claimed_by.is_none() {
             return Err("status is claimed but claimed_by is empty".into());
         }
@@ -123,6 +130,7 @@ impl Record {
             claimed_by,
             claimed_at,
             blocked_by,
+            copied: copied && status == TaskStatus::Claimed,
             extra: map,
         };
         Ok(Record {
@@ -189,6 +197,9 @@ impl Record {
         if let Some(lease) = self.lease {
             map.insert(LEASE_FIELD.into(), Value::from(lease));
         }
+        if t.copied && t.status == TaskStatus::Claimed {
+            map.insert(COPIED_FIELD.into(), Value::Bool(true));
+        }
         if let Some(l) = &self.lapsed {
             map.insert(
                 LAPSED_FIELD.into(),
@@ -237,6 +248,7 @@ pub(crate) fn effective(
     }
     task.status = status;
     task.claimed_by = holder;
+    task.copied &= status == TaskStatus::Claimed;
     Ok((task, token))
 }
 

@@ -54,9 +54,9 @@ impl Snapshot {
         if t.status == TaskStatus::Claimed {
             let status = t.owner.as_ref().and_then(|o| self.statuses.get(o));
             task.claimed_at = status.and_then(|s| s.claimed_at(&t.id));
-            let lasting = status
-                .and_then(|s| s.claim(&t.id))
-                .is_some_and(|c| c.until_released);
+            let claim = status.and_then(|s| s.claim(&t.id));
+            let lasting = claim.is_some_and(|c| c.until_released);
+            task.copied = claim.is_some_and(|c| c.copied);
             let stale = !lasting && status.is_some_and(|s| s.stale(stale_after));
             // Free when the owner's heartbeat is stale, or when the owner's (ifc-written) STATUS
             // no longer lists the claim: it gave the task up (fenced itself) without a release.
@@ -64,6 +64,7 @@ impl Snapshot {
                 task.status = TaskStatus::Available;
                 task.claimed_by = None;
                 task.claimed_at = None;
+                task.copied = false;
             }
         }
         task
@@ -601,6 +602,7 @@ impl Core {
                             at: h.at.clone(),
                             process: self.config.process.clone(),
                             until_released: h.until_released,
+                            copied: false,
                         },
                     )
                 }),
@@ -1090,6 +1092,7 @@ impl Core {
             if let (Some(h), None, TaskStatus::Claimed) = (&want.holder, mine, next.status) {
                 let mut record = ClaimRecord::now(token.unwrap_or_default(), None);
                 record.until_released = true;
+                record.copied = true;
                 others
                     .entry(h.clone())
                     .or_default()

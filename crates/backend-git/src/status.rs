@@ -54,6 +54,10 @@ pub struct ClaimRecord {
     /// here (etcd holds it until it is released, so git must too).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub until_released: bool,
+    /// Written here from etcd (by a bridge, or a router bringing git up to etcd), not won here:
+    /// etcd has the word on it (see `agent_core::Task::copied`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub copied: bool,
 }
 
 impl ClaimRecord {
@@ -64,6 +68,7 @@ impl ClaimRecord {
             at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
             process,
             until_released: false,
+            copied: false,
         }
     }
 

@@ -763,6 +763,14 @@ pub async fn record_rules(h: &impl Harness) {
         (t.status, t.claimed_by.as_ref()),
         (TaskStatus::Claimed, Some(&s3))
     );
+    assert!(
+        t.copied,
+        "a recorded claim reads as a copy, to every client"
+    );
+    assert!(
+        !get(&*other, &held).await.copied,
+        "a claim won here is no copy"
+    );
     assert_eq!(
         other.claim(&free, &s2).await.expect("claim"),
         ClaimOutcome::Lost {
@@ -807,6 +815,28 @@ pub async fn record_rules(h: &impl Harness) {
         other.claim(&free, &s2).await.expect("claim"),
         ClaimOutcome::Won(_)
     ));
+    assert!(
+        !get(&*b, &free).await.copied,
+        "a claim won over a copy's end"
+    );
+    // The copy's own session claiming the task makes the claim its own.
+    let own = tid("TEST-REC-OWN");
+    put_status(&*b, &own, TaskStatus::Available).await;
+    let out = b
+        .record(&[item(&own, TaskStatus::Claimed, &s3)])
+        .await
+        .expect("record");
+    assert_eq!(out, vec![RecordOutcome::Written]);
+    assert!(matches!(
+        other.claim(&own, &s3).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+    let t = get(&*b, &own).await;
+    assert_eq!(t.claimed_by.as_ref(), Some(&s3));
+    assert!(
+        !t.copied,
+        "claimed by its own session, it is no copy any more"
+    );
     assert_eq!(
         b.record(&[item(&free, TaskStatus::Available, &s3)])
             .await
