@@ -1200,20 +1200,7 @@ impl Core {
         for s in sessions {
             let written = Instant::now();
             let (path, bytes) = self.heartbeat_file(&snap, &s);
-            let unchanged = self
-                .clone
-                .read(&path)?
-                .is_some_and(|on_branch| same_but_time(&on_branch, &bytes));
-            if unchanged && self.clone.push_heartbeat(&path, &bytes)? {
-                // A ref is no compare-and-swap with the branch: a claimant that read the last
-                // beat as stale just before this one landed may take the claim. It can only if
-                // this beat took longer than `stale_after / 4` to land (the holder fences at
-                // three quarters of `stale_after` after its last counted beat): such a beat is
-                // not counted, and the claim is given up on time.
-                if written.elapsed() < self.config.stale_after / 4 {
-                    self.heartbeats.insert(s, written);
-                }
-            } else {
+            if !self.beat_if_unchanged(&s, &path, &bytes, written)? {
                 to_commit.insert(s);
             }
         }
@@ -1457,6 +1444,14 @@ impl Core {
             None,
         )];
         let written = Instant::now();
+        // The claim or release just before already wrote this state (working on the task, idle):
+        // a heartbeat, not a commit (issue 14 #7: four commits per task were two).
+        if !first && !self.taking_over {
+            let (path, bytes) = &files[0];
+            if self.beat_if_unchanged(session, path, bytes, written)? {
+                return Ok(Some(()));
+            }
+        }
         let pushed = self.clone.commit_and_push(
             &files,
             &format!(
@@ -1484,6 +1479,34 @@ impl Core {
                 rejected.map(|_| None)
             }
         }
+    }
+
+    /// While the branch's STATUS file at `path` says what `bytes` says but for the time, moves
+    /// its heartbeat ref instead of committing (begun at `written`). `Ok(false)`: a commit is
+    /// needed (the state changed, or the remote refuses the ref).
+    fn beat_if_unchanged(
+        &mut self,
+        session: &SessionId,
+        path: &str,
+        bytes: &[u8],
+        written: Instant,
+    ) -> BackendResult<bool> {
+        let unchanged = self
+            .clone
+            .read(path)?
+            .is_some_and(|on_branch| same_but_time(&on_branch, bytes));
+        if !unchanged || !self.clone.push_heartbeat(path, bytes)? {
+            return Ok(false);
+        }
+        // A ref is no compare-and-swap with the branch: a claimant that read the last beat as
+        // stale just before this one landed may take the claim. It can only if this beat took
+        // longer than `stale_after / 4` to land (the holder fences at three quarters of
+        // `stale_after` after its last counted beat): such a beat is not counted, and the claim
+        // is given up on time.
+        if written.elapsed() < self.config.stale_after / 4 {
+            self.heartbeats.insert(session.clone(), written);
+        }
+        Ok(true)
     }
 
     /// Sessions whose STATUS heartbeat is fresh, written by an agent process that may be alive.

@@ -165,6 +165,18 @@ impl BareRemote {
         Some(String::from_utf8_lossy(blob.content()).into_owned())
     }
 
+    /// The last beat `status_path`'s heartbeat ref carries, if it has one.
+    pub fn heartbeat(&self, status_path: &str) -> Option<String> {
+        let repo = Repository::open_bare(&self.path).expect("open bare");
+        let tree = repo
+            .find_reference(&format!("refs/ifc/heartbeat/{status_path}"))
+            .and_then(|r| r.peel_to_tree())
+            .ok()?;
+        let entry = tree.get_path(Path::new("STATUS.yaml")).ok()?;
+        let blob = repo.find_blob(entry.id()).expect("blob");
+        Some(String::from_utf8_lossy(blob.content()).into_owned())
+    }
+
     /// Makes `status_path`'s heartbeat old, as if its session had stopped long ago.
     pub fn make_stale(&self, status_path: &str) {
         let text = self

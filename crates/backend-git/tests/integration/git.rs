@@ -729,6 +729,61 @@ async fn heartbeats_add_no_commits_over_the_network_transport_either() {
     .await;
 }
 
+#[tokio::test]
+async fn a_task_costs_two_commits_its_claim_and_its_release() {
+    // Issue 14 #7: an agent's task was four commits (claim, "working on it", release, "idle");
+    // the claim and the release already write the session's state, so its announcements move
+    // the heartbeat ref instead.
+    let remote = BareRemote::new(&two_tasks());
+    let agent = GitBackend::open(remote.config("agent")).await.expect("open");
+    let mut me = agent_core::Presence {
+        session_id: sid("session-1-x"),
+        state: "idle".into(),
+        current_task: None,
+        backend: "git".into(),
+        started_at: chrono::Utc::now(),
+        pid: std::process::id(),
+        host: agent_core::process::hostname(),
+        version: "test".into(),
+    };
+    agent.register(&me, false).await.expect("register");
+    let before = remote.log().len();
+    for task in ["A", "B"] {
+        let ClaimOutcome::Won(c) = agent
+            .claim(&tid(task), &me.session_id)
+            .await
+            .expect("claim")
+        else {
+            panic!("claim {task}")
+        };
+        me.current_task = Some(tid(task));
+        agent.announce(&me).await.expect("announce working");
+        agent
+            .release(&tid(task), &me.session_id, agent_core::ReleaseTo::Complete, Some(c.token))
+            .await
+            .expect("release");
+        me.current_task = None;
+        agent.announce(&me).await.expect("announce idle");
+    }
+    let log = remote.log();
+    let added: Vec<&String> = log[..log.len() - before].iter().map(|(_, m)| m).collect();
+    assert_eq!(added.len(), 4, "two commits per task: {added:?}");
+    // The state they recorded is what the session is: idle, its tasks done.
+    let reader = GitBackend::open(remote.config("reader")).await.expect("open");
+    let listed = reader.sessions().await.expect("sessions");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        (listed[0].state.as_str(), listed[0].current_task.as_ref()),
+        ("idle", None)
+    );
+    for task in ["A", "B"] {
+        assert_eq!(
+            reader.get(&tid(task)).await.expect("get").expect("task").status,
+            TaskStatus::Complete
+        );
+    }
+}
+
 fn two_tasks() -> String {
     format!(
         "{}| A | t | 🔵 AVAILABLE |  |  |\n| B | t | 🔵 AVAILABLE |  |  |\n",

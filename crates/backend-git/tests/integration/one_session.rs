@@ -395,14 +395,20 @@ async fn a_claim_mirrored_into_git_for_another_session_reads_back_as_held() {
     // The agent's own heartbeats stop, so its file changes only by the bridge's write.
     drop(agent);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let before = remote
-        .read("STATUS-SESSION-1.yaml")
-        .expect("the agent's STATUS");
     let updated = |text: &str| {
         text.lines()
             .find(|l| l.starts_with("updated_at:"))
             .map(str::to_owned)
     };
+    // Its last heartbeat: the branch's file's, or its heartbeat ref's when that is later.
+    let before = [
+        remote.read("STATUS-SESSION-1.yaml"),
+        remote.heartbeat("STATUS-SESSION-1.yaml"),
+    ]
+    .into_iter()
+    .flatten()
+    .max_by_key(|text| updated(text))
+    .expect("the agent's STATUS");
     let mut config = remote.config("bridge");
     config.session = Some(sid("ifc-bridge"));
     let bridge = GitBackend::open(config).await.expect("open");
