@@ -735,7 +735,9 @@ async fn a_task_costs_two_commits_its_claim_and_its_release() {
     // the claim and the release already write the session's state, so its announcements move
     // the heartbeat ref instead.
     let remote = BareRemote::new(&two_tasks());
-    let agent = GitBackend::open(remote.config("agent")).await.expect("open");
+    let agent = GitBackend::open(remote.config("agent"))
+        .await
+        .expect("open");
     let mut me = agent_core::Presence {
         session_id: sid("session-1-x"),
         state: "idle".into(),
@@ -759,7 +761,12 @@ async fn a_task_costs_two_commits_its_claim_and_its_release() {
         me.current_task = Some(tid(task));
         agent.announce(&me).await.expect("announce working");
         agent
-            .release(&tid(task), &me.session_id, agent_core::ReleaseTo::Complete, Some(c.token))
+            .release(
+                &tid(task),
+                &me.session_id,
+                agent_core::ReleaseTo::Complete,
+                Some(c.token),
+            )
             .await
             .expect("release");
         me.current_task = None;
@@ -769,7 +776,9 @@ async fn a_task_costs_two_commits_its_claim_and_its_release() {
     let added: Vec<&String> = log[..log.len() - before].iter().map(|(_, m)| m).collect();
     assert_eq!(added.len(), 4, "two commits per task: {added:?}");
     // The state they recorded is what the session is: idle, its tasks done.
-    let reader = GitBackend::open(remote.config("reader")).await.expect("open");
+    let reader = GitBackend::open(remote.config("reader"))
+        .await
+        .expect("open");
     let listed = reader.sessions().await.expect("sessions");
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(
@@ -778,7 +787,12 @@ async fn a_task_costs_two_commits_its_claim_and_its_release() {
     );
     for task in ["A", "B"] {
         assert_eq!(
-            reader.get(&tid(task)).await.expect("get").expect("task").status,
+            reader
+                .get(&tid(task))
+                .await
+                .expect("get")
+                .expect("task")
+                .status,
             TaskStatus::Complete
         );
     }
