@@ -331,6 +331,11 @@ pub struct PutArgs {
     /// Tasks that must be complete first, comma-separated (an empty value clears them)
     #[arg(long, value_delimiter = ',', num_args = 0..)]
     pub blocked_by: Option<Vec<String>>,
+    /// Store --blocked-by even when a blocker does not exist (yet) or the chain leads back to the
+    /// task: an agent waiting for it reports it and `--until-done` ends with exit 1 until it is
+    /// fixed
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

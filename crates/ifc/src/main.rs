@@ -55,6 +55,9 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     match result {
         Ok(code) => ExitCode::from(code),
+        // The reader of the output went away (`ifc status | head -3`): it had what it wanted,
+        // as ripgrep and friends see it, nothing to report.
+        Err(err) if closed_stdout(&err) => ExitCode::SUCCESS,
         Err(err) => {
             say(&format!(
                 "error: {}",
@@ -63,6 +66,14 @@ fn main() -> ExitCode {
             ExitCode::from(exit::code(&err))
         }
     }
+}
+
+/// Whether `err` is a write to a pipe whose reader closed it.
+fn closed_stdout(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Writes a line to stderr, ignoring a closed stderr (the exit code still says what happened).

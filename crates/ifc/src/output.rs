@@ -1,16 +1,30 @@
 //! Rendering tasks, outcomes and events as tables for people or JSON for programs.
 
-use agent_core::{Task, TaskEvent};
+use agent_core::{Task, TaskEvent, TaskId, TaskStatus};
 use serde_json::{json, Value};
 
-/// The JSON object of one task: the guide's fields plus `blocked_by` and `title`.
-pub fn task_json(t: &Task) -> Value {
+/// The status of a task by id (`None`: no such task), to tell which blockers are still pending.
+pub type StatusOf<'a> = &'a dyn Fn(&TaskId) -> Option<TaskStatus>;
+
+/// The blockers of `t` that are not complete, each with its status (`None`: no such task).
+fn pending<'t>(t: &'t Task, status_of: StatusOf) -> Vec<(&'t TaskId, Option<TaskStatus>)> {
+    t.blocked_by
+        .iter()
+        .map(|b| (b, status_of(b)))
+        .filter(|(_, s)| *s != Some(TaskStatus::Complete))
+        .collect()
+}
+
+/// The JSON object of one task: the guide's fields plus `blocked_by`, `waiting_for` (the
+/// blockers not complete yet: while there are any, nobody can claim the task) and `title`.
+pub fn task_json(t: &Task, status_of: StatusOf) -> Value {
     json!({
         "task_id": t.id.as_str(),
         "status": t.status.as_str(),
         "claimed_by": t.claimed_by.as_ref().map(|s| s.as_str()),
         "claimed_at": t.claimed_at.map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
         "blocked_by": t.blocked_by.iter().map(|b| b.as_str()).collect::<Vec<_>>(),
+        "waiting_for": pending(t, status_of).iter().map(|(b, _)| b.as_str()).collect::<Vec<_>>(),
         "title": t.title,
     })
 }
@@ -70,8 +84,9 @@ pub fn session_table(sessions: &[agent_core::Presence]) -> String {
     columns(&header, &rows)
 }
 
-/// Tasks as aligned columns with a header.
-pub fn task_table(tasks: &[Task]) -> String {
+/// Tasks as aligned columns with a header; a blocker not complete yet shows its status
+/// (`B1 (claimed)`, `B2 (missing)`).
+pub fn task_table(tasks: &[Task], status_of: StatusOf) -> String {
     let header = [
         "TASK",
         "STATUS",
@@ -93,11 +108,16 @@ pub fn task_table(tasks: &[Task]) -> String {
                 if t.blocked_by.is_empty() {
                     "-".into()
                 } else {
+                    let waiting = pending(t, status_of);
                     t.blocked_by
                         .iter()
-                        .map(|b| b.as_str())
+                        .map(|b| match waiting.iter().find(|(w, _)| *w == b) {
+                            Some((_, Some(status))) => format!("{b} ({status})"),
+                            Some((_, None)) => format!("{b} (missing)"),
+                            None => b.to_string(),
+                        })
                         .collect::<Vec<_>>()
-                        .join(",")
+                        .join(", ")
                 },
                 t.title.as_deref().map(printable).unwrap_or_default(),
             ]

@@ -215,7 +215,7 @@ async fn put(
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
-    if let Some(blockers) = &blocked_by {
+    if let Some(blockers) = blocked_by.as_ref().filter(|_| !args.force) {
         check_blockers(b, &args.task, blockers).await?;
     }
     let patch = TaskPatch {
@@ -310,7 +310,7 @@ async fn check_blockers(b: &dyn Backend, task: &TaskId, blockers: &[TaskId]) -> 
         };
         if &at == task {
             return Err(agent_core::BackendError::InvalidInput(format!(
-                "{task} would wait for itself: {}",
+                "{task} would wait for itself: {} (--force stores it anyway)",
                 path()
             ))
             .into());
@@ -320,7 +320,7 @@ async fn check_blockers(b: &dyn Backend, task: &TaskId, blockers: &[TaskId]) -> 
         }
         let Some(t) = b.get(&at).await? else {
             return Err(agent_core::BackendError::InvalidInput(format!(
-                "blocker {at} of {task} does not exist ({}): put it first",
+                "blocker {at} of {task} does not exist ({}): put it first (or --force to store it anyway)",
                 path()
             ))
             .into());
@@ -345,9 +345,18 @@ async fn get(b: &dyn Backend, output: Output, task: &TaskId, out: &mut impl Writ
         }
         return Ok(exit::NO);
     };
+    let mut blockers = std::collections::BTreeMap::new();
+    for b_id in &t.blocked_by {
+        blockers.insert(b_id.clone(), b.get(b_id).await?.map(|x| x.status));
+    }
+    let status_of = |id: &TaskId| blockers.get(id).copied().flatten();
     match output {
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&task_json(&t))?)?,
-        Output::Table => write!(out, "{}", task_table(std::slice::from_ref(&t)))?,
+        Output::Json => writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&task_json(&t, &status_of))?
+        )?,
+        Output::Table => write!(out, "{}", task_table(std::slice::from_ref(&t), &status_of))?,
     }
     Ok(0)
 }
@@ -542,13 +551,20 @@ async fn running_agent(
 
 async fn status(b: &dyn Backend, output: Output, out: &mut impl Write) -> Result<u8> {
     let listing = b.list().await?;
+    let statuses: std::collections::HashMap<&TaskId, agent_core::TaskStatus> =
+        listing.tasks.iter().map(|t| (&t.id, t.status)).collect();
+    let status_of = |id: &TaskId| statuses.get(id).copied();
     match output {
         Output::Json => {
-            let tasks: Vec<_> = listing.tasks.iter().map(task_json).collect();
+            let tasks: Vec<_> = listing
+                .tasks
+                .iter()
+                .map(|t| task_json(t, &status_of))
+                .collect();
             writeln!(out, "{}", serde_json::to_string_pretty(&tasks)?)?
         }
         Output::Table => {
-            write!(out, "{}", task_table(&listing.tasks))?;
+            write!(out, "{}", task_table(&listing.tasks, &status_of))?;
             let sessions = b.sessions().await?;
             if !sessions.is_empty() {
                 write!(out, "\n{}", crate::output::session_table(&sessions))?;

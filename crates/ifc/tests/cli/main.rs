@@ -392,6 +392,55 @@ async fn put_refuses_a_missing_blocker_and_a_cycle_by_name() {
         serde_json::json!([]),
         "nothing was written"
     );
+    // --force insists (a blocker to be put later): stored as given.
+    let out = run(ifc(&server).args(["put", "A", "--blocked-by", "LATER", "--force"]));
+    assert_eq!(code(&out), 0, "{out:?}");
+    let out = run(ifc(&server).args(["get", "A", "-o", "json"]));
+    let a: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(a["blocked_by"], serde_json::json!(["LATER"]), "{a}");
+    // What a task still waits for is shown (issue 15 #4: `status` said `available`).
+    assert_eq!(a["waiting_for"], serde_json::json!(["LATER"]), "{a}");
+    let out = run(ifc(&server).args(["get", "A"]));
+    assert!(
+        text(&out.stdout).contains("LATER (missing)"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(ifc(&server).args(["status"]));
+    assert!(
+        text(&out.stdout).contains("A (available)"),
+        "B waits for A: {}",
+        text(&out.stdout)
+    );
+    assert_eq!(
+        code(&run(ifc(&server).args(["put", "A", "--status", "complete"]))),
+        0
+    );
+    let out = run(ifc(&server).args(["get", "B", "-o", "json"]));
+    let b: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        b["waiting_for"],
+        serde_json::json!([]),
+        "A is complete: {b}"
+    );
+}
+
+#[tokio::test]
+async fn output_to_a_closed_pipe_ends_quietly() {
+    // `ifc status | head -1` printed "error: Broken pipe" and exited 1: the reader had what it
+    // wanted. The pipe's read end is closed before ifc starts, so its first write fails.
+    let server = EtcdServer::start();
+    assert_eq!(code(&run(ifc(&server).args(["put", "A"]))), 0);
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = ifc(&server)
+        .arg("status")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("ifc runs");
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "", "nothing to report");
 }
 
 #[tokio::test]
