@@ -175,9 +175,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// Makes this process the one that runs `presence.session_id` and publishes its presence. A
     /// session id is live in one process at a time: if another process that may be alive runs
-    /// it, nothing is written and its presence is returned, unless `take_over`, which ends that
-    /// process's claims (it is fenced) and takes the id. A presence whose process is known to be
-    /// gone (same host, no such pid) is taken over without asking.
+    /// it, nothing is written and its presence is returned, unless `take_over`, which takes the
+    /// id (that process is told to stop; its claims stay its own until it does). A presence whose
+    /// process is known to be gone (same host, no such pid) is taken over without asking: its
+    /// claims become this process's until `end_inherited`.
     ///
     /// # Correctness
     /// Compare-and-swap: of two processes registering one session id at once, one gets `None`.
@@ -188,6 +189,16 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     ) -> BackendResult<Option<Presence>> {
         let _ = take_over;
         self.announce(presence).await.map(|()| None)
+    }
+
+    /// Ends the claims `register` took on from this session's process that is gone. `register`
+    /// leaves them held, this process's, so that the runs that process finished (noted, not yet
+    /// reported: killed between a task's exit and its release) are reported under their tokens
+    /// first; freed at once, another session could claim such a task in between and run it
+    /// again. The agent reports its notes, then calls this. Left uncalled, an etcd claim ends
+    /// with the gone process's lease.
+    async fn end_inherited(&self) -> BackendResult<()> {
+        Ok(())
     }
 
     /// The sessions whose presence is live, sorted by session id.

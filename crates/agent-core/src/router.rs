@@ -128,6 +128,8 @@ struct State {
     /// process of the session (seed 60000020: git's registration lost 64 push races, the agent
     /// worked there anyway, and the process it had taken over evicted it instead).
     unregistered: std::collections::BTreeSet<Side>,
+    /// `end_inherited` was called: a store registered later ends what it took on at once.
+    inherited_ended: bool,
     /// Someone follows the router's events (`subscribe` was called).
     followed: bool,
     /// A pump forwards the coordinator's events (set by whoever starts it, once).
@@ -209,6 +211,7 @@ impl Router {
             registered: None,
             take_over: false,
             unregistered: Default::default(),
+            inherited_ended: false,
             followed: false,
             following_primary: false,
             told_etcd_empty: false,
@@ -319,7 +322,7 @@ impl Router {
                 p.backend = etcd.name().into();
                 let take_over = lock(&me.state).take_over;
                 match etcd.register(&p, take_over).await {
-                    Ok(None) => {}
+                    Ok(None) => me.end_inherited_late(&*etcd).await,
                     // Another process runs the session there: this one yields.
                     Ok(Some(other)) => me.broadcast(BackendEvent::SessionTaken {
                         session: p.session_id.clone(),
@@ -474,6 +477,17 @@ impl Shared {
         Ok((out, Side::Fallback))
     }
 
+    /// A store registered after the agent reported its previous process's finished runs ends
+    /// the claims it took on from that process at once (see `Backend::end_inherited`).
+    async fn end_inherited_late(&self, b: &dyn Backend) {
+        if !lock(&self.state).inherited_ended {
+            return;
+        }
+        if let Err(e) = b.end_inherited().await {
+            tracing::warn!(backend = b.name(), error = %e, "cannot end the claims left by the session's previous process: they end when their lease does");
+        }
+    }
+
     /// Registers the session again in `side` if its registration there did not land: an
     /// answer that another live process runs the session there is `SessionElsewhere` (and the
     /// subscribers are told), a store that still does not answer fails the operation.
@@ -491,6 +505,7 @@ impl Shared {
             None => {
                 lock(&self.state).unregistered.remove(&side);
                 tracing::info!(session = %presence.session_id, backend = b.name(), "registered the session in this store");
+                self.end_inherited_late(&*b).await;
                 Ok(())
             }
             Some(other) => {

@@ -35,6 +35,9 @@ pub(crate) struct Inner {
     /// Every lease this client was granted: a claim under one of them is this process's own
     /// (a re-claim after a lease was replaced is not a claim of another process).
     pub granted: Mutex<std::collections::HashSet<i64>>,
+    /// Leases of this client's sessions' gone processes, taken on at registration and revoked
+    /// by `end_inherited` (their claims are this process's until then).
+    pub inherited: Mutex<Vec<i64>>,
     /// Sessions this process registered (agents): a new lease for one of them is granted only
     /// while no other process has taken the session over.
     pub registered: Mutex<std::collections::HashSet<SessionId>>,
@@ -66,6 +69,7 @@ impl Inner {
             reconnects: std::sync::atomic::AtomicU64::new(0),
             leases: Mutex::new(HashMap::new()),
             granted: Mutex::new(Default::default()),
+            inherited: Mutex::new(Vec::new()),
             registered: Mutex::new(Default::default()),
             presences: Mutex::new(HashMap::new()),
             repairs,

@@ -209,6 +209,10 @@ impl Backend for EtcdBackend {
         self.inner.register(presence, take_over).await
     }
 
+    async fn end_inherited(&self) -> BackendResult<()> {
+        self.inner.end_inherited().await
+    }
+
     async fn sessions(&self) -> BackendResult<Vec<Presence>> {
         self.inner.sessions().await
     }

@@ -207,17 +207,18 @@ impl Inner {
                 }
                 continue;
             }
-            tracing::warn!(session = %presence.session_id, pid = other.pid, host = %other.host, "taking the session over from a process that is gone: its claims end now");
             if kv.lease() != 0 {
-                let id = kv.lease();
-                self.inherit(id);
-                let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(id).await };
-                if let Err(e) = self.conn.call("lease revoke", revoke).await {
-                    if !crate::lease::lease_gone(&e) {
-                        return Err(e);
-                    }
-                }
+                // Its lease becomes this process's (so the presence key under it is replaced in
+                // the next round); its claims are ended by `end_inherited`, once the runs it
+                // finished are reported.
+                tracing::warn!(session = %presence.session_id, pid = other.pid, host = %other.host, "taking the session over from a process that is gone: its claims are this process's until it has reported the runs that one finished");
+                self.inherit(kv.lease());
+                self.inherited
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(kv.lease());
             } else {
+                tracing::warn!(session = %presence.session_id, pid = other.pid, host = %other.host, "taking the session over from a process that is gone");
                 let key = self.keys.session(&presence.session_id);
                 let txn = Txn::new()
                     .when(vec![Compare::mod_revision(
@@ -236,6 +237,30 @@ impl Inner {
                 self.keys.session(&presence.session_id)
             ),
         })
+    }
+
+    /// Revokes the leases `register` took on from gone processes (see `Backend::end_inherited`).
+    pub(crate) async fn end_inherited(&self) -> BackendResult<()> {
+        let leases = std::mem::take(&mut *self.inherited.lock().unwrap_or_else(|p| p.into_inner()));
+        for (i, &id) in leases.iter().enumerate() {
+            let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(id).await };
+            match self.conn.call("lease revoke", revoke).await {
+                Ok(_) => tracing::info!(
+                    lease = id,
+                    "the claims left by the session's previous process end now"
+                ),
+                Err(e) if crate::lease::lease_gone(&e) => {}
+                Err(e) => {
+                    // Tried again at the next call; meanwhile they end by their lease's TTL.
+                    self.inherited
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(&leases[i..]);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     pub(crate) async fn sessions(&self) -> BackendResult<Vec<Presence>> {

@@ -111,6 +111,10 @@ pub(crate) struct Core {
     /// Claims (task, token) this process gave up without a release (fenced itself): its STATUS
     /// writes stop listing them, whoever else of the session wrote them there.
     relinquished: std::collections::HashSet<(TaskId, u64)>,
+    /// Claims (session, task, token) of a gone process of a session this one registered: its
+    /// own until `end_inherited` relinquishes them (after the runs that process finished are
+    /// reported under their tokens).
+    inherited: Vec<(SessionId, TaskId, u64)>,
     /// Sessions another process took over from this one, and who took them.
     evicted: HashMap<SessionId, agent_core::Presence>,
     /// Set while a registration writes this process's presence over another's.
@@ -165,6 +169,7 @@ impl Core {
             heartbeats: HashMap::new(),
             announced: HashMap::new(),
             relinquished: Default::default(),
+            inherited: Vec::new(),
             evicted: HashMap::new(),
             taking_over: false,
             good_board: None,
@@ -1393,8 +1398,9 @@ impl Core {
             }
             tracing::warn!(%session, pid = other.pid, host = %other.host, "taking the session over from a running process: it is told to stop");
         }
-        // The claims of an agent process of this session that is gone end now (they would
-        // otherwise wait for the heartbeat to go stale); a live one's stay its own.
+        // The claims of an agent process of this session that is gone end at `end_inherited`
+        // (they would otherwise wait for the heartbeat to go stale), once the runs it finished
+        // are reported; a live one's stay its own.
         let mine = self.config.process.clone();
         if let Some(claims) = self.status_at_head(session)?.and_then(|f| f.claims) {
             for (task, c) in claims {
@@ -1402,7 +1408,10 @@ impl Core {
                     Some(p) != mine.as_ref() && !agent_core::process::id_may_be_alive(p)
                 });
                 if let (true, Ok(task)) = (gone, TaskId::parse(&task)) {
-                    self.relinquished.insert((task, c.token));
+                    let claim = (session.clone(), task, c.token);
+                    if !self.inherited.contains(&claim) {
+                        self.inherited.push(claim);
+                    }
                 }
             }
         }
@@ -1410,6 +1419,26 @@ impl Core {
         let announced = self.announce_in_turn(presence);
         self.taking_over = false;
         Ok(announced?.map(|()| None))
+    }
+
+    /// One attempt to end the claims taken on at registration (see `Backend::end_inherited`):
+    /// each session's STATUS file stops listing them; `None` when a push was rejected.
+    pub fn end_inherited(&mut self) -> BackendResult<Option<()>> {
+        let _turn = self.clone.write_turn();
+        let sessions: std::collections::BTreeSet<SessionId> =
+            self.inherited.iter().map(|(s, _, _)| s.clone()).collect();
+        for session in sessions {
+            for (_, task, token) in self.inherited.iter().filter(|(s, _, _)| *s == session) {
+                self.relinquished.insert((task.clone(), *token));
+            }
+            if let Some(presence) = self.announced.get(&session).cloned() {
+                if self.announce_in_turn(&presence)?.is_none() {
+                    return Ok(None);
+                }
+            }
+            self.inherited.retain(|(s, _, _)| *s != session);
+        }
+        Ok(Some(()))
     }
 
     /// One announce attempt (writes the session's STATUS file): `None` when the push was rejected.

@@ -341,6 +341,16 @@ impl Backend for GitBackend {
         .await
     }
 
+    async fn end_inherited(&self) -> BackendResult<()> {
+        rounds(
+            &self.core,
+            &self.remote,
+            "end inherited claims".into(),
+            |c| c.end_inherited(),
+        )
+        .await
+    }
+
     async fn sessions(&self) -> BackendResult<Vec<Presence>> {
         blocking(&self.core, |c| c.sessions()).await
     }

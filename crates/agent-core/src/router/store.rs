@@ -412,6 +412,19 @@ impl Backend for Router {
         }
     }
 
+    async fn end_inherited(&self) -> BackendResult<()> {
+        lock(&self.shared.state).inherited_ended = true;
+        let mut failure = Ok(());
+        for side in [Side::Primary, Side::Fallback] {
+            if let Ok(b) = self.shared.backend(side) {
+                if let Err(e) = b.end_inherited().await {
+                    failure = Err(e);
+                }
+            }
+        }
+        failure
+    }
+
     async fn sessions(&self) -> BackendResult<Vec<Presence>> {
         Ok(self
             .shared

@@ -400,6 +400,11 @@ impl Driver {
         let mut sigint = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
         let mut limits = tokio::time::interval(Duration::from_millis(500));
         self.report_finished_runs().await;
+        // Only now are the claims of the session's gone previous process freed: a run it
+        // finished was reported first, not claimed by another session in between and run again.
+        if let Err(e) = self.backend.end_inherited().await {
+            tracing::warn!(session = %self.session.session_id, error = %e, "cannot end the claims left by the session's previous process yet: in etcd they end with its lease");
+        }
         let mut inputs = VecDeque::from([Input::Snapshot(sub.snapshot.tasks.clone())]);
         let grace = self
             .session

@@ -104,8 +104,12 @@ enum Stopped {
 }
 
 /// T1's run finishes while `stopped` is stopped, its agent is killed -9, and the session's next
-/// agent reports the run instead of running T1 again.
-fn a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(stopped: Stopped) {
+/// agent reports the run instead of running T1 again; with `taker`, another session waits for
+/// T1 all along.
+fn a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(
+    stopped: Stopped,
+    taker: bool,
+) {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
     let e = etcd.endpoint();
     put(&e, w.path(), &["T1"]);
@@ -120,6 +124,15 @@ fn a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(stopped: S
     };
     let pid = Pid::from_raw(i32::try_from(pid).expect("pid"));
     kill(pid, Signal::SIGSTOP).expect("stop it");
+    let mut agents = Vec::new();
+    if taker {
+        let config = w.session("taker", &["T1"], r#"echo "$IFC_TASK_ID" >> "$SHARED""#, "");
+        let log = w.path().join("taker.log");
+        agents.push((
+            spawn_agent(ifc(&e, w.path()), &config, &log, &["--until-done"]),
+            log,
+        ));
+    }
     std::fs::write(w.path().join("go"), "").expect("go");
     wait_for("T1 to finish", Duration::from_secs(30), || {
         w.done() == ["T1"]
@@ -133,7 +146,8 @@ fn a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(stopped: S
 
     let log = w.path().join("second.log");
     let second = spawn_agent(ifc(&e, w.path()), &config, &log, &["--until-done"]);
-    both_finish(&w, vec![(second, log.clone())]);
+    agents.push((second, log.clone()));
+    both_finish(&w, agents);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         text.contains("reported the completion of a run the session's previous agent finished"),
@@ -145,7 +159,7 @@ fn a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(stopped: S
 fn a_run_whose_agent_was_killed_before_reporting_it_is_reported_by_the_next_agent() {
     // Seeds 220000005 and others: an agent killed -9 between its task's exit and the
     // completion's landing; the restarted agent (or another session) ran the task again.
-    a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(Stopped::Etcd);
+    a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(Stopped::Etcd, false);
 }
 
 #[test]
@@ -153,5 +167,14 @@ fn a_run_that_finished_while_its_agent_was_busy_is_noted_and_not_run_again() {
     // The tester's report: a hung etcd call kept the agent from seeing its task's exit for a
     // second; killed then, the agent left no note, and its restart ran the finished task
     // again. Here the agent is stopped outright while its run finishes, then killed -9.
-    a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(Stopped::Agent);
+    a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(Stopped::Agent, false);
+}
+
+#[test]
+fn a_run_its_killed_agent_finished_is_not_taken_by_a_waiting_session_before_it_is_reported() {
+    // Seeds 380000028, 381000042 and others: the restarted agent's registration ended the dead
+    // process's claims at once; a session waiting for the task claimed it within milliseconds,
+    // before the restart reported the finished run, and ran it again. The claims of a gone
+    // process now end only after its finished runs are reported (`Backend::end_inherited`).
+    a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(Stopped::Agent, true);
 }
