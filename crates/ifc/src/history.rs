@@ -229,8 +229,18 @@ pub fn check(records: &[Record]) -> Report {
             }
             // A completion after the claim was fenced is stale unless the run had already ended
             // successfully before the fencing (its release was only late, and the store took it
-            // under the fencing token).
+            // under the fencing token), or it ended successfully after it (the kill came too
+            // late) and nobody claimed or reopened the task in between: the agent reports such
+            // a run, and the store takes it only then (seed 370000036: a git claim fenced as
+            // its heartbeat could not land, its run exiting 0 at that moment).
             let same = |e: &&&Record| e.session == r.session && e.token == r.token;
+            let taken_between = |from: i64| {
+                rs[..i].iter().any(|e| {
+                    e.t > from
+                        && (e.event == "reopened"
+                            || (e.event == "won" && (e.session != r.session || e.token != r.token)))
+                })
+            };
             let fenced_at = rs[..i]
                 .iter()
                 .filter(same)
@@ -242,7 +252,7 @@ pub fn check(records: &[Record]) -> Report {
                 .find(|e| e.event == "exit" && e.success == Some(true))
                 .map(|e| e.t);
             let stale = match (fenced_at, finished_at) {
-                (Some(f), Some(done)) => done > f,
+                (Some(f), Some(done)) => done > f && taken_between(f),
                 (Some(_), None) => true,
                 _ => false,
             };
@@ -360,12 +370,33 @@ mod tests {
             r(52, "s1", "E", "fenced", 8),
             r(53, "s1", "E", "complete", 8),
         ]);
+        // F's run exited 0 just after its claim was lost, nobody claimed F in between, and the
+        // store took the completion: not stale. G's the same, but s2 claimed G in between: stale.
+        for (task, token, t) in [("F", 10, 60), ("G", 11, 70)] {
+            let mut exit = r(t + 3, "s1", task, "exit", token);
+            exit.success = Some(true);
+            h.extend([
+                r(t, "s1", task, "won", token),
+                r(t + 1, "s1", task, "start", token),
+                r(t + 2, "s1", task, "fenced", token),
+                exit,
+                r(t + 5, "s1", task, "complete", token),
+            ]);
+        }
+        h.push(r(74, "s2", "G", "won", 12));
         h.sort_by_key(|r| r.t);
         let report = check(&h);
         assert_eq!(report.concurrent_runs.len(), 1, "{report:?}");
         assert_eq!(report.double_completions.len(), 1, "{report:?}");
         assert_eq!(report.unclaimed_completions.len(), 1, "{report:?}");
-        assert_eq!(report.stale_completions.len(), 1, "{report:?}");
+        assert_eq!(
+            report.stale_completions,
+            vec![
+                "C: s1 completed it after its claim (token Some(6)) was fenced".to_owned(),
+                "G: s1 completed it after its claim (token Some(11)) was fenced".to_owned()
+            ],
+            "{report:?}"
+        );
         assert_eq!(
             report.lost_tasks,
             vec!["D: won but never completed".to_owned()]
