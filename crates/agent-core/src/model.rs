@@ -205,6 +205,31 @@ pub enum ClaimOutcome {
     NotFound,
 }
 
+/// For logs and messages: `won (token 36)`, `lost to s2`, `not claimable: complete`.
+impl fmt::Display for ClaimOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Won(c) => write!(f, "won (token {})", c.token),
+            Self::Lost { holder: Some(h) } => write!(f, "lost to {h}"),
+            Self::Lost { holder: None } => f.write_str("lost"),
+            Self::NotClaimable { status } => write!(f, "not claimable: {status}"),
+            Self::NotFound => f.write_str("not found"),
+        }
+    }
+}
+
+/// For logs and messages: `released (token 36)`, `not the holder: s2 holds it`.
+impl fmt::Display for ReleaseOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Released { token } => write!(f, "released (token {token})"),
+            Self::NotHolder { holder: Some(h) } => write!(f, "not the holder: {h} holds it"),
+            Self::NotHolder { holder: None } => f.write_str("not the holder: nobody holds it"),
+            Self::NotFound => f.write_str("not found"),
+        }
+    }
+}
+
 /// Whether a release to `to` by `session` already happened: the task is complete and names
 /// `session` as its completer (an earlier attempt landed but its answer was lost, e.g. to a
 /// timeout). Such a retry is answered `Released` again and changes nothing.

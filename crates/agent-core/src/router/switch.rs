@@ -190,7 +190,7 @@ impl Shared {
                     }
                 }
                 Ok(other) => {
-                    tracing::warn!(session = %held.session, %task, outcome = ?other, "conflict: the coordinator has this task otherwise; the claim stays in git")
+                    tracing::warn!(session = %held.session, %task, outcome = %other, "conflict: the coordinator has this task otherwise; the claim stays in git")
                 }
                 Err(e) => {
                     tracing::warn!(session = %held.session, %task, error = %e, "cannot claim the task back on the coordinator");
@@ -463,7 +463,7 @@ impl Shared {
         if matches!(other, ClaimOutcome::Lost { .. }) {
             lock(&self.state).stats.conflicts += 1;
         }
-        tracing::info!(%task, %session, outcome = ?other, "the other store has this task otherwise: claim undone");
+        tracing::info!(%task, %session, outcome = %other, "the other store has this task otherwise: claim undone");
         self.undo(task, session, side, token).await;
         if matches!(
             other,

@@ -228,7 +228,7 @@ impl Driver {
                     self.outbox.reported(&task);
                 }
                 Ok(other) => {
-                    tracing::warn!(%task, %session, %token, outcome = ?other, "a run the session's previous agent finished cannot be reported: the task changed since");
+                    tracing::warn!(%task, %session, %token, outcome = %other, "a run the session's previous agent finished cannot be reported: the task changed since");
                     self.record(task.as_str(), "refused", Some(token.0), None);
                     self.outbox.reported(&task);
                 }
@@ -549,7 +549,7 @@ impl Driver {
             Output::Claim(task) => match self.timed_claim(&task, &session).await {
                 Ok(outcome) => {
                     self.first_warning(&task, "claim", None);
-                    tracing::info!(%task, %session, ?outcome, backend = self.backend.serving_name(), "claim");
+                    tracing::info!(%task, %session, %outcome, backend = self.backend.serving_name(), "claim");
                     inputs.push_back(Input::Claimed { task, outcome });
                 }
                 Err(e @ BackendError::SessionElsewhere { .. }) => {
@@ -613,7 +613,7 @@ impl Driver {
                                     .insert(task.clone(), (to.status(), Instant::now()));
                             }
                             other => {
-                                tracing::warn!(%task, %session, outcome = ?other, "release changed nothing");
+                                tracing::warn!(%task, %session, outcome = %other, "release changed nothing");
                                 self.record(task.as_str(), "refused", token.map(|t| t.0), None);
                             }
                         }

@@ -350,7 +350,11 @@ impl Bridge {
                 RecordOutcome::Written | RecordOutcome::Unchanged => {
                     written += usize::from(outcome == RecordOutcome::Written);
                     self.base.insert(item.task.clone(), landed(item));
-                    tracing::info!(task = %item.task, status = %item.status, holder = ?item.holder, to = name, "bridged");
+                    if outcome == RecordOutcome::Written {
+                        tracing::info!(task = %item.task, status = %item.status, holder = ?item.holder, to = name, "bridged");
+                    } else {
+                        tracing::debug!(task = %item.task, status = %item.status, to = name, "already there");
+                    }
                 }
                 RecordOutcome::Conflict { holder } => {
                     now_conflicting.insert(item.task.clone());
