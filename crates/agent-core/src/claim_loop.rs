@@ -150,6 +150,9 @@ pub struct ClaimLoop {
     listed: bool,
     /// Since when each pattern of the list has matched no task (warned about once).
     unmatched_since: HashMap<String, Instant>,
+    /// Without `--until-done`: the task of the list that can never be claimed, as last said
+    /// (said again only when it changes).
+    said_impossible: Option<(TaskId, String)>,
 }
 
 impl ClaimLoop {
@@ -167,6 +170,7 @@ impl ClaimLoop {
             fetching: HashSet::new(),
             listed: false,
             unmatched_since: HashMap::new(),
+            said_impossible: None,
         }
     }
 
@@ -652,6 +656,18 @@ impl ClaimLoop {
                 out.push(Output::Note(format!("{id} can never be claimed: {why}")));
                 out.push(Output::Exit(1));
                 return;
+            }
+        } else if self.listed {
+            // A long-running agent waits for the edit that fixes it, and says so once (the
+            // tester's report: only `--until-done` said why a task was never claimed).
+            let found = self.impossible(mine);
+            if found != self.said_impossible {
+                if let Some((id, why)) = &found {
+                    out.push(Output::Warn(format!(
+                        "{id} can never be claimed: {why}; waiting for its blockers to be fixed"
+                    )));
+                }
+                self.said_impossible = found;
             }
         }
         // Wake for the earliest retry that is still pending; otherwise wait for events.

@@ -143,6 +143,34 @@ impl Inner {
             .insert(lease);
     }
 
+    /// Keeps `lease`, inherited from a gone process of a session registered here, alive until
+    /// `end_inherited` revokes it: its claims are this process's meanwhile, so a run that
+    /// process finished is reported before another session can claim the task (the tester's
+    /// report: a registration held up in git let the lease run out first, and the task ran
+    /// again).
+    pub(crate) fn keep_inherited(self: &Arc<Self>, lease: i64) {
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            let ask =
+                |mut c: etcd_client::Client| async move { c.lease_time_to_live(lease, None).await };
+            let Ok(resp) = inner.conn.call("lease time-to-live", ask).await else {
+                return;
+            };
+            let secs = |s: i64| Duration::from_secs(u64::try_from(s).unwrap_or(0));
+            let (granted, left) = (secs(resp.granted_ttl()), secs(resp.ttl()));
+            if left.is_zero() {
+                return;
+            }
+            inner
+                .keep_alive(
+                    lease,
+                    granted.max(Duration::from_secs(1)),
+                    Instant::now() + left,
+                )
+                .await;
+        });
+    }
+
     /// Whether `lease` was granted to this client (0, no lease, is nobody's).
     pub(crate) fn granted_here(&self, lease: i64) -> bool {
         lease != 0

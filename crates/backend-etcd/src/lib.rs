@@ -219,6 +219,9 @@ impl Backend for EtcdBackend {
 
     async fn close(&self) {
         self.inner.revoke_all().await;
+        if let Err(e) = self.inner.end_inherited().await {
+            tracing::debug!(error = %e, "inherited leases not revoked; they expire");
+        }
     }
 
     fn reconnects(&self) -> u64 {

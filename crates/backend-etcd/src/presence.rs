@@ -213,6 +213,7 @@ impl Inner {
                 // finished are reported.
                 tracing::warn!(session = %presence.session_id, pid = other.pid, host = %other.host, "taking the session over from a process that is gone: its claims are this process's until it has reported the runs that one finished");
                 self.inherit(kv.lease());
+                self.keep_inherited(kv.lease());
                 self.inherited
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

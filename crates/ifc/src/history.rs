@@ -208,6 +208,16 @@ pub fn check(records: &[Record]) -> Report {
                 completions = 0;
                 continue;
             }
+            // The same claim's completion reported again (an agent killed after recording it,
+            // before forgetting its note: its successor reports it once more) is one completion.
+            let again = rs[..i]
+                .iter()
+                .rev()
+                .take_while(|e| e.event != "reopened")
+                .any(|e| e.event == "complete" && e.session == r.session && e.token == r.token);
+            if again {
+                continue;
+            }
             completions += 1;
             ever += 1;
             most = most.max(completions);
@@ -341,6 +351,11 @@ mod tests {
         let report = check(&h);
         assert_eq!(report.violations(), 0, "{report:?}");
         assert_eq!(report.tasks, 3);
+        // One claim's completion recorded twice (its agent killed between the history line and
+        // forgetting its note; the next agent reported it again) is one completion.
+        h.push(r(40, "s1", "A", "complete", 1));
+        let report = check(&h);
+        assert_eq!(report.violations(), 0, "{report:?}");
     }
 
     #[test]

@@ -691,6 +691,31 @@ fn a_blocker_edit_to_a_missing_task_or_a_cycle_ends_until_done_with_1() {
 }
 
 #[test]
+fn without_until_done_a_task_that_can_never_be_claimed_is_said_once_and_waited_for() {
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(Plan {
+        until_done: false,
+        ..plan(&["A1"])
+    });
+    let said = |out: &[Output]| {
+        out.iter()
+            .filter(|o| matches!(o, Output::Warn(w) if w.contains("A1 can never be claimed")))
+            .count()
+    };
+    let out = l.step(
+        Input::Snapshot(vec![task("A1", TaskStatus::Blocked, &["A1"])]),
+        now,
+    );
+    assert_eq!(said(&out), 1, "{out:?}");
+    assert!(!out.contains(&Output::Exit(1)), "{out:?}");
+    let out = l.step(Input::Tick, now);
+    assert_eq!(said(&out), 0, "said once: {out:?}");
+    // Fixed by an edit: claimed.
+    let out = l.step(reblocked("A1", TaskStatus::Available, &[]), now);
+    assert_eq!(claims(&out), ["A1"], "{out:?}");
+}
+
+#[test]
 fn until_done_on_an_empty_board_warns_at_once_and_gives_up_after_the_grace() {
     // The tester's report: no warning, no exit, when no task at all was on the board.
     let now = Instant::now();

@@ -184,6 +184,38 @@ impl Backend for Router {
                 async move { b.release(&t, &s, to, token).await }
             };
             let (outcome, side) = me.route("release", f).await?;
+            // A completion under the other store's token: the run a killed agent finished
+            // under a claim it had made there, before a switch (seed 390000014: a git claim's
+            // run, reported by the restarted agent to etcd, was refused there and ran again).
+            // It lands where the claim was, and is carried to the serving store, unless
+            // another session holds the task in the serving store.
+            if let (ReleaseOutcome::NotHolder { holder }, Some(_), ReleaseTo::Complete) =
+                (&outcome, token, to)
+            {
+                if holder.as_ref().is_some_and(|h| h != session) {
+                    return Ok(outcome);
+                }
+                let other = match side {
+                    Side::Primary => Side::Fallback,
+                    Side::Fallback => Side::Primary,
+                };
+                if let (Ok(there), Ok(here)) = (me.backend(other), me.backend(side)) {
+                    if let Ok(landed @ ReleaseOutcome::Released { .. }) =
+                        there.release(task, session, to, token).await
+                    {
+                        me.count("release", other);
+                        let done = Mirrored {
+                            task: task.clone(),
+                            status: to.status(),
+                            holder: Some(session.clone()),
+                            token,
+                        };
+                        me.record_logged(here, std::slice::from_ref(&done), here.name())
+                            .await;
+                        return Ok(landed);
+                    }
+                }
+            }
             // A claim this router did not make (a one-shot command's): while the fleet has a
             // git side it is in git too, and the release follows it there.
             if let (ReleaseOutcome::Released { token }, Side::Primary, true, Ok(git)) = (

@@ -740,6 +740,51 @@ async fn a_finished_run_still_completes_on_both_when_git_has_nobody_else() {
 }
 
 #[tokio::test]
+async fn a_finished_run_under_a_git_claim_is_completed_by_a_restart_that_serves_etcd() {
+    // Seed 390000014: an agent on git claimed A there and ran it, was killed before reporting
+    // it, and its restart (on etcd now) reported the run with git's token to etcd, which
+    // refused it: A ran again. The completion lands in git, where the claim is, and is carried
+    // into etcd.
+    let fleet = Fleet::new(&["A"]).await;
+    let on_git = MemoryBackend::new(fleet.git.clone(), None);
+    let c = won(on_git
+        .claim(&tid("A"), &sid("s1"))
+        .await
+        .expect("git claim"));
+    let restarted = fleet.router(Mode::Hybrid);
+    let out = restarted
+        .release(&tid("A"), &sid("s1"), ReleaseTo::Complete, Some(c.token))
+        .await
+        .expect("release");
+    assert!(matches!(out, ReleaseOutcome::Released { .. }), "{out:?}");
+    for (store, task) in [
+        ("git", fleet.in_git("A").await),
+        ("etcd", fleet.in_etcd("A").await),
+    ] {
+        assert_eq!(face(&task), (TaskStatus::Complete, Some("s1")), "{store}");
+    }
+    // Another session holding the task in the serving store is not gone around.
+    let fleet = Fleet::new(&["B"]).await;
+    let on_git = MemoryBackend::new(fleet.git.clone(), None);
+    let c = won(on_git
+        .claim(&tid("B"), &sid("s1"))
+        .await
+        .expect("git claim"));
+    let etcd = MemoryBackend::new(fleet.etcd.clone(), None);
+    won(etcd.claim(&tid("B"), &sid("s2")).await.expect("etcd claim"));
+    let out = fleet
+        .router(Mode::Hybrid)
+        .release(&tid("B"), &sid("s1"), ReleaseTo::Complete, Some(c.token))
+        .await
+        .expect("release");
+    assert!(matches!(out, ReleaseOutcome::NotHolder { .. }), "{out:?}");
+    assert_eq!(
+        face(&fleet.in_git("B").await),
+        (TaskStatus::Claimed, Some("s1"))
+    );
+}
+
+#[tokio::test]
 async fn a_claim_copied_into_etcd_ends_when_git_frees_the_task() {
     // Issue 15 #8: a git session's claim copied into etcd (catch-up, bridge) has no lease: once
     // the session let go of it in git (released, or its heartbeat went stale) etcd's copy held

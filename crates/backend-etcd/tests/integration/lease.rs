@@ -219,6 +219,16 @@ async fn a_run_that_finished_while_its_lease_lapsed_completes_if_nobody_claimed_
         .await
         .expect("release");
     assert_eq!(out, ReleaseOutcome::NotHolder { holder: None });
+    // Unless it is the session's registered agent now (a restart reporting the run its killed
+    // predecessor finished, after that one's lease ran out): then nobody else runs the session.
+    assert_eq!(
+        other
+            .register(&presence_of(&s), false)
+            .await
+            .expect("register"),
+        None
+    );
+    completes(&other, &t, &s, token).await;
 
     // An operator's write since (a new title) is somebody's word on the task: refused.
     let t = TaskId::parse("LAPSED-EDITED").expect("id");

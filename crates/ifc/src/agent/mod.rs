@@ -597,7 +597,6 @@ impl Driver {
                 match self.backend.release(&task, &session, to, token).await {
                     Ok(outcome) => {
                         self.first_warning(&task, "release", None);
-                        self.outbox.reported(&task);
                         match &outcome {
                             ReleaseOutcome::Released { .. } => {
                                 tracing::info!(%task, %session, status = %to.status(), "release");
@@ -617,6 +616,10 @@ impl Driver {
                                 self.record(task.as_str(), "refused", token.map(|t| t.0), None);
                             }
                         }
+                        // After the history line: killed in between, the next agent reports the
+                        // completion again (the store answers `Released` again; the checker
+                        // counts one completion per claim), not the history without it.
+                        self.outbox.reported(&task);
                         let refused = !matches!(outcome, ReleaseOutcome::Released { .. });
                         inputs.push_back(Input::Released { task: task.clone() });
                         if refused {
