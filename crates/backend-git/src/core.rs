@@ -913,6 +913,17 @@ impl Core {
                 self.heartbeats.insert(session.clone(), written);
                 self.held.remove(id);
                 self.relinquished.remove(&(id.clone(), token));
+                // The STATUS file now says the session no longer works on it: a heartbeat
+                // before the agent's next announcement writes that too, not the task back
+                // (which was one commit for the heartbeat, one for the announcement).
+                if let Some(p) = self
+                    .announced
+                    .get_mut(session)
+                    .filter(|p| p.current_task.as_ref() == Some(id))
+                {
+                    p.current_task = None;
+                    p.state = "idle".into();
+                }
                 let snap = self.snapshot()?;
                 self.emit(&snap)?;
                 Ok(Some(ReleaseOutcome::Released {

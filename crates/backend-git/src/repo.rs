@@ -597,17 +597,6 @@ impl Clone {
             .take_local_remote(remote_path)
             .map_err(|e| remote_error(&self.config, e))?;
         copy_objects(&self.repo, &target, new).map_err(|e| remote_error(&self.config, e))?;
-        // ifc's writers move the ref only under this lock, which the kernel drops with a
-        // process that dies: holding it, a ref lock older than a moment was left by one killed
-        // mid-update (the tester's report: an agent killed -9 there blocked every push for
-        // 30 s, and registrations gave up), never held by a live ifc. Not had in time: a lost
-        // round, tried again (moving the ref without it would make that proof false: a double
-        // claim in `claim_race_many` when a writer went ahead without it).
-        let Some(_alone) = flock_within(&remote_path.join(PUSH_FLOCK), PUSH_FLOCK_WAIT) else {
-            tracing::debug!(remote = %remote_path.display(), "another writer holds the push lock: trying again");
-            self.local_remote = Some(target);
-            return Ok(false);
-        };
         let moved = target
             .reference_matching(
                 &self.branch_ref,
@@ -856,18 +845,9 @@ fn left_locks(git: &Path) -> Vec<std::path::PathBuf> {
     found
 }
 
-/// A ref lock is held for the milliseconds of one update. One this old, found while holding
-/// [`PUSH_FLOCK`] (so no ifc writer is mid-update), was left by a writer that died (or lost its
-/// directory) mid-update, and would block every push for good; the margin is for a person's
-/// `git push` into the same repository, which does not take the flock.
-const STALE_LOCK: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// The file in a local remote whose advisory lock ifc's writers hold while they move the ref.
-const PUSH_FLOCK: &str = "ifc-push.flock";
-
-/// How long a push waits for that lock (held for microseconds by a live writer; by a stopped
-/// one until it goes on: the round is lost meanwhile, as it is to the ref lock itself).
-const PUSH_FLOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+/// A ref lock is held for the milliseconds of one update. One this old was left by a writer that
+/// died (or lost its directory) mid-update, and would block every push for good.
+const STALE_LOCK: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Removes `lock` if it is older than [`STALE_LOCK`].
 fn clear_stale_lock(lock: &Path) {
