@@ -141,6 +141,7 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         mode,
         backend,
         outbox: outbox::Outbox::new(&log_dir),
+        inheriting: true,
         log_dir,
         lp,
         running: None,
@@ -160,6 +161,9 @@ struct Driver {
     session: SessionFile,
     /// Finished runs whose completion the store has not answered yet.
     outbox: outbox::Outbox,
+    /// The claims of the session's previous process are not ended yet (its finished runs are
+    /// not all reported): tried again at every presence tick.
+    inheriting: bool,
     config_path: PathBuf,
     /// `--mode`/`IFC_MODE`, fixed for the process.
     global_mode: Option<Mode>,
@@ -209,8 +213,11 @@ impl Driver {
     /// Reports the runs a previous agent of this session finished but was killed before
     /// reporting: under the old run's fencing token, so the store accepts the completion only if
     /// nobody claimed or changed the task since (the run was done once: it is not done again).
-    async fn report_finished_runs(&mut self) {
+    /// Reports the runs noted finished and not reported yet; `true` once none is left (each
+    /// reported or refused), `false` while a store did not answer.
+    async fn report_finished_runs(&mut self) -> bool {
         let session = self.session.session_id.clone();
+        let mut settled = true;
         for (task, token) in self.outbox.pending() {
             match self
                 .backend
@@ -233,9 +240,25 @@ impl Driver {
                     self.outbox.reported(&task);
                 }
                 Err(e) => {
-                    tracing::warn!(%task, %session, %token, error = %e, "cannot report a run the session's previous agent finished yet: it is tried again at the next start");
+                    settled = false;
+                    tracing::warn!(%task, %session, %token, error = %e, "cannot report a run the session's previous agent finished yet: tried again in a few seconds");
                 }
             }
+        }
+        settled
+    }
+
+    /// Reports what the session's previous process finished, then ends the claims it left
+    /// (`Backend::end_inherited`): only once every report is settled, or a session waiting for
+    /// a finished task could claim it in between and run it again (seed 411000003: etcd paused
+    /// at the restart, the report failed, and the git claim was freed all the same).
+    async fn settle_inheritance(&mut self) {
+        if !self.inheriting || !self.report_finished_runs().await {
+            return;
+        }
+        self.inheriting = false;
+        if let Err(e) = self.backend.end_inherited().await {
+            tracing::warn!(session = %self.session.session_id, error = %e, "cannot end the claims left by the session's previous process yet: in etcd they end with its lease");
         }
     }
 
@@ -399,12 +422,9 @@ impl Driver {
         let mut sigterm = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
         let mut sigint = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
         let mut limits = tokio::time::interval(Duration::from_millis(500));
-        self.report_finished_runs().await;
-        // Only now are the claims of the session's gone previous process freed: a run it
-        // finished was reported first, not claimed by another session in between and run again.
-        if let Err(e) = self.backend.end_inherited().await {
-            tracing::warn!(session = %self.session.session_id, error = %e, "cannot end the claims left by the session's previous process yet: in etcd they end with its lease");
-        }
+        // Only then are the claims of the session's gone previous process freed: a run it
+        // finished is reported first, not claimed by another session in between and run again.
+        self.settle_inheritance().await;
         let mut inputs = VecDeque::from([Input::Snapshot(sub.snapshot.tasks.clone())]);
         let grace = self
             .session
@@ -414,6 +434,8 @@ impl Driver {
         // process whose session was taken over elsewhere learns it here.
         let mut presence_tick = tokio::time::interval(PRESENCE_REFRESH);
         presence_tick.tick().await;
+        let mut inherit_tick = tokio::time::interval(PRESENCE_REFRESH);
+        inherit_tick.tick().await;
         let mut stopping = false;
         loop {
             if self.evicted && !stopping {
@@ -522,6 +544,7 @@ impl Driver {
                         self.reconsider().await;
                     }
                 }
+                _ = inherit_tick.tick(), if self.inheriting => self.settle_inheritance().await,
                 _ = presence_tick.tick(), if self.backend.serving_name() == "etcd" => {
                     let task = self.presence.current_task.clone();
                     self.announce(task.as_ref()).await;
