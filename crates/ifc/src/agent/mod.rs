@@ -162,7 +162,7 @@ struct Driver {
     /// Finished runs whose completion the store has not answered yet.
     outbox: outbox::Outbox,
     /// The claims of the session's previous process are not ended yet (its finished runs are
-    /// not all reported): tried again at every presence tick.
+    /// not all reported, or ending them failed): tried again every few seconds.
     inheriting: bool,
     config_path: PathBuf,
     /// `--mode`/`IFC_MODE`, fixed for the process.
@@ -213,8 +213,8 @@ impl Driver {
     /// Reports the runs a previous agent of this session finished but was killed before
     /// reporting: under the old run's fencing token, so the store accepts the completion only if
     /// nobody claimed or changed the task since (the run was done once: it is not done again).
-    /// Reports the runs noted finished and not reported yet; `true` once none is left (each
-    /// reported or refused), `false` while a store did not answer.
+    /// `true` once no note is left (each reported or refused), `false` while a store did not
+    /// answer.
     async fn report_finished_runs(&mut self) -> bool {
         let session = self.session.session_id.clone();
         let mut settled = true;
@@ -256,9 +256,11 @@ impl Driver {
         if !self.inheriting || !self.report_finished_runs().await {
             return;
         }
-        self.inheriting = false;
-        if let Err(e) = self.backend.end_inherited().await {
-            tracing::warn!(session = %self.session.session_id, error = %e, "cannot end the claims left by the session's previous process yet: in etcd they end with its lease");
+        match self.backend.end_inherited().await {
+            Ok(()) => self.inheriting = false,
+            Err(e) => {
+                tracing::warn!(session = %self.session.session_id, error = %e, "cannot end the claims left by the session's previous process yet: tried again in a few seconds");
+            }
         }
     }
 
