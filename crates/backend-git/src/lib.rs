@@ -83,9 +83,32 @@ async fn rounds<T: Send + 'static>(
         let jitter = rand::random::<u64>() % (base + 1);
         tokio::time::sleep(Duration::from_millis(base + jitter)).await;
     }
+    // A ref lock a writer killed mid-update left in a local remote refuses every push as a lost
+    // race would; said as what it is (the tester's report: "the branch kept moving", and the
+    // branch had not moved).
+    let reason = match left_ref_lock(remote) {
+        Some((lock, age)) => format!(
+            "{what}: {MAX_ROUNDS} pushes refused: {} exists, {}s old (left by a writer that was killed mid-update, or one that is stuck); it is removed once it is 30 s old",
+            lock.display(),
+            age.as_secs()
+        ),
+        None => format!("{what}: the branch kept moving; {MAX_ROUNDS} pushes rejected"),
+    };
     Err(BackendError::Unavailable {
         endpoint: remote.to_owned(),
-        reason: format!("{what}: the branch kept moving; {MAX_ROUNDS} pushes rejected"),
+        reason,
+    })
+}
+
+/// A ref lock file in a local remote's `refs/heads`, with its age.
+fn left_ref_lock(remote: &str) -> Option<(std::path::PathBuf, Duration)> {
+    let heads = std::path::Path::new(remote.trim_start_matches("file://")).join("refs/heads");
+    std::fs::read_dir(heads).ok()?.flatten().find_map(|e| {
+        let path = e.path();
+        let age = e.metadata().ok()?.modified().ok()?.elapsed().ok()?;
+        path.extension()
+            .is_some_and(|x| x == "lock")
+            .then_some((path, age))
     })
 }
 

@@ -593,6 +593,20 @@ async fn a_stale_ref_lock_left_in_the_remote_is_cleared_and_pushes_go_on() {
         .expect("claim");
     assert!(matches!(out, ClaimOutcome::Won(_)), "{out:?}");
     assert!(!lock.exists(), "the stale lock is gone");
+    // A fresh one refuses every push; the error says so, not "the branch kept moving" (the
+    // tester's report: the branch had not moved).
+    std::fs::File::create(&lock).expect("lock");
+    let err = b
+        .release(
+            &tid("LK.1"),
+            &sid("session-1-lock"),
+            agent_core::ReleaseTo::Complete,
+            None,
+        )
+        .await
+        .expect_err("every push refused");
+    let text = err.to_string();
+    assert!(text.contains("main.lock exists"), "{text}");
 }
 
 #[tokio::test]
