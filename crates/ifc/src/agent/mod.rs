@@ -571,6 +571,15 @@ impl Driver {
                 inputs.push_front(Input::ClaimFailed { task });
                 inputs.push_front(Input::Shutdown);
             }
+            // A run of it the previous process finished is not reported yet (a store did not
+            // answer): claimed now, it would run again (seed 431000006: the remote was away at
+            // the restart, and the restart claimed and ran the finished task).
+            Output::Claim(task)
+                if self.inheriting && self.outbox.pending().iter().any(|(t, _)| *t == task) =>
+            {
+                tracing::debug!(%task, %session, "not claimed while the run the previous agent finished is not reported");
+                inputs.push_back(Input::ClaimFailed { task });
+            }
             Output::Claim(task) => match self.timed_claim(&task, &session).await {
                 Ok(outcome) => {
                     self.first_warning(&task, "claim", None);
