@@ -30,12 +30,7 @@ impl Inner {
 
     /// Grants `session` a lease and starts keeping it alive.
     async fn grant(self: &Arc<Self>, session: &SessionId, ttl: Duration) -> BackendResult<i64> {
-        let registered = self
-            .registered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(session);
-        if registered {
+        if self.registered_here(session) {
             // The lease this process had is gone: if another process took the session over
             // meanwhile, this one must not claim anything more for it.
             if let Some(other) = self.registered_elsewhere(session).await? {
@@ -169,6 +164,23 @@ impl Inner {
                 )
                 .await;
         });
+    }
+
+    /// Whether an agent of `session` registered through this client (`Backend::register`).
+    pub(crate) fn registered_here(&self, session: &SessionId) -> bool {
+        self.registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(session)
+    }
+
+    /// Revokes `lease`; one etcd no longer has (expired, revoked) is revoked already.
+    pub(crate) async fn revoke_lease(&self, lease: i64) -> BackendResult<()> {
+        let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(lease).await };
+        match self.conn.call("lease revoke", revoke).await {
+            Err(e) if !lease_gone(&e) => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Whether `lease` was granted to this client (0, no lease, is nobody's).

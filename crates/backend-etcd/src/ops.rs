@@ -498,15 +498,10 @@ impl Inner {
         // over from a process that is gone: seed 390000008, an agent killed right after its
         // task's exit and restarted after its lease had run out, had the finished run refused
         // and ran it again). Not a one-shot command: a live agent of the session may run it.
-        let registered = self
-            .registered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(session);
         let ours = lapsed_in(view).is_some_and(|l| {
             &l.session == session
                 && token(l.token) == want
-                && (self.granted_here(l.lease) || registered)
+                && (self.granted_here(l.lease) || self.registered_here(session))
         });
         let (Some(stored), true) = (view.record.as_ref(), ours) else {
             return Ok(None);

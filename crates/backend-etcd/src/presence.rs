@@ -137,12 +137,7 @@ impl Inner {
         }
         tracing::warn!(%session, pid = p.pid, host = %p.host, "the process holding the claim is gone: its lease is revoked");
         self.inherit(lease);
-        let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(lease).await };
-        match self.conn.call("lease revoke", revoke).await {
-            Ok(_) => Ok(true),
-            Err(e) if crate::lease::lease_gone(&e) => Ok(true),
-            Err(e) => Err(e),
-        }
+        self.revoke_lease(lease).await.map(|()| true)
     }
 
     /// A presence published here: what a lease loss publishes again.
@@ -244,22 +239,18 @@ impl Inner {
     pub(crate) async fn end_inherited(&self) -> BackendResult<()> {
         let leases = std::mem::take(&mut *self.inherited.lock().unwrap_or_else(|p| p.into_inner()));
         for (i, &id) in leases.iter().enumerate() {
-            let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(id).await };
-            match self.conn.call("lease revoke", revoke).await {
-                Ok(_) => tracing::info!(
-                    lease = id,
-                    "the claims left by the session's previous process end now"
-                ),
-                Err(e) if crate::lease::lease_gone(&e) => {}
-                Err(e) => {
-                    // Tried again at the next call; meanwhile they end by their lease's TTL.
-                    self.inherited
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .extend(&leases[i..]);
-                    return Err(e);
-                }
+            if let Err(e) = self.revoke_lease(id).await {
+                // Tried again at the next call; meanwhile they end by their lease's TTL.
+                self.inherited
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(&leases[i..]);
+                return Err(e);
             }
+            tracing::info!(
+                lease = id,
+                "the claims left by the session's previous process end now"
+            );
         }
         Ok(())
     }
