@@ -8,31 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::ids::{SessionId, TaskId};
+pub use crate::mirror::Face;
 use crate::mirror::{rank, Mirrored};
 use crate::model::{Task, TaskStatus};
-
-/// What one store says of a task: status (blocked reads available) and holder.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Face {
-    pub status: TaskStatus,
-    pub holder: Option<SessionId>,
-}
-
-impl Face {
-    /// The face of `t`: `blocked` is `available` (claimability then depends on blockers alone),
-    /// and a free task has no holder.
-    pub fn of(t: &Task) -> Face {
-        let status = match t.status {
-            TaskStatus::Blocked => TaskStatus::Available,
-            s => s,
-        };
-        let holder = match status {
-            TaskStatus::Available | TaskStatus::Blocked => None,
-            _ => t.claimed_by.clone(),
-        };
-        Face { status, holder }
-    }
-}
 
 /// One task on which the stores disagree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -143,6 +121,7 @@ pub fn transition(task: &TaskId, want: &Face, current: &Face) -> Mirrored {
             _ => want.holder.clone(),
         },
         token: None,
+        read_as: Some(current.clone()),
     }
 }
 

@@ -20,6 +20,35 @@ pub struct Mirrored {
     /// The claim's fencing token in the store it happened in; written into git's trailers and
     /// STATUS file so the holder's release there is fenced by the same token.
     pub token: Option<FencingToken>,
+    /// What the store being written said of the task when this transition was planned: it is
+    /// written only while the store still says so, decided in the same compare-and-swap as the
+    /// write (seeds 352000038, 430000020: a plan read a completion in one store, an operator
+    /// reopened the task before the write reached the other, and the old completion was
+    /// written over the reopen). `None`: whatever the store says now.
+    pub read_as: Option<Face>,
+}
+
+/// What one store says of a task: status (blocked reads available) and holder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Face {
+    pub status: TaskStatus,
+    pub holder: Option<SessionId>,
+}
+
+impl Face {
+    /// The face of `t`: `blocked` is `available` (claimability then depends on blockers alone),
+    /// and a free task has no holder.
+    pub fn of(t: &Task) -> Face {
+        let status = match t.status {
+            TaskStatus::Blocked => TaskStatus::Available,
+            s => s,
+        };
+        let holder = match status {
+            TaskStatus::Available | TaskStatus::Blocked => None,
+            _ => t.claimed_by.clone(),
+        };
+        Face { status, holder }
+    }
 }
 
 /// What recording one transition came to.
@@ -49,6 +78,8 @@ pub enum Decision {
 
 /// Whether `want` may be written over `current` (this store's effective state of the task).
 ///
+/// - Nothing is written over a state other than the one the transition was planned from
+///   ([`Mirrored::read_as`]).
 /// - `claimed` by H: written over `available`/`blocked`; kept from `complete`; a conflict when
 ///   another session holds it.
 /// - `complete` by H: written over anything but a claim of another session (a conflict) and
@@ -56,6 +87,20 @@ pub enum Decision {
 /// - `available` after H's claim: written only while H still holds it here; otherwise nothing to
 ///   undo.
 pub fn decide(current: &Task, want: &Mirrored) -> Decision {
+    let moved = want
+        .read_as
+        .as_ref()
+        .is_some_and(|f| *f != Face::of(current));
+    match decide_on_state(current, want) {
+        Decision::Write if moved => Decision::Skip(RecordOutcome::Kept {
+            reason: "changed here since the transition was planned".into(),
+        }),
+        d => d,
+    }
+}
+
+/// [`decide`] by the two states alone.
+fn decide_on_state(current: &Task, want: &Mirrored) -> Decision {
     let held_by =
         |h: &Option<SessionId>| current.status == TaskStatus::Claimed && &current.claimed_by == h;
     let other_holder = current.status == TaskStatus::Claimed && current.claimed_by != want.holder;
@@ -155,6 +200,7 @@ pub fn catch_up(from: &[Task], to: &[Task]) -> Vec<Mirrored> {
             status: t.status,
             holder: t.claimed_by.clone(),
             token: None,
+            read_as: there.get(&t.id).map(|other| Face::of(other)),
         })
         .collect()
 }
@@ -174,6 +220,7 @@ mod tests {
             status,
             holder: Some(SessionId::parse(holder).expect("id")),
             token: None,
+            read_as: None,
         }
     }
     use TaskStatus::{Available as A, Claimed as C, Complete as D};

@@ -590,12 +590,14 @@ impl Shared {
                 status: there.status,
                 holder: here.claimed_by.clone(),
                 token: None,
+                read_as: None,
             },
             Complete if status == Complete => crate::mirror::Mirrored {
                 task: task.clone(),
                 status: Complete,
                 holder: there.claimed_by.clone(),
                 token: None,
+                read_as: None,
             },
             _ => return,
         };

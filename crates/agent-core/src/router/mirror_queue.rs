@@ -129,6 +129,7 @@ mod tests {
             status,
             holder: Some(SessionId::parse("s").expect("id")),
             token: None,
+            read_as: None,
         };
         let mut batch = Vec::new();
         coalesce(&mut batch, item("A", TaskStatus::Claimed));

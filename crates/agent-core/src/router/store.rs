@@ -144,6 +144,7 @@ impl Backend for Router {
                         status: crate::TaskStatus::Claimed,
                         holder: Some(session.clone()),
                         token: Some(c.token),
+                        read_as: None,
                     });
                 }
             }
@@ -209,6 +210,7 @@ impl Backend for Router {
                             status: to.status(),
                             holder: Some(session.clone()),
                             token,
+                            read_as: None,
                         };
                         me.record_logged(here, std::slice::from_ref(&done), here.name())
                             .await;
@@ -229,6 +231,7 @@ impl Backend for Router {
                     status: to.status(),
                     holder: Some(session.clone()),
                     token: Some(*token),
+                    read_as: None,
                 };
                 me.record_logged(git, std::slice::from_ref(&done), "git")
                     .await;
@@ -240,6 +243,7 @@ impl Backend for Router {
             status: to.status(),
             holder: Some(session.clone()),
             token: held.primary.or(held.fallback),
+            read_as: None,
         };
         let (mut released, mut refused, mut error) = (None, None, None);
         if let Some(tok) = held.fallback {

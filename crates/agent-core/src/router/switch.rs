@@ -319,6 +319,7 @@ impl Shared {
             status: crate::TaskStatus::Claimed,
             holder: Some(session.clone()),
             token: Some(token),
+            read_as: None,
         };
         let asserted = match git.record(std::slice::from_ref(&item)).await {
             Ok(out) => matches!(
@@ -403,6 +404,7 @@ impl Shared {
                     status: crate::TaskStatus::Claimed,
                     holder: Some(session.clone()),
                     token: Some(token),
+                    read_as: None,
                 };
                 let limit = self.config.deadline * 4;
                 let record = git.record(std::slice::from_ref(&item));
@@ -505,6 +507,7 @@ impl Shared {
                     status: crate::TaskStatus::Complete,
                     holder: done.claimed_by,
                     token: None,
+                    read_as: None,
                 };
                 self.record_logged(to, &[item], to.name()).await;
             }

@@ -807,6 +807,7 @@ async fn a_claim_copied_into_etcd_ends_when_git_frees_the_task() {
             status: TaskStatus::Claimed,
             holder: Some(sid("s2")),
             token: None,
+            read_as: None,
         })
         .collect();
     copier.record(&copies).await.expect("copied");

@@ -43,7 +43,7 @@ macro_rules! conformance_suite {
             realtime_event, events_in_revision_order, lease_expiry_recovery,
             fencing_after_lease_end, release_fencing, release_available_then_reclaim,
             holder_reclaim_supersedes, blockers_gate_claims, blocker_edit_is_an_event, put_rules, presence_lives_with_the_session,
-            record_rules);
+            record_rules, record_only_over_what_was_read);
     };
     (@cases $harness:expr; $($case:ident),* $(,)?) => {
         $(
@@ -738,6 +738,7 @@ pub async fn record_rules(h: &impl Harness) {
         status,
         holder: Some(holder.clone()),
         token: Some(FencingToken(7)),
+        read_as: None,
     };
     let out = b
         .record(&[
@@ -845,6 +846,54 @@ pub async fn record_rules(h: &impl Harness) {
             reason: "claimed again since".into()
         }],
         "a release never undoes a later claim"
+    );
+}
+
+/// A transition planned from what this store said (`read_as`) is written only while it still
+/// says so: a reopen made between the plan's read and its write is not written over.
+pub async fn record_only_over_what_was_read(h: &impl Harness) {
+    let b = h.client().await;
+    let (reopened, untouched) = (tid("TEST-READ-AS-REOPENED"), tid("TEST-READ-AS-UNTOUCHED"));
+    let s1 = sid("read-as-s1");
+    let mut tokens = Vec::new();
+    for t in [&reopened, &untouched] {
+        put_status(&*b, t, TaskStatus::Available).await;
+        tokens.push(won(&*b, t, &s1).await);
+    }
+    let read = crate::mirror::Face::of(&get(&*b, &reopened).await);
+    // One of them is given back after the plan read it.
+    assert!(matches!(
+        b.release(&reopened, &s1, ReleaseTo::Available, Some(tokens[0]))
+            .await
+            .expect("release"),
+        ReleaseOutcome::Released { .. }
+    ));
+    let completion = |task: &TaskId| Mirrored {
+        task: task.clone(),
+        status: TaskStatus::Complete,
+        holder: Some(s1.clone()),
+        token: None,
+        read_as: Some(read.clone()),
+    };
+    let out = b
+        .record(&[completion(&reopened), completion(&untouched)])
+        .await
+        .expect("record");
+    assert!(matches!(out[0], RecordOutcome::Kept { .. }), "{:?}", out[0]);
+    assert_eq!(out[1], RecordOutcome::Written);
+    assert_eq!(get(&*b, &reopened).await.status, TaskStatus::Available);
+    assert_eq!(get(&*b, &untouched).await.status, TaskStatus::Complete);
+    // What it already says is no write, whatever the plan read.
+    let again = Mirrored {
+        read_as: Some(crate::mirror::Face {
+            status: TaskStatus::Available,
+            holder: None,
+        }),
+        ..completion(&untouched)
+    };
+    assert_eq!(
+        b.record(&[again]).await.expect("record"),
+        vec![RecordOutcome::Unchanged]
     );
 }
 

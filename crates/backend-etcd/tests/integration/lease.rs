@@ -69,6 +69,7 @@ async fn a_completion_of_an_old_claim_carried_late_does_not_end_a_reopening() {
         status: TaskStatus::Complete,
         holder: Some(s.clone()),
         token,
+        read_as: None,
     };
     // The bridge carries the completion from git first, then the operator reopens the task.
     let out = b.record(&[late(None)]).await.expect("record");

@@ -499,6 +499,7 @@ async fn every_commit_ifc_makes_carries_the_task_session_and_token_trailers() {
         status: TaskStatus::Claimed,
         holder: Some(s.clone()),
         token: Some(agent_core::FencingToken(4242)),
+        read_as: None,
     };
     b.record(&[mirrored]).await.expect("record");
     let repo = git2::Repository::open_bare(remote.path()).expect("open remote");
@@ -547,6 +548,7 @@ async fn an_asserted_claim_the_board_already_shows_is_taken_into_the_status_file
         status: TaskStatus::Claimed,
         holder: Some(s.clone()),
         token: Some(FencingToken(77)),
+        read_as: None,
     };
     let out = b.record(std::slice::from_ref(&item)).await.expect("record");
     assert_eq!(
@@ -712,6 +714,7 @@ async fn a_reader_with_a_shorter_stale_after_waits_for_the_holders_own() {
         status: TaskStatus::Claimed,
         holder: Some(sid("session-3-z")),
         token: None,
+        read_as: None,
     };
     let out = reader.record(&[item]).await.expect("record");
     assert!(

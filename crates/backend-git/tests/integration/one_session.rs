@@ -285,6 +285,7 @@ async fn a_one_shot_commands_coordinator_claim_recorded_here_holds_until_release
         status: TaskStatus::Claimed,
         holder: Some(s.clone()),
         token: Some(agent_core::FencingToken(42)),
+        read_as: None,
     };
     assert_eq!(
         cli.record(std::slice::from_ref(&item))
@@ -417,6 +418,7 @@ async fn a_claim_mirrored_into_git_for_another_session_reads_back_as_held() {
         status: TaskStatus::Claimed,
         holder: Some(sid("session-1-a")),
         token: Some(agent_core::FencingToken(77)),
+        read_as: None,
     };
     let out = bridge.record(&[item]).await.expect("record");
     assert_eq!(out, vec![agent_core::mirror::RecordOutcome::Written]);
@@ -462,6 +464,7 @@ async fn another_stores_available_does_not_end_a_claim_a_live_process_holds_in_g
         status: TaskStatus::Available,
         holder: Some(sid("session-1-a")),
         token: None,
+        read_as: None,
     };
     let out = bridge.record(&[item]).await.expect("record");
     assert!(
@@ -503,6 +506,7 @@ async fn a_claim_recorded_from_another_process_of_the_session_does_not_replace_a
         status: TaskStatus::Claimed,
         holder: Some(sid("session-1-a")),
         token: Some(agent_core::FencingToken(99)),
+        read_as: None,
     };
     let out = old.record(&[item]).await.expect("record");
     assert!(

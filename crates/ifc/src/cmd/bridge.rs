@@ -193,27 +193,16 @@ impl Bridge {
         // seed 40000077: git's completion carried into etcd just after an operator had reopened
         // the task in both): a transition is carried only if its source still says so now.
         // Nor over what the destination says now if that is not what the plan was made from
-        // (seed 352000038: a round slow to reach its write carried git's completion over an
-        // operator's reopen made in etcd after the round had read it): that change is the
-        // next round's to judge.
-        let read_from = |tasks: &[Task]| -> BTreeMap<TaskId, Face> {
-            tasks.iter().map(|t| (t.id.clone(), Face::of(t))).collect()
-        };
-        let (etcd_read, git_read) = (read_from(&e.tasks), read_from(&b.tasks));
-        for (source, dest, dest_read, items) in [
-            (etcd, git, &git_read, &mut plan.to_git),
-            (git, etcd, &etcd_read, &mut plan.to_etcd),
-        ] {
+        // (seed 352000038): each transition carries the face it was planned from
+        // (`Mirrored::read_as`) and the destination checks it in the write's own
+        // compare-and-swap; a change made since is the next round's to judge.
+        for (source, items) in [(etcd, &mut plan.to_git), (git, &mut plan.to_etcd)] {
             if !items.is_empty() {
                 let now = faces_now(source).await?;
                 // A task's steps (an end, then the source's state) go by its last one.
                 let last: BTreeMap<TaskId, Face> =
                     items.iter().map(|i| (i.task.clone(), landed(i))).collect();
                 items.retain(|item| now.get(&item.task) == last.get(&item.task));
-            }
-            if !items.is_empty() {
-                let dest_now = faces_now(dest).await?;
-                items.retain(|item| dest_now.get(&item.task) == dest_read.get(&item.task));
             }
         }
         let mut now_conflicting: BTreeSet<TaskId> = BTreeSet::new();

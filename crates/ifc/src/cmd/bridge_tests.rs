@@ -156,6 +156,7 @@ async fn a_reopen_made_after_the_bridge_read_the_store_is_not_written_over() {
         status: TaskStatus::Claimed,
         holder: Some(sid("s")),
         token: None,
+        read_as: None,
     };
     for b in [&plain_etcd, &git] {
         b.record(std::slice::from_ref(&claimed))
