@@ -15,6 +15,22 @@ use crate::inner::Inner;
 /// How many times a registration retries when the key changes under it.
 const ROUNDS: usize = 8;
 
+/// The field of the presence value listing the leases its process took on from gone
+/// predecessors and has not ended yet: a restart after that process died too takes them on as
+/// well (seed 390000023: an agent killed twice within its lease's TTL; the second restart knew
+/// only the first restart's lease, the first process's claims ran out, and a finished run was
+/// done again).
+const INHERITED_FIELD: &str = "ifc_inherited_leases";
+
+/// The leases a presence value lists as inherited.
+fn inherited_in(kv: &KeyValue) -> Vec<i64> {
+    serde_json::from_slice::<serde_json::Value>(kv.value())
+        .ok()
+        .and_then(|mut v| v.get_mut(INHERITED_FIELD).map(serde_json::Value::take))
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default()
+}
+
 /// What the presence key holds: who runs the session (unreadable: an unknown process).
 fn holder(kv: &KeyValue, id: &agent_core::SessionId) -> Presence {
     serde_json::from_slice::<Presence>(kv.value()).unwrap_or_else(|_| Presence {
@@ -30,6 +46,21 @@ fn holder(kv: &KeyValue, id: &agent_core::SessionId) -> Presence {
 }
 
 impl Inner {
+    /// The presence's value: the presence, and the leases this process inherited and has not
+    /// ended.
+    fn presence_value(&self, presence: &Presence) -> Vec<u8> {
+        let inherited = self
+            .inherited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut value = serde_json::to_value(presence).unwrap_or_default();
+        if let (false, Some(fields)) = (inherited.is_empty(), value.as_object_mut()) {
+            fields.insert(INHERITED_FIELD.into(), serde_json::json!(inherited));
+        }
+        serde_json::to_vec(&value).unwrap_or_default()
+    }
+
     /// Writes the presence: created if absent, rewritten if ours (our lease); otherwise the
     /// current key (another process runs the session).
     async fn put_presence(
@@ -38,7 +69,7 @@ impl Inner {
     ) -> BackendResult<Result<(), KeyValue>> {
         let lease = self.lease_for(&presence.session_id).await?;
         let key = self.keys.session(&presence.session_id);
-        let value = serde_json::to_vec(presence).unwrap_or_default();
+        let value = self.presence_value(presence);
         let put = TxnOp::put(
             key.clone(),
             value,
@@ -82,7 +113,7 @@ impl Inner {
     ) -> BackendResult<bool> {
         let lease = self.lease_for(&presence.session_id).await?;
         let key = self.keys.session(&presence.session_id);
-        let value = serde_json::to_vec(presence).unwrap_or_default();
+        let value = self.presence_value(presence);
         let txn = Txn::new()
             .when(vec![Compare::mod_revision(
                 key.clone(),
@@ -207,12 +238,17 @@ impl Inner {
                 // the next round); its claims are ended by `end_inherited`, once the runs it
                 // finished are reported.
                 tracing::warn!(session = %presence.session_id, pid = other.pid, host = %other.host, "taking the session over from a process that is gone: its claims are this process's until it has reported the runs that one finished");
-                self.inherit(kv.lease());
-                self.keep_inherited(kv.lease());
-                self.inherited
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(kv.lease());
+                for lease in std::iter::once(kv.lease()).chain(inherited_in(&kv)) {
+                    if self.granted_here(lease) {
+                        continue;
+                    }
+                    self.inherit(lease);
+                    self.keep_inherited(lease);
+                    self.inherited
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(lease);
+                }
             } else {
                 tracing::warn!(session = %presence.session_id, pid = other.pid, host = %other.host, "taking the session over from a process that is gone");
                 let key = self.keys.session(&presence.session_id);

@@ -289,3 +289,73 @@ async fn a_claim_that_outlived_a_lost_keep_alive_is_still_its_process_to_complet
     );
     completes(&holder, &t, &s, token).await;
 }
+
+/// The pid of a process that has exited (on this host).
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let pid = child.id();
+    child.wait().expect("reap");
+    pid
+}
+
+#[tokio::test]
+async fn a_restart_after_a_restart_that_died_too_takes_on_the_first_processs_claims() {
+    // Seed 390000023: an agent killed, its restart killed too before it had reported the run the
+    // first one finished. The second restart took on only the first restart's lease: the first
+    // process's claim ran out, another session claimed the task and ran it again. A presence
+    // lists the leases its process inherited, and the next registration takes them on too.
+    let server = EtcdServer::start();
+    let mut raw = crate::raw_client(&server).await;
+    let s = SessionId::parse("twice-killed").expect("id");
+    let with_pid = |pid| agent_core::Presence {
+        pid,
+        ..presence_of(&s)
+    };
+    let first = crate::backend(&server, false).await;
+    assert_eq!(
+        first
+            .register(&with_pid(dead_pid()), false)
+            .await
+            .expect("register"),
+        None
+    );
+    let t = TaskId::parse("TWICE").expect("id");
+    let token = claimed(&first, &t, &s).await;
+    let lease = raw.get("claims/TWICE", None).await.expect("get").kvs()[0].lease();
+
+    let second = crate::backend(&server, false).await;
+    assert_eq!(
+        second
+            .register(&with_pid(dead_pid()), false)
+            .await
+            .expect("register"),
+        None
+    );
+    let text = raw
+        .get("sessions/twice-killed", None)
+        .await
+        .expect("get")
+        .kvs()[0]
+        .value_str()
+        .expect("utf8")
+        .to_owned();
+    assert!(
+        text.contains(&lease.to_string()),
+        "the presence lists the inherited lease: {text}"
+    );
+
+    let third = crate::backend(&server, false).await;
+    assert_eq!(
+        third
+            .register(&presence_of(&s), false)
+            .await
+            .expect("register"),
+        None
+    );
+    completes(&third, &t, &s, token).await;
+    third.end_inherited().await.expect("end inherited");
+    let ttl = raw.lease_time_to_live(lease, None).await.expect("ttl");
+    assert!(ttl.ttl() <= 0, "the first process's lease ended: {ttl:?}");
+}
