@@ -847,7 +847,7 @@ fn left_locks(git: &Path) -> Vec<std::path::PathBuf> {
 
 /// A ref lock is held for the milliseconds of one update. One this old was left by a writer that
 /// died (or lost its directory) mid-update, and would block every push for good.
-const STALE_LOCK: std::time::Duration = std::time::Duration::from_secs(30);
+pub(crate) const STALE_LOCK: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Removes `lock` if it is older than [`STALE_LOCK`].
 fn clear_stale_lock(lock: &Path) {

@@ -595,16 +595,34 @@ async fn a_stale_ref_lock_left_in_the_remote_is_cleared_and_pushes_go_on() {
         .expect("claim");
     assert!(matches!(out, ClaimOutcome::Won(_)), "{out:?}");
     assert!(!lock.exists(), "the stale lock is gone");
-    // A fresh one refuses every push; the error says so, not "the branch kept moving" (the
-    // tester's report: the branch had not moved).
-    std::fs::File::create(&lock).expect("lock");
-    let err = b
+    // A recent one (a writer killed a moment ago) is waited for until it is stale and cleared:
+    // the operation lands, not an error after a few seconds (the tester's report: agents
+    // started just after a writer was killed exited 3).
+    let file = std::fs::File::create(&lock).expect("lock");
+    file.set_modified(std::time::SystemTime::now() - Duration::from_secs(27))
+        .expect("age the lock");
+    let out = b
         .release(
             &tid("LK.1"),
             &sid("session-1-lock"),
-            agent_core::ReleaseTo::Complete,
+            agent_core::ReleaseTo::Available,
             None,
         )
+        .await
+        .expect("the release waits for the lock to go stale");
+    assert!(
+        matches!(out, agent_core::ReleaseOutcome::Released { .. }),
+        "{out:?}"
+    );
+    assert!(!lock.exists(), "the lock went stale and was removed");
+    // One that cannot be removed refuses every push; the error says so, not "the branch kept
+    // moving" (the tester's report: the branch had not moved).
+    std::fs::create_dir(&lock).expect("a lock that is a directory");
+    std::fs::File::open(&lock)
+        .and_then(|d| d.set_modified(std::time::SystemTime::now() - Duration::from_secs(120)))
+        .expect("age the lock");
+    let err = b
+        .claim(&tid("LK.1"), &sid("session-1-lock"))
         .await
         .expect_err("every push refused");
     let text = err.to_string();

@@ -82,11 +82,18 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         host: agent_core::process::hostname(),
         version: env!("CARGO_PKG_VERSION").into(),
     };
-    // One process per session id: a second agent with the same session file stops here.
-    if let Some(other) = backend
-        .register(&presence, args.take_over)
-        .await
-        .context("cannot register the session")?
+    // One process per session id: a second agent with the same session file stops here. A store
+    // that does not answer is waited for, as at the start (a git remote away at that moment
+    // ended the agent with exit 3).
+    if let Some(other) = settings::wait_for(
+        "the session's registration",
+        backend.serving_name(),
+        false,
+        &waiting,
+        || backend.register(&presence, args.take_over),
+    )
+    .await
+    .context("cannot register the session")?
     {
         // Whatever one store took of the registration goes with this process's leases.
         backend.close().await;

@@ -178,3 +178,34 @@ fn a_run_its_killed_agent_finished_is_not_taken_by_a_waiting_session_before_it_i
     // process now end only after its finished runs are reported (`Backend::end_inherited`).
     a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(Stopped::Agent, true);
 }
+
+#[test]
+fn a_git_agent_started_just_after_a_writer_was_killed_waits_for_its_ref_lock_and_runs() {
+    // The tester's report: a writer killed mid-push left `refs/heads/main.lock` in the remote;
+    // agents started just then exited 3 after ~8 s of refused pushes, though the lock is removed
+    // once it is 30 s old. They wait for it now.
+    let board =
+        "| ID | Task | Status | Owner |\n|---|---|---|---|\n| T1 | one | 🔵 AVAILABLE | |\n";
+    let (remote, w) = (BareRemote::new(board), Workdir::new());
+    let lock = remote.path().join("refs/heads/main.lock");
+    std::fs::File::create(&lock)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now() - Duration::from_secs(14)))
+        .expect("a ref lock left 14 s ago");
+    let config = w.session(
+        "session-1-late",
+        &["T1"],
+        r#"echo "$IFC_TASK_ID" >> "$SHARED""#,
+        "",
+    );
+    let log = w.path().join("agent.log");
+    let mut cmd = ifc("http://127.0.0.1:1", w.path());
+    cmd.env("IFC_MODE", "git")
+        .env("IFC_GIT_REMOTE", remote.path())
+        .env("IFC_GIT_WORKDIR", w.path().join("clone"))
+        .env("IFC_POLL_INTERVAL", "200ms");
+    both_finish(
+        &w,
+        vec![(spawn_agent(cmd, &config, &log, &["--until-done"]), log)],
+    );
+    assert!(!lock.exists(), "the lock was removed once stale");
+}
