@@ -531,6 +531,18 @@ impl Clone {
         self.clean = false;
         let workdir = self.config.workdir.clone();
         let mut index = self.repo.index().map_err(|e| self.local_err(e))?;
+        // The commit is the parent's tree with `files` changed, whatever the index held: the
+        // index this repository handle keeps in memory is behind when another process sharing
+        // the clone moved the branch (tester helper-10: a second agent of the session in the
+        // same directory; the first one's next commit wrote other sessions' STATUS files and
+        // rows back to older versions, and tasks ran twice).
+        let base = self
+            .repo
+            .find_commit(parent_id)
+            .and_then(|c| c.tree())
+            .map_err(|e| self.local_err(e))?;
+        index.read_tree(&base).map_err(|e| self.local_err(e))?;
+        drop(base);
         for (path, content) in files {
             let full = workdir.join(path);
             if let Some(dir) = full.parent() {

@@ -519,3 +519,38 @@ async fn a_claim_recorded_from_another_process_of_the_session_does_not_replace_a
     let status = remote.read("STATUS-SESSION-1.yaml").expect("STATUS");
     assert!(!status.contains("token: 99"), "{status}");
 }
+
+#[tokio::test]
+async fn processes_sharing_one_clone_never_write_each_others_files_back() {
+    // Tester helper-10: a second agent (a --take-over, or one refused) started in the directory
+    // of a running one shares its clone `.ifc/git/<session>`. A write made by one process left
+    // the other's cached index behind the branch, and that process's next commit wrote other
+    // sessions' STATUS files (and rows) back to what they were: a DONE row went back to IN
+    // PROGRESS and ran again, running claims were dropped and their tasks run twice.
+    let remote = BareRemote::new(&board(3));
+    let first = crate::open(&remote, "shared").await;
+    let second = crate::open(&remote, "shared").await;
+    let (a, b) = (sid("session-1-a"), sid("session-2-b"));
+    let won = |out: ClaimOutcome| matches!(out, ClaimOutcome::Won(_));
+    assert!(won(first.claim(&tid("T0"), &a).await.expect("claim")));
+    assert!(won(second.claim(&tid("T1"), &b).await.expect("claim")));
+    assert!(won(first.claim(&tid("T2"), &a).await.expect("claim")));
+    let other = crate::open(&remote, "elsewhere").await;
+    let t1 = other.get(&tid("T1")).await.expect("get").expect("T1");
+    assert_eq!(
+        (t1.status, t1.claimed_by.as_ref()),
+        (TaskStatus::Claimed, Some(&b)),
+        "b's claim stands after a's next write through the same clone"
+    );
+    assert!(
+        remote.read("STATUS-SESSION-2.yaml").is_some(),
+        "b's STATUS file is still on the branch"
+    );
+    assert!(matches!(
+        other
+            .claim(&tid("T1"), &sid("session-3-c"))
+            .await
+            .expect("claim"),
+        ClaimOutcome::Lost { .. }
+    ));
+}
