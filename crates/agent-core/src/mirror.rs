@@ -29,7 +29,7 @@ pub struct Mirrored {
 }
 
 /// What one store says of a task: status (blocked reads available) and holder.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Face {
     pub status: TaskStatus,
     pub holder: Option<SessionId>,

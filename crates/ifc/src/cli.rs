@@ -285,6 +285,11 @@ pub struct BridgeArgs {
     /// Do one round and exit (0: in step, 1: differences or conflicts remain)
     #[arg(long)]
     pub once: bool,
+    /// Where the bridge keeps what the two stores last agreed on, so that after a restart (or in
+    /// a `--once` run) it still tells which store made a change, a blocker edit included; kept
+    /// per pair of stores [default: .ifc/bridge/state.json]
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics and health at http://ADDR/health: a port
     /// (bound on 127.0.0.1) or HOST:PORT
     #[arg(long, value_name = "[HOST:]PORT", value_parser = parse_metrics_addr)]

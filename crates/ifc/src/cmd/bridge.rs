@@ -12,7 +12,9 @@ use agent_core::{
     Backend, BackendError, Mirrored, RecordOutcome, SessionId, Task, TaskId, TaskPatch, TaskStatus,
 };
 use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::path::Path;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::{BridgeArgs, Global, Output};
@@ -125,6 +127,64 @@ struct Bridge {
     blockers_base: BTreeMap<TaskId, BTreeSet<TaskId>>,
     /// Blocker differences nothing decides, already logged.
     blockers_reported: BTreeSet<TaskId>,
+}
+
+/// What a bridge keeps across restarts (`--state`): the common past, for the pair of stores it
+/// was learned from.
+#[derive(Default, Serialize, Deserialize, PartialEq)]
+struct Remembered {
+    /// The two stores (etcd endpoints and prefix, git remote, branch and board).
+    stores: String,
+    base: BTreeMap<TaskId, Face>,
+    blockers_base: BTreeMap<TaskId, BTreeSet<TaskId>>,
+}
+
+impl Bridge {
+    /// A bridge that remembers what the state file at `path` says of `stores` (nothing if
+    /// the file is missing, unreadable or of other stores: it learns again).
+    fn remembering(path: &Path, stores: &str) -> Bridge {
+        let read = std::fs::read(path)
+            .map_err(|e| (e.kind() != std::io::ErrorKind::NotFound).then(|| e.to_string()))
+            .and_then(|bytes| {
+                serde_json::from_slice::<Remembered>(&bytes).map_err(|e| Some(e.to_string()))
+            });
+        if let Err(Some(e)) = &read {
+            tracing::warn!(state = %path.display(), error = %e, "cannot read the bridge's state file: starting without a common past");
+        }
+        match read {
+            Ok(r) if r.stores == stores => Bridge {
+                base: r.base,
+                blockers_base: r.blockers_base,
+                ..Bridge::default()
+            },
+            _ => Bridge::default(),
+        }
+    }
+
+    /// Writes the common past to `path` (beside it, then moved into place) if it changed since
+    /// `last`; a failure is logged, and the bridge goes on.
+    fn remember(&self, path: &Path, stores: &str, last: &mut Option<Remembered>) {
+        let now = Remembered {
+            stores: stores.to_owned(),
+            base: self.base.clone(),
+            blockers_base: self.blockers_base.clone(),
+        };
+        if last.as_ref() == Some(&now) {
+            return;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, serde_json::to_vec(&now).unwrap_or_default()))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        match written {
+            Ok(()) => *last = Some(now),
+            Err(e) => {
+                tracing::warn!(state = %path.display(), error = %e, "cannot write the bridge's state file: a restart will start without a common past")
+            }
+        }
+    }
 }
 
 /// A new task for the other store: same title and blockers; free unless complete.
@@ -400,7 +460,26 @@ pub async fn run(
         .or_else(|| fleet.as_ref().and_then(|f| f.bridge.interval.map(|d| d.0)))
         .unwrap_or(Duration::from_secs(1));
     let (etcd, git) = open(g, fleet.as_ref(), "ifc-bridge").await?;
-    let mut bridge = Bridge::default();
+    let state = args
+        .state
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from(".ifc/bridge/state.json"));
+    let stores = {
+        let (e, gc) = (
+            settings::etcd_config(g, fleet.as_ref(), None)?,
+            settings::git_config(g, fleet.as_ref(), None)?,
+        );
+        format!(
+            "etcd {} prefix {:?}; git {} branch {} board {}",
+            e.endpoints.join(","),
+            e.prefix,
+            gc.remote,
+            gc.branch,
+            gc.board
+        )
+    };
+    let mut bridge = Bridge::remembering(&state, &stores);
+    let mut remembered = None;
     let conflicts = Arc::new(std::sync::atomic::AtomicU64::new(0));
     if let Some(addr) = args.metrics_addr {
         let (store, seen) = (Arc::clone(&etcd), Arc::clone(&conflicts));
@@ -431,6 +510,7 @@ pub async fn run(
             }
         }
         conflicts.store(bridge.conflicts_total, std::sync::atomic::Ordering::Relaxed);
+        bridge.remember(&state, &stores, &mut remembered);
         if args.once {
             let (e, b) = (etcd.list().await?, git.list().await?);
             let diffs = bridge::compare(&e.tasks, &b.tasks).len()

@@ -245,3 +245,50 @@ async fn a_blocker_edit_in_either_store_reaches_the_other() {
     let in_git = git.get(&id("PB2")).await.expect("get").expect("task");
     assert_eq!(in_git.blocked_by, [id("P1")]);
 }
+
+#[tokio::test]
+async fn a_restarted_bridge_remembers_the_common_past_and_carries_a_blocker_edit() {
+    // Seeds 470000022, 470000049: a blocker edit made in one store just before the bridge
+    // stopped; the next bridge (a `--once` run) had no common past to tell which store made it,
+    // and left the stores differing for good.
+    let (etcd, git) = (
+        MemoryBackend::new(MemoryStore::new(), None),
+        MemoryBackend::new(MemoryStore::new(), None),
+    );
+    for t in ["A", "B"] {
+        for b in [&etcd, &git] {
+            b.put(&id(t), &TaskPatch::default()).await.expect("put");
+        }
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("bridge/state.json");
+    let stores = "these two";
+    let mut first = Bridge::remembering(&state, stores);
+    assert_eq!(first.round(&etcd, &git).await.expect("round"), 0);
+    first.remember(&state, stores, &mut None);
+    drop(first);
+    let blocked = TaskPatch {
+        blocked_by: Some(vec![id("A")]),
+        ..TaskPatch::default()
+    };
+    etcd.put(&id("B"), &blocked).await.expect("put");
+
+    // Another pair of stores learns nothing from it.
+    let mut other = Bridge::remembering(&state, "other stores");
+    other.round(&etcd, &git).await.expect("round");
+    assert!(git
+        .get(&id("B"))
+        .await
+        .expect("get")
+        .expect("B")
+        .blocked_by
+        .is_empty());
+
+    let mut next = Bridge::remembering(&state, stores);
+    next.round(&etcd, &git).await.expect("round");
+    assert_eq!(
+        git.get(&id("B")).await.expect("get").expect("B").blocked_by,
+        vec![id("A")],
+        "the edit made in etcd since the common past reaches git"
+    );
+}
