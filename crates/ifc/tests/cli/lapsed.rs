@@ -189,8 +189,8 @@ fn a_git_agent_started_just_after_a_writer_was_killed_waits_for_its_ref_lock_and
     let (remote, w) = (BareRemote::new(board), Workdir::new());
     let lock = remote.path().join("refs/heads/main.lock");
     std::fs::File::create(&lock)
-        .and_then(|f| f.set_modified(std::time::SystemTime::now() - Duration::from_secs(14)))
-        .expect("a ref lock left 14 s ago");
+        .and_then(|f| f.set_modified(std::time::SystemTime::now() - Duration::from_secs(20)))
+        .expect("a ref lock left 20 s ago");
     let config = w.session(
         "session-1-late",
         &["T1"],
