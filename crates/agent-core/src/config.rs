@@ -210,14 +210,19 @@ pub enum ModeSource {
     BuiltIn,
 }
 
-/// A stable share (0–99) of a session id: FNV-1a, the same on every machine and version.
-pub fn stable_bucket(id: &SessionId) -> u8 {
+/// A hash of `text` that is the same on every machine and version: FNV-1a.
+pub fn stable_hash(text: &str) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.as_str().bytes() {
+    for b in text.bytes() {
         hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    u8::try_from(hash % 100).unwrap_or(0)
+    hash
+}
+
+/// A stable share (0–99) of a session id.
+pub fn stable_bucket(id: &SessionId) -> u8 {
+    u8::try_from(stable_hash(id.as_str()) % 100).unwrap_or(0)
 }
 
 /// A session's mode: `rollback: true` > `--mode`/`IFC_MODE` > session file > fleet rollout >

@@ -74,23 +74,32 @@ async fn rounds<T: Send + 'static>(
     what: String,
     round: impl Fn(&mut Core) -> BackendResult<Option<T>> + Clone + Send + 'static,
 ) -> BackendResult<T> {
-    let mut told = false;
+    // A ref lock a killed writer left in a local remote is removed once it is STALE_LOCK old:
+    // until then the operation waits for it rather than fail (the tester's report: agents
+    // started just after a writer was killed exited 3 after ~8 s, and the lock went 22 s
+    // later), and once it is gone the pushes have their full count again.
+    let (mut left, mut waiting) = (MAX_ROUNDS, false);
     for attempt in 0.. {
         if let Some(done) = blocking(core, round.clone()).await? {
             return Ok(done);
         }
-        if attempt + 1 >= MAX_ROUNDS {
-            // A ref lock a killed writer left is removed once it is STALE_LOCK old: until then
-            // the operation waits for it rather than fail (the tester's report: agents started
-            // just after a writer was killed exited 3 after ~8 s, and the lock went 22 s later).
-            match left_ref_lock(remote) {
-                Some((lock, age)) if age < repo::STALE_LOCK + Duration::from_secs(5) => {
-                    if !std::mem::replace(&mut told, true) {
-                        tracing::warn!(lock = %lock.display(), age_s = age.as_secs(), "{what}: every push is refused by a ref lock in the remote (left by a writer killed mid-update, or one that is stuck); waiting until it is {} s old and removed", repo::STALE_LOCK.as_secs());
-                    }
+        left -= 1;
+        match (attempt >= 8).then(|| left_ref_lock(remote)).flatten() {
+            // (A writer holds the lock for milliseconds: one a second old was left.)
+            Some((lock, age))
+                if age >= Duration::from_secs(1)
+                    && age < repo::STALE_LOCK + Duration::from_secs(5) =>
+            {
+                if !std::mem::replace(&mut waiting, true) {
+                    tracing::warn!(lock = %lock.display(), age_s = age.as_secs(), "{what}: every push is refused by a ref lock in the remote (left by a writer killed mid-update, or one that is stuck); waiting until it is {} s old and removed", repo::STALE_LOCK.as_secs());
                 }
-                _ => break,
+                left = left.max(1);
             }
+            None if waiting => (waiting, left) = (false, MAX_ROUNDS),
+            _ => {}
+        }
+        if left == 0 {
+            break;
         }
         // Growing, jittered pauses spread the racers out.
         let base = 2u64 << attempt.min(5);

@@ -119,7 +119,9 @@ pub struct GitArgs {
     #[arg(long, value_parser = parse_duration, global = true)]
     pub stale_after: Option<Duration>,
 
-    /// The dedicated clone [default: .ifc/git/<session>, or .ifc/git/ifc-cli]
+    /// The dedicated clone [default: .ifc/git/<session> for an agent or a command with
+    /// --session, .ifc/git/ifc-bridge, ifc-audit or ifc-migrate for those commands, else
+    /// .ifc/git/ifc-cli]
     #[arg(long, env = "IFC_GIT_WORKDIR", global = true)]
     pub git_workdir: Option<PathBuf>,
 }
@@ -287,7 +289,8 @@ pub struct BridgeArgs {
     pub once: bool,
     /// Where the bridge keeps what the two stores last agreed on, so that after a restart (or in
     /// a `--once` run) it still tells which store made a change, a blocker edit included; kept
-    /// per pair of stores [default: .ifc/bridge/state.json]
+    /// per pair of stores [default: .ifc/bridge/state-<hash of the two stores>.json; a file
+    /// given here holds one pair's]
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics and health at http://ADDR/health: a port

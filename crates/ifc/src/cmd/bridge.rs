@@ -127,6 +127,8 @@ struct Bridge {
     blockers_base: BTreeMap<TaskId, BTreeSet<TaskId>>,
     /// Blocker differences nothing decides, already logged.
     blockers_reported: BTreeSet<TaskId>,
+    /// Reopens made in one store that the other keeps complete, already logged.
+    reopens_reported: BTreeSet<TaskId>,
 }
 
 /// What a bridge keeps across restarts (`--state`): the common past, for the pair of stores it
@@ -150,6 +152,9 @@ impl Bridge {
             });
         if let Err(Some(e)) = &read {
             tracing::warn!(state = %path.display(), error = %e, "cannot read the bridge's state file: starting without a common past");
+        }
+        if let Some(r) = read.as_ref().ok().filter(|r| r.stores != stores) {
+            tracing::warn!(state = %path.display(), file_is_for = %r.stores, stores, "the bridge's state file is another pair of stores': starting without a common past (and it will be written over)");
         }
         match read {
             Ok(r) if r.stores == stores => Bridge {
@@ -204,6 +209,16 @@ impl Bridge {
     /// One round; returns how many transitions were written.
     async fn round(&mut self, etcd: &dyn Backend, git: &dyn Backend) -> Result<usize> {
         let (e, b) = (etcd.list().await?, git.list().await?);
+        // A reopen is said again once it was settled and happens again.
+        let complete_somewhere: BTreeSet<TaskId> = e
+            .tasks
+            .iter()
+            .chain(&b.tasks)
+            .filter(|t| t.status == TaskStatus::Complete)
+            .map(|t| t.id.clone())
+            .collect();
+        self.reopens_reported
+            .retain(|t| complete_somewhere.contains(t));
         let (in_etcd, in_git): (BTreeSet<&TaskId>, BTreeSet<&TaskId>) = (
             e.tasks.iter().map(|t| &t.id).collect(),
             b.tasks.iter().map(|t| &t.id).collect(),
@@ -413,7 +428,15 @@ impl Bridge {
                     }
                 }
                 RecordOutcome::Kept { reason } => {
-                    tracing::debug!(task = %item.task, store = name, %reason, "not bridged: the store is ahead")
+                    let reopen = matches!(item.status, TaskStatus::Available | TaskStatus::Blocked)
+                        && reason == "already complete";
+                    if reopen && self.reopens_reported.insert(item.task.clone()) {
+                        // The bridge never moves a task backwards (tester helper-11: a reopen
+                        // made in one store only stayed a difference, and nothing said why).
+                        tracing::warn!(task = %item.task, complete_in = name, "reopened in one store only: the bridge does not carry a reopen over a completion; reopen it in {name} too (`ifc put {} --status available` with the fleet file writes both stores)", item.task);
+                    } else {
+                        tracing::debug!(task = %item.task, store = name, %reason, "not bridged: the store is ahead");
+                    }
                 }
                 RecordOutcome::NotFound => {}
             }
@@ -460,10 +483,6 @@ pub async fn run(
         .or_else(|| fleet.as_ref().and_then(|f| f.bridge.interval.map(|d| d.0)))
         .unwrap_or(Duration::from_secs(1));
     let (etcd, git) = open(g, fleet.as_ref(), "ifc-bridge").await?;
-    let state = args
-        .state
-        .clone()
-        .unwrap_or_else(|| std::path::PathBuf::from(".ifc/bridge/state.json"));
     let stores = {
         let (e, gc) = (
             settings::etcd_config(g, fleet.as_ref(), None)?,
@@ -478,6 +497,14 @@ pub async fn run(
             gc.board
         )
     };
+    // One file per pair of stores by default: bridges of two pairs run from one directory
+    // keep their own common past (the tester's report: the second pair's replaced the first's).
+    let state = args.state.clone().unwrap_or_else(|| {
+        std::path::PathBuf::from(format!(
+            ".ifc/bridge/state-{:016x}.json",
+            agent_core::config::stable_hash(&stores)
+        ))
+    });
     let mut bridge = Bridge::remembering(&state, &stores);
     let mut remembered = None;
     let conflicts = Arc::new(std::sync::atomic::AtomicU64::new(0));
