@@ -63,11 +63,16 @@ impl Fleet {
 
     /// The board in etcd too.
     fn migrate(&self, board: &str) {
+        self.migrate_to("", board);
+    }
+
+    /// The board in etcd under `prefix`.
+    fn migrate_to(&self, prefix: &str, board: &str) {
         let file = self.w.path().join("board.md");
         std::fs::write(&file, board).expect("board file");
         let out = run(self
             .ifc()
-            .args(["migrate", "--board"])
+            .args(["--prefix", prefix, "migrate", "--board"])
             .arg(&file)
             .args(["--mode", "coordinator"]));
         assert_eq!(code(&out), 0, "{}", text(&out.stderr));
@@ -584,4 +589,40 @@ fn agents_started_while_etcd_is_down_wait_for_it_and_hybrid_ones_move_to_it_when
     }
     f.finish_all(&mut agents, Duration::from_secs(60));
     f.every_task_ran_once_and_the_stores_agree(3);
+}
+
+#[test]
+fn a_bridge_run_again_from_the_same_directory_knows_which_store_made_a_blocker_edit() {
+    // Seeds 470000022, 470000049: a blocker edit in one store just before the bridge stopped;
+    // the next bridge run had no common past and left the stores differing. The bridge keeps it
+    // in a state file, one per pair of stores by default.
+    let board = "| ID | Task | Status | Owner | Blocked by |\n|---|---|---|---|---|\n| T1 | one | 🔵 AVAILABLE |  |  |\n| U1 | two | 🔵 AVAILABLE |  |  |\n";
+    let f = Fleet::new(board);
+    f.migrate(board);
+    let once = |extra: &[&str]| {
+        let out = run(f.ifc().args(extra).args(["bridge", "--once"]));
+        (code(&out), text(&out.stderr))
+    };
+    assert_eq!(once(&[]).0, 0);
+    // A second pair of stores (another prefix) bridged from the same directory.
+    f.migrate_to("p2/", board);
+    assert_eq!(
+        once(&["--prefix", "p2/", "--git-workdir", ".ifc/git/p2"]).0,
+        0
+    );
+    let out = run(f
+        .ifc()
+        .args(["--mode", "git", "put", "T1", "--blocked-by", "U1"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let (c, log) = once(&[]);
+    assert_eq!(c, 0, "the edit made in git is carried into etcd:\n{log}");
+    let out = run(f
+        .ifc()
+        .args(["get", "T1", "-o", "json", "--mode", "coordinator"]));
+    let t1: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(t1["blocked_by"], serde_json::json!(["U1"]), "{t1}");
+    let files = std::fs::read_dir(f.w.path().join(".ifc/bridge"))
+        .expect("state dir")
+        .count();
+    assert_eq!(files, 2, "one state file per pair of stores");
 }
