@@ -169,14 +169,17 @@ impl Bridge {
     /// Writes the common past to `path` (beside it, then moved into place) if it changed since
     /// `last`; a failure is logged, and the bridge goes on.
     fn remember(&self, path: &Path, stores: &str, last: &mut Option<Remembered>) {
+        let unchanged = last.as_ref().is_some_and(|l| {
+            l.stores == stores && l.base == self.base && l.blockers_base == self.blockers_base
+        });
+        if unchanged {
+            return;
+        }
         let now = Remembered {
             stores: stores.to_owned(),
             base: self.base.clone(),
             blockers_base: self.blockers_base.clone(),
         };
-        if last.as_ref() == Some(&now) {
-            return;
-        }
         let tmp = path.with_extension("json.tmp");
         let written = path
             .parent()
@@ -429,7 +432,10 @@ impl Bridge {
                 }
                 RecordOutcome::Kept { reason } => {
                     let reopen = matches!(item.status, TaskStatus::Available | TaskStatus::Blocked)
-                        && reason == "already complete";
+                        && item
+                            .read_as
+                            .as_ref()
+                            .is_some_and(|f| f.status == TaskStatus::Complete);
                     if reopen && self.reopens_reported.insert(item.task.clone()) {
                         // The bridge never moves a task backwards (tester helper-11: a reopen
                         // made in one store only stayed a difference, and nothing said why).
