@@ -1054,6 +1054,13 @@ impl Core {
                 out.push(RecordOutcome::NotFound);
                 continue;
             };
+            // A claim written into a table without an owner column could never be read back:
+            // it would read as held by nobody while its task runs (the claim refuses it too).
+            if want.status == TaskStatus::Claimed {
+                snap.board
+                    .can_record_owner(&self.config.board, &want.task)
+                    .map_err(|e| self.board_error(e))?;
+            }
             let current = snap.effective(row, self.config.stale_after);
             // A claim a live agent process holds here ends by that process's release (or its
             // heartbeat): another store's "available" is not its word (seed 100061: a hybrid

@@ -680,7 +680,8 @@ async fn a_clone_whose_making_was_interrupted_or_failed_is_made_again() {
 }
 
 #[tokio::test]
-async fn a_claim_in_a_table_without_an_owner_column_is_refused_before_anything_is_written() {
+async fn a_claim_in_a_table_without_an_owner_column_is_refused_before_anything_is_written_from_either_store(
+) {
     let board = "# Board\n\n| ID | Task | Status | Who |\n|----|------|--------|-----|\n| A | t | 🔵 AVAILABLE |  |\n";
     let remote = BareRemote::new(board);
     let b = crate::open(&remote, "c").await;
@@ -699,6 +700,24 @@ async fn a_claim_in_a_table_without_an_owner_column_is_refused_before_anything_i
         Some(board)
     );
     assert!(remote.read("STATUS-SESSION-1.yaml").is_none());
+    // Nor is another store's claim recorded there (a hybrid session's etcd claim): it would
+    // read back as held by nobody while its task ran, and other sessions could take the task.
+    let err = b
+        .record(&[agent_core::Mirrored {
+            task: tid("A"),
+            status: TaskStatus::Claimed,
+            holder: Some(sid("session-1-x")),
+            token: Some(agent_core::FencingToken(7)),
+            read_as: None,
+        }])
+        .await
+        .expect_err("nowhere to record the owner");
+    assert!(matches!(err, BackendError::InvalidInput(_)), "{err:?}");
+    assert!(err.to_string().contains("has no owner column"), "{err}");
+    assert_eq!(
+        remote.read("docs/PHASE-0-TASK-BOARD.md").as_deref(),
+        Some(board)
+    );
 }
 
 #[tokio::test]
