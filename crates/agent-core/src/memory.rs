@@ -63,6 +63,9 @@ struct State {
     presences: BTreeMap<SessionId, (Presence, Option<u64>)>,
     /// Set by [`MemoryStore::set_reachable`]: every call fails as if the store were down.
     down: bool,
+    /// Set by [`MemoryStore::set_silent`]: every call waits, as a paused or hung etcd keeps
+    /// a caller waiting (until its deadline).
+    silent: bool,
 }
 
 impl State {
@@ -228,6 +231,19 @@ impl MemoryStore {
         lock(&self.state).down = !reachable;
     }
 
+    /// Makes every call of every client wait without an answer (`true`) until set `false`, as
+    /// a SIGSTOPped or black-holed etcd would. For tests of deadlines above a backend.
+    pub fn set_silent(&self, silent: bool) {
+        lock(&self.state).silent = silent;
+    }
+
+    /// Waits while the store is set silent.
+    async fn answer(&self) {
+        while lock(&self.state).silent {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         let mut state = lock(&self.state);
         state.expire(Instant::now());
@@ -328,6 +344,14 @@ impl MemoryBackend {
     }
 }
 
+impl MemoryBackend {
+    /// The store's state once it answers, or `Unavailable` while it is set down.
+    async fn up(&self) -> BackendResult<MutexGuard<'_, State>> {
+        self.store.answer().await;
+        self.store.up()
+    }
+}
+
 impl Drop for MemoryBackend {
     fn drop(&mut self) {
         let leases = self.leases.get_mut().unwrap_or_else(|p| p.into_inner());
@@ -344,11 +368,11 @@ impl Backend for MemoryBackend {
     }
 
     async fn get(&self, task: &TaskId) -> BackendResult<Option<Task>> {
-        Ok(self.store.up()?.effective(task))
+        Ok(self.up().await?.effective(task))
     }
 
     async fn list(&self) -> BackendResult<Listing> {
-        Ok(self.store.up()?.listing())
+        Ok(self.up().await?.listing())
     }
 
     /// Like a watch cache that saw every change: the store's state, even while it is set down.
@@ -358,7 +382,7 @@ impl Backend for MemoryBackend {
 
     async fn put(&self, task: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {
         patch.validate(task)?;
-        let mut state = self.store.up()?;
+        let mut state = self.up().await?;
         let Some(current) = state.effective(task) else {
             let new = patch.create(task.clone());
             state.mutate(task, |s| {
@@ -389,7 +413,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn claim(&self, task: &TaskId, session: &SessionId) -> BackendResult<ClaimOutcome> {
-        let mut state = self.store.up()?;
+        let mut state = self.up().await?;
         let Some(current) = state.effective(task) else {
             return Ok(ClaimOutcome::NotFound);
         };
@@ -438,7 +462,7 @@ impl Backend for MemoryBackend {
         to: ReleaseTo,
         token: Option<FencingToken>,
     ) -> BackendResult<ReleaseOutcome> {
-        let mut state = self.store.up()?;
+        let mut state = self.up().await?;
         let Some(current) = state.effective(task) else {
             return Ok(ReleaseOutcome::NotFound);
         };
@@ -506,7 +530,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn record(&self, items: &[Mirrored]) -> BackendResult<Vec<RecordOutcome>> {
-        let mut state = self.store.up()?;
+        let mut state = self.up().await?;
         let mut out = Vec::with_capacity(items.len());
         for want in items {
             let Some(current) = state.effective(&want.task) else {
@@ -560,7 +584,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn subscribe(&self) -> BackendResult<Subscription> {
-        let mut state = self.store.up()?;
+        let mut state = self.up().await?;
         let (tx, rx) = mpsc::unbounded_channel();
         state.subscribers.push(Subscriber { owner: self.id, tx });
         Ok(Subscription::new(state.listing(), rx))
@@ -582,7 +606,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn announce(&self, presence: &Presence) -> BackendResult<()> {
-        let mut state = self.store.up()?;
+        let mut state = self.up().await?;
         let lease = self.session_lease(&mut state, &presence.session_id);
         state
             .presences
@@ -592,8 +616,8 @@ impl Backend for MemoryBackend {
 
     async fn sessions(&self) -> BackendResult<Vec<Presence>> {
         Ok(self
-            .store
-            .up()?
+            .up()
+            .await?
             .presences
             .values()
             .map(|(p, _)| p.clone())
@@ -601,6 +625,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn health(&self) -> Health {
+        self.store.answer().await;
         let reachable = !self.store.lock().down;
         Health {
             reachable,

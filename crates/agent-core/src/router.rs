@@ -418,9 +418,17 @@ impl Shared {
             .retain(|tx| tx.send(event.clone()).is_ok());
     }
 
-    /// Reports a coordinator failure to the breaker; switches to git if it opened.
-    async fn failed(&self, why: &str) {
-        let t = lock(&self.state).breaker.failure(Instant::now());
+    /// Reports a coordinator failure to the breaker (`silent`: it did not answer within the
+    /// deadline, which opens the breaker at once); switches to git if it opened.
+    async fn failed(&self, why: &str, silent: bool) {
+        let t = {
+            let mut s = lock(&self.state);
+            if silent {
+                s.breaker.trip(Instant::now())
+            } else {
+                s.breaker.failure(Instant::now())
+            }
+        };
         if t == Transition::Opened {
             tracing::warn!(session = %self.config.name, reason = why, "coordinator unreachable: continuing on git");
             self.settle().await;
@@ -441,10 +449,16 @@ impl Shared {
         F: Fn(Arc<dyn Backend>) -> Fut,
         Fut: Future<Output = BackendResult<T>>,
     {
-        let (mode, serving) = {
+        let (mode, mut serving, open) = {
             let s = lock(&self.state);
-            (s.mode, s.serving)
+            (s.mode, s.serving, s.breaker.is_open())
         };
+        if mode == Mode::Hybrid && serving == Side::Primary && open && self.fallback.is_some() {
+            // The breaker opened and the move to git is under way (or was cut short): this
+            // operation waits for it rather than for the coordinator's deadline.
+            self.settle().await;
+            serving = lock(&self.state).serving;
+        }
         if mode != Mode::Hybrid || serving == Side::Fallback || self.fallback.is_none() {
             self.ensure_registered(serving).await?;
             let out = f(self.backend(serving)?.clone()).await?;
@@ -456,18 +470,18 @@ impl Shared {
             self.ensure_registered(Side::Primary).await?;
             f(primary).await
         };
-        let why = match tokio::time::timeout(self.config.deadline, attempt).await {
+        let (why, silent) = match tokio::time::timeout(self.config.deadline, attempt).await {
             Ok(Ok(out)) => {
                 self.succeeded().await;
                 self.count(op, Side::Primary);
                 return Ok((out, Side::Primary));
             }
             Ok(Err(e)) if !e.is_transient() => return Err(e),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {:?}", self.config.deadline),
+            Ok(Err(e)) => (e.to_string(), matches!(e, BackendError::Timeout { .. })),
+            Err(_) => (format!("no answer within {:?}", self.config.deadline), true),
         };
         tracing::warn!(session = %self.config.name, op, reason = %why, "coordinator failed: this operation goes to git");
-        self.failed(&why).await;
+        self.failed(&why, silent).await;
         if let Some(m) = &self.mirror {
             m.flush(Duration::from_secs(5)).await;
         }
@@ -647,9 +661,8 @@ impl Shared {
             let Ok(etcd) = me.backend(Side::Primary).cloned() else {
                 continue;
             };
-            let reachable = tokio::time::timeout(me.config.deadline, etcd.health())
-                .await
-                .is_ok_and(|h| h.reachable);
+            let health = tokio::time::timeout(me.config.deadline, etcd.health()).await;
+            let reachable = health.as_ref().is_ok_and(|h| h.reachable);
             if reachable {
                 if open {
                     tracing::info!(session = %me.config.name, "coordinator answers again: returning to it");
@@ -659,7 +672,10 @@ impl Shared {
                 me.settle().await;
                 me.catch_up_stragglers().await;
             } else {
-                me.failed("health check failed").await;
+                match health {
+                    Err(_) => me.failed("no answer to the health check", true).await,
+                    Ok(_) => me.failed("health check failed", false).await,
+                }
             }
         }
     }

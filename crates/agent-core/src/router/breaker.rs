@@ -1,5 +1,5 @@
 //! The circuit breaker that keeps a hybrid session on git while the coordinator is down: opens
-//! after `threshold` consecutive infrastructure failures, then allows one probe at a time after
+//! after `threshold` consecutive infrastructure failures (at once on a silence: `trip`), then allows one probe at a time after
 //! an exponentially growing, jittered delay, and closes on the first probe that succeeds. Pure:
 //! time is an argument.
 
@@ -67,8 +67,16 @@ impl Breaker {
         }
     }
 
-    /// An operation or probe on the coordinator failed for an infrastructure reason (unreachable,
-    /// deadline). Normal outcomes (a lost race, not claimable) are not failures.
+    /// The coordinator did not answer within the deadline: a silent store (paused, hung,
+    /// black-holed) answers no sooner for being asked again, and each retry would cost another
+    /// deadline, so this opens the breaker at once (or pushes the next probe out, if open).
+    pub fn trip(&mut self, now: Instant) -> Transition {
+        self.failures = self.failures.max(self.threshold - 1);
+        self.failure(now)
+    }
+
+    /// An operation or probe on the coordinator failed for an infrastructure reason (refused,
+    /// unavailable). Normal outcomes (a lost race, not claimable) are not failures.
     pub fn failure(&mut self, now: Instant) -> Transition {
         self.failures = self.failures.saturating_add(1);
         let was_open = self.is_open();
@@ -99,6 +107,19 @@ mod tests {
         assert!(!b.is_open());
         assert_eq!(b.failure(now), Transition::Opened);
         assert!(b.is_open());
+    }
+
+    #[test]
+    fn a_silence_opens_at_once() {
+        let now = Instant::now();
+        let mut b = Breaker::new(3, Duration::from_millis(100), Duration::from_secs(1));
+        assert_eq!(b.trip(now), Transition::Opened);
+        assert!(b.is_open());
+        let first = b.next_probe().expect("open");
+        assert_eq!(b.trip(now), Transition::None, "already open");
+        assert!(b.next_probe().expect("open") >= first - Duration::from_millis(50));
+        assert_eq!(b.success(), Transition::Closed);
+        assert_eq!(b.failure(now), Transition::None, "the count starts again");
     }
 
     #[test]

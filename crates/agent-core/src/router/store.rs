@@ -285,7 +285,11 @@ impl Backend for Router {
             }
         }
         let mut on_coordinator = false;
-        if let Some(tok) = held.primary {
+        // Released in git while the breaker is open: the coordinator is told on the way back
+        // (`pending_up`, below), not asked now at the cost of a deadline.
+        let hybrid = lock(&me.state).mode == crate::config::Mode::Hybrid;
+        let skip_coordinator = hybrid && released.is_some() && lock(&me.state).breaker.is_open();
+        if let Some(tok) = held.primary.filter(|_| !skip_coordinator) {
             let etcd = me.backend(Side::Primary)?;
             let deadline = me.config.deadline;
             match tokio::time::timeout(deadline, etcd.release(task, session, to, Some(tok))).await {
@@ -297,13 +301,22 @@ impl Backend for Router {
                 Ok(Ok(o)) => {
                     refused.get_or_insert(o);
                 }
-                Ok(Err(e)) => error = Some(e),
+                Ok(Err(e)) => {
+                    if hybrid && e.is_transient() {
+                        me.failed(&e.to_string(), false).await;
+                    }
+                    error = Some(e)
+                }
                 Err(_) => {
-                    error = Some(BackendError::Timeout {
+                    let e = BackendError::Timeout {
                         endpoint: etcd.name().into(),
                         operation: "release".into(),
                         after: deadline,
-                    })
+                    };
+                    if hybrid {
+                        me.failed(&e.to_string(), true).await;
+                    }
+                    error = Some(e)
                 }
             }
         }

@@ -90,12 +90,20 @@ impl Shared {
             m.flush(Duration::from_secs(5)).await;
         }
         if let Ok(etcd) = self.backend(Side::Primary) {
-            let now = tokio::time::timeout(self.config.deadline * 4, etcd.list()).await;
+            // Left because it failed: asking it again would only hold up the fallback (the
+            // issue-15 #13 seconds); left by a mode change: it likely answers.
+            let now = if lock(&self.state).breaker.is_open() {
+                None
+            } else {
+                tokio::time::timeout(self.config.deadline * 4, etcd.list())
+                    .await
+                    .ok()
+            };
             // etcd does not answer: what this session last saw of it. Its completions are
             // final, so they are carried into git (nobody re-runs finished work there); its
             // claims are asserted by their own sessions.
             let ahead = match now {
-                Ok(Ok(listing)) => Some((listing, true)),
+                Some(Ok(listing)) => Some((listing, true)),
                 _ => etcd.last_known().map(|listing| (listing, false)),
             };
             if let Some((ahead, answered)) = ahead {
@@ -289,7 +297,7 @@ impl Shared {
                 None => false,
             };
             if !reachable {
-                self.failed("the session's lease ended").await;
+                self.failed("the session's lease ended", false).await;
                 if self.assert_in_git(&task, &session, token).await {
                     return;
                 }

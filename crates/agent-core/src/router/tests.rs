@@ -348,6 +348,59 @@ async fn one_failed_operation_goes_to_git_without_switching() {
 }
 
 #[tokio::test]
+async fn a_silent_coordinator_is_left_at_the_first_deadline_and_told_on_the_way_back() {
+    // Issue 15 #13: with etcd SIGSTOPped, hybrid agents took 2.6-3.6 s to claim on git with a
+    // 500 ms deadline: the release, the announce and a health check each waited a deadline
+    // (three failures to open), then the switch asked etcd for its state once more.
+    let fleet = Fleet::new(&["A", "B"]).await;
+    let mut config = RouterConfig::new("s1", Mode::Hybrid);
+    config.deadline = Duration::from_millis(100);
+    config.failures_to_open = 5;
+    config.probe_initial = Duration::from_millis(50);
+    config.probe_max = Duration::from_millis(100);
+    config.check_interval = Duration::from_millis(50);
+    let git: Arc<dyn Backend> = Arc::new(MemoryBackend::new(fleet.git.clone(), None));
+    let r = Router::new(Some(fleet.etcd_client()), Some(git), config).expect("router");
+    let a = won(r.claim(&tid("A"), &sid("s1")).await.expect("claim"));
+    fleet.etcd.set_silent(true);
+    // The completion is taken by git, where the claim was recorded; etcd's silence is not
+    // asked about again (the release neither waits for it nor fails).
+    let released = r
+        .release(&tid("A"), &sid("s1"), ReleaseTo::Complete, Some(a.token))
+        .await
+        .expect("released in git");
+    assert!(
+        matches!(released, ReleaseOutcome::Released { .. }),
+        "{released:?}"
+    );
+    assert_eq!(
+        r.serving(),
+        Side::Fallback,
+        "one silence opens the breaker, though five failures are configured"
+    );
+    assert_eq!(fleet.in_git("A").await.status, TaskStatus::Complete);
+    won(r
+        .claim(&tid("B"), &sid("s1"))
+        .await
+        .expect("claimed in git"));
+    assert_eq!(
+        face(&fleet.in_git("B").await),
+        (TaskStatus::Claimed, Some("s1"))
+    );
+    fleet.etcd.set_silent(false);
+    wait_serving(&r, Side::Primary).await;
+    assert_eq!(
+        fleet.in_etcd("A").await.status,
+        TaskStatus::Complete,
+        "the completion etcd was not asked for reaches it on the way back"
+    );
+    assert_eq!(
+        face(&fleet.in_etcd("B").await),
+        (TaskStatus::Claimed, Some("s1"))
+    );
+}
+
+#[tokio::test]
 async fn a_mode_needing_an_unconfigured_store_is_refused() {
     let etcd: Arc<dyn Backend> = Arc::new(MemoryBackend::new(MemoryStore::new(), None));
     let r =
