@@ -500,6 +500,8 @@ async fn while_the_fleet_has_a_git_side_an_etcd_claim_git_does_not_take_is_undon
 
 #[tokio::test]
 async fn a_task_git_has_otherwise_is_not_claimed_again_on_etcd_until_git_changes() {
+    // Issue 15 #10: hybrid agents claimed such a task in etcd, saw git disagree, undid it and
+    // claimed again, ~750 times a second each.
     let fleet = Fleet::new(&["B"]).await;
     let r = fleet.router(Mode::Coordinator);
     let mut sub = r.subscribe().await.expect("subscribe");
