@@ -453,7 +453,9 @@ impl Driver {
             }
             while let Some(input) = inputs.pop_front() {
                 for output in self.lp.step(input, Instant::now()) {
-                    if let Some(code) = self.execute(output, grace, &mut inputs).await {
+                    let what = store_step(&output);
+                    let step = self.execute(output, grace, &mut inputs);
+                    if let Some(code) = said_if_slow(what, step).await {
                         let code = if self.evicted {
                             crate::exit::ELSEWHERE
                         } else {
@@ -693,6 +695,39 @@ impl Driver {
         }
         None
     }
+}
+
+/// How long one step on the stores (a claim, a release, a read) may take before the agent says
+/// it is still waiting for it: a store that holds a step up (a git ref lock, etcd not
+/// answering) shows in the log instead of as an agent gone quiet.
+const SLOW_STEP: Duration = Duration::from_secs(15);
+
+/// The step an output costs on the stores, named for the log (`None`: it costs none).
+fn store_step(output: &Output) -> Option<String> {
+    match output {
+        Output::Claim(task) => Some(format!("claim {task}")),
+        Output::Release { task, to, .. } => {
+            Some(format!("release {task} as {}", to.status().as_str()))
+        }
+        Output::Fetch(task) => Some(format!("read {task}")),
+        _ => None,
+    }
+}
+
+/// Awaits `step`; when it names a store step that takes longer than `SLOW_STEP`, says once
+/// what the agent waits for, and when it is over.
+async fn said_if_slow<T>(what: Option<String>, step: impl std::future::Future<Output = T>) -> T {
+    let Some(what) = what else { return step.await };
+    tokio::pin!(step);
+    tokio::select! {
+        out = &mut step => return out,
+        () = tokio::time::sleep(SLOW_STEP) => {}
+    }
+    tracing::warn!(step = %what, after = ?SLOW_STEP, "still waiting for this step on the stores");
+    let started = Instant::now() - SLOW_STEP;
+    let out = step.await;
+    tracing::info!(step = %what, took = ?started.elapsed(), "the slow step is over");
+    out
 }
 
 /// How long an agent that has decided to exit (its claims released, its mirror flushed) may

@@ -209,3 +209,44 @@ fn a_git_agent_started_just_after_a_writer_was_killed_waits_for_its_ref_lock_and
     );
     assert!(!lock.exists(), "the lock was removed once stale");
 }
+
+#[test]
+fn an_agent_held_up_by_a_ref_lock_says_which_step_waits_and_when_it_is_over() {
+    // Issue 15 ("makes progress or says why"): an agent whose release waited on the stores
+    // logged nothing until it was over, indistinguishable from one that hung.
+    let board =
+        "| ID | Task | Status | Owner |\n|---|---|---|---|\n| T1 | one | 🔵 AVAILABLE | |\n";
+    let (remote, w) = (BareRemote::new(board), Workdir::new());
+    let go = w.path().join("go");
+    let config = w.session(
+        "session-1-held",
+        &["T1"],
+        r#"while [ ! -e "$MARKS/go" ]; do sleep 0.1; done; echo "$IFC_TASK_ID" >> "$SHARED""#,
+        "",
+    );
+    let log = w.path().join("agent.log");
+    let mut cmd = ifc("http://127.0.0.1:1", w.path());
+    cmd.env("IFC_MODE", "git")
+        .env("IFC_GIT_REMOTE", remote.path())
+        .env("IFC_GIT_WORKDIR", w.path().join("clone"))
+        .env("IFC_POLL_INTERVAL", "200ms");
+    let agent = spawn_agent(cmd, &config, &log, &["--until-done"]);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("T1 to start", Duration::from_secs(30), || {
+        read().contains("task started")
+    });
+    // A writer killed mid-push 12 s ago: its lock is removed once 30 s old, 18 s from now.
+    let lock = remote.path().join("refs/heads/main.lock");
+    std::fs::File::create(&lock)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now() - Duration::from_secs(12)))
+        .expect("a ref lock");
+    std::fs::write(&go, "").expect("let T1 finish");
+    both_finish(&w, vec![(agent, log.clone())]);
+    let text = read();
+    let waiting = text
+        .lines()
+        .find(|l| l.contains("still waiting for this step on the stores"))
+        .unwrap_or_else(|| panic!("the wait was said:\n{text}"));
+    assert!(waiting.contains("release T1 as complete"), "{waiting}");
+    assert!(text.contains("the slow step is over"), "{text}");
+}
