@@ -5,7 +5,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -383,12 +383,15 @@ pub fn closed_endpoint() -> String {
 }
 
 /// A loopback TCP proxy to `target` that a test can cut (every connection dropped, new ones
-/// refused) or black-hole (open connections stay open but carry nothing, as in a network
-/// partition that drops packets; new connections work).
+/// refused), black-hole (open connections stay open but carry nothing, as in a network
+/// partition that drops packets; new connections work) or slow down (etcd's answers arrive
+/// late: a request is applied, its caller's deadline passes before it hears so).
 #[derive(Debug)]
 pub struct TcpProxy {
     addr: SocketAddr,
     open: Arc<AtomicBool>,
+    /// When answers are held back, and by how much.
+    slow: Arc<Slow>,
     /// (cut generation, black-hole generation): a connection reacts to a change of either.
     signal: Arc<tokio::sync::watch::Sender<(u64, u64)>>,
     task: tokio::task::JoinHandle<()>,
@@ -402,9 +405,11 @@ impl TcpProxy {
             .expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let open = Arc::new(AtomicBool::new(true));
+        let slow = Arc::new(Slow::default());
         let (signal, _) = tokio::sync::watch::channel((0u64, 0u64));
         let signal = Arc::new(signal);
         let (open2, signal2) = (Arc::clone(&open), Arc::clone(&signal));
+        let slow2 = Arc::clone(&slow);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
@@ -414,12 +419,18 @@ impl TcpProxy {
                     drop(inbound);
                     continue;
                 }
-                tokio::spawn(forward(inbound, target, signal2.subscribe()));
+                tokio::spawn(forward(
+                    inbound,
+                    target,
+                    signal2.subscribe(),
+                    Arc::clone(&slow2),
+                ));
             }
         });
         TcpProxy {
             addr,
             open,
+            slow,
             signal,
             task,
         }
@@ -445,19 +456,137 @@ impl TcpProxy {
     pub fn black_hole(&self) {
         self.signal.send_modify(|(_, hole)| *hole += 1);
     }
+
+    /// From the `nth` request (gRPC call) through the proxy on (counted from 1 over its whole
+    /// life, see [`TcpProxy::requests`]), etcd's answers reach the client `delay` late, in
+    /// order; requests still reach etcd at once. So a command's write is applied while its
+    /// caller's deadline passes before it hears so.
+    pub fn delay_replies_from_request(&self, nth: u64, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.slow.delay_ms.store(ms, Ordering::SeqCst);
+        self.slow.from_request.store(nth, Ordering::SeqCst);
+    }
+
+    /// How many requests (gRPC calls: HTTP/2 HEADERS frames from clients) went through so far.
+    pub fn requests(&self) -> u64 {
+        self.slow.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// The proxy's request count and the delay of answers from a given request on.
+#[derive(Debug, Default)]
+struct Slow {
+    requests: AtomicU64,
+    /// 0: never.
+    from_request: AtomicU64,
+    delay_ms: AtomicU64,
+}
+
+impl Slow {
+    fn delay(&self) -> Duration {
+        let from = self.from_request.load(Ordering::SeqCst);
+        if from != 0 && self.requests.load(Ordering::SeqCst) >= from {
+            Duration::from_millis(self.delay_ms.load(Ordering::SeqCst))
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+/// Copies a client's bytes to etcd, counting the HTTP/2 HEADERS frames (one per gRPC call) in
+/// `slow` before each chunk is passed on.
+async fn copy_requests(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    slow: &Slow,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PREFACE: usize = 24;
+    let mut skip = PREFACE; // bytes still to pass before the next frame header
+    let mut header: Vec<u8> = Vec::with_capacity(9);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut at = 0;
+        while at < n {
+            if skip > 0 {
+                let k = skip.min(n - at);
+                skip -= k;
+                at += k;
+                continue;
+            }
+            header.push(buf[at]);
+            at += 1;
+            if header.len() == 9 {
+                let len = (usize::from(header[0]) << 16)
+                    | (usize::from(header[1]) << 8)
+                    | usize::from(header[2]);
+                if header[3] == 0x1 {
+                    slow.requests.fetch_add(1, Ordering::SeqCst);
+                }
+                skip = len;
+                header.clear();
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Copies etcd's answers to the client, each chunk held back as `slow` says when it is read.
+async fn copy_replies(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    slow: &Slow,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let due = tokio::time::Instant::now() + slow.delay();
+                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::join!(reader, writer);
 }
 
 async fn forward(
-    mut inbound: tokio::net::TcpStream,
+    inbound: tokio::net::TcpStream,
     target: SocketAddr,
     mut signal: tokio::sync::watch::Receiver<(u64, u64)>,
+    slow: Arc<Slow>,
 ) {
-    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
         return;
     };
     let (cut_at_start, hole_at_start) = *signal.borrow_and_update();
+    let (mut client_read, mut client_write) = inbound.into_split();
+    let (mut server_read, mut server_write) = outbound.into_split();
+    let requests = copy_requests(&mut client_read, &mut server_write, &slow);
+    let replies = copy_replies(&mut server_read, &mut client_write, &slow);
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+        _ = requests => return,
+        _ = replies => return,
         _ = async {
             while signal.changed().await.is_ok() {
                 let (cut, hole) = *signal.borrow();
@@ -476,7 +605,7 @@ async fn forward(
             return;
         }
     }
-    drop((inbound, outbound));
+    drop((client_read, client_write, server_read, server_write));
 }
 
 impl Drop for TcpProxy {

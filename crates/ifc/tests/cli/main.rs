@@ -426,6 +426,93 @@ async fn put_refuses_a_missing_blocker_and_a_cycle_by_name() {
 }
 
 #[tokio::test]
+async fn a_claim_whose_answers_come_too_late_says_its_outcome_is_unknown_and_strands_nothing() {
+    // Issue 15 #3: a claim whose answer timed out said "claim timed out" (exit 3) though etcd
+    // had applied it: the task stayed claimed for a session nobody ran. Here etcd's answers
+    // reach the CLI 1.5 s late (past its 300 ms deadline) from its claim's last request on:
+    // the write (how many requests come before it is counted on a claim of another task).
+    let server = EtcdServer::start();
+    for t in ["A", "B", "C1", "C2"] {
+        assert_eq!(code(&run(ifc(&server).args(["put", t]))), 0);
+    }
+    let proxy = backend_etcd::testing::TcpProxy::start(server.addr()).await;
+    let unknown = |out: &Output, task: &str| {
+        let stderr = text(&out.stderr);
+        assert_eq!(code(out), 3, "{stderr}");
+        assert!(
+            stderr.contains("may or may not have been applied")
+                && stderr.contains(&format!("ifc get {task}")),
+            "{stderr}"
+        );
+    };
+    let get = |task: &str| -> Value {
+        let out = run(ifc(&server).args(["get", task, "-o", "json"]));
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+
+    // A claim that holds until released: applied, and the CLI says it cannot know.
+    let out = late_claim(&server, &proxy, "A", None, "C1").await;
+    unknown(&out, "A");
+    let a = get("A");
+    assert_eq!(
+        (a["status"].as_str(), a["claimed_by"].as_str()),
+        (Some("claimed"), Some("s1")),
+        "the claim was applied, as `ifc get` shows: {a}"
+    );
+
+    // A lease-bound claim: whatever was applied ends with its lease, nobody keeps it alive.
+    let out = late_claim(&server, &proxy, "B", Some("2"), "C2").await;
+    unknown(&out, "B");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let b = get("B");
+        if b["status"] == "available" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the timed-out claim stranded B: {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `ifc claim TASK --session s1` through `proxy` with a 300 ms request deadline, whose answers
+/// from its last request on (the write, counted on a claim of `rehearsal` first) come 1.5 s late.
+async fn late_claim(
+    server: &EtcdServer,
+    proxy: &backend_etcd::testing::TcpProxy,
+    task: &str,
+    ttl: Option<&str>,
+    rehearsal: &str,
+) -> Output {
+    let claim = |task: &str| {
+        let mut claim = ifc(server);
+        claim.env("IFC_ENDPOINTS", proxy.endpoint()).args([
+            "claim",
+            task,
+            "--session",
+            "s1",
+            "--dial-timeout",
+            "5s",
+            "--request-timeout",
+            "300ms",
+        ]);
+        if let Some(ttl) = ttl {
+            claim.args(["--ttl", ttl]);
+        }
+        tokio::task::spawn_blocking(move || run(&mut claim))
+    };
+    proxy.delay_replies_from_request(0, Duration::ZERO);
+    let before = proxy.requests();
+    let out = claim(rehearsal).await.expect("rehearsal ran");
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let after = proxy.requests();
+    proxy.delay_replies_from_request(after + (after - before), Duration::from_millis(1500));
+    claim(task).await.expect("claim ran")
+}
+
+#[tokio::test]
 async fn output_to_a_closed_pipe_ends_quietly() {
     // `ifc status | head -1` printed "error: Broken pipe" and exited 1: the reader had what it
     // wanted. The pipe's read end is closed before ifc starts, so its first write fails.
