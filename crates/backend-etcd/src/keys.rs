@@ -1,6 +1,8 @@
 //! The key layout under the namespace prefix: `<prefix>tasks/<id>` (the guide's records) and
 //! `<prefix>claims/<id>` (ifc's lease-bound ownership keys, outside `tasks/` so the guide's tools
-//! that list `tasks/` see only tasks), and `<prefix>sessions/<session>` (lease-bound presence).
+//! that list `tasks/` see only tasks), `<prefix>sessions/<session>` (lease-bound presence) and
+//! `<prefix>oneshot/<lease>` (bound to the lease of a one-shot `ifc claim --ttl`: no process
+//! keeps that lease, so its session adopts the claim from anywhere).
 
 use agent_core::TaskId;
 
@@ -10,6 +12,7 @@ pub(crate) struct Keys {
     tasks: String,
     claims: String,
     sessions: String,
+    oneshot: String,
 }
 
 /// Which kind of key a watched key is.
@@ -25,6 +28,7 @@ impl Keys {
             tasks: format!("{prefix}tasks/"),
             claims: format!("{prefix}claims/"),
             sessions: format!("{prefix}sessions/"),
+            oneshot: format!("{prefix}oneshot/"),
         }
     }
 
@@ -39,6 +43,11 @@ impl Keys {
     /// A running session's presence key (bound to its lease).
     pub fn session(&self, id: &agent_core::SessionId) -> String {
         format!("{}{id}", self.sessions)
+    }
+
+    /// The marker of a lease granted for a one-shot command's claims (bound to that lease).
+    pub fn oneshot(&self, lease: i64) -> String {
+        format!("{}{lease:x}", self.oneshot)
     }
 
     pub fn sessions_prefix(&self) -> &str {

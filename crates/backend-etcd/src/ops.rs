@@ -228,7 +228,11 @@ impl Inner {
                     (view, fresh) = (self.read_view(id, true).await?, true);
                     continue;
                 }
-                verdict = Claimability::Held(Some(session.clone()));
+                // A one-shot `claim --ttl`'s lease: no process runs the task; adopted as a
+                // claim without a lease is.
+                if !(fresh && self.one_shot_lease(lease).await?) {
+                    verdict = Claimability::Held(Some(session.clone()));
+                }
             }
             if verdict != Claimability::Yes {
                 // A "no" from the cache is confirmed by a read before it is reported.
@@ -271,13 +275,23 @@ impl Inner {
                 ));
             }
             let claim_opts = lease.map(|l| PutOptions::new().with_lease(l));
-            let txn = Txn::new()
-                .when(compares)
-                .and_then(vec![
-                    TxnOp::put(task_key, record.encode(), None),
-                    TxnOp::put(claim_key, encode_claim(session), claim_opts),
-                ])
-                .or_else(read_ops(&self.keys, id, &current.blocked_by));
+            let mut puts = vec![
+                TxnOp::put(task_key, record.encode(), None),
+                TxnOp::put(claim_key, encode_claim(session), claim_opts.clone()),
+            ];
+            if let Some(l) = lease.filter(|_| !self.registered_here(session)) {
+                // No agent of the session keeps this lease: a one-shot command's (`--ttl`).
+                puts.push(TxnOp::put(
+                    self.keys.oneshot(l),
+                    session.as_str(),
+                    claim_opts,
+                ));
+            }
+            let txn = Txn::new().when(compares).and_then(puts).or_else(read_ops(
+                &self.keys,
+                id,
+                &current.blocked_by,
+            ));
             let resp = match self.conn.txn("claim", txn).await {
                 // etcd ended the lease before our keep-alive loop noticed: take a new one.
                 Err(e) if lease.is_some() && crate::lease::lease_gone(&e) => {
@@ -341,10 +355,18 @@ impl Inner {
             // end. Any lease this client was granted is ours: after a lost keep-alive the session
             // has a new one, and the claim made under the old one (still alive in etcd, which
             // restarted or only lost touch) is still this process's to complete.
-            let lease_ok = view
+            let foreign_lease = view
                 .claim
                 .as_ref()
-                .is_none_or(|c| c.lease == 0 || self.granted_here(c.lease));
+                .map(|c| c.lease)
+                .filter(|&l| l != 0 && !self.granted_here(l));
+            // ... unless it is a one-shot `claim --ttl`'s: no process runs the task then.
+            let lease_ok = match foreign_lease {
+                None => true,
+                Some(l) => {
+                    fresh && holder.as_ref() == Some(session) && self.one_shot_lease(l).await?
+                }
+            };
             let holds = holder.as_ref() == Some(session)
                 && want.is_none_or(|t| Some(t) == live_token.map(token))
                 && lease_ok;

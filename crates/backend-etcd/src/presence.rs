@@ -146,6 +146,19 @@ impl Inner {
             .map(|kv| holder(kv, session)))
     }
 
+    /// Whether `lease` was granted for a one-shot command's claim (`ifc claim --ttl`): no
+    /// process keeps it alive, so the claim is its session's to adopt (or end) from anywhere,
+    /// as a claim without a lease is.
+    pub(crate) async fn one_shot_lease(&self, lease: i64) -> BackendResult<bool> {
+        let key = self.keys.oneshot(lease);
+        let get = |mut c: etcd_client::Client| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        };
+        let resp = self.conn.call("read one-shot lease", get).await?;
+        Ok(resp.kvs().first().is_some_and(|kv| kv.lease() == lease))
+    }
+
     /// Revokes `lease` if it is the lease of `session`'s registered process and that process is
     /// known to be gone (it ran on this host and no such pid exists): `true` if revoked.
     pub(crate) async fn revoke_if_dead(

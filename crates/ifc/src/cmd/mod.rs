@@ -370,6 +370,11 @@ async fn claim(
 ) -> Result<u8> {
     let mut code = 0;
     for task in &args.tasks {
+        // A claim of a task the session holds already replaces that claim: said below.
+        let held_already = b.get(task).await.ok().flatten().is_some_and(|t| {
+            t.status == agent_core::TaskStatus::Claimed
+                && t.claimed_by.as_ref() == Some(&args.session)
+        });
         let outcome = settled("claim", task, || b.claim(task, &args.session)).await?;
         if let (Some(h), ClaimOutcome::Won(c)) = (history, &outcome) {
             h.log(
@@ -397,10 +402,23 @@ async fn claim(
                 json!({
                     "task_id": task.as_str(), "session": args.session.as_str(), "outcome": word,
                     "holder": holder.as_ref().map(|h| h.as_str()), "status": status.map(|s| s.as_str()),
-                    "fencing_token": token,
+                    "fencing_token": token, "replaced_own_claim": word == "won" && held_already,
                 })
             )?,
             Output::Table => match &outcome {
+                ClaimOutcome::Won(c) if held_already => {
+                    let ends = match args.ttl {
+                        Some(ttl) => format!(
+                            "it ends {ttl} s after this command exits unless released"
+                        ),
+                        None => "it holds until released".to_owned(),
+                    };
+                    writeln!(
+                        out,
+                        "claimed {task} for {} (fencing token {}); {} held it already: this claim replaces that one, and {ends}",
+                        args.session, c.token, args.session
+                    )?
+                }
                 ClaimOutcome::Won(c) => writeln!(
                     out,
                     "claimed {task} for {} (fencing token {})",

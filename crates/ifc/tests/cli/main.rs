@@ -513,6 +513,58 @@ async fn late_claim(
 }
 
 #[tokio::test]
+async fn a_re_claim_says_what_it_did_and_a_one_shot_lease_claim_is_the_sessions_to_release() {
+    // Issue 16: the README's `claim … --ttl 10` after a plain claim silently turned the held
+    // claim into a 10 s lease, and the next line's `release` failed ("not the holder").
+    let server = EtcdServer::start();
+    assert_eq!(code(&run(ifc(&server).args(["put", "T"]))), 0);
+    let out = run(ifc(&server).args(["claim", "T", "--session", "s"]));
+    assert_eq!(code(&out), 0, "{out:?}");
+    let out = run(ifc(&server).args(["claim", "T", "--session", "s", "--ttl", "10"]));
+    assert_eq!(code(&out), 0, "{out:?}");
+    assert!(
+        text(&out.stdout).contains(
+            "s held it already: this claim replaces that one, and it ends 10 s after this command exits unless released"
+        ),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(ifc(&server).args(["release", "T", "--session", "s", "--status", "complete"]));
+    assert_eq!(
+        (code(&out), text(&out.stdout)),
+        (0, "released T as complete\n".to_owned()),
+        "{}",
+        text(&out.stderr)
+    );
+    // A lease-bound one-shot claim is adopted by another command of its session, as a claim
+    // without a lease is: no process runs the task.
+    assert_eq!(code(&run(ifc(&server).args(["put", "U"]))), 0);
+    let out = run(ifc(&server).args(["claim", "U", "--session", "s", "--ttl", "30"]));
+    assert_eq!(code(&out), 0, "{out:?}");
+    let out = run(ifc(&server).args(["claim", "U", "--session", "s", "-o", "json"]));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        (v["outcome"].as_str(), v["replaced_own_claim"].as_bool()),
+        (Some("won"), Some(true)),
+        "{v}"
+    );
+    // ... and it holds until released now: the first command's lease no longer binds it.
+    let out = run(ifc(&server).args(["get", "U", "-o", "json"]));
+    let u: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(u["claimed_by"], "s", "{u}");
+    // Another session gets nothing.
+    let out = run(ifc(&server).args([
+        "release",
+        "U",
+        "--session",
+        "other",
+        "--status",
+        "available",
+    ]));
+    assert_eq!(code(&out), 1, "{out:?}");
+}
+
+#[tokio::test]
 async fn output_to_a_closed_pipe_ends_quietly() {
     // `ifc status | head -1` printed "error: Broken pipe" and exited 1: the reader had what it
     // wanted. The pipe's read end is closed before ifc starts, so its first write fails.
