@@ -19,11 +19,46 @@ pub struct YamlError {
 /// Parses `text` (read from `file`) as `T`. Use `#[serde(deny_unknown_fields)]` on `T` so unknown keys
 /// are errors.
 pub fn from_str<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, YamlError> {
-    serde_yaml::from_str(text).map_err(|e| YamlError {
-        file: file.display().to_string(),
-        line: e.location().map(|l| l.line()),
-        message: e.to_string(),
+    serde_yaml::from_str(text).map_err(|e| {
+        let mut message = e.to_string();
+        let line = e.location().map(|l| {
+            match duplicate_line(text, &message, l.line(), l.column()) {
+                Some(dup) => {
+                    // serde's own "at line N column M" names the mapping, not the duplicate.
+                    if let Some(at) = message.rfind(" at line ") {
+                        message.truncate(at);
+                    }
+                    dup
+                }
+                None => l.line(),
+            }
+        });
+        YamlError {
+            file: file.display().to_string(),
+            line,
+            message,
+        }
     })
+}
+
+/// The line of the second `key:` of a mapping that has it twice: serde names the mapping's
+/// first line (`line`, keys at `column`), which is not where the mistake is.
+fn duplicate_line(text: &str, message: &str, line: usize, column: usize) -> Option<usize> {
+    let (_, after) = message.split_once("duplicate field `")?;
+    let key = after.split('`').next()?;
+    let indent = column.saturating_sub(1);
+    text.lines()
+        .enumerate()
+        .skip(line.saturating_sub(1))
+        .filter(|(_, l)| {
+            l.len() > indent
+                && l[..indent].chars().all(|c| c == ' ')
+                && l[indent..]
+                    .strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with(':'))
+        })
+        .nth(1)
+        .map(|(i, _)| i + 1)
 }
 
 /// Writes `value` as a YAML document.
@@ -49,5 +84,26 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.starts_with("a.yaml:2:"), "{msg}");
         assert!(msg.contains("nmae"), "{msg}");
+        // Issue 16: a duplicate key was reported on the mapping's first line.
+        let err = from_str::<Conf>(Path::new("a.yaml"), "# c\nname: x\n\nname: y\n")
+            .expect_err("duplicate key");
+        let msg = err.to_string();
+        assert!(msg.starts_with("a.yaml:4:"), "{msg}");
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Outer {
+        inner: Conf,
+        other: Option<Conf>,
+    }
+
+    #[test]
+    fn a_nested_duplicate_key_is_found_in_its_own_mapping() {
+        let text = "other:\n  name: a\ninner:\n  name: x\n  name: y\n";
+        let err = from_str::<Outer>(Path::new("b.yaml"), text).expect_err("duplicate key");
+        let msg = err.to_string();
+        assert!(msg.starts_with("b.yaml:5:"), "{msg}");
     }
 }

@@ -17,8 +17,11 @@ Exit codes:
   4  corrupt data: a stored record is not a valid task (names its key)
   5  the session id is live in another process (ifc agent; names its pid and host)
 
-Environment: IFC_MODE, IFC_ENDPOINTS, IFC_PREFIX, IFC_PASSWORD, IFC_GIT_REMOTE, IFC_GIT_BRANCH,
-IFC_BOARD, IFC_POLL_INTERVAL, IFC_GIT_WORKDIR; RUST_LOG sets the log level (default warn).";
+Environment: every global flag has its twin, shown in its help ([env: IFC_…]): IFC_ENDPOINTS,
+IFC_PREFIX, IFC_OUTPUT, IFC_MODE, IFC_FLEET, IFC_HISTORY, IFC_DIAL_TIMEOUT, IFC_REQUEST_TIMEOUT,
+IFC_CACERT, IFC_CERT, IFC_KEY, IFC_USER, IFC_PASSWORD, IFC_LOG_FORMAT, IFC_GIT_REMOTE,
+IFC_GIT_BRANCH, IFC_BOARD, IFC_POLL_INTERVAL, IFC_STALE_AFTER, IFC_GIT_WORKDIR; a flag beats its
+variable. RUST_LOG sets the log level (default warn; info for `ifc agent`).";
 
 /// ifc (IF.coordinator): claim, run and complete tasks from a shared task board over etcd.
 #[derive(Debug, Parser)]
@@ -27,7 +30,7 @@ pub struct Cli {
     #[command(flatten)]
     pub global: Global,
     /// Log format on stderr
-    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    #[arg(long, env = "IFC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -63,31 +66,31 @@ pub struct Global {
     pub prefix: Option<String>,
 
     /// Output format
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
+    #[arg(long, short = 'o', env = "IFC_OUTPUT", value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
 
     /// How long to wait for etcd to answer when connecting (e.g. 2s, 500ms) [default: 2s]
-    #[arg(long, value_parser = parse_duration, global = true)]
+    #[arg(long, env = "IFC_DIAL_TIMEOUT", value_parser = parse_duration, global = true)]
     pub dial_timeout: Option<Duration>,
 
     /// Deadline of each request to etcd [default: 1s]
-    #[arg(long, value_parser = parse_duration, global = true)]
+    #[arg(long, env = "IFC_REQUEST_TIMEOUT", value_parser = parse_duration, global = true)]
     pub request_timeout: Option<Duration>,
 
     /// CA bundle to verify etcd's TLS certificate (PEM)
-    #[arg(long, global = true)]
+    #[arg(long, env = "IFC_CACERT", global = true)]
     pub cacert: Option<PathBuf>,
 
     /// Client certificate for TLS (PEM; with --key)
-    #[arg(long, global = true, requires = "key")]
+    #[arg(long, env = "IFC_CERT", global = true, requires = "key")]
     pub cert: Option<PathBuf>,
 
     /// Client key for TLS (PEM; with --cert)
-    #[arg(long, global = true, requires = "cert")]
+    #[arg(long, env = "IFC_KEY", global = true, requires = "cert")]
     pub key: Option<PathBuf>,
 
     /// etcd user, as USER or USER:PASSWORD (the password may instead come from IFC_PASSWORD)
-    #[arg(long, global = true, hide_env_values = true)]
+    #[arg(long, env = "IFC_USER", global = true, hide_env_values = true)]
     pub user: Option<String>,
 
     #[command(flatten)]
@@ -116,7 +119,7 @@ pub struct GitArgs {
     pub poll_interval: Option<Duration>,
 
     /// A claim whose owner's STATUS heartbeat is older than this is free [default: 10 × poll interval]
-    #[arg(long, value_parser = parse_duration, global = true)]
+    #[arg(long, env = "IFC_STALE_AFTER", value_parser = parse_duration, global = true)]
     pub stale_after: Option<Duration>,
 
     /// The dedicated clone [default: .ifc/git/<session> for an agent or a command with
@@ -265,9 +268,10 @@ pub struct BenchArgs {
     /// claimer and observer have one each besides) [default: one per 1,000 sessions]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub connections: Option<u32>,
-    /// Concurrent claiming sessions for the claims/s figures, comma-separated
-    #[arg(long, value_delimiter = ',', default_value = "1,10,100", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub concurrency: Vec<u32>,
+    /// Concurrent claiming sessions for the claims/s figures, comma-separated; each needs as
+    /// many --sessions [default: those of 1,10,100 that --sessions allows]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub concurrency: Option<Vec<u32>>,
     /// The sessions' lease TTL (etcd renews each lease every TTL/3)
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
@@ -410,6 +414,28 @@ mod tests {
     #[test]
     fn the_cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_global_flag_has_its_environment_twin() {
+        // Issue 16: the README said so; IFC_OUTPUT, the timeouts and TLS had none.
+        let cli = Cli::command();
+        let missing: Vec<_> = cli
+            .get_arguments()
+            .filter(|a| a.is_global_set() && a.get_long().is_some())
+            .filter(|a| a.get_env().is_none())
+            .filter_map(|a| a.get_long())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "global flags without IFC_*: {missing:?}"
+        );
+        let help = EXIT_CODES;
+        for a in cli.get_arguments().filter(|a| a.is_global_set()) {
+            if let Some(env) = a.get_env().and_then(|e| e.to_str()) {
+                assert!(help.contains(env), "--help's environment list lacks {env}");
+            }
+        }
     }
 
     #[test]

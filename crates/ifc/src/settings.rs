@@ -70,11 +70,31 @@ pub async fn open_etcd(
     lease_ttl: Option<Duration>,
 ) -> Result<Arc<EtcdBackend>> {
     let config = etcd_config(g, fleet, lease_ttl)?;
-    Ok(Arc::new(
-        EtcdBackend::connect(config)
-            .await
-            .context("cannot connect to etcd")?,
-    ))
+    Ok(Arc::new(connect_etcd(config).await?))
+}
+
+/// Connects to etcd; an error says what to do next.
+pub async fn connect_etcd(config: EtcdConfig) -> Result<EtcdBackend> {
+    let prefix = config.prefix.clone();
+    EtcdBackend::connect(config)
+        .await
+        .map_err(|e| etcd_error(e, &prefix))
+}
+
+/// The error of a failed connection to etcd, with the next step (issue 16: "cannot connect"
+/// said nothing of what to try, and a user etcd's RBAC refuses was told it could not connect).
+pub fn etcd_error(e: BackendError, prefix: &str) -> anyhow::Error {
+    let next = match &e {
+        BackendError::Rejected { reason, .. } if reason.contains("permission denied") => format!(
+            "etcd answered but refuses this user the prefix {prefix:?}: grant the user a role with readwrite on it (`etcdctl role grant-permission ROLE --prefix readwrite '{prefix}'`), or use --prefix with one it may use"
+        ),
+        BackendError::Rejected { .. } => {
+            "etcd answered but refused to let ifc in (check --user / IFC_PASSWORD and the TLS files)".to_owned()
+        }
+        e if e.is_transient() => "cannot connect to etcd (to try ifc, `ifc dev` runs one on 127.0.0.1:2379; --endpoints or IFC_ENDPOINTS names yours)".to_owned(),
+        _ => "cannot connect to etcd".to_owned(),
+    };
+    anyhow::Error::new(e).context(next)
 }
 
 /// Connects to etcd, waiting for it as long as it does not answer (see `wait_for`).
@@ -85,9 +105,10 @@ pub async fn wait_for_etcd(
 ) -> Result<Arc<EtcdBackend>> {
     let endpoints = config.endpoints.join(",");
     let connect = || EtcdBackend::connect(config.clone());
+    let prefix = config.prefix.clone();
     let etcd = wait_for("etcd", &endpoints, quiet, waiting, connect)
         .await
-        .context("cannot connect to etcd")?;
+        .map_err(|e| etcd_error(e, &prefix))?;
     Ok(Arc::new(etcd))
 }
 

@@ -85,6 +85,16 @@ fn errors_name_file_line_and_key() {
             "agents/s.yaml:2",
             "invalid task id",
         ),
+        (
+            format!("{base}lease_ttl: 10\n"),
+            "agents/s.yaml:4",
+            "give its unit, e.g. 10s",
+        ),
+        (
+            "session_id: s1\nsession_id: s2\ntasks: [A]\ncommand: [x]\n".to_owned(),
+            "agents/s.yaml:2",
+            "duplicate field `session_id`",
+        ),
         (String::new(), "agents/s.yaml", ""),
         ("session_id: [\n".to_owned(), "agents/s.yaml", ""),
     ];
@@ -110,8 +120,8 @@ fn errors_name_file_line_and_key() {
 }
 
 #[test]
-fn durations_read_as_strings_or_seconds() {
-    let s = session("session_id: s1\ntasks: [A]\ncommand: [x]\ntask_timeout: 30m\nlease_ttl: 5\n")
+fn durations_read_with_their_units() {
+    let s = session("session_id: s1\ntasks: [A]\ncommand: [x]\ntask_timeout: 30m\nlease_ttl: 5s\n")
         .expect("valid");
     assert_eq!(s.task_timeout.map(|d| d.0), Some(Duration::from_secs(1800)));
     assert_eq!(s.lease_ttl.map(|d| d.0), Some(Duration::from_secs(5)));

@@ -9,7 +9,7 @@ use agent_core::{
     Backend, BackendError, BackendEvent, ClaimOutcome, FencingToken, PutOutcome, ReleaseOutcome,
     ReleaseTo, TaskId, TaskPatch,
 };
-use anyhow::{Context, Result};
+use anyhow::Result;
 use backend_etcd::EtcdBackend;
 use serde_json::json;
 
@@ -50,9 +50,7 @@ async fn etcd_only(g: &Global, what: &str) -> Result<EtcdBackend> {
         ))
         .into());
     }
-    EtcdBackend::connect(settings::etcd_config(g, fleet.as_ref(), None)?)
-        .await
-        .context("cannot connect to etcd")
+    settings::connect_etcd(settings::etcd_config(g, fleet.as_ref(), None)?).await
 }
 
 /// Connects to the store(s) the mode names, behind the router.

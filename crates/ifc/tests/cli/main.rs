@@ -564,6 +564,40 @@ async fn a_re_claim_says_what_it_did_and_a_one_shot_lease_claim_is_the_sessions_
     assert_eq!(code(&out), 1, "{out:?}");
 }
 
+#[test]
+fn a_connection_error_says_what_to_try_and_every_global_flag_reads_its_variable() {
+    // Issue 16: "cannot connect to etcd" gave no next step; IFC_OUTPUT and the timeouts had no
+    // environment twin although the README said every global flag has one.
+    let out = run(Command::new(env!("CARGO_BIN_EXE_ifc"))
+        .env("IFC_ENDPOINTS", backend_etcd::testing::closed_endpoint())
+        .env("IFC_DIAL_TIMEOUT", "300ms")
+        .arg("status"));
+    assert_eq!(code(&out), 3, "{out:?}");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cannot connect to etcd (to try ifc, `ifc dev` runs one"),
+        "{err}"
+    );
+    let out = run(Command::new(env!("CARGO_BIN_EXE_ifc"))
+        .env("IFC_REQUEST_TIMEOUT", "10")
+        .arg("status"));
+    assert_eq!(code(&out), 2, "{out:?}");
+    assert!(
+        text(&out.stderr).contains("invalid duration \"10\": give its unit"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn ifc_output_json_is_read_from_the_environment() {
+    let server = EtcdServer::start();
+    assert_eq!(code(&run(ifc(&server).args(["put", "A"]))), 0);
+    let out = run(ifc(&server).env("IFC_OUTPUT", "json").args(["get", "A"]));
+    let a: Value = serde_json::from_slice(&out.stdout).expect("IFC_OUTPUT=json gives json");
+    assert_eq!(a["task_id"], "A");
+}
+
 #[tokio::test]
 async fn output_to_a_closed_pipe_ends_quietly() {
     // `ifc status | head -1` printed "error: Broken pipe" and exited 1: the reader had what it

@@ -283,6 +283,55 @@ async fn bench_reports_every_figure_with_its_floor_and_the_peer_and_leaves_nothi
         "{}",
         crate::text(&out.stderr)
     );
+    // Issue 16: without --concurrency, the default levels that fit --sessions are run (`--sessions
+    // 10` failed on the default level 100), and each ratio says whether it meets its target.
+    let out = crate::run(ifc(&etcd.endpoint(), w.path()).args([
+        "bench",
+        "--sessions",
+        "10",
+        "--tasks",
+        "20",
+        "--samples",
+        "20",
+    ]));
+    let table = crate::text(&out.stdout);
+    assert_eq!(crate::code(&out), 0, "{}", crate::text(&out.stderr));
+    // The rows of the claims/s table: after its header, a level first.
+    let level_rows: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.starts_with("concurrent"))
+        .skip(1)
+        .take_while(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|w| w.parse::<u32>().is_ok())
+        })
+        .collect();
+    let levels: Vec<&str> = level_rows
+        .iter()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(levels, ["1", "10"], "{table}");
+    let mut ratios = 0;
+    for line in table.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (target, value, mark) = if line.trim_start().starts_with("ratio (target p95 <= 1.15)") {
+            (1.15, words[words.len() - 3], words[words.len() - 1])
+        } else if level_rows.contains(&line) {
+            (0.8, words[3], words[words.len() - 1])
+        } else {
+            continue;
+        };
+        let value: f64 = value.parse().expect("a ratio");
+        let met = if target > 1.0 {
+            value <= target
+        } else {
+            value >= target
+        };
+        assert_eq!(mark, if met { "ok" } else { "MISSED" }, "{line}");
+        ratios += 1;
+    }
+    assert_eq!(ratios, 4, "two latency ratios and two levels: {table}");
 }
 
 #[test]

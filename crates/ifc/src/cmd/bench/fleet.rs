@@ -38,9 +38,7 @@ pub struct Fleet {
 }
 
 async fn connect(config: EtcdConfig) -> Result<EtcdBackend> {
-    let b = EtcdBackend::connect(config)
-        .await
-        .context("cannot connect to etcd")?;
+    let b = crate::settings::connect_etcd(config).await?;
     b.start_watch().await.context("cannot start the watch")?;
     Ok(b)
 }
