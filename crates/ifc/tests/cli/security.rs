@@ -187,3 +187,46 @@ async fn a_password_never_shows_in_logs_errors_or_json_even_at_trace_level() {
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(!all.contains("s3cret-pw"), "the password leaked:\n{all}");
 }
+
+#[tokio::test]
+async fn a_user_rbac_keeps_off_a_prefix_is_told_so_not_that_etcd_is_unreachable() {
+    // Issue 16: such a user was told "cannot connect to etcd": it had connected.
+    let server = backend_etcd::testing::EtcdServer::start();
+    let mut raw = crate::raw(&server).await;
+    raw.user_add("root", "rootpw", None).await.expect("root");
+    raw.user_grant_role("root", "root")
+        .await
+        .expect("root role");
+    raw.role_add("team-a").await.expect("role");
+    raw.role_grant_permission(
+        "team-a",
+        etcd_client::Permission::read_write("team-a/").with_prefix(),
+    )
+    .await
+    .expect("permission");
+    raw.user_add("alice", "alicepw", None).await.expect("alice");
+    raw.user_grant_role("alice", "team-a")
+        .await
+        .expect("alice role");
+    raw.auth_enable().await.expect("auth");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let e = server.endpoint();
+    let out = run(ifc(dir.path(), &e).args([
+        "--user",
+        "alice:alicepw",
+        "--prefix",
+        "team-a/",
+        "put",
+        "A",
+    ]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let out =
+        run(ifc(dir.path(), &e).args(["--user", "alice:alicepw", "--prefix", "team-b/", "status"]));
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), 3, "{err}");
+    assert!(
+        err.contains("etcd answered but refuses this user the prefix \"team-b/\"")
+            && !err.contains("cannot connect"),
+        "{err}"
+    );
+}
