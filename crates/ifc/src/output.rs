@@ -15,10 +15,32 @@ fn pending<'t>(t: &'t Task, status_of: StatusOf) -> Vec<(&'t TaskId, Option<Task
         .collect()
 }
 
+/// Whether a session may claim `t` now: it is available or blocked, and every blocker is
+/// complete (a `blocked` task whose blockers are done is claimable: the status is the board's
+/// word, the blockers decide).
+pub fn claimable(t: &Task, status_of: StatusOf) -> bool {
+    matches!(t.status, TaskStatus::Available | TaskStatus::Blocked)
+        && pending(t, status_of).is_empty()
+}
+
+/// What `t`'s blockers still wait for, for a message: `B1 (claimed), B2 (missing)`.
+pub fn waiting_for(t: &Task, status_of: StatusOf) -> String {
+    pending(t, status_of)
+        .iter()
+        .map(|(b, s)| match s {
+            Some(status) => format!("{b} ({status})"),
+            None => format!("{b} (missing)"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The JSON object of one task: the guide's fields plus `blocked_by`, `waiting_for` (the
-/// blockers not complete yet: while there are any, nobody can claim the task) and `title`.
+/// blockers not complete yet: while there are any, nobody can claim the task), `claimable`
+/// and `title`.
 pub fn task_json(t: &Task, status_of: StatusOf) -> Value {
     json!({
+        "claimable": claimable(t, status_of),
         "task_id": t.id.as_str(),
         "status": t.status.as_str(),
         "claimed_by": t.claimed_by.as_ref().map(|s| s.as_str()),
@@ -101,7 +123,12 @@ pub fn task_table(tasks: &[Task], status_of: StatusOf) -> String {
         .map(|t| {
             [
                 t.id.to_string(),
-                t.status.to_string(),
+                // The stored status, and what it means now where the two differ.
+                match (t.status, claimable(t, status_of)) {
+                    (TaskStatus::Blocked, true) => "blocked (claimable)".into(),
+                    (TaskStatus::Available, false) => "available (waiting)".into(),
+                    (status, _) => status.to_string(),
+                },
                 t.claimed_by.as_ref().map_or("-".into(), |s| s.to_string()),
                 t.claimed_at
                     .map_or("-".into(), |at| at.format("%Y-%m-%d %H:%M:%S").to_string()),

@@ -343,10 +343,7 @@ async fn get(b: &dyn Backend, output: Output, task: &TaskId, out: &mut impl Writ
         }
         return Ok(exit::NO);
     };
-    let mut blockers = std::collections::BTreeMap::new();
-    for b_id in &t.blocked_by {
-        blockers.insert(b_id.clone(), b.get(b_id).await?.map(|x| x.status));
-    }
+    let blockers = blocker_statuses(b, &t).await?;
     let status_of = |id: &TaskId| blockers.get(id).copied().flatten();
     match output {
         Output::Json => writeln!(
@@ -357,6 +354,31 @@ async fn get(b: &dyn Backend, output: Output, task: &TaskId, out: &mut impl Writ
         Output::Table => write!(out, "{}", task_table(std::slice::from_ref(&t), &status_of))?,
     }
     Ok(0)
+}
+
+/// The status of each of `t`'s blockers (`None`: no such task).
+async fn blocker_statuses(
+    b: &dyn Backend,
+    t: &agent_core::Task,
+) -> Result<std::collections::BTreeMap<TaskId, Option<agent_core::TaskStatus>>> {
+    let mut blockers = std::collections::BTreeMap::new();
+    for b_id in &t.blocked_by {
+        blockers.insert(b_id.clone(), b.get(b_id).await?.map(|x| x.status));
+    }
+    Ok(blockers)
+}
+
+/// What a task that could not be claimed still waits for (`B1 (claimed)`), if anything.
+async fn still_waiting_for(b: &dyn Backend, task: &TaskId) -> Option<(String, Vec<String>)> {
+    let t = b.get(task).await.ok().flatten()?;
+    let blockers = blocker_statuses(b, &t).await.ok()?;
+    let status_of = |id: &TaskId| blockers.get(id).copied().flatten();
+    let ids = blockers
+        .iter()
+        .filter(|(_, s)| **s != Some(agent_core::TaskStatus::Complete))
+        .map(|(id, _)| id.to_string())
+        .collect::<Vec<_>>();
+    (!ids.is_empty()).then(|| (crate::output::waiting_for(&t, &status_of), ids))
 }
 
 async fn claim(
@@ -393,6 +415,11 @@ async fn claim(
         if word != "won" {
             code = exit::NO;
         }
+        // Issue 16: "not claimable: blocked" did not say by what.
+        let waiting = match &outcome {
+            ClaimOutcome::NotClaimable { .. } => still_waiting_for(b, task).await,
+            _ => None,
+        };
         match output {
             Output::Json => writeln!(
                 out,
@@ -401,6 +428,7 @@ async fn claim(
                     "task_id": task.as_str(), "session": args.session.as_str(), "outcome": word,
                     "holder": holder.as_ref().map(|h| h.as_str()), "status": status.map(|s| s.as_str()),
                     "fencing_token": token, "replaced_own_claim": word == "won" && held_already,
+                    "waiting_for": waiting.as_ref().map(|(_, ids)| ids.clone()).unwrap_or_default(),
                 })
             )?,
             Output::Table => match &outcome {
@@ -435,9 +463,13 @@ async fn claim(
                         .map_or("another session".into(), |h| h.to_string());
                     writeln!(out, "lost {task}: held by {who}")?
                 }
-                ClaimOutcome::NotClaimable { status } => {
-                    writeln!(out, "{task} is not claimable: {status}")?
-                }
+                ClaimOutcome::NotClaimable { status } => match &waiting {
+                    Some((what, _)) => writeln!(
+                        out,
+                        "{task} is not claimable: {status}, waiting for {what}"
+                    )?,
+                    None => writeln!(out, "{task} is not claimable: {status}")?,
+                },
                 ClaimOutcome::NotFound => writeln!(out, "task {task} not found")?,
             },
         }

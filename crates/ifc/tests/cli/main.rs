@@ -72,7 +72,10 @@ async fn claim_release_status_and_get_through_the_cli() {
     let out = run(ifc(&server).args(["claim", "P0.1.2", "--session", "s1"]));
     assert_eq!(
         (code(&out), text(&out.stdout)),
-        (1, "P0.1.2 is not claimable: blocked\n".to_owned())
+        (
+            1,
+            "P0.1.2 is not claimable: blocked, waiting for P0.1.1 (available)\n".to_owned()
+        )
     );
     let out = run(ifc(&server).args(["claim", "P0.1.1", "--session", "s1", "-o", "json"]));
     assert_eq!(code(&out), 0, "{out:?}");
@@ -124,6 +127,19 @@ async fn claim_release_status_and_get_through_the_cli() {
     ] {
         assert!(by_id["P0.1.2"].get(key).is_some(), "{key} present");
     }
+    // Issue 16: stored `blocked`, its blocker complete: `status` said `blocked`, yet it can be
+    // claimed; it says so now.
+    assert_eq!(by_id["P0.1.2"]["status"], "blocked");
+    assert_eq!(by_id["P0.1.2"]["claimable"], true);
+    assert_eq!(by_id["P0.1.1"]["claimable"], false, "complete");
+    let out = run(ifc(&server).args(["status"]));
+    assert!(
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("P0.1.2") && l.contains("blocked (claimable)")),
+        "{}",
+        text(&out.stdout)
+    );
     // The blocker is complete: now it can be claimed.
     assert_eq!(
         code(&run(ifc(&server).args([
