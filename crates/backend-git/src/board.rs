@@ -24,14 +24,28 @@ pub struct BoardTask {
     pub blocked_by: Vec<TaskId>,
 }
 
-/// A board that could not be read: names the file and line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}: {message}")]
+/// A board that could not be read: names the file and line of its first problem, and every
+/// other problem found in the same pass (`more`: line, message), so a person fixes them all at
+/// once.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BoardError {
     pub file: String,
     pub line: usize,
     pub message: String,
+    pub more: Vec<(usize, String)>,
 }
+
+impl std::fmt::Display for BoardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}: {}", self.file, self.line, self.message)?;
+        for (line, message) in &self.more {
+            write!(f, "\n{}:{line}: {message}", self.file)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for BoardError {}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Column {
@@ -79,7 +93,10 @@ impl Board {
             file: file.to_owned(),
             line,
             message,
+            more: Vec::new(),
         };
+        // Every problem of the board, in file order: all are reported at once.
+        let mut problems: Vec<BoardError> = Vec::new();
         let lines = line_spans(text);
         let mut board = Board {
             text: text.to_owned(),
@@ -116,10 +133,11 @@ impl Board {
             match (has(Column::Id), has(Column::Status)) {
                 (false, false) => continue, // not a task table (a legend, say)
                 (true, false) => {
-                    return Err(err(
+                    problems.push(err(
                         header_line,
                         "task table has an ID column but no Status column".into(),
-                    ))
+                    ));
+                    continue;
                 }
                 (false, true) => {
                     // A legend (`| Status | Meaning |`): no other task column, and every row
@@ -137,20 +155,26 @@ impl Board {
                     if legend {
                         continue;
                     }
-                    return Err(err(
+                    problems.push(err(
                         header_line,
                         "task table has a Status column but no ID column".into(),
                     ));
+                    continue;
                 }
                 (true, true) => {}
             }
             let mut columns = BTreeMap::new();
+            let mut twice = None;
             for (idx, h) in headers.iter().enumerate() {
                 if let Some(c) = h {
                     if columns.insert(key(*c), idx).is_some() {
-                        return Err(err(header_line, format!("two {c:?} columns in one table")));
+                        twice = Some(*c);
                     }
                 }
+            }
+            if let Some(c) = twice {
+                problems.push(err(header_line, format!("two {c:?} columns in one table")));
+                continue;
             }
             for &r in &table_rows {
                 let (s, e) = lines[r];
@@ -160,54 +184,64 @@ impl Board {
                     .map(|c| c.start + s..c.end + s)
                     .collect();
                 if cells.len() != width {
-                    return Err(err(
+                    problems.push(err(
                         line_no,
                         format!(
                             "row has {} cells, its table's header has {width}",
                             cells.len()
                         ),
                     ));
+                    continue;
                 }
                 let cell = |c: Column| {
                     columns
                         .get(&key(c))
                         .map(|&idx| unescape(text[cells[idx].clone()].trim()))
                 };
-                let id_text = cell(Column::Id).unwrap_or_default();
-                let id = TaskId::parse(&id_text).map_err(|e| err(line_no, e.to_string()))?;
-                let status_text = cell(Column::Status).unwrap_or_default();
-                let status = parse_status(&status_text).map_err(|m| err(line_no, m))?;
-                let owner = match cell(Column::Owner).filter(|o| !o.is_empty()) {
-                    None => None,
-                    Some(o) => Some(
-                        SessionId::parse(&o).map_err(|e| err(line_no, format!("owner: {e}")))?,
-                    ),
+                let read = || -> Result<BoardTask, String> {
+                    let id_text = cell(Column::Id).unwrap_or_default();
+                    let id = TaskId::parse(&id_text).map_err(|e| e.to_string())?;
+                    let status = parse_status(&cell(Column::Status).unwrap_or_default())?;
+                    let owner = match cell(Column::Owner).filter(|o| !o.is_empty()) {
+                        None => None,
+                        Some(o) => Some(SessionId::parse(&o).map_err(|e| format!("owner: {e}"))?),
+                    };
+                    let blocked_by = match cell(Column::Blockers) {
+                        None => Vec::new(),
+                        Some(list) => list
+                            .split(',')
+                            .map(str::trim)
+                            .filter(|b| !b.is_empty())
+                            .map(|b| TaskId::parse(b).map_err(|e| format!("blocked by: {e}")))
+                            .collect::<Result<_, _>>()?,
+                    };
+                    let title = cell(Column::Title).filter(|t| !t.is_empty());
+                    Ok(BoardTask {
+                        id,
+                        title,
+                        status,
+                        owner,
+                        blocked_by,
+                    })
                 };
-                let blocked_by = match cell(Column::Blockers) {
-                    None => Vec::new(),
-                    Some(list) => list
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|b| !b.is_empty())
-                        .map(|b| {
-                            TaskId::parse(b).map_err(|e| err(line_no, format!("blocked by: {e}")))
-                        })
-                        .collect::<Result<_, _>>()?,
+                let task = match read() {
+                    Ok(task) => task,
+                    Err(message) => {
+                        problems.push(err(line_no, message));
+                        continue;
+                    }
                 };
-                if let Some(first) = seen.insert(id.clone(), line_no) {
-                    return Err(err(
+                if let Some(first) = seen.insert(task.id.clone(), line_no) {
+                    problems.push(err(
                         line_no,
-                        format!("task {id} is listed twice: lines {first} and {line_no}"),
+                        format!(
+                            "task {} is listed twice: lines {first} and {line_no}",
+                            task.id
+                        ),
                     ));
+                    continue;
                 }
-                let title = cell(Column::Title).filter(|t| !t.is_empty());
-                board.tasks.push(BoardTask {
-                    id,
-                    title,
-                    status,
-                    owner,
-                    blocked_by,
-                });
+                board.tasks.push(task);
                 board.rows.push(Row {
                     line: line_no,
                     header_line,
@@ -219,7 +253,19 @@ impl Board {
             let last_line = table_rows.last().map_or(header_line, |&r| r);
             board.append = Some((lines[last_line].1, headers));
         }
-        Ok(board)
+        let mut problems = problems.into_iter();
+        match problems.next() {
+            None => Ok(board),
+            Some(mut first) => {
+                first.more = problems.map(|p| (p.line, p.message)).collect();
+                Err(first)
+            }
+        }
+    }
+
+    /// Whether the text has a task table (one with ID and Status columns), rows or not.
+    pub fn has_task_table(&self) -> bool {
+        self.append.is_some()
     }
 
     /// The tasks, in file order.
@@ -238,6 +284,7 @@ impl Board {
             return Ok(());
         }
         Err(BoardError {
+            more: Vec::new(),
             file: file.to_owned(),
             line: row.header_line,
             message: format!(

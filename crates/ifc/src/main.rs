@@ -59,10 +59,10 @@ fn main() -> ExitCode {
         // as ripgrep and friends see it, nothing to report.
         Err(err) if closed_stdout(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            say(&format!(
-                "error: {}",
-                output::printable(&format!("{err:#}"))
-            ));
+            // One line per problem (a board's every malformed row), each made printable.
+            let text = format!("{err:#}");
+            let lines: Vec<String> = text.lines().map(output::printable).collect();
+            say(&format!("error: {}", lines.join("\n")));
             ExitCode::from(exit::code(&err))
         }
     }

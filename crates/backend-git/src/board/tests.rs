@@ -230,6 +230,32 @@ fn malformed_boards_name_the_file_and_line() {
 }
 
 #[test]
+fn every_malformed_row_is_reported_at_once() {
+    // Issue 16: board errors came one per run; a person fixed one, ran again, met the next.
+    let text = "# B\n\n| ID | Task | Status | Owner |\n|---|---|---|---|\n\
+                | A | t | 🟣 MAYBE | |\n| B | t | ✅ DONE | |\n| C | t | 🔵 AVAILABLE |\n\
+                | B | u | ✅ DONE | |\n\n| Task | Status |\n|---|---|\n| x | ✅ DONE |\n";
+    let e = parse_err(text);
+    assert_eq!(e.line, 5, "{e}");
+    let lines: Vec<usize> = e.more.iter().map(|(l, _)| *l).collect();
+    assert_eq!(lines, [7, 8, 10], "{e}");
+    let shown = e.to_string();
+    let expect = [
+        "board.md:5: unknown status",
+        "board.md:7: row has 3 cells",
+        "board.md:8: task B is listed twice: lines 6 and 8",
+        "board.md:10: task table has a Status column but no ID column",
+    ];
+    for (line, want) in shown.lines().zip(expect) {
+        assert!(
+            line.starts_with(want),
+            "{line:?} should start with {want:?}"
+        );
+    }
+    assert_eq!(shown.lines().count(), 4, "{shown}");
+}
+
+#[test]
 fn junk_is_an_error_or_no_tasks_never_a_panic() {
     for junk in [
         "",

@@ -90,6 +90,41 @@ fn to_board(t: &Task) -> BoardTask {
     }
 }
 
+/// The fields the board states in which `a` and `b` differ: (field, a's value, b's value).
+fn differing_fields(a: &Task, b: &Task) -> Vec<(&'static str, String, String)> {
+    [
+        ("status", a.status.to_string(), b.status.to_string()),
+        ("claimed_by", fmt_opt(&a.claimed_by), fmt_opt(&b.claimed_by)),
+        (
+            "title",
+            a.title.clone().unwrap_or_default(),
+            b.title.clone().unwrap_or_default(),
+        ),
+        ("blocked_by", join(&a.blocked_by), join(&b.blocked_by)),
+    ]
+    .into_iter()
+    .filter(|(_, x, y)| x != y)
+    .collect()
+}
+
+/// A board must have a task table to be migrated or verified (issue 16: a file without one
+/// "migrated" 0 tasks with exit 0).
+fn require_task_table(name: &str, board: &Board) -> Result<()> {
+    if board.has_task_table() {
+        return Ok(());
+    }
+    Err(BackendError::InvalidInput(format!(
+        "{name}: no task table (a markdown table with an ID and a Status column, e.g. `| ID | Task | Status | Owner | Blocked by |`)"
+    ))
+    .into())
+}
+
+/// One task `migrate --dry-run` would write: what it is in etcd now (`None`: not there).
+struct Planned {
+    task: Task,
+    before: Option<Task>,
+}
+
 pub async fn migrate(
     b: &EtcdBackend,
     output: Output,
@@ -99,6 +134,7 @@ pub async fn migrate(
     out: &mut impl Write,
 ) -> Result<u8> {
     let (name, _, board) = read_board(source).await?;
+    require_task_table(&name, &board)?;
     // Every row is checked before anything is written.
     let tasks = board
         .tasks()
@@ -106,20 +142,34 @@ pub async fn migrate(
         .map(|t| from_board(&name, &board, t))
         .collect::<Result<Vec<_>>>()?;
     let (mut created, mut updated, mut unchanged, mut kept) = (0, 0, 0, Vec::new());
+    // What a dry run would write, task by task (issue 16: it only counted).
+    let mut planned: Vec<Planned> = Vec::new();
     let bar = crate::output::progress(tasks.len(), "migrating");
     for task in &tasks {
         if let Some(b) = &bar {
             b.inc(1);
         }
-        match b
+        let before = if dry_run {
+            b.get(&task.id).await?
+        } else {
+            None
+        };
+        let imported = b
             .import(task, force, dry_run)
             .await
-            .with_context(|| format!("importing {}", task.id))?
-        {
+            .with_context(|| format!("importing {}", task.id))?;
+        let writes = matches!(imported, Imported::Created | Imported::Updated);
+        match imported {
             Imported::Created => created += 1,
             Imported::Updated => updated += 1,
             Imported::Unchanged => unchanged += 1,
             Imported::Kept { reason } => kept.push((task.id.to_string(), reason)),
+        }
+        if dry_run && writes {
+            planned.push(Planned {
+                task: task.clone(),
+                before,
+            });
         }
     }
     if let Some(b) = bar {
@@ -131,9 +181,27 @@ pub async fn migrate(
             out,
             "{}",
             json!({"dry_run": dry_run, "created": created, "updated": updated, "unchanged": unchanged,
-                   "kept": kept.iter().map(|(t, r)| json!({"task_id": t, "reason": r})).collect::<Vec<_>>()})
+                   "kept": kept.iter().map(|(t, r)| json!({"task_id": t, "reason": r})).collect::<Vec<_>>(),
+                   "changes": planned.iter().map(|p| json!({
+                       "task_id": p.task.id.as_str(),
+                       "action": if p.before.is_some() { "update" } else { "create" },
+                       "fields": p.before.as_ref().map(|was| differing_fields(was, &p.task)).unwrap_or_default()
+                           .iter().map(|(f, old, new)| json!({"field": f, "old": old, "new": new})).collect::<Vec<_>>(),
+                   })).collect::<Vec<_>>()})
         )?,
         Output::Table => {
+            for p in &planned {
+                match &p.before {
+                    None => writeln!(out, "would create {} ({})", p.task.id, p.task.status)?,
+                    Some(was) => {
+                        let fields: Vec<String> = differing_fields(was, &p.task)
+                            .into_iter()
+                            .map(|(f, old, new)| format!("{f} {old:?} → {new:?}"))
+                            .collect();
+                        writeln!(out, "would update {}: {}", p.task.id, fields.join(", "))?
+                    }
+                }
+            }
             for (task, reason) in &kept {
                 writeln!(out, "kept {task}: {reason} (use --force to overwrite)")?;
             }
@@ -154,6 +222,7 @@ pub async fn verify(
     out: &mut impl Write,
 ) -> Result<u8> {
     let (name, _, board) = read_board(source).await?;
+    require_task_table(&name, &board)?;
     let listing = b.list().await?;
     let in_etcd: std::collections::BTreeMap<_, _> =
         listing.tasks.iter().map(|t| (t.id.clone(), t)).collect();
@@ -164,24 +233,8 @@ pub async fn verify(
             missing.push(row.id.to_string());
             continue;
         };
-        let fields = [
-            ("status", want.status.to_string(), have.status.to_string()),
-            (
-                "claimed_by",
-                fmt_opt(&want.claimed_by),
-                fmt_opt(&have.claimed_by),
-            ),
-            (
-                "title",
-                want.title.clone().unwrap_or_default(),
-                have.title.clone().unwrap_or_default(),
-            ),
-            ("blocked_by", join(&want.blocked_by), join(&have.blocked_by)),
-        ];
-        for (field, board_value, etcd_value) in fields {
-            if board_value != etcd_value {
-                mismatched.push((row.id.to_string(), field, board_value, etcd_value));
-            }
+        for (field, board_value, etcd_value) in differing_fields(&want, have) {
+            mismatched.push((row.id.to_string(), field, board_value, etcd_value));
         }
     }
     let on_board: std::collections::BTreeSet<_> =

@@ -31,9 +31,23 @@ fn migrate_is_idempotent_verify_agrees_and_export_gives_back_the_same_bytes() {
     let (etcd, dir) = setup();
     let d = dir.path();
     let out = run(ifc(&etcd, d).args(["migrate", "--board", "board.md", "--dry-run"]));
+    let said = text(&out.stdout);
+    // Issue 16: a dry run only counted; it names each task it would write now.
     assert_eq!(
-        text(&out.stdout),
-        "54 would be created, 0 would be updated, 0 unchanged, 0 kept\n"
+        said.lines().last(),
+        Some("54 would be created, 0 would be updated, 0 unchanged, 0 kept"),
+        "{said}"
+    );
+    assert_eq!(
+        said.lines()
+            .filter(|l| l.starts_with("would create "))
+            .count(),
+        54,
+        "{said}"
+    );
+    assert!(
+        said.lines().any(|l| l == "would create P0.1.1 (complete)"),
+        "{said}"
     );
     assert_eq!(
         text(&run(ifc(&etcd, d).args(["status", "-o", "json"])).stdout).trim(),
@@ -208,4 +222,45 @@ fn migrate_from_git_and_export_push_work_on_the_coordination_repo() {
         changed[0].1.contains("P0.2.6") && changed[0].1.contains("DONE"),
         "{changed:?}"
     );
+}
+
+#[test]
+fn a_dry_run_names_each_field_it_would_change_and_a_file_without_a_task_table_is_refused() {
+    let (etcd, dir) = setup();
+    let d = dir.path();
+    assert_eq!(
+        code(&run(ifc(&etcd, d).args(["migrate", "--board", "board.md"]))),
+        0
+    );
+    // A person retitles a row.
+    let edited = FIXTURE.replacen("Health probe endpoint", "Health probe endpoints", 1);
+    assert_ne!(edited, FIXTURE, "the fixture has that title");
+    std::fs::write(d.join("edited.md"), &edited).expect("write");
+    let out = run(ifc(&etcd, d).args(["migrate", "--board", "edited.md", "--dry-run"]));
+    let said = text(&out.stdout);
+    assert_eq!(code(&out), 0, "{said}");
+    assert!(
+        said.lines().any(|l| l.starts_with("would update ")
+            && l.contains("title \"Health probe endpoint\" → \"Health probe endpoints\"")),
+        "{said}"
+    );
+    let out =
+        run(ifc(&etcd, d).args(["migrate", "--board", "edited.md", "--dry-run", "-o", "json"]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let changes = v["changes"].as_array().expect("changes");
+    assert_eq!(changes.len(), 1, "{v}");
+    assert_eq!(changes[0]["action"], "update", "{v}");
+    assert_eq!(changes[0]["fields"][0]["field"], "title", "{v}");
+
+    // Issue 16: a file with no task table "migrated" 0 tasks with exit 0.
+    std::fs::write(d.join("notes.md"), "# Notes\n\nNo table here.\n").expect("write");
+    for command in ["migrate", "verify"] {
+        let out = run(ifc(&etcd, d).args([command, "--board", "notes.md"]));
+        assert_eq!(code(&out), 2, "{command}: {out:?}");
+        assert!(
+            text(&out.stderr).contains("notes.md: no task table"),
+            "{command}: {}",
+            text(&out.stderr)
+        );
+    }
 }
