@@ -1,9 +1,10 @@
-//! Writes that come from another store, by compare-and-swap: migration from the board (one task
-//! as the board states it, never moving it backwards unless forced) and `record` (a transition
-//! mirrored from git, under `agent_core::mirror::decide`).
+//! Writes that come from another store or an operator, by compare-and-swap: migration from the
+//! board (one task as the board states it, never moving it backwards unless forced), `record`
+//! (a transition mirrored from git, under `agent_core::mirror::decide`) and `delete` (an
+//! operator removing a task: never a held one or one others wait for, unless forced).
 
 use agent_core::mirror::{self, rank, Decision, Mirrored, RecordOutcome};
-use agent_core::{BackendError, BackendResult, Task, TaskId, TaskStatus};
+use agent_core::{BackendError, BackendResult, SessionId, Task, TaskId, TaskStatus};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
 use crate::inner::Inner;
@@ -19,6 +20,21 @@ pub enum Imported {
     /// etcd is ahead of the board (or holds a live claim): kept as it is.
     Kept {
         reason: String,
+    },
+}
+
+/// What deleting one task did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deleted {
+    Deleted,
+    NotFound,
+    /// Claimed: only its holder's release (or `force`) ends that.
+    Held {
+        holder: Option<SessionId>,
+    },
+    /// Tasks not complete yet wait for it: they would wait for ever.
+    Blocks {
+        dependents: Vec<TaskId>,
     },
 }
 
@@ -150,6 +166,53 @@ impl Inner {
             r.task.status == TaskStatus::Claimed && r.task.claimed_by == want.holder
         });
         u64::try_from(stored.mod_rev).is_ok_and(|rev| rev > token.0) && !still_that_claim
+    }
+
+    /// Removes a task's record and claim key, if neither changed since they were read; a claimed
+    /// task, or one that tasks not complete wait for, only with `force`.
+    pub(crate) async fn delete(&self, id: &TaskId, force: bool) -> BackendResult<Deleted> {
+        for _ in 0..16 {
+            let view = self.read_view(id, false).await?;
+            let Some((current, _)) = self.current(id, &view)? else {
+                return Ok(Deleted::NotFound);
+            };
+            if !force && current.status == TaskStatus::Claimed {
+                return Ok(Deleted::Held {
+                    holder: current.claimed_by,
+                });
+            }
+            if !force {
+                let dependents: Vec<TaskId> = self
+                    .list()
+                    .await?
+                    .tasks
+                    .into_iter()
+                    .filter(|t| t.status != TaskStatus::Complete && t.blocked_by.contains(id))
+                    .map(|t| t.id)
+                    .collect();
+                if !dependents.is_empty() {
+                    return Ok(Deleted::Blocks { dependents });
+                }
+            }
+            let (task_key, claim_key) = (self.keys.task(id), self.keys.claim(id));
+            let mut ops = vec![TxnOp::delete(task_key.clone(), None)];
+            if view.claim.is_some() {
+                ops.push(TxnOp::delete(claim_key.clone(), None));
+            }
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::mod_revision(task_key, CompareOp::Equal, view.record_rev()),
+                    Compare::mod_revision(claim_key, CompareOp::Equal, view.claim_rev()),
+                ])
+                .and_then(ops);
+            if self.conn.txn("delete", txn).await?.succeeded() {
+                return Ok(Deleted::Deleted);
+            }
+        }
+        Err(BackendError::Unavailable {
+            endpoint: self.conn.endpoints().to_owned(),
+            reason: format!("{id}: kept changing during delete"),
+        })
     }
 
     /// Writes `next` as the task's record and removes its claim key, if neither changed since

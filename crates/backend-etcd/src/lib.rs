@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, OnceCell};
 
 pub use config::{EtcdConfig, TlsFiles};
 pub use floor::BareWatch;
-pub use import::Imported;
+pub use import::{Deleted, Imported};
 
 use inner::Inner;
 
@@ -122,6 +122,12 @@ impl EtcdBackend {
     /// adopts it by claiming it). `dry_run` decides without writing.
     pub async fn import(&self, task: &Task, force: bool, dry_run: bool) -> BackendResult<Imported> {
         self.inner.import(task, force, dry_run).await
+    }
+
+    /// Deletes `task` (an operator's `ifc delete`): refused while it is claimed or tasks not
+    /// complete wait for it, unless `force`.
+    pub async fn delete(&self, task: &TaskId, force: bool) -> BackendResult<Deleted> {
+        self.inner.delete(task, force).await
     }
 
     /// The status this backend's watch cache shows for `task` (`None`: unknown, or the cache is

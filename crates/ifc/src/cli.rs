@@ -172,6 +172,18 @@ pub enum Output {
 pub enum Command {
     /// Create a task or update its title, status or blockers (other stored fields are kept)
     Put(PutArgs),
+    /// Delete tasks from etcd (a trial's, a mistake): never one that is claimed or that tasks not
+    /// complete wait for, unless --force. Coordinator mode while git is retired or not
+    /// configured; on a board, delete the row in a commit
+    Delete {
+        /// Task ids
+        #[arg(required = true)]
+        tasks: Vec<TaskId>,
+        /// Delete a claimed task (its holder's run is fenced: it cannot complete it) or one that
+        /// others wait for (they then wait for a missing blocker until their blockers change)
+        #[arg(long)]
+        force: bool,
+    },
     /// Show one task
     Get {
         /// Task id

@@ -132,6 +132,19 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
             let source = board_source(g, *from_git).await?;
             migrate::migrate(&b, output, &source, *dry_run, *force, &mut out).await
         }
+        Command::Delete { tasks, force } => {
+            let fleet = settings::fleet(g)?;
+            if settings::git_configured(g, fleet.as_ref())
+                && !fleet.as_ref().is_some_and(|f| f.git.retired)
+            {
+                return Err(BackendError::InvalidInput(
+                    "the fleet has a git side (git is configured and not retired): delete the task's row from the board in a commit, and here once git.retired is true".into(),
+                )
+                .into());
+            }
+            let b = etcd_only(g, "delete").await?;
+            delete(&b, output, tasks, *force, &mut out).await
+        }
         Command::Verify { from_git } => {
             let b = etcd_only(g, "verify").await?;
             let source = board_source(g, *from_git).await?;
@@ -581,6 +594,78 @@ async fn release(
             writeln!(out, "not the holder: {why}; nothing changed")?
         }
         (Output::Table, ReleaseOutcome::NotFound) => writeln!(out, "task {} not found", args.task)?,
+    }
+    Ok(code)
+}
+
+async fn delete(
+    b: &EtcdBackend,
+    output: Output,
+    tasks: &[TaskId],
+    force: bool,
+    out: &mut impl Write,
+) -> Result<u8> {
+    use backend_etcd::Deleted;
+    let mut code = 0;
+    for task in tasks {
+        let mut retried = false;
+        let outcome = settled("delete", task, || {
+            let first = !std::mem::replace(&mut retried, true);
+            async move {
+                // The first attempt landed (its answer timed out): gone is what was asked.
+                Ok(match b.delete(task, force).await? {
+                    Deleted::NotFound if !first => Deleted::Deleted,
+                    other => other,
+                })
+            }
+        })
+        .await?;
+        let word = match &outcome {
+            Deleted::Deleted => "deleted",
+            Deleted::NotFound => "not_found",
+            Deleted::Held { .. } => "held",
+            Deleted::Blocks { .. } => "blocks",
+        };
+        if word != "deleted" {
+            code = exit::NO;
+        }
+        match output {
+            Output::Json => {
+                let (holder, dependents) = match &outcome {
+                    Deleted::Held { holder } => (holder.as_ref().map(|h| h.as_str()), vec![]),
+                    Deleted::Blocks { dependents } => {
+                        (None, dependents.iter().map(TaskId::as_str).collect())
+                    }
+                    _ => (None, vec![]),
+                };
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"task_id": task.as_str(), "outcome": word, "holder": holder, "dependents": dependents})
+                )?
+            }
+            Output::Table => match &outcome {
+                Deleted::Deleted => writeln!(out, "deleted {task}")?,
+                Deleted::NotFound => writeln!(out, "task {task} not found")?,
+                Deleted::Held { holder } => {
+                    let who = holder
+                        .as_ref()
+                        .map_or("a session".into(), |h| h.to_string());
+                    writeln!(
+                        out,
+                        "{task} is claimed by {who}: release it first (or --force, which fences that claim)"
+                    )?
+                }
+                Deleted::Blocks { dependents } => {
+                    let list: Vec<&str> = dependents.iter().map(TaskId::as_str).collect();
+                    writeln!(
+                        out,
+                        "{task} is a blocker of {}: edit their --blocked-by first (or --force)",
+                        list.join(", ")
+                    )?
+                }
+            },
+        }
     }
     Ok(code)
 }

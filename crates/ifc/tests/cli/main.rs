@@ -615,6 +615,82 @@ async fn ifc_output_json_is_read_from_the_environment() {
 }
 
 #[tokio::test]
+async fn delete_removes_a_task_but_never_a_held_one_or_a_blocker_unless_forced() {
+    // Issue 16: there was no way to delete a task (a trial's ids stayed, and `verify` failed).
+    let server = EtcdServer::start();
+    for t in ["A", "C"] {
+        assert_eq!(code(&run(ifc(&server).args(["put", t]))), 0);
+    }
+    assert_eq!(
+        code(&run(ifc(&server).args(["put", "B", "--blocked-by", "A"]))),
+        0
+    );
+    assert_eq!(
+        code(&run(ifc(&server).args(["claim", "C", "--session", "s"]))),
+        0
+    );
+    let out = run(ifc(&server).args(["delete", "A"]));
+    assert_eq!(
+        (code(&out), text(&out.stdout)),
+        (
+            1,
+            "A is a blocker of B: edit their --blocked-by first (or --force)\n".to_owned()
+        )
+    );
+    let out = run(ifc(&server).args(["delete", "C", "-o", "json"]));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        (code(&out), v["outcome"].as_str(), v["holder"].as_str()),
+        (1, Some("held"), Some("s"))
+    );
+    let out = run(ifc(&server).args(["delete", "B", "A"]));
+    assert_eq!(
+        (code(&out), text(&out.stdout)),
+        (0, "deleted B\ndeleted A\n".to_owned())
+    );
+    let out = run(ifc(&server).args(["delete", "C", "--force"]));
+    assert_eq!(code(&out), 0, "{out:?}");
+    let out = run(ifc(&server).args(["status", "-o", "json"]));
+    assert_eq!(text(&out.stdout).trim(), "[]");
+    let mut raw = raw(&server).await;
+    let left = raw
+        .get(
+            "",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_all_keys()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .expect("get");
+    assert!(
+        left.kvs()
+            .iter()
+            .all(|kv| !kv.key_str().unwrap_or("").starts_with("claims/")),
+        "the claim key went with the task"
+    );
+    let out = run(ifc(&server).args(["delete", "NOPE"]));
+    assert_eq!(
+        (code(&out), text(&out.stdout)),
+        (1, "task NOPE not found\n".to_owned())
+    );
+    // While the fleet has a git side, the board is where a task is deleted.
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("fleet.yaml"), "git:\n  remote: coord.git\n").expect("fleet");
+    let out =
+        run(ifc(&server)
+            .current_dir(dir.path())
+            .args(["--fleet", "fleet.yaml", "delete", "X"]));
+    assert_eq!(code(&out), 2, "{out:?}");
+    assert!(
+        text(&out.stderr).contains("delete the task's row from the board"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test]
 async fn output_to_a_closed_pipe_ends_quietly() {
     // `ifc status | head -1` printed "error: Broken pipe" and exited 1: the reader had what it
     // wanted. The pipe's read end is closed before ifc starts, so its first write fails.
