@@ -682,8 +682,9 @@ impl ClaimLoop {
     }
 
     /// A task of the list that can never become claimable: a blocker (or a blocker's blocker)
-    /// that does not exist, or blockers that wait on each other.
+    /// that does not exist, or a cycle anywhere in its chain of blockers.
     fn impossible(&self, mine: &[TaskId]) -> Option<(TaskId, String)> {
+        use crate::blockers::{path, stuck, Known, Stuck};
         for id in mine {
             let Some(task) = self.view.get(id) else {
                 continue;
@@ -691,23 +692,21 @@ impl ClaimLoop {
             if task.status == TaskStatus::Complete {
                 continue;
             }
-            let mut stack: Vec<&TaskId> = task.blocked_by.iter().collect();
-            let mut seen = BTreeSet::new();
-            while let Some(b) = stack.pop() {
-                if b == id {
-                    return Some((id.clone(), "its blockers form a cycle".into()));
-                }
-                if !seen.insert(b.clone()) {
-                    continue;
-                }
-                match self.view.get(b) {
-                    None if self.fetching.contains(b) => {}
-                    None => return Some((id.clone(), format!("its blocker {b} does not exist"))),
-                    Some(t) if t.status != TaskStatus::Complete => {
-                        stack.extend(t.blocked_by.iter())
-                    }
-                    Some(_) => {}
-                }
+            let lookup = |b: &TaskId| match self.view.get(b) {
+                Some(t) => Known::Task(t.status, &t.blocked_by),
+                None if self.fetching.contains(b) => Known::Unknown,
+                None => Known::Missing,
+            };
+            if let Some(s) = stuck(id, &task.blocked_by, lookup) {
+                let why = match &s {
+                    Stuck::Cycle(c) => format!("its blockers form a cycle ({})", path(c)),
+                    Stuck::Missing(chain) => format!(
+                        "its blocker {} does not exist ({})",
+                        chain.last().unwrap_or(id),
+                        path(chain)
+                    ),
+                };
+                return Some((id.clone(), why));
             }
         }
         None

@@ -5,6 +5,7 @@
 //! `Backend`.
 
 pub mod backend;
+pub mod blockers;
 pub mod bridge;
 pub mod claim_loop;
 pub mod config;

@@ -354,7 +354,7 @@ fn until_done_exits_0_when_all_complete_and_1_when_a_blocker_does_not_exist() {
     );
     assert!(out.contains(&Output::Exit(1)), "{out:?}");
     assert!(out.contains(&Output::Note(
-        "A can never be claimed: its blocker GHOST does not exist".into()
+        "A can never be claimed: its blocker GHOST does not exist (A → B → GHOST)".into()
     )));
 
     let mut l = ClaimLoop::new(plan(&["A"]));
@@ -667,7 +667,7 @@ fn a_blocker_edit_to_a_missing_task_or_a_cycle_ends_until_done_with_1() {
     assert!(out.contains(&Output::Exit(1)), "{out:?}");
     assert!(
         out.contains(&Output::Note(
-            "A1 can never be claimed: its blocker GHOST does not exist".into()
+            "A1 can never be claimed: its blocker GHOST does not exist (A1 → GHOST)".into()
         )),
         "{out:?}"
     );
@@ -684,7 +684,18 @@ fn a_blocker_edit_to_a_missing_task_or_a_cycle_ends_until_done_with_1() {
     assert!(out.contains(&Output::Exit(1)), "{out:?}");
     assert!(
         out.contains(&Output::Note(
-            "A1 can never be claimed: its blockers form a cycle".into()
+            "A1 can never be claimed: its blockers form a cycle (A1 → X → Y → A1)".into()
+        )),
+        "{out:?}"
+    );
+    // A cycle further up the chain, not through A1 (the tester's: the agent waited silently
+    // for ever): X and Y wait for each other.
+    let mut l = waiting();
+    let out = l.step(reblocked("Y", TaskStatus::Available, &["X"]), now);
+    assert!(out.contains(&Output::Exit(1)), "{out:?}");
+    assert!(
+        out.contains(&Output::Note(
+            "A1 can never be claimed: its blockers form a cycle (X → Y → X)".into()
         )),
         "{out:?}"
     );

@@ -2,6 +2,7 @@
 //! release, status, watch. Each returns the exit code of a normal outcome; failures are errors
 //! mapped in `exit`.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -301,51 +302,51 @@ where
     }
 }
 
-/// Refuses blockers that would keep `task` from ever being claimable: one that does not exist,
-/// or a chain of blockers that leads back to `task` (issue 15 #4: both were accepted silently,
-/// and an agent waiting for the task retried it every second for ever).
+/// Refuses blockers that would keep `task` from ever being claimable: one that does not exist
+/// (at any depth), or a cycle anywhere in the chain (issue 15 #4: both were accepted silently,
+/// and an agent waiting for the task retried it every second for ever; the tester's: a cycle
+/// further up the chain, not through `task`, was accepted too).
 async fn check_blockers(b: &dyn Backend, task: &TaskId, blockers: &[TaskId]) -> Result<()> {
-    let mut seen = std::collections::BTreeSet::new();
-    // (a blocker to look at, the chain from `task` to it)
-    let mut stack: Vec<(TaskId, Vec<TaskId>)> = blockers
-        .iter()
-        .map(|x| (x.clone(), vec![task.clone(), x.clone()]))
-        .collect();
-    while let Some((at, chain)) = stack.pop() {
-        let path = || {
-            chain
-                .iter()
-                .map(TaskId::as_str)
-                .collect::<Vec<_>>()
-                .join(" → ")
-        };
-        if &at == task {
-            return Err(agent_core::BackendError::InvalidInput(format!(
-                "{task} would wait for itself: {} (--force stores it anyway)",
-                path()
-            ))
-            .into());
-        }
-        if !seen.insert(at.clone()) {
+    use agent_core::blockers::{path, stuck, Known, Stuck};
+    // Every task the chain reaches, read once (`None`: missing).
+    let mut met: BTreeMap<TaskId, Option<agent_core::Task>> = BTreeMap::new();
+    let mut todo: Vec<TaskId> = blockers.to_vec();
+    while let Some(at) = todo.pop() {
+        if &at == task || met.contains_key(&at) {
             continue;
         }
-        let Some(t) = b.get(&at).await? else {
-            return Err(agent_core::BackendError::InvalidInput(format!(
-                "blocker {at} of {task} does not exist ({}): put it first (or --force to store it anyway)",
-                path()
-            ))
-            .into());
-        };
-        if t.status == agent_core::TaskStatus::Complete {
-            continue;
+        let t = b.get(&at).await?;
+        if let Some(t) = t
+            .as_ref()
+            .filter(|t| t.status != agent_core::TaskStatus::Complete)
+        {
+            todo.extend(t.blocked_by.iter().cloned());
         }
-        for next in t.blocked_by {
-            let mut longer = chain.clone();
-            longer.push(next.clone());
-            stack.push((next, longer));
-        }
+        met.insert(at, t);
     }
-    Ok(())
+    let lookup = |id: &TaskId| match met.get(id) {
+        Some(Some(t)) => Known::Task(t.status, &t.blocked_by),
+        Some(None) => Known::Missing,
+        // `task` itself, with the blockers asked for: reached only through a cycle.
+        None => Known::Task(agent_core::TaskStatus::Blocked, blockers),
+    };
+    let message = match stuck(task, blockers, lookup) {
+        None => return Ok(()),
+        Some(Stuck::Cycle(c)) if c.first() == Some(task) => format!(
+            "{task} would wait for itself: {} (--force stores it anyway)",
+            path(&c)
+        ),
+        Some(Stuck::Cycle(c)) => format!(
+            "{task} would wait for a cycle of blockers that can never complete: {} (--force stores it anyway)",
+            path(&c)
+        ),
+        Some(Stuck::Missing(chain)) => format!(
+            "blocker {} of {task} does not exist ({}): put it first (or --force to store it anyway)",
+            chain.last().unwrap_or(task),
+            path(&chain)
+        ),
+    };
+    Err(agent_core::BackendError::InvalidInput(message).into())
 }
 
 async fn get(b: &dyn Backend, output: Output, task: &TaskId, out: &mut impl Write) -> Result<u8> {

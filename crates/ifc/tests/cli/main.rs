@@ -401,6 +401,31 @@ async fn put_refuses_a_missing_blocker_and_a_cycle_by_name() {
         "{}",
         text(&out.stderr)
     );
+    // A cycle further up the chain (the tester's: accepted without a word): C and D wait for
+    // each other, and A would wait for C.
+    assert_eq!(code(&run(ifc(&server).args(["put", "C"]))), 0);
+    assert_eq!(
+        code(&run(ifc(&server).args(["put", "D", "--blocked-by", "C"]))),
+        0
+    );
+    assert_eq!(
+        code(&run(ifc(&server).args([
+            "put",
+            "C",
+            "--blocked-by",
+            "D",
+            "--force"
+        ]))),
+        0
+    );
+    let out = run(ifc(&server).args(["put", "A", "--blocked-by", "C"]));
+    assert_eq!(code(&out), 2, "{out:?}");
+    assert!(
+        text(&out.stderr)
+            .contains("A would wait for a cycle of blockers that can never complete: C → D → C"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = run(ifc(&server).args(["get", "A", "-o", "json"]));
     let a: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(
