@@ -92,6 +92,8 @@ pub enum Output {
     Exit(u8),
     /// Something the operator must hear about (logged as a warning).
     Warn(String),
+    /// Why the session ends with exit 1 (logged as an error): it can never be done.
+    Fatal(String),
 }
 
 /// What the loop derives from the view's set of tasks and their blockers.
@@ -588,7 +590,7 @@ impl ClaimLoop {
         match oldest {
             Some((p, since)) if now >= since + UNMATCHED_GRACE => {
                 self.phase = Phase::Done;
-                out.push(Output::Warn(format!(
+                out.push(Output::Fatal(format!(
                     "{p} matched no task for {UNMATCHED_GRACE:?}: the session's list can never be done"
                 )));
                 out.push(Output::Exit(1));
@@ -643,7 +645,7 @@ impl ClaimLoop {
             {
                 self.phase = Phase::Done;
                 let ids: Vec<&str> = given_up.iter().map(|id| id.as_str()).collect();
-                out.push(Output::Warn(format!(
+                out.push(Output::Fatal(format!(
                     "the session gave up on {} after {} failed attempts each; everything else of its list is complete",
                     ids.join(", "),
                     self.plan.max_attempts
@@ -653,7 +655,7 @@ impl ClaimLoop {
             }
             if let Some((id, why)) = self.impossible(mine) {
                 self.phase = Phase::Done;
-                out.push(Output::Note(format!("{id} can never be claimed: {why}")));
+                out.push(Output::Fatal(format!("{id} can never be claimed: {why}")));
                 out.push(Output::Exit(1));
                 return;
             }

@@ -353,7 +353,7 @@ fn until_done_exits_0_when_all_complete_and_1_when_a_blocker_does_not_exist() {
         now,
     );
     assert!(out.contains(&Output::Exit(1)), "{out:?}");
-    assert!(out.contains(&Output::Note(
+    assert!(out.contains(&Output::Fatal(
         "A can never be claimed: its blocker GHOST does not exist (A → B → GHOST)".into()
     )));
 
@@ -550,7 +550,7 @@ fn an_until_done_list_with_a_task_not_on_the_board_warns_at_once_and_gives_up_af
     assert!(out.contains(&Output::Exit(1)), "{out:?}");
     assert!(
         out.iter()
-            .any(|o| matches!(o, Output::Warn(w) if w.contains("GONE"))),
+            .any(|o| matches!(o, Output::Fatal(w) if w.contains("GONE"))),
         "the reason is named: {out:?}"
     );
 }
@@ -608,7 +608,7 @@ fn an_until_done_session_that_gave_up_on_what_is_left_exits_1() {
             assert!(out.contains(&Output::Exit(1)), "{out:?}");
             assert!(
                 out.iter()
-                    .any(|o| matches!(o, Output::Warn(w) if w.contains("gave up on F"))),
+                    .any(|o| matches!(o, Output::Fatal(w) if w.contains("gave up on F"))),
                 "{out:?}"
             );
         }
@@ -666,7 +666,7 @@ fn a_blocker_edit_to_a_missing_task_or_a_cycle_ends_until_done_with_1() {
     let out = l.step(Input::Missing(id("GHOST")), now);
     assert!(out.contains(&Output::Exit(1)), "{out:?}");
     assert!(
-        out.contains(&Output::Note(
+        out.contains(&Output::Fatal(
             "A1 can never be claimed: its blocker GHOST does not exist (A1 → GHOST)".into()
         )),
         "{out:?}"
@@ -683,7 +683,7 @@ fn a_blocker_edit_to_a_missing_task_or_a_cycle_ends_until_done_with_1() {
     let out = l.step(reblocked("Y", TaskStatus::Available, &["A1"]), now);
     assert!(out.contains(&Output::Exit(1)), "{out:?}");
     assert!(
-        out.contains(&Output::Note(
+        out.contains(&Output::Fatal(
             "A1 can never be claimed: its blockers form a cycle (A1 → X → Y → A1)".into()
         )),
         "{out:?}"
@@ -694,7 +694,7 @@ fn a_blocker_edit_to_a_missing_task_or_a_cycle_ends_until_done_with_1() {
     let out = l.step(reblocked("Y", TaskStatus::Available, &["X"]), now);
     assert!(out.contains(&Output::Exit(1)), "{out:?}");
     assert!(
-        out.contains(&Output::Note(
+        out.contains(&Output::Fatal(
             "A1 can never be claimed: its blockers form a cycle (X → Y → X)".into()
         )),
         "{out:?}"

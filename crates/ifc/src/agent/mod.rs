@@ -518,9 +518,12 @@ impl Driver {
                 },
                 success = wait(&mut self.running) => {
                     if let Some(t) = self.running.take() {
+                        let ended = t.ended.as_deref().unwrap_or("ended");
                         match &t.killed {
                             Some(why) => tracing::warn!(task = %t.claim.task, reason = %why, log = %t.log.display(), "task killed"),
-                            None => tracing::info!(task = %t.claim.task, success, log = %t.log.display(), "task exited"),
+                            None if success => tracing::info!(task = %t.claim.task, success, log = %t.log.display(), "task exited"),
+                            None if t.never_started() => tracing::error!(task = %t.claim.task, command = %self.session.command.join(" "), reason = %ended, "the session's command could not be started"),
+                            None => tracing::warn!(task = %t.claim.task, how = %ended, log = %t.log.display(), "task failed"),
                         }
                         self.drain_until = None;
                         self.metrics.set_active_tasks(0);
@@ -691,6 +694,7 @@ impl Driver {
             Output::WakeAt(at) => self.wake = Some(self.wake.map_or(at, |w| w.min(at))),
             Output::Note(text) => tracing::info!(%session, "{text}"),
             Output::Warn(text) => tracing::warn!(%session, "{text}"),
+            Output::Fatal(text) => tracing::error!(%session, "{text}"),
             Output::Exit(code) => return Some(code),
         }
         None

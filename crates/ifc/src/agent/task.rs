@@ -43,8 +43,8 @@ pub fn shim(argv: &[String]) -> std::process::ExitCode {
     {
         Ok(child) => child,
         Err(e) => {
-            eprintln!("ifc: cannot run {program:?}: {e}");
-            return std::process::ExitCode::from(127);
+            eprintln!("{CANNOT_RUN}{program:?}: {e}");
+            return std::process::ExitCode::from(CANNOT_RUN_CODE);
         }
     };
     std::thread::spawn(|| {
@@ -104,7 +104,14 @@ pub struct TaskProcess {
     last_progress: Instant,
     /// Why we killed it, if we did.
     pub killed: Option<String>,
+    /// How it ended, once it has: `exit code 7`, `killed by signal 9`, or why it could not start.
+    pub ended: Option<String>,
 }
+
+/// What the shim prints (into the task's log) when the command cannot be started.
+const CANNOT_RUN: &str = "ifc: cannot run ";
+/// The shim's exit code then (as a shell's for a command not found).
+const CANNOT_RUN_CODE: u8 = 127;
 
 impl TaskProcess {
     /// Starts `session.command` for `claim`, logging to `log_dir/<task>-<token>.log`.
@@ -153,6 +160,7 @@ impl TaskProcess {
             last_size: 0,
             last_progress: now,
             killed: None,
+            ended: None,
         })
     }
 
@@ -165,7 +173,39 @@ impl TaskProcess {
         if let Some(group) = self.group.take() {
             let _ = killpg(group, Signal::SIGKILL);
         }
+        self.ended = Some(self.how_it_ended(&status));
         self.killed.is_none() && status.is_ok_and(|s| s.success())
+    }
+
+    /// `exit code 7`, `killed by signal 9`, or the shim's word that the command could not be
+    /// started (the only line of the log then): the tester's report, a command that cannot
+    /// start showed only as `success=false`, its reason in the task's log.
+    fn how_it_ended(&self, status: &std::io::Result<std::process::ExitStatus>) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        match status {
+            Err(e) => format!("cannot wait for it: {e}"),
+            Ok(s) => match (s.code(), s.signal()) {
+                (Some(code), _) if code == i32::from(CANNOT_RUN_CODE) => {
+                    let said = std::fs::read_to_string(&self.log).unwrap_or_default();
+                    match said.lines().next().filter(|l| l.starts_with(CANNOT_RUN)) {
+                        Some(line) if said.lines().count() == 1 => {
+                            line.trim_start_matches("ifc: ").to_owned()
+                        }
+                        _ => format!("exit code {code}"),
+                    }
+                }
+                (Some(code), _) => format!("exit code {code}"),
+                (None, Some(sig)) => format!("killed by signal {sig}"),
+                _ => "ended".to_owned(),
+            },
+        }
+    }
+
+    /// Whether the command could not be started at all (a missing or unexecutable program).
+    pub fn never_started(&self) -> bool {
+        self.ended
+            .as_deref()
+            .is_some_and(|e| e.starts_with("cannot run "))
     }
 
     /// Kills the whole process group now. A command that has exited already (the agent, busy

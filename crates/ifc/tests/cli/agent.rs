@@ -655,6 +655,47 @@ fn a_hung_or_overlong_task_is_killed_and_given_back() {
 }
 
 #[test]
+fn why_a_task_failed_is_on_the_agents_stderr() {
+    // Issue 15 #5 and tester helper-1: a command that cannot start showed only as
+    // `success=false` (the reason in the task's log file), an exit code nowhere.
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    put(&e, w.path(), &["NX"]);
+    put(&e, w.path(), &["SEVEN"]);
+    let missing = w.path().join("nx.yaml");
+    std::fs::write(
+        &missing,
+        "session_id: s-nx\ntasks: [NX]\ncommand: [/nonexistent/tool, arg]\nmax_attempts: 1\nlease_ttl: 2s\n",
+    )
+    .expect("session file");
+    let seven = w.session("s-seven", &["SEVEN"], "exit 7", "max_attempts: 1\n");
+    for (config, session, expect) in [
+        (
+            &missing,
+            "s-nx",
+            [
+                "ERROR",
+                "the session's command could not be started",
+                "cannot run \"/nonexistent/tool\"",
+            ],
+        ),
+        (&seven, "s-seven", ["WARN", "task failed", "exit code 7"]),
+    ] {
+        let log = w.path().join(format!("{session}.log"));
+        let mut agent = spawn_agent(ifc(&e, w.path()), config, &log, &["--until-done"]);
+        assert_eq!(finish(&mut agent, Duration::from_secs(60)), 1, "gave up");
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        let line = log
+            .lines()
+            .find(|l| l.contains(expect[1]))
+            .unwrap_or_else(|| panic!("no {:?} line:\n{log}", expect[1]));
+        for want in expect {
+            assert!(line.contains(want), "{want:?} missing from {line:?}");
+        }
+    }
+}
+
+#[test]
 fn the_history_of_a_run_with_an_agent_killed_mid_task_checks_clean() {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
     let e = etcd.endpoint();
