@@ -155,7 +155,13 @@ pub struct ClaimLoop {
     /// Without `--until-done`: the task of the list that can never be claimed, as last said
     /// (said again only when it changes).
     said_impossible: Option<(TaskId, String)>,
+    /// Why nothing of the list is claimable, as last said, and when (said again when it
+    /// changes, at most every [`WAITING_SAID_EVERY`]): an idle agent says what it waits for.
+    said_waiting: Option<(String, Instant)>,
 }
+
+/// How often at most an idle agent says again why it has nothing to claim.
+pub const WAITING_SAID_EVERY: Duration = Duration::from_secs(30);
 
 impl ClaimLoop {
     pub fn new(plan: Plan) -> ClaimLoop {
@@ -173,6 +179,7 @@ impl ClaimLoop {
             listed: false,
             unmatched_since: HashMap::new(),
             said_impossible: None,
+            said_waiting: None,
         }
     }
 
@@ -672,6 +679,9 @@ impl ClaimLoop {
                 self.said_impossible = found;
             }
         }
+        if self.listed {
+            self.say_why_waiting(mine, now, out);
+        }
         // Wake for the earliest retry that is still pending; otherwise wait for events.
         if let Some(at) = mine
             .iter()
@@ -681,6 +691,86 @@ impl ClaimLoop {
         {
             out.push(Output::WakeAt(*at));
         }
+    }
+
+    /// Says (once, and again when it changes, at most every [`WAITING_SAID_EVERY`]) why nothing
+    /// of the list is claimable: the tester's report, an agent whose tasks were all held by
+    /// one-shot claims of a session nobody runs idled without a word.
+    fn say_why_waiting(&mut self, mine: &[TaskId], now: Instant, out: &mut Vec<Output>) {
+        let Some(why) = self.why_waiting(mine, now) else {
+            self.said_waiting = None;
+            return;
+        };
+        match &self.said_waiting {
+            Some((said, _)) if *said == why => {}
+            Some((_, at)) if now < *at + WAITING_SAID_EVERY => {
+                out.push(Output::WakeAt(*at + WAITING_SAID_EVERY));
+            }
+            _ => {
+                out.push(Output::Note(format!("nothing to claim: {why}")));
+                self.said_waiting = Some((why, now));
+            }
+        }
+    }
+
+    /// Why the list's tasks that are not complete cannot be claimed now (the first few).
+    fn why_waiting(&self, mine: &[TaskId], now: Instant) -> Option<String> {
+        const SHOWN: usize = 3;
+        let reasons: Vec<String> = mine
+            .iter()
+            .filter_map(|id| {
+                let t = self.view.get(id)?;
+                if t.status == TaskStatus::Complete {
+                    return None;
+                }
+                if let Some(n) = self
+                    .attempts
+                    .get(id)
+                    .filter(|n| **n >= self.plan.max_attempts)
+                {
+                    return Some(format!("{id}: given up after {n} failed attempts"));
+                }
+                if self.not_before.get(id).is_some_and(|at| *at > now) {
+                    return None; // retried shortly: nothing to wait for
+                }
+                if t.status == TaskStatus::Claimed {
+                    let who = t
+                        .claimed_by
+                        .as_ref()
+                        .map_or("a session".into(), |h| h.to_string());
+                    return Some(format!("{id} is claimed by {who}"));
+                }
+                let pending: Vec<String> = t
+                    .blocked_by
+                    .iter()
+                    .filter(|b| self.status_of(b) != Some(TaskStatus::Complete))
+                    .map(|b| match self.view.get(b) {
+                        Some(bt) if bt.status == TaskStatus::Claimed => format!(
+                            "{b} (claimed by {})",
+                            bt.claimed_by
+                                .as_ref()
+                                .map_or("a session".into(), |h| h.to_string())
+                        ),
+                        Some(bt) => format!("{b} ({})", bt.status),
+                        None => format!("{b} (not known yet)"),
+                    })
+                    .collect();
+                (!pending.is_empty()).then(|| format!("{id} waits for {}", pending.join(", ")))
+            })
+            .collect();
+        if reasons.is_empty() {
+            return None;
+        }
+        let more = reasons.len().saturating_sub(SHOWN);
+        let mut why = reasons
+            .into_iter()
+            .take(SHOWN)
+            .collect::<Vec<_>>()
+            .join("; ");
+        if more > 0 {
+            why.push_str(&format!("; and {more} more"));
+        }
+        Some(why)
     }
 
     /// A task of the list that can never become claimable: a blocker (or a blocker's blocker)

@@ -743,3 +743,62 @@ fn until_done_on_an_empty_board_warns_at_once_and_gives_up_after_the_grace() {
     );
     assert!(out.contains(&Output::Exit(1)), "{out:?}");
 }
+
+fn held(name: &str, by: &str, blocked_by: &[&str]) -> Task {
+    let mut t = task(name, TaskStatus::Claimed, blocked_by);
+    t.claimed_by = Some(sid(by));
+    t
+}
+
+#[test]
+fn an_idle_session_says_why_nothing_is_claimable_once_and_again_when_it_changes() {
+    // Tester helper-1: tasks held by one-shot claims of sessions nobody runs; the agent idled
+    // with nothing in its log.
+    let notes = |out: &[Output]| -> Vec<String> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Note(n) if n.starts_with("nothing to claim") => Some(n.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["CL1", "CB2"]));
+    let out = l.step(
+        Input::Snapshot(vec![
+            held("CL1", "ghost", &[]),
+            task("CB2", TaskStatus::Blocked, &["CB1"]),
+            held("CB1", "ghost2", &[]),
+        ]),
+        now,
+    );
+    assert_eq!(
+        notes(&out),
+        ["nothing to claim: CL1 is claimed by ghost; CB2 waits for CB1 (claimed by ghost2)"]
+    );
+    // Said once: the same state again says nothing.
+    let out = l.step(Input::Tick, now + Duration::from_secs(1));
+    assert!(notes(&out).is_empty(), "{out:?}");
+    // A change within the quiet period is said when it ends.
+    let out = l.step(
+        changed("CB1", TaskStatus::Available, None),
+        now + Duration::from_secs(2),
+    );
+    assert!(notes(&out).is_empty(), "{out:?}");
+    assert!(
+        out.contains(&Output::WakeAt(now + WAITING_SAID_EVERY)),
+        "{out:?}"
+    );
+    let out = l.step(Input::Tick, now + WAITING_SAID_EVERY);
+    assert_eq!(
+        notes(&out),
+        ["nothing to claim: CL1 is claimed by ghost; CB2 waits for CB1 (available)"]
+    );
+    // Something claimable: it is claimed, nothing is said.
+    let out = l.step(
+        changed("CL1", TaskStatus::Available, None),
+        now + WAITING_SAID_EVERY,
+    );
+    assert_eq!(claims(&out), ["CL1"]);
+    assert!(notes(&out).is_empty(), "{out:?}");
+}
