@@ -51,11 +51,7 @@ impl Conn {
             return Err(BackendError::InvalidInput("no etcd endpoints given".into()));
         }
         for e in &cfg.endpoints {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return Err(BackendError::InvalidInput(format!(
-                    "endpoint {e:?} must start with http:// or https://"
-                )));
-            }
+            check_endpoint(e)?;
         }
         let mut options = ConnectOptions::new()
             .with_connect_timeout(cfg.dial_timeout)
@@ -186,7 +182,7 @@ impl Conn {
                     self.members.answered(member);
                     break Ok(value);
                 }
-                Ok(Err(e)) if self.several_endpoints && never_sent(&e) => {
+                Ok(Err(e)) if self.several_endpoints && never_sent(&e) && !tls_problem(&e) => {
                     if self.members.avoid(member) {
                         tracing::info!(endpoint, operation, error = %e, "etcd member unreachable; using the next one");
                     }
@@ -252,6 +248,35 @@ impl Conn {
     }
 }
 
+/// An endpoint URL that could never be reached is refused before anything is tried (the
+/// tester's report: `http://127.0.0.1:99999` made an agent wait for ever).
+fn check_endpoint(e: &str) -> BackendResult<()> {
+    let bad = |why: &str| Err(BackendError::InvalidInput(format!("endpoint {e:?}: {why}")));
+    let Some(rest) = e
+        .strip_prefix("http://")
+        .or_else(|| e.strip_prefix("https://"))
+    else {
+        return bad("must start with http:// or https://");
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    // The port follows the last ':' outside an IPv6 literal's brackets.
+    let host_end = authority.rfind(']').map_or(0, |i| i + 1);
+    let (host, port) = match authority[host_end..].rfind(':') {
+        Some(i) => (
+            &authority[..host_end + i],
+            Some(&authority[host_end + i + 1..]),
+        ),
+        None => (authority, None),
+    };
+    if host.is_empty() {
+        return bad("no host");
+    }
+    match port.map(|p| p.parse::<u16>()) {
+        None | Some(Ok(1..)) => Ok(()),
+        Some(_) => bad("the port must be a number from 1 to 65535"),
+    }
+}
+
 fn read(path: &std::path::Path) -> BackendResult<Vec<u8>> {
     std::fs::read(path)
         .map_err(|e| BackendError::InvalidInput(format!("cannot read {}: {e}", path.display())))
@@ -273,20 +298,77 @@ fn classify(endpoint: &str, e: etcd_client::Error) -> BackendError {
                     reason: status.message().to_owned(),
                 }
             }
-            _ => BackendError::Unavailable {
-                endpoint,
-                reason: describe_status(&status),
-            },
+            _ => {
+                let reason = describe_status(&status);
+                match tls_refusal(&reason) {
+                    Some(reason) => BackendError::Rejected { endpoint, reason },
+                    None => BackendError::Unavailable { endpoint, reason },
+                }
+            }
         },
         E::InvalidArgs(reason) => BackendError::InvalidInput(format!("{endpoint}: {reason}")),
         E::InvalidUri(err) => {
             BackendError::InvalidInput(format!("{endpoint}: invalid endpoint URL: {err}"))
         }
-        other => BackendError::Unavailable {
-            endpoint,
-            reason: other.to_string(),
-        },
+        E::TransportError(t) => {
+            // etcd-client's error has no source: tonic's does, and it says what failed.
+            let reason = full_text(&t);
+            match tls_refusal(&reason) {
+                Some(reason) => BackendError::Rejected { endpoint, reason },
+                None => BackendError::Unavailable { endpoint, reason },
+            }
+        }
+        other => {
+            let reason = full_text(&other);
+            match tls_refusal(&reason) {
+                Some(reason) => BackendError::Rejected { endpoint, reason },
+                None => BackendError::Unavailable { endpoint, reason },
+            }
+        }
     }
+}
+
+/// Whether `e` is a TLS failure (the same on every member: not worth trying the next).
+fn tls_problem(e: &etcd_client::Error) -> bool {
+    let text = match e {
+        etcd_client::Error::TransportError(t) => full_text(t),
+        etcd_client::Error::GRpcStatus(status) => status.message().to_owned(),
+        other => other.to_string(),
+    };
+    tls_refusal(&text).is_some()
+}
+
+/// An error and its sources, `: `-joined, each said once (tonic's transport errors say
+/// "transport error" and keep the reason in their sources).
+fn full_text(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+/// A TLS failure that waiting will not cure, with what to do about it (`None`: not one).
+fn tls_refusal(text: &str) -> Option<String> {
+    let fix = if text.contains("UnsupportedCertVersion") {
+        "a certificate is X.509 v1 (made without extensions, as `openssl x509 -req` does without -extfile); ifc's TLS library accepts only v3: reissue it with an -extfile (e.g. extendedKeyUsage=clientAuth for --cert, subjectAltName for etcd's)"
+    } else if text.contains("UnknownIssuer") {
+        "etcd's certificate is not signed by the CA given: --cacert must name the CA that signed it"
+    } else if text.contains("NotValidForName") {
+        "etcd's certificate does not name the host of the endpoint: use a host its subjectAltName lists"
+    } else if text.contains("invalid peer certificate")
+        || text.contains("certificate") && text.contains("invalid")
+    {
+        "check --cacert, --cert and --key"
+    } else {
+        return None;
+    };
+    Some(format!("TLS: {text} ({fix})"))
 }
 
 /// Whether the request failed before reaching any etcd member (so retrying it is always safe).
@@ -306,5 +388,42 @@ fn describe_status(status: &tonic::Status) -> String {
         format!("{:?}", status.code())
     } else {
         message.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_that_could_never_be_reached_are_refused() {
+        // The tester's report: `http://127.0.0.1:99999` made an agent wait for ever.
+        for ok in [
+            "http://127.0.0.1:2379",
+            "https://etcd.example:2379/",
+            "http://[::1]:2379",
+            "http://localhost",
+        ] {
+            assert!(check_endpoint(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "127.0.0.1:2379",
+            "http://127.0.0.1:99999",
+            "http://127.0.0.1:0",
+            "http://127.0.0.1:x",
+            "http://:2379",
+        ] {
+            assert!(check_endpoint(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tls_failures_say_what_to_do() {
+        let r = tls_refusal("invalid peer certificate: UnknownIssuer").expect("a TLS refusal");
+        assert!(r.contains("--cacert must name the CA"), "{r}");
+        let r = tls_refusal("invalid peer certificate: Other(OtherError(UnsupportedCertVersion))")
+            .expect("a TLS refusal");
+        assert!(r.contains("X.509 v1"), "{r}");
+        assert_eq!(tls_refusal("tcp connect error"), None);
     }
 }

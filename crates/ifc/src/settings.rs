@@ -88,6 +88,9 @@ pub fn etcd_error(e: BackendError, prefix: &str) -> anyhow::Error {
         BackendError::Rejected { reason, .. } if reason.contains("permission denied") => format!(
             "etcd answered but refuses this user the prefix {prefix:?}: grant the user a role with readwrite on it (`etcdctl role grant-permission ROLE --prefix readwrite '{prefix}'`), or use --prefix with one it may use"
         ),
+        BackendError::Rejected { reason, .. } if reason.starts_with("TLS:") => {
+            "cannot set up TLS with etcd".to_owned()
+        }
         BackendError::Rejected { .. } => {
             "etcd answered but refused to let ifc in (check --user / IFC_PASSWORD and the TLS files)".to_owned()
         }

@@ -144,7 +144,7 @@ fn tls_with_client_certificates_works_and_a_missing_certificate_is_refused_by_na
         "{}",
         text(&out.stderr)
     );
-    // No trusted CA: the server's certificate is not accepted.
+    // No trusted CA: the server's certificate is not accepted, and the error says what to do.
     let out = run(ifc(d, &endpoint).args([
         "--cert",
         "client.crt",
@@ -154,6 +154,63 @@ fn tls_with_client_certificates_works_and_a_missing_certificate_is_refused_by_na
         "TLS-1",
     ]));
     assert_eq!(code(&out), 3, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--cacert must name the CA that signed it"),
+        "{}",
+        text(&out.stderr)
+    );
+    // An agent does not wait for what waiting cannot cure (tester helper-1: it waited for ever).
+    std::fs::write(
+        d.join("s.yaml"),
+        "session_id: s-tls\ntasks: [TLS-1]\ncommand: [/bin/true]\n",
+    )
+    .expect("session file");
+    let out = run(ifc(d, &endpoint).args([
+        "--cert",
+        "client.crt",
+        "--key",
+        "client.key",
+        "agent",
+        "--config",
+        "s.yaml",
+    ]));
+    assert_eq!(code(&out), 3, "{}", text(&out.stderr));
+    // Issue 16: a client certificate made without extensions is X.509 v1; etcdctl takes it,
+    // ifc's TLS library does not, and said only "transport error: transport error".
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client-v1.crt",
+            "-days",
+            "2",
+        ],
+    );
+    let out = run(ifc(d, &endpoint).args([
+        "--cacert",
+        "ca.crt",
+        "--cert",
+        "client-v1.crt",
+        "--key",
+        "client.key",
+        "get",
+        "TLS-1",
+    ]));
+    assert_eq!(code(&out), 3, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("X.509 v1") && text(&out.stderr).contains("reissue it"),
+        "{}",
+        text(&out.stderr)
+    );
     // Plain HTTP to a TLS port: a clear failure too, not a hang.
     let plain = endpoint.replace("https://", "http://");
     let out = run(ifc(d, &plain).args(["--dial-timeout", "2s", "get", "TLS-1"]));
