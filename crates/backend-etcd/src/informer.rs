@@ -93,6 +93,8 @@ impl Inner {
                 w.watch(from, Some(options)).await
             }
         };
+        let mut passed_over = self.conn.passed_over();
+        let member = self.conn.serving_member();
         let stream = match self.conn.call("watch", watch).await {
             Ok(s) => s,
             Err(e) => return WatchEnd::Broken(e.to_string()),
@@ -126,6 +128,11 @@ impl Inner {
                         }
                     }
                     self.apply_events(&resp);
+                }
+                Ok(()) = passed_over.changed() => {
+                    if *passed_over.borrow_and_update() == Some(member) {
+                        return WatchEnd::Broken("its etcd member stopped answering other calls".into());
+                    }
                 }
                 _ = tick.tick() => {
                     if last_heard.elapsed() > silence_limit {

@@ -149,3 +149,46 @@ async fn claims_go_on_when_the_first_listed_member_hangs() {
     }
     assert_eq!(listing.tasks.len(), 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_leaves_a_member_other_calls_found_silent() {
+    // Tester helper-1: with the first listed member SIGSTOPped, calls moved on at once but the
+    // watch stayed on it until its own silence check (two progress intervals) fired: blocker
+    // wake-ups came 3-6 s late. Here that check is a minute away; the event must come sooner,
+    // through the watch moving with the calls.
+    let cluster = EtcdCluster::start(3);
+    let config = EtcdConfig {
+        watch_progress_interval: Duration::from_secs(60),
+        ..cluster.config()
+    };
+    let b = crate::backend_with(config, true).await;
+    let id = TaskId::parse("W1").expect("valid");
+    let mut sub = b.subscribe().await.expect("subscribe");
+    let pid = cluster.members[0].pid().expect("running");
+    let signal = |s: &str| {
+        let status = std::process::Command::new("kill")
+            .args([s, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {s} {pid}");
+    };
+    signal("-STOP");
+    // The put goes to the stopped member first, is passed over, lands on another.
+    b.put(&id, &TaskPatch::default()).await.expect("put");
+    let heard = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match sub.next().await {
+                Some(agent_core::BackendEvent::Task(e)) if e.task == id => return true,
+                Some(_) => continue,
+                None => return false,
+            }
+        }
+    })
+    .await;
+    signal("-CONT");
+    assert_eq!(
+        heard,
+        Ok(true),
+        "the event came through the watch (its own silence check is 2 minutes away)"
+    );
+}
