@@ -403,13 +403,30 @@ async fn claim(
     out: &mut impl Write,
 ) -> Result<u8> {
     let mut code = 0;
-    for task in &args.tasks {
+    for (i, task) in args.tasks.iter().enumerate() {
+        // An error ends the command: it says which tasks were not tried (the tester's report).
+        let untried = || {
+            let rest: Vec<&str> = args.tasks[i + 1..].iter().map(TaskId::as_str).collect();
+            match rest.as_slice() {
+                [] => String::new(),
+                _ => format!(" ({} not tried)", rest.join(", ")),
+            }
+        };
         // A claim of a task the session holds already replaces that claim: said below.
         let held_already = b.get(task).await.ok().flatten().is_some_and(|t| {
             t.status == agent_core::TaskStatus::Claimed
                 && t.claimed_by.as_ref() == Some(&args.session)
         });
-        let outcome = settled("claim", task, || b.claim(task, &args.session)).await?;
+        let outcome = settled("claim", task, || b.claim(task, &args.session))
+            .await
+            .map_err(|e| {
+                let rest = untried();
+                if rest.is_empty() {
+                    e
+                } else {
+                    e.context(format!("claim of {task} failed{rest}"))
+                }
+            })?;
         if let (Some(h), ClaimOutcome::Won(c)) = (history, &outcome) {
             h.log(
                 args.session.as_str(),
