@@ -61,6 +61,43 @@ impl GitConfig {
         }
     }
 
+    /// Where the default clone of this remote is: `.ifc/git/<name>`, unless that directory is
+    /// a clone of another remote, then `.ifc/git/<name>-<hash of the remote>` (issue 16: a
+    /// second coordination repo used from the same directory was refused, "… is a clone of X,
+    /// not of Y"). One remote spelled two ways (relative, absolute, file://) is one remote.
+    pub fn follow_remote(&mut self) {
+        let Some(name) = self
+            .workdir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+        else {
+            return;
+        };
+        let Ok(repo) = git2::Repository::open(&self.workdir) else {
+            return; // no clone there yet: it is this remote's
+        };
+        // A clone that never fetched (a mistyped remote) follows the one asked for now.
+        let fetched = repo
+            .references_glob("refs/remotes/origin/*")
+            .is_ok_and(|mut r| r.next().is_some());
+        let origin = repo
+            .find_remote("origin")
+            .ok()
+            .and_then(|o| o.url().map(str::to_owned));
+        let Some(origin) = origin.filter(|_| fetched) else {
+            return;
+        };
+        if same_remote(&origin, &self.remote) {
+            return;
+        }
+        let canonical = canonical_remote(&self.remote);
+        let hashed = format!(
+            "{name}-{:08x}",
+            agent_core::config::stable_hash(&canonical) as u32
+        );
+        self.workdir.set_file_name(hashed);
+    }
+
     /// The STATUS file of `session`, relative to the repo root.
     pub fn status_path(&self, session: &SessionId) -> String {
         let n = session_number(session);
@@ -88,6 +125,18 @@ impl GitConfig {
 
 /// The path a remote names on this machine's file system, if it names one (a path or
 /// `file://…`, not a URL of another transport).
+/// A remote as one spelling: a local path canonicalized (when it exists), a URL as given.
+pub fn canonical_remote(remote: &str) -> String {
+    local_path(remote)
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .map_or_else(|| remote.to_owned(), |p| p.display().to_string())
+}
+
+/// Whether two spellings name one remote (relative and absolute, a trailing slash, file://).
+pub fn same_remote(a: &str, b: &str) -> bool {
+    a == b || canonical_remote(a) == canonical_remote(b)
+}
+
 pub fn local_path(remote: &str) -> Option<PathBuf> {
     if let Some(path) = remote.strip_prefix("file://") {
         return Some(PathBuf::from(path));

@@ -76,11 +76,9 @@ impl Clone {
                 .map_or(true, |mut r| r.next().is_none());
             // One local remote spelled two ways (relative and absolute, a trailing slash,
             // file://) is the same remote (the tester's report).
-            let place =
-                |r: &str| crate::config::local_path(r).and_then(|p| std::fs::canonicalize(p).ok());
-            let same = url.as_deref().is_some_and(|u| {
-                u == config.remote || place(u).is_some_and(|p| Some(p) == place(&config.remote))
-            });
+            let same = url
+                .as_deref()
+                .is_some_and(|u| crate::config::same_remote(u, &config.remote));
             if !same && never_fetched {
                 repo.remote_set_url("origin", &config.remote)
                     .map_err(|e| local(dir, e))?;

@@ -27,11 +27,12 @@ variable. RUST_LOG sets the log level (default warn; info for `ifc agent`).";
 #[derive(Debug, Parser)]
 #[command(name = "ifc", version, about, after_help = EXIT_CODES, propagate_version = true)]
 pub struct Cli {
-    #[command(flatten)]
-    pub global: Global,
-    /// Log format on stderr
+    /// Log format on stderr (before the flattened flags: the git ones end with their own
+    /// heading, which would take it in)
     #[arg(long, env = "IFC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub global: Global,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -241,6 +242,15 @@ pub enum Command {
     Bench(BenchArgs),
     /// Run a local single-node etcd for trying ifc out (data under .ifc/dev/) until Ctrl-C
     Dev(DevArgs),
+    /// Print a shell completion script: `ifc completion bash > /etc/bash_completion.d/ifc`,
+    /// `source <(ifc completion zsh)`, `ifc completion fish > ~/.config/fish/completions/ifc.fish`
+    Completion {
+        /// The shell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `ifc man > ifc.1 && man ./ifc.1`
+    Man,
     /// Check agents' history files (--history): no task run by two sessions at once, no
     /// completion without its claim or after its fencing, every won task completed exactly once;
     /// exit 0 when none is found, 1 otherwise
@@ -249,6 +259,56 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+}
+
+/// The global flags a command has no use for, hidden from its `--help` (issue 16: `ifc dev
+/// --help` listed ~100 lines of them for its 3 options). They are still accepted.
+const UNUSED_GLOBALS: &[(&str, &[&str])] = &[
+    ("dev", &[STORES, GIT]),
+    ("check-history", &[STORES, GIT]),
+    ("completion", &[STORES, GIT]),
+    ("man", &[STORES, GIT]),
+    ("bench", &[GIT]),
+];
+/// Marks for `UNUSED_GLOBALS`: every etcd and mode flag, every git flag.
+const STORES: &str = "stores";
+const GIT: &str = "git";
+
+/// The command line, each command's help showing the global flags it uses: a command that
+/// has no use for some is given hidden copies of them before clap hands the global ones down
+/// (which it does only to commands that lack them), so they are still accepted.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let ids = |c: clap::Command| -> Vec<String> {
+        c.get_arguments().map(|a| a.get_id().to_string()).collect()
+    };
+    let git = ids(GitArgs::augment_args(clap::Command::new("git")));
+    let globals: Vec<clap::Arg> = cmd
+        .get_arguments()
+        .filter(|a| a.is_global_set())
+        .cloned()
+        .collect();
+    for (name, kinds) in UNUSED_GLOBALS {
+        let hidden: Vec<clap::Arg> = globals
+            .iter()
+            .filter(|a| {
+                let is_git = git.iter().any(|g| g == a.get_id().as_str());
+                let log = a.get_id() == "log_format";
+                !log && kinds.contains(&if is_git { GIT } else { STORES })
+            })
+            .map(|a| a.clone().hide(true))
+            .collect();
+        cmd = cmd.mut_subcommand(*name, |sub| sub.args(hidden));
+    }
+    cmd
+}
+
+/// Parses the process's arguments (exits with clap's usage error, code 2, when they are bad).
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let matches = command().get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 #[derive(Debug, Args)]
@@ -426,6 +486,46 @@ mod tests {
     #[test]
     fn the_cli_is_well_formed() {
         Cli::command().debug_assert();
+        command().debug_assert();
+    }
+
+    #[test]
+    fn a_commands_help_shows_the_flags_it_uses() {
+        // Issue 16: `ifc dev --help` was ~100 lines for 3 options; `--log-format` sat under
+        // "Git mode".
+        let help = |name: &str| {
+            let mut cmd = command();
+            cmd.build(); // hands the global flags down, as parsing does
+            let sub = cmd.find_subcommand_mut(name).expect("a command");
+            sub.render_long_help().to_string()
+        };
+        let dev = help("dev");
+        assert!(
+            !dev.contains("--endpoints") && !dev.contains("--git-remote"),
+            "{dev}"
+        );
+        assert!(
+            dev.contains("--port") && dev.contains("--etcd-bin"),
+            "{dev}"
+        );
+        assert!(dev.lines().count() < 40, "{dev}");
+        let bench = help("bench");
+        assert!(
+            bench.contains("--endpoints") && !bench.contains("--git-remote"),
+            "{bench}"
+        );
+        let claim = help("claim");
+        assert!(
+            claim.contains("--endpoints") && claim.contains("--git-remote"),
+            "{claim}"
+        );
+        let top = command().render_long_help().to_string();
+        let git_mode = top.split("Git mode:").nth(1).unwrap_or_default();
+        assert!(!git_mode.contains("--log-format"), "{top}");
+        // Hidden, still accepted.
+        assert!(command()
+            .try_get_matches_from(["ifc", "dev", "--endpoints", "http://x:1"])
+            .is_ok());
     }
 
     #[test]

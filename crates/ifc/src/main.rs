@@ -12,14 +12,12 @@ mod settings;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(agent::SHIM) {
         return agent::shim(&args[2..]);
     }
-    let cli = cli::Cli::parse();
+    let cli = cli::parse();
     // An agent logs its claims and releases by default; the one-shot commands only warnings.
     let default_level = if matches!(cli.command, cli::Command::Agent(_)) {
         "info"

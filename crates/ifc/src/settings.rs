@@ -385,8 +385,9 @@ pub fn git_config(
         .stale_after
         .or_else(|| file.and_then(|f| f.stale_after.map(|d| d.0)))
         .unwrap_or(config.poll_interval * 10);
-    if let Some(dir) = &g.git.git_workdir {
-        config.workdir = dir.clone();
+    match &g.git.git_workdir {
+        Some(dir) => config.workdir = dir.clone(),
+        None => config.follow_remote(),
     }
     config.session = session.cloned();
     Ok(config)

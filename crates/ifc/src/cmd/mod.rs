@@ -199,6 +199,17 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
         Command::Audit => bridge::audit(g, output, &mut out).await,
         Command::Bench(args) => bench::run(g, args, output, &mut out).await,
         Command::CheckHistory { files } => check_history(files, output, &mut out),
+        Command::Completion { shell } => {
+            // Into a buffer first: the generator panics on a closed pipe (`| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut crate::cli::command(), "ifc", &mut script);
+            out.write_all(&script)?;
+            Ok(0)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(crate::cli::command()).render(&mut out)?;
+            Ok(0)
+        }
         Command::Dev(args) => {
             drop(out);
             dev::run(args).await

@@ -219,9 +219,25 @@ fn a_mistyped_remote_does_not_spoil_the_directory_for_the_right_one() {
         "{}",
         text(&out.stdout)
     );
-    // A clone that did fetch from another remote is still refused, and says what to do.
+    // Issue 16: a second coordination repo used from the same directory was refused (".ifc/
+    // git/ifc-cli is a clone of X, not of Y"); the default clone follows the remote now, and
+    // each repo keeps its own.
     let other = BareRemote::new(FIXTURE);
-    let out = run(ifc_git(&other, cwd.path()).arg("status"));
+    let out = run(ifc_git(&other, cwd.path()).args(["claim", "P0.2.6", "--session", "s-other"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let holder = |r: &BareRemote| {
+        let out = run(ifc_git(r, cwd.path()).args(["get", "P0.2.6", "-o", "json"]));
+        assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        v["claimed_by"].as_str().map(str::to_owned)
+    };
+    assert_eq!(holder(&other).as_deref(), Some("s-other"));
+    assert_eq!(holder(&remote), None, "the first repo is its own");
+    // A clone named with --git-workdir is what was asked for: another remote's is refused,
+    // saying what to do.
+    let out = run(ifc_git(&other, cwd.path())
+        .args(["--git-workdir", ".ifc/git/ifc-cli"])
+        .arg("status"));
     assert_eq!(code(&out), 2, "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("delete that directory"),

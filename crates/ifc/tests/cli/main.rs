@@ -9,6 +9,7 @@ mod hybrid;
 mod lapsed;
 mod metrics;
 mod migrate;
+mod readme;
 mod security;
 
 use std::collections::BTreeMap;
@@ -724,6 +725,33 @@ async fn delete_removes_a_task_but_never_a_held_one_or_a_blocker_unless_forced()
         text(&out.stderr).contains("delete the task's row from the board"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+#[test]
+fn completion_scripts_and_a_man_page_are_printed() {
+    // Issue 16: etcdctl and kubectl users expect both.
+    let bin = env!("CARGO_BIN_EXE_ifc");
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(Command::new(bin).args(["completion", shell]));
+        assert_eq!(code(&out), 0, "{shell}: {}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("claim"), "{shell}");
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let script = dir.path().join("ifc.bash");
+    std::fs::write(
+        &script,
+        run(Command::new(bin).args(["completion", "bash"])).stdout,
+    )
+    .expect("write");
+    let check = run(Command::new("bash").arg("-n").arg(&script));
+    assert_eq!(code(&check), 0, "{}", text(&check.stderr));
+    let out = run(Command::new(bin).arg("man"));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(".TH ifc 1"),
+        "{}",
+        text(&out.stdout)
     );
 }
 
