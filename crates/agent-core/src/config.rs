@@ -103,6 +103,45 @@ pub struct SessionFile {
     pub mode: Option<Mode>,
 }
 
+impl SessionFile {
+    /// The keys of `newer` that differ from this file and that a running agent does not take
+    /// up (all but `mode`, which switches live): said to the operator, who restarts the agent
+    /// for them (issue 16: an edited task list was ignored without a word).
+    pub fn changes_needing_restart(&self, newer: &SessionFile) -> Vec<&'static str> {
+        let same =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+        let fields: [(&'static str, bool); 10] = [
+            ("session_id", same(&self.session_id, &newer.session_id)),
+            ("tasks", same(&self.tasks, &newer.tasks)),
+            ("command", same(&self.command, &newer.command)),
+            ("workdir", same(&self.workdir, &newer.workdir)),
+            ("env", same(&self.env, &newer.env)),
+            (
+                "task_timeout",
+                same(&self.task_timeout, &newer.task_timeout),
+            ),
+            (
+                "stall_timeout",
+                same(&self.stall_timeout, &newer.stall_timeout),
+            ),
+            (
+                "max_attempts",
+                same(&self.max_attempts, &newer.max_attempts),
+            ),
+            ("lease_ttl", same(&self.lease_ttl, &newer.lease_ttl)),
+            (
+                "shutdown_grace",
+                same(&self.shutdown_grace, &newer.shutdown_grace),
+            ),
+        ];
+        fields
+            .into_iter()
+            .filter(|(_, same)| !same)
+            .map(|(key, _)| key)
+            .collect()
+    }
+}
+
 impl Mode {
     /// The name as written in files and flags.
     pub fn as_str(self) -> &'static str {
@@ -208,6 +247,20 @@ pub enum ModeSource {
     FleetDefault,
     /// Nothing said: coordinator.
     BuiltIn,
+}
+
+/// For logs: where the mode came from, in the words of the files and flags.
+impl std::fmt::Display for ModeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ModeSource::Flag => "--mode or IFC_MODE",
+            ModeSource::Rollback => "the fleet file's rollback: true",
+            ModeSource::SessionFile => "the session file's mode:",
+            ModeSource::Rollout => "the fleet file's rollout:",
+            ModeSource::FleetDefault => "the fleet file's mode:",
+            ModeSource::BuiltIn => "the default",
+        })
+    }
 }
 
 /// A hash of `text` that is the same on every machine and version: FNV-1a.

@@ -399,6 +399,11 @@ pub struct Presence {
     pub version: String,
 }
 
+/// A holder for logs and messages: its id, or `nobody`.
+pub fn holder_name(holder: Option<&SessionId>) -> String {
+    holder.map_or_else(|| "nobody".to_owned(), ToString::to_string)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -291,7 +291,7 @@ impl Router {
         }
         let old = std::mem::replace(&mut lock(&self.shared.state).mode, mode);
         if old != mode {
-            tracing::warn!(session = %self.shared.config.name, from = ?old, to = ?mode, "mode changed");
+            tracing::warn!(session = %self.shared.config.name, from = old.as_str(), to = mode.as_str(), "mode changed");
         }
         self.shared.settle().await;
         Ok(())
@@ -617,7 +617,7 @@ impl Shared {
         };
         if let Ok(out) = etcd.record(std::slice::from_ref(&item)).await {
             if out.first() == Some(&crate::mirror::RecordOutcome::Written) {
-                tracing::info!(%task, status = %item.status, holder = ?item.holder, "carried git's word on the task into etcd");
+                tracing::info!(%task, status = %item.status, holder = %crate::model::holder_name(item.holder.as_ref()), "carried git's word on the task into etcd");
             }
         }
     }

@@ -247,3 +247,13 @@ fn the_demo_sessions_parse() {
         assert_eq!(s.session_id.as_str(), name);
     }
 }
+
+#[test]
+fn the_keys_a_running_agent_does_not_take_up_are_named() {
+    let base = "session_id: s1\ntasks: [A]\ncommand: [x]\n";
+    let old = session(base).expect("valid");
+    let same_but_mode = session(&format!("{base}mode: git\n")).expect("valid");
+    assert!(old.changes_needing_restart(&same_but_mode).is_empty());
+    let edited = session("session_id: s1\ntasks: [A, B]\ncommand: [y]\n").expect("valid");
+    assert_eq!(old.changes_needing_restart(&edited), ["tasks", "command"]);
+}

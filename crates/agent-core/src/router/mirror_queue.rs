@@ -100,7 +100,7 @@ async fn write_loop(
                     for (item, outcome) in batch.iter().zip(&out) {
                         if let RecordOutcome::Conflict { holder } = outcome {
                             conflicts.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(session = %name, task = %item.task, git_holder = ?holder, "conflict: git has this task claimed by another session; mirror left it alone");
+                            tracing::warn!(session = %name, task = %item.task, git_holder = %crate::model::holder_name(holder.as_ref()), "conflict: git has this task claimed by another session; mirror left it alone");
                         }
                     }
                     backoff.reset();

@@ -224,7 +224,7 @@ impl Shared {
                 for (item, outcome) in plan.iter().zip(&out) {
                     if let RecordOutcome::Conflict { holder } = outcome {
                         lock(&self.state).stats.conflicts += 1;
-                        tracing::warn!(session = %self.config.name, task = %item.task, here = ?holder, there = ?item.holder, "conflict: claimed by different sessions in {name} and the other store");
+                        tracing::warn!(session = %self.config.name, task = %item.task, here = %crate::model::holder_name(holder.as_ref()), there = %crate::model::holder_name(item.holder.as_ref()), "conflict: claimed by different sessions in {name} and the other store");
                     }
                 }
                 true

@@ -106,7 +106,7 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         }
         .into());
     }
-    tracing::info!(session = %id, mode = mode.as_str(), from = ?source, backend = backend.serving_name(), "agent started");
+    tracing::info!(session = %id, mode = mode.as_str(), from = %source, backend = backend.serving_name(), "agent started");
     // A store that went away between the registration and here is waited for too (seed
     // 2000002: etcd killed in that instant, and a hybrid agent exited for good); a hybrid
     // router meanwhile moves to git and subscribes there.
@@ -159,6 +159,7 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         awaited: HashMap::new(),
         history,
         evicted: false,
+        said_restart: Vec::new(),
         warned: HashMap::new(),
     };
     driver.run(sub, watch).await
@@ -193,6 +194,8 @@ struct Driver {
     history: Option<History>,
     /// Another process took the session over: this one stops (exit 5).
     evicted: bool,
+    /// The keys of the session file last said to need a restart (said again when they change).
+    said_restart: Vec<&'static str>,
     /// The last failure warned about for each (task, operation): the same failure again (a
     /// board that stays broken for minutes) is logged at debug, not once a second.
     warned: HashMap<(TaskId, &'static str), String>,
@@ -304,6 +307,13 @@ impl Driver {
                 return;
             }
         };
+        let keys = self.session.changes_needing_restart(&session);
+        if keys != self.said_restart {
+            if !keys.is_empty() {
+                tracing::warn!(session = %self.session.session_id, keys = %keys.join(", "), "the session file changed where a running agent keeps what it started with (only mode: switches live): restart the agent to use the new values");
+            }
+            self.said_restart = keys;
+        }
         let mut fleet = match &self.fleet_path {
             Some(p) => match FleetFile::load(p) {
                 Ok(f) => Some(f),
@@ -327,7 +337,7 @@ impl Driver {
         if mode == self.mode {
             return;
         }
-        tracing::warn!(session = %id, from = self.mode.as_str(), to = mode.as_str(), because = ?source, "switching mode");
+        tracing::warn!(session = %id, from = self.mode.as_str(), to = mode.as_str(), because = %source, "switching mode");
         match self.backend.set_mode(mode).await {
             Ok(()) => {
                 self.mode = mode;

@@ -696,6 +696,40 @@ fn why_a_task_failed_is_on_the_agents_stderr() {
 }
 
 #[test]
+fn an_idle_agent_says_what_it_waits_for_and_that_a_new_task_list_needs_a_restart() {
+    // Tester helper-1: an agent whose task was held by a one-shot claim of a session nobody
+    // runs idled without a word; issue 16: an edited task list was ignored without a word.
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    put(&e, w.path(), &["HELD"]);
+    put(&e, w.path(), &["NEW"]);
+    let out = run(ifc(&e, w.path()).args(["claim", "HELD", "--session", "ghost"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let config = w.session("s-idle", &["HELD"], APPEND, "");
+    let log = w.path().join("idle.log");
+    let mut agent = spawn_agent(ifc(&e, w.path()), &config, &log, &[]);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for(
+        "the agent to say why it waits",
+        Duration::from_secs(20),
+        || read().contains("nothing to claim: HELD is claimed by ghost"),
+    );
+    w.session("s-idle", &["HELD", "NEW"], APPEND, "");
+    wait_for(
+        "the agent to say the new list needs a restart",
+        Duration::from_secs(20),
+        || {
+            read()
+                .lines()
+                .any(|l| l.contains("restart the agent") && l.contains("keys=tasks"))
+        },
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(w.done().is_empty(), "NEW is not taken up without a restart");
+}
+
+#[test]
 fn the_history_of_a_run_with_an_agent_killed_mid_task_checks_clean() {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
     let e = etcd.endpoint();
