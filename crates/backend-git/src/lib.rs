@@ -59,8 +59,20 @@ async fn blocking<T: Send + 'static>(
     .await
     .map_err(|e| BackendError::Unavailable {
         endpoint: "git worker".into(),
-        reason: e.to_string(),
+        reason: if e.is_cancelled() {
+            SHUTTING_DOWN.into()
+        } else {
+            e.to_string()
+        },
     })?
+}
+
+/// Why a git operation did not run: the process is ending (its runtime cancels what waits).
+const SHUTTING_DOWN: &str = "the process is shutting down";
+
+/// Whether `e` only says the process is ending (nothing to warn about).
+fn shutting_down(e: &BackendError) -> bool {
+    matches!(e, BackendError::Unavailable { reason, .. } if reason == SHUTTING_DOWN)
 }
 
 /// How many pushes a claim, release or put tries before reporting contention.
@@ -275,6 +287,9 @@ async fn run(
                 failures = 0;
                 backoff.reset();
             }
+            // A one-shot command ending: not a failure of the remote (it printed a warning
+            // after its output).
+            Err(e) if shutting_down(&e) => return,
             Err(e) => {
                 if failures == 0 {
                     tracing::warn!(error = %e, "git poll failed; retrying with backoff");
