@@ -92,7 +92,7 @@ impl Inner {
                 return Ok(outcome);
             }
             // A claim key is only there to delete with --force.
-            if self.replace(id, &view, &next, "import").await? {
+            if self.replace(id, &view, Some(&next), "import").await? {
                 return Ok(outcome);
             }
         }
@@ -134,7 +134,7 @@ impl Inner {
                 });
             }
             let next = Record::plain(mirror::applied(&current, want));
-            if self.replace(id, &view, &next, "record").await? {
+            if self.replace(id, &view, Some(&next), "record").await? {
                 return Ok(RecordOutcome::Written);
             }
         }
@@ -194,18 +194,7 @@ impl Inner {
                     return Ok(Deleted::Blocks { dependents });
                 }
             }
-            let (task_key, claim_key) = (self.keys.task(id), self.keys.claim(id));
-            let mut ops = vec![TxnOp::delete(task_key.clone(), None)];
-            if view.claim.is_some() {
-                ops.push(TxnOp::delete(claim_key.clone(), None));
-            }
-            let txn = Txn::new()
-                .when(vec![
-                    Compare::mod_revision(task_key, CompareOp::Equal, view.record_rev()),
-                    Compare::mod_revision(claim_key, CompareOp::Equal, view.claim_rev()),
-                ])
-                .and_then(ops);
-            if self.conn.txn("delete", txn).await?.succeeded() {
+            if self.replace(id, &view, None, "delete").await? {
                 return Ok(Deleted::Deleted);
             }
         }
@@ -215,17 +204,20 @@ impl Inner {
         })
     }
 
-    /// Writes `next` as the task's record and removes its claim key, if neither changed since
-    /// `view` was read. `false`: one did (read again and decide again).
+    /// Writes `next` as the task's record (`None`: deletes it) and removes its claim key, if
+    /// neither changed since `view` was read. `false`: one did (read again and decide again).
     async fn replace(
         &self,
         id: &TaskId,
         view: &View,
-        next: &Record,
+        next: Option<&Record>,
         what: &str,
     ) -> BackendResult<bool> {
         let (task_key, claim_key) = (self.keys.task(id), self.keys.claim(id));
-        let mut ops = vec![TxnOp::put(task_key.clone(), next.encode(), None)];
+        let mut ops = vec![match next {
+            Some(record) => TxnOp::put(task_key.clone(), record.encode(), None),
+            None => TxnOp::delete(task_key.clone(), None),
+        }];
         if view.claim.is_some() {
             ops.push(TxnOp::delete(claim_key.clone(), None));
         }

@@ -43,6 +43,22 @@ pub fn code(out: &Output) -> i32 {
         .unwrap_or_else(|| panic!("killed by a signal: {out:?}"))
 }
 
+/// Every key etcd holds.
+pub(crate) async fn all_keys(server: &EtcdServer) -> Vec<String> {
+    let options = etcd_client::GetOptions::new()
+        .with_all_keys()
+        .with_keys_only();
+    raw(server)
+        .await
+        .get("", Some(options))
+        .await
+        .expect("get")
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect()
+}
+
 pub(crate) async fn raw(server: &EtcdServer) -> etcd_client::Client {
     etcd_client::Client::connect([server.endpoint()], None)
         .await
@@ -690,22 +706,11 @@ async fn delete_removes_a_task_but_never_a_held_one_or_a_blocker_unless_forced()
     assert_eq!(code(&out), 0, "{out:?}");
     let out = run(ifc(&server).args(["status", "-o", "json"]));
     assert_eq!(text(&out.stdout).trim(), "[]");
-    let mut raw = raw(&server).await;
-    let left = raw
-        .get(
-            "",
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_all_keys()
-                    .with_keys_only(),
-            ),
-        )
-        .await
-        .expect("get");
     assert!(
-        left.kvs()
+        all_keys(&server)
+            .await
             .iter()
-            .all(|kv| !kv.key_str().unwrap_or("").starts_with("claims/")),
+            .all(|k| !k.starts_with("claims/")),
         "the claim key went with the task"
     );
     let out = run(ifc(&server).args(["delete", "NOPE"]));

@@ -254,19 +254,12 @@ async fn bench_reports_every_figure_with_its_floor_and_the_peer_and_leaves_nothi
         "{report}"
     );
 
+    assert_eq!(
+        crate::all_keys(&etcd).await,
+        Vec::<String>::new(),
+        "the scratch prefix is gone"
+    );
     let mut raw = crate::raw(&etcd).await;
-    let left = raw
-        .get(
-            "",
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_all_keys()
-                    .with_keys_only(),
-            ),
-        )
-        .await
-        .expect("get");
-    assert_eq!(left.kvs().len(), 0, "the scratch prefix is gone");
     let leases = raw.leases().await.expect("leases");
     assert_eq!(leases.leases().len(), 0, "every session's lease is revoked");
 
