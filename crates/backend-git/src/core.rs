@@ -612,6 +612,21 @@ impl Core {
                     )
                 }),
         );
+        // Rows that name the session IN PROGRESS while its STATUS file says nothing readable
+        // (a migrated or hand-edited board, a garbled file) are held by the board alone: the
+        // file written now keeps them, held until released (tester helper-2: a session's first
+        // write disowned its migrated claim, and another session claimed that task).
+        if snap.status_unknown(session) {
+            for r in rows
+                .iter()
+                .filter(|r| r.status == TaskStatus::Claimed && r.owner.as_ref() == Some(session))
+            {
+                claims.entry(r.id.clone()).or_insert_with(|| ClaimRecord {
+                    until_released: true,
+                    ..ClaimRecord::now(self.next_token(snap, &r.id), None)
+                });
+            }
+        }
         if let Some((t, record)) = extra {
             claims.insert(t.clone(), record.clone());
         }

@@ -423,6 +423,36 @@ async fn the_fixture_board_is_served_and_a_claim_changes_only_its_row() {
             "| P0.5.4 | Stream claim integration | 🟡 IN PROGRESS | session-1-ndi | P0.5.3 |"
         )]
     );
+    // Tester helper-2: the session's first STATUS file listed only P0.5.4, which disowned its
+    // board-declared claim on P0.1.6; another session then claimed P0.1.6.
+    let p016 = backend
+        .get(&tid("P0.1.6"))
+        .await
+        .expect("get")
+        .expect("task");
+    assert_eq!(
+        (p016.status, p016.claimed_by),
+        (TaskStatus::Claimed, Some(sid("session-1-ndi")))
+    );
+    let other = crate::open(&remote, "d").await;
+    assert!(
+        matches!(
+            other
+                .claim(&tid("P0.1.6"), &sid("session-4-z"))
+                .await
+                .expect("claim"),
+            ClaimOutcome::Lost { .. }
+        ),
+        "P0.1.6 is session-1-ndi's"
+    );
+    // Its owner still adopts it.
+    assert!(matches!(
+        backend
+            .claim(&tid("P0.1.6"), &sid("session-1-ndi"))
+            .await
+            .expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
     let out = backend
         .claim(&tid("P0.1.7"), &sid("session-1-ndi"))
         .await
