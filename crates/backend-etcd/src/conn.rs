@@ -390,18 +390,26 @@ fn full_text(e: &dyn std::error::Error) -> String {
 /// A TLS failure that waiting will not cure, with what to do about it (`None`: not one).
 fn tls_refusal(text: &str) -> Option<String> {
     let fix = if text.contains("UnsupportedCertVersion") {
-        "a certificate is X.509 v1 (made without extensions, as `openssl x509 -req` does without -extfile); ifc's TLS library accepts only v3: reissue it with an -extfile (e.g. extendedKeyUsage=clientAuth for --cert, subjectAltName for etcd's)"
+        "a certificate is X.509 v1 (made without extensions, as `openssl x509 -req` does without -extfile), --cert's or etcd's; ifc's TLS library accepts only v3: reissue it with an -extfile (e.g. extendedKeyUsage=clientAuth for --cert, subjectAltName for etcd's)"
     } else if text.contains("UnknownIssuer") {
-        "etcd's certificate is not signed by the CA given: --cacert must name the CA that signed it"
+        "etcd's certificate is not signed by a CA ifc trusts: --cacert must name the CA that signed it"
     } else if text.contains("NotValidForName") {
         "etcd's certificate does not name the host of the endpoint: use a host its subjectAltName lists"
+    } else if text.contains("BadCertificate") || text.contains("CertificateRequired") {
+        "etcd refused the client certificate, or wants one: pass --cert and --key with one signed by a CA etcd trusts"
+    } else if text.contains("KeyMismatch") {
+        "--key is not the private key of --cert"
     } else if text.contains("invalid peer certificate")
         || text.contains("certificate") && text.contains("invalid")
     {
         "check --cacert, --cert and --key"
+    } else if text.contains("tls handshake eof") {
+        "is etcd serving TLS on that port? for a plain etcd use http://"
     } else {
         return None;
     };
+    // rustls's reason reads as a Rust value: `Other(OtherError(UnsupportedCertVersion))`.
+    let text = text.replace("Other(OtherError(", "").replace("))", "");
     Some(format!("TLS: {text} ({fix})"))
 }
 
@@ -477,9 +485,11 @@ mod tests {
     fn tls_failures_say_what_to_do() {
         let r = tls_refusal("invalid peer certificate: UnknownIssuer").expect("a TLS refusal");
         assert!(r.contains("--cacert must name the CA"), "{r}");
+        let r = tls_refusal("received fatal alert: BadCertificate").expect("a TLS refusal");
+        assert!(r.contains("pass --cert and --key"), "{r}");
         let r = tls_refusal("invalid peer certificate: Other(OtherError(UnsupportedCertVersion))")
             .expect("a TLS refusal");
-        assert!(r.contains("X.509 v1"), "{r}");
+        assert!(r.contains("X.509 v1") && !r.contains("OtherError"), "{r}");
         assert_eq!(tls_refusal("tcp connect error"), None);
     }
 }

@@ -27,8 +27,9 @@ variable. RUST_LOG sets the log level (default warn; info for `ifc agent`).";
 #[derive(Debug, Parser)]
 #[command(name = "ifc", version, about, after_help = EXIT_CODES, propagate_version = true)]
 pub struct Cli {
-    /// Log format on stderr (before the flattened flags: the git ones end with their own
-    /// heading, which would take it in)
+    // Declared before the flattened flags: the git ones end with their own heading, which
+    // would take it in.
+    /// Log format on stderr
     #[arg(long, env = "IFC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
     pub log_format: LogFormat,
     #[command(flatten)]
@@ -409,7 +410,7 @@ pub struct PutArgs {
     /// Title
     #[arg(long)]
     pub title: Option<String>,
-    /// Status to set (claims are made with `ifc claim`)
+    /// Status to set: available, blocked or complete (claims are made with `ifc claim`)
     #[arg(long, value_parser = parse_put_status)]
     pub status: Option<TaskStatus>,
     /// Tasks that must be complete first, comma-separated (an empty value clears them)
@@ -434,7 +435,7 @@ pub struct ClaimArgs {
     /// command exits, unless the session keeps the lease alive (as `ifc agent` does). Without it
     /// the claim holds until released. (Coordinator mode; in git mode a claim lasts while its
     /// STATUS heartbeat is fresh, see --stale-after.)
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    #[arg(long, value_name = "SECONDS", value_parser = parse_ttl)]
     pub ttl: Option<u64>,
 }
 
@@ -464,18 +465,48 @@ pub enum ReleaseStatus {
 
 /// `--metrics-addr`: a bare port is bound on loopback only; anything wider must be said.
 fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
     if let Ok(port) = s.parse::<u16>() {
         return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
     }
-    s.parse()
-        .map_err(|_| format!("{s:?} is not a port or HOST:PORT (e.g. 9464 or 0.0.0.0:9464)"))
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    // A host name (`localhost:9464`): its first address.
+    s.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            format!("{s:?} is not a port or HOST:PORT (e.g. 9464, localhost:9464 or 0.0.0.0:9464)")
+        })
 }
 
 fn parse_put_status(s: &str) -> Result<TaskStatus, String> {
-    match s.parse::<TaskStatus>()? {
-        TaskStatus::Claimed => Err("claimed is not set with put: use `ifc claim`".into()),
-        other => Ok(other),
+    match s.parse::<TaskStatus>() {
+        Ok(TaskStatus::Claimed) => Err("claimed is not set with put: use `ifc claim`".into()),
+        Ok(other) => Ok(other),
+        Err(_) => Err(format!(
+            "{s:?} is not a status put sets: available, blocked or complete"
+        )),
     }
+}
+
+/// `--ttl`: whole seconds, as a number (`10`) or a duration (`10s`, `2m`).
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let secs = match s.trim().parse::<u64>() {
+        Ok(n) => n,
+        Err(_) => {
+            let d = parse_duration(s)?;
+            if d.subsec_nanos() != 0 {
+                return Err(format!("{s:?}: a lease lasts whole seconds"));
+            }
+            d.as_secs()
+        }
+    };
+    if !(1..=86_400).contains(&secs) {
+        return Err(format!("{s:?}: from 1 second to a day"));
+    }
+    Ok(secs)
 }
 
 #[cfg(test)]
@@ -561,5 +592,21 @@ mod tests {
             Ok("0.0.0.0:9464".to_owned())
         );
         assert!(parse_metrics_addr("localhost").is_err());
+        // The tester's: a host name was refused as "not HOST:PORT".
+        assert_eq!(
+            parse_metrics_addr("localhost:9464").map(|a| a.port()),
+            Ok(9464)
+        );
+    }
+
+    #[test]
+    fn a_ttl_is_whole_seconds_with_or_without_its_unit() {
+        // The tester's: `--ttl 10s` was refused ("invalid digit") though durations take units.
+        assert_eq!(parse_ttl("10"), Ok(10));
+        assert_eq!(parse_ttl("10s"), Ok(10));
+        assert_eq!(parse_ttl("2m"), Ok(120));
+        for bad in ["0", "500ms", "1.5s", "2d", "100000"] {
+            assert!(parse_ttl(bad).is_err(), "{bad}");
+        }
     }
 }

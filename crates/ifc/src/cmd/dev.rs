@@ -34,10 +34,47 @@ fn etcd_binary(given: Option<&Path>) -> Result<PathBuf> {
         .ok_or_else(|| BackendError::InvalidInput(HOW_TO_GET_ETCD.into()).into())
 }
 
+/// Takes `dir`'s lock file (`ifc-dev.lock`, holding this process's pid), or says which `ifc
+/// dev` holds it.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("ifc-dev.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if file.try_lock().is_err() {
+        let mut pid = String::new();
+        let _ = file.read_to_string(&mut pid);
+        return Err(BackendError::InvalidInput(format!(
+            "another ifc dev (pid {}) runs on {}: stop it, or give this one another --data-dir",
+            pid.trim(),
+            dir.display()
+        ))
+        .into());
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
 pub async fn run(args: &DevArgs) -> Result<u8> {
     let bin = etcd_binary(args.etcd_bin.as_deref())?;
+    if args.port == 0 {
+        return Err(BackendError::InvalidInput(
+            "--port 0: give a port (clients need to know where etcd is)".into(),
+        )
+        .into());
+    }
     let dir = args.data_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // One `ifc dev` per data directory (the tester's: a second one in the same directory hung
+    // silently, its etcd waiting for the first one's database lock). Held until this exits.
+    let _lock = lock_data_dir(&dir)?;
     let client = format!("http://127.0.0.1:{}", args.port);
     let peer_port = args.port.checked_add(1).ok_or_else(|| {
         BackendError::InvalidInput(format!(
@@ -91,8 +128,13 @@ pub async fn run(args: &DevArgs) -> Result<u8> {
         endpoints: vec![client.clone()],
         ..backend_etcd::EtcdConfig::default()
     };
+    let config = backend_etcd::EtcdConfig {
+        dial_timeout: Duration::from_millis(500),
+        ..config
+    };
     let mut ready = false;
-    for _ in 0..100 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(BackendError::Unavailable {
                 endpoint: client,

@@ -386,6 +386,36 @@ fn ifc_dev_serves_a_local_etcd_until_ctrl_c_and_says_how_to_get_etcd() {
         w.path().join(".ifc/dev/etcd").is_dir(),
         "data under .ifc/dev"
     );
+    // The tester's: a second `ifc dev` in the same directory hung silently (its etcd waited
+    // for the first one's database); it says who holds the directory now. `--port 0` is
+    // refused up front (it failed after 10 s).
+    let other_port = (port + 2).to_string();
+    for (args, says) in [
+        (
+            vec!["dev", "--port", other_port.as_str()],
+            "another ifc dev (pid",
+        ),
+        (vec!["dev", "--port", "0"], "--port 0"),
+    ] {
+        let out = crate::run(
+            std::process::Command::new(bin)
+                .current_dir(w.path())
+                .args(&args)
+                .arg("--etcd-bin")
+                .arg(&etcd),
+        );
+        assert_eq!(
+            crate::code(&out),
+            2,
+            "{args:?}: {}",
+            crate::text(&out.stderr)
+        );
+        assert!(
+            crate::text(&out.stderr).contains(says),
+            "{args:?}: {}",
+            crate::text(&out.stderr)
+        );
+    }
     let pid = nix::unistd::Pid::from_raw(i32::try_from(dev.id()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("signal");
     assert_eq!(crate::agent::finish(&mut dev, Duration::from_secs(20)), 0);

@@ -136,11 +136,14 @@ fn tls_with_client_certificates_works_and_a_missing_certificate_is_refused_by_na
     let task: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(task["claimed_by"], "s-tls");
 
-    // No client certificate: refused, naming the endpoint, exit 3.
+    // No client certificate: refused, naming the endpoint and what to pass (the tester's:
+    // it suggested `ifc dev`), exit 3.
     let out = run(ifc(d, &endpoint).args(["--cacert", "ca.crt", "get", "TLS-1"]));
     assert_eq!(code(&out), 3, "{}", text(&out.stderr));
     assert!(
-        text(&out.stderr).contains(&endpoint),
+        text(&out.stderr).contains(&endpoint)
+            && text(&out.stderr).contains("pass --cert and --key")
+            && !text(&out.stderr).contains("ifc dev"),
         "{}",
         text(&out.stderr)
     );
