@@ -242,9 +242,16 @@ impl Clone {
     fn take_local_remote(&mut self, remote_path: &Path) -> Result<Repository, git2::Error> {
         let kept = self.local_remote.take();
         if !remote_path.join("HEAD").is_file() || !remote_path.join("objects").is_dir() {
+            // A relative remote is relative to where ifc runs: say where that is (the tester's:
+            // `../coord.git` from a fleet file, resolved against the working directory).
+            let absolute = std::path::absolute(remote_path).unwrap_or_else(|_| remote_path.into());
+            let shown = if absolute == remote_path {
+                remote_path.display().to_string()
+            } else {
+                format!("{} ({})", remote_path.display(), absolute.display())
+            };
             return Err(git2::Error::from_str(&format!(
-                "no git repository at {}",
-                remote_path.display()
+                "no git repository at {shown}"
             )));
         }
         match kept {

@@ -43,6 +43,8 @@ const PRESENCE_REFRESH: Duration = Duration::from_secs(3);
 /// Runs the agent until shutdown (or, with `--until-done`, until the list is done).
 pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
     let session = SessionFile::load(&args.config).map_err(config_error)?;
+    task::check_command(&session)
+        .map_err(|why| BackendError::InvalidInput(format!("{}: {why}", args.config.display())))?;
     let fleet = settings::fleet(g)?;
     let id = session.session_id.clone();
     let (mode, source) = settings::mode(g, Some(&id), Some(&session), fleet.as_ref());

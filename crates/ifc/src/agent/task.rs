@@ -89,6 +89,53 @@ fn note_finished(dir: Option<&Path>) {
     }
 }
 
+/// Checks that the session's command can be started: its program exists and may be executed
+/// (a path relative to the session's `workdir`, or found on `PATH`). An agent whose command
+/// cannot start would claim task after task only to give each back (the tester's report: 18
+/// claims and releases, a migrated claim of the session's released on the way).
+pub fn check_command(session: &SessionFile) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(program) = session.command.first() else {
+        return Err("the session file's command is empty".into());
+    };
+    let runnable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let program_path = Path::new(program);
+    if program.contains('/') {
+        let base = session
+            .workdir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("."));
+        let full = base.join(program_path);
+        if runnable(&full) {
+            return Ok(());
+        }
+        let why = if full.exists() {
+            "it is not an executable file"
+        } else {
+            "no such file"
+        };
+        let shown = std::path::absolute(&full).unwrap_or(full);
+        return Err(format!(
+            "the session file's command {program:?} cannot be run: {why} ({})",
+            shown.display()
+        ));
+    }
+    let path = session
+        .env
+        .get("PATH")
+        .cloned()
+        .or_else(|| std::env::var("PATH").ok())
+        .unwrap_or_default();
+    if std::env::split_paths(&path).any(|dir| runnable(&dir.join(program_path))) {
+        return Ok(());
+    }
+    Err(format!(
+        "the session file's command {program:?} cannot be run: not found on PATH"
+    ))
+}
+
 /// A running task.
 #[derive(Debug)]
 pub struct TaskProcess {

@@ -657,32 +657,69 @@ fn a_hung_or_overlong_task_is_killed_and_given_back() {
 #[test]
 fn why_a_task_failed_is_on_the_agents_stderr() {
     // Issue 15 #5 and tester helper-1: a command that cannot start showed only as
-    // `success=false` (the reason in the task's log file), an exit code nowhere.
+    // `success=false` (the reason in the task's log file), an exit code nowhere. Tester
+    // helper-2: an agent whose command cannot start at all claimed and gave back task after
+    // task; it is refused at start now (exit 2), naming the command.
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
     let e = etcd.endpoint();
     put(&e, w.path(), &["NX"]);
+    put(&e, w.path(), &["B"]);
     put(&e, w.path(), &["SEVEN"]);
-    let missing = w.path().join("nx.yaml");
-    std::fs::write(
-        &missing,
-        "session_id: s-nx\ntasks: [NX]\ncommand: [/nonexistent/tool, arg]\nmax_attempts: 1\nlease_ttl: 2s\n",
-    )
-    .expect("session file");
+    let file = |name: &str, command: &str, tasks: &str| {
+        let path = w.path().join(name);
+        std::fs::write(
+            &path,
+            format!("session_id: {}\ntasks: [{tasks}]\ncommand: [{command}]\nmax_attempts: 1\nlease_ttl: 2s\n", name.trim_end_matches(".yaml")),
+        )
+        .expect("session file");
+        path
+    };
+    let missing = file("s-missing.yaml", "/nonexistent/tool, arg", "NX");
+    let out = run(ifc(&e, w.path()).args(["agent", "--config"]).arg(&missing));
+    assert_eq!(code(&out), 2, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("s-missing.yaml: the session file's command \"/nonexistent/tool\" cannot be run: no such file"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        status_of(&e, w.path(), "NX"),
+        "available",
+        "nothing was claimed"
+    );
+
+    // A program that goes away after the agent started: its task fails with the reason, at
+    // ERROR. NX waits for B while the program is removed.
+    put(&e, w.path(), &["NX", "--blocked-by", "B"]);
+    let tool = w.path().join("tool.sh");
+    std::fs::write(&tool, "#!/bin/sh\nexit 0\n").expect("tool");
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let going = file("s-going.yaml", &tool.display().to_string(), "NX");
     let seven = w.session("s-seven", &["SEVEN"], "exit 7", "max_attempts: 1\n");
     for (config, session, expect) in [
         (
-            &missing,
-            "s-nx",
+            &going,
+            "s-going",
             [
                 "ERROR",
                 "the session's command could not be started",
-                "cannot run \"/nonexistent/tool\"",
+                "cannot run",
             ],
         ),
         (&seven, "s-seven", ["WARN", "task failed", "exit code 7"]),
     ] {
         let log = w.path().join(format!("{session}.log"));
         let mut agent = spawn_agent(ifc(&e, w.path()), config, &log, &["--until-done"]);
+        if session == "s-going" {
+            wait_for("the agent to wait for B", Duration::from_secs(30), || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("nothing to claim")
+            });
+            std::fs::remove_file(&tool).expect("remove the program");
+            put(&e, w.path(), &["B", "--status", "complete"]);
+        }
         assert_eq!(finish(&mut agent, Duration::from_secs(60)), 1, "gave up");
         let log = std::fs::read_to_string(&log).unwrap_or_default();
         let line = log

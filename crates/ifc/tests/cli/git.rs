@@ -247,6 +247,27 @@ fn a_mistyped_remote_does_not_spoil_the_directory_for_the_right_one() {
 }
 
 #[test]
+fn a_relative_remote_that_is_not_there_is_named_with_where_it_was_looked_for() {
+    // Tester helper-2: `git.remote: ../coord.git` from the example fleet file; the error never
+    // said the path is relative to where ifc runs.
+    let (remote, cwd) = (BareRemote::new(FIXTURE), workspace());
+    let out = run(ifc_git(&remote, cwd.path())
+        .env("IFC_GIT_REMOTE", "../nope.git")
+        .arg("status"));
+    assert_eq!(code(&out), 3, "{}", text(&out.stderr));
+    let there = cwd.path().join("../nope.git");
+    let there = std::path::absolute(&there).expect("absolute");
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "no git repository at ../nope.git ({})",
+            there.display()
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn one_local_remote_spelled_three_ways_is_one_remote() {
     // The tester's report: `--git-remote /x/coord.git` after `--git-remote ../coord.git` (or
     // with a trailing slash, or as file://) in one directory was refused as another remote.
