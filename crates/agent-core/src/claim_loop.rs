@@ -556,7 +556,11 @@ impl ClaimLoop {
             return;
         }
         let index = self.take_index();
-        if self.listed && self.unmatched(&index.unmatched, now, out) {
+        // Claimable work is done first, whatever the list lacks (the tester's report: a pattern
+        // that matched nothing ended `--until-done` with claimable tasks never tried).
+        let claimable_now = index.mine.iter().any(|id| self.claimable(id, now));
+        if self.listed && self.unmatched(&index.unmatched, claimable_now, now, out) {
+            self.index = Some(index);
             return;
         }
         self.decide_next(&index.mine, now, out);
@@ -565,8 +569,14 @@ impl ClaimLoop {
 
     /// Warns once about each pattern of the list that matches no task; an `--until-done`
     /// session whose pattern has matched nothing for [`UNMATCHED_GRACE`] can never be done, and
-    /// exits 1 (`true`: it did).
-    fn unmatched(&mut self, unmatched: &[String], now: Instant, out: &mut Vec<Output>) -> bool {
+    /// exits 1 once nothing of its list is claimable (`true`: it did).
+    fn unmatched(
+        &mut self,
+        unmatched: &[String],
+        claimable_now: bool,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) -> bool {
         self.unmatched_since
             .retain(|p, _| unmatched.iter().any(|u| u == p));
         for p in unmatched {
@@ -595,6 +605,7 @@ impl ClaimLoop {
             .min_by_key(|(_, since)| **since)
             .map(|(p, since)| (p.clone(), *since));
         match oldest {
+            Some((_, since)) if now >= since + UNMATCHED_GRACE && claimable_now => false,
             Some((p, since)) if now >= since + UNMATCHED_GRACE => {
                 self.phase = Phase::Done;
                 out.push(Output::Fatal(format!(

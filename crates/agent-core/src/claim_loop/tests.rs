@@ -802,3 +802,54 @@ fn an_idle_session_says_why_nothing_is_claimable_once_and_again_when_it_changes(
     assert_eq!(claims(&out), ["CL1"]);
     assert!(notes(&out).is_empty(), "{out:?}");
 }
+
+#[test]
+fn an_unmatched_pattern_ends_until_done_only_after_the_claimable_work() {
+    // Tester helper-2: `[P0.5.*, P0.1.6, P0.9.*]` exited 1 after 10 s for P0.9.*, with P0.5.8
+    // and P0.1.6 claimable and never tried.
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["GONE.*", "A", "B"]));
+    let out = l.step(
+        Input::Snapshot(vec![
+            held("A", "other", &[]),
+            task("B", TaskStatus::Blocked, &["A"]),
+        ]),
+        now,
+    );
+    assert!(claims(&out).is_empty(), "{out:?}");
+    // A is given back when the grace has passed: claimed, not abandoned.
+    let later = now + UNMATCHED_GRACE + Duration::from_secs(1);
+    let out = l.step(changed("A", TaskStatus::Available, None), later);
+    assert_eq!(claims(&out), ["A"], "{out:?}");
+    assert!(!out.contains(&Output::Exit(1)), "{out:?}");
+    l.step(won("A", 1), later);
+    let out = l.step(
+        Input::Exited {
+            task: id("A"),
+            success: true,
+        },
+        later,
+    );
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Release { .. })),
+        "{out:?}"
+    );
+    let out = l.step(Input::Released { task: id("A") }, later);
+    // B became claimable with A complete: done too, then the list can never be finished.
+    assert_eq!(claims(&out), ["B"], "{out:?}");
+    l.step(won("B", 2), later);
+    l.step(
+        Input::Exited {
+            task: id("B"),
+            success: true,
+        },
+        later,
+    );
+    let out = l.step(Input::Released { task: id("B") }, later);
+    assert!(out.contains(&Output::Exit(1)), "{out:?}");
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Fatal(w) if w.contains("GONE.*"))),
+        "{out:?}"
+    );
+}
