@@ -81,7 +81,7 @@ pub struct SessionFile {
     #[serde(default)]
     pub workdir: Option<PathBuf>,
     /// Extra environment for the command.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::yaml::unique_map")]
     pub env: BTreeMap<String, String>,
     /// A task running longer is killed and given back.
     #[serde(default)]
@@ -188,7 +188,7 @@ pub struct Rollout {
     /// The mode of sessions not named below (default: the file's `mode`).
     pub default: Option<Mode>,
     /// `session id: mode`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::yaml::unique_map")]
     pub sessions: BTreeMap<SessionId, Mode>,
     /// Sessions on the coordinator.
     #[serde(default)]

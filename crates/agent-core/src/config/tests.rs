@@ -95,6 +95,12 @@ fn errors_name_file_line_and_key() {
             "agents/s.yaml:2",
             "duplicate field `session_id`",
         ),
+        (
+            // Tester helper-2: a nested map's duplicate key was taken silently (the last won).
+            format!("{base}env:\n  FOO: '1'\n  BAR: '2'\n  FOO: '3'\n"),
+            "agents/s.yaml:7",
+            "duplicate field `FOO`",
+        ),
         (String::new(), "agents/s.yaml", ""),
         ("session_id: [\n".to_owned(), "agents/s.yaml", ""),
     ];

@@ -135,12 +135,36 @@ pub async fn migrate(
 ) -> Result<u8> {
     let (name, _, board) = read_board(source).await?;
     require_task_table(&name, &board)?;
-    // Every row is checked before anything is written.
-    let tasks = board
+    // Every row is checked before anything is written, and every problem said at once.
+    let (tasks, problems): (Vec<_>, Vec<_>) = board
         .tasks()
         .iter()
         .map(|t| from_board(&name, &board, t))
-        .collect::<Result<Vec<_>>>()?;
+        .partition(Result::is_ok);
+    if !problems.is_empty() {
+        let lines: Vec<String> = problems
+            .into_iter()
+            .filter_map(Result::err)
+            .map(|e| format!("{e:#}"))
+            .collect();
+        return Err(BackendError::InvalidInput(lines.join("\n")).into());
+    }
+    let tasks: Vec<Task> = tasks.into_iter().filter_map(Result::ok).collect();
+    // A blocker on neither the board nor etcd leaves its task never claimable: said, not
+    // refused (it may be put later); agents report it too (the tester's report: put refused
+    // one, migrate took it without a word).
+    let on_board: std::collections::BTreeSet<_> = tasks.iter().map(|t| t.id.clone()).collect();
+    for t in &tasks {
+        for blocker in t.blocked_by.iter().filter(|b| !on_board.contains(*b)) {
+            if b.get(blocker).await?.is_none() {
+                let line = board.line_of(&t.id).unwrap_or_default();
+                eprintln!(
+                    "warning: {name}:{line}: {} is blocked by {blocker}, which is neither on the board nor in etcd: nobody can claim {} until it is",
+                    t.id, t.id
+                );
+            }
+        }
+    }
     let (mut created, mut updated, mut unchanged, mut kept) = (0, 0, 0, Vec::new());
     // What a dry run would write, task by task (issue 16: it only counted).
     let mut planned: Vec<Planned> = Vec::new();

@@ -264,3 +264,38 @@ fn a_dry_run_names_each_field_it_would_change_and_a_file_without_a_task_table_is
         );
     }
 }
+
+#[test]
+fn migrate_says_which_blocker_is_nowhere_and_every_row_it_cannot_take() {
+    // Tester helper-2: a missing blocker migrated without a word (put refuses one, agents
+    // report it); the rows migrate cannot take were said one per run.
+    let (etcd, dir) = setup();
+    let d = dir.path();
+    let head = "| ID | Task | Status | Owner | Blocked by |\n|---|---|---|---|---|\n";
+    std::fs::write(
+        d.join("w.md"),
+        format!("{head}| W1 | a | 🔵 AVAILABLE |  |  |\n| W3 | c | 🔴 BLOCKED |  | W99 |\n"),
+    )
+    .expect("board");
+    let out = run(ifc(&etcd, d).args(["migrate", "--board", "w.md"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr)
+            .contains("w.md:4: W3 is blocked by W99, which is neither on the board nor in etcd"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::write(
+        d.join("x.md"),
+        format!("{head}| X1 | a | 🟡 IN PROGRESS |  |  |\n| X2 | b | 🟡 IN PROGRESS |  |  |\n"),
+    )
+    .expect("board");
+    let out = run(ifc(&etcd, d).args(["migrate", "--board", "x.md"]));
+    assert_eq!(code(&out), 2, "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("x.md:3: X1 is IN PROGRESS but names no owner")
+            && err.contains("x.md:4: X2 is IN PROGRESS but names no owner"),
+        "{err}"
+    );
+}
