@@ -313,6 +313,18 @@ pub fn etcd_config(
         key: g.key.clone(),
     });
     let defaults = EtcdConfig::default();
+    // A zero deadline can only time out (the tester's: `--request-timeout 0s` was exit 3).
+    for (flag, value) in [
+        ("--dial-timeout", g.dial_timeout),
+        ("--request-timeout", g.request_timeout),
+    ] {
+        if value.is_some_and(|d| d.is_zero()) {
+            return Err(BackendError::InvalidInput(format!(
+                "{flag} 0: a deadline must be longer than nothing (e.g. 500ms, 2s)"
+            ))
+            .into());
+        }
+    }
     let endpoints = g
         .endpoints
         .clone()

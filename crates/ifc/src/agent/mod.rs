@@ -52,6 +52,15 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         tracing::warn!(session = %id, mode = mode.as_str(), "the fleet file declares git retired (git.retired: true), yet this session runs on git: coordinator sessions no longer record their claims there, so a task on both lists can run twice");
     }
     let lease_ttl = session.lease_ttl.map_or(Duration::from_secs(10), |d| d.0);
+    if lease_ttl < Duration::from_secs(2) {
+        // etcd counts leases in whole seconds and renews at a third of the TTL: below 2 s a
+        // renewal has no time to land (the tester's: `lease_ttl: 1ms` was taken silently).
+        return Err(BackendError::InvalidInput(format!(
+            "{}: lease_ttl {lease_ttl:?}: at least 2s",
+            args.config.display()
+        ))
+        .into());
+    }
     // `/health` answers from the start: 503 with the reason while the store is waited for.
     let metrics = Arc::new(Metrics::new());
     let health = metrics::Source::waiting("connecting to the task store");

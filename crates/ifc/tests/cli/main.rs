@@ -657,6 +657,26 @@ fn a_connection_error_says_what_to_try_and_every_global_flag_reads_its_variable(
         "{}",
         text(&out.stderr)
     );
+    // The tester's: a zero deadline was exit 3 ("timed out after 0ns"), a 1 ms lease taken.
+    let out = run(Command::new(env!("CARGO_BIN_EXE_ifc"))
+        .env("IFC_REQUEST_TIMEOUT", "0s")
+        .arg("status"));
+    assert_eq!(code(&out), 2, "{out:?}");
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        "session_id: s\ntasks: [A]\ncommand: [/bin/true]\nlease_ttl: 1ms\n",
+    )
+    .expect("session file");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_ifc"))
+        .current_dir(dir.path())
+        .args(["agent", "--config", "s.yaml"]));
+    assert_eq!(code(&out), 2, "{out:?}");
+    assert!(
+        text(&out.stderr).contains("s.yaml: lease_ttl 1ms: at least 2s"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[tokio::test]
