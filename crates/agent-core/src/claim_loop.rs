@@ -585,7 +585,7 @@ impl ClaimLoop {
                 let what = if p.contains(['*', '?']) {
                     format!("the pattern {p} of the session's list matches no task")
                 } else {
-                    format!("{p} of the session's list is not on the board")
+                    format!("{p} of the session's list is no task of the store (not on the board, not in etcd)")
                 };
                 out.push(Output::Warn(if self.plan.until_done {
                     format!(

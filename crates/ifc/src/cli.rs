@@ -250,8 +250,12 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff): `ifc man > ifc.1 && man ./ifc.1`
-    Man,
+    /// Print the manual page (roff): `ifc man > ifc.1 && man ./ifc.1`; `ifc man claim` for
+    /// one command's page (ifc-claim(1))
+    Man {
+        /// The command whose page to print [default: ifc's own]
+        command: Option<String>,
+    },
     /// Check agents' history files (--history): no task run by two sessions at once, no
     /// completion without its claim or after its fencing, every won task completed exactly once;
     /// exit 0 when none is found, 1 otherwise

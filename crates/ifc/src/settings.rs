@@ -144,7 +144,8 @@ where
             }
             Err(e) if attempt == 1 && !e.is_transient() => return Err(e),
             Err(e) => {
-                let delay = backoff.next_delay();
+                // Jitter may take a delay past its cap: the README promises at most 10 s.
+                let delay = backoff.next_delay().min(Duration::from_secs(10));
                 waiting(&format!("waiting for {what} at {at}: {e}"));
                 if quiet {
                     tracing::debug!(at, attempt, error = %e, retry_in = ?delay, "waiting for {what}");

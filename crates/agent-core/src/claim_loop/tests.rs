@@ -733,7 +733,7 @@ fn until_done_on_an_empty_board_warns_at_once_and_gives_up_after_the_grace() {
     let mut l = ClaimLoop::new(plan(&["W"]));
     let out = l.step(Input::Snapshot(Vec::new()), now);
     assert!(
-        out.iter().any(|o| matches!(o, Output::Warn(w) if w.contains("W of the session's list is not on the board"))),
+        out.iter().any(|o| matches!(o, Output::Warn(w) if w.contains("W of the session's list is no task of the store"))),
         "{out:?}"
     );
     assert!(!out.contains(&Output::Exit(1)), "{out:?}");

@@ -265,6 +265,12 @@ impl TaskProcess {
         }
         if self.killed.is_none() {
             self.killed = Some(reason.to_owned());
+            // The task's own log says it too (the tester's: a task_timeout kill left no line
+            // there).
+            if let Ok(mut log) = std::fs::OpenOptions::new().append(true).open(&self.log) {
+                use std::io::Write;
+                let _ = writeln!(log, "ifc: killed: {reason}");
+            }
         }
         if let Some(group) = self.group {
             let _ = killpg(group, Signal::SIGKILL);

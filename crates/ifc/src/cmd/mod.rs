@@ -206,8 +206,26 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
             out.write_all(&script)?;
             Ok(0)
         }
-        Command::Man => {
-            clap_mangen::Man::new(crate::cli::command()).render(&mut out)?;
+        Command::Man { command } => {
+            let mut cli = crate::cli::command();
+            cli.build(); // hands the global flags down to each command's page
+            let page = match command {
+                None => cli,
+                Some(name) => {
+                    let Some(sub) = cli.find_subcommand(name) else {
+                        let known: Vec<&str> =
+                            cli.get_subcommands().map(|c| c.get_name()).collect();
+                        return Err(BackendError::InvalidInput(format!(
+                            "no command {name:?}: one of {}",
+                            known.join(", ")
+                        ))
+                        .into());
+                    };
+                    let page_name = format!("ifc-{name}");
+                    sub.clone().name(page_name.clone()).bin_name(page_name)
+                }
+            };
+            clap_mangen::Man::new(page).render(&mut out)?;
             Ok(0)
         }
         Command::Dev(args) => {
@@ -505,13 +523,13 @@ async fn claim(
                         .map_or("another session".into(), |h| h.to_string());
                     writeln!(out, "lost {task}: held by {who}")?
                 }
-                ClaimOutcome::NotClaimable { status } => match &waiting {
-                    Some((what, _)) => writeln!(
-                        out,
-                        "{task} is not claimable: {status}, waiting for {what}"
-                    )?,
-                    None => writeln!(out, "{task} is not claimable: {status}")?,
-                },
+                ClaimOutcome::NotClaimable { .. } if waiting.is_some() => {
+                    let what = waiting.as_ref().map(|(w, _)| w.as_str()).unwrap_or_default();
+                    writeln!(out, "{task} is not claimable: waiting for {what}")?
+                }
+                ClaimOutcome::NotClaimable { status } => {
+                    writeln!(out, "{task} is not claimable: {status}")?
+                }
                 ClaimOutcome::NotFound => writeln!(out, "task {task} not found")?,
             },
         }

@@ -650,6 +650,14 @@ fn a_hung_or_overlong_task_is_killed_and_given_back() {
             "stall_timeout"
         };
         assert!(log.contains("task killed") && log.contains(why), "{log}");
+        // The task's own log says so too (the tester's: it had no line about the kill).
+        let own: String = std::fs::read_dir(w.path().join(".ifc/logs").join(&session))
+            .expect("task logs")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(task))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect();
+        assert!(own.contains("ifc: killed: ") && own.contains(why), "{own}");
     }
     assert!(w.done().is_empty());
 }

@@ -107,7 +107,7 @@ fn an_until_done_agent_whose_task_is_deleted_from_the_board_says_so_and_exits_1(
     });
     assert_eq!(finish(&mut agent, Duration::from_secs(60)), 1, "{}", read());
     assert!(
-        read().contains("D2 of the session's list is not on the board"),
+        read().contains("D2 of the session's list is no task of the store"),
         "{}",
         read()
     );

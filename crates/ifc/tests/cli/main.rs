@@ -91,7 +91,7 @@ async fn claim_release_status_and_get_through_the_cli() {
         (code(&out), text(&out.stdout)),
         (
             1,
-            "P0.1.2 is not claimable: blocked, waiting for P0.1.1 (available)\n".to_owned()
+            "P0.1.2 is not claimable: waiting for P0.1.1 (available)\n".to_owned()
         )
     );
     let out = run(ifc(&server).args(["claim", "P0.1.1", "--session", "s1", "-o", "json"]));
@@ -778,6 +778,16 @@ fn completion_scripts_and_a_man_page_are_printed() {
         "{}",
         text(&out.stdout)
     );
+    // The pages the main one refers to (the tester's: `ifc-claim(1)` could not be had).
+    let out = run(Command::new(bin).args(["man", "claim"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let page = text(&out.stdout);
+    assert!(
+        page.contains(".TH ifc-claim 1") && page.contains("ttl"),
+        "{page}"
+    );
+    let out = run(Command::new(bin).args(["man", "nope"]));
+    assert_eq!(code(&out), 2, "{}", text(&out.stderr));
 }
 
 #[tokio::test]
