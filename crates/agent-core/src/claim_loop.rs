@@ -350,7 +350,10 @@ impl ClaimLoop {
                     *n += 1;
                     let delay = self.plan.retry_backoff * 2u32.saturating_pow(n.saturating_sub(1));
                     let note = if *n >= self.plan.max_attempts {
-                        format!("{task}: failed {n} times; leaving it to other sessions")
+                        format!(
+                            "{task}: failed {n} time{}; leaving it to other sessions",
+                            if *n == 1 { "" } else { "s" }
+                        )
                     } else {
                         format!(
                             "{task}: failed (attempt {n} of {}); retrying after {delay:?}",
@@ -664,7 +667,7 @@ impl ClaimLoop {
                 self.phase = Phase::Done;
                 let ids: Vec<&str> = given_up.iter().map(|id| id.as_str()).collect();
                 out.push(Output::Fatal(format!(
-                    "the session gave up on {} after {} failed attempts each; everything else of its list is complete",
+                    "the session gave up on {} after {} failed attempt(s) each; everything else of its list is complete",
                     ids.join(", "),
                     self.plan.max_attempts
                 )));

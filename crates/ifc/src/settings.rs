@@ -314,18 +314,6 @@ pub fn etcd_config(
         key: g.key.clone(),
     });
     let defaults = EtcdConfig::default();
-    // A zero deadline can only time out (the tester's: `--request-timeout 0s` was exit 3).
-    for (flag, value) in [
-        ("--dial-timeout", g.dial_timeout),
-        ("--request-timeout", g.request_timeout),
-    ] {
-        if value.is_some_and(|d| d.is_zero()) {
-            return Err(BackendError::InvalidInput(format!(
-                "{flag} 0: a deadline must be longer than nothing (e.g. 500ms, 2s)"
-            ))
-            .into());
-        }
-    }
     let endpoints = g
         .endpoints
         .clone()
@@ -354,6 +342,28 @@ pub fn etcd_config(
         tls,
         user,
         ..defaults
+    })
+    .and_then(|c| {
+        // A zero deadline can only time out (the testers': `--request-timeout 0s`, and the same
+        // in the fleet file, were exit 3 "timed out after 0ns").
+        for (key, value) in [
+            (
+                "dial timeout (--dial-timeout, etcd.dial_timeout)",
+                c.dial_timeout,
+            ),
+            (
+                "request timeout (--request-timeout, etcd.request_timeout)",
+                c.request_timeout,
+            ),
+        ] {
+            if value.is_zero() {
+                return Err(BackendError::InvalidInput(format!(
+                    "the {key} is 0: a deadline must be longer than nothing (e.g. 500ms, 2s)"
+                ))
+                .into());
+            }
+        }
+        Ok(c)
     })
 }
 
@@ -398,6 +408,22 @@ pub fn git_config(
         .stale_after
         .or_else(|| file.and_then(|f| f.stale_after.map(|d| d.0)))
         .unwrap_or(config.poll_interval * 10);
+    // A zero poll interval panicked a timer; a stale-after shorter than a heartbeat can land
+    // made every claim stale at once, so a session ran a task it had already lost (tester
+    // helper-3).
+    if config.poll_interval.is_zero() {
+        return Err(BackendError::InvalidInput(
+            "the git poll interval (--poll-interval, git.poll_interval) is 0: give one of 10ms or more".into(),
+        )
+        .into());
+    }
+    if config.stale_after < Duration::from_secs(1) {
+        return Err(BackendError::InvalidInput(format!(
+            "the git stale-after (--stale-after, git.stale_after) is {:?}: a claim's heartbeat must have a second at least to land",
+            config.stale_after
+        ))
+        .into());
+    }
     match &g.git.git_workdir {
         Some(dir) => config.workdir = dir.clone(),
         None => config.follow_remote(),

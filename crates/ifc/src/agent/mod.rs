@@ -311,7 +311,14 @@ impl Driver {
     /// Re-reads the session and fleet files (and the repo's rollback flag) and switches mode
     /// live when the answer changed. A file that no longer parses changes nothing.
     async fn reconsider(&mut self) {
-        let session = match SessionFile::load(&self.config_path) {
+        // An editor that truncates and then writes shows a half-written file for a moment (the
+        // tester's: a spurious ERROR on every save): it is read again before it counts.
+        let mut loaded = SessionFile::load(&self.config_path);
+        if loaded.is_err() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            loaded = SessionFile::load(&self.config_path);
+        }
+        let session = match loaded {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "the session file is not valid: keeping the current mode");

@@ -60,7 +60,12 @@ pub fn shim(argv: &[String]) -> std::process::ExitCode {
     match status {
         Ok(status) => match (status.code(), status.signal()) {
             (Some(code), _) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
-            (None, Some(sig)) => std::process::ExitCode::from(u8::try_from(128 + sig).unwrap_or(1)),
+            (None, Some(sig)) => {
+                // Said in the task's log, so the agent tells it from an exit code of 128 + N
+                // (the tester's: a SIGSEGV read "exit code 139").
+                eprintln!("{KILLED_BY_SIGNAL}{sig}");
+                std::process::ExitCode::from(u8::try_from(128 + sig).unwrap_or(1))
+            }
             _ => std::process::ExitCode::from(1),
         },
         Err(_) => std::process::ExitCode::from(1),
@@ -159,6 +164,8 @@ pub struct TaskProcess {
 const CANNOT_RUN: &str = "ifc: cannot run ";
 /// The shim's exit code then (as a shell's for a command not found).
 const CANNOT_RUN_CODE: u8 = 127;
+/// What the shim prints (into the task's log) when the command was killed by a signal.
+const KILLED_BY_SIGNAL: &str = "ifc: the command was killed by signal ";
 
 impl TaskProcess {
     /// Starts `session.command` for `claim`, logging to `log_dir/<task>-<token>.log`.
@@ -239,6 +246,18 @@ impl TaskProcess {
                             line.trim_start_matches("ifc: ").to_owned()
                         }
                         _ => format!("exit code {code}"),
+                    }
+                }
+                (Some(code), _) if code > 128 => {
+                    let said = std::fs::read_to_string(&self.log).unwrap_or_default();
+                    let signal = said
+                        .lines()
+                        .last()
+                        .and_then(|l| l.strip_prefix(KILLED_BY_SIGNAL))
+                        .filter(|n| n.parse::<i32>().is_ok_and(|n| n == code - 128));
+                    match signal {
+                        Some(n) => format!("killed by signal {n}"),
+                        None => format!("exit code {code}"),
                     }
                 }
                 (Some(code), _) => format!("exit code {code}"),

@@ -150,6 +150,28 @@ pub async fn migrate(
         return Err(BackendError::InvalidInput(lines.join("\n")).into());
     }
     let tasks: Vec<Task> = tasks.into_iter().filter_map(Result::ok).collect();
+    // A cycle of blockers leaves its tasks (and those waiting for them) never claimable: said
+    // once per cycle, not refused (the tester's: put refuses one, migrate took it silently).
+    let by_id: std::collections::BTreeMap<_, _> = tasks.iter().map(|t| (&t.id, t)).collect();
+    let mut said = std::collections::BTreeSet::new();
+    for t in &tasks {
+        let lookup = |id: &agent_core::TaskId| match by_id.get(id) {
+            Some(b) => agent_core::blockers::Known::Task(b.status, &b.blocked_by),
+            None => agent_core::blockers::Known::Unknown,
+        };
+        if let Some(agent_core::blockers::Stuck::Cycle(cycle)) =
+            agent_core::blockers::stuck(&t.id, &t.blocked_by, lookup)
+        {
+            let members: std::collections::BTreeSet<_> = cycle.iter().cloned().collect();
+            if said.insert(members) {
+                let line = board.line_of(&cycle[0]).unwrap_or_default();
+                eprintln!(
+                    "warning: {name}:{line}: a cycle of blockers, {}: none of these tasks can ever be claimed until it is broken",
+                    agent_core::blockers::path(&cycle)
+                );
+            }
+        }
+    }
     // A blocker on neither the board nor etcd leaves its task never claimable: said, not
     // refused (it may be put later); agents report it too (the tester's report: put refused
     // one, migrate took it without a word).

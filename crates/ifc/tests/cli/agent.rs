@@ -673,6 +673,7 @@ fn why_a_task_failed_is_on_the_agents_stderr() {
     put(&e, w.path(), &["NX"]);
     put(&e, w.path(), &["B"]);
     put(&e, w.path(), &["SEVEN"]);
+    put(&e, w.path(), &["SEGV"]);
     let file = |name: &str, command: &str, tasks: &str| {
         let path = w.path().join(name);
         std::fs::write(
@@ -705,6 +706,7 @@ fn why_a_task_failed_is_on_the_agents_stderr() {
         .expect("chmod");
     let going = file("s-going.yaml", &tool.display().to_string(), "NX");
     let seven = w.session("s-seven", &["SEVEN"], "exit 7", "max_attempts: 1\n");
+    let segv = w.session("s-segv", &["SEGV"], "kill -SEGV $$", "max_attempts: 1\n");
     for (config, session, expect) in [
         (
             &going,
@@ -716,6 +718,12 @@ fn why_a_task_failed_is_on_the_agents_stderr() {
             ],
         ),
         (&seven, "s-seven", ["WARN", "task failed", "exit code 7"]),
+        // The tester's: a command killed by a signal read "exit code 139".
+        (
+            &segv,
+            "s-segv",
+            ["WARN", "task failed", "killed by signal 11"],
+        ),
     ] {
         let log = w.path().join(format!("{session}.log"));
         let mut agent = spawn_agent(ifc(&e, w.path()), config, &log, &["--until-done"]);

@@ -657,6 +657,53 @@ fn a_connection_error_says_what_to_try_and_every_global_flag_reads_its_variable(
         "{}",
         text(&out.stderr)
     );
+    // Tester helper-3: a zero poll interval panicked a thread, a 1 ms stale-after made every
+    // claim stale at once, a zero deadline in the fleet file was exit 3.
+    let dir0 = tempfile::tempdir().expect("dir");
+    std::fs::write(dir0.path().join("f.yaml"), "etcd:\n  request_timeout: 0s\n").expect("fleet");
+    for (args, says) in [
+        (
+            vec![
+                "--mode",
+                "git",
+                "--git-remote",
+                "x.git",
+                "--poll-interval",
+                "0s",
+                "status",
+            ],
+            "poll interval",
+        ),
+        (
+            vec![
+                "--mode",
+                "git",
+                "--git-remote",
+                "x.git",
+                "--stale-after",
+                "1ms",
+                "status",
+            ],
+            "stale-after",
+        ),
+        (vec!["--fleet", "f.yaml", "status"], "request timeout"),
+    ] {
+        let out = run(Command::new(env!("CARGO_BIN_EXE_ifc"))
+            .current_dir(dir0.path())
+            .env_remove("IFC_MODE")
+            .args(&args));
+        assert_eq!(code(&out), 2, "{args:?}: {out:?}");
+        assert!(
+            text(&out.stderr).contains(says),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            !text(&out.stderr).contains("panicked"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
     // The tester's: a zero deadline was exit 3 ("timed out after 0ns"), a 1 ms lease taken.
     let out = run(Command::new(env!("CARGO_BIN_EXE_ifc"))
         .env("IFC_REQUEST_TIMEOUT", "0s")

@@ -286,6 +286,23 @@ fn migrate_says_which_blocker_is_nowhere_and_every_row_it_cannot_take() {
         text(&out.stderr)
     );
     std::fs::write(
+        d.join("c.md"),
+        format!("{head}| C1 | a | 🔴 BLOCKED |  | C2 |\n| C2 | b | 🔴 BLOCKED |  | C1 |\n| C3 | c | 🔴 BLOCKED |  | C1 |\n"),
+    )
+    .expect("board");
+    let out = run(ifc(&etcd, d).args(["migrate", "--board", "c.md"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let warned = text(&out.stderr);
+    assert_eq!(
+        warned.matches("a cycle of blockers").count(),
+        1,
+        "once per cycle: {warned}"
+    );
+    assert!(
+        warned.contains("C1 → C2 → C1") || warned.contains("C2 → C1 → C2"),
+        "{warned}"
+    );
+    std::fs::write(
         d.join("x.md"),
         format!("{head}| X1 | a | 🟡 IN PROGRESS |  |  |\n| X2 | b | 🟡 IN PROGRESS |  |  |\n"),
     )
