@@ -326,7 +326,7 @@ fn classify(endpoint: &str, e: etcd_client::Error) -> BackendError {
                 }
             }
             _ => {
-                let reason = describe_status(&status);
+                let reason = plain_to_tls_hint(&endpoint, describe_status(&status));
                 match tls_refusal(&reason) {
                     Some(reason) => BackendError::Rejected { endpoint, reason },
                     None => BackendError::Unavailable { endpoint, reason },
@@ -339,7 +339,7 @@ fn classify(endpoint: &str, e: etcd_client::Error) -> BackendError {
         }
         E::TransportError(t) => {
             // etcd-client's error has no source: tonic's does, and it says what failed.
-            let reason = full_text(&t);
+            let reason = plain_to_tls_hint(&endpoint, full_text(&t));
             match tls_refusal(&reason) {
                 Some(reason) => BackendError::Rejected { endpoint, reason },
                 None => BackendError::Unavailable { endpoint, reason },
@@ -352,6 +352,16 @@ fn classify(endpoint: &str, e: etcd_client::Error) -> BackendError {
                 None => BackendError::Unavailable { endpoint, reason },
             }
         }
+    }
+}
+
+/// A bare "transport error" on a plain endpoint: the connection closed before a word, which is
+/// what a TLS port does to plain HTTP/2 (the tester's: nothing said to try https://).
+fn plain_to_tls_hint(endpoint: &str, reason: String) -> String {
+    if reason == "transport error" && endpoint.contains("http://") {
+        format!("{reason} (closed at once: if etcd serves TLS there, use https:// and --cacert)")
+    } else {
+        reason
     }
 }
 

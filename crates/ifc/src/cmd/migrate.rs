@@ -238,7 +238,12 @@ pub async fn migrate(
         Output::Table => {
             for p in &planned {
                 match &p.before {
-                    None => writeln!(out, "would create {} ({})", p.task.id, p.task.status)?,
+                    None => match &p.task.claimed_by {
+                        Some(owner) if p.task.status == TaskStatus::Claimed => {
+                            writeln!(out, "would create {} (claimed by {owner})", p.task.id)?
+                        }
+                        _ => writeln!(out, "would create {} ({})", p.task.id, p.task.status)?,
+                    },
                     Some(was) => {
                         let fields: Vec<String> = differing_fields(was, &p.task)
                             .into_iter()

@@ -219,6 +219,12 @@ fn tls_with_client_certificates_works_and_a_missing_certificate_is_refused_by_na
     let out = run(ifc(d, &plain).args(["--dial-timeout", "2s", "get", "TLS-1"]));
     assert_eq!(code(&out), 3, "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains(&plain), "{}", text(&out.stderr));
+    // Tester helper-3: nothing said to try https://.
+    assert!(
+        text(&out.stderr).contains("use https://"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[tokio::test]
