@@ -506,6 +506,10 @@ fn parse_put_status(s: &str) -> Result<TaskStatus, String> {
 fn parse_ttl(s: &str) -> Result<u64, String> {
     let secs = match s.trim().parse::<u64>() {
         Ok(n) => n,
+        // A fraction without a unit would be told to add one, then refused: said once.
+        Err(_) if s.trim().parse::<f64>().is_ok() => {
+            return Err(format!("{s:?}: a lease lasts whole seconds (e.g. 2 or 2s)"))
+        }
         Err(_) => {
             let d = parse_duration(s)?;
             if d.subsec_nanos() != 0 {
@@ -619,5 +623,10 @@ mod tests {
         for bad in ["0", "500ms", "1.5s", "2d", "100000"] {
             assert!(parse_ttl(bad).is_err(), "{bad}");
         }
+        // The tester's: `1.5` was told to add a unit, and `1.5s` then refused.
+        assert_eq!(
+            parse_ttl("1.5"),
+            Err("\"1.5\": a lease lasts whole seconds (e.g. 2 or 2s)".to_owned())
+        );
     }
 }

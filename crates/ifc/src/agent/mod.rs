@@ -56,8 +56,9 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         // etcd counts leases in whole seconds and renews at a third of the TTL: below 2 s a
         // renewal has no time to land (the tester's: `lease_ttl: 1ms` was taken silently).
         return Err(BackendError::InvalidInput(format!(
-            "{}: lease_ttl {lease_ttl:?}: at least 2s",
-            args.config.display()
+            "{}: lease_ttl is under 2s ({} ms): at least 2s",
+            args.config.display(),
+            lease_ttl.as_millis()
         ))
         .into());
     }

@@ -720,7 +720,7 @@ fn a_connection_error_says_what_to_try_and_every_global_flag_reads_its_variable(
         .args(["agent", "--config", "s.yaml"]));
     assert_eq!(code(&out), 2, "{out:?}");
     assert!(
-        text(&out.stderr).contains("s.yaml: lease_ttl 1ms: at least 2s"),
+        text(&out.stderr).contains("s.yaml: lease_ttl is under 2s (1 ms): at least 2s"),
         "{}",
         text(&out.stderr)
     );
