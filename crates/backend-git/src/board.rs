@@ -87,8 +87,23 @@ const HEADER: &str =
     "| ID | Task | Status | Owner | Blocked by |\n|----|------|--------|-------|------------|\n";
 
 impl Board {
-    /// Parses `text`, read from `file` (named in errors).
+    /// Parses `text`, read from `file` (named in errors): every problem at once.
     pub fn parse(file: &str, text: &str) -> Result<Board, BoardError> {
+        let (board, problems) = Board::parse_all(file, text);
+        let mut problems = problems.into_iter();
+        match problems.next() {
+            None => Ok(board),
+            Some(mut first) => {
+                first.more = problems.map(|p| (p.line, p.message)).collect();
+                Err(first)
+            }
+        }
+    }
+
+    /// Parses what can be: the board of the rows that parse, and each problem (one per row or
+    /// table), in file order. For a caller with rules of its own over the good rows, so it can
+    /// say its problems together with these.
+    pub fn parse_all(file: &str, text: &str) -> (Board, Vec<BoardError>) {
         let err = |line: usize, message: String| BoardError {
             file: file.to_owned(),
             line,
@@ -253,14 +268,7 @@ impl Board {
             let last_line = table_rows.last().map_or(header_line, |&r| r);
             board.append = Some((lines[last_line].1, headers));
         }
-        let mut problems = problems.into_iter();
-        match problems.next() {
-            None => Ok(board),
-            Some(mut first) => {
-                first.more = problems.map(|p| (p.line, p.message)).collect();
-                Err(first)
-            }
-        }
+        (board, problems)
     }
 
     /// Whether the text has a task table (one with ID and Status columns), rows or not.

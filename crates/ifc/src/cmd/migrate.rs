@@ -59,15 +59,13 @@ async fn read_board(source: &BoardSource) -> Result<(String, String, Board)> {
     Ok((name, text, board))
 }
 
-/// The task a board row states.
-fn from_board(name: &str, board: &Board, t: &BoardTask) -> Result<Task> {
+/// The task a board row states, or what is wrong with it (without its file and line).
+fn from_board(t: &BoardTask) -> std::result::Result<Task, String> {
     if t.status == TaskStatus::Claimed && t.owner.is_none() {
-        let line = board.line_of(&t.id).unwrap_or_default();
-        return Err(BackendError::InvalidInput(format!(
-            "{name}:{line}: {} is IN PROGRESS but names no owner: set the owner or the status",
+        return Err(format!(
+            "{} is IN PROGRESS but names no owner: set the owner or the status",
             t.id
-        ))
-        .into());
+        ));
     }
     let mut task = Task::new(t.id.clone(), t.status);
     task.title = t.title.clone();
@@ -133,23 +131,30 @@ pub async fn migrate(
     force: bool,
     out: &mut impl Write,
 ) -> Result<u8> {
-    let (name, _, board) = read_board(source).await?;
-    require_task_table(&name, &board)?;
-    // Every row is checked before anything is written, and every problem said at once.
-    let (tasks, problems): (Vec<_>, Vec<_>) = board
-        .tasks()
-        .iter()
-        .map(|t| from_board(&name, &board, t))
-        .partition(Result::is_ok);
+    let (name, text) = source.read().await?;
+    let text = text.ok_or_else(|| BackendError::InvalidInput(format!("{name}: no such board")))?;
+    // Every row is checked before anything is written, and every problem said at once: the
+    // board's and migrate's own (the tester's: an owner-less IN PROGRESS row was said only
+    // once the rest of the board parsed), in file order.
+    let (board, mut problems) = Board::parse_all(&name, &text);
+    let mut tasks = Vec::new();
+    for t in board.tasks() {
+        match from_board(t) {
+            Ok(task) => tasks.push(task),
+            Err(message) => problems.push(backend_git::board::BoardError {
+                file: name.clone(),
+                line: board.line_of(&t.id).unwrap_or_default(),
+                message,
+                more: Vec::new(),
+            }),
+        }
+    }
     if !problems.is_empty() {
-        let lines: Vec<String> = problems
-            .into_iter()
-            .filter_map(Result::err)
-            .map(|e| format!("{e:#}"))
-            .collect();
+        problems.sort_by_key(|p| p.line);
+        let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
         return Err(BackendError::InvalidInput(lines.join("\n")).into());
     }
-    let tasks: Vec<Task> = tasks.into_iter().filter_map(Result::ok).collect();
+    require_task_table(&name, &board)?;
     // A cycle of blockers leaves its tasks (and those waiting for them) never claimable: said
     // once per cycle, not refused (the tester's: put refuses one, migrate took it silently).
     let by_id: std::collections::BTreeMap<_, _> = tasks.iter().map(|t| (&t.id, t)).collect();
@@ -279,7 +284,10 @@ pub async fn verify(
         listing.tasks.iter().map(|t| (t.id.clone(), t)).collect();
     let (mut missing, mut mismatched) = (Vec::new(), Vec::new());
     for row in board.tasks() {
-        let want = from_board(&name, &board, row)?;
+        let want = from_board(row).map_err(|why| {
+            let line = board.line_of(&row.id).unwrap_or_default();
+            BackendError::InvalidInput(format!("{name}:{line}: {why}"))
+        })?;
         let Some(have) = in_etcd.get(&row.id) else {
             missing.push(row.id.to_string());
             continue;

@@ -315,4 +315,19 @@ fn migrate_says_which_blocker_is_nowhere_and_every_row_it_cannot_take() {
             && err.contains("x.md:4: X2 is IN PROGRESS but names no owner"),
         "{err}"
     );
+    // Tester helper-3: with a syntax error on the board too, the owner-less row was said only
+    // once the syntax was fixed. Both now, in file order.
+    std::fs::write(
+        d.join("y.md"),
+        format!("{head}| Y1 | a | 🟣 MAYBE |  |  |\n| Y2 | b | 🟡 IN PROGRESS |  |  |\n"),
+    )
+    .expect("board");
+    let out = run(ifc(&etcd, d).args(["migrate", "--board", "y.md"]));
+    assert_eq!(code(&out), 2, "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    let at = |what: &str| {
+        err.find(what)
+            .unwrap_or_else(|| panic!("{what} missing: {err}"))
+    };
+    assert!(at("y.md:3: unknown status") < at("y.md:4: Y2 is IN PROGRESS but names no owner"));
 }
