@@ -355,10 +355,21 @@ fn classify(endpoint: &str, e: etcd_client::Error) -> BackendError {
     }
 }
 
-/// A bare "transport error" on a plain endpoint: the connection closed before a word, which is
-/// what a TLS port does to plain HTTP/2 (the tester's: nothing said to try https://).
+/// A plain endpoint whose connection ended before a word (a bare "transport error", a
+/// cancelled or reset connection, an HTTP/2 protocol error), which is what a TLS port does to
+/// plain HTTP/2 (the tester's: nothing said to try https://). Which of these words comes
+/// depends on timing.
 fn plain_to_tls_hint(endpoint: &str, reason: String) -> String {
-    if reason == "transport error" && endpoint.contains("http://") {
+    const EARLY_END: [&str; 5] = [
+        "transport error",
+        "operation was canceled",
+        "connection reset",
+        "h2 protocol error",
+        "broken pipe",
+    ];
+    let ended_early =
+        reason == "transport error" || EARLY_END[1..].iter().any(|w| reason.contains(w));
+    if ended_early && endpoint.contains("http://") {
         format!("{reason} (closed at once: if etcd serves TLS there, use https:// and --cacert)")
     } else {
         reason
@@ -467,6 +478,23 @@ mod tests {
         ] {
             assert!(check_endpoint(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_plain_endpoint_closed_before_a_word_hints_at_tls() {
+        // Which words come depends on timing (CI saw "operation was canceled").
+        for reason in [
+            "transport error",
+            "operation was canceled",
+            "connection reset by peer",
+        ] {
+            let said = plain_to_tls_hint("http://127.0.0.1:1", reason.to_owned());
+            assert!(said.contains("use https://"), "{said}");
+        }
+        let said = plain_to_tls_hint("https://127.0.0.1:1", "transport error".to_owned());
+        assert!(!said.contains("use https://"), "{said}");
+        let said = plain_to_tls_hint("http://127.0.0.1:1", "tcp connect error".to_owned());
+        assert!(!said.contains("use https://"), "{said}");
     }
 
     #[test]
