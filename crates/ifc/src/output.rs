@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 pub type StatusOf<'a> = &'a dyn Fn(&TaskId) -> Option<TaskStatus>;
 
 /// The blockers of `t` that are not complete, each with its status (`None`: no such task).
-fn pending<'t>(t: &'t Task, status_of: StatusOf) -> Vec<(&'t TaskId, Option<TaskStatus>)> {
+pub fn pending<'t>(t: &'t Task, status_of: StatusOf) -> Vec<(&'t TaskId, Option<TaskStatus>)> {
     t.blocked_by
         .iter()
         .map(|b| (b, status_of(b)))

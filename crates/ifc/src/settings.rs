@@ -319,7 +319,7 @@ pub fn etcd_config(
         .clone()
         .or_else(|| file.and_then(|f| f.endpoints.clone()))
         .unwrap_or(defaults.endpoints.clone());
-    Ok(EtcdConfig {
+    let config = EtcdConfig {
         endpoints: endpoints
             .iter()
             .map(|e| e.trim().to_owned())
@@ -342,29 +342,27 @@ pub fn etcd_config(
         tls,
         user,
         ..defaults
-    })
-    .and_then(|c| {
-        // A zero deadline can only time out (the testers': `--request-timeout 0s`, and the same
-        // in the fleet file, were exit 3 "timed out after 0ns").
-        for (key, value) in [
-            (
-                "dial timeout (--dial-timeout, etcd.dial_timeout)",
-                c.dial_timeout,
-            ),
-            (
-                "request timeout (--request-timeout, etcd.request_timeout)",
-                c.request_timeout,
-            ),
-        ] {
-            if value.is_zero() {
-                return Err(BackendError::InvalidInput(format!(
-                    "the {key} is 0: a deadline must be longer than nothing (e.g. 500ms, 2s)"
-                ))
-                .into());
-            }
+    };
+    // A zero deadline can only time out (the testers': `--request-timeout 0s`, and the same in
+    // the fleet file, were exit 3 "timed out after 0ns").
+    for (key, value) in [
+        (
+            "dial timeout (--dial-timeout, etcd.dial_timeout)",
+            config.dial_timeout,
+        ),
+        (
+            "request timeout (--request-timeout, etcd.request_timeout)",
+            config.request_timeout,
+        ),
+    ] {
+        if value.is_zero() {
+            return Err(BackendError::InvalidInput(format!(
+                "the {key} is 0: a deadline must be longer than nothing (e.g. 500ms, 2s)"
+            ))
+            .into());
         }
-        Ok(c)
-    })
+    }
+    Ok(config)
 }
 
 /// The git backend settings; the clone is named after `session`.

@@ -52,11 +52,60 @@ fn parse(name: &str, text: &str) -> Result<Board> {
     Ok(Board::parse(name, text).map_err(|e| BackendError::InvalidInput(e.to_string()))?)
 }
 
-async fn read_board(source: &BoardSource) -> Result<(String, String, Board)> {
+/// The board's name in messages and its text; a board that is not there is an error.
+async fn read_text(source: &BoardSource) -> Result<(String, String)> {
     let (name, text) = source.read().await?;
     let text = text.ok_or_else(|| BackendError::InvalidInput(format!("{name}: no such board")))?;
+    Ok((name, text))
+}
+
+async fn read_board(source: &BoardSource) -> Result<(String, String, Board)> {
+    let (name, text) = read_text(source).await?;
     let board = parse(&name, &text)?;
     Ok((name, text, board))
+}
+
+/// Warns (on stderr, naming file and line) of what leaves tasks never claimable without being
+/// wrong to store: a cycle of blockers (once per cycle) and a blocker on neither the board nor
+/// etcd (it may be put later). `put` refuses both; agents report them (the tester's report:
+/// migrate took them without a word).
+async fn warn_unclaimable(
+    b: &EtcdBackend,
+    name: &str,
+    board: &Board,
+    tasks: &[Task],
+) -> Result<()> {
+    use agent_core::blockers::{path, stuck, Known, Stuck};
+    use std::collections::{BTreeMap, BTreeSet};
+    let by_id: BTreeMap<_, _> = tasks.iter().map(|t| (&t.id, t)).collect();
+    let mut said = BTreeSet::new();
+    for t in tasks {
+        let lookup = |id: &agent_core::TaskId| match by_id.get(id) {
+            Some(b) => Known::Task(b.status, &b.blocked_by),
+            None => Known::Unknown,
+        };
+        if let Some(Stuck::Cycle(cycle)) = stuck(&t.id, &t.blocked_by, lookup) {
+            if said.insert(cycle.iter().cloned().collect::<BTreeSet<_>>()) {
+                let line = board.line_of(&cycle[0]).unwrap_or_default();
+                eprintln!(
+                    "warning: {name}:{line}: a cycle of blockers, {}: none of these tasks can ever be claimed until it is broken",
+                    path(&cycle)
+                );
+            }
+        }
+    }
+    for t in tasks {
+        for blocker in t.blocked_by.iter().filter(|x| !by_id.contains_key(x)) {
+            if b.get(blocker).await?.is_none() {
+                let line = board.line_of(&t.id).unwrap_or_default();
+                eprintln!(
+                    "warning: {name}:{line}: {} is blocked by {blocker}, which is neither on the board nor in etcd: nobody can claim {} until it is",
+                    t.id, t.id
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The task a board row states, or what is wrong with it (without its file and line).
@@ -131,8 +180,7 @@ pub async fn migrate(
     force: bool,
     out: &mut impl Write,
 ) -> Result<u8> {
-    let (name, text) = source.read().await?;
-    let text = text.ok_or_else(|| BackendError::InvalidInput(format!("{name}: no such board")))?;
+    let (name, text) = read_text(source).await?;
     // Every row is checked before anything is written, and every problem said at once: the
     // board's and migrate's own (the tester's: an owner-less IN PROGRESS row was said only
     // once the rest of the board parsed), in file order.
@@ -155,43 +203,7 @@ pub async fn migrate(
         return Err(BackendError::InvalidInput(lines.join("\n")).into());
     }
     require_task_table(&name, &board)?;
-    // A cycle of blockers leaves its tasks (and those waiting for them) never claimable: said
-    // once per cycle, not refused (the tester's: put refuses one, migrate took it silently).
-    let by_id: std::collections::BTreeMap<_, _> = tasks.iter().map(|t| (&t.id, t)).collect();
-    let mut said = std::collections::BTreeSet::new();
-    for t in &tasks {
-        let lookup = |id: &agent_core::TaskId| match by_id.get(id) {
-            Some(b) => agent_core::blockers::Known::Task(b.status, &b.blocked_by),
-            None => agent_core::blockers::Known::Unknown,
-        };
-        if let Some(agent_core::blockers::Stuck::Cycle(cycle)) =
-            agent_core::blockers::stuck(&t.id, &t.blocked_by, lookup)
-        {
-            let members: std::collections::BTreeSet<_> = cycle.iter().cloned().collect();
-            if said.insert(members) {
-                let line = board.line_of(&cycle[0]).unwrap_or_default();
-                eprintln!(
-                    "warning: {name}:{line}: a cycle of blockers, {}: none of these tasks can ever be claimed until it is broken",
-                    agent_core::blockers::path(&cycle)
-                );
-            }
-        }
-    }
-    // A blocker on neither the board nor etcd leaves its task never claimable: said, not
-    // refused (it may be put later); agents report it too (the tester's report: put refused
-    // one, migrate took it without a word).
-    let on_board: std::collections::BTreeSet<_> = tasks.iter().map(|t| t.id.clone()).collect();
-    for t in &tasks {
-        for blocker in t.blocked_by.iter().filter(|b| !on_board.contains(*b)) {
-            if b.get(blocker).await?.is_none() {
-                let line = board.line_of(&t.id).unwrap_or_default();
-                eprintln!(
-                    "warning: {name}:{line}: {} is blocked by {blocker}, which is neither on the board nor in etcd: nobody can claim {} until it is",
-                    t.id, t.id
-                );
-            }
-        }
-    }
+    warn_unclaimable(b, &name, &board, &tasks).await?;
     let (mut created, mut updated, mut unchanged, mut kept) = (0, 0, 0, Vec::new());
     // What a dry run would write, task by task (issue 16: it only counted).
     let mut planned: Vec<Planned> = Vec::new();

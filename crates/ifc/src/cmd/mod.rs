@@ -403,8 +403,8 @@ async fn get(b: &dyn Backend, output: Output, task: &TaskId, out: &mut impl Writ
 async fn blocker_statuses(
     b: &dyn Backend,
     t: &agent_core::Task,
-) -> Result<std::collections::BTreeMap<TaskId, Option<agent_core::TaskStatus>>> {
-    let mut blockers = std::collections::BTreeMap::new();
+) -> Result<BTreeMap<TaskId, Option<agent_core::TaskStatus>>> {
+    let mut blockers = BTreeMap::new();
     for b_id in &t.blocked_by {
         blockers.insert(b_id.clone(), b.get(b_id).await?.map(|x| x.status));
     }
@@ -416,11 +416,10 @@ async fn still_waiting_for(b: &dyn Backend, task: &TaskId) -> Option<(String, Ve
     let t = b.get(task).await.ok().flatten()?;
     let blockers = blocker_statuses(b, &t).await.ok()?;
     let status_of = |id: &TaskId| blockers.get(id).copied().flatten();
-    let ids = blockers
+    let ids: Vec<String> = crate::output::pending(&t, &status_of)
         .iter()
-        .filter(|(_, s)| **s != Some(agent_core::TaskStatus::Complete))
         .map(|(id, _)| id.to_string())
-        .collect::<Vec<_>>();
+        .collect();
     (!ids.is_empty()).then(|| (crate::output::waiting_for(&t, &status_of), ids))
 }
 
