@@ -160,6 +160,16 @@ pub struct ClaimLoop {
     said_waiting: Option<(String, Instant)>,
 }
 
+/// Why a task of the list cannot be claimed now (see `ClaimLoop::waiting`).
+enum Waiting<'a> {
+    /// The session gave up on it after this many failed attempts.
+    GaveUp(u32),
+    /// Claimed (by whom, the task says).
+    Held(&'a Task),
+    /// These of its blockers are not complete.
+    Blockers(Vec<&'a TaskId>),
+}
+
 /// How often at most an idle agent says again why it has nothing to claim.
 pub const WAITING_SAID_EVERY: Duration = Duration::from_secs(30);
 
@@ -727,64 +737,71 @@ impl ClaimLoop {
         }
     }
 
-    /// Why the list's tasks that are not complete cannot be claimed now (the first few).
+    /// Why the list's tasks that are not complete cannot be claimed now (the first few named).
+    /// Every task is classified (cheap), only those shown are put in words: it runs at every
+    /// idle step, over lists of thousands.
     fn why_waiting(&self, mine: &[TaskId], now: Instant) -> Option<String> {
         const SHOWN: usize = 3;
-        let reasons: Vec<String> = mine
+        let waiting: Vec<(&TaskId, Waiting<'_>)> = mine
             .iter()
-            .filter_map(|id| {
-                let t = self.view.get(id)?;
-                if t.status == TaskStatus::Complete {
-                    return None;
-                }
-                if let Some(n) = self
-                    .attempts
-                    .get(id)
-                    .filter(|n| **n >= self.plan.max_attempts)
-                {
-                    return Some(format!("{id}: given up after {n} failed attempts"));
-                }
-                if self.not_before.get(id).is_some_and(|at| *at > now) {
-                    return None; // retried shortly: nothing to wait for
-                }
-                if t.status == TaskStatus::Claimed {
-                    let who = t
-                        .claimed_by
-                        .as_ref()
-                        .map_or("a session".into(), |h| h.to_string());
-                    return Some(format!("{id} is claimed by {who}"));
-                }
-                let pending: Vec<String> = t
-                    .blocked_by
-                    .iter()
-                    .filter(|b| self.status_of(b) != Some(TaskStatus::Complete))
-                    .map(|b| match self.view.get(b) {
-                        Some(bt) if bt.status == TaskStatus::Claimed => format!(
-                            "{b} (claimed by {})",
-                            bt.claimed_by
-                                .as_ref()
-                                .map_or("a session".into(), |h| h.to_string())
-                        ),
-                        Some(bt) => format!("{b} ({})", bt.status),
-                        None => format!("{b} (not known yet)"),
-                    })
-                    .collect();
-                (!pending.is_empty()).then(|| format!("{id} waits for {}", pending.join(", ")))
-            })
+            .filter_map(|id| Some((id, self.waiting(id, now)?)))
             .collect();
-        if reasons.is_empty() {
+        if waiting.is_empty() {
             return None;
         }
-        let more = reasons.len().saturating_sub(SHOWN);
-        let mut why = reasons
-            .into_iter()
+        let holder = |t: &Task| crate::model::holder_name(t.claimed_by.as_ref());
+        let mut why = waiting
+            .iter()
             .take(SHOWN)
+            .map(|(id, w)| match w {
+                Waiting::GaveUp(n) => format!("{id}: given up after {n} failed attempts"),
+                Waiting::Held(t) => format!("{id} is claimed by {}", holder(t)),
+                Waiting::Blockers(pending) => {
+                    let said: Vec<String> = pending
+                        .iter()
+                        .map(|b| match self.view.get(*b) {
+                            Some(bt) if bt.status == TaskStatus::Claimed => {
+                                format!("{b} (claimed by {})", holder(bt))
+                            }
+                            Some(bt) => format!("{b} ({})", bt.status),
+                            None => format!("{b} (not known yet)"),
+                        })
+                        .collect();
+                    format!("{id} waits for {}", said.join(", "))
+                }
+            })
             .collect::<Vec<_>>()
             .join("; ");
+        let more = waiting.len().saturating_sub(SHOWN);
         if more > 0 {
             why.push_str(&format!("; and {more} more"));
         }
         Some(why)
+    }
+
+    /// Why `id` (of the list) cannot be claimed now, if it waits for something; `None` when
+    /// it is complete, claimable, or retried shortly.
+    fn waiting(&self, id: &TaskId, now: Instant) -> Option<Waiting<'_>> {
+        let t = self.view.get(id)?;
+        if t.status == TaskStatus::Complete || self.not_before.get(id).is_some_and(|at| *at > now) {
+            return None;
+        }
+        if let Some(n) = self
+            .attempts
+            .get(id)
+            .filter(|n| **n >= self.plan.max_attempts)
+        {
+            return Some(Waiting::GaveUp(*n));
+        }
+        if t.status == TaskStatus::Claimed {
+            return Some(Waiting::Held(t));
+        }
+        let pending: Vec<&TaskId> = t
+            .blocked_by
+            .iter()
+            .filter(|b| self.status_of(b) != Some(TaskStatus::Complete))
+            .collect();
+        (!pending.is_empty()).then_some(Waiting::Blockers(pending))
     }
 
     /// A task of the list that can never become claimable: a blocker (or a blocker's blocker)
