@@ -397,6 +397,15 @@ pub struct Presence {
     pub host: String,
     /// The ifc version the session runs.
     pub version: String,
+    /// When the session last showed it is alive, where the store keeps that apart from the
+    /// record (git: the STATUS heartbeat; etcd's presence lives as long as the session's lease,
+    /// so it has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<DateTime<Utc>>,
+    /// The session's claim latency p95 over its last 5 minutes, in microseconds, as of its last
+    /// announcement (`ifc ui` charts it; no extra write carries it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_p95_us: Option<u64>,
 }
 
 /// A holder for logs and messages: its id, or `nobody`.

@@ -42,6 +42,8 @@ fn holder(kv: &KeyValue, id: &agent_core::SessionId) -> Presence {
         pid: 0,
         host: String::new(),
         version: String::new(),
+        heartbeat: None,
+        claim_p95_us: None,
     })
 }
 

@@ -187,6 +187,8 @@ impl StatusIn {
             pid: self.pid.unwrap_or_default(),
             host: self.host.clone().unwrap_or_default(),
             version: self.version.clone().unwrap_or_default(),
+            heartbeat: Some(updated),
+            claim_p95_us: None,
         })
     }
 

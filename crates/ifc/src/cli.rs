@@ -241,6 +241,11 @@ pub enum Command {
     /// (each its own lease and subscription). Checks that no task was won twice and every session
     /// heard every event (exit 1 otherwise). Works under a scratch prefix, removed when done
     Bench(BenchArgs),
+    /// Serve the live board in a browser: every task as the board lays it out (status, owner,
+    /// how long held, blockers), the live sessions, recent transitions and a claims chart,
+    /// updated as they change. Read-only; works in every mode. `/metrics` has fleet-wide gauges
+    /// (tasks by status, sessions by store)
+    Ui(UiArgs),
     /// Run a local single-node etcd for trying ifc out (data under .ifc/dev/) until Ctrl-C
     Dev(DevArgs),
     /// Print a shell completion script: `ifc completion bash > /etc/bash_completion.d/ifc`,
@@ -385,6 +390,14 @@ pub struct BridgeArgs {
     /// (bound on 127.0.0.1) or HOST:PORT
     #[arg(long, value_name = "[HOST:]PORT", value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct UiArgs {
+    /// Where to serve the board: a port (bound on 127.0.0.1) or HOST:PORT (0.0.0.0:PORT lets
+    /// other machines read it; port 0 picks a free one, printed at start)
+    #[arg(long, value_name = "[HOST:]PORT", default_value = "127.0.0.1:8080", value_parser = parse_metrics_addr)]
+    pub addr: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]

@@ -9,6 +9,7 @@ mod history;
 mod metrics;
 mod output;
 mod settings;
+mod ui;
 
 use std::process::ExitCode;
 

@@ -176,6 +176,32 @@ impl Metrics {
         self.window.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The samples of the last 5 minutes (older ones dropped).
+    fn recent(&self) -> std::sync::MutexGuard<'_, Window> {
+        let mut w = self.window();
+        if let Some(cutoff) = Instant::now().checked_sub(WINDOW) {
+            while w.claims.front().is_some_and(|(t, ..)| *t < cutoff) {
+                w.claims.pop_front();
+            }
+            while w.events.front().is_some_and(|(t, _)| *t < cutoff) {
+                w.events.pop_front();
+            }
+        }
+        w
+    }
+
+    /// The claim latency p95 of the last 5 minutes (`None` without claims), which the session
+    /// publishes with its presence.
+    pub fn claim_p95(&self) -> Option<Duration> {
+        let w = self.recent();
+        (!w.claims.is_empty()).then(|| {
+            Duration::from_secs_f64(percentile(
+                w.claims.iter().map(|(_, s, _)| *s).collect(),
+                0.95,
+            ))
+        })
+    }
+
     /// A claim attempt: `outcome` is `won`, `lost`, `not_claimable`, `not_found` or `error`.
     pub fn claim(&self, backend: &str, outcome: &str, took: Duration) {
         let secs = took.as_secs_f64();
@@ -259,16 +285,7 @@ impl Metrics {
     /// The text exposition, with the sliding-window gauges computed now.
     pub fn encode(&self) -> String {
         {
-            let mut w = self.window();
-            let cutoff = Instant::now().checked_sub(WINDOW);
-            if let Some(cutoff) = cutoff {
-                while w.claims.front().is_some_and(|(t, ..)| *t < cutoff) {
-                    w.claims.pop_front();
-                }
-                while w.events.front().is_some_and(|(t, _)| *t < cutoff) {
-                    w.events.pop_front();
-                }
-            }
+            let w = self.recent();
             let answered = w.claims.iter().filter(|(.., ok)| *ok).count();
             let rate = if w.claims.is_empty() {
                 1.0
@@ -340,18 +357,42 @@ impl Source {
                 "none",
             );
         };
-        let h = tokio::time::timeout(Duration::from_secs(2), store.health())
-            .await
-            .unwrap_or_else(|_| agent_core::Health {
-                reachable: false,
-                detail: format!("{}: no answer within 2s", store.name()),
-            });
-        (h, store.name())
+        (health_within(&**store).await, store.name())
     }
 
     fn totals(&self) -> (u64, u64, u64) {
         self.ready.get().map_or((0, 0, 0), |(_, totals)| totals())
     }
+}
+
+/// `store`'s health, or that it did not answer within 2 s.
+pub async fn health_within(store: &dyn Backend) -> agent_core::Health {
+    tokio::time::timeout(Duration::from_secs(2), store.health())
+        .await
+        .unwrap_or_else(|_| agent_core::Health {
+            reachable: false,
+            detail: format!("{}: no answer within 2s", store.name()),
+        })
+}
+
+/// `GET /health`'s answer: 200 when the store answers, 503 when not, and why, as JSON.
+pub fn health_reply(h: &agent_core::Health, store: &str) -> axum::response::Response {
+    let body = serde_json::json!({
+        "health": if h.reachable { "true" } else { "false" },
+        "backend": store,
+        "reason": h.detail,
+    });
+    let code = if h.reachable {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// Serves `/metrics` and `/health` on `addr` until the process ends; returns the bound address.
@@ -393,22 +434,7 @@ pub async fn serve(
                 async move {
                     let (h, name) = source.health().await;
                     metrics.set_health(h.reachable);
-                    let body = serde_json::json!({
-                        "health": if h.reachable { "true" } else { "false" },
-                        "backend": name,
-                        "reason": h.detail,
-                    });
-                    let code = if h.reachable {
-                        StatusCode::OK
-                    } else {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    };
-                    (
-                        code,
-                        [(header::CONTENT_TYPE, "application/json")],
-                        body.to_string(),
-                    )
-                        .into_response()
+                    health_reply(&h, name)
                 }
             }),
         );

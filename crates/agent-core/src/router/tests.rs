@@ -624,6 +624,8 @@ fn presence_of(session: &str) -> crate::Presence {
         pid: 1,
         host: "h".into(),
         version: String::new(),
+        heartbeat: None,
+        claim_p95_us: None,
     }
 }
 

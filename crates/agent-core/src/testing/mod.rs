@@ -914,6 +914,8 @@ pub async fn presence_lives_with_the_session(h: &impl Harness) {
         pid: std::process::id(),
         host: "test-host".into(),
         version: "test".into(),
+        heartbeat: None,
+        claim_p95_us: None,
     };
     a.announce(&presence).await.expect("announce");
     let listed = observer.sessions().await.expect("sessions");

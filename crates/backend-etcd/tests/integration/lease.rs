@@ -135,6 +135,8 @@ fn presence_of(s: &SessionId) -> agent_core::Presence {
         pid: std::process::id(),
         host: agent_core::process::hostname(),
         version: "test".into(),
+        heartbeat: None,
+        claim_p95_us: None,
     }
 }
 

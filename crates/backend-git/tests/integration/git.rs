@@ -262,6 +262,8 @@ async fn only_agents_that_may_be_alive_are_listed_as_sessions() {
         pid,
         host: agent_core::process::hostname(),
         version: "test".into(),
+        heartbeat: None,
+        claim_p95_us: None,
     };
     // A pid far above any the kernel hands out: that process is gone.
     for (session, pid) in [
@@ -513,6 +515,8 @@ async fn every_commit_ifc_makes_carries_the_task_session_and_token_trailers() {
         pid: 1,
         host: "h".into(),
         version: "0".into(),
+        heartbeat: None,
+        claim_p95_us: None,
     };
     b.announce(&presence).await.expect("announce");
     let ClaimOutcome::Won(c) = b.claim(&tid("TR.1"), &s).await.expect("claim") else {
@@ -831,6 +835,8 @@ async fn a_task_costs_two_commits_its_claim_and_its_release() {
         pid: std::process::id(),
         host: agent_core::process::hostname(),
         version: "test".into(),
+        heartbeat: None,
+        claim_p95_us: None,
     };
     agent.register(&me, false).await.expect("register");
     let before = remote.log().len();
@@ -905,6 +911,8 @@ async fn heartbeats_add_no_commits(
         pid: std::process::id(),
         host: agent_core::process::hostname(),
         version: "test".into(),
+        heartbeat: None,
+        claim_p95_us: None,
     };
     holder.register(&me, false).await.expect("register");
     let won = holder

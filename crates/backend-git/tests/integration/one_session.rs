@@ -35,6 +35,8 @@ fn presence(session: &str, pid: u32) -> Presence {
         pid,
         host: "another-host.example".into(),
         version: "test".into(),
+        heartbeat: None,
+        claim_p95_us: None,
     }
 }
 

@@ -93,6 +93,8 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         pid: std::process::id(),
         host: agent_core::process::hostname(),
         version: env!("CARGO_PKG_VERSION").into(),
+        heartbeat: None,
+        claim_p95_us: None,
     };
     // One process per session id: a second agent with the same session file stops here. A store
     // that does not answer is waited for, as at the start (a git remote away at that moment
@@ -290,6 +292,10 @@ impl Driver {
     async fn announce(&mut self, task: Option<&agent_core::TaskId>) {
         self.presence.state = if task.is_some() { "working" } else { "idle" }.into();
         self.presence.current_task = task.cloned();
+        self.presence.claim_p95_us = self
+            .metrics
+            .claim_p95()
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
         match self.backend.announce(&self.presence).await {
             Ok(()) => {}
             Err(e @ BackendError::SessionElsewhere { .. }) => self.evict(&e.to_string()),

@@ -195,6 +195,10 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
             drop(out);
             watch(&*connect(g, command).await?, output).await
         }
+        Command::Ui(args) => {
+            drop(out);
+            crate::ui::run(connect(g, command).await?, args, output).await
+        }
         Command::Bridge(args) => bridge::run(g, args, output, &mut out).await,
         Command::Audit => bridge::audit(g, output, &mut out).await,
         Command::Bench(args) => bench::run(g, args, output, &mut out).await,

@@ -11,6 +11,7 @@ mod metrics;
 mod migrate;
 mod readme;
 mod security;
+mod ui;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

@@ -104,6 +104,8 @@ impl Fleet {
                 pid: std::process::id(),
                 host: host.clone(),
                 version: env!("CARGO_PKG_VERSION").into(),
+                heartbeat: None,
+                claim_p95_us: None,
             };
             let delivered = Arc::clone(&delivered);
             let observer = (k + 1 == sessions).then(|| observer_tx.clone());

@@ -1,0 +1,341 @@
+//! `ifc ui`: the live board in a browser. One subscription to the store (through the router, so
+//! etcd, git and hybrid alike) keeps a `Board`; every open page gets a snapshot and then each
+//! change as a server-sent event, so a hundred tabs cost the store no more than one. Read-only,
+//! the page's assets are built into the binary, and `/metrics` serves fleet-wide gauges (tasks by
+//! status, live sessions by store).
+
+mod board;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use agent_core::{Backend, BackendEvent};
+use anyhow::{Context, Result};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+use crate::cli::{Output, UiArgs};
+use board::Board;
+
+/// How many messages a page may fall behind before it is sent a fresh snapshot instead.
+const BEHIND: usize = 4096;
+/// How often the live sessions are read.
+const SESSIONS_EVERY: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabel {
+    store: String,
+}
+
+/// The fleet-wide gauges of `/metrics`.
+#[derive(Debug)]
+struct Gauges {
+    registry: Registry,
+    tasks: Family<StatusLabel, Gauge>,
+    sessions: Family<StoreLabel, Gauge>,
+    viewers: Gauge,
+    resyncs: Counter,
+}
+
+impl Gauges {
+    fn new() -> Gauges {
+        let mut g = Gauges {
+            registry: Registry::default(),
+            tasks: Family::default(),
+            sessions: Family::default(),
+            viewers: Gauge::default(),
+            resyncs: Counter::default(),
+        };
+        let r = &mut g.registry;
+        r.register(
+            "if_coordinator_board_tasks",
+            "Tasks on the board by status (available, blocked, claimed, complete)",
+            g.tasks.clone(),
+        );
+        r.register(
+            "if_coordinator_board_sessions",
+            "Live sessions by the store serving them (etcd, git)",
+            g.sessions.clone(),
+        );
+        r.register(
+            "if_coordinator_ui_viewers",
+            "Pages of `ifc ui` open now",
+            g.viewers.clone(),
+        );
+        r.register(
+            "if_coordinator_ui_resyncs",
+            "Times a page fell too far behind and was sent a fresh snapshot",
+            g.resyncs.clone(),
+        );
+        g
+    }
+}
+
+/// What the server shares: the board, the stream of its changes, the store and the gauges.
+struct Live {
+    board: Mutex<Board>,
+    changes: broadcast::Sender<Arc<str>>,
+    store: Arc<dyn Backend>,
+    gauges: Gauges,
+}
+
+impl Live {
+    fn board(&self) -> std::sync::MutexGuard<'_, Board> {
+        self.board.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the board and sends the page message the change made, under one lock: every page
+    /// sees the messages in the order the board took them.
+    fn publish(&self, change: impl FnOnce(&mut Board) -> Option<Value>) {
+        let mut board = self.board();
+        if let Some(message) = change(&mut board) {
+            // No page open is not an error.
+            let _ = self.changes.send(Arc::from(message.to_string()));
+        }
+    }
+
+    /// A page joining: the snapshot and the changes after it, neither missing nor repeating one.
+    fn join(&self) -> (Arc<str>, broadcast::Receiver<Arc<str>>) {
+        let board = self.board();
+        let snapshot = Arc::from(board.snapshot(SystemTime::now()).to_string());
+        (snapshot, self.changes.subscribe())
+    }
+
+    fn metrics(&self) -> String {
+        {
+            let board = self.board();
+            for (status, n) in board.tasks_by_status() {
+                self.gauges
+                    .tasks
+                    .get_or_create(&StatusLabel {
+                        status: status.into(),
+                    })
+                    .set(n);
+            }
+            for (store, n) in board.sessions_by_store() {
+                self.gauges
+                    .sessions
+                    .get_or_create(&StoreLabel { store })
+                    .set(n);
+            }
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.gauges.registry);
+        out
+    }
+}
+
+/// Counts a page while its stream lives.
+struct Viewer(Arc<Live>);
+
+impl Viewer {
+    fn new(live: Arc<Live>) -> Viewer {
+        live.gauges.viewers.inc();
+        Viewer(live)
+    }
+}
+
+impl Drop for Viewer {
+    fn drop(&mut self) {
+        self.0.gauges.viewers.dec();
+    }
+}
+
+/// `GET /events`: the snapshot, then every change; a page that fell `BEHIND` messages behind is
+/// sent a fresh snapshot (its queue is bounded, never its memory).
+async fn events(
+    State(live): State<Arc<Live>>,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let (snapshot, changes) = live.join();
+    let viewer = Viewer::new(live);
+    let stream = futures_util::stream::unfold(
+        (Some(snapshot), changes, viewer),
+        |(next, mut changes, viewer)| async move {
+            let message = match next {
+                Some(m) => m,
+                None => match changes.recv().await {
+                    Ok(m) => m,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        viewer.0.gauges.resyncs.inc();
+                        let (snapshot, fresh) = viewer.0.join();
+                        changes = fresh;
+                        snapshot
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+            };
+            Some((
+                Ok(Event::default().data(&*message)),
+                (None, changes, viewer),
+            ))
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// The page's three files, built into the binary.
+fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse + Clone {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; img-src 'self' data:",
+            ),
+        ],
+        body,
+    )
+}
+
+async fn health(State(live): State<Arc<Live>>) -> axum::response::Response {
+    let h = crate::metrics::health_within(&*live.store).await;
+    crate::metrics::health_reply(&h, live.store.name())
+}
+
+fn routes(live: Arc<Live>) -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/",
+            get(asset(
+                "text/html; charset=utf-8",
+                include_str!("page/index.html"),
+            )),
+        )
+        .route(
+            "/app.js",
+            get(asset(
+                "text/javascript; charset=utf-8",
+                include_str!("page/app.js"),
+            )),
+        )
+        .route(
+            "/app.css",
+            get(asset(
+                "text/css; charset=utf-8",
+                include_str!("page/app.css"),
+            )),
+        )
+        .route("/events", get(events))
+        .route(
+            "/api/board",
+            get(|State(live): State<Arc<Live>>| async move {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    live.join().0.to_string(),
+                )
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(live): State<Arc<Live>>| async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    live.metrics(),
+                )
+            }),
+        )
+        .route("/health", get(health))
+        .with_state(live)
+}
+
+/// Reads the live sessions every `SESSIONS_EVERY` for as long as the server runs.
+async fn follow_sessions(live: Arc<Live>) {
+    let mut tick = tokio::time::interval(SESSIONS_EVERY);
+    loop {
+        tick.tick().await;
+        match tokio::time::timeout(SESSIONS_EVERY, live.store.sessions()).await {
+            Ok(Ok(sessions)) => live.publish(|b| b.set_sessions(sessions)),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the live sessions"),
+            Err(_) => tracing::warn!("cannot read the live sessions: no answer within 2s"),
+        }
+    }
+}
+
+/// Runs the board server on `args.addr` until Ctrl-C.
+pub async fn run(store: Arc<dyn Backend>, args: &UiArgs, output: Output) -> Result<u8> {
+    let mut sub = store.subscribe().await?;
+    let (changes, _) = broadcast::channel(BEHIND);
+    let live = Arc::new(Live {
+        board: Mutex::new(Board::new(store.name())),
+        changes,
+        store: Arc::clone(&store),
+        gauges: Gauges::new(),
+    });
+    live.publish(|b| {
+        b.reset(&sub.snapshot, SystemTime::now());
+        None
+    });
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for --addr (another ifc ui? --addr PORT picks another port)",
+                args.addr
+            )
+        })?;
+    let bound: SocketAddr = listener.local_addr().context("the board's address")?;
+    let app = routes(Arc::clone(&live));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the board's server stopped");
+        }
+    });
+    tokio::spawn(follow_sessions(Arc::clone(&live)));
+    let url = format!("http://{bound}/");
+    match output {
+        Output::Json => println!("{}", serde_json::json!({"url": url})),
+        Output::Table => println!("the board: {url} (read-only; Ctrl-C stops)"),
+    }
+    let mut points = tokio::time::interval(board::POINT_EVERY);
+    points.tick().await;
+    loop {
+        tokio::select! {
+            event = sub.next() => match event {
+                Some(BackendEvent::Task(e)) => {
+                    let known = live.board().has(&e.task);
+                    let full = if known || e.new_status.is_none() {
+                        None
+                    } else {
+                        // A task the board has not seen: its title, read once.
+                        tokio::time::timeout(Duration::from_secs(2), store.get(&e.task))
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .flatten()
+                    };
+                    live.publish(|b| Some(b.apply(&e, full)));
+                }
+                Some(BackendEvent::Resync(listing)) => {
+                    live.publish(|b| Some(b.reset(&listing, SystemTime::now())));
+                }
+                Some(_) => {}
+                None => anyhow::bail!("the store's event stream ended"),
+            },
+            _ = points.tick() => {
+                live.publish(|b| Some(b.point(SystemTime::now(), board::POINT_EVERY)));
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(0),
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! `ifc ui` in a real browser: headless Chromium driven over WebDriver (chromedriver), against a
+//! real etcd holding the Phase 0 board. The page shows the board, and a change made with the CLI
+//! reaches the open page without a reload; a hundred open pages cost etcd nothing more.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use backend_etcd::testing::EtcdServer;
+use serde_json::{json, Value};
+
+use crate::agent::{ifc, put, Workdir};
+use crate::{code, run, text};
+
+const BOARD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../docs/PHASE-0-TASK-BOARD.md"
+);
+
+/// A program the browser test needs, found on PATH, or a failure saying how to get it.
+fn required(program: &str) -> std::path::PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{program} is not on PATH: the browser test needs Chromium and its WebDriver; run scripts/install-deps (Debian packages chromium and chromium-driver)")
+        })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A headless Chromium session behind its own chromedriver, ended (and reaped) on drop.
+struct Browser {
+    driver: Child,
+    base: String,
+    session: String,
+    http: reqwest::Client,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let chromium = required("chromium");
+        let port = free_port();
+        let driver = Command::new(required("chromedriver"))
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = http.get(format!("{base}/status")).send().await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver did not start on {base}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let profile = tempfile::tempdir().expect("profile dir");
+        let mut b = Browser {
+            driver,
+            base,
+            session: String::new(),
+            http,
+            _profile: profile,
+        };
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--window-size=1400,1000",
+                         format!("--user-data-dir={}", b._profile.path().display())],
+            },
+        }}});
+        let created = b.call(reqwest::Method::POST, "/session", Some(caps)).await;
+        b.session = created["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no WebDriver session: {created}"))
+            .to_owned();
+        b
+    }
+
+    /// One WebDriver command; its `value`.
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        let resp = req.send().await.expect("WebDriver answers");
+        let status = resp.status();
+        let body: Value =
+            serde_json::from_str(&resp.text().await.expect("a body")).expect("WebDriver JSON");
+        assert!(status.is_success(), "WebDriver {path}: {status} {body}");
+        body["value"].clone()
+    }
+
+    async fn open(&self, url: &str) {
+        let path = format!("/session/{}/url", self.session);
+        self.call(reqwest::Method::POST, &path, Some(json!({"url": url})))
+            .await;
+    }
+
+    /// Runs `script` (a function body) in the page; what it returns.
+    async fn eval(&self, script: &str) -> Value {
+        let path = format!("/session/{}/execute/sync", self.session);
+        self.call(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"script": script, "args": []})),
+        )
+        .await
+    }
+
+    /// Waits until `script` returns `want`; how long it took.
+    async fn until(&self, what: &str, script: &str, want: Value) -> Duration {
+        let start = Instant::now();
+        loop {
+            let got = self.eval(script).await;
+            if got == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the page never showed {what}: {script} returned {got}, not {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// `ifc ui --addr 127.0.0.1:0` in `dir`; (the process, the page's URL).
+fn start_ui(mut cmd: Command) -> (crate::agent::Agent, String) {
+    let mut child = cmd
+        .args(["ui", "--addr", "127.0.0.1:0", "--output", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("ifc ui starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("ifc ui prints its address");
+    let url: Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("ifc ui's first line is its URL as JSON: {e}: {line:?}"));
+    let url = url["url"].as_str().expect("url").to_owned();
+    (crate::agent::Agent(child), url)
+}
+
+fn migrate(endpoint: &str, dir: &Path) {
+    let out = run(ifc(endpoint, dir).args(["migrate", "--board", BOARD]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+}
+
+const ROWS: &str = "return document.querySelectorAll('tr[data-task]').length";
+
+fn row(task: &str) -> String {
+    format!("const r = document.querySelector('tr[data-task=\"{task}\"]'); return r ? [r.dataset.status, r.dataset.holder] : null")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_board_shows_every_task_and_a_cli_claim_reaches_the_open_page_without_a_reload() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    migrate(&e, w.path());
+    let (_ui, url) = start_ui(ifc(&e, w.path()));
+    let browser = Browser::start().await;
+    browser.open(&url).await;
+    browser.until("the 54 tasks", ROWS, json!(54)).await;
+    browser
+        .until(
+            "a live connection",
+            "return document.getElementById('link').textContent",
+            json!("live"),
+        )
+        .await;
+    assert_eq!(browser.eval(&row("P0.2.6")).await, json!(["available", ""]));
+    assert_eq!(
+        browser
+            .eval("return document.querySelectorAll('section.group').length")
+            .await,
+        json!(7),
+        "one section per workstream, P0.1 to P0.7"
+    );
+    // Marks this page load: a reload would lose it.
+    browser.eval("window.ifcLoad = 'first'; return null").await;
+
+    let out = run(ifc(&e, w.path()).args(["claim", "P0.2.6", "--session", "ui-tester"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let took = browser
+        .until("the claim", &row("P0.2.6"), json!(["claimed", "ui-tester"]))
+        .await;
+    eprintln!(
+        "the claim reached the page {} ms after the CLI exited",
+        took.as_millis()
+    );
+    assert_eq!(
+        browser
+            .eval("return [window.ifcLoad, window.ifcSnapshots]")
+            .await,
+        json!(["first", 1]),
+        "the change came over the open stream: no reload, no second snapshot"
+    );
+
+    // A task added and one released: the rows follow, still without a reload.
+    put(&e, w.path(), &["NEW.1", "--title", "added while watching"]);
+    browser.until("the new task", ROWS, json!(55)).await;
+    let out = run(ifc(&e, w.path()).args([
+        "release",
+        "P0.2.6",
+        "--session",
+        "ui-tester",
+        "--status",
+        "complete",
+    ]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    browser
+        .until(
+            "the completion",
+            &row("P0.2.6"),
+            json!(["complete", "ui-tester"]),
+        )
+        .await;
+    // P0.2.7 waited for P0.2.6 alone: its row now says it is claimable.
+    browser
+        .until(
+            "the dependent's hint",
+            "return document.querySelector('tr[data-task=\"P0.2.7\"] .hint').textContent",
+            json!("claimable"),
+        )
+        .await;
+    let strip = browser
+        .eval("return document.getElementById('transitions').textContent")
+        .await;
+    assert!(
+        strip
+            .as_str()
+            .is_some_and(|s| s.contains("P0.2.6") && s.contains("NEW.1")),
+        "{strip}"
+    );
+    assert_eq!(browser.eval("return window.ifcLoad").await, json!("first"));
+}
