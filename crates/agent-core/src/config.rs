@@ -178,6 +178,61 @@ pub struct FleetFile {
     /// git settings.
     #[serde(default)]
     pub git: GitSection,
+    /// The coordinator's service-level objective: a hybrid session whose claims breach it
+    /// moves to git until the coordinator is within it again. Off when absent.
+    #[serde(default)]
+    pub slo: Option<SloSection>,
+}
+
+/// The fleet file's `slo:` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SloSection {
+    /// The claims' p95 latency on the coordinator must stay at or under this (e.g. 10ms).
+    pub claim_p95: Option<ConfigDuration>,
+    /// The share of claims answered (not errors or silences) must stay at or above this (0–1,
+    /// e.g. 0.99).
+    pub success_rate: Option<f64>,
+    /// Judged over this much recent time (default 60s).
+    pub window: Option<ConfigDuration>,
+    /// Judged only once the window holds this many claims (default 20).
+    pub min_claims: Option<usize>,
+    /// Back to the coordinator after its health checks answered within `claim_p95` for this
+    /// long (default: the window).
+    pub recover_after: Option<ConfigDuration>,
+}
+
+impl SloSection {
+    /// The objective the router holds the coordinator to, or what is wrong with the section.
+    pub fn objective(&self) -> Result<crate::router::objective::Objective, String> {
+        if self.claim_p95.is_none() && self.success_rate.is_none() {
+            return Err("slo: needs claim_p95, success_rate or both".into());
+        }
+        if let Some(rate) = self
+            .success_rate
+            .filter(|r| !(0.0..=1.0).contains(r) || r.is_nan())
+        {
+            return Err(format!(
+                "slo.success_rate: {rate} is not a share between 0 and 1 (0.99 is 99 %)"
+            ));
+        }
+        let window = self
+            .window
+            .map_or(std::time::Duration::from_secs(60), |d| d.0);
+        if window < std::time::Duration::from_secs(1) {
+            return Err("slo.window: must be at least 1s".into());
+        }
+        if self.claim_p95.is_some_and(|d| d.0.is_zero()) {
+            return Err("slo.claim_p95: must be more than 0".into());
+        }
+        Ok(crate::router::objective::Objective {
+            claim_p95: self.claim_p95.map(|d| d.0),
+            success_rate: self.success_rate,
+            window,
+            min_claims: self.min_claims.unwrap_or(20).max(1),
+            recover_after: self.recover_after.map_or(window, |d| d.0),
+        })
+    }
 }
 
 /// The fleet file's `rollout:` section: per-session modes for a gradual migration. An explicit
@@ -427,6 +482,12 @@ impl FleetFile {
             return Err(ConfigError::Value {
                 file: path.display().to_string(),
                 message: "rollout.percent: must be between 0 and 100".into(),
+            });
+        }
+        if let Some(Err(message)) = file.slo.as_ref().map(SloSection::objective) {
+            return Err(ConfigError::Value {
+                file: path.display().to_string(),
+                message,
             });
         }
         Ok(file)

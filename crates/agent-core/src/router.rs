@@ -8,6 +8,7 @@
 
 pub mod breaker;
 mod mirror_queue;
+pub mod objective;
 mod store;
 mod switch;
 
@@ -63,6 +64,9 @@ pub struct RouterConfig {
     /// in the other. Default: twice `probe_max` plus `check_interval`, the longest a peer can
     /// stay behind.
     pub confirm_window: Option<Duration>,
+    /// Hybrid: the coordinator's service-level objective (the fleet file's `slo:`); breached,
+    /// the session moves to git until the coordinator is within it again. Off when `None`.
+    pub objective: Option<objective::Objective>,
 }
 
 impl RouterConfig {
@@ -80,6 +84,7 @@ impl RouterConfig {
             mirror: true,
             claims_in_git: true,
             confirm_window: None,
+            objective: None,
         }
     }
 }
@@ -118,9 +123,13 @@ struct State {
     /// git session holds costs no claim storm on etcd.
     refused: HashMap<TaskId, (crate::model::ClaimOutcome, Instant)>,
     stats: RouterStats,
+    /// Hybrid: the objective and the claims it is judged on (`RouterConfig::objective`).
+    objective: Option<objective::ObjectiveWatch>,
     /// The presence registered (`Backend::register`): a coordinator attached later
     /// (`Router::attach_coordinator`) is told it too.
     registered: Option<Presence>,
+    /// The presence last announced (`Backend::announce`), told to both stores at a switch.
+    announced: Option<Presence>,
     /// Whether that registration takes the session over from a running process.
     take_over: bool,
     /// Stores whose registration did not land (they did not answer): registered again before
@@ -147,6 +156,13 @@ pub struct RouterStats {
     pub fallbacks: u64,
     /// Tasks found held or done by different sessions in the two stores.
     pub conflicts: u64,
+    /// Moves to git because the coordinator breached the objective (also counted in
+    /// `fallbacks`).
+    pub slo_to_git: u64,
+    /// Returns to the coordinator once it was within the objective again.
+    pub slo_returns: u64,
+    /// The session is kept on git by a breached objective now.
+    pub slo_breached: bool,
 }
 
 #[derive(Debug)]
@@ -208,7 +224,9 @@ impl Router {
             confirm_until: None,
             refused: HashMap::new(),
             stats: RouterStats::default(),
+            objective: config.objective.clone().map(objective::ObjectiveWatch::new),
             registered: None,
+            announced: None,
             take_over: false,
             unregistered: Default::default(),
             inherited_ended: false,
@@ -397,6 +415,9 @@ impl Shared {
             Mode::Coordinator => Side::Primary,
             Mode::Git => Side::Fallback,
             Mode::Hybrid if state.breaker.is_open() => Side::Fallback,
+            Mode::Hybrid if state.objective.as_ref().is_some_and(|o| o.breached()) => {
+                Side::Fallback
+            }
             Mode::Hybrid => Side::Primary,
         };
         match wanted {
@@ -435,6 +456,24 @@ impl Shared {
         }
     }
 
+    /// A claim on the coordinator, for the objective. A breach is acted on by the health checks
+    /// (within `check_interval`): the claim that breached it is not held yet, and a move now
+    /// would not carry it to git.
+    fn judge_claim(&self, took: Duration, answered: bool) {
+        let mut s = lock(&self.state);
+        let Some(why) = s
+            .objective
+            .as_mut()
+            .and_then(|o| o.claim(Instant::now(), took, answered))
+        else {
+            return;
+        };
+        s.stats.slo_to_git += 1;
+        s.stats.slo_breached = true;
+        drop(s);
+        tracing::warn!(session = %self.config.name, reason = %why, "the coordinator breached the fleet's objective (slo:): moving to git until it is within it again");
+    }
+
     async fn succeeded(&self) {
         let t = lock(&self.state).breaker.success();
         if t == Transition::Closed {
@@ -470,7 +509,17 @@ impl Shared {
             self.ensure_registered(Side::Primary).await?;
             f(primary).await
         };
-        let (why, silent) = match tokio::time::timeout(self.config.deadline, attempt).await {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.config.deadline, attempt).await;
+        if op == "claim" {
+            let answered = match &result {
+                Ok(Ok(_)) => true,
+                Ok(Err(e)) => !e.is_transient(),
+                Err(_) => false,
+            };
+            self.judge_claim(started.elapsed(), answered);
+        }
+        let (why, silent) = match result {
             Ok(Ok(out)) => {
                 self.succeeded().await;
                 self.count(op, Side::Primary);
@@ -661,8 +710,10 @@ impl Shared {
             let Ok(etcd) = me.backend(Side::Primary).cloned() else {
                 continue;
             };
+            let asked = Instant::now();
             let health = tokio::time::timeout(me.config.deadline, etcd.health()).await;
             let reachable = health.as_ref().is_ok_and(|h| h.reachable);
+            me.judge_probe(reachable.then(|| asked.elapsed())).await;
             if reachable {
                 if open {
                     tracing::info!(session = %me.config.name, "coordinator answers again: returning to it");
@@ -677,6 +728,32 @@ impl Shared {
                     Ok(_) => me.failed("health check failed", false).await,
                 }
             }
+        }
+    }
+
+    /// A health check of the coordinator, for the objective: while it is breached, returns to
+    /// the coordinator once it has been within it for long enough; while it is breached and the
+    /// coordinator still serves, moves to git.
+    async fn judge_probe(&self, took: Option<Duration>) {
+        let (returned, leave) = {
+            let mut s = lock(&self.state);
+            let serving = s.serving;
+            let Some(o) = s.objective.as_mut() else {
+                return;
+            };
+            let returned = o.probe(Instant::now(), took);
+            let leave = o.breached() && serving == Side::Primary;
+            if returned {
+                s.stats.slo_returns += 1;
+                s.stats.slo_breached = false;
+            }
+            (returned, leave)
+        };
+        if returned {
+            tracing::info!(session = %self.config.name, "the coordinator is within the fleet's objective again (slo:): returning to it");
+        }
+        if returned || leave {
+            self.settle().await;
         }
     }
 

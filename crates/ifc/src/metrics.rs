@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agent_core::router::RouterStats;
 use agent_core::Backend;
 use anyhow::{Context, Result};
 use axum::http::{header, StatusCode};
@@ -29,6 +30,11 @@ struct BackendLabel {
 struct ClaimLabels {
     backend: String,
     outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MoveLabel {
+    to: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,6 +80,8 @@ pub struct Metrics {
     reconnects: Counter,
     fallbacks: Counter,
     conflicts: Counter,
+    slo_breached: Gauge,
+    slo_moves: Family<MoveLabel, Counter>,
     claim_latency_p95: Gauge<f64, AtomicU64>,
     claim_success_rate: Gauge<f64, AtomicU64>,
     event_latency_p95: Gauge<f64, AtomicU64>,
@@ -101,6 +109,8 @@ impl Metrics {
             reconnects: Counter::default(),
             fallbacks: Counter::default(),
             conflicts: Counter::default(),
+            slo_breached: Gauge::default(),
+            slo_moves: Family::default(),
             claim_latency_p95: Gauge::default(),
             claim_success_rate: Gauge::default(),
             event_latency_p95: Gauge::default(),
@@ -154,6 +164,19 @@ impl Metrics {
             "Tasks found held or done by different sessions in etcd and git",
             m.conflicts.clone(),
         );
+        r.register(
+            "if_coordinator_slo_breached",
+            "1 while this hybrid session is on git because the coordinator breached the fleet's objective (slo:)",
+            m.slo_breached.clone(),
+        );
+        r.register(
+            "if_coordinator_slo_moves",
+            "Moves because of the fleet's objective: to git on a breach, to the coordinator once it is within it again",
+            m.slo_moves.clone(),
+        );
+        for to in ["git", "coordinator"] {
+            let _ = m.slo_moves.get_or_create(&MoveLabel { to: to.into() });
+        }
         r.register(
             "if_coordinator_claim_latency_p95",
             "95th percentile claim latency over the last 5 minutes, in milliseconds",
@@ -251,11 +274,19 @@ impl Metrics {
     }
 
     /// Brings the counters kept elsewhere (router, bridge, etcd informer) up to their totals.
-    pub fn totals(&self, reconnects: u64, fallbacks: u64, conflicts: u64) {
+    pub fn totals(&self, reconnects: u64, router: &RouterStats) {
+        let moves = |to: &str| {
+            self.slo_moves
+                .get_or_create(&MoveLabel { to: to.into() })
+                .clone()
+        };
+        self.slo_breached.set(i64::from(router.slo_breached));
         for (c, total) in [
             (&self.reconnects, reconnects),
-            (&self.fallbacks, fallbacks),
-            (&self.conflicts, conflicts),
+            (&self.fallbacks, router.fallbacks),
+            (&self.conflicts, router.conflicts),
+            (&moves("git"), router.slo_to_git),
+            (&moves("coordinator"), router.slo_returns),
         ] {
             let seen = c.get();
             if total > seen {
@@ -305,8 +336,9 @@ impl Metrics {
     }
 }
 
-/// The totals kept elsewhere: (watch reconnects, fallbacks to git, conflicts).
-pub type Totals = Arc<dyn Fn() -> (u64, u64, u64) + Send + Sync>;
+/// The totals kept elsewhere: watch reconnects, and the router's counts (a bridge has only
+/// conflicts).
+pub type Totals = Arc<dyn Fn() -> (u64, RouterStats) + Send + Sync>;
 
 /// What `/health` and `/metrics` read: the store once the process has one, else why not yet
 /// (an agent waiting for etcd at its start).
@@ -360,8 +392,10 @@ impl Source {
         (health_within(&**store).await, store.name())
     }
 
-    fn totals(&self) -> (u64, u64, u64) {
-        self.ready.get().map_or((0, 0, 0), |(_, totals)| totals())
+    fn totals(&self) -> (u64, RouterStats) {
+        self.ready
+            .get()
+            .map_or((0, RouterStats::default()), |(_, totals)| totals())
     }
 }
 
@@ -415,8 +449,8 @@ pub async fn serve(
                 let (m, source) = (Arc::clone(&m), Arc::clone(&source));
                 async move {
                     m.set_health(source.health().await.0.reachable);
-                    let (reconnects, fallbacks, conflicts) = source.totals();
-                    m.totals(reconnects, fallbacks, conflicts);
+                    let (reconnects, router) = source.totals();
+                    m.totals(reconnects, &router);
                     (
                         [(
                             header::CONTENT_TYPE,
@@ -476,8 +510,8 @@ mod tests {
             text.contains("if_coordinator_claims_total{backend=\"etcd\",outcome=\"won\"} 19"),
             "{text}"
         );
-        m.totals(2, 1, 0);
-        m.totals(3, 1, 0);
+        m.totals(2, &RouterStats::default());
+        m.totals(3, &RouterStats::default());
         assert!(m.encode().contains("if_coordinator_reconnects_total 3"));
     }
 }

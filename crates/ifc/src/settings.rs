@@ -55,6 +55,10 @@ pub fn router_config(
     // One-shot commands leave mirroring to the agents and the bridge.
     c.mirror = agent && !fleet.is_some_and(|f| f.bridge.enabled);
     c.claims_in_git = !fleet.is_some_and(|f| f.git.retired);
+    // Checked when the file was read.
+    c.objective = fleet
+        .and_then(|f| f.slo.as_ref())
+        .and_then(|s| s.objective().ok());
     c
 }
 

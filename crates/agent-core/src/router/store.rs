@@ -412,6 +412,7 @@ impl Backend for Router {
     }
 
     async fn announce(&self, presence: &Presence) -> BackendResult<()> {
+        lock(&self.shared.state).announced = Some(presence.clone());
         let presence = presence.clone();
         let f = move |b: Arc<dyn Backend>| {
             let mut p = presence.clone();

@@ -71,10 +71,31 @@ impl Shared {
         if let Err(e) = self.ensure_registered(target).await {
             tracing::warn!(session = %self.config.name, backend = backend.name(), error = %e, "cannot register the session in the store now serving");
         }
+        self.announce_switch(backend.name()).await;
         match backend.list().await {
             Ok(listing) => self.broadcast(BackendEvent::Resync(listing)),
             Err(e) => {
                 tracing::warn!(session = %self.config.name, error = %e, "cannot list the tasks after switching")
+            }
+        }
+    }
+
+    /// Tells both stores which one serves the session now (its presence's `backend`), so
+    /// `ifc status` and `ifc ui` on either show where it went; a store that does not answer
+    /// within the deadline hears it at the session's next announcement there.
+    async fn announce_switch(&self, serving: &str) {
+        let presence = {
+            let s = lock(&self.state);
+            s.announced.clone().or_else(|| s.registered.clone())
+        };
+        let Some(mut presence) = presence else { return };
+        presence.backend = serving.to_owned();
+        for side in [Side::Primary, Side::Fallback] {
+            let Ok(b) = self.backend(side) else { continue };
+            if let Ok(Err(e)) =
+                tokio::time::timeout(self.config.deadline, b.announce(&presence)).await
+            {
+                tracing::debug!(session = %self.config.name, backend = b.name(), error = %e, "cannot tell this store where the session went");
             }
         }
     }

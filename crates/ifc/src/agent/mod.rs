@@ -145,10 +145,7 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         }
     };
     let router = Arc::clone(&backend);
-    let totals: metrics::Totals = Arc::new(move || {
-        let stats = router.stats();
-        (router.reconnects(), stats.fallbacks, stats.conflicts)
-    });
+    let totals: metrics::Totals = Arc::new(move || (router.reconnects(), router.stats()));
     health.set(backend.clone(), totals);
     let history = g.history.as_deref().map(History::open).transpose()?;
     let lp = ClaimLoop::new(plan);

@@ -518,7 +518,11 @@ pub async fn run(
         let (store, seen) = (Arc::clone(&etcd), Arc::clone(&conflicts));
         let totals: crate::metrics::Totals = Arc::new(move || {
             let conflicts = seen.load(std::sync::atomic::Ordering::Relaxed);
-            (store.reconnects(), 0, conflicts)
+            let router = agent_core::router::RouterStats {
+                conflicts,
+                ..Default::default()
+            };
+            (store.reconnects(), router)
         });
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let source = crate::metrics::Source::ready(Arc::clone(&etcd) as _, totals);

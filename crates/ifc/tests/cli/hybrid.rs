@@ -660,3 +660,124 @@ fn a_bridge_run_again_from_the_same_directory_knows_which_store_made_a_blocker_e
         .count();
     assert_eq!(files, 2, "one state file per pair of stores");
 }
+
+/// The metric line `name{labels}` of an agent's `/metrics`, as a number, if it is there.
+fn served(addr: &str, line: &str) -> (Option<f64>, String) {
+    let (_, body) = crate::metrics::get(addr, "/metrics");
+    let value = body
+        .lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok());
+    (value, body)
+}
+
+/// The metric line `name{labels}` of an agent's `/metrics`, as a number.
+fn metric(addr: &str, line: &str) -> f64 {
+    match served(addr, line) {
+        (Some(v), _) => v,
+        (None, body) => panic!("no {line} in:\n{body}"),
+    }
+}
+
+#[test]
+fn a_hybrid_session_leaves_a_coordinator_that_breaches_the_objective_and_returns_when_it_is_within_it(
+) {
+    let board = chain_board();
+    let f = Fleet::new(&board);
+    f.migrate(&board);
+    // The objective: claims on etcd within 40 ms (p95, over at least 4 claims of 10 s); back
+    // after 2 s of health checks within it. The deadline (500 ms) is far above the slowness
+    // below, so the breaker never opens: only the objective can move the session.
+    f.fleet_file(
+        "mode: hybrid\nslo:\n  claim_p95: 40ms\n  window: 10s\n  min_claims: 4\n  recover_after: 2s\n",
+    );
+    // The agent reaches etcd through a proxy that can hold etcd's answers back.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let proxy = rt.block_on(backend_etcd::testing::TcpProxy::start(f.etcd.addr()));
+    let script = r#"sleep 0.5; echo "$IFC_TASK_ID" >> "$SHARED""#;
+    let config = f.w.session("session-0", LISTS[0], script, "");
+    let mut cmd = f.ifc();
+    cmd.env("IFC_ENDPOINTS", proxy.endpoint())
+        .args(["--stale-after", "20s"]);
+    let mut agent = spawn_agent(cmd, &config, &f.log(0), &["--metrics-addr", "127.0.0.1:0"]);
+    f.wait("the metrics address", Duration::from_secs(30), || {
+        f.read_log(0).contains("metrics on http://")
+    });
+    let log = f.read_log(0);
+    let addr = log
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("address")
+        .to_owned();
+    f.wait("a claim on etcd", Duration::from_secs(60), || {
+        served(
+            &addr,
+            "if_coordinator_claims_total{backend=\"etcd\",outcome=\"won\"}",
+        )
+        .0 >= Some(1.0)
+    });
+    assert_eq!(metric(&addr, "if_coordinator_slo_breached"), 0.0);
+
+    // etcd answers, each answer 120 ms late.
+    proxy.delay_replies_from_request(1, Duration::from_millis(120));
+    f.wait("the move to git", Duration::from_secs(60), || {
+        f.read_log(0).contains("breached the fleet's objective")
+    });
+    f.wait("the move to git", Duration::from_secs(30), || {
+        f.read_log(0).contains("now served by git")
+    });
+    assert_eq!(metric(&addr, "if_coordinator_slo_breached"), 1.0);
+    assert_eq!(
+        metric(&addr, "if_coordinator_slo_moves_total{to=\"git\"}"),
+        1.0
+    );
+    let log = f.read_log(0);
+    assert!(
+        !log.contains("coordinator unreachable"),
+        "the objective moved it, not the breaker:\n{log}"
+    );
+    // Still breached while etcd is slow: it stays on git.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        metric(&addr, "if_coordinator_slo_breached"),
+        1.0,
+        "{}",
+        f.read_log(0)
+    );
+    // Where the session went shows in etcd too (`ifc status`, `ifc ui`): its presence says git.
+    let out = run(f.ifc().args(["--mode", "coordinator", "status"]));
+    let row = text(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("session-0 "))
+        .map(str::to_owned);
+    assert!(
+        row.as_deref()
+            .is_some_and(|r| r.split_whitespace().any(|w| w == "git")),
+        "{row:?}\n{}",
+        text(&out.stdout)
+    );
+    proxy.delay_replies_from_request(0, Duration::ZERO);
+    f.wait("the return to etcd", Duration::from_secs(60), || {
+        metric(&addr, "if_coordinator_slo_moves_total{to=\"coordinator\"}") == 1.0
+    });
+    assert_eq!(metric(&addr, "if_coordinator_slo_breached"), 0.0);
+    let log = f.read_log(0);
+    let (left, back) = (
+        log.find("breached the fleet's objective").expect("left"),
+        log.find("within the fleet's objective again")
+            .expect("back"),
+    );
+    assert!(left < back, "{log}");
+    f.wait("the return to etcd", Duration::from_secs(30), || {
+        let log = f.read_log(0);
+        log.find("within the fleet's objective again")
+            .is_some_and(|back| log[back..].contains("now served by etcd"))
+    });
+    f.wait("every task done", Duration::from_secs(120), || {
+        f.w.done().len() >= all_ids().len()
+    });
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.id()).expect("pid"));
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    f.finish_all(std::slice::from_mut(&mut agent), Duration::from_secs(60));
+    f.every_task_ran_once_and_the_stores_agree(1);
+}
