@@ -270,12 +270,22 @@ fn the_slo_section_is_checked_when_the_file_is_read() {
     let f = parse("slo:\n  claim_p95: 10ms\n  success_rate: 0.99\n").expect("valid");
     let o = f.slo.expect("slo").objective().expect("objective");
     assert_eq!(o.claim_p95, Some(std::time::Duration::from_millis(10)));
-    assert_eq!(o.window, std::time::Duration::from_secs(60), "default window");
+    assert_eq!(
+        o.window,
+        std::time::Duration::from_secs(60),
+        "default window"
+    );
     assert_eq!(o.recover_after, o.window, "default: the window");
     assert_eq!(o.min_claims, 20);
     for (text, says) in [
-        ("slo:\n  window: 30s\n", "needs claim_p95, success_rate or both"),
-        ("slo:\n  success_rate: 99\n", "slo.success_rate: 99 is not a share"),
+        (
+            "slo:\n  window: 30s\n",
+            "needs claim_p95, success_rate or both",
+        ),
+        (
+            "slo:\n  success_rate: 99\n",
+            "slo.success_rate: 99 is not a share",
+        ),
         ("slo:\n  claim_p95: 10ms\n  window: 10ms\n", "slo.window"),
         ("slo:\n  claim_p95: 10\n", "unit"),
         ("slo:\n  claim_p95: 10ms\n  p99: 1ms\n", "p99"),
