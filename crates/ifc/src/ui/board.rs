@@ -110,9 +110,10 @@ impl Board {
         }
     }
 
-    /// Every task as `listing` says (at the start, and when the store serving the board
-    /// changed); returns the snapshot message.
-    pub fn reset(&mut self, listing: &Listing, now: SystemTime) -> Value {
+    /// Every task as `listing` says, served by `store` (at the start, and when the store
+    /// serving the board changed); returns the snapshot message.
+    pub fn reset(&mut self, listing: &Listing, store: &str, now: SystemTime) -> Value {
+        store.clone_into(&mut self.store);
         self.tasks = listing
             .tasks
             .iter()
@@ -285,7 +286,7 @@ mod tests {
         let mut t = Task::new(id("A"), TaskStatus::Available);
         t.title = Some("the title".into());
         listing.tasks.push(t);
-        b.reset(&listing, UNIX_EPOCH);
+        b.reset(&listing, "etcd", UNIX_EPOCH);
         let now = UNIX_EPOCH + Duration::from_secs(100);
 
         let m = b.apply(

@@ -283,7 +283,7 @@ pub async fn run(store: Arc<dyn Backend>, args: &UiArgs, output: Output) -> Resu
         gauges: Gauges::new(),
     });
     live.publish(|b| {
-        b.reset(&sub.snapshot, SystemTime::now());
+        b.reset(&sub.snapshot, store.name(), SystemTime::now());
         None
     });
     let listener = tokio::net::TcpListener::bind(args.addr)
@@ -327,7 +327,7 @@ pub async fn run(store: Arc<dyn Backend>, args: &UiArgs, output: Output) -> Resu
                     live.publish(|b| Some(b.apply(&e, full)));
                 }
                 Some(BackendEvent::Resync(listing)) => {
-                    live.publish(|b| Some(b.reset(&listing, SystemTime::now())));
+                    live.publish(|b| Some(b.reset(&listing, store.name(), SystemTime::now())));
                 }
                 Some(_) => {}
                 None => anyhow::bail!("the store's event stream ended"),
