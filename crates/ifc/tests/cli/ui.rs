@@ -264,3 +264,68 @@ async fn the_board_shows_every_task_and_a_cli_claim_reaches_the_open_page_withou
     );
     assert_eq!(browser.eval("return window.ifcLoad").await, json!("first"));
 }
+
+/// A number from a Prometheus text body: the sum of every sample of `name`.
+fn sample_sum(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_hundred_open_pages_cost_etcd_nothing_more_than_one() {
+    use std::io::{Read, Write};
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    migrate(&e, w.path());
+    let (_ui, url) = start_ui(ifc(&e, w.path()));
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let etcd_metrics = || crate::metrics::get(&etcd.addr().to_string(), "/metrics").1;
+    let watchers = |body: &str| sample_sum(body, "etcd_debugging_mvcc_watcher_total");
+    let open_page = || {
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(s, "GET /events HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("request");
+        // The snapshot: the page has joined.
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).expect("the snapshot");
+        assert!(n > 0);
+        s
+    };
+    let first = open_page();
+    let with_one = watchers(&etcd_metrics());
+    assert!(with_one >= 1.0, "ifc ui watches etcd");
+    let pages: Vec<std::net::TcpStream> = (0..99).map(|_| open_page()).collect();
+    let (_, ui_metrics) = crate::metrics::get(&addr, "/metrics");
+    assert_eq!(
+        sample_sum(&ui_metrics, "if_coordinator_ui_viewers"),
+        100.0,
+        "{ui_metrics}"
+    );
+    assert_eq!(
+        watchers(&etcd_metrics()),
+        with_one,
+        "a hundred pages opened no watch on etcd"
+    );
+    // Every page hears a change, through the one watch.
+    put(&e, w.path(), &["SEEN.1", "--title", "heard by every page"]);
+    for (k, mut page) in pages.into_iter().chain([first]).enumerate() {
+        let mut got = String::new();
+        let mut buf = [0u8; 65536];
+        while !got.contains("SEEN.1") {
+            let n = page
+                .read(&mut buf)
+                .unwrap_or_else(|e| panic!("page {k} heard nothing: {e}"));
+            assert!(n > 0, "page {k}'s stream ended");
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+}
