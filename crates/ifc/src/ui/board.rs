@@ -27,6 +27,8 @@ pub struct Board {
     claims_since_point: u64,
     points: VecDeque<Value>,
     corrupt: Vec<String>,
+    /// Why the store does not answer, while it does not.
+    unreachable: Option<String>,
 }
 
 /// Milliseconds since the epoch, for the page's clock.
@@ -173,6 +175,12 @@ impl Board {
         json!({"kind": "task", "id": e.task.as_str(), "task": task_json(t), "transition": transition})
     }
 
+    /// Whether the store answers (`why` not): the page says so next to the board.
+    pub fn set_reachable(&mut self, why: Option<&str>) -> Option<Value> {
+        self.unreachable = why.map(str::to_owned);
+        Some(json!({"kind": "store", "unreachable": self.unreachable}))
+    }
+
     /// The live sessions, as the store lists them now; the message, when they changed.
     pub fn set_sessions(&mut self, mut sessions: Vec<Presence>) -> Option<Value> {
         sessions.sort_by(|a, b| a.session_id.cmp(&b.session_id));
@@ -219,6 +227,7 @@ impl Board {
             "transitions": self.transitions,
             "points": self.points,
             "corrupt": self.corrupt,
+            "unreachable": self.unreachable,
         })
     }
 

@@ -259,16 +259,36 @@ fn routes(live: Arc<Live>) -> axum::Router {
         .with_state(live)
 }
 
-/// Reads the live sessions every `SESSIONS_EVERY` for as long as the server runs.
+/// Reads the live sessions every `SESSIONS_EVERY` for as long as the server runs; a store that
+/// stops answering is said once (in the log and on the page), and again when it is back.
 async fn follow_sessions(live: Arc<Live>) {
     let mut tick = tokio::time::interval(SESSIONS_EVERY);
+    let mut failing: Option<String> = None;
     loop {
         tick.tick().await;
-        match tokio::time::timeout(SESSIONS_EVERY, live.store.sessions()).await {
-            Ok(Ok(sessions)) => live.publish(|b| b.set_sessions(sessions)),
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the live sessions"),
-            Err(_) => tracing::warn!("cannot read the live sessions: no answer within 2s"),
+        let why = match tokio::time::timeout(SESSIONS_EVERY, live.store.sessions()).await {
+            Ok(Ok(sessions)) => {
+                live.publish(|b| b.set_sessions(sessions));
+                None
+            }
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!(
+                "{}: no answer within {SESSIONS_EVERY:?}",
+                live.store.name()
+            )),
+        };
+        if why.is_some() == failing.is_some() {
+            failing = why.or(failing);
+            continue;
         }
+        match &why {
+            Some(e) => {
+                tracing::warn!(error = %e, "the store does not answer: the board shows what it last heard")
+            }
+            None => tracing::info!("the store answers again"),
+        }
+        live.publish(|b| b.set_reachable(why.as_deref()));
+        failing = why;
     }
 }
 

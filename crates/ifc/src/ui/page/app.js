@@ -177,6 +177,7 @@ function onMessage(m) {
     const corrupt = $("corrupt");
     corrupt.hidden = !m.corrupt.length;
     corrupt.textContent = m.corrupt.length ? "Unreadable records: " + m.corrupt.join("; ") : "";
+    showStore(m.unreachable);
     index(); renderBoard(); renderSessions(); renderTransitions(); renderChart();
     window.ifcSnapshots = (window.ifcSnapshots || 0) + 1;
   } else if (m.kind === "task") {
@@ -190,12 +191,20 @@ function onMessage(m) {
     state.transitions.unshift(m.transition); state.transitions.length = Math.min(state.transitions.length, 60);
     renderTransitions();
     window.ifcChanges = (window.ifcChanges || 0) + 1;
+  } else if (m.kind === "store") {
+    showStore(m.unreachable);
   } else if (m.kind === "sessions") {
     state.sessions = m.sessions; renderSessions();
   } else if (m.kind === "point") {
     state.points.push(m.point); if (state.points.length > 120) state.points.shift();
     renderChart();
   }
+}
+
+function showStore(unreachable) {
+  const s = $("unreachable");
+  s.hidden = !unreachable;
+  s.textContent = unreachable ? "store not answering: " + unreachable + " (showing what was last heard)" : "";
 }
 
 function connect() {
