@@ -4,7 +4,7 @@
 "use strict";
 
 const WORDS = { available: "AVAILABLE", blocked: "BLOCKED", claimed: "IN PROGRESS", complete: "DONE" };
-const state = { tasks: new Map(), dependents: new Map(), sessions: [], transitions: [], points: [], offset: 0 };
+const state = { tasks: new Map(), rows: new Map(), dependents: new Map(), sessions: [], transitions: [], points: [], offset: 0 };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, attrs, ...children) {
@@ -74,7 +74,7 @@ function row(t) {
   const tr = el("tr", { "data-task": t.id, "data-status": t.status, "data-holder": t.holder || "" },
     el("td", { class: "id" }, t.id), el("td", {}, t.title || ""), statusCell(t),
     el("td", {}, t.holder || ""), heldCell(t), blockersCell(t));
-  tr.dataset.text = [t.id, t.title, t.holder, t.status, WORDS[t.status]].join(" ").toLowerCase();
+  tr.dataset.text = [t.id, t.title, t.holder, t.status, WORDS[t.status], tr.querySelector(".hint") ? tr.querySelector(".hint").textContent : ""].join(" ").toLowerCase();
   return tr;
 }
 
@@ -90,6 +90,7 @@ function index() {
 function renderBoard() {
   const board = $("board");
   const groups = new Map();
+  state.rows = new Map();
   for (const id of [...state.tasks.keys()].sort(boardOrder)) {
     const t = state.tasks.get(id);
     if (!groups.has(t.group)) groups.set(t.group, []);
@@ -97,7 +98,9 @@ function renderBoard() {
   }
   const out = [];
   for (const [group, tasks] of groups) {
-    const body = el("tbody", {}, ...tasks.map(row));
+    const trs = tasks.map(row);
+    trs.forEach((tr, k) => state.rows.set(tasks[k].id, tr));
+    const body = el("tbody", {}, ...trs);
     out.push(el("section", { class: "group", "data-group": group }, el("h3", {}, group),
       el("table", {}, el("thead", {}, el("tr", {}, ...["ID", "Task", "Status", "Owner", "Held", "Blocked by"].map((h) => el("th", {}, h)))), body)));
   }
@@ -108,12 +111,14 @@ function renderBoard() {
 }
 
 function renderRow(id, flash) {
-  const old = document.querySelector(`tr[data-task="${CSS.escape(id)}"]`);
+  const old = state.rows.get(id);
   const t = state.tasks.get(id);
   if (!old || !t) return false;
   const fresh = row(t);
   if (flash) fresh.classList.add("flash");
+  fresh.hidden = old.hidden;
   old.replaceWith(fresh);
+  state.rows.set(id, fresh);
   return true;
 }
 
@@ -153,13 +158,13 @@ function renderChart() {
   const step = W / 60;
   const nodes = [];
   pts.forEach((p, i) => {
-    const h = (p.claims_per_s / maxRate) * (H - 14);
+    const h = (p.claims_per_s / maxRate) * (H - 18);
     const r = document.createElementNS(ns, "rect");
     r.setAttribute("x", (i * step).toFixed(1)); r.setAttribute("y", (H - h).toFixed(1));
     r.setAttribute("width", (step - 1).toFixed(1)); r.setAttribute("height", h.toFixed(1));
     nodes.push(r);
   });
-  const line = pts.map((p, i) => p.claim_p95_ms == null ? null : ((i + 0.5) * step).toFixed(1) + "," + (H - (p.claim_p95_ms / maxLat) * (H - 14)).toFixed(1)).filter(Boolean);
+  const line = pts.map((p, i) => p.claim_p95_ms == null ? null : ((i + 0.5) * step).toFixed(1) + "," + (H - (p.claim_p95_ms / maxLat) * (H - 18)).toFixed(1)).filter(Boolean);
   if (line.length) { const pl = document.createElementNS(ns, "polyline"); pl.setAttribute("points", line.join(" ")); nodes.push(pl); }
   const label = document.createElementNS(ns, "text");
   label.setAttribute("x", "4"); label.setAttribute("y", "10");
@@ -168,37 +173,62 @@ function renderChart() {
   svg.replaceChildren(...nodes);
 }
 
+// Messages are applied in batches, at most one render per batch: a burst of thousands of changes
+// (a migration) costs a few renders, not one per change.
+let inbox = [];
+let scheduled = false;
 function onMessage(m) {
-  if (m.kind === "snapshot") {
-    state.offset = m.now - Date.now();
-    state.tasks = new Map(m.tasks.map((t) => [t.id, t]));
-    state.sessions = m.sessions; state.transitions = m.transitions; state.points = m.points;
-    $("store").textContent = "· " + m.store;
-    const corrupt = $("corrupt");
-    corrupt.hidden = !m.corrupt.length;
-    corrupt.textContent = m.corrupt.length ? "Unreadable records: " + m.corrupt.join("; ") : "";
-    showStore(m.unreachable);
-    index(); renderBoard(); renderSessions(); renderTransitions(); renderChart();
-    window.ifcSnapshots = (window.ifcSnapshots || 0) + 1;
-  } else if (m.kind === "task") {
-    const had = state.tasks.get(m.id);
-    if (m.task) state.tasks.set(m.id, m.task); else state.tasks.delete(m.id);
-    const sameBlockers = had && m.task && had.blocked_by.join() === m.task.blocked_by.join();
-    if (sameBlockers && renderRow(m.id, true)) {
-      for (const d of state.dependents.get(m.id) || []) renderRow(d, false);
-      applyFilter(); renderCounts();
-    } else { index(); renderBoard(); }
-    state.transitions.unshift(m.transition); state.transitions.length = Math.min(state.transitions.length, 60);
-    renderTransitions();
-    window.ifcChanges = (window.ifcChanges || 0) + 1;
-  } else if (m.kind === "store") {
-    showStore(m.unreachable);
-  } else if (m.kind === "sessions") {
-    state.sessions = m.sessions; renderSessions();
-  } else if (m.kind === "point") {
-    state.points.push(m.point); if (state.points.length > 120) state.points.shift();
-    renderChart();
+  inbox.push(m);
+  if (!scheduled) { scheduled = true; setTimeout(flush, 50); }
+}
+
+function flush() {
+  const batch = inbox;
+  inbox = []; scheduled = false;
+  let full = false, sessions = false, chart = false, transitions = false, changes = 0;
+  const touched = new Set();
+  for (const m of batch) {
+    if (m.kind === "snapshot") {
+      state.offset = m.now - Date.now();
+      state.tasks = new Map(m.tasks.map((t) => [t.id, t]));
+      state.sessions = m.sessions; state.transitions = m.transitions; state.points = m.points;
+      $("store").textContent = "· " + m.store;
+      const corrupt = $("corrupt");
+      corrupt.hidden = !m.corrupt.length;
+      corrupt.textContent = m.corrupt.length ? "Unreadable records: " + m.corrupt.join("; ") : "";
+      showStore(m.unreachable);
+      full = sessions = chart = transitions = true;
+      window.ifcSnapshots = (window.ifcSnapshots || 0) + 1;
+    } else if (m.kind === "task") {
+      const had = state.tasks.get(m.id);
+      if (m.task) state.tasks.set(m.id, m.task); else state.tasks.delete(m.id);
+      if (!had || !m.task || had.blocked_by.join() !== m.task.blocked_by.join()) full = true;
+      touched.add(m.id);
+      state.transitions.unshift(m.transition);
+      transitions = true; changes++;
+    } else if (m.kind === "store") {
+      showStore(m.unreachable);
+    } else if (m.kind === "sessions") {
+      state.sessions = m.sessions; sessions = true;
+    } else if (m.kind === "point") {
+      state.points.push(m.point); if (state.points.length > 120) state.points.shift();
+      chart = true;
+    }
   }
+  state.transitions.length = Math.min(state.transitions.length, 60);
+  if (full) { index(); renderBoard(); }
+  else if (touched.size) {
+    const again = new Set();
+    for (const id of touched) for (const d of state.dependents.get(id) || []) if (!touched.has(d)) again.add(d);
+    for (const id of touched) renderRow(id, true);
+    for (const id of again) renderRow(id, false);
+    if ($("filter").value.trim()) applyFilter();
+    renderCounts();
+  }
+  if (transitions) renderTransitions();
+  if (sessions) renderSessions();
+  if (chart) renderChart();
+  window.ifcChanges = (window.ifcChanges || 0) + changes;
 }
 
 function showStore(unreachable) {
@@ -210,7 +240,11 @@ function showStore(unreachable) {
 function connect() {
   const source = new EventSource("/events");
   source.onopen = () => { $("link").textContent = "live"; $("link").className = "link up"; };
-  source.onerror = () => { $("link").textContent = "reconnecting…"; $("link").className = "link down"; };
+  source.onerror = () => {
+    $("link").textContent = "reconnecting…"; $("link").className = "link down";
+    // The browser retries by itself unless it gave up on the stream: then this page does.
+    if (source.readyState === EventSource.CLOSED) { source.close(); setTimeout(connect, 2000); }
+  };
   source.onmessage = (e) => onMessage(JSON.parse(e.data));
 }
 
