@@ -24,7 +24,7 @@ struct StatusOut<'a> {
     session_id: &'a str,
     state: SessionState,
     current_task: Option<&'a str>,
-    backend: &'static str,
+    backend: &'a str,
     updated_at: String,
     /// Each claim the session holds: its fencing token and when it was made.
     claims: BTreeMap<&'a str, ClaimRecord>,
@@ -94,6 +94,8 @@ pub struct StatusIn {
     pub pid: Option<u32>,
     pub host: Option<String>,
     pub version: Option<String>,
+    /// The store serving the session (`git`, or `etcd` for a hybrid session on etcd).
+    pub backend: Option<String>,
     /// `None` in files not written by ifc (the proof of concept's), which record no claims.
     #[serde(default)]
     pub claims: Option<BTreeMap<String, ClaimRecord>>,
@@ -182,7 +184,7 @@ impl StatusIn {
                 .current_task
                 .as_deref()
                 .and_then(|t| TaskId::parse(t).ok()),
-            backend: "git".into(),
+            backend: self.backend.clone().unwrap_or_else(|| "git".into()),
             started_at,
             pid: self.pid.unwrap_or_default(),
             host: self.host.clone().unwrap_or_default(),
@@ -238,7 +240,7 @@ pub fn render(
         session_id: session.as_str(),
         state,
         current_task: current.map(TaskId::as_str),
-        backend: "git",
+        backend: presence.map_or("git", |p| p.backend.as_str()),
         updated_at: heartbeat.map_or_else(
             || Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
             str::to_owned,

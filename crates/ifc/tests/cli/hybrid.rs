@@ -773,6 +773,20 @@ fn a_hybrid_session_leaves_a_coordinator_that_breaches_the_objective_and_returns
         log.find("within the fleet's objective again")
             .is_some_and(|back| log[back..].contains("now served by etcd"))
     });
+    // And the board in git says it is back on etcd.
+    let row_in = |mode: &str| {
+        let out = run(f.ifc().args(["--mode", mode, "status"]));
+        text(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with("session-0 "))
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    f.wait(
+        "git's presence to say etcd",
+        Duration::from_secs(30),
+        || row_in("git").split_whitespace().any(|w| w == "etcd"),
+    );
     f.wait("every task done", Duration::from_secs(120), || {
         f.w.done().len() >= all_ids().len()
     });
