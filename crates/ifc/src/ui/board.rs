@@ -27,6 +27,8 @@ pub struct Board {
     claims_since_point: u64,
     points: VecDeque<Value>,
     corrupt: Vec<String>,
+    /// Tasks whose record became unreadable while the board ran (the watch reads them as gone).
+    corrupt_since: BTreeMap<TaskId, String>,
     /// Why the store does not answer, while it does not.
     unreachable: Option<String>,
 }
@@ -126,6 +128,7 @@ impl Board {
             .iter()
             .map(|c| format!("{}: {}", c.key, c.reason))
             .collect();
+        self.corrupt_since.clear();
         self.snapshot(now)
     }
 
@@ -173,6 +176,22 @@ impl Board {
             t.copied = false;
         }
         json!({"kind": "task", "id": e.task.as_str(), "task": task_json(t), "transition": transition})
+    }
+
+    fn corrupt_list(&self) -> Vec<String> {
+        let mut all = self.corrupt.clone();
+        all.extend(self.corrupt_since.values().cloned());
+        all
+    }
+
+    /// `task`'s record is unreadable (`why`), or readable again (`None`); the message, when that
+    /// changed what the page says.
+    pub fn set_corrupt(&mut self, task: &TaskId, why: Option<String>) -> Option<Value> {
+        let changed = match why {
+            Some(why) => self.corrupt_since.insert(task.clone(), why.clone()) != Some(why),
+            None => self.corrupt_since.remove(task).is_some(),
+        };
+        changed.then(|| json!({"kind": "corrupt", "corrupt": self.corrupt_list()}))
     }
 
     /// Whether the store answers (`why` not): the page says so next to the board.
@@ -226,7 +245,7 @@ impl Board {
             "sessions": self.sessions_json(),
             "transitions": self.transitions,
             "points": self.points,
-            "corrupt": self.corrupt,
+            "corrupt": self.corrupt_list(),
             "unreachable": self.unreachable,
         })
     }
@@ -353,6 +372,19 @@ mod tests {
         assert_eq!(m["task"]["title"], "new");
         assert_eq!(m["task"]["group"], "N");
         assert!(b.set_sessions(vec![]).is_none());
+        let m = b.set_corrupt(&id("N"), Some("tasks/N: bad".into()));
+        assert_eq!(
+            m.map(|m| m["corrupt"].clone()),
+            Some(json!(["tasks/N: bad"]))
+        );
+        assert!(
+            b.set_corrupt(&id("N"), Some("tasks/N: bad".into()))
+                .is_none(),
+            "unchanged"
+        );
+        assert_eq!(b.snapshot(UNIX_EPOCH)["corrupt"], json!(["tasks/N: bad"]));
+        assert!(b.set_corrupt(&id("N"), None).is_some());
+        assert!(b.set_corrupt(&id("N"), None).is_none());
         assert_eq!(b.sessions_by_store()["etcd"], 0);
     }
 }

@@ -344,7 +344,18 @@ pub async fn run(store: Arc<dyn Backend>, args: &UiArgs, output: Output) -> Resu
                             .and_then(Result::ok)
                             .flatten()
                     };
+                    // The watch reads a record that became unreadable as gone: say which.
+                    let corrupt = match e.new_status {
+                        None => match store.get(&e.task).await {
+                            Err(agent_core::BackendError::Corrupt { key, reason }) => {
+                                Some(format!("{key}: {reason}"))
+                            }
+                            _ => None,
+                        },
+                        Some(_) => None,
+                    };
                     live.publish(|b| Some(b.apply(&e, full)));
+                    live.publish(|b| b.set_corrupt(&e.task, corrupt));
                 }
                 Some(BackendEvent::Resync(listing)) => {
                     live.publish(|b| Some(b.reset(&listing, store.name(), SystemTime::now())));

@@ -265,6 +265,20 @@ async fn the_board_shows_every_task_and_a_cli_claim_reaches_the_open_page_withou
         "{strip}"
     );
     assert_eq!(browser.eval("return window.ifcLoad").await, json!("first"));
+    // A record someone overwrote with something unreadable: its row goes and the page names it.
+    crate::raw(&etcd)
+        .await
+        .put("tasks/P0.7.7", "not json", None)
+        .await
+        .expect("put");
+    browser
+        .until(
+            "the unreadable record",
+            "const c = document.getElementById('corrupt'); return !c.hidden && c.textContent.includes('tasks/P0.7.7')",
+            json!(true),
+        )
+        .await;
+    assert_eq!(browser.eval(&row("P0.7.7")).await, Value::Null);
 }
 
 /// A number from a Prometheus text body: the sum of every sample of `name`.

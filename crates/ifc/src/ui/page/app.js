@@ -193,9 +193,7 @@ function flush() {
       state.tasks = new Map(m.tasks.map((t) => [t.id, t]));
       state.sessions = m.sessions; state.transitions = m.transitions; state.points = m.points;
       $("store").textContent = "· " + m.store;
-      const corrupt = $("corrupt");
-      corrupt.hidden = !m.corrupt.length;
-      corrupt.textContent = m.corrupt.length ? "Unreadable records: " + m.corrupt.join("; ") : "";
+      showCorrupt(m.corrupt);
       showStore(m.unreachable);
       full = sessions = chart = transitions = true;
       window.ifcSnapshots = (window.ifcSnapshots || 0) + 1;
@@ -206,6 +204,8 @@ function flush() {
       touched.add(m.id);
       state.transitions.unshift(m.transition);
       transitions = true; changes++;
+    } else if (m.kind === "corrupt") {
+      showCorrupt(m.corrupt);
     } else if (m.kind === "store") {
       showStore(m.unreachable);
     } else if (m.kind === "sessions") {
@@ -229,6 +229,12 @@ function flush() {
   if (sessions) renderSessions();
   if (chart) renderChart();
   window.ifcChanges = (window.ifcChanges || 0) + changes;
+}
+
+function showCorrupt(list) {
+  const c = $("corrupt");
+  c.hidden = !list.length;
+  c.textContent = list.length ? "Unreadable records: " + list.join("; ") : "";
 }
 
 function showStore(unreachable) {
