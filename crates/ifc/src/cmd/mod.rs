@@ -76,7 +76,12 @@ async fn connect(g: &Global, command: &Command) -> Result<Arc<dyn Backend>> {
         command,
         Command::Claim(_) | Command::Release(_) | Command::Put(_)
     );
-    let purpose = settings::Purpose::Command { writes };
+    // The board server runs for long: like an agent, it waits for a store that does not answer
+    // yet (started next to etcd, it may come up first).
+    let purpose = match command {
+        Command::Ui(_) => settings::Purpose::Agent { waiting: &|_| {} },
+        _ => settings::Purpose::Command { writes },
+    };
     let (router, _) = settings::open_router(g, fleet.as_ref(), session, ttl, mode, purpose).await?;
     Ok(Arc::new(router))
 }
@@ -197,7 +202,9 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
         }
         Command::Ui(args) => {
             drop(out);
-            crate::ui::run(connect(g, command).await?, args, output).await
+            // The address first: a port in use is said at once, not after etcd answers.
+            let listener = crate::ui::bind(args.addr).await?;
+            crate::ui::run(connect(g, command).await?, listener, output).await
         }
         Command::Bridge(args) => bridge::run(g, args, output, &mut out).await,
         Command::Audit => bridge::audit(g, output, &mut out).await,

@@ -26,7 +26,7 @@ use prometheus_client::registry::Registry;
 use serde_json::Value;
 use tokio::sync::broadcast;
 
-use crate::cli::{Output, UiArgs};
+use crate::cli::Output;
 use board::Board;
 
 /// How many messages a page may fall behind before it is sent a fresh snapshot instead.
@@ -292,8 +292,21 @@ async fn follow_sessions(live: Arc<Live>) {
     }
 }
 
-/// Runs the board server on `args.addr` until Ctrl-C.
-pub async fn run(store: Arc<dyn Backend>, args: &UiArgs, output: Output) -> Result<u8> {
+/// The board's address (`--addr`), taken before the store is connected.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "cannot listen on {addr} for --addr (another ifc ui? --addr PORT picks another port)"
+        )
+    })
+}
+
+/// Runs the board server on `listener` until Ctrl-C.
+pub async fn run(
+    store: Arc<dyn Backend>,
+    listener: tokio::net::TcpListener,
+    output: Output,
+) -> Result<u8> {
     let mut sub = store.subscribe().await?;
     let (changes, _) = broadcast::channel(BEHIND);
     let live = Arc::new(Live {
@@ -306,14 +319,6 @@ pub async fn run(store: Arc<dyn Backend>, args: &UiArgs, output: Output) -> Resu
         b.reset(&sub.snapshot, store.name(), SystemTime::now());
         None
     });
-    let listener = tokio::net::TcpListener::bind(args.addr)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} for --addr (another ifc ui? --addr PORT picks another port)",
-                args.addr
-            )
-        })?;
     let bound: SocketAddr = listener.local_addr().context("the board's address")?;
     let app = routes(Arc::clone(&live));
     tokio::spawn(async move {
@@ -322,9 +327,20 @@ pub async fn run(store: Arc<dyn Backend>, args: &UiArgs, output: Output) -> Resu
         }
     });
     tokio::spawn(follow_sessions(Arc::clone(&live)));
-    let url = format!("http://{bound}/");
+    let url = match bound.ip().is_unspecified() {
+        // Every interface: this machine's own address is the one that surely works here.
+        true => format!(
+            "http://{}/",
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), bound.port())
+        ),
+        false => format!("http://{bound}/"),
+    };
     match output {
         Output::Json => println!("{}", serde_json::json!({"url": url})),
+        Output::Table if bound.ip().is_unspecified() => println!(
+            "the board: {url} and this machine's other addresses, port {} (read-only; Ctrl-C stops)",
+            bound.port()
+        ),
         Output::Table => println!("the board: {url} (read-only; Ctrl-C stops)"),
     }
     let mut points = tokio::time::interval(board::POINT_EVERY);
