@@ -485,13 +485,42 @@ impl FleetFile {
             });
         }
         if let Some(Err(message)) = file.slo.as_ref().map(SloSection::objective) {
+            // `slo.window: …` is said at the key's line; `slo: needs …` at the section's.
+            let key = message
+                .strip_prefix("slo.")
+                .and_then(|rest| rest.split(':').next());
+            let line = section_line(text, "slo", key);
             return Err(ConfigError::Value {
-                file: path.display().to_string(),
+                file: match line {
+                    Some(n) => format!("{}:{n}", path.display()),
+                    None => path.display().to_string(),
+                },
                 message,
             });
         }
         Ok(file)
     }
+}
+
+/// The line (from 1) of top-level `section:` in a YAML text, or of its `key:` when given.
+fn section_line(text: &str, section: &str, key: Option<&str>) -> Option<usize> {
+    let mut lines = text.lines().enumerate();
+    let (at, _) = lines.by_ref().find(|(_, l)| {
+        l.trim_end()
+            .strip_prefix(section)
+            .is_some_and(|r| r.starts_with(':'))
+    })?;
+    let Some(key) = key else {
+        return Some(at + 1);
+    };
+    lines
+        .take_while(|(_, l)| l.is_empty() || l.starts_with([' ', '\t', '#']))
+        .find(|(_, l)| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|r| r.starts_with(':'))
+        })
+        .map_or(Some(at + 1), |(n, _)| Some(n + 1))
 }
 
 #[cfg(test)]

@@ -280,13 +280,16 @@ fn the_slo_section_is_checked_when_the_file_is_read() {
     for (text, says) in [
         (
             "slo:\n  window: 30s\n",
-            "needs claim_p95, success_rate or both",
+            "c.yaml:1: slo: needs claim_p95, success_rate or both",
         ),
         (
             "slo:\n  success_rate: 99\n",
-            "slo.success_rate: 99 is not a share",
+            "c.yaml:2: slo.success_rate: 99 is not a share",
         ),
-        ("slo:\n  claim_p95: 10ms\n  window: 10ms\n", "slo.window"),
+        (
+            "slo:\n  claim_p95: 10ms\n  window: 10ms\n",
+            "c.yaml:3: slo.window",
+        ),
         ("slo:\n  claim_p95: 10\n", "unit"),
         ("slo:\n  claim_p95: 10ms\n  p99: 1ms\n", "p99"),
     ] {

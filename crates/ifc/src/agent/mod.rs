@@ -121,6 +121,9 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         .into());
     }
     tracing::info!(session = %id, mode = mode.as_str(), from = %source, backend = backend.serving_name(), "agent started");
+    if fleet.as_ref().is_some_and(|f| f.slo.is_some()) && mode != Mode::Hybrid {
+        tracing::info!(session = %id, mode = mode.as_str(), "the fleet file's slo: applies to hybrid sessions only: not to this one");
+    }
     // A store that went away between the registration and here is waited for too (seed
     // 2000002: etcd killed in that instant, and a hybrid agent exited for good); a hybrid
     // router meanwhile moves to git and subscribes there.
