@@ -163,6 +163,9 @@ pub struct RouterStats {
     pub slo_returns: u64,
     /// The session is kept on git by a breached objective now.
     pub slo_breached: bool,
+    /// The p95 of the claims on the coordinator the objective is judging now, in microseconds
+    /// (`None`: no objective, or no claim in its window).
+    pub slo_claim_p95_us: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -284,7 +287,16 @@ impl Router {
 
     /// Fallbacks and conflicts so far (the git mirror's conflicts included).
     pub fn stats(&self) -> RouterStats {
-        let mut stats = lock(&self.shared.state).stats;
+        let (mut stats, p95) = {
+            let s = lock(&self.shared.state);
+            (
+                s.stats,
+                s.objective
+                    .as_ref()
+                    .and_then(|o| o.claim_p95(Instant::now())),
+            )
+        };
+        stats.slo_claim_p95_us = p95.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
         if let Some(m) = &self.shared.mirror {
             stats.conflicts += m.conflicts();
         }

@@ -82,6 +82,7 @@ pub struct Metrics {
     conflicts: Counter,
     slo_breached: Gauge,
     slo_moves: Family<MoveLabel, Counter>,
+    slo_claim_p95: Gauge<f64, AtomicU64>,
     claim_latency_p95: Gauge<f64, AtomicU64>,
     claim_success_rate: Gauge<f64, AtomicU64>,
     event_latency_p95: Gauge<f64, AtomicU64>,
@@ -111,6 +112,7 @@ impl Metrics {
             conflicts: Counter::default(),
             slo_breached: Gauge::default(),
             slo_moves: Family::default(),
+            slo_claim_p95: Gauge::default(),
             claim_latency_p95: Gauge::default(),
             claim_success_rate: Gauge::default(),
             event_latency_p95: Gauge::default(),
@@ -173,6 +175,11 @@ impl Metrics {
             "if_coordinator_slo_moves",
             "Moves because of the fleet's objective: to git on a breach, to the coordinator once it is within it again",
             m.slo_moves.clone(),
+        );
+        r.register(
+            "if_coordinator_slo_claim_p95",
+            "The p95 of this hybrid session's claims on the coordinator (its transaction alone) that the fleet's objective (slo:) judges now, in milliseconds; 0 without claims in its window",
+            m.slo_claim_p95.clone(),
         );
         for to in ["git", "coordinator"] {
             let _ = m.slo_moves.get_or_create(&MoveLabel { to: to.into() });
@@ -281,6 +288,8 @@ impl Metrics {
                 .clone()
         };
         self.slo_breached.set(i64::from(router.slo_breached));
+        self.slo_claim_p95
+            .set(router.slo_claim_p95_us.map_or(0.0, |us| us as f64 / 1000.0));
         for (c, total) in [
             (&self.reconnects, reconnects),
             (&self.fallbacks, router.fallbacks),

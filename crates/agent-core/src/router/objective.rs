@@ -62,6 +62,17 @@ impl ObjectiveWatch {
         }
     }
 
+    /// The p95 of the claims in the window as of `now` (`None` without any).
+    pub fn claim_p95(&self, now: Instant) -> Option<Duration> {
+        let recent: Vec<Duration> = self
+            .claims
+            .iter()
+            .filter(|(at, ..)| now.saturating_duration_since(*at) <= self.objective.window)
+            .map(|(_, d, _)| *d)
+            .collect();
+        (!recent.is_empty()).then(|| quantile(recent, 0.95))
+    }
+
     /// Whether the session is to stay off the coordinator.
     pub fn breached(&self) -> bool {
         self.breached.is_some()
@@ -151,6 +162,7 @@ mod tests {
         for i in 0..4 {
             assert_eq!(w.claim(t0 + Duration::from_millis(i), SLOW, true), None);
         }
+        assert_eq!(w.claim_p95(t0), Some(SLOW));
         let why = w.claim(t0 + Duration::from_millis(5), SLOW, true);
         assert!(
             why.as_deref()

@@ -717,6 +717,9 @@ fn a_hybrid_session_leaves_a_coordinator_that_breaches_the_objective_and_returns
         .0 >= Some(1.0)
     });
     assert_eq!(metric(&addr, "if_coordinator_slo_breached"), 0.0);
+    // The figure being judged is served (a first claim on a cold process may take ~40 ms).
+    let judged = metric(&addr, "if_coordinator_slo_claim_p95");
+    assert!(judged > 0.0, "{judged}");
 
     // etcd answers, each answer 120 ms late.
     proxy.delay_replies_from_request(1, Duration::from_millis(120));
