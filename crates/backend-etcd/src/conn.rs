@@ -35,6 +35,9 @@ pub(crate) struct Conn {
     request_timeout: Duration,
     /// The member last passed over (silent or unreachable), for a watch on it to move too.
     passed_over: std::sync::Arc<tokio::sync::watch::Sender<Option<usize>>>,
+    /// etcd answered this client over the endpoints as given: a connection closed later is not
+    /// a TLS port spoken to in plain HTTP, so errors no longer hint at it (a killed etcd did).
+    answered_once: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -87,10 +90,13 @@ impl Conn {
             endpoints,
             several_endpoints: cfg.endpoints.len() > 1,
             request_timeout: cfg.request_timeout,
+            answered_once: Default::default(),
         };
         // One cheap read proves the cluster answers (and that auth works) before anything else.
         let tasks = format!("{}tasks/", cfg.prefix);
         conn.probe(&tasks, "connect", cfg.dial_timeout).await?;
+        conn.answered_once
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(conn)
     }
 
@@ -202,7 +208,7 @@ impl Conn {
                     tokio::time::sleep(pause.min(remaining)).await;
                     pause = (pause * 2).min(Duration::from_millis(100));
                 }
-                Ok(Err(e)) => break Err(classify(&self.endpoints, e)),
+                Ok(Err(e)) => break Err(self.error(e)),
                 Err(_) if self.several_endpoints => {
                     if self.members.avoid(member) {
                         self.passed_over.send_replace(Some(member));
@@ -271,7 +277,10 @@ impl Conn {
 
     /// Maps a client error to the Backend's error kinds.
     pub fn error(&self, e: etcd_client::Error) -> BackendError {
-        classify(&self.endpoints, e)
+        let tls_hint = !self
+            .answered_once
+            .load(std::sync::atomic::Ordering::Relaxed);
+        classify(&self.endpoints, e, tls_hint)
     }
 }
 
@@ -309,7 +318,9 @@ fn read(path: &std::path::Path) -> BackendResult<Vec<u8>> {
         .map_err(|e| BackendError::InvalidInput(format!("cannot read {}: {e}", path.display())))
 }
 
-fn classify(endpoint: &str, e: etcd_client::Error) -> BackendError {
+/// `tls_hint`: a connection closed at once may be a TLS port spoken to in plain HTTP (only until
+/// etcd has answered).
+fn classify(endpoint: &str, e: etcd_client::Error, tls_hint: bool) -> BackendError {
     use etcd_client::Error as E;
     use tonic::Code;
     let endpoint = endpoint.to_owned();
@@ -326,7 +337,11 @@ fn classify(endpoint: &str, e: etcd_client::Error) -> BackendError {
                 }
             }
             _ => {
-                let reason = plain_to_tls_hint(&endpoint, describe_status(&status));
+                let reason = describe_status(&status);
+                let reason = match tls_hint {
+                    true => plain_to_tls_hint(&endpoint, reason),
+                    false => reason,
+                };
                 match tls_refusal(&reason) {
                     Some(reason) => BackendError::Rejected { endpoint, reason },
                     None => BackendError::Unavailable { endpoint, reason },
@@ -339,7 +354,10 @@ fn classify(endpoint: &str, e: etcd_client::Error) -> BackendError {
         }
         E::TransportError(t) => {
             // etcd-client's error has no source: tonic's does, and it says what failed.
-            let reason = plain_to_tls_hint(&endpoint, full_text(&t));
+            let reason = match tls_hint {
+                true => plain_to_tls_hint(&endpoint, full_text(&t)),
+                false => full_text(&t),
+            };
             match tls_refusal(&reason) {
                 Some(reason) => BackendError::Rejected { endpoint, reason },
                 None => BackendError::Unavailable { endpoint, reason },

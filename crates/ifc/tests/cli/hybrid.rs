@@ -227,6 +227,12 @@ fn an_etcd_outage_moves_hybrid_agents_to_git_and_back_with_every_task_done_once(
     f.finish_all(&mut agents, Duration::from_secs(60));
     f.every_log_says(3, "now served by git");
     f.every_task_ran_once_and_the_stores_agree(3);
+    // A plain etcd that died is not a TLS port: no hint at https:// (it came with every
+    // broken watch).
+    for k in 0..3 {
+        let log = f.read_log(k);
+        assert!(!log.contains("use https://"), "agent {k}:\n{log}");
+    }
 }
 
 #[test]
