@@ -179,12 +179,15 @@ let inbox = [];
 let scheduled = false;
 function onMessage(m) {
   inbox.push(m);
-  if (!scheduled) { scheduled = true; setTimeout(flush, 50); }
+  // A snapshot is drawn at once (the first paint); changes wait for their batch.
+  if (m.kind === "snapshot") flush();
+  else if (!scheduled) { scheduled = true; setTimeout(() => { scheduled = false; flush(); }, 50); }
 }
 
 function flush() {
   const batch = inbox;
-  inbox = []; scheduled = false;
+  inbox = [];
+  if (!batch.length) return;
   let full = false, sessions = false, chart = false, transitions = false, changes = 0;
   const touched = new Set();
   for (const m of batch) {
