@@ -327,6 +327,26 @@ impl Router {
         Ok(())
     }
 
+    /// Holds the coordinator to `objective` from now on (the fleet file's `slo:` was edited): a
+    /// changed objective starts with an empty window, so a session kept on git by the old one
+    /// returns (and leaves again if the coordinator breaches the new one).
+    pub async fn set_objective(&self, objective: Option<objective::Objective>) {
+        {
+            let mut s = lock(&self.shared.state);
+            if s.objective
+                .as_ref()
+                .map(objective::ObjectiveWatch::objective)
+                == objective.as_ref()
+            {
+                return;
+            }
+            s.objective = objective.map(objective::ObjectiveWatch::new);
+            s.stats.slo_breached = false;
+        }
+        tracing::info!(session = %self.shared.config.name, "the fleet's objective (slo:) changed: judging from now on by the new one");
+        self.shared.settle().await;
+    }
+
     /// Attaches the coordinator once `connect` yields it, for a router made without one because
     /// it did not answer at the start: it is told the registered presence, its events are
     /// followed, and a hybrid session moves to it by the usual return (git's progress written

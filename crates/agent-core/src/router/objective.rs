@@ -73,6 +73,11 @@ impl ObjectiveWatch {
         (!recent.is_empty()).then(|| quantile(recent, 0.95))
     }
 
+    /// What the coordinator is held to.
+    pub fn objective(&self) -> &Objective {
+        &self.objective
+    }
+
     /// Whether the session is to stay off the coordinator.
     pub fn breached(&self) -> bool {
         self.breached.is_some()

@@ -968,3 +968,42 @@ async fn a_hybrid_session_stays_on_git_while_the_coordinator_holds_no_tasks() {
         (TaskStatus::Claimed, Some("s1"))
     );
 }
+
+#[tokio::test]
+async fn a_breached_objective_keeps_a_hybrid_session_on_git_until_it_is_lifted() {
+    let f = Fleet::new(&["A", "B"]).await;
+    let r = f.router(Mode::Hybrid);
+    let s = sid("s1");
+    // Every claim breaches this one, and no health check is ever within it.
+    let strict = objective::Objective {
+        claim_p95: Some(Duration::from_nanos(1)),
+        success_rate: None,
+        window: Duration::from_secs(60),
+        min_claims: 1,
+        recover_after: Duration::from_secs(3600),
+    };
+    r.set_objective(Some(strict.clone())).await;
+    let claim = won(r.claim(&tid("A"), &s).await.expect("claim"));
+    wait_serving(&r, Side::Fallback).await;
+    let stats = r.stats();
+    assert!(stats.slo_breached && stats.slo_to_git == 1, "{stats:?}");
+    // The claim that breached it was carried to git with its session.
+    assert_eq!(
+        face(&f.in_git("A").await),
+        (TaskStatus::Claimed, Some("s1"))
+    );
+    // The same objective again changes nothing; lifting it brings the session back.
+    r.set_objective(Some(strict)).await;
+    assert_eq!(r.serving(), Side::Fallback);
+    r.set_objective(None).await;
+    wait_serving(&r, Side::Primary).await;
+    assert!(!r.stats().slo_breached);
+    let released = r
+        .release(&tid("A"), &s, ReleaseTo::Complete, Some(claim.token))
+        .await
+        .expect("release");
+    assert!(
+        matches!(released, ReleaseOutcome::Released { .. }),
+        "{released:?}"
+    );
+}

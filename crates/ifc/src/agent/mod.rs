@@ -352,6 +352,12 @@ impl Driver {
         if self.repo_rollback {
             fleet.get_or_insert_with(FleetFile::default).rollback = true;
         }
+        // An edited `slo:` applies at once (checked when the file was read).
+        let objective = fleet
+            .as_ref()
+            .and_then(|f| f.slo.as_ref())
+            .and_then(|s| s.objective().ok());
+        self.backend.set_objective(objective).await;
         let id = self.session.session_id.clone();
         let (mode, source) = agent_core::config::mode_for(
             Some(&id),
