@@ -178,7 +178,7 @@ impl Metrics {
         );
         r.register(
             "if_coordinator_slo_claim_p95",
-            "The p95 of this hybrid session's claims on the coordinator (its transaction alone) that the fleet's objective (slo:) judges now, in milliseconds; 0 without claims in its window",
+            "The p95 of this hybrid session's claims on the coordinator (its transaction alone) that the fleet's objective (slo:) judges, in milliseconds: over its window, or while breached the figure that breached it; 0 without claims",
             m.slo_claim_p95.clone(),
         );
         for to in ["git", "coordinator"] {

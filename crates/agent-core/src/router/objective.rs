@@ -36,6 +36,8 @@ pub struct ObjectiveWatch {
     breached: Option<Instant>,
     /// While breached: since when every health check has been within the objective.
     healthy_since: Option<Instant>,
+    /// While breached: the claims' p95 that breached it.
+    breached_at_p95: Option<Duration>,
 }
 
 /// The q quantile of `values` (nearest rank).
@@ -59,11 +61,16 @@ impl ObjectiveWatch {
             claims: VecDeque::new(),
             breached: None,
             healthy_since: None,
+            breached_at_p95: None,
         }
     }
 
-    /// The p95 of the claims in the window as of `now` (`None` without any).
+    /// The p95 of the claims in the window as of `now` (`None` without any); while breached, the
+    /// p95 that breached it (the window is empty then: no claim goes to the coordinator).
     pub fn claim_p95(&self, now: Instant) -> Option<Duration> {
+        if self.breached.is_some() {
+            return self.breached_at_p95;
+        }
         let recent: Vec<Duration> = self
             .claims
             .iter()
@@ -118,6 +125,7 @@ impl ObjectiveWatch {
         }?;
         self.breached = Some(now);
         self.healthy_since = None;
+        self.breached_at_p95 = Some(p95);
         self.claims.clear();
         Some(why)
     }
@@ -217,6 +225,7 @@ mod tests {
             w.claim(t0, SLOW, true);
         }
         assert!(w.breached());
+        assert_eq!(w.claim_p95(t0), Some(SLOW), "the figure that breached it");
         let at = |s: u64| t0 + Duration::from_secs(s);
         assert!(!w.probe(at(1), Some(FAST)));
         assert!(
@@ -229,6 +238,7 @@ mod tests {
         assert!(!w.probe(at(7), Some(FAST)));
         assert!(w.probe(at(8), Some(FAST)));
         assert!(!w.breached());
+        assert_eq!(w.claim_p95(at(8)), None, "a fresh window");
         // The window starts empty: the slow claims before the breach do not count again.
         assert_eq!(w.claim(at(8), FAST, true), None);
     }

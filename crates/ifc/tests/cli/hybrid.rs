@@ -736,6 +736,9 @@ fn a_hybrid_session_leaves_a_coordinator_that_breaches_the_objective_and_returns
         f.read_log(0).contains("now served by git")
     });
     assert_eq!(metric(&addr, "if_coordinator_slo_breached"), 1.0);
+    // While breached, the figure that breached it (it read 0: tester helper-6).
+    let judged = metric(&addr, "if_coordinator_slo_claim_p95");
+    assert!(judged > 40.0, "{judged}");
     assert_eq!(
         metric(&addr, "if_coordinator_slo_moves_total{to=\"git\"}"),
         1.0
