@@ -202,9 +202,7 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
         }
         Command::Ui(args) => {
             drop(out);
-            // The address first: a port in use is said at once, not after etcd answers.
-            let listener = crate::ui::bind(args.addr).await?;
-            crate::ui::run(connect(g, command).await?, listener, output).await
+            crate::ui::serve(args.addr, output, connect(g, command)).await
         }
         Command::Bridge(args) => bridge::run(g, args, output, &mut out).await,
         Command::Audit => bridge::audit(g, output, &mut out).await,

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use agent_core::{Backend, BackendEvent};
 use anyhow::{Context, Result};
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -292,41 +292,67 @@ async fn follow_sessions(live: Arc<Live>) {
     }
 }
 
-/// The board's address (`--addr`), taken before the store is connected.
-pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+/// Serves the board on `addr` until Ctrl-C, over the store `connect` yields. The address is
+/// taken first (a port in use is said at once) and printed; until the store answers, the page
+/// says it is waiting and `/health` answers 503.
+pub async fn serve<F>(addr: SocketAddr, output: Output, connect: F) -> Result<u8>
+where
+    F: std::future::Future<Output = Result<Arc<dyn Backend>>>,
+{
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!(
             "cannot listen on {addr} for --addr (another ifc ui? --addr PORT picks another port)"
         )
-    })
-}
-
-/// Runs the board server on `listener` until Ctrl-C.
-pub async fn run(
-    store: Arc<dyn Backend>,
-    listener: tokio::net::TcpListener,
-    output: Output,
-) -> Result<u8> {
-    let mut sub = store.subscribe().await?;
-    let (changes, _) = broadcast::channel(BEHIND);
-    let live = Arc::new(Live {
-        board: Mutex::new(Board::new(store.name())),
-        changes,
-        store: Arc::clone(&store),
-        gauges: Gauges::new(),
-    });
-    live.publish(|b| {
-        b.reset(&sub.snapshot, store.name(), SystemTime::now());
-        None
-    });
-    let bound: SocketAddr = listener.local_addr().context("the board's address")?;
-    let app = routes(Arc::clone(&live));
+    })?;
+    let bound = listener.local_addr().context("the board's address")?;
+    say_url(bound, output);
+    let socket = listener.into_std().context("the board's address")?;
+    let waiting =
+        tokio::net::TcpListener::from_std(socket.try_clone().context("the board's address")?)
+            .context("the board's address")?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        if let Err(e) = axum::serve(waiting, waiting_routes())
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::error!(error = %e, "the board's server stopped");
         }
     });
-    tokio::spawn(follow_sessions(Arc::clone(&live)));
+    let store = connect.await?;
+    let _ = stop.send(());
+    let listener = tokio::net::TcpListener::from_std(socket).context("the board's address")?;
+    run(store, listener).await
+}
+
+/// The page and `/health` while the store has not answered yet.
+fn waiting_routes() -> axum::Router {
+    let page = "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=2><title>ifc board</title><p>ifc ui is waiting for the task store to answer (its log says what it tries). This page reloads by itself.";
+    axum::Router::new()
+        .route(
+            "/health",
+            get(|| async {
+                let h = agent_core::Health {
+                    reachable: false,
+                    detail: "waiting for the task store to answer".into(),
+                };
+                crate::metrics::health_reply(&h, "none")
+            }),
+        )
+        .fallback(get(move || async move {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                page,
+            )
+        }))
+}
+
+/// Prints where the board is.
+fn say_url(bound: SocketAddr, output: Output) {
     let url = match bound.ip().is_unspecified() {
         // Every interface: this machine's own address is the one that surely works here.
         true => format!(
@@ -343,6 +369,29 @@ pub async fn run(
         ),
         Output::Table => println!("the board: {url} (read-only; Ctrl-C stops)"),
     }
+}
+
+/// Runs the board server on `listener` until Ctrl-C.
+async fn run(store: Arc<dyn Backend>, listener: tokio::net::TcpListener) -> Result<u8> {
+    let mut sub = store.subscribe().await?;
+    let (changes, _) = broadcast::channel(BEHIND);
+    let live = Arc::new(Live {
+        board: Mutex::new(Board::new(store.name())),
+        changes,
+        store: Arc::clone(&store),
+        gauges: Gauges::new(),
+    });
+    live.publish(|b| {
+        b.reset(&sub.snapshot, store.name(), SystemTime::now());
+        None
+    });
+    let app = routes(Arc::clone(&live));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the board's server stopped");
+        }
+    });
+    tokio::spawn(follow_sessions(Arc::clone(&live)));
     let mut points = tokio::time::interval(board::POINT_EVERY);
     points.tick().await;
     loop {

@@ -94,6 +94,10 @@ fn metrics_of_ui(e: &str, dir: &Path) -> (Agent, String) {
         .and_then(|rest| rest.split('/').next())
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_owned();
+    // It prints its address before its store answers.
+    wait_for("the board to serve", Duration::from_secs(60), || {
+        get(&addr, "/health").0 == 200
+    });
     (Agent(child), addr)
 }
 

@@ -154,8 +154,22 @@ impl Drop for Browser {
     }
 }
 
-/// `ifc ui --addr 127.0.0.1:0` in `dir`; (the process, the page's URL).
-fn start_ui(mut cmd: Command) -> (crate::agent::Agent, String) {
+/// `ifc ui --addr 127.0.0.1:0` in `dir`, serving its store (`/health` 200); (the process, the
+/// page's URL).
+fn start_ui(cmd: Command) -> (crate::agent::Agent, String) {
+    let (ui, url) = spawn_ui(cmd);
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    crate::agent::wait_for("the board to serve", Duration::from_secs(60), || {
+        crate::metrics::get(&addr, "/health").0 == 200
+    });
+    (ui, url)
+}
+
+/// `ifc ui --addr 127.0.0.1:0` as soon as it has printed its URL.
+fn spawn_ui(mut cmd: Command) -> (crate::agent::Agent, String) {
     let mut child = cmd
         .args(["ui", "--addr", "127.0.0.1:0", "--output", "json"])
         .stdout(Stdio::piped())
@@ -394,4 +408,37 @@ async fn a_burst_of_thousands_of_new_tasks_reaches_an_open_page_of_a_big_board()
             .await,
         json!("live")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_board_started_before_its_store_says_it_is_waiting_then_serves() {
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let proxy = backend_etcd::testing::TcpProxy::start(etcd.addr()).await;
+    proxy.cut();
+    let (_ui, url) = spawn_ui(ifc(&proxy.endpoint(), w.path()));
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let health = addr.clone();
+    let (code, body) = tokio::task::spawn_blocking(move || crate::metrics::get(&health, "/health"))
+        .await
+        .expect("get");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("waiting for the task store"), "{body}");
+    proxy.restore();
+    let health = addr.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::agent::wait_for("the board to serve", Duration::from_secs(60), || {
+            crate::metrics::get(&health, "/health").0 == 200
+        })
+    })
+    .await
+    .expect("wait");
+    let (code, body) =
+        tokio::task::spawn_blocking(move || crate::metrics::get(&addr, "/api/board"))
+            .await
+            .expect("get");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"kind\":\"snapshot\""), "{body}");
 }
