@@ -436,10 +436,14 @@ impl Backend for Router {
             s.take_over = take_over;
         }
         let (mut registered, mut failure) = (false, None);
+        // Each store is told which one serves the session, so either lists it rightly.
+        let serving = me
+            .backend(lock(&me.state).serving)
+            .map_or("none", |b| b.name());
         for side in [Side::Primary, Side::Fallback] {
             let Ok(b) = me.backend(side) else { continue };
             let mut p = presence.clone();
-            p.backend = b.name().into();
+            p.backend = serving.into();
             match b.register(&p, take_over).await {
                 Ok(None) => {
                     me.count("register", side);
@@ -475,14 +479,26 @@ impl Backend for Router {
         failure
     }
 
+    /// The sessions the serving store lists, and those only the other store does (a fleet with
+    /// sessions on both); a session both list is shown as the store serving it says.
     async fn sessions(&self) -> BackendResult<Vec<Presence>> {
-        Ok(self
-            .shared
+        let me = &self.shared;
+        let (listed, side) = me
             .route("sessions", |b: Arc<dyn Backend>| async move {
                 b.sessions().await
             })
-            .await?
-            .0)
+            .await?;
+        let other = match side {
+            Side::Primary => Side::Fallback,
+            Side::Fallback => Side::Primary,
+        };
+        let Ok(other) = me.backend(other).cloned() else {
+            return Ok(listed);
+        };
+        match tokio::time::timeout(me.config.deadline, other.sessions()).await {
+            Ok(Ok(more)) => Ok(merge_sessions(listed, more, other.name())),
+            _ => Ok(listed),
+        }
     }
 
     async fn health(&self) -> Health {
@@ -541,4 +557,30 @@ async fn taken_in_git(
         crate::TaskStatus::Complete if other => Some(ReleaseOutcome::NotHolder { holder: None }),
         _ => None,
     })
+}
+
+/// `listed` (the serving store's sessions) with `more` (those of the store named `other`): a
+/// session both list is taken from the store both entries name when they agree (a hybrid
+/// session on git writes its current task only there), else from `listed`.
+pub(super) fn merge_sessions(
+    listed: Vec<Presence>,
+    more: Vec<Presence>,
+    other: &str,
+) -> Vec<Presence> {
+    let mut by_id: std::collections::BTreeMap<SessionId, Presence> = listed
+        .into_iter()
+        .map(|p| (p.session_id.clone(), p))
+        .collect();
+    for p in more {
+        match by_id.get(&p.session_id) {
+            Some(mine) if mine.backend == other && p.backend == other => {
+                by_id.insert(p.session_id.clone(), p);
+            }
+            Some(_) => {}
+            None => {
+                by_id.insert(p.session_id.clone(), p);
+            }
+        }
+    }
+    by_id.into_values().collect()
 }

@@ -1007,3 +1007,46 @@ async fn a_breached_objective_keeps_a_hybrid_session_on_git_until_it_is_lifted()
         "{released:?}"
     );
 }
+
+#[test]
+fn a_session_both_stores_list_is_shown_as_the_store_serving_it_says() {
+    let at = |session: &str, backend: &str, task: &str| crate::Presence {
+        backend: backend.into(),
+        current_task: Some(tid(task)),
+        ..presence_of(session)
+    };
+    let etcd = vec![
+        at("hybrid-on-git", "git", "OLD"),
+        at("on-etcd", "etcd", "E1"),
+        at("only-etcd", "etcd", "E2"),
+    ];
+    let git = vec![
+        at("hybrid-on-git", "git", "NOW"),
+        at("on-etcd", "etcd", "STALE"),
+        at("only-git", "git", "G1"),
+    ];
+    let merged = super::store::merge_sessions(etcd, git, "git");
+    let shown: Vec<(String, String, String)> = merged
+        .iter()
+        .map(|p| {
+            (
+                p.session_id.to_string(),
+                p.backend.clone(),
+                p.current_task
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    let row = |s: &str, b: &str, t: &str| (s.to_owned(), b.to_owned(), t.to_owned());
+    assert_eq!(
+        shown,
+        vec![
+            row("hybrid-on-git", "git", "NOW"),
+            row("on-etcd", "etcd", "E1"),
+            row("only-etcd", "etcd", "E2"),
+            row("only-git", "git", "G1"),
+        ]
+    );
+}
