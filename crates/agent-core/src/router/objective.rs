@@ -1,7 +1,10 @@
 //! The fleet's service-level objective for the coordinator (`slo:` in the fleet file): a hybrid
 //! session whose claims on the coordinator breach it (claim p95 above the objective, or too few
 //! answered, over a window) moves itself to git, and returns once every health check has
-//! answered within the objective for `recover_after`. Pure: time is an argument.
+//! answered within the objective for `recover_after`. A session that breaches it again soon
+//! after returning (health checks are quicker than claims, so the two can disagree) waits twice
+//! as long before the next return, up to 16 times `recover_after`: it does not flap between the
+//! stores. Pure: time is an argument.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -38,6 +41,10 @@ pub struct ObjectiveWatch {
     healthy_since: Option<Instant>,
     /// While breached: the claims' p95 that breached it.
     breached_at_p95: Option<Duration>,
+    /// When the session last returned to the coordinator.
+    returned_at: Option<Instant>,
+    /// How long the health checks must be within the objective for this return.
+    hold: Duration,
 }
 
 /// The q quantile of `values` (nearest rank).
@@ -57,11 +64,13 @@ fn ms(d: Duration) -> String {
 impl ObjectiveWatch {
     pub fn new(objective: Objective) -> ObjectiveWatch {
         ObjectiveWatch {
-            objective,
             claims: VecDeque::new(),
             breached: None,
             healthy_since: None,
             breached_at_p95: None,
+            returned_at: None,
+            hold: objective.recover_after,
+            objective,
         }
     }
 
@@ -127,7 +136,20 @@ impl ObjectiveWatch {
         self.healthy_since = None;
         self.breached_at_p95 = Some(p95);
         self.claims.clear();
-        Some(why)
+        let again = self
+            .returned_at
+            .is_some_and(|at| now.saturating_duration_since(at) < self.objective.window * 2);
+        self.hold = match again {
+            true => (self.hold * 2).min(self.objective.recover_after * 16),
+            false => self.objective.recover_after,
+        };
+        Some(match again {
+            true => format!(
+                "{why}; again soon after returning: back after {:?} within it",
+                self.hold
+            ),
+            false => why,
+        })
     }
 
     /// While breached: a health check of the coordinator took `took` (`None`: it did not
@@ -143,11 +165,12 @@ impl ObjectiveWatch {
             return false;
         }
         let since = *self.healthy_since.get_or_insert(now);
-        if now.saturating_duration_since(since) < self.objective.recover_after {
+        if now.saturating_duration_since(since) < self.hold {
             return false;
         }
         self.breached = None;
         self.healthy_since = None;
+        self.returned_at = Some(now);
         true
     }
 }
@@ -241,5 +264,41 @@ mod tests {
         assert_eq!(w.claim_p95(at(8)), None, "a fresh window");
         // The window starts empty: the slow claims before the breach do not count again.
         assert_eq!(w.claim(at(8), FAST, true), None);
+    }
+
+    #[test]
+    fn a_session_that_breaches_again_soon_after_returning_waits_twice_as_long_each_time() {
+        let (mut w, t0) = (ObjectiveWatch::new(objective()), Instant::now());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let breach = |w: &mut ObjectiveWatch, from: u64| {
+            let mut why = None;
+            for i in 0..5 {
+                why = why.or(w.claim(at(from + i), SLOW, true));
+            }
+            why.expect("a breach")
+        };
+        // Back after health checks within it for how long, from `from` on.
+        let back_after = |w: &mut ObjectiveWatch, from: u64| {
+            let mut t = from;
+            while !w.probe(at(t), Some(FAST)) {
+                t += 500;
+                assert!(t < from + 200_000, "never back");
+            }
+            t - from
+        };
+        breach(&mut w, 0);
+        assert_eq!(back_after(&mut w, 1_000), 3_000, "recover_after");
+        let why = breach(&mut w, 6_000);
+        assert!(
+            why.contains("again soon after returning: back after 6s"),
+            "{why}"
+        );
+        assert_eq!(back_after(&mut w, 7_000), 6_000, "twice as long");
+        breach(&mut w, 15_000);
+        assert_eq!(back_after(&mut w, 16_000), 12_000);
+        // A breach long after the last return starts from recover_after again.
+        let why = breach(&mut w, 100_000);
+        assert!(!why.contains("again"), "{why}");
+        assert_eq!(back_after(&mut w, 101_000), 3_000);
     }
 }
