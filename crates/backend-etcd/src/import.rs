@@ -173,8 +173,23 @@ impl Inner {
     pub(crate) async fn delete(&self, id: &TaskId, force: bool) -> BackendResult<Deleted> {
         for _ in 0..16 {
             let view = self.read_view(id, false).await?;
-            let Some((current, _)) = self.current(id, &view)? else {
-                return Ok(Deleted::NotFound);
+            let current = match self.current(id, &view) {
+                Ok(Some((current, _))) => current,
+                Ok(None) => return Ok(Deleted::NotFound),
+                // An unreadable record holds nothing and nobody can wait for it by name.
+                Err(BackendError::Corrupt { .. }) if force => {
+                    if self.replace(id, &view, None, "delete").await? {
+                        return Ok(Deleted::Deleted);
+                    }
+                    continue;
+                }
+                Err(BackendError::Corrupt { key, reason }) => {
+                    return Err(BackendError::Corrupt {
+                        key,
+                        reason: format!("{reason} (`ifc delete {id} --force` removes it)"),
+                    })
+                }
+                Err(e) => return Err(e),
             };
             if !force && current.status == TaskStatus::Claimed {
                 return Ok(Deleted::Held {

@@ -181,8 +181,9 @@ pub enum Command {
         /// Task ids
         #[arg(required = true)]
         tasks: Vec<TaskId>,
-        /// Delete a claimed task (its holder's run is fenced: it cannot complete it) or one that
-        /// others wait for (they then wait for a missing blocker until their blockers change)
+        /// Delete a claimed task (its holder's run is fenced: it cannot complete it), one that
+        /// others wait for (they then wait for a missing blocker until their blockers change),
+        /// or an unreadable record
         #[arg(long)]
         force: bool,
     },

@@ -800,6 +800,26 @@ async fn delete_removes_a_task_but_never_a_held_one_or_a_blocker_unless_forced()
         "{}",
         text(&out.stderr)
     );
+    // An unreadable record: said how to remove it, and removed with --force (tester helper-6:
+    // only etcdctl could).
+    raw(&server)
+        .await
+        .put("tasks/BAD", "not json{", None)
+        .await
+        .expect("put");
+    let out = run(ifc(&server).args(["delete", "BAD"]));
+    assert_eq!(code(&out), 4, "{out:?}");
+    assert!(
+        text(&out.stderr).contains("`ifc delete BAD --force` removes it"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(ifc(&server).args(["delete", "BAD", "--force"]));
+    assert_eq!(code(&out), 0, "{out:?}");
+    assert!(!all_keys(&server)
+        .await
+        .iter()
+        .any(|k| k.ends_with("/BAD") || k == "tasks/BAD"));
 }
 
 #[test]
