@@ -178,6 +178,11 @@ impl Board {
         json!({"kind": "task", "id": e.task.as_str(), "task": task_json(t), "transition": transition})
     }
 
+    /// How many stored records are unreadable.
+    pub fn unreadable(&self) -> usize {
+        self.corrupt.len() + self.corrupt_since.len()
+    }
+
     fn corrupt_list(&self) -> Vec<String> {
         let mut all = self.corrupt.clone();
         all.extend(self.corrupt_since.values().cloned());

@@ -52,6 +52,7 @@ struct Gauges {
     sessions: Family<StoreLabel, Gauge>,
     viewers: Gauge,
     resyncs: Counter,
+    unreadable: Gauge,
 }
 
 impl Gauges {
@@ -62,6 +63,7 @@ impl Gauges {
             sessions: Family::default(),
             viewers: Gauge::default(),
             resyncs: Counter::default(),
+            unreadable: Gauge::default(),
         };
         let r = &mut g.registry;
         r.register(
@@ -73,6 +75,11 @@ impl Gauges {
             "if_coordinator_board_sessions",
             "Live sessions by the store serving them (etcd, git)",
             g.sessions.clone(),
+        );
+        r.register(
+            "if_coordinator_board_unreadable",
+            "Stored records that are not valid tasks (named on the board's page; `ifc delete ID --force` removes one)",
+            g.unreadable.clone(),
         );
         r.register(
             "if_coordinator_ui_viewers",
@@ -129,6 +136,9 @@ impl Live {
                     })
                     .set(n);
             }
+            self.gauges
+                .unreadable
+                .set(i64::try_from(board.unreadable()).unwrap_or(i64::MAX));
             for (store, n) in board.sessions_by_store() {
                 self.gauges
                     .sessions

@@ -293,6 +293,18 @@ async fn the_board_shows_every_task_and_a_cli_claim_reaches_the_open_page_withou
         )
         .await;
     assert_eq!(browser.eval(&row("P0.7.7")).await, Value::Null);
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let (_, metrics) = tokio::task::spawn_blocking(move || crate::metrics::get(&addr, "/metrics"))
+        .await
+        .expect("get");
+    assert_eq!(
+        sample_sum(&metrics, "if_coordinator_board_unreadable"),
+        1.0,
+        "{metrics}"
+    );
 }
 
 /// A number from a Prometheus text body: the sum of every sample of `name`.
