@@ -372,12 +372,12 @@ fn a_hundred_open_pages_cost_etcd_nothing_more_than_one() {
     }
 }
 
-/// A board of `n` tasks in workstreams of 50 (`B.<w>.<k>`), as markdown.
-fn generated_board(from: usize, n: usize) -> String {
+/// A board of tasks `numbers`, in workstreams of 50 (`B.<w>.<k>`), as markdown.
+fn generated_board(numbers: impl Iterator<Item = usize>) -> String {
     let mut board = String::from(
         "# Big board\n\n| ID | Task | Status | Owner | Blocked by |\n|----|------|--------|-------|------------|\n",
     );
-    for i in from..from + n {
+    for i in numbers {
         board.push_str(&format!(
             "| B.{}.{} | generated task {i} | 🔵 AVAILABLE |  |  |\n",
             i / 50,
@@ -391,19 +391,24 @@ fn generated_board(from: usize, n: usize) -> String {
 async fn a_burst_of_thousands_of_new_tasks_reaches_an_open_page_of_a_big_board() {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
     let e = etcd.endpoint();
-    let migrate_board = |from: usize, n: usize| {
-        let file = w.path().join(format!("board-{from}.md"));
-        std::fs::write(&file, generated_board(from, n)).expect("board");
+    let migrate_board = |name: &str, numbers: Vec<usize>| {
+        let file = w.path().join(format!("board-{name}.md"));
+        std::fs::write(&file, generated_board(numbers.into_iter())).expect("board");
         let out = run(ifc(&e, w.path()).arg("migrate").arg("--board").arg(&file));
         assert_eq!(code(&out), 0, "{}", text(&out.stderr));
     };
-    migrate_board(0, 2000);
+    // Every other task of 80 workstreams.
+    migrate_board("even", (0..4000).step_by(2).collect());
     let (_ui, url) = start_ui(ifc(&e, w.path()));
     let browser = Browser::start().await;
     browser.open(&url).await;
     browser.until("the 2000 tasks", ROWS, json!(2000)).await;
-    // 3000 more while the page is open: one message each, which the page must keep up with.
-    migrate_board(2000, 3000);
+    // 3000 more while the page is open, one message each: the 2000 others of those workstreams
+    // (each row goes between two of the page's) and 1000 in 20 new workstreams.
+    migrate_board(
+        "odd-and-new",
+        (1..4000).step_by(2).chain(4000..5000).collect(),
+    );
     let took = browser.until("all 5000 tasks", ROWS, json!(5000)).await;
     eprintln!(
         "the page showed all 5000 tasks {} ms after the migration ended",
@@ -413,6 +418,17 @@ async fn a_burst_of_thousands_of_new_tasks_reaches_an_open_page_of_a_big_board()
         browser.eval("return window.ifcSnapshots").await,
         json!(1),
         "every change came over the open stream"
+    );
+    // In board order, each in its workstream's table (the page's own order function).
+    let in_order = "const ids = [...document.querySelectorAll('tr[data-task]')].map(r => r.dataset.task); \
+        const sections = [...document.querySelectorAll('section.group')].every(g => [...g.querySelectorAll('tr[data-task]')].every(r => r.dataset.task.startsWith(g.dataset.group + '.'))); \
+        return sections && ids.every((id, i) => i === 0 || boardOrder(ids[i - 1], id) < 0)";
+    assert_eq!(browser.eval(in_order).await, json!(true));
+    assert_eq!(
+        browser
+            .eval("return document.querySelectorAll('section.group').length")
+            .await,
+        json!(100)
     );
     assert_eq!(
         browser

@@ -4,7 +4,7 @@
 "use strict";
 
 const WORDS = { available: "AVAILABLE", blocked: "BLOCKED", claimed: "IN PROGRESS", complete: "DONE" };
-const state = { tasks: new Map(), rows: new Map(), dependents: new Map(), sessions: [], transitions: [], points: [], offset: 0 };
+const state = { tasks: new Map(), rows: new Map(), bodies: new Map(), dependents: new Map(), sessions: [], transitions: [], points: [], offset: 0 };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, attrs, ...children) {
@@ -91,6 +91,7 @@ function renderBoard() {
   const board = $("board");
   const groups = new Map();
   state.rows = new Map();
+  state.bodies = new Map();
   for (const id of [...state.tasks.keys()].sort(boardOrder)) {
     const t = state.tasks.get(id);
     if (!groups.has(t.group)) groups.set(t.group, []);
@@ -101,6 +102,7 @@ function renderBoard() {
     const trs = tasks.map(row);
     trs.forEach((tr, k) => state.rows.set(tasks[k].id, tr));
     const body = el("tbody", {}, ...trs);
+    state.bodies.set(group, body);
     out.push(el("section", { class: "group", "data-group": group }, el("h3", {}, group),
       el("table", {}, el("thead", {}, el("tr", {}, ...["ID", "Task", "Status", "Owner", "Held", "Blocked by"].map((h) => el("th", {}, h)))), body)));
   }
@@ -108,6 +110,24 @@ function renderBoard() {
   board.replaceChildren(...out);
   applyFilter();
   renderCounts();
+}
+
+// A new task's row, put in its place in its workstream's table; false if the table is not there.
+function insertRow(id) {
+  const t = state.tasks.get(id);
+  const body = t && state.bodies.get(t.group);
+  if (!body) return false;
+  const tr = row(t);
+  tr.classList.add("flash");
+  let before = null;
+  for (const r of body.rows) if (boardOrder(id, r.dataset.task) < 0) { before = r; break; }
+  body.insertBefore(tr, before);
+  state.rows.set(id, tr);
+  for (const b of t.blocked_by) {
+    if (!state.dependents.has(b)) state.dependents.set(b, new Set());
+    state.dependents.get(b).add(id);
+  }
+  return true;
 }
 
 function renderRow(id, flash) {
@@ -189,7 +209,7 @@ function flush() {
   inbox = [];
   if (!batch.length) return;
   let full = false, sessions = false, chart = false, transitions = false, changes = 0;
-  const touched = new Set();
+  const touched = new Set(), added = new Set();
   for (const m of batch) {
     if (m.kind === "snapshot") {
       state.offset = m.now - Date.now();
@@ -203,8 +223,9 @@ function flush() {
     } else if (m.kind === "task") {
       const had = state.tasks.get(m.id);
       if (m.task) state.tasks.set(m.id, m.task); else state.tasks.delete(m.id);
-      if (!had || !m.task || had.blocked_by.join() !== m.task.blocked_by.join()) full = true;
-      touched.add(m.id);
+      if (!had && m.task) added.add(m.id);
+      else if (!m.task || had.blocked_by.join() !== m.task.blocked_by.join()) full = true;
+      else touched.add(m.id);
       state.transitions.unshift(m.transition);
       transitions = true; changes++;
     } else if (m.kind === "corrupt") {
@@ -219,6 +240,12 @@ function flush() {
     }
   }
   state.transitions.length = Math.min(state.transitions.length, 60);
+  // New tasks go into their tables; a new workstream, a deletion or changed blockers redraw all.
+  for (const id of added) {
+    if (full) break;
+    if (state.tasks.has(id) && !state.rows.has(id) && !insertRow(id)) full = true;
+    touched.add(id);
+  }
   if (full) { index(); renderBoard(); }
   else if (touched.size) {
     const again = new Set();
