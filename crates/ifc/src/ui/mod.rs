@@ -104,6 +104,16 @@ struct Live {
 }
 
 impl Live {
+    fn new(store: Arc<dyn Backend>) -> Live {
+        let (changes, _) = broadcast::channel(BEHIND);
+        Live {
+            board: Mutex::new(Board::new(store.name())),
+            changes,
+            store,
+            gauges: Gauges::new(),
+        }
+    }
+
     fn board(&self) -> std::sync::MutexGuard<'_, Board> {
         self.board.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -169,14 +179,12 @@ impl Drop for Viewer {
     }
 }
 
-/// `GET /events`: the snapshot, then every change; a page that fell `BEHIND` messages behind is
-/// sent a fresh snapshot (its queue is bounded, never its memory).
-async fn events(
-    State(live): State<Arc<Live>>,
-) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+/// A page's messages: the snapshot, then every change; a page that fell `BEHIND` messages behind
+/// is sent a fresh snapshot (its queue is bounded, never its memory).
+fn page_stream(live: Arc<Live>) -> impl futures_util::Stream<Item = Arc<str>> {
     let (snapshot, changes) = live.join();
     let viewer = Viewer::new(live);
-    let stream = futures_util::stream::unfold(
+    futures_util::stream::unfold(
         (Some(snapshot), changes, viewer),
         |(next, mut changes, viewer)| async move {
             let message = match next {
@@ -192,12 +200,17 @@ async fn events(
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
             };
-            Some((
-                Ok(Event::default().data(&*message)),
-                (None, changes, viewer),
-            ))
+            Some((message, (None, changes, viewer)))
         },
-    );
+    )
+}
+
+/// `GET /events`: a page's messages as server-sent events.
+async fn events(
+    State(live): State<Arc<Live>>,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    use futures_util::StreamExt;
+    let stream = page_stream(live).map(|m| Ok(Event::default().data(&*m)));
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
@@ -384,13 +397,7 @@ fn say_url(bound: SocketAddr, output: Output) {
 /// Runs the board server on `listener` until Ctrl-C.
 async fn run(store: Arc<dyn Backend>, listener: tokio::net::TcpListener) -> Result<u8> {
     let mut sub = store.subscribe().await?;
-    let (changes, _) = broadcast::channel(BEHIND);
-    let live = Arc::new(Live {
-        board: Mutex::new(Board::new(store.name())),
-        changes,
-        store: Arc::clone(&store),
-        gauges: Gauges::new(),
-    });
+    let live = Arc::new(Live::new(Arc::clone(&store)));
     live.publish(|b| {
         b.reset(&sub.snapshot, store.name(), SystemTime::now());
         None
@@ -443,5 +450,34 @@ async fn run(store: Arc<dyn Backend>, listener: tokio::net::TcpListener) -> Resu
             }
             _ = tokio::signal::ctrl_c() => return Ok(0),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    #[tokio::test]
+    async fn a_page_that_falls_behind_is_sent_a_fresh_snapshot_not_a_growing_queue() {
+        let store = agent_core::memory::MemoryBackend::new(Default::default(), None);
+        let live = Arc::new(Live::new(Arc::new(store)));
+        let mut page = Box::pin(page_stream(Arc::clone(&live)));
+        let first = page.next().await.expect("the snapshot");
+        assert!(first.contains("\"kind\":\"snapshot\""), "{first}");
+        // More changes than the queue holds, the page reading none of them.
+        for n in 0..BEHIND + 10 {
+            live.publish(|_| Some(serde_json::json!({"kind": "test", "n": n})));
+        }
+        let next = page.next().await.expect("a message");
+        assert!(next.contains("\"kind\":\"snapshot\""), "{next}");
+        assert_eq!(live.gauges.resyncs.get(), 1);
+        assert_eq!(live.gauges.viewers.get(), 1);
+        // Then the changes after the fresh snapshot, in order.
+        live.publish(|_| Some(serde_json::json!({"kind": "test", "n": "after"})));
+        let after = page.next().await.expect("a message");
+        assert!(after.contains("\"after\""), "{after}");
+        drop(page);
+        assert_eq!(live.gauges.viewers.get(), 0, "the page is gone");
     }
 }
