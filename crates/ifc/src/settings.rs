@@ -199,8 +199,8 @@ async fn open_git_for(
 /// Who opens the stores.
 #[derive(Clone, Copy)]
 pub enum Purpose<'a> {
-    /// The agent, which may switch stores live: both are opened when configured, and etcd is
-    /// waited for (`waiting` is told why, for `/health`).
+    /// A long-running process (the agent, which may switch stores live; `ifc ui`): both stores
+    /// are opened when configured, and etcd is waited for (`waiting` is told why, for `/health`).
     Agent { waiting: &'a (dyn Fn(&str) + Sync) },
     /// A one-shot command; `writes`: a claim, release or put.
     Command { writes: bool },

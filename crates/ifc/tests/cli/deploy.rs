@@ -3,15 +3,13 @@
 //! promtool accepts the rules and passes their unit tests.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use backend_etcd::testing::EtcdServer;
 use serde_json::Value;
 
-use crate::agent::{ifc, spawn_agent, wait_for, Agent, Workdir, APPEND};
+use crate::agent::{ifc, spawn_agent, Workdir, APPEND};
 use crate::metrics::get;
 
 fn deploy() -> PathBuf {
@@ -78,29 +76,6 @@ fn exprs(v: &Value, out: &mut Vec<String>) {
     }
 }
 
-fn metrics_of_ui(e: &str, dir: &Path) -> (Agent, String) {
-    let mut child = ifc(e, dir)
-        .args(["ui", "--addr", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("ifc ui");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("the board's address");
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    // It prints its address before its store answers.
-    wait_for("the board to serve", Duration::from_secs(60), || {
-        get(&addr, "/health").0 == 200
-    });
-    (Agent(child), addr)
-}
-
 #[test]
 fn the_dashboard_and_the_alerts_use_only_metrics_ifc_serves_and_show_them_all() {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
@@ -113,17 +88,10 @@ fn the_dashboard_and_the_alerts_use_only_metrics_ifc_serves_and_show_them_all() 
         &log,
         &["--metrics-addr", "127.0.0.1:0"],
     );
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_for("the metrics address", Duration::from_secs(30), || {
-        read_log().contains("metrics on http://")
-    });
-    let agent_addr = read_log()
-        .split("metrics on http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .expect("address")
-        .to_owned();
-    let (_ui, ui_addr) = metrics_of_ui(&e, w.path());
+    let agent_addr =
+        crate::metrics::metrics_addr(|| std::fs::read_to_string(&log).unwrap_or_default());
+    let (_ui, url) = crate::ui::start_ui(ifc(&e, w.path()));
+    let ui_addr = crate::ui::addr_of(&url);
     let mut served = BTreeSet::new();
     for addr in [&agent_addr, &ui_addr] {
         let (code, body) = get(addr, "/metrics");

@@ -705,16 +705,7 @@ fn a_hybrid_session_leaves_a_coordinator_that_breaches_the_objective_and_returns
     cmd.env("IFC_ENDPOINTS", proxy.endpoint())
         .args(["--stale-after", "20s"]);
     let mut agent = spawn_agent(cmd, &config, &f.log(0), &["--metrics-addr", "127.0.0.1:0"]);
-    f.wait("the metrics address", Duration::from_secs(30), || {
-        f.read_log(0).contains("metrics on http://")
-    });
-    let log = f.read_log(0);
-    let addr = log
-        .split("metrics on http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .expect("address")
-        .to_owned();
+    let addr = crate::metrics::metrics_addr(|| f.read_log(0));
     f.wait("a claim on etcd", Duration::from_secs(60), || {
         served(
             &addr,

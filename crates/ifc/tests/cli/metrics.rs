@@ -30,6 +30,19 @@ pub(crate) fn get(addr: &str, path: &str) -> (u16, String) {
     (code, body.to_owned())
 }
 
+/// The `HOST:PORT` an agent serves its metrics on, once its log (read by `read_log`) says.
+pub(crate) fn metrics_addr(read_log: impl Fn() -> String) -> String {
+    wait_for("the metrics address", Duration::from_secs(30), || {
+        read_log().contains("metrics on http://")
+    });
+    read_log()
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("address")
+        .to_owned()
+}
+
 const NAMES: [&str; 12] = [
     "if_coordinator_claim_latency_seconds_count",
     "if_coordinator_claims_total",
@@ -61,15 +74,7 @@ fn an_agent_serves_every_metric_and_health_follows_etcd() {
         &["--metrics-addr", "127.0.0.1:0"],
     );
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_for("the metrics address", Duration::from_secs(30), || {
-        read_log().contains("metrics on http://")
-    });
-    let addr = read_log()
-        .split("metrics on http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .expect("address")
-        .to_owned();
+    let addr = metrics_addr(read_log);
     wait_for("every task done", Duration::from_secs(60), || {
         w.done().len() == 5
     });

@@ -154,14 +154,18 @@ impl Drop for Browser {
     }
 }
 
+/// `HOST:PORT` of the board's URL.
+pub(crate) fn addr_of(url: &str) -> String {
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned()
+}
+
 /// `ifc ui --addr 127.0.0.1:0` in `dir`, serving its store (`/health` 200); (the process, the
 /// page's URL).
-fn start_ui(cmd: Command) -> (crate::agent::Agent, String) {
+pub(crate) fn start_ui(cmd: Command) -> (crate::agent::Agent, String) {
     let (ui, url) = spawn_ui(cmd);
-    let addr = url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
+    let addr = addr_of(&url);
     crate::agent::wait_for("the board to serve", Duration::from_secs(60), || {
         crate::metrics::get(&addr, "/health").0 == 200
     });
@@ -293,10 +297,7 @@ async fn the_board_shows_every_task_and_a_cli_claim_reaches_the_open_page_withou
         )
         .await;
     assert_eq!(browser.eval(&row("P0.7.7")).await, Value::Null);
-    let addr = url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
+    let addr = addr_of(&url);
     let (_, metrics) = tokio::task::spawn_blocking(move || crate::metrics::get(&addr, "/metrics"))
         .await
         .expect("get");
@@ -325,10 +326,7 @@ fn a_hundred_open_pages_cost_etcd_nothing_more_than_one() {
     let e = etcd.endpoint();
     migrate(&e, w.path());
     let (_ui, url) = start_ui(ifc(&e, w.path()));
-    let addr = url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
+    let addr = addr_of(&url);
     let etcd_metrics = || crate::metrics::get(&etcd.addr().to_string(), "/metrics").1;
     let watchers = |body: &str| sample_sum(body, "etcd_debugging_mvcc_watcher_total");
     let open_page = || {
@@ -444,10 +442,7 @@ async fn a_board_started_before_its_store_says_it_is_waiting_then_serves() {
     let proxy = backend_etcd::testing::TcpProxy::start(etcd.addr()).await;
     proxy.cut();
     let (_ui, url) = spawn_ui(ifc(&proxy.endpoint(), w.path()));
-    let addr = url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
+    let addr = addr_of(&url);
     let health = addr.clone();
     let (code, body) = tokio::task::spawn_blocking(move || crate::metrics::get(&health, "/health"))
         .await
