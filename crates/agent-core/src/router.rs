@@ -98,6 +98,16 @@ pub enum Side {
     Fallback,
 }
 
+impl Side {
+    /// The other store.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Primary => Side::Fallback,
+            Side::Fallback => Side::Primary,
+        }
+    }
+}
+
 /// A claim the router's sessions hold, and where it is asserted (its token on each side).
 #[derive(Debug, Clone)]
 struct Held {
@@ -161,7 +171,7 @@ pub struct RouterStats {
     pub slo_to_git: u64,
     /// Returns to the coordinator once it was within the objective again.
     pub slo_returns: u64,
-    /// The session is kept on git by a breached objective now.
+    /// The session is kept on git by a breached objective now (read from the objective).
     pub slo_breached: bool,
     /// The p95 of the claims on the coordinator the objective is judging now, in microseconds
     /// (`None`: no objective, or no claim in its window).
@@ -289,12 +299,13 @@ impl Router {
     pub fn stats(&self) -> RouterStats {
         let (mut stats, p95) = {
             let s = lock(&self.shared.state);
-            (
-                s.stats,
-                s.objective
-                    .as_ref()
-                    .and_then(|o| o.claim_p95(Instant::now())),
-            )
+            let mut stats = s.stats;
+            stats.slo_breached = s.objective.as_ref().is_some_and(|o| o.breached());
+            let p95 = s
+                .objective
+                .as_ref()
+                .and_then(|o| o.claim_p95(Instant::now()));
+            (stats, p95)
         };
         stats.slo_claim_p95_us = p95.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
         if let Some(m) = &self.shared.mirror {
@@ -341,7 +352,6 @@ impl Router {
                 return;
             }
             s.objective = objective.map(objective::ObjectiveWatch::new);
-            s.stats.slo_breached = false;
         }
         tracing::info!(session = %self.shared.config.name, "the fleet's objective (slo:) changed: judging from now on by the new one");
         self.shared.settle().await;
@@ -501,7 +511,6 @@ impl Shared {
             return;
         };
         s.stats.slo_to_git += 1;
-        s.stats.slo_breached = true;
         drop(s);
         tracing::warn!(session = %self.config.name, reason = %why, "the coordinator breached the fleet's objective (slo:): moving to git until it is within it again");
     }
@@ -777,7 +786,6 @@ impl Shared {
             let leave = o.breached() && serving == Side::Primary;
             if returned {
                 s.stats.slo_returns += 1;
-                s.stats.slo_breached = false;
             }
             (returned, leave)
         };

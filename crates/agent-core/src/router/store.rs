@@ -196,10 +196,7 @@ impl Backend for Router {
                 if holder.as_ref().is_some_and(|h| h != session) {
                     return Ok(outcome);
                 }
-                let other = match side {
-                    Side::Primary => Side::Fallback,
-                    Side::Fallback => Side::Primary,
-                };
+                let other = side.other();
                 if let (Ok(there), Ok(here)) = (me.backend(other), me.backend(side)) {
                     if let Ok(landed @ ReleaseOutcome::Released { .. }) =
                         there.release(task, session, to, token).await
@@ -488,10 +485,7 @@ impl Backend for Router {
                 b.sessions().await
             })
             .await?;
-        let other = match side {
-            Side::Primary => Side::Fallback,
-            Side::Fallback => Side::Primary,
-        };
+        let other = side.other();
         let Ok(other) = me.backend(other).cloned() else {
             return Ok(listed);
         };

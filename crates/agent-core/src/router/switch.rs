@@ -522,10 +522,7 @@ impl Shared {
     /// The other store has `task` complete and `side` does not: `side` is told, so nobody waits
     /// there for a task that is done.
     pub(super) async fn carry_completion(&self, task: &TaskId, side: Side) {
-        let other = match side {
-            Side::Primary => Side::Fallback,
-            Side::Fallback => Side::Primary,
-        };
+        let other = side.other();
         let (Ok(from), Ok(to)) = (self.backend(other), self.backend(side)) else {
             return;
         };
