@@ -51,8 +51,21 @@ pub fn stuck<'a>(
     blocked_by: &[TaskId],
     lookup: impl Fn(&TaskId) -> Known<'a>,
 ) -> Option<Stuck> {
+    stuck_among(task, blocked_by, lookup, &mut BTreeSet::new())
+}
+
+/// [`stuck`] for many tasks of one board: `done` holds the tasks already found sound (every
+/// chain from them ends well), which are not walked again, and gains those this walk finds.
+pub fn stuck_among<'a>(
+    task: &TaskId,
+    blocked_by: &[TaskId],
+    lookup: impl Fn(&TaskId) -> Known<'a>,
+    done: &mut BTreeSet<TaskId>,
+) -> Option<Stuck> {
+    if done.contains(task) {
+        return None;
+    }
     let mut path: Vec<TaskId> = vec![task.clone()];
-    let mut done: BTreeSet<TaskId> = BTreeSet::new();
     // Each frame: the blockers of `path`'s last task still to visit.
     let mut frames: Vec<Vec<TaskId>> = vec![blocked_by.iter().rev().cloned().collect()];
     while let Some(frame) = frames.last_mut() {

@@ -2,11 +2,13 @@
 //! driver (in the `ifc` binary) runs the outputs (claims, releases, processes, timers) and feeds
 //! what happened back as inputs. No IO here, so every decision is unit-tested.
 //!
-//! One task at a time: the session claims the first claimable task of its list (priority order),
-//! runs it, releases it `complete` on success or `available` on failure (retrying it itself after a
+//! One task at a time: the session claims the first claimable task of its list (the patterns in
+//! the order written; a glob's tasks in an order of the session's own, see `view`), runs it, releases it `complete` on success or `available` on failure (retrying it itself after a
 //! backoff, at most `max_attempts` times), and otherwise waits for the next event: it never polls.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+mod view;
+
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -96,18 +98,6 @@ pub enum Output {
     Fatal(String),
 }
 
-/// What the loop derives from the view's set of tasks and their blockers.
-#[derive(Debug, Clone)]
-struct Index {
-    /// The session's tasks in priority order.
-    mine: Vec<TaskId>,
-    /// Every id some task is blocked by.
-    blockers: std::collections::HashSet<TaskId>,
-    /// The list's patterns that match no task (an id that is not on the board, deleted, or a
-    /// glob that matches nothing).
-    unmatched: Vec<String>,
-}
-
 /// How long an `--until-done` session waits for a pattern of its list that matches no task to
 /// match one (tasks created after the agent started) before it gives up with exit 1.
 pub const UNMATCHED_GRACE: Duration = Duration::from_secs(10);
@@ -132,10 +122,7 @@ enum Phase {
 #[derive(Debug, Clone)]
 pub struct ClaimLoop {
     plan: Plan,
-    view: BTreeMap<TaskId, Task>,
-    /// Derived from the view's tasks and blockers (not their statuses): rebuilt only when those
-    /// change, so a status event costs no pattern matching over the whole view.
-    index: Option<Index>,
+    view: view::View,
     phase: Phase,
     attempts: HashMap<TaskId, u32>,
     not_before: HashMap<TaskId, Instant>,
@@ -154,10 +141,15 @@ pub struct ClaimLoop {
     unmatched_since: HashMap<String, Instant>,
     /// Without `--until-done`: the task of the list that can never be claimed, as last said
     /// (said again only when it changes).
-    said_impossible: Option<(TaskId, String)>,
+    said_impossible: Impossible,
     /// Why nothing of the list is claimable, as last said, and when (said again when it
     /// changes, at most every [`WAITING_SAID_EVERY`]): an idle agent says what it waits for.
     said_waiting: Option<(String, Instant)>,
+    /// Changes of `fetching` (what is unknown rather than missing).
+    fetches: u64,
+    /// What `impossible` found, and at which view shape and `fetches`: worked out again only
+    /// when either has changed (it walks every open task's chain of blockers).
+    impossible_memo: Option<((u64, u64), Impossible)>,
 }
 
 /// Why a task of the list cannot be claimed now (see `ClaimLoop::waiting`).
@@ -170,15 +162,17 @@ enum Waiting<'a> {
     Blockers(Vec<&'a TaskId>),
 }
 
+/// A task of the list that can never be claimed, and why.
+type Impossible = Option<(TaskId, String)>;
+
 /// How often at most an idle agent says again why it has nothing to claim.
 pub const WAITING_SAID_EVERY: Duration = Duration::from_secs(30);
 
 impl ClaimLoop {
     pub fn new(plan: Plan) -> ClaimLoop {
         ClaimLoop {
+            view: view::View::new(plan.session.clone(), plan.patterns.clone()),
             plan,
-            view: BTreeMap::new(),
-            index: None,
             phase: Phase::Idle,
             attempts: HashMap::new(),
             not_before: HashMap::new(),
@@ -190,6 +184,8 @@ impl ClaimLoop {
             unmatched_since: HashMap::new(),
             said_impossible: None,
             said_waiting: None,
+            fetches: 0,
+            impossible_memo: None,
         }
     }
 
@@ -201,37 +197,34 @@ impl ClaimLoop {
         }
     }
 
-    /// The session's tasks in priority order (as far as the view knows them).
+    /// The session's tasks in its order (as far as the view knows them).
     pub fn my_tasks(&self) -> Vec<TaskId> {
-        let mut seen = BTreeSet::new();
-        let mut out = Vec::new();
-        for p in &self.plan.patterns {
-            for id in self.view.keys().filter(|id| p.matches(id)) {
-                if seen.insert(id.clone()) {
-                    out.push(id.clone());
-                }
-            }
-        }
-        out
+        self.view.mine().cloned().collect()
     }
 
     fn status_of(&self, id: &TaskId) -> Option<TaskStatus> {
-        self.view.get(id).map(|t| t.status)
+        self.view.status_of(id)
     }
 
+    /// Whether the session may claim `id` now: the view says it may, and it is neither given up
+    /// nor waiting for a retry.
     fn claimable(&self, id: &TaskId, now: Instant) -> bool {
-        let Some(task) = self.view.get(id) else {
-            return false;
-        };
+        self.view.is_ready(id) && self.may_try(id, now)
+    }
+
+    /// Whether `id` is neither given up nor waiting for a retry.
+    fn may_try(&self, id: &TaskId, now: Instant) -> bool {
         let exhausted = self
             .attempts
             .get(id)
             .is_some_and(|n| *n >= self.plan.max_attempts);
         let waiting = self.not_before.get(id).is_some_and(|t| *t > now);
-        !exhausted
-            && !waiting
-            && task.claimability(&self.plan.session, |b| self.status_of(b))
-                == crate::Claimability::Yes
+        !exhausted && !waiting
+    }
+
+    /// The first task of the list the session may claim now, in its order.
+    fn first_claimable(&self, now: Instant) -> Option<TaskId> {
+        self.view.ready().find(|id| self.may_try(id, now)).cloned()
     }
 
     /// Feeds one input; returns what to do.
@@ -240,20 +233,19 @@ impl ClaimLoop {
         match input {
             Input::Snapshot(tasks) => {
                 self.listed = true;
-                self.view = tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
-                self.index = None;
+                self.view.replace(tasks);
             }
             Input::Fetched(task) => {
                 self.fetching.remove(&task.id);
+                self.fetched_or_not();
                 // Blockers it names that the view does not know yet (a blocker edit).
                 self.fetch_unknown(&task.blocked_by, &mut out);
-                self.view.insert(task.id.clone(), task);
-                self.index = None;
+                self.view.insert(task);
             }
             Input::Missing(task) => {
                 self.fetching.remove(&task);
+                self.fetched_or_not();
                 self.view.remove(&task);
-                self.index = None;
             }
             Input::Changed {
                 task,
@@ -268,10 +260,11 @@ impl ClaimLoop {
                 self.phase = Phase::Idle;
                 match outcome {
                     ClaimOutcome::Won(claim) => {
-                        if let Some(t) = self.view.get_mut(&task) {
-                            t.status = TaskStatus::Claimed;
-                            t.claimed_by = Some(self.plan.session.clone());
-                        }
+                        self.view.set_state(
+                            &task,
+                            TaskStatus::Claimed,
+                            Some(self.plan.session.clone()),
+                        );
                         if self.stopping {
                             self.release(task, ReleaseTo::Available, Some(claim.token), &mut out);
                         } else {
@@ -292,15 +285,11 @@ impl ClaimLoop {
                             self.not_before
                                 .insert(task.clone(), now + self.plan.retry_backoff);
                         }
-                        if let Some(t) = self.view.get_mut(&task) {
-                            t.status = TaskStatus::Claimed;
-                            t.claimed_by = holder;
-                        }
+                        self.view.set_state(&task, TaskStatus::Claimed, holder);
                     }
                     ClaimOutcome::NotClaimable { status } => {
-                        if let Some(t) = self.view.get_mut(&task) {
-                            t.status = status;
-                        }
+                        let holder = self.view.get(&task).and_then(|t| t.claimed_by.clone());
+                        self.view.set_state(&task, status, holder);
                         if status == TaskStatus::Blocked {
                             // The store knows a blocker the view thinks is done is not: read the
                             // blockers again, and do not retry before the backoff either way.
@@ -316,10 +305,7 @@ impl ClaimLoop {
                                 .insert(task.clone(), now + self.plan.retry_backoff);
                         }
                     }
-                    ClaimOutcome::NotFound => {
-                        self.view.remove(&task);
-                        self.index = None;
-                    }
+                    ClaimOutcome::NotFound => self.view.remove(&task),
                 }
             }
             Input::ClaimFailed { task } => {
@@ -378,12 +364,13 @@ impl ClaimLoop {
             Input::Released { task } => {
                 if let Phase::Releasing { task: t, to, .. } = &self.phase {
                     if *t == task {
-                        if let Some(v) = self.view.get_mut(&task) {
-                            v.status = to.status();
-                            if *to == ReleaseTo::Available {
-                                v.claimed_by = None;
+                        let holder = match to {
+                            ReleaseTo::Available => None,
+                            ReleaseTo::Complete => {
+                                self.view.get(&task).and_then(|t| t.claimed_by.clone())
                             }
-                        }
+                        };
+                        self.view.set_state(&task, to.status(), holder);
                         if *to == ReleaseTo::Complete {
                             self.completed.insert(task.clone());
                         }
@@ -458,45 +445,42 @@ impl ClaimLoop {
         }
         let Some(status) = status else {
             self.view.remove(&task);
-            self.index = None;
             return;
         };
-        if !self.view.contains_key(&task) {
-            if self.plan.patterns.iter().any(|p| p.matches(&task))
-                || self.index().blockers.contains(&task)
-            {
-                self.fetch(task, out);
+        if !self.view.contains(&task) {
+            if !self.view.matches(&task) && !self.view.is_blocker(&task) {
+                return;
+            }
+            match blocked_by {
+                // The event says all the loop needs: no read.
+                Some(blockers) => {
+                    self.fetch_unknown(&blockers, out);
+                    let mut t = Task::new(task, status);
+                    t.claimed_by = holder;
+                    t.blocked_by = blockers;
+                    self.view.insert(t);
+                }
+                None => self.fetch(task, out),
             }
             return;
         }
-        if let Some(blockers) = blocked_by.filter(|b| self.view[&task].blocked_by != *b) {
+        if let Some(blockers) =
+            blocked_by.filter(|b| self.view.get(&task).is_some_and(|t| t.blocked_by != *b))
+        {
             // An operator's `put --blocked-by` while this session waits for the task.
             self.fetch_unknown(&blockers, out);
-            if let Some(entry) = self.view.get_mut(&task) {
-                entry.blocked_by = blockers;
-            }
-            self.index = None;
+            self.view.set_blockers(&task, blockers);
         }
-        let Some(entry) = self.view.get_mut(&task) else {
-            return;
-        };
-        let was = entry.status;
-        entry.status = status;
-        entry.claimed_by = holder;
-        if status == TaskStatus::Complete && was != TaskStatus::Complete {
-            let index = self.take_index();
-            let unblocked: Vec<String> = index
-                .mine
-                .iter()
-                .filter(|id| {
-                    self.view
-                        .get(id)
-                        .is_some_and(|t| t.blocked_by.contains(&task))
-                        && self.claimable(id, now)
-                })
+        let was = self.status_of(&task);
+        self.view.set_state(&task, status, holder);
+        if status == TaskStatus::Complete && was != Some(TaskStatus::Complete) {
+            let mut unblocked: Vec<String> = self
+                .view
+                .dependents(&task)
+                .filter(|id| self.view.matches(id) && self.claimable(id, now))
                 .map(|id| id.to_string())
                 .collect();
-            self.index = Some(index);
+            unblocked.sort();
             if !unblocked.is_empty() {
                 out.push(Output::Note(format!(
                     "blocker {task} cleared: {} claimable",
@@ -508,41 +492,22 @@ impl ClaimLoop {
 
     fn fetch(&mut self, task: TaskId, out: &mut Vec<Output>) {
         self.fetching.insert(task.clone());
+        self.fetched_or_not();
         out.push(Output::Fetch(task));
+    }
+
+    /// The set of tasks being read changed: what is unknown and what is missing may have.
+    fn fetched_or_not(&mut self) {
+        self.fetches += 1;
     }
 
     /// Fetches those of `tasks` the view does not hold.
     fn fetch_unknown(&mut self, tasks: &[TaskId], out: &mut Vec<Output>) {
         for t in tasks {
-            if !self.view.contains_key(t) {
+            if !self.view.contains(t) {
                 self.fetch(t.clone(), out);
             }
         }
-    }
-
-    /// The index, built if stale.
-    fn index(&mut self) -> &Index {
-        let index = self.take_index();
-        self.index.insert(index)
-    }
-
-    /// The index, out of `self` so it can be read while `self` is (put it back after).
-    fn take_index(&mut self) -> Index {
-        self.index.take().unwrap_or_else(|| Index {
-            mine: self.my_tasks(),
-            blockers: self
-                .view
-                .values()
-                .flat_map(|t| t.blocked_by.iter().cloned())
-                .collect(),
-            unmatched: self
-                .plan
-                .patterns
-                .iter()
-                .filter(|p| !self.view.keys().any(|id| p.matches(id)))
-                .map(|p| p.as_str().to_owned())
-                .collect(),
-        })
     }
 
     fn release(
@@ -568,16 +533,16 @@ impl ClaimLoop {
             }
             return;
         }
-        let index = self.take_index();
         // Claimable work is done first, whatever the list lacks (the tester's report: a pattern
         // that matched nothing ended `--until-done` with claimable tasks never tried).
-        let claimable_now = index.mine.iter().any(|id| self.claimable(id, now));
-        if self.listed && self.unmatched(&index.unmatched, claimable_now, now, out) {
-            self.index = Some(index);
-            return;
+        let first = self.first_claimable(now);
+        if self.listed {
+            let unmatched: Vec<String> = self.view.unmatched().map(str::to_owned).collect();
+            if self.unmatched(&unmatched, first.is_some(), now, out) {
+                return;
+            }
         }
-        self.decide_next(&index.mine, now, out);
-        self.index = Some(index);
+        self.decide_next(first, now, out);
     }
 
     /// Warns once about each pattern of the list that matches no task; an `--until-done`
@@ -635,25 +600,20 @@ impl ClaimLoop {
         }
     }
 
-    fn decide_next(&mut self, mine: &[TaskId], now: Instant, out: &mut Vec<Output>) {
+    fn decide_next(&mut self, first: Option<TaskId>, now: Instant, out: &mut Vec<Output>) {
         if self.stopping {
             self.phase = Phase::Done;
             out.push(Output::Exit(0));
             return;
         }
-        if let Some(id) = mine.iter().find(|id| self.claimable(id, now)) {
+        if let Some(id) = first {
             self.phase = Phase::Claiming(id.clone());
-            out.push(Output::Claim(id.clone()));
+            out.push(Output::Claim(id));
             return;
         }
         if self.plan.until_done && self.listed {
             // A pattern that matches nothing yet is not done (see `unmatched`).
-            if !mine.is_empty()
-                && self.unmatched_since.is_empty()
-                && mine
-                    .iter()
-                    .all(|id| self.status_of(id) == Some(TaskStatus::Complete))
-            {
+            if self.view.has_mine() && self.unmatched_since.is_empty() && self.view.all_complete() {
                 self.phase = Phase::Done;
                 out.push(Output::Note(
                     "every task of the session's list is complete".into(),
@@ -662,10 +622,7 @@ impl ClaimLoop {
                 return;
             }
             // What is not complete, this session gave up on (max_attempts): it can do no more.
-            let given_up: Vec<&TaskId> = mine
-                .iter()
-                .filter(|id| self.status_of(id) != Some(TaskStatus::Complete))
-                .collect();
+            let given_up: Vec<&TaskId> = self.view.open().collect();
             if !given_up.is_empty()
                 && self.unmatched_since.is_empty()
                 && given_up.iter().all(|id| {
@@ -684,7 +641,7 @@ impl ClaimLoop {
                 out.push(Output::Exit(1));
                 return;
             }
-            if let Some((id, why)) = self.impossible(mine) {
+            if let Some((id, why)) = self.impossible() {
                 self.phase = Phase::Done;
                 out.push(Output::Fatal(format!("{id} can never be claimed: {why}")));
                 out.push(Output::Exit(1));
@@ -693,7 +650,7 @@ impl ClaimLoop {
         } else if self.listed {
             // A long-running agent waits for the edit that fixes it, and says so once (the
             // tester's report: only `--until-done` said why a task was never claimed).
-            let found = self.impossible(mine);
+            let found = self.impossible();
             if found != self.said_impossible {
                 if let Some((id, why)) = &found {
                     out.push(Output::Warn(format!(
@@ -704,32 +661,40 @@ impl ClaimLoop {
             }
         }
         if self.listed {
-            self.say_why_waiting(mine, now, out);
+            self.say_why_waiting(now, out);
         }
         // Wake for the earliest retry that is still pending; otherwise wait for events.
-        if let Some(at) = mine
+        if let Some(at) = self
+            .not_before
             .iter()
-            .filter_map(|id| self.not_before.get(id))
-            .filter(|t| **t > now)
+            .filter(|(id, t)| **t > now && self.view.matches(id))
+            .map(|(_, t)| *t)
             .min()
         {
-            out.push(Output::WakeAt(*at));
+            out.push(Output::WakeAt(at));
         }
     }
 
     /// Says (once, and again when it changes, at most every [`WAITING_SAID_EVERY`]) why nothing
     /// of the list is claimable: the tester's report, an agent whose tasks were all held by
     /// one-shot claims of a session nobody runs idled without a word.
-    fn say_why_waiting(&mut self, mine: &[TaskId], now: Instant, out: &mut Vec<Output>) {
-        let Some(why) = self.why_waiting(mine, now) else {
+    ///
+    /// Within [`WAITING_SAID_EVERY`] of the last look it looks again only then: working it out
+    /// walks the list's open tasks, too much for every event an idle session hears on a busy
+    /// board (issue 18: an idle agent spun at 100 % CPU).
+    fn say_why_waiting(&mut self, now: Instant, out: &mut Vec<Output>) {
+        if let Some((_, at)) = &self.said_waiting {
+            if now < *at + WAITING_SAID_EVERY {
+                out.push(Output::WakeAt(*at + WAITING_SAID_EVERY));
+                return;
+            }
+        }
+        let Some(why) = self.why_waiting(now) else {
             self.said_waiting = None;
             return;
         };
-        match &self.said_waiting {
-            Some((said, _)) if *said == why => {}
-            Some((_, at)) if now < *at + WAITING_SAID_EVERY => {
-                out.push(Output::WakeAt(*at + WAITING_SAID_EVERY));
-            }
+        match &mut self.said_waiting {
+            Some((said, at)) if *said == why => *at = now,
             _ => {
                 out.push(Output::Note(format!("nothing to claim: {why}")));
                 self.said_waiting = Some((why, now));
@@ -737,29 +702,29 @@ impl ClaimLoop {
         }
     }
 
-    /// Why the list's tasks that are not complete cannot be claimed now (the first few named).
-    /// Every task is classified (cheap), only those shown are put in words: it runs at every
-    /// idle step, over lists of thousands.
-    fn why_waiting(&self, mine: &[TaskId], now: Instant) -> Option<String> {
+    /// Why the list's tasks that are not complete cannot be claimed now (the first few named,
+    /// the others counted).
+    fn why_waiting(&self, now: Instant) -> Option<String> {
         const SHOWN: usize = 3;
-        let waiting: Vec<(&TaskId, Waiting<'_>)> = mine
-            .iter()
-            .filter_map(|id| Some((id, self.waiting(id, now)?)))
-            .collect();
+        let mut all = self
+            .view
+            .open()
+            .filter_map(|id| Some((id, self.waiting(id, now)?)));
+        let waiting: Vec<(&TaskId, Waiting<'_>)> = all.by_ref().take(SHOWN).collect();
+        let more = all.count();
         if waiting.is_empty() {
             return None;
         }
         let holder = |t: &Task| crate::model::holder_name(t.claimed_by.as_ref());
         let mut why = waiting
             .iter()
-            .take(SHOWN)
             .map(|(id, w)| match w {
                 Waiting::GaveUp(n) => format!("{id}: given up after {n} failed attempts"),
                 Waiting::Held(t) => format!("{id} is claimed by {}", holder(t)),
                 Waiting::Blockers(pending) => {
                     let said: Vec<String> = pending
                         .iter()
-                        .map(|b| match self.view.get(*b) {
+                        .map(|b| match self.view.get(b) {
                             Some(bt) if bt.status == TaskStatus::Claimed => {
                                 format!("{b} (claimed by {})", holder(bt))
                             }
@@ -772,7 +737,6 @@ impl ClaimLoop {
             })
             .collect::<Vec<_>>()
             .join("; ");
-        let more = waiting.len().saturating_sub(SHOWN);
         if more > 0 {
             why.push_str(&format!("; and {more} more"));
         }
@@ -806,21 +770,33 @@ impl ClaimLoop {
 
     /// A task of the list that can never become claimable: a blocker (or a blocker's blocker)
     /// that does not exist, or a cycle anywhere in its chain of blockers.
-    fn impossible(&self, mine: &[TaskId]) -> Option<(TaskId, String)> {
-        use crate::blockers::{path, stuck, Known, Stuck};
-        for id in mine {
+    fn impossible(&mut self) -> Impossible {
+        let key = (self.view.shape(), self.fetches);
+        if let Some((at, found)) = &self.impossible_memo {
+            if *at == key {
+                return found.clone();
+            }
+        }
+        let found = self.find_impossible();
+        self.impossible_memo = Some((key, found.clone()));
+        found
+    }
+
+    fn find_impossible(&self) -> Impossible {
+        use crate::blockers::{path, stuck_among, Known, Stuck};
+        // Tasks whose chains were walked and found sound, shared across the list's tasks: one
+        // look at each task, not one per task that waits for it.
+        let mut sound = std::collections::BTreeSet::new();
+        for id in self.view.open() {
             let Some(task) = self.view.get(id) else {
                 continue;
             };
-            if task.status == TaskStatus::Complete {
-                continue;
-            }
             let lookup = |b: &TaskId| match self.view.get(b) {
                 Some(t) => Known::Task(t.status, &t.blocked_by),
                 None if self.fetching.contains(b) => Known::Unknown,
                 None => Known::Missing,
             };
-            if let Some(s) = stuck(id, &task.blocked_by, lookup) {
+            if let Some(s) = stuck_among(id, &task.blocked_by, lookup, &mut sound) {
                 let why = match &s {
                     Stuck::Cycle(c) => format!("its blockers form a cycle ({})", path(c)),
                     Stuck::Missing(chain) => format!(

@@ -853,3 +853,72 @@ fn an_unmatched_pattern_ends_until_done_only_after_the_claimable_work() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_new_task_heard_with_its_blockers_is_taken_from_the_event_without_a_read() {
+    // Issue 18: every agent read every task anyone created (`get@etcd=21000` in a soak).
+    let now = Instant::now();
+    let mut p = plan(&["N.*"]);
+    p.until_done = false;
+    let mut l = ClaimLoop::new(p);
+    l.step(
+        Input::Snapshot(vec![task("N.0", TaskStatus::Complete, &[])]),
+        now,
+    );
+    let heard = |task: &str, status, blocked_by: &[&str]| Input::Changed {
+        task: id(task),
+        status: Some(status),
+        holder: None,
+        blocked_by: Some(blocked_by.iter().map(|b| id(b)).collect()),
+    };
+    let out = l.step(heard("N.1", TaskStatus::Blocked, &["N.0"]), now);
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Fetch(_))),
+        "{out:?}"
+    );
+    assert_eq!(claims(&out), ["N.1"], "its blocker N.0 is complete");
+    // A blocker the view does not know is read; a task that is neither of the list nor a
+    // blocker of one is not kept at all.
+    let out = l.step(heard("N.2", TaskStatus::Blocked, &["X"]), now);
+    assert_eq!(
+        out.iter()
+            .filter(|o| matches!(o, Output::Fetch(_)))
+            .collect::<Vec<_>>(),
+        [&Output::Fetch(id("X"))]
+    );
+    l.step(heard("Y", TaskStatus::Available, &[]), now);
+    assert!(l.view.get(&id("Y")).is_none());
+    assert!(l.view.get(&id("N.2")).is_some());
+}
+
+#[test]
+fn an_idle_session_on_a_busy_board_works_out_why_it_waits_at_most_every_so_often() {
+    // Issue 18: an idle agent spun at 100 % CPU on a board of 24,000 tasks, working out at
+    // every event why it had nothing to claim. It says a change within the interval then.
+    let now = Instant::now();
+    let mut p = plan(&["T.*"]);
+    p.until_done = false;
+    let mut l = ClaimLoop::new(p);
+    let held = |n: u32, by: &str| {
+        let mut t = task(&format!("T.{n}"), TaskStatus::Claimed, &[]);
+        t.claimed_by = Some(sid(by));
+        t
+    };
+    let out = l.step(Input::Snapshot((0..5).map(|n| held(n, "a")).collect()), now);
+    let said = |out: &[Output]| {
+        out.iter()
+            .filter(|o| matches!(o, Output::Note(n) if n.starts_with("nothing to claim")))
+            .count()
+    };
+    assert_eq!(said(&out), 1);
+    let later = now + Duration::from_secs(1);
+    let out = l.step(changed("T.3", TaskStatus::Claimed, Some("b")), later);
+    assert_eq!(said(&out), 0, "{out:?}");
+    assert!(out.contains(&Output::WakeAt(now + WAITING_SAID_EVERY)));
+    let out = l.step(Input::Tick, now + WAITING_SAID_EVERY);
+    assert_eq!(
+        said(&out),
+        1,
+        "the change is said when the interval is over"
+    );
+}

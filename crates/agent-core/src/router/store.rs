@@ -416,7 +416,17 @@ impl Backend for Router {
             p.backend = b.name().into();
             async move { b.announce(&p).await }
         };
-        self.shared.route("announce", f).await.map(drop)
+        let before = self.serving();
+        let result = self.shared.route("announce", f).await.map(drop);
+        let now = self.serving();
+        if now != before {
+            // A switch went by while this was on its way, and may have told the store written
+            // here where the session went before this older word landed over it.
+            if let Ok(b) = self.shared.backend(now) {
+                self.shared.announce_switch(b.name()).await;
+            }
+        }
+        result
     }
 
     /// Registers in every configured store that answers (the coordinator first), so a second

@@ -83,7 +83,7 @@ impl Shared {
     /// Tells both stores which one serves the session now (its presence's `backend`), so
     /// `ifc status` and `ifc ui` on either show where it went; a store that does not answer
     /// within the deadline hears it at the session's next announcement there.
-    async fn announce_switch(&self, serving: &str) {
+    pub(super) async fn announce_switch(&self, serving: &str) {
         let presence = {
             let s = lock(&self.state);
             s.announced.clone().or_else(|| s.registered.clone())
