@@ -2,11 +2,17 @@
 //! feeds. The contract is what the claim loop and the router rely on; the conformance suite in
 //! `testing` checks it against every implementation.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::error::BackendResult;
 use crate::ids::{SessionId, TaskId};
+use crate::interest::Interest;
 use crate::mirror::{Mirrored, RecordOutcome};
 use crate::model::{
     ClaimOutcome, FencingToken, Listing, Presence, PutOutcome, ReleaseOutcome, ReleaseTo, Task,
@@ -50,28 +56,133 @@ pub enum BackendEvent {
     Resync(Listing),
 }
 
+/// How many events wait in a subscriber's queue, shared by the store that fills it and the
+/// [`Subscription`] that drains it. A store that would queue more than its bound sets
+/// `overflowed` and stops filling the queue; the subscription then starts again from a fresh
+/// snapshot (`BackendEvent::Resync`), so a subscriber that falls behind costs bounded memory.
+#[derive(Debug, Default)]
+pub struct Queue {
+    queued: AtomicUsize,
+    overflowed: AtomicBool,
+}
+
+impl Queue {
+    /// One more event queued; `false` when that makes more than `bound` waiting: the queue is
+    /// then overflowed, and the store is to queue nothing more.
+    pub fn push(&self, bound: usize) -> bool {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= bound {
+            self.overflowed.store(true, Ordering::Release);
+            return false;
+        }
+        true
+    }
+
+    fn pop(&self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Acquire)
+    }
+}
+
+/// Starts a subscription again, from a fresh snapshot (after its queue overflowed).
+pub type Resubscribe = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = BackendResult<Subscription>> + Send>> + Send + Sync,
+>;
+
 /// A live stream of events that starts right after a consistent snapshot.
-#[derive(Debug)]
 pub struct Subscription {
-    /// Every task at `revision`.
+    /// Every task at `revision` (of the subscription's interest).
     pub snapshot: Listing,
     events: mpsc::UnboundedReceiver<BackendEvent>,
+    /// A bounded queue: its depth, and how to start again when it overflows.
+    bounded: Option<(Arc<Queue>, Resubscribe)>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("snapshot", &self.snapshot)
+            .field("bounded", &self.bounded.as_ref().map(|(q, _)| q))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Subscription {
     /// A subscription over `events`, which must carry exactly the changes after `snapshot.revision`.
     pub fn new(snapshot: Listing, events: mpsc::UnboundedReceiver<BackendEvent>) -> Self {
-        Subscription { snapshot, events }
+        Subscription {
+            snapshot,
+            events,
+            bounded: None,
+        }
+    }
+
+    /// A subscription whose store queues at most a bound of events (see [`Queue`]); once it
+    /// has overflowed, the next event is a `Resync` with a fresh snapshot from `again`, and the
+    /// changes after that follow.
+    pub fn bounded(
+        snapshot: Listing,
+        events: mpsc::UnboundedReceiver<BackendEvent>,
+        queue: Arc<Queue>,
+        again: Resubscribe,
+    ) -> Self {
+        Subscription {
+            snapshot,
+            events,
+            bounded: Some((queue, again)),
+        }
+    }
+
+    fn overflowed(&self) -> bool {
+        self.bounded.as_ref().is_some_and(|(q, _)| q.overflowed())
     }
 
     /// The next event; `None` once the backend has shut down.
     pub async fn next(&mut self) -> Option<BackendEvent> {
-        self.events.recv().await
+        if self.overflowed() {
+            return self.start_again().await;
+        }
+        match self.events.recv().await {
+            Some(e) => {
+                if let Some((q, _)) = &self.bounded {
+                    q.pop();
+                }
+                Some(e)
+            }
+            None if self.overflowed() => self.start_again().await,
+            None => None,
+        }
     }
 
-    /// An event that is already waiting, if any.
+    /// An event that is already waiting, if any (none after an overflow: `next` starts again).
     pub fn try_next(&mut self) -> Option<BackendEvent> {
-        self.events.try_recv().ok()
+        if self.overflowed() {
+            return None;
+        }
+        let e = self.events.try_recv().ok()?;
+        if let Some((q, _)) = &self.bounded {
+            q.pop();
+        }
+        Some(e)
+    }
+
+    /// After an overflow: a fresh subscription replaces this one's queue, and its snapshot is
+    /// handed out as a `Resync`.
+    async fn start_again(&mut self) -> Option<BackendEvent> {
+        let again = Arc::clone(&self.bounded.as_ref()?.1);
+        match again().await {
+            Ok(fresh) => {
+                self.events = fresh.events;
+                self.bounded = fresh.bounded;
+                Some(BackendEvent::Resync(fresh.snapshot))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a subscription again after it fell behind");
+                None
+            }
+        }
     }
 }
 
@@ -166,6 +277,20 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// in revision order.
     async fn subscribe(&self) -> BackendResult<Subscription>;
 
+    /// A snapshot of the tasks `interest` covers and the stream of their changes after it: the
+    /// tasks its patterns match and, at any depth, the tasks those are blocked by (a blocker
+    /// named later is covered from then on). A store may deliver more than that (git and the
+    /// in-memory store deliver everything), never less.
+    ///
+    /// # Correctness
+    /// As [`Backend::subscribe`], for every task covered: nothing missed or twice, in order. A
+    /// subscriber that falls too far behind is handed a `Resync` with a fresh snapshot of its
+    /// interest, and the changes after it.
+    async fn subscribe_to(&self, interest: &Interest) -> BackendResult<Subscription> {
+        let _ = interest;
+        self.subscribe().await
+    }
+
     /// Publishes a running session's presence (state, current task, host, pid).
     ///
     /// # Correctness
@@ -215,6 +340,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// How many times this client's event stream broke and was resumed (for metrics).
     fn reconnects(&self) -> u64 {
+        0
+    }
+
+    /// How many times a subscriber fell too far behind and started again from a fresh snapshot
+    /// (for metrics).
+    fn resyncs(&self) -> u64 {
         0
     }
 

@@ -58,6 +58,12 @@ impl TaskPattern {
     pub fn as_str(&self) -> &str {
         &self.text
     }
+
+    /// A glob's text before its first `*` or `?` (every id it matches starts so); `None` for an
+    /// exact id.
+    pub fn literal_prefix(&self) -> Option<&str> {
+        self.text.find(['*', '?']).map(|at| &self.text[..at])
+    }
 }
 
 impl<'de> Deserialize<'de> for TaskPattern {

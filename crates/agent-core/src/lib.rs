@@ -12,6 +12,7 @@ pub mod config;
 pub mod duration;
 pub mod error;
 pub mod ids;
+pub mod interest;
 pub mod memory;
 pub mod mirror;
 pub mod model;
@@ -26,6 +27,7 @@ pub mod testing;
 pub use backend::{Backend, BackendEvent, Health, Subscription};
 pub use error::{BackendError, BackendResult};
 pub use ids::{InvalidId, SessionId, TaskId};
+pub use interest::Interest;
 pub use mirror::{Mirrored, RecordOutcome};
 pub use model::{
     Claim, ClaimOutcome, Claimability, CorruptRecord, FencingToken, Listing, Patched, Presence,

@@ -25,6 +25,7 @@ use crate::backend::{Backend, BackendEvent, Subscription};
 use crate::config::Mode;
 use crate::error::{BackendError, BackendResult};
 use crate::ids::{SessionId, TaskId};
+use crate::interest::Interest;
 use crate::mirror::Mirrored;
 use crate::model::{FencingToken, Presence};
 use breaker::{Breaker, Transition};
@@ -125,6 +126,8 @@ struct State {
     /// Releases done on git that the coordinator has not been told of yet.
     pending_up: Vec<Mirrored>,
     subscribers: Vec<mpsc::UnboundedSender<BackendEvent>>,
+    /// What the router follows in its stores: its first subscriber's interest.
+    interest: Option<Interest>,
     served: BTreeMap<(&'static str, &'static str), u64>,
     /// Until then, claims are confirmed in the other store (see `RouterConfig::confirm_window`).
     confirm_until: Option<Instant>,
@@ -176,6 +179,8 @@ pub struct RouterStats {
     /// The p95 of the claims on the coordinator the objective is judging now, in microseconds
     /// (`None`: no objective, or no claim in its window).
     pub slo_claim_p95_us: Option<u64>,
+    /// Times a subscription of the router's stores fell too far behind and started again.
+    pub resyncs: u64,
 }
 
 #[derive(Debug)]
@@ -233,6 +238,7 @@ impl Router {
             held: HashMap::new(),
             pending_up: Vec::new(),
             subscribers: Vec::new(),
+            interest: None,
             served: BTreeMap::new(),
             confirm_until: None,
             refused: HashMap::new(),
@@ -311,7 +317,17 @@ impl Router {
         if let Some(m) = &self.shared.mirror {
             stats.conflicts += m.conflicts();
         }
+        stats.resyncs = self.resyncs();
         stats
+    }
+
+    /// A count summed over both stores.
+    fn sum_over_stores(&self, count: impl Fn(&dyn Backend) -> u64) -> u64 {
+        [Side::Primary, Side::Fallback]
+            .into_iter()
+            .filter_map(|side| self.shared.backend(side).ok())
+            .map(|b| count(b.as_ref()))
+            .sum()
     }
 
     /// How many operations each store served: `(operation, backend) -> count`.
@@ -473,6 +489,11 @@ impl Shared {
         let name = self.backend(side).map_or("none", |b| b.name());
         *lock(&self.state).served.entry((op, name)).or_default() += 1;
         tracing::debug!(session = %self.config.name, op, backend = name, "served");
+    }
+
+    /// What the router follows in its stores (every task until someone subscribed).
+    fn interest(&self) -> Interest {
+        lock(&self.state).interest.clone().unwrap_or_default()
     }
 
     fn broadcast(&self, event: BackendEvent) {
@@ -817,7 +838,7 @@ impl Shared {
                     let Ok(etcd) = me.backend(Side::Primary).cloned() else {
                         return;
                     };
-                    match etcd.subscribe().await {
+                    match etcd.subscribe_to(&me.interest()).await {
                         Ok(sub) => {
                             drop(me);
                             return Shared::pump(weak, Side::Primary, sub).await;
@@ -850,7 +871,7 @@ impl Shared {
             let Ok(git) = me.backend(Side::Fallback).cloned() else {
                 return;
             };
-            match git.subscribe().await {
+            match git.subscribe_to(&me.interest()).await {
                 Ok(sub) => {
                     tracing::info!(session = %me.config.name, backend = git.name(), "following this store's changes");
                     drop(me);
@@ -876,7 +897,6 @@ impl Shared {
                     session,
                     token,
                 } => me.claim_lost(side, task, session, token).await,
-                BackendEvent::Resync(_) => {}
                 // Whichever store learnt it: the process is to stop.
                 taken @ BackendEvent::SessionTaken { .. } => me.broadcast(taken),
                 BackendEvent::Task(e) if side == Side::Fallback => {
@@ -890,6 +910,8 @@ impl Shared {
                         me.git_changed(&e.task).await;
                     }
                 }
+                // A `Resync` among them: the serving store started this subscription again (it
+                // fell behind), and its snapshot replaces the subscribers' view.
                 other if lock(&me.state).serving == side => me.broadcast(other),
                 _ => {}
             }

@@ -250,6 +250,17 @@ impl Cache {
     }
 
     /// Every task as the cache has it.
+    /// Every readable task's blockers.
+    pub fn blockers(&self) -> Vec<(&TaskId, &[TaskId])> {
+        self.records
+            .iter()
+            .filter_map(|(id, stored)| {
+                let r = stored.record.as_ref().ok()?;
+                Some((id, r.task.blocked_by.as_slice()))
+            })
+            .collect()
+    }
+
     pub fn listing(&self, keys: &crate::keys::Keys) -> Listing {
         listing(keys, self.revision, &self.records, &self.claims)
     }

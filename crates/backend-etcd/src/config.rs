@@ -23,6 +23,9 @@ pub struct EtcdConfig {
     pub tls: Option<TlsFiles>,
     /// User name and password for etcd authentication.
     pub user: Option<(String, String)>,
+    /// Most events a subscriber's queue holds; one that falls further behind starts again from
+    /// a fresh snapshot of its interest (a `Resync`).
+    pub event_queue_bound: usize,
 }
 
 /// PEM files for TLS: the CA to trust, and optionally a client certificate and key.
@@ -47,6 +50,7 @@ impl Default for EtcdConfig {
             watch_progress_interval: Duration::from_secs(5),
             tls: None,
             user: None,
+            event_queue_bound: crate::fanout::DEFAULT_QUEUE_BOUND,
         }
     }
 }
@@ -62,6 +66,7 @@ impl std::fmt::Debug for EtcdConfig {
             .field("lease_ttl", &self.lease_ttl)
             .field("tls", &self.tls)
             .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .field("event_queue_bound", &self.event_queue_bound)
             .finish()
     }
 }

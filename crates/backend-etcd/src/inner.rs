@@ -58,12 +58,13 @@ impl Inner {
         repairs: mpsc::UnboundedSender<Repair>,
         republish: mpsc::UnboundedSender<SessionId>,
     ) -> Self {
+        let bound = config.event_queue_bound;
         Inner {
             keys: Keys::new(&config.prefix),
             conn,
             config,
             cache: Mutex::new(Cache::default()),
-            fanout: Fanout::default(),
+            fanout: Fanout::new(bound),
             synced: Notify::new(),
             watching: AtomicBool::new(false),
             reconnects: std::sync::atomic::AtomicU64::new(0),

@@ -27,9 +27,9 @@ pub mod testing;
 use std::sync::Arc;
 
 use agent_core::{
-    Backend, BackendError, BackendResult, ClaimOutcome, FencingToken, Health, Listing, Mirrored,
-    Presence, PutOutcome, RecordOutcome, ReleaseOutcome, ReleaseTo, SessionId, Subscription, Task,
-    TaskId, TaskPatch, TaskStatus,
+    Backend, BackendError, BackendResult, ClaimOutcome, FencingToken, Health, Interest, Listing,
+    Mirrored, Presence, PutOutcome, RecordOutcome, ReleaseOutcome, ReleaseTo, SessionId,
+    Subscription, Task, TaskId, TaskPatch, TaskStatus,
 };
 use async_trait::async_trait;
 use tokio::sync::{mpsc, OnceCell};
@@ -39,6 +39,31 @@ pub use floor::BareWatch;
 pub use import::{Deleted, Imported};
 
 use inner::Inner;
+
+/// A subscription of `interest` from the watch cache: its snapshot and its place among the
+/// subscribers, taken under the cache's lock at one revision. Fallen behind, it joins again.
+fn join(inner: &Arc<Inner>, interest: &Interest) -> Subscription {
+    let cache = inner.cache();
+    let snapshot = interest.filter(cache.listing(&inner.keys));
+    let (events, queue) = inner
+        .fanout
+        .join(cache.revision, interest, || cache.blockers());
+    drop(cache);
+    let again: agent_core::backend::Resubscribe = {
+        let (inner, interest) = (Arc::downgrade(inner), interest.clone());
+        Arc::new(move || {
+            let (inner, interest) = (inner.clone(), interest.clone());
+            Box::pin(async move {
+                let inner = inner.upgrade().ok_or_else(|| BackendError::Unavailable {
+                    endpoint: "etcd".into(),
+                    reason: "the client was closed".into(),
+                })?;
+                Ok(join(&inner, &interest))
+            })
+        })
+    };
+    Subscription::bounded(snapshot, events, queue, again)
+}
 
 /// A client of one etcd cluster (one namespace). Share it as `Arc<EtcdBackend>`; dropping it stops
 /// its background tasks without revoking its leases (to etcd, a crash: leased claims expire).
@@ -189,13 +214,16 @@ impl Backend for EtcdBackend {
     }
 
     async fn subscribe(&self) -> BackendResult<Subscription> {
+        self.subscribe_to(&Interest::all()).await
+    }
+
+    async fn subscribe_to(&self, interest: &Interest) -> BackendResult<Subscription> {
         self.start_watch().await?;
-        let cache = self.inner.cache();
-        let snapshot = cache.listing(&self.inner.keys);
-        // Joined under the cache's lock, at the snapshot's revision.
-        let events = self.inner.fanout.join(cache.revision);
-        drop(cache);
-        Ok(Subscription::new(snapshot, events))
+        Ok(join(&self.inner, interest))
+    }
+
+    fn resyncs(&self) -> u64 {
+        self.inner.fanout.resyncs()
     }
 
     async fn announce(&self, presence: &Presence) -> BackendResult<()> {

@@ -78,6 +78,7 @@ pub struct Metrics {
     event_bus_health: Gauge,
     event_latency: Histogram,
     reconnects: Counter,
+    resyncs: Counter,
     fallbacks: Counter,
     conflicts: Counter,
     slo_breached: Gauge,
@@ -108,6 +109,7 @@ impl Metrics {
             event_bus_health: Gauge::default(),
             event_latency: latency_buckets(),
             reconnects: Counter::default(),
+            resyncs: Counter::default(),
             fallbacks: Counter::default(),
             conflicts: Counter::default(),
             slo_breached: Gauge::default(),
@@ -155,6 +157,11 @@ impl Metrics {
             "if_coordinator_reconnects",
             "Times a watch stream to etcd broke and was resumed",
             m.reconnects.clone(),
+        );
+        r.register(
+            "if_coordinator_resyncs",
+            "Times a subscriber fell more than its queue's bound behind and started again from a fresh snapshot",
+            m.resyncs.clone(),
         );
         r.register(
             "if_coordinator_fallbacks",
@@ -292,6 +299,7 @@ impl Metrics {
             .set(router.slo_claim_p95_us.map_or(0.0, |us| us as f64 / 1000.0));
         for (c, total) in [
             (&self.reconnects, reconnects),
+            (&self.resyncs, router.resyncs),
             (&self.fallbacks, router.fallbacks),
             (&self.conflicts, router.conflicts),
             (&moves("git"), router.slo_to_git),

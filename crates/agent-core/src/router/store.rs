@@ -12,6 +12,7 @@ use super::{lock, missing, Held, Router, Shared, Side};
 use crate::backend::{Backend, Health, Subscription};
 use crate::error::{BackendError, BackendResult};
 use crate::ids::{SessionId, TaskId};
+use crate::interest::Interest;
 use crate::mirror::{Mirrored, RecordOutcome};
 use crate::model::{
     ClaimOutcome, FencingToken, Listing, Presence, PutOutcome, ReleaseOutcome, ReleaseTo, TaskPatch,
@@ -359,10 +360,25 @@ impl Backend for Router {
     }
 
     async fn subscribe(&self) -> BackendResult<Subscription> {
+        self.subscribe_to(&Interest::all()).await
+    }
+
+    /// The router follows its stores with its first subscriber's interest (an agent's list); a
+    /// later subscription must ask for the same.
+    async fn subscribe_to(&self, interest: &Interest) -> BackendResult<Subscription> {
         let me = &self.shared;
         let (tx, rx) = mpsc::unbounded_channel();
         let first = {
             let mut s = lock(&me.state);
+            match &s.interest {
+                Some(followed) if followed != interest => {
+                    return Err(BackendError::InvalidInput(format!(
+                        "this router follows {followed:?}; a subscription to {interest:?} needs a router of its own"
+                    )))
+                }
+                Some(_) => {}
+                None => s.interest = Some(interest.clone()),
+            }
             s.followed = true;
             s.subscribers.is_empty()
         };
@@ -374,7 +390,7 @@ impl Backend for Router {
                 if side == Side::Primary && !me.start_following_primary() {
                     continue;
                 }
-                match b.subscribe().await {
+                match b.subscribe_to(interest).await {
                     Ok(sub) => pumps.push(tokio::spawn(Shared::pump(
                         Arc::downgrade(&self.shared),
                         side,
@@ -403,7 +419,7 @@ impl Backend for Router {
                 .extend(pumps);
         }
         let serving = lock(&me.state).serving;
-        let snapshot = me.backend(serving)?.list().await?;
+        let snapshot = interest.filter(me.backend(serving)?.list().await?);
         lock(&me.state).subscribers.push(tx);
         Ok(Subscription::new(snapshot, rx))
     }
@@ -517,11 +533,11 @@ impl Backend for Router {
     }
 
     fn reconnects(&self) -> u64 {
-        [Side::Primary, Side::Fallback]
-            .into_iter()
-            .filter_map(|side| self.shared.backend(side).ok())
-            .map(|b| b.reconnects())
-            .sum()
+        self.sum_over_stores(|b| b.reconnects())
+    }
+
+    fn resyncs(&self) -> u64 {
+        self.sum_over_stores(|b| b.resyncs())
     }
 
     async fn close(&self) {

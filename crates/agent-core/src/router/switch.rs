@@ -73,7 +73,7 @@ impl Shared {
         }
         self.announce_switch(backend.name()).await;
         match backend.list().await {
-            Ok(listing) => self.broadcast(BackendEvent::Resync(listing)),
+            Ok(listing) => self.broadcast(BackendEvent::Resync(self.interest().filter(listing))),
             Err(e) => {
                 tracing::warn!(session = %self.config.name, error = %e, "cannot list the tasks after switching")
             }

@@ -43,7 +43,7 @@ macro_rules! conformance_suite {
             realtime_event, events_in_revision_order, lease_expiry_recovery,
             fencing_after_lease_end, release_fencing, release_available_then_reclaim,
             holder_reclaim_supersedes, blockers_gate_claims, blocker_edit_is_an_event, put_rules, presence_lives_with_the_session,
-            record_rules, record_only_over_what_was_read);
+            record_rules, record_only_over_what_was_read, interest_covers_tasks_and_their_blockers);
     };
     (@cases $harness:expr; $($case:ident),* $(,)?) => {
         $(
@@ -951,4 +951,62 @@ pub async fn presence_lives_with_the_session(h: &impl Harness) {
         },
     )
     .await;
+}
+
+/// A subscription to an interest hears of the tasks its patterns match and of what they wait
+/// for at any depth, a blocker named later included, each change once and in order; its
+/// snapshot holds them. (A store may deliver more; etcd's is checked for exactly that in its
+/// own tests.)
+pub async fn interest_covers_tasks_and_their_blockers(h: &impl Harness) {
+    let (writer, watcher) = (h.client().await, h.client().await);
+    let blocked = |b: &[&str]| TaskPatch {
+        status: Some(TaskStatus::Blocked),
+        blocked_by: Some(b.iter().map(|x| tid(x)).collect()),
+        ..TaskPatch::default()
+    };
+    writer
+        .put(&tid("INT-B.1"), &blocked(&["INT-C.1"]))
+        .await
+        .expect("put");
+    put_status(&*writer, &tid("INT-C.1"), TaskStatus::Available).await;
+    put_status(&*writer, &tid("INT-D.1"), TaskStatus::Available).await;
+    writer
+        .put(&tid("INT-A.1"), &blocked(&["INT-B.1"]))
+        .await
+        .expect("put");
+    let interest = crate::Interest::tasks(vec![
+        crate::config::TaskPattern::parse("INT-A.*").expect("valid")
+    ]);
+    let mut sub = watcher.subscribe_to(&interest).await.expect("subscribe");
+    let listed: HashSet<&str> = sub.snapshot.tasks.iter().map(|t| t.id.as_str()).collect();
+    for t in ["INT-A.1", "INT-B.1", "INT-C.1"] {
+        assert!(listed.contains(t), "{t} is in the snapshot: {listed:?}");
+    }
+    let s = sid("s1");
+    // A blocker at depth 2, then a new task of the list, then a blocker named by an edit.
+    won(&*writer, &tid("INT-C.1"), &s).await;
+    put_status(&*writer, &tid("INT-A.2"), TaskStatus::Available).await;
+    writer
+        .put(&tid("INT-A.1"), &blocked(&["INT-B.1", "INT-D.1"]))
+        .await
+        .expect("put");
+    won(&*writer, &tid("INT-D.1"), &s).await;
+    let mut seen = Vec::new();
+    let mut last = sub.snapshot.revision;
+    let wanted = ["INT-C.1", "INT-A.2", "INT-A.1", "INT-D.1"];
+    while seen.len() < wanted.len() {
+        match tokio::time::timeout(WAIT, sub.next())
+            .await
+            .expect("events arrive")
+        {
+            Some(BackendEvent::Task(e)) if wanted.contains(&e.task.as_str()) => {
+                assert!(e.revision > last, "revision {} after {last}", e.revision);
+                last = e.revision;
+                seen.push(e.task.to_string());
+            }
+            Some(_) => {}
+            None => panic!("subscription ended"),
+        }
+    }
+    assert_eq!(seen, wanted);
 }

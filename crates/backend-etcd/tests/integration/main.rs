@@ -3,6 +3,7 @@
 mod cluster;
 mod compat;
 mod conformance;
+mod interest;
 mod lease;
 mod security;
 mod watch;

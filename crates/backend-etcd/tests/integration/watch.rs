@@ -207,7 +207,16 @@ async fn a_board_and_a_revision_larger_than_a_grpc_message_are_listed_and_heard(
             .await
             .expect("load tasks");
     }
-    let backend = crate::backend(&server, true).await;
+    // A queue that holds the whole revision: every event of it is heard (with the default
+    // bound, 10,000, the subscriber would start again from a fresh snapshot instead).
+    let backend = crate::backend_with(
+        EtcdConfig {
+            event_queue_bound: n + 1,
+            ..server.config()
+        },
+        true,
+    )
+    .await;
     let mut sub = backend.subscribe().await.expect("subscribe");
     assert_eq!(sub.snapshot.tasks.len(), n, "the whole board is listed");
 
@@ -225,4 +234,5 @@ async fn a_board_and_a_revision_larger_than_a_grpc_message_are_listed_and_heard(
     );
     let after = backend.list().await.expect("list");
     assert!(after.tasks.is_empty());
+    assert_eq!(backend.resyncs(), 0);
 }

@@ -127,12 +127,14 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
     // A store that went away between the registration and here is waited for too (seed
     // 2000002: etcd killed in that instant, and a hybrid agent exited for good); a hybrid
     // router meanwhile moves to git and subscribes there.
+    // The session hears of its own tasks and what they wait for, not the whole board.
+    let interest = agent_core::Interest::tasks(session.tasks.clone());
     let sub = settings::wait_for(
         "the task store's changes",
         backend.serving_name(),
         false,
         &waiting,
-        || backend.subscribe(),
+        || backend.subscribe_to(&interest),
     )
     .await
     .context("cannot subscribe to task changes")?;

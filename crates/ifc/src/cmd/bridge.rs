@@ -520,6 +520,7 @@ pub async fn run(
             let conflicts = seen.load(std::sync::atomic::Ordering::Relaxed);
             let router = agent_core::router::RouterStats {
                 conflicts,
+                resyncs: store.resyncs(),
                 ..Default::default()
             };
             (store.reconnects(), router)

@@ -1,0 +1,177 @@
+//! Subscriptions to an interest on a real etcd: a subscriber hears exactly what its interest
+//! covers, and one that falls more than its queue's bound behind starts again from a fresh
+//! snapshot, then hears what follows.
+
+use std::time::Duration;
+
+use agent_core::config::TaskPattern;
+use agent_core::testing::{sid, tid};
+use agent_core::{Backend, BackendEvent, Interest, TaskPatch, TaskStatus};
+use backend_etcd::testing::EtcdServer;
+use backend_etcd::EtcdConfig;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn interest(patterns: &[&str]) -> Interest {
+    Interest::tasks(
+        patterns
+            .iter()
+            .map(|p| TaskPattern::parse(p).expect("valid"))
+            .collect(),
+    )
+}
+
+fn status(s: TaskStatus) -> TaskPatch {
+    TaskPatch {
+        status: Some(s),
+        ..TaskPatch::default()
+    }
+}
+
+/// Reads `sub` until an event of `task` (every task event before it returned, in order).
+async fn until(sub: &mut agent_core::Subscription, task: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match sub.next().await {
+                Some(BackendEvent::Task(e)) => {
+                    seen.push(e.task.to_string());
+                    if e.task.as_str() == task {
+                        return;
+                    }
+                }
+                Some(_) => {}
+                None => panic!("subscription ended"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no event of {task}; saw {seen:?}"));
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_hears_exactly_what_its_interest_covers() {
+    let server = EtcdServer::start();
+    let writer = crate::backend(&server, false).await;
+    let client = crate::backend(&server, false).await;
+    let blocked_by = |b: &str| TaskPatch {
+        blocked_by: Some(vec![tid(b)]),
+        ..TaskPatch::default()
+    };
+    writer
+        .put(&tid("A.1"), &blocked_by("B.1"))
+        .await
+        .expect("put");
+    writer
+        .put(&tid("B.1"), &status(TaskStatus::Available))
+        .await
+        .expect("put");
+    writer
+        .put(&tid("X.1"), &status(TaskStatus::Available))
+        .await
+        .expect("put");
+    let mut mine = client
+        .subscribe_to(&interest(&["A.*"]))
+        .await
+        .expect("subscribe");
+    let mut all = client.subscribe().await.expect("subscribe");
+    let listed: Vec<&str> = mine.snapshot.tasks.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(listed, ["A.1", "B.1"]);
+    let s = sid("s1");
+    for t in ["X.1", "B.1", "A.2", "X.2"] {
+        if t.ends_with(".1") {
+            client.claim(&tid(t), &s).await.expect("claim");
+        } else {
+            writer
+                .put(&tid(t), &status(TaskStatus::Available))
+                .await
+                .expect("put");
+        }
+    }
+    // A.1 now also waits for X.2: X.2 is covered from then on, X.1 never.
+    writer
+        .put(
+            &tid("A.1"),
+            &TaskPatch {
+                blocked_by: Some(vec![tid("B.1"), tid("X.2")]),
+                ..TaskPatch::default()
+            },
+        )
+        .await
+        .expect("put");
+    writer
+        .put(&tid("X.2"), &status(TaskStatus::Complete))
+        .await
+        .expect("put");
+    client
+        .release(&tid("X.1"), &s, agent_core::ReleaseTo::Available, None)
+        .await
+        .expect("release");
+    writer
+        .put(&tid("Z.END"), &status(TaskStatus::Available))
+        .await
+        .expect("put");
+    let everything = until(&mut all, "Z.END").await;
+    assert_eq!(everything.len(), 8, "{everything:?}");
+    assert_eq!(until(&mut mine, "X.2").await, ["B.1", "A.2", "A.1", "X.2"]);
+    // Everything after was heard by the other subscriber of this client: none of it is here.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(mine.try_next().is_none(), "X.1 and Z.END are not covered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_falls_behind_starts_again_from_a_fresh_snapshot() {
+    let server = EtcdServer::start();
+    let writer = crate::backend(&server, false).await;
+    let client = crate::backend_with(
+        EtcdConfig {
+            event_queue_bound: 20,
+            ..server.config()
+        },
+        false,
+    )
+    .await;
+    let mut slow = client
+        .subscribe_to(&interest(&["S.*"]))
+        .await
+        .expect("subscribe");
+    // Another subscriber reads as the events come, and keeps up.
+    let mut keeping_up = client
+        .subscribe_to(&interest(&["S.*"]))
+        .await
+        .expect("subscribe");
+    let reader = tokio::spawn(async move {
+        let seen = until(&mut keeping_up, "S.49").await;
+        (seen, keeping_up)
+    });
+    for i in 0..50 {
+        writer
+            .put(&tid(&format!("S.{i:02}")), &status(TaskStatus::Available))
+            .await
+            .expect("put");
+    }
+    let (seen, mut keeping_up) = reader.await.expect("reader");
+    assert_eq!(seen.len(), 50, "{seen:?}");
+    assert_eq!(client.resyncs(), 1, "the slow one, once");
+    // The slow subscriber: the 20 events it had, nothing of what it missed, then the board.
+    let mut events = Vec::new();
+    let snapshot = tokio::time::timeout(WAIT, async {
+        loop {
+            match slow.next().await {
+                Some(BackendEvent::Resync(listing)) => return listing,
+                Some(BackendEvent::Task(e)) => events.push(e.task.to_string()),
+                Some(_) => {}
+                None => panic!("subscription ended"),
+            }
+        }
+    })
+    .await
+    .expect("a resync");
+    assert!(events.len() <= 20, "{events:?}");
+    assert_eq!(snapshot.tasks.len(), 50);
+    // And what comes after it.
+    client.claim(&tid("S.07"), &sid("s1")).await.expect("claim");
+    assert_eq!(until(&mut slow, "S.07").await, ["S.07"]);
+    assert_eq!(until(&mut keeping_up, "S.07").await, ["S.07"]);
+}
