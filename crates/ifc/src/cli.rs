@@ -351,7 +351,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub samples: u32,
     /// Sessions set up before measuring: each announces itself with its own lease (kept alive)
-    /// and holds its own subscription to every task event
+    /// and holds its own subscription (see --lists)
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub sessions: u32,
     /// etcd connections shared by the simulated sessions, each with one watch (the measured
@@ -365,12 +365,25 @@ pub struct BenchArgs {
     /// The sessions' lease TTL (etcd renews each lease every TTL/3)
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
+    /// What the simulated sessions subscribe to: `shared`, every task (one list shared by the
+    /// whole fleet); `disjoint`, a list of their own that none of the bench's tasks is on (the
+    /// realistic fleet: each hears nothing of the others' work). The measured claimer and
+    /// observer always hear every task
+    #[arg(long, value_enum, default_value_t = Lists::Shared)]
+    pub lists: Lists,
     /// Also run the migration guide's Python stack against the same etcd and compare
     #[arg(long)]
     pub peer: bool,
     /// The peer benchmark to run for --peer
     #[arg(long, default_value = "benches/peer/run")]
     pub peer_cmd: PathBuf,
+}
+
+/// What `ifc bench`'s simulated sessions subscribe to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lists {
+    Shared,
+    Disjoint,
 }
 
 #[derive(Debug, Args)]

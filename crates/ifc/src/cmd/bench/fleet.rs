@@ -10,11 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_core::{Backend, BackendEvent, Presence, SessionId, TaskId, TaskStatus};
+use agent_core::config::TaskPattern;
+use agent_core::{Backend, BackendEvent, Interest, Presence, SessionId, TaskId, TaskStatus};
 use anyhow::{Context, Result};
 use backend_etcd::{EtcdBackend, EtcdConfig};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
+
+use crate::cli::Lists;
 
 /// Sessions set up at once (lease grant + presence put + subscription each).
 const SETUP_IN_FLIGHT: usize = 512;
@@ -31,6 +34,8 @@ pub struct Fleet {
     pub sessions: Vec<SessionId>,
     /// Events delivered to all sessions' subscriptions so far.
     pub delivered: Arc<AtomicU64>,
+    /// How many sessions hear every task event (the others hear none of the bench's tasks).
+    pub hearing: usize,
     /// How long setting every session up took.
     pub setup: Duration,
     drains: Vec<AbortHandle>,
@@ -53,6 +58,7 @@ impl Fleet {
         config: &EtcdConfig,
         sessions: usize,
         connections: usize,
+        lists: Lists,
     ) -> Result<(Fleet, mpsc::UnboundedReceiver<Heard>)> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -109,6 +115,14 @@ impl Fleet {
             };
             let delivered = Arc::clone(&delivered);
             let observer = (k + 1 == sessions).then(|| observer_tx.clone());
+            let interest = match lists {
+                Lists::Disjoint if at >= measured => {
+                    Interest::tasks(vec![
+                        TaskPattern::parse(&format!("{id}.*")).map_err(|e| anyhow::anyhow!(e))?
+                    ])
+                }
+                _ => Interest::all(),
+            };
             // A session's lease timer and its subscription's task run where its set-up does.
             let on = match at < measured {
                 true => tokio::runtime::Handle::current(),
@@ -117,7 +131,7 @@ impl Fleet {
             setups.spawn_on(
                 async move {
                     backend.announce(&presence).await?;
-                    let mut sub = backend.subscribe().await?;
+                    let mut sub = backend.subscribe_to(&interest).await?;
                     let drain = tokio::spawn(async move {
                         while let Some(ev) = sub.next().await {
                             delivered.fetch_add(1, Ordering::Relaxed);
@@ -149,6 +163,10 @@ impl Fleet {
                 setup: started.elapsed(),
                 drains,
                 runtime,
+                hearing: match lists {
+                    Lists::Shared => sessions,
+                    Lists::Disjoint => measured.min(sessions),
+                },
             },
             observer_rx,
         ))
@@ -164,10 +182,12 @@ impl Fleet {
         let shared = self.backends.len() - self.measured;
         format!(
             "{} sessions in this process, each with its own lease (kept alive by its own timer) and \
-             its own subscription to every task event: the measured claimer and observer on a \
-             connection each, the other {} over {shared} shared connection(s) (one watch each), \
-             whose watches, fan-out and lease timers run on a runtime of their own",
+             its own subscription ({} of them to every task event, the others to a list of their \
+             own): the measured claimer and observer on a connection each, the other {} over \
+             {shared} shared connection(s) (one watch each), whose watches, fan-out and lease \
+             timers run on a runtime of their own",
             self.sessions.len(),
+            self.hearing,
             self.sessions.len().saturating_sub(self.measured),
         )
     }

@@ -157,7 +157,7 @@ pub async fn run(g: &Global, args: &BenchArgs, output: Output, out: &mut impl Wr
     // Its own connection, without a watch: it removes the scratch prefix after the sessions' are
     // closed, whatever happened.
     let scratch = crate::settings::connect_etcd(config.clone()).await?;
-    let started = Fleet::start(&config, sessions, connections).await;
+    let started = Fleet::start(&config, sessions, connections, args.lists).await;
     let measured = match started {
         Ok((fleet, heard)) => {
             let measured = measure(&fleet, heard, args, &concurrency, &config, &endpoint).await;
@@ -213,7 +213,7 @@ async fn measure(
         .await_available(&all, Duration::from_secs(120))
         .await?;
     // Every session hears each task's creation before anything is measured.
-    let per_task = (fleet.sessions.len() * all.len()) as u64;
+    let per_task = (fleet.hearing * all.len()) as u64;
     fleet.await_delivered(per_task).await?;
 
     let mut winners = phases::Winners::new();
