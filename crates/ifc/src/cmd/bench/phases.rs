@@ -95,7 +95,7 @@ pub async fn latency(
                             break;
                         }
                     }
-                    delivered += fleet.sessions.len() as u64;
+                    delivered += fleet.hearing as u64;
                     fleet.await_delivered(delivered).await?;
                 }
             }
