@@ -8,6 +8,8 @@
 
 mod view;
 
+pub use view::spread;
+
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 

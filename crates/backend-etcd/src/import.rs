@@ -38,6 +38,25 @@ pub enum Deleted {
     },
 }
 
+/// What `archive` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Archived {
+    Archived,
+    NotFound,
+    /// Only complete tasks are archived.
+    NotComplete(TaskStatus),
+}
+
+/// What `restore` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Restored {
+    Restored,
+    /// Nothing of that id in the archive.
+    NotArchived,
+    /// A task of that id exists in `tasks/` again: kept, the archive too.
+    Exists,
+}
+
 impl Inner {
     pub(crate) async fn import(
         &self,
@@ -219,6 +238,66 @@ impl Inner {
         })
     }
 
+    /// Moves a complete task's record from `tasks/` to `archive/` (and its claim key, if any,
+    /// away), if neither changed since they were read: it leaves every watch and list, and
+    /// nothing is lost. Which tasks may go (not one that tasks not complete wait for) is the
+    /// caller's to decide, from one list.
+    pub(crate) async fn archive(&self, id: &TaskId) -> BackendResult<Archived> {
+        for _ in 0..16 {
+            let view = self.read_view(id, false).await?;
+            let current = match self.current(id, &view)? {
+                Some((current, _)) => current,
+                None => return Ok(Archived::NotFound),
+            };
+            if current.status != TaskStatus::Complete {
+                return Ok(Archived::NotComplete(current.status));
+            }
+            let Some(record) = view.record.as_ref().and_then(|r| r.record.as_ref().ok()) else {
+                return Ok(Archived::NotFound);
+            };
+            let keep = TxnOp::put(self.keys.archived(id), record.encode(), None);
+            if self
+                .replace_and(id, &view, None, Some(keep), "archive")
+                .await?
+            {
+                return Ok(Archived::Archived);
+            }
+        }
+        Err(BackendError::Unavailable {
+            endpoint: self.conn.endpoints().to_owned(),
+            reason: format!("{id}: kept changing while archiving"),
+        })
+    }
+
+    /// Puts an archived task back in `tasks/`, unless a task of that id exists again.
+    pub(crate) async fn restore(&self, id: &TaskId) -> BackendResult<Restored> {
+        let (task_key, archived) = (self.keys.task(id), self.keys.archived(id));
+        let key = archived.clone();
+        let got = self
+            .conn
+            .call("restore", |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        let Some(kv) = got.kvs().first() else {
+            return Ok(Restored::NotArchived);
+        };
+        let txn = Txn::new()
+            .when(vec![
+                Compare::create_revision(task_key.clone(), CompareOp::Equal, 0),
+                Compare::mod_revision(archived.clone(), CompareOp::Equal, kv.mod_revision()),
+            ])
+            .and_then(vec![
+                TxnOp::put(task_key, kv.value().to_vec(), None),
+                TxnOp::delete(archived, None),
+            ]);
+        Ok(match self.conn.txn("restore", txn).await?.succeeded() {
+            true => Restored::Restored,
+            false => Restored::Exists,
+        })
+    }
+
     /// Writes `next` as the task's record (`None`: deletes it) and removes its claim key, if
     /// neither changed since `view` was read. `false`: one did (read again and decide again).
     async fn replace(
@@ -228,11 +307,24 @@ impl Inner {
         next: Option<&Record>,
         what: &str,
     ) -> BackendResult<bool> {
+        self.replace_and(id, view, next, None, what).await
+    }
+
+    /// [`Inner::replace`], with one more write in the same transaction.
+    async fn replace_and(
+        &self,
+        id: &TaskId,
+        view: &View,
+        next: Option<&Record>,
+        also: Option<TxnOp>,
+        what: &str,
+    ) -> BackendResult<bool> {
         let (task_key, claim_key) = (self.keys.task(id), self.keys.claim(id));
         let mut ops = vec![match next {
             Some(record) => TxnOp::put(task_key.clone(), record.encode(), None),
             None => TxnOp::delete(task_key.clone(), None),
         }];
+        ops.extend(also);
         if view.claim.is_some() {
             ops.push(TxnOp::delete(claim_key.clone(), None));
         }

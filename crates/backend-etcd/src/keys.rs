@@ -2,7 +2,8 @@
 //! `<prefix>claims/<id>` (ifc's lease-bound ownership keys, outside `tasks/` so the guide's tools
 //! that list `tasks/` see only tasks), `<prefix>sessions/<session>` (lease-bound presence) and
 //! `<prefix>oneshot/<lease>` (bound to the lease of a one-shot `ifc claim --ttl`: no process
-//! keeps that lease, so its session adopts the claim from anywhere).
+//! keeps that lease, so its session adopts the claim from anywhere), and `<prefix>archive/<id>`
+//! (complete tasks `ifc archive` moved out of `tasks/`: the same record, outside every watch).
 
 use agent_core::TaskId;
 
@@ -13,6 +14,7 @@ pub(crate) struct Keys {
     claims: String,
     sessions: String,
     oneshot: String,
+    archive: String,
 }
 
 /// Which kind of key a watched key is.
@@ -29,11 +31,17 @@ impl Keys {
             claims: format!("{prefix}claims/"),
             sessions: format!("{prefix}sessions/"),
             oneshot: format!("{prefix}oneshot/"),
+            archive: format!("{prefix}archive/"),
         }
     }
 
     pub fn task(&self, id: &TaskId) -> String {
         format!("{}{id}", self.tasks)
+    }
+
+    /// Where `ifc archive` keeps a complete task's record.
+    pub fn archived(&self, id: &TaskId) -> String {
+        format!("{}{id}", self.archive)
     }
 
     pub fn claim(&self, id: &TaskId) -> String {

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, OnceCell};
 
 pub use config::{EtcdConfig, TlsFiles};
 pub use floor::BareWatch;
-pub use import::{Deleted, Imported};
+pub use import::{Archived, Deleted, Imported, Restored};
 
 use inner::Inner;
 
@@ -153,6 +153,16 @@ impl EtcdBackend {
     /// complete wait for it, unless `force`.
     pub async fn delete(&self, task: &TaskId, force: bool) -> BackendResult<Deleted> {
         self.inner.delete(task, force).await
+    }
+
+    /// Moves a complete task out of `tasks/` into `archive/` (see `ifc archive`).
+    pub async fn archive(&self, task: &TaskId) -> BackendResult<Archived> {
+        self.inner.archive(task).await
+    }
+
+    /// Puts an archived task back.
+    pub async fn restore(&self, task: &TaskId) -> BackendResult<Restored> {
+        self.inner.restore(task).await
     }
 
     /// The status this backend's watch cache shows for `task` (`None`: unknown, or the cache is

@@ -187,6 +187,11 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Move complete tasks out of etcd's live prefix (`tasks/` into `archive/`): watches,
+    /// lists and the agents stop carrying finished work. Keeps the complete tasks that tasks
+    /// not complete wait for, and those completed within --older-than. `--restore ID...` puts
+    /// tasks back. Coordinator mode while git is retired or not configured
+    Archive(ArchiveArgs),
     /// Show one task
     Get {
         /// Task id
@@ -428,6 +433,10 @@ pub struct AgentArgs {
     /// Where per-task logs go [default: .ifc/logs/<session>]
     #[arg(long)]
     pub log_dir: Option<PathBuf>,
+    /// How many task logs to keep in --log-dir: the oldest go as new runs start (0: keep every
+    /// one)
+    #[arg(long, env = "IFC_KEEP_LOGS", default_value_t = 1000, value_name = "N")]
+    pub keep_logs: usize,
     /// Serve Prometheus metrics at http://ADDR/metrics and health at http://ADDR/health: a port
     /// (bound on 127.0.0.1) or HOST:PORT (port 0 picks a free one, logged at start)
     #[arg(long, value_name = "[HOST:]PORT", value_parser = parse_metrics_addr)]
@@ -439,6 +448,20 @@ pub struct AgentArgs {
     /// host takes over by itself (that process's claims end at once)
     #[arg(long)]
     pub take_over: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ArchiveArgs {
+    /// Archive the tasks completed at least this long ago (a task with no completion time is
+    /// old); `0s`: every complete task nothing waits for
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub older_than: Duration,
+    /// Say what would be archived; change nothing
+    #[arg(long, conflicts_with = "restore")]
+    pub dry_run: bool,
+    /// Put these archived tasks back instead (exit 1 if one is not archived, or exists again)
+    #[arg(long, num_args = 1.., value_name = "TASK")]
+    pub restore: Vec<TaskId>,
 }
 
 #[derive(Debug, Args)]

@@ -289,7 +289,7 @@ impl View {
 
 /// The session's own place for `task` among a glob's tasks: FNV-1a of both ids, the same on
 /// every machine and at every start.
-fn spread(session: &SessionId, task: &TaskId) -> u64 {
+pub fn spread(session: &SessionId, task: &TaskId) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in session
         .as_str()

@@ -4,6 +4,7 @@
 //! here and its result fed back as an input.
 
 mod config_watch;
+mod logs;
 mod outbox;
 mod task;
 
@@ -164,6 +165,7 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         mode,
         backend,
         outbox: outbox::Outbox::new(&log_dir),
+        logs: logs::TaskLogs::open(&log_dir, args.keep_logs),
         inheriting: true,
         log_dir,
         lp,
@@ -199,6 +201,8 @@ struct Driver {
     mode: Mode,
     backend: Arc<Router>,
     log_dir: PathBuf,
+    /// The task logs in `log_dir`, pruned to `--keep-logs`.
+    logs: logs::TaskLogs,
     lp: ClaimLoop,
     running: Option<TaskProcess>,
     wake: Option<Instant>,
@@ -659,6 +663,7 @@ impl Driver {
                 {
                     Ok(t) => {
                         tracing::info!(task = %claim.task, %session, token = %claim.token, log = %t.log.display(), "task started");
+                        self.logs.started(t.log.clone());
                         self.record(claim.task.as_str(), "start", Some(claim.token.0), None);
                         self.running = Some(t);
                         self.metrics.set_active_tasks(1);

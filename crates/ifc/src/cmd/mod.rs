@@ -20,6 +20,7 @@ use crate::history::History;
 use crate::output::{event_json, event_line, printable, task_json, task_table};
 use crate::settings;
 
+mod archive;
 mod bench;
 mod bridge;
 mod dev;
@@ -43,6 +44,20 @@ async fn board_source(g: &Global, in_repo: bool) -> Result<migrate::BoardSource>
 }
 
 /// The etcd backend, for commands that move tasks between a board file and etcd.
+/// Refuses a command that changes etcd alone while the fleet has a git side (git configured and
+/// not retired): `instead` says what to do meanwhile.
+fn no_git_side(g: &Global, instead: &str) -> Result<()> {
+    let fleet = settings::fleet(g)?;
+    if settings::git_configured(g, fleet.as_ref()) && !fleet.as_ref().is_some_and(|f| f.git.retired)
+    {
+        return Err(BackendError::InvalidInput(format!(
+            "the fleet has a git side (git is configured and not retired): {instead}"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 async fn etcd_only(g: &Global, what: &str) -> Result<EtcdBackend> {
     let fleet = settings::fleet(g)?;
     if g.mode == Some(Mode::Git) {
@@ -139,17 +154,25 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
             migrate::migrate(&b, output, &source, *dry_run, *force, &mut out).await
         }
         Command::Delete { tasks, force } => {
-            let fleet = settings::fleet(g)?;
-            if settings::git_configured(g, fleet.as_ref())
-                && !fleet.as_ref().is_some_and(|f| f.git.retired)
-            {
-                return Err(BackendError::InvalidInput(
-                    "the fleet has a git side (git is configured and not retired): delete the task's row from the board in a commit, and here once git.retired is true".into(),
-                )
-                .into());
-            }
+            no_git_side(
+                g,
+                "delete the task's row from the board in a commit, and here once git.retired is true",
+            )?;
             let b = etcd_only(g, "delete").await?;
             delete(&b, output, tasks, *force, &mut out).await
+        }
+        Command::Archive(args) => {
+            // The board would still show the rows, and a bridge would bring them back.
+            no_git_side(
+                g,
+                "the board keeps finished rows; `ifc archive` works once git.retired is true",
+            )?;
+            let b = etcd_only(g, "archive").await?;
+            if args.restore.is_empty() {
+                archive::archive(&b, output, args.older_than, args.dry_run, &mut out).await
+            } else {
+                archive::restore(&b, output, &args.restore, &mut out).await
+            }
         }
         Command::Verify { from_git } => {
             let b = etcd_only(g, "verify").await?;

@@ -2,6 +2,7 @@
 //! guide's checklist through the CLI, races between real processes, exit codes and output formats.
 
 mod agent;
+mod archive;
 mod deploy;
 mod exclusive;
 mod git;

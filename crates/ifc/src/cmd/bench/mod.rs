@@ -99,6 +99,8 @@ struct Report {
     bare_watch: Spread,
     event_over_bare: Spread,
     throughput: Vec<Level>,
+    /// The most concurrent sessions on one shared list: claim calls per win.
+    shared_list: Option<phases::SharedList>,
     peer: Option<Value>,
     tasks: usize,
     tasks_won: usize,
@@ -112,6 +114,8 @@ struct Report {
 const RATIO_TARGET: f64 = 1.15;
 /// The target of claims/s over bare transactions/s at the same concurrency.
 const THROUGHPUT_TARGET: f64 = 0.8;
+/// Claim calls per win, sessions sharing one list (issue 18).
+const SHARED_LIST_TARGET: f64 = 1.5;
 
 /// How a figure compares with its target, in the table.
 fn verdict(met: bool) -> &'static str {
@@ -203,9 +207,20 @@ async fn measure(
         .iter()
         .map(|&c| Ok((c as usize, ids(&format!("C{c}-"), args.tasks as usize)?)))
         .collect::<Result<_>>()?;
+    // One list shared by the most concurrent sessions, claimed in their own orders, then the
+    // same again in one order for all.
+    let shared = match concurrency.iter().max() {
+        Some(&c) if c > 1 => Some((
+            c as usize,
+            ids("S-", args.tasks as usize)?,
+            ids("H-", args.tasks as usize)?,
+        )),
+        _ => None,
+    };
     let all: Vec<TaskId> = latency_tasks
         .iter()
         .chain(levels.iter().flat_map(|(_, t)| t))
+        .chain(shared.iter().flat_map(|(_, s, h)| s.iter().chain(h)))
         .cloned()
         .collect();
     create(fleet, &all).await?;
@@ -256,6 +271,12 @@ async fn measure(
             claim: Spread::of(&t.claim),
         });
     }
+    let shared_list = match &shared {
+        Some((c, tasks, same_order)) => {
+            Some(phases::shared_list(fleet, *c, tasks, same_order, &mut winners).await?)
+        }
+        None => None,
+    };
     // Every session hears each task's creation and its claim.
     let expected = 2 * per_task;
     let drain = Instant::now();
@@ -294,6 +315,7 @@ async fn measure(
         bare_watch,
         event_over_bare: event.over(&bare_watch),
         throughput,
+        shared_list,
         peer,
         tasks: all.len(),
         tasks_won: winners.len(),
@@ -396,6 +418,18 @@ fn table(r: &Report, out: &mut impl Write) -> Result<()> {
             l.claim.p50_ms,
             l.claim.p99_ms,
             verdict((l.ratio * 100.0).round() / 100.0 >= THROUGHPUT_TARGET)
+        )?;
+    }
+    if let Some(l) = &r.shared_list {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "{} sessions on one shared list of {} tasks: {:.2} claim calls per win, each in its own order (target <= {SHARED_LIST_TARGET}) {}; {:.2} all in one order",
+            l.sessions,
+            l.tasks,
+            l.attempts_per_win,
+            verdict((l.attempts_per_win * 100.0).round() / 100.0 <= SHARED_LIST_TARGET),
+            l.same_order_attempts_per_win,
         )?;
     }
     if let Some(p) = &r.peer {

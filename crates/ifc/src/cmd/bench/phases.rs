@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_core::{Backend, ClaimOutcome, SessionId, TaskId};
+use agent_core::{Backend, ClaimOutcome, SessionId, TaskId, TaskStatus};
 use anyhow::{bail, Context, Result};
 use backend_etcd::EtcdBackend;
 use rand::seq::SliceRandom;
@@ -258,4 +258,79 @@ where
         b.finish_and_clear();
     }
     Ok(out)
+}
+
+/// How sessions sharing one list fare: claim calls per task won.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct SharedList {
+    pub sessions: usize,
+    pub tasks: usize,
+    /// Each session in its own order (the claim loop's, for a glob).
+    pub attempts_per_win: f64,
+    /// Every session in the same order (the board's), as before issue 18.
+    pub same_order_attempts_per_win: f64,
+}
+
+/// `concurrency` sessions claim from one list of `tasks` as agents do: each the first task, in
+/// its order, that its watch cache shows available, until none is; once in each session's own
+/// order (`agent_core::claim_loop::spread`, what the claim loop uses for a glob) on `tasks`,
+/// once all in the board's order on `same_order` (the herd: every session chases the same task).
+pub async fn shared_list(
+    fleet: &Fleet,
+    concurrency: usize,
+    tasks: &[TaskId],
+    same_order: &[TaskId],
+    winners: &mut Winners,
+) -> Result<SharedList> {
+    let spread = race_one_list(fleet, concurrency, tasks, true, winners).await?;
+    let herd = race_one_list(fleet, concurrency, same_order, false, winners).await?;
+    Ok(SharedList {
+        sessions: concurrency,
+        tasks: tasks.len(),
+        attempts_per_win: spread,
+        same_order_attempts_per_win: herd,
+    })
+}
+
+/// Claim calls per win of `concurrency` sessions racing through `tasks`.
+async fn race_one_list(
+    fleet: &Fleet,
+    concurrency: usize,
+    tasks: &[TaskId],
+    own_order: bool,
+    winners: &mut Winners,
+) -> Result<f64> {
+    let mut claimers = JoinSet::new();
+    for k in 0..concurrency {
+        let (session, backend) = (fleet.sessions[k].clone(), Arc::clone(fleet.backend_of(k)));
+        let mut order = tasks.to_vec();
+        if own_order {
+            order.sort_by_cached_key(|t| (agent_core::claim_loop::spread(&session, t), t.clone()));
+        }
+        claimers.spawn(async move {
+            // The first task of its order its cache shows available, again and again: a task
+            // passed over (taken) is never available again here, so one pass does it.
+            let (mut attempts, mut won) = (0usize, Vec::new());
+            for id in &order {
+                if backend.cached_status(id) != Some(TaskStatus::Available) {
+                    continue;
+                }
+                attempts += 1;
+                if let ClaimOutcome::Won(_) = backend.claim(id, &session).await? {
+                    won.push(id.clone());
+                }
+            }
+            Ok::<_, agent_core::BackendError>((session, attempts, won))
+        });
+    }
+    let (mut attempts, mut wins) = (0, 0);
+    while let Some(done) = claimers.join_next().await {
+        let (session, tried, won) = done.context("a claimer crashed")??;
+        attempts += tried;
+        wins += won.len();
+        for id in won {
+            winners.entry(id).or_default().push(session.clone());
+        }
+    }
+    Ok(attempts as f64 / wins.max(1) as f64)
 }

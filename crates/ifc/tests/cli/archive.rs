@@ -1,0 +1,88 @@
+//! `ifc archive`: complete tasks move out of `tasks/` (into `archive/`, kept whole), never one
+//! that a task not complete waits for nor one completed within --older-than; `--restore` puts
+//! one back.
+
+use backend_etcd::testing::EtcdServer;
+use serde_json::Value;
+
+use crate::{all_keys, code, ifc, run, text};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_moves_old_complete_tasks_out_of_the_live_prefix_and_restore_brings_one_back() {
+    let server = EtcdServer::start();
+    let ok = |args: &[&str]| {
+        let out = run(ifc(&server).args(args));
+        assert_eq!(code(&out), 0, "{args:?}: {out:?}");
+        text(&out.stdout)
+    };
+    ok(&["put", "A", "--status", "complete"]);
+    ok(&["put", "B", "--blocked-by", "A"]);
+    for t in ["C", "D"] {
+        ok(&["put", t]);
+        ok(&["claim", t, "--session", "s"]);
+        ok(&["release", t, "--session", "s", "--status", "complete"]);
+    }
+    // A has no completion time (old), but B waits for it; C and D were completed just now.
+    let said = ok(&["archive"]);
+    assert!(said.starts_with("archived 0 complete task(s)"), "{said}");
+    assert!(
+        said.contains("kept 1 that tasks not complete wait for: A"),
+        "{said}"
+    );
+    assert!(said.contains("kept 2 completed since then"), "{said}");
+    let dry = ok(&["archive", "--older-than", "0s", "--dry-run"]);
+    assert!(dry.starts_with("would archive 2 complete task(s)"), "{dry}");
+    assert!(dry.contains("(C, D)"), "{dry}");
+    let out = run(ifc(&server).args(["archive", "--older-than", "0s", "-o", "json"]));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["archived"], serde_json::json!(["C", "D"]), "{v}");
+    assert_eq!(v["kept_waited_for"], serde_json::json!(["A"]), "{v}");
+    let out = run(ifc(&server).args(["status", "-o", "json"]));
+    let listed: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");
+    let ids: Vec<&str> = listed
+        .iter()
+        .filter_map(|t| t["task_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["A", "B"]);
+    let keys = all_keys(&server).await;
+    for k in ["archive/C", "archive/D", "tasks/A", "tasks/B"] {
+        assert!(keys.iter().any(|x| x == k), "{k} in {keys:?}");
+    }
+    assert!(!keys
+        .iter()
+        .any(|x| x == "tasks/C" || x.starts_with("claims/")));
+
+    assert_eq!(ok(&["archive", "--restore", "C"]), "restored C\n");
+    let got = ok(&["get", "C", "-o", "json"]);
+    let c: Value = serde_json::from_str(&got).expect("json");
+    assert_eq!(
+        (c["status"].as_str(), c["claimed_by"].as_str()),
+        (Some("complete"), Some("s")),
+        "the record is whole: {c}"
+    );
+    let out = run(ifc(&server).args(["archive", "--restore", "C", "NOPE"]));
+    assert_eq!(
+        (code(&out), text(&out.stdout)),
+        (
+            1,
+            "C is not in the archive\nNOPE is not in the archive\n".to_owned()
+        )
+    );
+    // While the fleet has a git side, the board keeps finished rows: nothing is archived.
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("fleet.yaml"), "git:\n  remote: coord.git\n").expect("fleet");
+    let out = run(ifc(&server).current_dir(dir.path()).args([
+        "--fleet",
+        "fleet.yaml",
+        "archive",
+        "--older-than",
+        "0s",
+    ]));
+    assert_eq!(code(&out), 2, "{out:?}");
+    assert!(
+        text(&out.stderr).contains("git.retired"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!all_keys(&server).await.iter().any(|k| k == "tasks/D"));
+}
