@@ -45,7 +45,7 @@ impl Inner {
         let mut blockers: Vec<TaskId> = Vec::new();
         loop {
             let txn = Txn::new().and_then(read_ops(&self.keys, id, &blockers));
-            let resp = self.conn.txn("read", txn).await?;
+            let resp = self.conn.read_txn("read", txn).await?;
             let view = parse_view(id, &blockers, resp.op_responses());
             let missing = if with_blockers {
                 view.missing_blockers()
@@ -131,48 +131,77 @@ impl Inner {
         Ok(out)
     }
 
-    /// Every task record and claim key, read at one revision.
+    /// Every task record and claim key, read at one revision: two range reads, the second at
+    /// the first's revision. Not a read-only transaction: etcd before 3.5.5 panics when the
+    /// client of one goes away while etcd applies it (etcd-io/etcd#14110), and a list of a big
+    /// board takes long enough to apply that a request deadline, or a CLI exiting after it,
+    /// lands in the middle (`ifc --request-timeout 3ms status` on 30,000 tasks took etcd 3.5.1
+    /// down). A range read that loses its client just ends.
     pub(crate) async fn list_raw(&self) -> BackendResult<RawListing> {
-        let prefix = || Some(GetOptions::new().with_prefix());
-        let txn = Txn::new().and_then(vec![
-            TxnOp::get(self.keys.tasks_prefix(), prefix()),
-            TxnOp::get(self.keys.claims_prefix(), prefix()),
-        ]);
-        let list = |c: etcd_client::Client| {
-            let txn = txn.clone();
-            async move {
-                let mut kv = c
-                    .kv_client()
-                    .max_decoding_message_size(crate::conn::MAX_RESPONSE);
-                kv.txn(txn).await
-            }
-        };
-        let resp = self.conn.call("list", list).await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        let (records, claims, bad_keys) = self.split_kvs(resp.op_responses());
-        Ok(RawListing {
-            revision,
-            records,
-            claims,
-            bad_keys,
+        for _ in 0..MAX_ROUNDS {
+            let tasks = self.range("list", self.keys.tasks_prefix(), None).await?;
+            let revision = tasks.header().map_or(0, |h| h.revision());
+            let claims = match self
+                .range("list", self.keys.claims_prefix(), Some(revision))
+                .await
+            {
+                Ok(claims) => claims,
+                // Compacted in between (etcd: out of range): both again, at a newer revision.
+                Err(BackendError::Rejected { reason, .. }) if reason.contains("compacted") => {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
+            let (records, claims, bad_keys) = self.split_kvs([tasks.kvs(), claims.kvs()]);
+            return Ok(RawListing {
+                revision,
+                records,
+                claims,
+                bad_keys,
+            });
+        }
+        Err(BackendError::Unavailable {
+            endpoint: self.conn.endpoints().to_owned(),
+            reason: "the list was compacted away under every read of it".into(),
         })
     }
 
-    /// Sorts list responses into records and claim keys; keys with invalid ids are reported.
-    pub(crate) fn split_kvs(
+    /// Every key under `prefix` (at `revision`, or the newest).
+    async fn range(
         &self,
-        responses: Vec<TxnOpResponse>,
+        what: &str,
+        prefix: &str,
+        revision: Option<i64>,
+    ) -> BackendResult<etcd_client::GetResponse> {
+        let mut options = GetOptions::new().with_prefix();
+        if let Some(r) = revision {
+            options = options.with_revision(r);
+        }
+        self.conn
+            .call(what, |c| {
+                let (prefix, options) = (prefix.to_owned(), options.clone());
+                async move {
+                    let mut kv = c
+                        .kv_client()
+                        .max_decoding_message_size(crate::conn::MAX_RESPONSE);
+                    kv.get(prefix, Some(options)).await
+                }
+            })
+            .await
+    }
+
+    /// Sorts list responses into records and claim keys; keys with invalid ids are reported.
+    pub(crate) fn split_kvs<'a>(
+        &self,
+        responses: impl IntoIterator<Item = &'a [etcd_client::KeyValue]>,
     ) -> (
         HashMap<TaskId, crate::record::StoredRecord>,
         HashMap<TaskId, crate::record::StoredClaim>,
         Vec<agent_core::CorruptRecord>,
     ) {
         let (mut records, mut claims, mut bad) = (HashMap::new(), HashMap::new(), Vec::new());
-        for resp in responses {
-            let TxnOpResponse::Get(get) = resp else {
-                continue;
-            };
-            for kv in get.kvs() {
+        for kvs in responses {
+            for kv in kvs {
                 match self.keys.parse(kv.key()) {
                     Some(crate::keys::KeyKind::Task(id)) => {
                         records.insert(id.clone(), stored_record(&id, kv));

@@ -282,3 +282,33 @@ async fn a_session_whose_lease_etcd_ended_claims_again_under_a_new_one() {
     let new_lease = raw.get("claims/L-2", None).await.expect("get").kvs()[0].lease();
     assert!(new_lease != 0 && new_lease != lease);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_that_times_out_leaves_etcd_running() {
+    // etcd before 3.5.5 panics when the client of a read-only transaction goes away while etcd
+    // applies it (etcd-io/etcd#14110): a list of a big board as one, cut off by the request
+    // deadline, took the test's etcd 3.5.1 down.
+    let server = EtcdServer::start();
+    let mut raw = crate::raw_client(&server).await;
+    crate::load_big_board(&mut raw, 30_000).await;
+    let hasty = crate::backend_with(
+        backend_etcd::EtcdConfig {
+            request_timeout: std::time::Duration::from_millis(2),
+            ..server.config()
+        },
+        false,
+    )
+    .await;
+    for _ in 0..10 {
+        let err = hasty.list().await.expect_err("a 9 MB list within 2 ms");
+        assert!(err.to_string().contains("timed out"), "{err}");
+    }
+    drop(hasty);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let listed = crate::backend(&server, false)
+        .await
+        .list()
+        .await
+        .expect("etcd still answers");
+    assert_eq!(listed.tasks.len(), 30_000);
+}

@@ -44,3 +44,26 @@ pub async fn raw_client(server: &EtcdServer) -> etcd_client::Client {
         .await
         .expect("raw client")
 }
+
+/// Writes `n` available tasks with the longest ids (and 100-byte titles) straight into etcd,
+/// 128 to a transaction: a board of ~9 MB at 30,000. Their ids, in order.
+pub async fn load_big_board(raw: &mut etcd_client::Client, n: usize) -> Vec<String> {
+    let id = |i: usize| format!("{}{i:06}", "x".repeat(122));
+    for chunk in (0..n).collect::<Vec<_>>().chunks(128) {
+        let ops = chunk
+            .iter()
+            .map(|&i| {
+                let value = format!(
+                    r#"{{"task_id":"{}","status":"available","claimed_by":null,"title":"{}"}}"#,
+                    id(i),
+                    "t".repeat(100)
+                );
+                etcd_client::TxnOp::put(format!("tasks/{}", id(i)), value, None)
+            })
+            .collect::<Vec<_>>();
+        raw.txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .expect("load tasks");
+    }
+    (0..n).map(id).collect()
+}

@@ -190,23 +190,7 @@ async fn a_board_and_a_revision_larger_than_a_grpc_message_are_listed_and_heard(
     // 30,000 tasks with the longest ids: the list is ~9 MB, deleting them all is one revision
     // of ~5 MB of events (gRPC reads 4 MiB by default).
     let n = 30_000;
-    let id = |i: usize| format!("{}{i:06}", "x".repeat(122));
-    for chunk in (0..n).collect::<Vec<_>>().chunks(128) {
-        let ops = chunk
-            .iter()
-            .map(|&i| {
-                let value = format!(
-                    r#"{{"task_id":"{}","status":"available","claimed_by":null,"title":"{}"}}"#,
-                    id(i),
-                    "t".repeat(100)
-                );
-                etcd_client::TxnOp::put(format!("tasks/{}", id(i)), value, None)
-            })
-            .collect::<Vec<_>>();
-        raw.txn(etcd_client::Txn::new().and_then(ops))
-            .await
-            .expect("load tasks");
-    }
+    crate::load_big_board(&mut raw, n).await;
     // A queue that holds the whole revision: every event of it is heard (with the default
     // bound, 10,000, the subscriber would start again from a fresh snapshot instead).
     let backend = crate::backend_with(

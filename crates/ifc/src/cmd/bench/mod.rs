@@ -173,7 +173,14 @@ pub async fn run(g: &Global, args: &BenchArgs, output: Output, out: &mut impl Wr
     if let Err(e) = scratch.purge_prefix().await {
         tracing::warn!(prefix = %config.prefix, error = %e, "cannot remove the bench's scratch prefix");
     }
-    let mut report = measured?;
+    let mut report = match measured {
+        Ok(report) => report,
+        Err(e) if e.downcast_ref::<fleet::Undelivered>().is_some() => {
+            tracing::error!("{e}");
+            return Ok(crate::exit::NO);
+        }
+        Err(e) => return Err(e),
+    };
     report.memory.etcd_before_mb = mb(etcd_before.rss_bytes);
     report.memory.ifc_before_mb = mb(ifc_before);
     match output {
