@@ -15,6 +15,9 @@ use crate::conn::Conn;
 use crate::fanout::Fanout;
 use crate::keys::Keys;
 
+/// A presence key as this client last wrote it: value, lease, revision.
+pub(crate) type PresenceWritten = (Vec<u8>, i64, i64);
+
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub conn: Conn,
@@ -38,6 +41,9 @@ pub(crate) struct Inner {
     /// Leases of this client's sessions' gone processes, taken on at registration and revoked
     /// by `end_inherited` (their claims are this process's until then).
     pub inherited: Mutex<Vec<i64>>,
+    /// Each presence key this client last wrote: its value, lease and revision (`presence`:
+    /// a refresh that would write the same again only reads the key).
+    pub presence_written: Mutex<HashMap<String, PresenceWritten>>,
     /// Sessions this process registered (agents): a new lease for one of them is granted only
     /// while no other process has taken the session over.
     pub registered: Mutex<std::collections::HashSet<SessionId>>,
@@ -71,6 +77,7 @@ impl Inner {
             leases: Mutex::new(HashMap::new()),
             granted: Mutex::new(Default::default()),
             inherited: Mutex::new(Vec::new()),
+            presence_written: Mutex::new(HashMap::new()),
             registered: Mutex::new(Default::default()),
             presences: Mutex::new(HashMap::new()),
             repairs,

@@ -361,3 +361,44 @@ async fn a_restart_after_a_restart_that_died_too_takes_on_the_first_processs_cla
     let ttl = raw.lease_time_to_live(lease, None).await.expect("ttl");
     assert!(ttl.ttl() <= 0, "the first process's lease ended: {ttl:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_refresh_that_changes_nothing_writes_nothing_and_one_that_does_writes() {
+    // Every agent refreshes its presence every few seconds: written each time, 100 idle agents
+    // kept etcd at 13 % of a core.
+    let server = EtcdServer::start();
+    let b = crate::backend(&server, false).await;
+    let mut raw = crate::raw_client(&server).await;
+    let s = agent_core::testing::sid("refresher");
+    let mut presence = presence_of(&s);
+    b.register(&presence, false).await.expect("register");
+    let revision = |raw: &mut etcd_client::Client| {
+        let mut raw = raw.clone();
+        async move {
+            raw.get("sessions/refresher", None)
+                .await
+                .expect("get")
+                .kvs()[0]
+                .mod_revision()
+        }
+    };
+    let first = revision(&mut raw).await;
+    for _ in 0..3 {
+        b.announce(&presence).await.expect("announce");
+    }
+    assert_eq!(
+        revision(&mut raw).await,
+        first,
+        "the same presence is not written again"
+    );
+    presence.state = "working".into();
+    b.announce(&presence).await.expect("announce");
+    let second = revision(&mut raw).await;
+    assert!(second > first, "a changed presence is written");
+    // Gone from etcd (an operator's delete): the next refresh writes it back.
+    raw.delete("sessions/refresher", None)
+        .await
+        .expect("delete");
+    b.announce(&presence).await.expect("announce");
+    assert!(revision(&mut raw).await > second, "written back");
+}
