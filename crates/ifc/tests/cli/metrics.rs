@@ -226,12 +226,25 @@ async fn bench_reports_every_figure_with_its_floor_and_the_peer_and_leaves_nothi
             "{report}"
         );
     }
-    // 40 latency tasks + 60 per level, each won exactly once, each heard by all 12 sessions
-    // (its creation and its claim).
-    assert_eq!(report["tasks"], 160, "{report}");
-    assert_eq!(report["tasks_won"], 160, "{report}");
+    // The 10 sessions of the top level on one shared list of 60 tasks, in their own orders, then
+    // in one order for all: a claim call per win at the least, each task won once.
+    let shared = &report["shared_list"];
+    assert_eq!(
+        (shared["sessions"].clone(), shared["tasks"].clone()),
+        (10.into(), 60.into())
+    );
+    for figure in ["attempts_per_win", "same_order_attempts_per_win"] {
+        assert!(
+            shared[figure].as_f64().is_some_and(|v| v >= 1.0),
+            "{report}"
+        );
+    }
+    // 40 latency tasks + 60 per level + 2 × 60 on the shared list, each won exactly once, each
+    // heard by all 12 sessions (its creation and its claim).
+    assert_eq!(report["tasks"], 280, "{report}");
+    assert_eq!(report["tasks_won"], 280, "{report}");
     assert_eq!(report["double_claims"], 0, "{report}");
-    assert_eq!(report["events_expected"], 12 * 160 * 2, "{report}");
+    assert_eq!(report["events_expected"], 12 * 280 * 2, "{report}");
     assert_eq!(
         report["events_delivered"], report["events_expected"],
         "{report}"
@@ -443,4 +456,36 @@ fn ifc_dev_serves_a_local_etcd_until_ctrl_c_and_says_how_to_get_etcd() {
     crate::agent::wait_for("etcd to go", Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_with_lists_of_their_own_delivers_each_event_only_to_the_sessions_that_hear_every_task(
+) {
+    // Tester helper-7 D1: `--lists disjoint` waited for every session to hear every claim of
+    // the latency phase, and failed after a minute (exit 2).
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let out = crate::run(ifc(&etcd.endpoint(), w.path()).args([
+        "bench",
+        "--tasks",
+        "20",
+        "--samples",
+        "10",
+        "--sessions",
+        "10",
+        "--concurrency",
+        "1",
+        "--lists",
+        "disjoint",
+        "--output",
+        "json",
+    ]));
+    assert_eq!(crate::code(&out), 0, "{}", crate::text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    // 10 + 20 tasks, each created and claimed, heard by the claimer and the observer only.
+    assert_eq!(report["tasks_won"], 30, "{report}");
+    assert_eq!(report["events_expected"], 2 * 30 * 2, "{report}");
+    assert_eq!(
+        report["events_delivered"], report["events_expected"],
+        "{report}"
+    );
 }
