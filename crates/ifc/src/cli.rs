@@ -189,8 +189,10 @@ pub enum Command {
     },
     /// Move complete tasks out of etcd's live prefix (`tasks/` into `archive/`): watches,
     /// lists and the agents stop carrying finished work. Keeps the complete tasks that tasks
-    /// not complete wait for, and those completed within --older-than. `--restore ID...` puts
-    /// tasks back. Coordinator mode while git is retired or not configured
+    /// not complete wait for, and those claimed within --older-than. An archived task is gone
+    /// from the board: a new task cannot wait for it, and a session's list that names it by id
+    /// waits for it (`--restore ID...` puts tasks back). Coordinator mode while git is retired
+    /// or not configured
     Archive(ArchiveArgs),
     /// Show one task
     Get {
@@ -433,8 +435,9 @@ pub struct AgentArgs {
     /// Where per-task logs go [default: .ifc/logs/<session>]
     #[arg(long)]
     pub log_dir: Option<PathBuf>,
-    /// How many task logs to keep in --log-dir: the oldest go as new runs start (0: keep every
-    /// one)
+    /// How many task logs (`<task>-<token>.log`) to keep in --log-dir: the oldest go as new
+    /// runs start (0: keep every one). The directory is the session's own: agents sharing one
+    /// prune each other's logs
     #[arg(long, env = "IFC_KEEP_LOGS", default_value_t = 1000, value_name = "N")]
     pub keep_logs: usize,
     /// Serve Prometheus metrics at http://ADDR/metrics and health at http://ADDR/health: a port
@@ -452,9 +455,10 @@ pub struct AgentArgs {
 
 #[derive(Debug, Args)]
 pub struct ArchiveArgs {
-    /// Archive the tasks completed at least this long ago (a task with no completion time is
+    /// Archive the complete tasks whose completing claim was made at least this long ago
+    /// (records keep the claim's time, not the completion's; a task with no claim time is
     /// old); `0s`: every complete task nothing waits for
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = parse_duration, conflicts_with = "restore")]
     pub older_than: Duration,
     /// Say what would be archived; change nothing
     #[arg(long, conflicts_with = "restore")]

@@ -1,5 +1,7 @@
 //! The session's task logs (`<task>-<token>.log` in its log directory), pruned to the newest
 //! `--keep-logs`: one file per run otherwise piles up without end (issue 18's soak left 30,000).
+//! The directory is the session's own: an agent sharing it with another may remove that one's
+//! logs (tester helper-8 D5), so `--help` says so.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,7 @@ impl TaskLogs {
             .into_iter()
             .flatten()
             .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .filter(|e| is_task_log(&e.file_name().to_string_lossy()))
             .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
             .collect();
         found.sort();
@@ -56,6 +58,15 @@ impl TaskLogs {
     }
 }
 
+/// Whether `name` is a task log's: `<task>-<token>.log`, the token digits.
+fn is_task_log(name: &str) -> bool {
+    name.strip_suffix(".log")
+        .and_then(|stem| stem.rsplit_once('-'))
+        .is_some_and(|(task, token)| {
+            !task.is_empty() && !token.is_empty() && token.bytes().all(|b| b.is_ascii_digit())
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +84,8 @@ mod tests {
         write("A-1.log");
         write("B-2.log");
         write("outbox.json");
+        write("notes.log");
+        write("build-x.log");
         let mut logs = TaskLogs::open(dir.path(), 3);
         logs.started(write("C-3.log"));
         logs.started(write("D-4.log"));
@@ -82,9 +95,19 @@ mod tests {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, ["B-2.log", "C-3.log", "D-4.log", "outbox.json"]);
+        assert_eq!(
+            left,
+            [
+                "B-2.log",
+                "C-3.log",
+                "D-4.log",
+                "build-x.log",
+                "notes.log",
+                "outbox.json"
+            ]
+        );
         let mut all = TaskLogs::open(dir.path(), 0);
         all.started(write("E-5.log"));
-        assert_eq!(std::fs::read_dir(dir.path()).expect("read").count(), 5);
+        assert_eq!(std::fs::read_dir(dir.path()).expect("read").count(), 7);
     }
 }

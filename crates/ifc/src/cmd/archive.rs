@@ -29,8 +29,11 @@ pub async fn archive(
         .filter(|t| t.status != TaskStatus::Complete)
         .flat_map(|t| &t.blocked_by)
         .collect();
-    let cutoff = chrono::Utc::now()
-        - chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::MAX);
+    let now = chrono::Utc::now();
+    let cutoff = chrono::Duration::from_std(older_than)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
     let (mut chosen, mut kept, mut recent) = (Vec::new(), Vec::new(), 0usize);
     for t in listing
         .tasks
@@ -45,15 +48,45 @@ pub async fn archive(
             chosen.push(&t.id);
         }
     }
-    let mut archived = Vec::new();
+    if !listing.corrupt.is_empty() {
+        let keys: Vec<&str> = listing.corrupt.iter().map(|c| c.key.as_str()).collect();
+        tracing::warn!(
+            records = %keys.join(", "),
+            "unreadable records are left where they are (`ifc status` says what is wrong with them); what they wait for is not known, so the tasks they name may have been archived"
+        );
+    }
+    let mut archived: Vec<&TaskId> = Vec::new();
+    let mut restored: Vec<(&TaskId, TaskId)> = Vec::new();
     if !dry_run {
         for id in &chosen {
             // A task that changed since the list (reopened, deleted) is left where it is.
             if b.archive(id).await? == Archived::Archived {
-                archived.push(id.as_str());
+                archived.push(id);
             }
         }
+        // A task created meanwhile that waits for one just archived (its `put` checked the
+        // blocker before the move): that one comes back, or the new task would wait for ever.
+        let after = b.list().await?;
+        let moved: HashSet<&TaskId> = archived.iter().copied().collect();
+        for t in after
+            .tasks
+            .iter()
+            .filter(|t| t.status != TaskStatus::Complete)
+        {
+            for blocker in t.blocked_by.iter() {
+                let Some(&moved) = moved.get(blocker) else {
+                    continue;
+                };
+                if restored.iter().all(|(r, _)| *r != moved)
+                    && b.restore(moved).await? == Restored::Restored
+                {
+                    restored.push((moved, t.id.clone()));
+                }
+            }
+        }
+        archived.retain(|id| restored.iter().all(|(r, _)| r != id));
     }
+    let archived: Vec<&str> = archived.iter().map(|i| i.as_str()).collect();
     match output {
         Output::Json => writeln!(
             out,
@@ -62,6 +95,7 @@ pub async fn archive(
                 "dry_run": dry_run,
                 "archived": if dry_run { chosen.iter().map(|i| i.as_str()).collect() } else { archived.clone() },
                 "kept_waited_for": kept,
+                "restored_waited_for": restored.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>(),
                 "completed_since_cutoff": recent,
             })
         )?,
@@ -90,6 +124,12 @@ pub async fn archive(
                     "kept {} that tasks not complete wait for: {}",
                     kept.len(),
                     kept.join(", ")
+                )?;
+            }
+            for (task, waiting) in &restored {
+                writeln!(
+                    out,
+                    "put {task} back: {waiting}, created meanwhile, waits for it"
                 )?;
             }
             if recent > 0 {

@@ -167,6 +167,12 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
                 g,
                 "the board keeps finished rows; `ifc archive` works once git.retired is true",
             )?;
+            if g.mode == Some(Mode::Git) {
+                return Err(BackendError::InvalidInput(
+                    "`ifc archive` moves complete tasks out of etcd's live prefix: it has no git mode (a board keeps its rows)".into(),
+                )
+                .into());
+            }
             let b = etcd_only(g, "archive").await?;
             if args.restore.is_empty() {
                 archive::archive(&b, output, args.older_than, args.dry_run, &mut out).await
