@@ -481,6 +481,7 @@ impl Driver {
         // Only then are the claims of the session's gone previous process freed: a run it
         // finished is reported first, not claimed by another session in between and run again.
         self.settle_inheritance().await;
+        self.warn_unreadable(&sub.snapshot.corrupt);
         let mut inputs = VecDeque::from([Input::Snapshot(sub.snapshot.tasks.clone())]);
         let grace = self
             .session
@@ -613,6 +614,25 @@ impl Driver {
                 _ = sigterm.recv() => inputs.push_back(Input::Shutdown),
                 _ = sigint.recv() => inputs.push_back(Input::Shutdown),
             }
+        }
+    }
+
+    /// Says which records the session's list matches that cannot be read (tester helper-7: an
+    /// agent whose tasks were overwritten with junk said nothing; they read as not there).
+    fn warn_unreadable(&self, corrupt: &[agent_core::CorruptRecord]) {
+        let ours: Vec<&str> = corrupt
+            .iter()
+            .filter(|c| {
+                c.key
+                    .rsplit('/')
+                    .next()
+                    .and_then(|id| TaskId::parse(id).ok())
+                    .is_some_and(|id| self.session.tasks.iter().any(|p| p.matches(&id)))
+            })
+            .map(|c| c.key.as_str())
+            .collect();
+        if !ours.is_empty() {
+            tracing::warn!(session = %self.session.session_id, records = %ours.join(", "), "records the session's list names cannot be read: their tasks are not claimed until they are fixed (`ifc status` says what is wrong)");
         }
     }
 

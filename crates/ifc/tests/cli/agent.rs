@@ -887,3 +887,39 @@ fn what_a_finished_task_left_running_in_the_background_is_killed() {
     );
     assert_eq!(w.done(), ["BG"]);
 }
+
+#[test]
+fn an_agent_says_which_records_of_its_list_cannot_be_read() {
+    // Tester helper-7: tasks of an agent's list overwritten with junk read as not there, and the
+    // agent said nothing.
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut raw = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .expect("connect");
+        for key in ["tasks/J.1", "tasks/OTHER.1"] {
+            raw.put(key, "not json", None).await.expect("put");
+        }
+    });
+    let config = w.session("s-junk", &["J.*"], APPEND, "");
+    let log = w.path().join("junk.log");
+    let mut agent = spawn_agent(ifc(&etcd.endpoint(), w.path()), &config, &log, &[]);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for(
+        "the agent to name the unreadable record of its list",
+        Duration::from_secs(20),
+        || {
+            read()
+                .lines()
+                .any(|l| l.contains("cannot be read") && l.contains("tasks/J.1"))
+        },
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(
+        !read().contains("tasks/OTHER.1"),
+        "not of its list:\n{}",
+        read()
+    );
+}
