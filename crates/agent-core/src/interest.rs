@@ -110,14 +110,15 @@ impl Covered {
     }
 
     /// A covered task now names `blockers`: they are covered from now on, and what they wait
-    /// for (by `blockers_of`).
+    /// for (by `blockers_of`). Returns the tasks newly covered.
     pub fn add_blockers<'b>(
         &mut self,
         blockers: &[TaskId],
         blockers_of: &impl Fn(&TaskId) -> Option<&'b [TaskId]>,
-    ) {
+    ) -> Vec<TaskId> {
+        let mut added = Vec::new();
         if self.interest.is_all() {
-            return;
+            return added;
         }
         let mut stack: Vec<TaskId> = blockers
             .iter()
@@ -131,8 +132,10 @@ impl Covered {
             if let Some(next) = blockers_of(&b) {
                 stack.extend(next.iter().filter(|n| !self.covers(n)).cloned());
             }
-            self.blockers.insert(b);
+            self.blockers.insert(b.clone());
+            added.push(b);
         }
+        added
     }
 }
 

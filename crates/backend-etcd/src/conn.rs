@@ -6,7 +6,10 @@ use std::future::Future;
 use std::time::Duration;
 
 use agent_core::{BackendError, BackendResult};
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions, Txn, TxnResponse};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, GetResponse, Identity, TlsOptions, Txn,
+    TxnResponse,
+};
 
 use crate::members::Members;
 
@@ -133,6 +136,24 @@ impl Conn {
         self.call(operation, |mut c| {
             let txn = txn.clone();
             async move { c.txn(txn).await }
+        })
+        .await
+    }
+
+    /// Reads `key` (with `options`: a prefix, a revision) under the request deadline, taking
+    /// answers up to `MAX_RESPONSE`.
+    pub async fn get(
+        &self,
+        operation: &str,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> BackendResult<GetResponse> {
+        self.call(operation, |c| {
+            let (key, options) = (key.to_owned(), options.clone());
+            async move {
+                let mut kv = c.kv_client().max_decoding_message_size(MAX_RESPONSE);
+                kv.get(key, options).await
+            }
         })
         .await
     }

@@ -282,12 +282,11 @@ impl Routing {
             return;
         }
         let board = self.board.as_ref();
-        let before: HashSet<TaskId> = s.covered.blockers().cloned().collect();
-        s.covered.add_blockers(blockers, &|id: &TaskId| {
+        let added = s.covered.add_blockers(blockers, &|id: &TaskId| {
             board.and_then(|b| b.get(id)).map(Vec::as_slice)
         });
-        for b in s.covered.blockers().filter(|b| !before.contains(*b)) {
-            self.by_blocker.entry(b.clone()).or_default().insert(key);
+        for b in added {
+            self.by_blocker.entry(b).or_default().insert(key);
         }
     }
 }

@@ -272,14 +272,7 @@ impl Inner {
     /// Puts an archived task back in `tasks/`, unless a task of that id exists again.
     pub(crate) async fn restore(&self, id: &TaskId) -> BackendResult<Restored> {
         let (task_key, archived) = (self.keys.task(id), self.keys.archived(id));
-        let key = archived.clone();
-        let got = self
-            .conn
-            .call("restore", |mut c| {
-                let key = key.clone();
-                async move { c.get(key, None).await }
-            })
-            .await?;
+        let got = self.conn.get("restore", &archived, None).await?;
         let Some(kv) = got.kvs().first() else {
             return Ok(Restored::NotArchived);
         };

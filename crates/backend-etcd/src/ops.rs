@@ -177,17 +177,7 @@ impl Inner {
         if let Some(r) = revision {
             options = options.with_revision(r);
         }
-        self.conn
-            .call(what, |c| {
-                let (prefix, options) = (prefix.to_owned(), options.clone());
-                async move {
-                    let mut kv = c
-                        .kv_client()
-                        .max_decoding_message_size(crate::conn::MAX_RESPONSE);
-                    kv.get(prefix, Some(options)).await
-                }
-            })
-            .await
+        self.conn.get(what, prefix, Some(options)).await
     }
 
     /// Sorts list responses into records and claim keys; keys with invalid ids are reported.

@@ -131,13 +131,7 @@ impl Inner {
         if last != value || last_lease != lease {
             return Ok(false);
         }
-        let got = self
-            .conn
-            .call("announce", |mut c| {
-                let key = key.to_owned();
-                async move { c.get(key, None).await }
-            })
-            .await?;
+        let got = self.conn.get("announce", key, None).await?;
         Ok(got
             .kvs()
             .first()
@@ -174,11 +168,7 @@ impl Inner {
         session: &agent_core::SessionId,
     ) -> BackendResult<Option<Presence>> {
         let key = self.keys.session(session);
-        let get = |mut c: etcd_client::Client| {
-            let key = key.clone();
-            async move { c.get(key, None).await }
-        };
-        let resp = self.conn.call("read presence", get).await?;
+        let resp = self.conn.get("read presence", &key, None).await?;
         Ok(resp
             .kvs()
             .first()
@@ -191,11 +181,7 @@ impl Inner {
     /// as a claim without a lease is.
     pub(crate) async fn one_shot_lease(&self, lease: i64) -> BackendResult<bool> {
         let key = self.keys.oneshot(lease);
-        let get = |mut c: etcd_client::Client| {
-            let key = key.clone();
-            async move { c.get(key, None).await }
-        };
-        let resp = self.conn.call("read one-shot lease", get).await?;
+        let resp = self.conn.get("read one-shot lease", &key, None).await?;
         Ok(resp.kvs().first().is_some_and(|kv| kv.lease() == lease))
     }
 
@@ -207,11 +193,7 @@ impl Inner {
         lease: i64,
     ) -> BackendResult<bool> {
         let key = self.keys.session(session);
-        let get = |mut c: etcd_client::Client| {
-            let key = key.clone();
-            async move { c.get(key, None).await }
-        };
-        let resp = self.conn.call("read presence", get).await?;
+        let resp = self.conn.get("read presence", &key, None).await?;
         let Some(kv) = resp.kvs().first().filter(|kv| kv.lease() == lease) else {
             return Ok(false);
         };
@@ -345,12 +327,14 @@ impl Inner {
     }
 
     pub(crate) async fn sessions(&self) -> BackendResult<Vec<Presence>> {
-        let prefix = self.keys.sessions_prefix().to_owned();
-        let get = |mut c: etcd_client::Client| {
-            let prefix = prefix.clone();
-            async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
-        };
-        let resp = self.conn.call("sessions", get).await?;
+        let resp = self
+            .conn
+            .get(
+                "sessions",
+                self.keys.sessions_prefix(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
         let mut out: Vec<Presence> = resp
             .kvs()
             .iter()
