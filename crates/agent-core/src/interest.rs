@@ -69,8 +69,8 @@ impl Interest {
 
 /// An interest worked out over a board: the tasks it covers now (those its patterns match,
 /// and every task they wait for, at any depth). A task stays covered once it was: an edit
-/// that drops a blocker does not end its events.
-#[derive(Debug, Clone)]
+/// that drops a blocker does not end its events. The default covers every task.
+#[derive(Debug, Clone, Default)]
 pub struct Covered {
     interest: Interest,
     /// The blockers covered (tasks the patterns match are covered by matching).
@@ -97,6 +97,11 @@ impl Covered {
             }
         }
         covered
+    }
+
+    /// The interest it was worked out from.
+    pub fn interest(&self) -> &Interest {
+        &self.interest
     }
 
     /// The tasks covered as blockers of the matched ones.

@@ -1,12 +1,22 @@
-//! The watch cache: a mirror of every task record and claim key at one revision, the event diff
-//! that turns key changes into `TaskEvent`s (handed out by `fanout`), and the claims this client holds
-//! (so it can tell a holder that its claim is gone). Pure state; the informer feeds it.
+//! The watch cache: a mirror of the task records and claim keys in its scope at one revision, the
+//! event diff that turns key changes into `TaskEvent`s (handed out by `fanout`), and the claims
+//! this client holds (so it can tell a holder that its claim is gone). Pure state; the informer
+//! feeds it.
+//!
+//! The scope is what the process's first subscription covers (an agent: its list and, at any
+//! depth, what those tasks wait for), or every task. Keys outside it are not decoded nor kept, so
+//! an agent's memory and work per event follow its list, not the board (issue 18). A blocker
+//! named later, or a task this client claims outside the scope, joins it: until the informer
+//! has read it at the cache's revision (`adopt`) it is *pending*, and the cache answers nothing
+//! about it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::SystemTime;
 
+use agent_core::interest::Covered;
 use agent_core::{
-    BackendEvent, CorruptRecord, FencingToken, Listing, SessionId, TaskEvent, TaskId, TaskStatus,
+    BackendEvent, CorruptRecord, FencingToken, Interest, Listing, SessionId, TaskEvent, TaskId,
+    TaskStatus,
 };
 
 use crate::fanout::Outgoing;
@@ -48,7 +58,14 @@ pub(crate) struct Cache {
     /// Events produced under the lock, handed out after it (see `fanout`).
     outbox: Vec<Outgoing>,
     held: HashMap<TaskId, Held>,
+    /// What the cache mirrors (the default: every task).
+    scope: Covered,
+    /// Tasks that joined the scope and are not read yet, with the revision they joined at.
+    pending: HashMap<TaskId, i64>,
 }
+
+/// What `adopt` takes: the pending tasks' records and claim keys, read at one revision.
+pub(crate) type Fetched = (HashMap<TaskId, StoredRecord>, HashMap<TaskId, StoredClaim>);
 
 impl Cache {
     /// What watchers see of a task: its effective status, holder and blockers.
@@ -68,8 +85,102 @@ impl Cache {
         }
     }
 
-    /// Applies the changes of one revision; returns the repairs it calls for.
-    pub fn apply(&mut self, revision: i64, changes: Vec<Change>) -> Vec<Repair> {
+    /// Mirrors what `interest` covers, from the next list on (set before the first).
+    pub fn set_scope(&mut self, interest: Interest) {
+        self.scope = Covered::new(interest, std::iter::empty(), |_| None);
+    }
+
+    /// Whether the cache mirrors everything `interest` covers.
+    pub fn scope_holds(&self, interest: &Interest) -> bool {
+        let scope = self.scope.interest();
+        scope.is_all() || scope == interest
+    }
+
+    /// Mirrors every task from the next list on; until then the cache answers nothing.
+    pub fn widen(&mut self) {
+        self.scope = Covered::default();
+        self.pending.clear();
+        self.synced = false;
+    }
+
+    /// Whether the cache mirrors `id` (in its scope and read).
+    pub fn tracks(&self, id: &TaskId) -> bool {
+        self.scope.covers(id) && !self.pending.contains_key(id)
+    }
+
+    /// The pending tasks (to read at the cache's revision, then `adopt`).
+    pub fn pending(&self) -> Vec<TaskId> {
+        self.pending.keys().cloned().collect()
+    }
+
+    /// How many task records the cache mirrors.
+    pub fn mirrored(&self) -> usize {
+        self.records.len()
+    }
+
+    /// `ids` join the scope at `revision`, with what they wait for; those not mirrored yet
+    /// become pending. Returns whether any did.
+    fn extend_scope(&mut self, ids: &[TaskId], revision: i64) -> bool {
+        let records = &self.records;
+        let added = self
+            .scope
+            .add_blockers(ids, &|id: &TaskId| blockers_in(records, id));
+        let before = self.pending.len();
+        self.pending.extend(
+            added
+                .into_iter()
+                .filter(|id| !self.records.contains_key(id))
+                .map(|id| (id, revision)),
+        );
+        self.pending.len() > before
+    }
+
+    /// The blockers a tracked record names join the scope at `revision`.
+    fn follow_blockers(&mut self, id: &TaskId, revision: i64) {
+        let named = match self.records.get(id).map(|s| &s.record) {
+            Some(Ok(r)) if !r.task.blocked_by.is_empty() => r.task.blocked_by.clone(),
+            _ => return,
+        };
+        self.extend_scope(&named, revision);
+    }
+
+    /// Takes in the pending tasks read at `revision` (the cache's): each is mirrored from
+    /// now on. One that changed since it joined the scope is told of (an event at `revision`):
+    /// the watch passed that change by, and a subscriber covering it must hear it. Ignored if
+    /// the cache moved on meanwhile (read them again). Returns the repairs it calls for.
+    pub fn adopt(&mut self, revision: i64, fetched: Fetched) -> Vec<Repair> {
+        if revision != self.revision || !self.synced {
+            return Vec::new();
+        }
+        let (mut records, mut claims) = fetched;
+        let joined: Vec<(TaskId, i64)> = self.pending.drain().collect();
+        let mut before: BTreeMap<TaskId, Face> = BTreeMap::new();
+        for (id, at) in &joined {
+            let record = records.remove(id);
+            let claim = claims.remove(id);
+            let changed = record.as_ref().is_some_and(|r| r.mod_rev >= *at)
+                || claim.as_ref().is_some_and(|c| c.mod_rev >= *at);
+            if let Some(r) = record {
+                self.records.insert(id.clone(), r);
+            }
+            if let Some(c) = claim {
+                self.claims.insert(id.clone(), c);
+            }
+            let old = if changed { None } else { self.face(id) };
+            before.insert(id.clone(), old);
+        }
+        for (id, at) in &joined {
+            self.follow_blockers(id, *at);
+        }
+        self.after_change(revision, before)
+    }
+
+    /// Applies the changes of one revision; returns the repairs it calls for. Changes of tasks
+    /// outside the scope are ignored.
+    pub fn apply(&mut self, revision: i64, mut changes: Vec<Change>) -> Vec<Repair> {
+        changes.retain(|c| match c {
+            Change::Record(id, _) | Change::Claim(id, _) => self.tracks(id),
+        });
         let touched: BTreeSet<TaskId> = changes
             .iter()
             .map(|c| match c {
@@ -97,16 +208,31 @@ impl Cache {
             }
         }
         self.revision = self.revision.max(revision);
+        for id in &touched {
+            self.follow_blockers(id, revision);
+        }
         self.after_change(revision, before)
     }
 
-    /// Replaces the whole mirror (after a list); emits the difference as events at `revision`.
+    /// Replaces the whole mirror (after a list of every task); keeps what the scope covers and
+    /// emits the difference as events at `revision`.
     pub fn replace(
         &mut self,
         revision: i64,
-        records: HashMap<TaskId, StoredRecord>,
-        claims: HashMap<TaskId, StoredClaim>,
+        mut records: HashMap<TaskId, StoredRecord>,
+        mut claims: HashMap<TaskId, StoredClaim>,
     ) -> Vec<Repair> {
+        if !self.scope.interest().is_all() {
+            let of = |id: &TaskId| blockers_in(&records, id);
+            let mut scope = Covered::new(self.scope.interest().clone(), records.keys(), of);
+            // The claims this client holds stay in sight.
+            let held: Vec<TaskId> = self.held.keys().cloned().collect();
+            scope.add_blockers(&held, &of);
+            records.retain(|id, _| scope.covers(id));
+            claims.retain(|id, _| scope.covers(id));
+            self.scope = scope;
+        }
+        self.pending.clear();
         let touched: BTreeSet<TaskId> = self
             .records
             .keys()
@@ -204,9 +330,11 @@ impl Cache {
         }
     }
 
-    /// Remembers a claim this client holds.
-    pub fn hold(&mut self, task: TaskId, held: Held) {
-        self.held.insert(task, held);
+    /// Remembers a claim this client holds; a task outside the scope joins it (so the cache can
+    /// tell when the claim is gone). Returns whether the informer has tasks to read.
+    pub fn hold(&mut self, task: TaskId, held: Held) -> bool {
+        self.held.insert(task.clone(), held);
+        self.extend_scope(&[task], self.revision)
     }
 
     /// Forgets the claim on `task` (returned, so it can be put back).
@@ -225,15 +353,15 @@ impl Cache {
 
     /// The effective status of one task in the mirror (`None`: unknown, corrupt, or not synced).
     pub fn status(&self, id: &TaskId) -> Option<TaskStatus> {
-        if !self.synced {
+        if !self.synced || !self.tracks(id) {
             return None;
         }
         self.face(id).map(|(status, _, _)| status)
     }
 
-    /// The view of one task, if the cache is synced.
+    /// The view of one task, if the cache is synced and mirrors it and its blockers.
     pub fn view(&self, id: &TaskId) -> Option<View> {
-        if !self.synced {
+        if !self.synced || !self.tracks(id) {
             return None;
         }
         let record = self.records.get(id).cloned();
@@ -243,13 +371,15 @@ impl Cache {
             blockers: BTreeMap::new(),
         };
         for b in view.missing_blockers() {
+            if !self.tracks(&b) {
+                return None;
+            }
             let stored = self.records.get(&b).cloned();
             view.blockers.insert(b, stored);
         }
         Some(view)
     }
 
-    /// Every task as the cache has it.
     /// Every readable task's blockers.
     pub fn blockers(&self) -> Vec<(&TaskId, &[TaskId])> {
         self.records
@@ -264,6 +394,19 @@ impl Cache {
     pub fn listing(&self, keys: &crate::keys::Keys) -> Listing {
         listing(keys, self.revision, &self.records, &self.claims)
     }
+}
+
+/// What the readable record of `id` in `records` waits for.
+fn blockers_in<'a>(
+    records: &'a HashMap<TaskId, StoredRecord>,
+    id: &TaskId,
+) -> Option<&'a [TaskId]> {
+    let stored = records.get(id)?;
+    stored
+        .record
+        .as_ref()
+        .ok()
+        .map(|r| r.task.blocked_by.as_slice())
 }
 
 /// Effective tasks (sorted by id) and corrupt records from raw records and claim keys.

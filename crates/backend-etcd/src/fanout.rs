@@ -255,7 +255,9 @@ impl Routing {
         let Some(board) = self.board.as_mut() else {
             return;
         };
-        let Some(r) = revision.filter(|r| *r > self.board_revision) else {
+        // Older than the board: it has the task as of a later revision. The same revision is
+        // not older: a transaction (or a re-list) changes several tasks at one revision.
+        let Some(r) = revision.filter(|r| *r >= self.board_revision) else {
             return;
         };
         self.board_revision = r;

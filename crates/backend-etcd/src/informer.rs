@@ -1,15 +1,20 @@
 //! List-then-watch: keeps the cache a mirror of etcd and feeds subscribers. Lists once, watches
 //! from the next revision, resumes from the last revision seen after a disconnect, re-lists after
 //! a compaction, and treats a stream that answers no progress request as dead.
+//!
+//! The watch covers the whole namespace (one stream keeps etcd's order across every key), but
+//! only the keys in the cache's scope are decoded and kept. Tasks that join the scope are read
+//! at the cache's revision between two watch responses, so nothing of them is missed or seen
+//! twice; the scope widened to every task is a new list.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use agent_core::retry::Backoff;
 use agent_core::BackendResult;
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::{EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
 use tokio::time::Instant;
 
 use crate::cache::Change;
@@ -22,6 +27,8 @@ enum WatchEnd {
     Compacted,
     /// The stream broke; resume from the last revision seen.
     Broken(String),
+    /// The scope widened, or tasks that joined it could not be read: list again.
+    Rescope,
 }
 
 impl Inner {
@@ -48,6 +55,7 @@ impl Inner {
                     tracing::info!(start, "watch start revision compacted; listing again");
                     need_list = true;
                 }
+                WatchEnd::Rescope => need_list = true,
                 WatchEnd::Broken(reason) => {
                     let resume_from = self.cache().revision + 1;
                     if failures == 0 {
@@ -70,6 +78,48 @@ impl Inner {
         self.queue_repairs(repairs);
         self.synced.notify_waiters();
         Ok(())
+    }
+
+    /// Reads the tasks that joined the scope at the cache's revision, and their claim keys, until
+    /// none is pending (what they wait for joins too). Runs between two watch responses: the
+    /// cache's revision does not move meanwhile.
+    async fn read_pending(&self) -> BackendResult<()> {
+        loop {
+            let (revision, pending) = {
+                let cache = self.cache();
+                (cache.revision, cache.pending())
+            };
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let at = GetOptions::new().with_revision(revision);
+            let ops: Vec<TxnOp> = pending
+                .iter()
+                .flat_map(|id| {
+                    [
+                        TxnOp::get(self.keys.task(id), Some(at.clone())),
+                        TxnOp::get(self.keys.claim(id), Some(at.clone())),
+                    ]
+                })
+                .collect();
+            let resp = self.conn.read_txn("read", Txn::new().and_then(ops)).await?;
+            let (mut records, mut claims) = (HashMap::new(), HashMap::new());
+            let mut responses = resp.op_responses().into_iter();
+            for id in &pending {
+                let mut first = || match responses.next() {
+                    Some(TxnOpResponse::Get(get)) => get.kvs().first().cloned(),
+                    _ => None,
+                };
+                if let Some(kv) = first() {
+                    records.insert(id.clone(), stored_record(id, &kv));
+                }
+                if let Some(kv) = first() {
+                    claims.insert(id.clone(), stored_claim(&kv));
+                }
+            }
+            let repairs = self.cache().adopt(revision, (records, claims));
+            self.queue_repairs(repairs);
+        }
     }
 
     fn queue_repairs(&self, repairs: Vec<crate::cache::Repair>) {
@@ -128,6 +178,14 @@ impl Inner {
                         }
                     }
                     self.apply_events(&resp);
+                    if let Some(end) = self.follow_scope().await {
+                        return end;
+                    }
+                }
+                () = self.scope_changed.notified() => {
+                    if let Some(end) = self.follow_scope().await {
+                        return end;
+                    }
                 }
                 Ok(()) = passed_over.changed() => {
                     if *passed_over.borrow_and_update() == Some(member) {
@@ -147,6 +205,21 @@ impl Inner {
         }
     }
 
+    /// After a watch response, or when told the scope changed: a widened scope ends the watch
+    /// for a new list; tasks that joined it are read.
+    async fn follow_scope(&self) -> Option<WatchEnd> {
+        if !self.cache().synced {
+            return Some(WatchEnd::Rescope);
+        }
+        match self.read_pending().await {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the tasks that joined this watch; listing again");
+                Some(WatchEnd::Rescope)
+            }
+        }
+    }
+
     fn apply_events(&self, resp: &etcd_client::WatchResponse) {
         let events = resp.events();
         if events.is_empty() {
@@ -159,27 +232,49 @@ impl Inner {
             }
             return;
         }
+        // The keys in scope, decoded outside the cache's lock (`apply` checks again under it).
+        let keyed: Vec<(KeyKind, &etcd_client::KeyValue, bool)> = events
+            .iter()
+            .filter_map(|event| {
+                let kv = event.kv()?;
+                let kind = self.keys.parse(kv.key())?;
+                Some((kind, kv, event.event_type() == EventType::Put))
+            })
+            .collect();
+        let keyed: Vec<_> = {
+            let cache = self.cache();
+            keyed
+                .into_iter()
+                .filter(|(kind, _, _)| cache.tracks(kind.task()))
+                .collect()
+        };
         // Group by revision so one transaction's keys become one event.
         let mut groups: BTreeMap<i64, Vec<Change>> = BTreeMap::new();
-        for event in events {
-            let Some(kv) = event.kv() else { continue };
-            let put = event.event_type() == EventType::Put;
-            let change = match self.keys.parse(kv.key()) {
-                Some(KeyKind::Task(id)) => {
+        for (kind, kv, put) in keyed {
+            let change = match kind {
+                KeyKind::Task(id) => {
                     let stored = put.then(|| stored_record(&id, kv));
                     Change::Record(id, stored)
                 }
-                Some(KeyKind::Claim(id)) => Change::Claim(id, put.then(|| stored_claim(kv))),
-                None => continue,
+                KeyKind::Claim(id) => Change::Claim(id, put.then(|| stored_claim(kv))),
             };
             groups.entry(kv.mod_revision()).or_default().push(change);
         }
+        // Every event up to the response's last one has been delivered, in scope or not: the
+        // cache is at that revision (tasks that join the scope are read there). Not the header's
+        // revision: a watch catching up sends the current revision with a part of the events.
+        let last = events
+            .iter()
+            .filter_map(|e| e.kv().map(|kv| kv.mod_revision()))
+            .max()
+            .unwrap_or_default();
         let mut repairs = Vec::new();
         {
             let mut cache = self.cache();
             for (revision, changes) in groups {
                 repairs.extend(cache.apply(revision, changes));
             }
+            cache.revision = cache.revision.max(last);
         }
         self.queue_repairs(repairs);
     }

@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use agent_core::SessionId;
+use agent_core::{SessionId, TaskId};
 use tokio::sync::{mpsc, Notify, OnceCell};
 use tokio::task::AbortHandle;
 
-use crate::cache::{Cache, Repair};
+use crate::cache::{Cache, Held, Repair};
 use crate::config::EtcdConfig;
 use crate::conn::Conn;
 use crate::fanout::Fanout;
@@ -28,6 +28,8 @@ pub(crate) struct Inner {
     pub fanout: Fanout,
     /// Signalled each time the cache (re)syncs with a list.
     pub synced: Notify,
+    /// Signalled when the cache's scope widened or has tasks to read (the informer follows).
+    pub scope_changed: Notify,
     /// Whether the watch stream is currently open and answering.
     pub watching: AtomicBool,
     /// Times the watch stream broke and was resumed.
@@ -72,6 +74,7 @@ impl Inner {
             cache: Mutex::new(Cache::default()),
             fanout: Fanout::new(bound),
             synced: Notify::new(),
+            scope_changed: Notify::new(),
             watching: AtomicBool::new(false),
             reconnects: std::sync::atomic::AtomicU64::new(0),
             leases: Mutex::new(HashMap::new()),
@@ -95,6 +98,19 @@ impl Inner {
             guard: Some(self.cache.lock().unwrap_or_else(|p| p.into_inner())),
             fanout: &self.fanout,
         }
+    }
+
+    /// Remembers a claim this client holds (see `Cache::hold`).
+    pub fn hold(&self, task: TaskId, held: Held) {
+        if self.cache().hold(task, held) {
+            self.scope_changed.notify_one();
+        }
+    }
+
+    /// The cache mirrors every task from now on: its scope widens and it lists again.
+    pub fn widen_scope(&self) {
+        self.cache().widen();
+        self.scope_changed.notify_one();
     }
 
     /// Remembers a background task so it ends with the backend.

@@ -24,6 +24,15 @@ pub(crate) enum KeyKind {
     Claim(TaskId),
 }
 
+impl KeyKind {
+    /// The task the key belongs to.
+    pub fn task(&self) -> &TaskId {
+        match self {
+            KeyKind::Task(id) | KeyKind::Claim(id) => id,
+        }
+    }
+}
+
 impl Keys {
     pub fn new(prefix: &str) -> Self {
         Keys {

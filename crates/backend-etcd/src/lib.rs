@@ -1,6 +1,7 @@
 //! backend-etcd: the `Backend` on etcd. A claim is one compare-and-swap transaction (when the
 //! watch cache is current), ownership is a lease-bound claim key, releases are fenced on that key,
-//! and subscribers are fed by one list-then-watch informer per backend.
+//! and subscribers are fed by one list-then-watch informer per backend, which mirrors what its
+//! first subscription covers.
 //!
 //! Key layout and record shape: see `keys` and `record`. Nothing here knows about git or the
 //! claim loop.
@@ -112,16 +113,28 @@ impl EtcdBackend {
         })
     }
 
-    /// Starts the watch cache (once) and waits until it has listed every task. Claims and releases
-    /// use the cache for their compare values from then on; `subscribe` calls this.
+    /// Starts the watch cache of every task (once) and waits until it has listed them. Claims and
+    /// releases use the cache for their compare values from then on.
     pub async fn start_watch(&self) -> BackendResult<()> {
+        self.watch_for(&Interest::all()).await
+    }
+
+    /// Starts the watch cache (once) for what `interest` covers, or widens it to every task if
+    /// it follows another interest, and waits until it has listed. The first subscription's
+    /// interest is the cache's: an agent mirrors its list, not the board.
+    async fn watch_for(&self, interest: &Interest) -> BackendResult<()> {
         self.informer
             .get_or_init(|| async {
+                self.inner.cache().set_scope(interest.clone());
                 let inner = Arc::clone(&self.inner);
                 let handle = tokio::spawn(inner.inform());
                 self.inner.adopt(handle.abort_handle());
             })
             .await;
+        if !self.inner.cache().scope_holds(interest) {
+            tracing::debug!(?interest, "the watch cache now mirrors every task");
+            self.inner.widen_scope();
+        }
         let deadline = self.inner.config.dial_timeout + self.inner.config.request_timeout;
         let wait = async {
             loop {
@@ -169,6 +182,12 @@ impl EtcdBackend {
     /// not running). No call to etcd.
     pub fn cached_status(&self, task: &TaskId) -> Option<TaskStatus> {
         self.inner.cache().status(task)
+    }
+
+    /// How many task records the watch cache mirrors (0 before it starts): the tasks its
+    /// first subscription covers, or every task.
+    pub fn cached_tasks(&self) -> usize {
+        self.inner.cache().mirrored()
     }
 
     /// The endpoints this backend talks to, comma-separated.
@@ -228,7 +247,7 @@ impl Backend for EtcdBackend {
     }
 
     async fn subscribe_to(&self, interest: &Interest) -> BackendResult<Subscription> {
-        self.start_watch().await?;
+        self.watch_for(interest).await?;
         Ok(join(&self.inner, interest))
     }
 

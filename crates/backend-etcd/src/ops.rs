@@ -324,7 +324,7 @@ impl Inner {
             };
             if resp.succeeded() {
                 let rev = resp.header().map_or(0, |h| h.revision());
-                self.cache().hold(
+                self.hold(
                     id.clone(),
                     Held {
                         session: session.clone(),
@@ -440,7 +440,7 @@ impl Inner {
                 }
                 other => {
                     if let Some(held) = aside {
-                        self.cache().hold(id.clone(), held);
+                        self.hold(id.clone(), held);
                     }
                     other?
                 }

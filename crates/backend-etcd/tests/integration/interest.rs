@@ -30,13 +30,22 @@ fn status(s: TaskStatus) -> TaskPatch {
 
 /// Reads `sub` until an event of `task` (every task event before it returned, in order).
 async fn until(sub: &mut agent_core::Subscription, task: &str) -> Vec<String> {
+    until_event(sub, task, |e| e.task.as_str() == task).await
+}
+
+/// Reads `sub` until a task event that is `wanted` (the task events up to it, in order).
+async fn until_event(
+    sub: &mut agent_core::Subscription,
+    task: &str,
+    wanted: impl Fn(&agent_core::TaskEvent) -> bool,
+) -> Vec<String> {
     let mut seen = Vec::new();
     tokio::time::timeout(WAIT, async {
         loop {
             match sub.next().await {
                 Some(BackendEvent::Task(e)) => {
                     seen.push(e.task.to_string());
-                    if e.task.as_str() == task {
+                    if wanted(&e) {
                         return;
                     }
                 }
@@ -46,7 +55,7 @@ async fn until(sub: &mut agent_core::Subscription, task: &str) -> Vec<String> {
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("no event of {task}; saw {seen:?}"));
+    .unwrap_or_else(|_| panic!("no such event of {task}; saw {seen:?}"));
     seen
 }
 
@@ -174,4 +183,143 @@ async fn a_subscriber_that_falls_behind_starts_again_from_a_fresh_snapshot() {
     client.claim(&tid("S.07"), &sid("s1")).await.expect("claim");
     assert_eq!(until(&mut slow, "S.07").await, ["S.07"]);
     assert_eq!(until(&mut keeping_up, "S.07").await, ["S.07"]);
+}
+
+/// Reads `sub` until `task` is heard `complete` (returns the task events before, in order).
+async fn until_complete(sub: &mut agent_core::Subscription, task: &str) -> Vec<String> {
+    until_event(sub, task, |e| {
+        e.task.as_str() == task && e.new_status == Some(TaskStatus::Complete)
+    })
+    .await
+}
+
+/// A new client, subscribed to `patterns`.
+async fn subscribed(
+    server: &EtcdServer,
+    patterns: &[&str],
+) -> (backend_etcd::EtcdBackend, agent_core::Subscription) {
+    let client = crate::backend(server, false).await;
+    let sub = client
+        .subscribe_to(&interest(patterns))
+        .await
+        .expect("subscribe");
+    (client, sub)
+}
+
+fn record(id: &str, status: &str, blocked_by: &[&str]) -> String {
+    serde_json::json!({
+        "task_id": id, "status": status, "claimed_by": null, "claimed_at": null,
+        "blocked_by": blocked_by,
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_mirrors_what_its_subscription_covers_and_blockers_that_join_it() {
+    let server = EtcdServer::start();
+    let mut raw = crate::raw_client(&server).await;
+    let writer = crate::backend(&server, false).await;
+    let available = status(TaskStatus::Available);
+    for i in 0..200 {
+        let id = tid(&format!("X.{i:03}"));
+        writer.put(&id, &available).await.expect("put");
+    }
+    for (id, blocked_by) in [
+        ("A.1", &["B.1"][..]),
+        ("B.1", &["C.1"]),
+        ("C.1", &[]),
+        ("Y.1", &["Y.2"]),
+        ("Y.2", &[]),
+    ] {
+        raw.put(
+            format!("tasks/{id}"),
+            record(id, "available", blocked_by),
+            None,
+        )
+        .await
+        .expect("put");
+    }
+    let (client, mut sub) = subscribed(&server, &["A.*"]).await;
+    assert_eq!(client.cached_tasks(), 3, "A.1 and its chain, none of X.*");
+
+    // A.1 names Y.1 in the transaction that completes Y.1: the informer hears Y.1's change
+    // before Y.1 is in its scope, and must not lose it. Y.2 joins with Y.1, and completes next.
+    let txn = etcd_client::Txn::new().and_then([
+        etcd_client::TxnOp::put(
+            "tasks/A.1",
+            record("A.1", "available", &["B.1", "Y.1"]),
+            None,
+        ),
+        etcd_client::TxnOp::put("tasks/Y.1", record("Y.1", "complete", &["Y.2"]), None),
+    ]);
+    raw.txn(txn).await.expect("txn");
+    writer
+        .put(&tid("Y.2"), &status(TaskStatus::Complete))
+        .await
+        .expect("put");
+    let heard = until_complete(&mut sub, "Y.1").await;
+    assert!(heard.contains(&"A.1".to_owned()), "{heard:?}");
+    until_complete(&mut sub, "Y.2").await;
+
+    // The chain clears; the client's claim of A.1 is decided on what it mirrors.
+    for t in ["C.1", "B.1"] {
+        writer
+            .put(&tid(t), &status(TaskStatus::Complete))
+            .await
+            .expect("put");
+    }
+    until_complete(&mut sub, "B.1").await;
+    let won = client.claim(&tid("A.1"), &sid("s1")).await.expect("claim");
+    assert!(matches!(won, agent_core::ClaimOutcome::Won(_)), "{won:?}");
+
+    // The board grows elsewhere; what the client keeps does not.
+    for i in 200..300 {
+        let id = tid(&format!("X.{i:03}"));
+        writer.put(&id, &available).await.expect("put");
+    }
+    writer.put(&tid("A.2"), &available).await.expect("put");
+    until(&mut sub, "A.2").await;
+    assert_eq!(client.cached_tasks(), 6, "A.1, A.2, B.1, C.1, Y.1, Y.2");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    while let Some(e) = sub.try_next() {
+        if let BackendEvent::Task(e) = e {
+            assert!(!e.task.as_str().starts_with('X'), "{e:?}");
+        }
+    }
+
+    // Another subscription of every task: the cache widens to the board.
+    let all = client.subscribe().await.expect("subscribe");
+    assert_eq!(all.snapshot.tasks.len(), 306);
+    assert_eq!(client.cached_tasks(), 306);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_outside_what_the_client_mirrors_is_still_watched_for_its_loss() {
+    let server = EtcdServer::start();
+    let writer = crate::backend(&server, false).await;
+    for t in ["A.1", "X.1"] {
+        writer
+            .put(&tid(t), &status(TaskStatus::Available))
+            .await
+            .expect("put");
+    }
+    let (client, mut sub) = subscribed(&server, &["A.*"]).await;
+    assert_eq!(client.cached_tasks(), 1);
+    let won = client.claim(&tid("X.1"), &sid("s1")).await.expect("claim");
+    assert!(matches!(won, agent_core::ClaimOutcome::Won(_)), "{won:?}");
+    // An operator deletes the claimed task: its holder is told.
+    let deleted = writer.delete(&tid("X.1"), true).await.expect("delete");
+    assert_eq!(deleted, backend_etcd::Deleted::Deleted);
+    let lost = tokio::time::timeout(WAIT, async {
+        loop {
+            match sub.next().await {
+                Some(BackendEvent::ClaimLost { task, .. }) => return task,
+                Some(_) => {}
+                None => panic!("subscription ended"),
+            }
+        }
+    })
+    .await
+    .expect("the holder hears that its claim is gone");
+    assert_eq!(lost, tid("X.1"));
 }
