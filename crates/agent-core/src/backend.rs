@@ -228,6 +228,15 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// A consistent snapshot: all tasks as of `revision`.
     async fn list(&self) -> BackendResult<Listing>;
 
+    /// The tasks `interest` covers (`Interest::filter` of a list), at one revision. A store may
+    /// read only those: an agent's start reads its list, not the board.
+    ///
+    /// # Correctness
+    /// The same as `interest.filter(self.list())`: every task it covers as of `revision`.
+    async fn list_of(&self, interest: &Interest) -> BackendResult<Listing> {
+        Ok(interest.filter(self.list().await?))
+    }
+
     /// Creates a task or updates its title, status or blockers, keeping every other stored field.
     ///
     /// # Correctness

@@ -64,9 +64,6 @@ pub(crate) struct Cache {
     pending: HashMap<TaskId, i64>,
 }
 
-/// What `adopt` takes: the pending tasks' records and claim keys, read at one revision.
-pub(crate) type Fetched = (HashMap<TaskId, StoredRecord>, HashMap<TaskId, StoredClaim>);
-
 impl Cache {
     /// What watchers see of a task: its effective status, holder and blockers.
     fn face(&self, id: &TaskId) -> Face {
@@ -88,6 +85,11 @@ impl Cache {
     /// Mirrors what `interest` covers, from the next list on (set before the first).
     pub fn set_scope(&mut self, interest: Interest) {
         self.scope = Covered::new(interest, std::iter::empty(), |_| None);
+    }
+
+    /// What the cache mirrors.
+    pub fn scope(&self) -> &Interest {
+        self.scope.interest()
     }
 
     /// Whether the cache mirrors everything `interest` covers.
@@ -148,7 +150,7 @@ impl Cache {
     /// now on. One that changed since it joined the scope is told of (an event at `revision`):
     /// the watch passed that change by, and a subscriber covering it must hear it. Ignored if
     /// the cache moved on meanwhile (read them again). Returns the repairs it calls for.
-    pub fn adopt(&mut self, revision: i64, fetched: Fetched) -> Vec<Repair> {
+    pub fn adopt(&mut self, revision: i64, fetched: crate::scoped::Stored) -> Vec<Repair> {
         if revision != self.revision || !self.synced {
             return Vec::new();
         }

@@ -4,7 +4,7 @@
 //! operator removing a task: never a held one or one others wait for, unless forced).
 
 use agent_core::mirror::{self, rank, Decision, Mirrored, RecordOutcome};
-use agent_core::{BackendError, BackendResult, SessionId, Task, TaskId, TaskStatus};
+use agent_core::{BackendError, BackendResult, Interest, SessionId, Task, TaskId, TaskStatus};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
 use crate::inner::Inner;
@@ -217,7 +217,7 @@ impl Inner {
             }
             if !force {
                 let dependents: Vec<TaskId> = self
-                    .list()
+                    .list_of(&Interest::all())
                     .await?
                     .tasks
                     .into_iter()

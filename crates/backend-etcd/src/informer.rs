@@ -7,14 +7,14 @@
 //! at the cache's revision between two watch responses, so nothing of them is missed or seen
 //! twice; the scope widened to every task is a new list.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use agent_core::retry::Backoff;
 use agent_core::BackendResult;
-use etcd_client::{EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
+use etcd_client::{EventType, WatchOptions};
 use tokio::time::Instant;
 
 use crate::cache::Change;
@@ -72,12 +72,22 @@ impl Inner {
         }
     }
 
+    /// Lists what the cache's scope covers (again if the scope widened meanwhile) and replaces
+    /// the mirror with it.
     async fn relist(&self) -> BackendResult<()> {
-        let raw = self.list_raw().await?;
-        let repairs = self.cache().replace(raw.revision, raw.records, raw.claims);
-        self.queue_repairs(repairs);
-        self.synced.notify_waiters();
-        Ok(())
+        loop {
+            let interest = self.cache().scope().clone();
+            let raw = self.list_in(&interest).await?;
+            let mut cache = self.cache();
+            if *cache.scope() != interest {
+                continue;
+            }
+            let repairs = cache.replace(raw.revision, raw.records, raw.claims);
+            drop(cache);
+            self.queue_repairs(repairs);
+            self.synced.notify_waiters();
+            return Ok(());
+        }
     }
 
     /// Reads the tasks that joined the scope at the cache's revision, and their claim keys, until
@@ -92,32 +102,8 @@ impl Inner {
             if pending.is_empty() {
                 return Ok(());
             }
-            let at = GetOptions::new().with_revision(revision);
-            let ops: Vec<TxnOp> = pending
-                .iter()
-                .flat_map(|id| {
-                    [
-                        TxnOp::get(self.keys.task(id), Some(at.clone())),
-                        TxnOp::get(self.keys.claim(id), Some(at.clone())),
-                    ]
-                })
-                .collect();
-            let resp = self.conn.read_txn("read", Txn::new().and_then(ops)).await?;
-            let (mut records, mut claims) = (HashMap::new(), HashMap::new());
-            let mut responses = resp.op_responses().into_iter();
-            for id in &pending {
-                let mut first = || match responses.next() {
-                    Some(TxnOpResponse::Get(get)) => get.kvs().first().cloned(),
-                    _ => None,
-                };
-                if let Some(kv) = first() {
-                    records.insert(id.clone(), stored_record(id, &kv));
-                }
-                if let Some(kv) = first() {
-                    claims.insert(id.clone(), stored_claim(&kv));
-                }
-            }
-            let repairs = self.cache().adopt(revision, (records, claims));
+            let fetched = self.read_tasks_at(&pending, revision).await?;
+            let repairs = self.cache().adopt(revision, fetched);
             self.queue_repairs(repairs);
         }
     }

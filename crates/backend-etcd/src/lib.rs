@@ -20,6 +20,7 @@ mod members;
 mod ops;
 mod presence;
 mod record;
+mod scoped;
 mod view;
 
 #[cfg(feature = "testing")]
@@ -213,7 +214,11 @@ impl Backend for EtcdBackend {
     }
 
     async fn list(&self) -> BackendResult<Listing> {
-        self.inner.list().await
+        self.inner.list_of(&Interest::all()).await
+    }
+
+    async fn list_of(&self, interest: &Interest) -> BackendResult<Listing> {
+        self.inner.list_of(interest).await
     }
 
     async fn put(&self, task: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {

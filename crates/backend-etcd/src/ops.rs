@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use agent_core::{
-    BackendError, BackendResult, Claim, ClaimOutcome, Claimability, FencingToken, Listing, Patched,
-    PutOutcome, ReleaseOutcome, ReleaseTo, SessionId, Task, TaskId, TaskPatch, TaskStatus,
+    BackendError, BackendResult, Claim, ClaimOutcome, Claimability, FencingToken, Interest,
+    Listing, Patched, PutOutcome, ReleaseOutcome, ReleaseTo, SessionId, Task, TaskId, TaskPatch,
+    TaskStatus,
 };
 use chrono::Utc;
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
@@ -23,6 +24,11 @@ pub(crate) struct RawListing {
     pub claims: HashMap<TaskId, crate::record::StoredClaim>,
     /// Keys under `tasks/` whose id is not valid.
     pub bad_keys: Vec<agent_core::CorruptRecord>,
+}
+
+/// Whether a read at a revision failed because etcd compacted that revision away.
+pub(crate) fn compacted(e: &BackendError) -> bool {
+    matches!(e, BackendError::Rejected { reason, .. } if reason.contains("compacted"))
 }
 
 /// How many compare-and-swap rounds an operation tries before reporting contention.
@@ -123,12 +129,14 @@ impl Inner {
             .map_err(|r| self.corrupt(id, r))
     }
 
-    pub(crate) async fn list(&self) -> BackendResult<Listing> {
-        let raw = self.list_raw().await?;
+    /// The tasks `interest` covers (every task: the whole list) and the records that cannot
+    /// be read among what was read.
+    pub(crate) async fn list_of(&self, interest: &Interest) -> BackendResult<Listing> {
+        let raw = self.list_in(interest).await?;
         let mut out = listing(&self.keys, raw.revision, &raw.records, &raw.claims);
         out.corrupt.extend(raw.bad_keys);
         out.corrupt.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        Ok(interest.filter(out))
     }
 
     /// Every task record and claim key, read at one revision: two range reads, the second at
@@ -147,9 +155,7 @@ impl Inner {
             {
                 Ok(claims) => claims,
                 // Compacted in between (etcd: out of range): both again, at a newer revision.
-                Err(BackendError::Rejected { reason, .. }) if reason.contains("compacted") => {
-                    continue
-                }
+                Err(e) if compacted(&e) => continue,
                 Err(e) => return Err(e),
             };
             let (records, claims, bad_keys) = self.split_kvs([tasks.kvs(), claims.kvs()]);
@@ -160,10 +166,15 @@ impl Inner {
                 bad_keys,
             });
         }
-        Err(BackendError::Unavailable {
+        Err(self.compacted_under_every_read())
+    }
+
+    /// A list whose revision was compacted away each time it was tried.
+    pub(crate) fn compacted_under_every_read(&self) -> BackendError {
+        BackendError::Unavailable {
             endpoint: self.conn.endpoints().to_owned(),
             reason: "the list was compacted away under every read of it".into(),
-        })
+        }
     }
 
     /// Every key under `prefix` (at `revision`, or the newest).

@@ -579,6 +579,11 @@ async fn forward(
     let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
         return;
     };
+    // As the client and etcd do: without it, Nagle's algorithm and delayed ACKs hold each
+    // small gRPC message ~40 ms at the proxy (a 400-task migration took 35 s through it).
+    for stream in [&inbound, &outbound] {
+        let _ = stream.set_nodelay(true);
+    }
     let (cut_at_start, hole_at_start) = *signal.borrow_and_update();
     let (mut client_read, mut client_write) = inbound.into_split();
     let (mut server_read, mut server_write) = outbound.into_split();

@@ -44,6 +44,15 @@ impl Backend for Router {
             .0)
     }
 
+    async fn list_of(&self, interest: &Interest) -> BackendResult<Listing> {
+        let interest = interest.clone();
+        let f = move |b: Arc<dyn Backend>| {
+            let interest = interest.clone();
+            async move { b.list_of(&interest).await }
+        };
+        Ok(self.shared.route("list", f).await?.0)
+    }
+
     async fn put(&self, task: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {
         // While the fleet has a git side, the board takes the same change, first: a task
         // reopened on etcd alone would be put back by the next claim's confirmation in git, and
@@ -419,7 +428,7 @@ impl Backend for Router {
                 .extend(pumps);
         }
         let serving = lock(&me.state).serving;
-        let snapshot = interest.filter(me.backend(serving)?.list().await?);
+        let snapshot = me.backend(serving)?.list_of(interest).await?;
         lock(&me.state).subscribers.push(tx);
         Ok(Subscription::new(snapshot, rx))
     }

@@ -72,8 +72,8 @@ impl Shared {
             tracing::warn!(session = %self.config.name, backend = backend.name(), error = %e, "cannot register the session in the store now serving");
         }
         self.announce_switch(backend.name()).await;
-        match backend.list().await {
-            Ok(listing) => self.broadcast(BackendEvent::Resync(self.interest().filter(listing))),
+        match backend.list_of(&self.interest()).await {
+            Ok(listing) => self.broadcast(BackendEvent::Resync(listing)),
             Err(e) => {
                 tracing::warn!(session = %self.config.name, error = %e, "cannot list the tasks after switching")
             }

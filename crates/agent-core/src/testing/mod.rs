@@ -982,6 +982,13 @@ pub async fn interest_covers_tasks_and_their_blockers(h: &impl Harness) {
     for t in ["INT-A.1", "INT-B.1", "INT-C.1"] {
         assert!(listed.contains(t), "{t} is in the snapshot: {listed:?}");
     }
+    // A list of the interest is the whole list, filtered.
+    let ids = |l: crate::Listing| l.tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    let all = watcher.list().await.expect("list");
+    assert_eq!(
+        ids(watcher.list_of(&interest).await.expect("list")),
+        ids(interest.filter(all))
+    );
     let s = sid("s1");
     // A blocker at depth 2, then a new task of the list, then a blocker named by an edit.
     won(&*writer, &tid("INT-C.1"), &s).await;

@@ -217,8 +217,7 @@ pub async fn migrate(
         } else {
             None
         };
-        let imported = b
-            .import(task, force, dry_run)
+        let imported = import_retrying(b, task, force, dry_run)
             .await
             .with_context(|| format!("importing {}", task.id))?;
         let writes = matches!(imported, Imported::Created | Imported::Updated);
@@ -430,4 +429,30 @@ fn fmt_opt(s: &Option<agent_core::SessionId>) -> String {
 
 fn join(ids: &[agent_core::TaskId]) -> String {
     ids.iter().map(|i| i.as_str()).collect::<Vec<_>>().join(",")
+}
+
+/// Imports one task; a timed-out or unreachable try is made again, five times at most, with
+/// backoff (an import decides from a fresh read, so one that landed unseen reads as unchanged).
+/// One slow answer on a loaded machine does not end a migration of thousands of tasks.
+async fn import_retrying(
+    b: &EtcdBackend,
+    task: &Task,
+    force: bool,
+    dry_run: bool,
+) -> Result<Imported, BackendError> {
+    let mut backoff = agent_core::retry::Backoff::new(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(2),
+    );
+    let mut tries = 1;
+    loop {
+        match b.import(task, force, dry_run).await {
+            Err(e) if e.is_transient() && tries < 6 => {
+                tracing::warn!(task = %task.id, error = %e, "import not answered; trying again");
+                tries += 1;
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            other => return other,
+        }
+    }
 }

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use backend_etcd::testing::EtcdServer;
 
@@ -330,4 +331,57 @@ fn migrate_says_which_blocker_is_nowhere_and_every_row_it_cannot_take() {
             .unwrap_or_else(|| panic!("{what} missing: {err}"))
     };
     assert!(at("y.md:3: unknown status") < at("y.md:4: Y2 is IN PROGRESS but names no owner"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_rides_out_a_short_outage_of_its_store() {
+    // A read timed out on a loaded machine ended a migration of thousands of tasks.
+    let (etcd, dir) = setup();
+    let proxy = backend_etcd::testing::TcpProxy::start(etcd.addr()).await;
+    let mut board = String::from(
+        "# Board\n\n| ID | Task | Status | Owner | Blocked by |\n|----|------|--------|-------|------------|\n",
+    );
+    for i in 0..400 {
+        board.push_str(&format!("| M.{i:03} | task {i} | 🔵 AVAILABLE |  |  |\n"));
+    }
+    std::fs::write(dir.path().join("big.md"), board).expect("board");
+    let mut migrate = ifc(&etcd, dir.path());
+    migrate
+        .env("IFC_ENDPOINTS", proxy.endpoint())
+        .args(["migrate", "--board", "big.md"]);
+    let child = migrate
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Cut the store off once the migration is under way, for a moment.
+    let (path, e) = (dir.path().to_owned(), etcd.endpoint());
+    tokio::task::spawn_blocking(move || {
+        crate::agent::wait_for("the migration to start", Duration::from_secs(30), || {
+            let get = run(Command::new(env!("CARGO_BIN_EXE_ifc"))
+                .current_dir(&path)
+                .env("IFC_ENDPOINTS", &e)
+                .args(["get", "M.020"]));
+            code(&get) == 0
+        })
+    })
+    .await
+    .expect("wait");
+    let cut_at = std::time::Instant::now();
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.restore();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("wait");
+    eprintln!(
+        "the migration ended {:?} after the cut:\n{}",
+        cut_at.elapsed(),
+        text(&out.stderr)
+    );
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let status = run(ifc(&etcd, dir.path()).args(["status", "--output", "json"]));
+    let tasks: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(tasks.as_array().map(Vec::len), Some(400));
 }
