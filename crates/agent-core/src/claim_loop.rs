@@ -236,6 +236,20 @@ impl ClaimLoop {
             Input::Snapshot(tasks) => {
                 self.listed = true;
                 self.view.replace(tasks);
+                // A blocker the list does not hold may exist where lists do not look (etcd's
+                // archive keeps complete tasks out of them): it is read once before it counts
+                // as missing.
+                let unlisted: std::collections::BTreeSet<TaskId> = self
+                    .view
+                    .open()
+                    .filter_map(|id| self.view.get(id))
+                    .flat_map(|t| t.blocked_by.iter())
+                    .filter(|b| !self.view.contains(b) && !self.fetching.contains(*b))
+                    .cloned()
+                    .collect();
+                for b in unlisted {
+                    self.fetch(b, &mut out);
+                }
             }
             Input::Fetched(task) => {
                 self.fetching.remove(&task.id);

@@ -370,7 +370,7 @@ impl Cache {
         let mut view = View {
             record,
             claim: self.claims.get(id).cloned(),
-            blockers: BTreeMap::new(),
+            ..View::default()
         };
         for b in view.missing_blockers() {
             if !self.tracks(&b) {

@@ -119,10 +119,22 @@ impl Inner {
             .map_err(|r| self.corrupt(id, r))
     }
 
+    /// A task, from `tasks/` or, if it is not there, from the archive (`ifc archive`: a
+    /// complete task kept out of lists and watches; tasks may still name it as a blocker).
     pub(crate) async fn get(&self, id: &TaskId) -> BackendResult<Option<Task>> {
         let view = self.read_view(id, false).await?;
         let Some(stored) = &view.record else {
-            return Ok(None);
+            let archived = self.conn.get("get", &self.keys.archived(id), None).await?;
+            return match archived.kvs().first() {
+                Some(kv) => match stored_record(id, kv).record {
+                    Ok(r) => Ok(Some(r.task)),
+                    Err(reason) => Err(BackendError::Corrupt {
+                        key: self.keys.archived(id),
+                        reason,
+                    }),
+                },
+                None => Ok(None),
+            };
         };
         effective(stored, view.claim.as_ref())
             .map(|(t, _)| Some(t))
@@ -303,6 +315,14 @@ impl Inner {
                     CompareOp::Equal,
                     rev,
                 ));
+                // Archived (complete) as read: still so, not restored.
+                if let Some(at) = view.archived.get(b) {
+                    compares.push(Compare::mod_revision(
+                        self.keys.archived(b),
+                        CompareOp::Equal,
+                        *at,
+                    ));
+                }
             }
             let claim_opts = lease.map(|l| PutOptions::new().with_lease(l));
             let mut puts = vec![

@@ -15,13 +15,19 @@ use crate::record::{decode_claim, Record, StoredClaim, StoredRecord};
 pub(crate) struct View {
     pub record: Option<StoredRecord>,
     pub claim: Option<StoredClaim>,
-    /// Each blocker's record (`None`: no such task).
+    /// Each blocker's record (`None`: not in `tasks/`).
     pub blockers: BTreeMap<TaskId, Option<StoredRecord>>,
+    /// The blockers not in `tasks/` but archived (complete, `ifc archive`), with the revision
+    /// of their archive key.
+    pub archived: BTreeMap<TaskId, i64>,
 }
 
 impl View {
     /// A blocker's stored status (`None` if missing or unreadable).
     pub fn blocker_status(&self, id: &TaskId) -> Option<TaskStatus> {
+        if self.archived.contains_key(id) {
+            return Some(TaskStatus::Complete);
+        }
         let stored = self.blockers.get(id)?.as_ref()?;
         stored.record.as_ref().ok().map(|r| r.task.status)
     }
@@ -65,13 +71,17 @@ pub(crate) fn stored_claim(kv: &KeyValue) -> StoredClaim {
     }
 }
 
-/// The reads that make a view: the record, the claim key, then each blocker's record.
+/// The reads that make a view: the record, the claim key, then each blocker's record and its
+/// archive key.
 pub(crate) fn read_ops(keys: &Keys, id: &TaskId, blockers: &[TaskId]) -> Vec<TxnOp> {
     let mut ops = vec![
         TxnOp::get(keys.task(id), None),
         TxnOp::get(keys.claim(id), None),
     ];
-    ops.extend(blockers.iter().map(|b| TxnOp::get(keys.task(b), None)));
+    for b in blockers {
+        ops.push(TxnOp::get(keys.task(b), None));
+        ops.push(TxnOp::get(keys.archived(b), None));
+    }
     ops
 }
 
@@ -84,10 +94,15 @@ pub(crate) fn parse_view(id: &TaskId, blockers: &[TaskId], responses: Vec<TxnOpR
     let mut view = View {
         record: first_kv(responses.first()).map(|kv| stored_record(id, &kv)),
         claim: first_kv(responses.get(1)).map(|kv| stored_claim(&kv)),
-        blockers: BTreeMap::new(),
+        ..View::default()
     };
     for (i, b) in blockers.iter().enumerate() {
-        let stored = first_kv(responses.get(2 + i)).map(|kv| stored_record(b, &kv));
+        let stored = first_kv(responses.get(2 + 2 * i)).map(|kv| stored_record(b, &kv));
+        if stored.is_none() {
+            if let Some(kv) = first_kv(responses.get(3 + 2 * i)) {
+                view.archived.insert(b.clone(), kv.mod_revision());
+            }
+        }
         view.blockers.insert(b.clone(), stored);
     }
     view

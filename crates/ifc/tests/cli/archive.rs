@@ -86,3 +86,43 @@ async fn archive_moves_old_complete_tasks_out_of_the_live_prefix_and_restore_bri
     );
     assert!(!all_keys(&server).await.iter().any(|k| k == "tasks/D"));
 }
+
+#[test]
+fn a_task_may_wait_for_an_archived_one_and_an_agent_runs_it() {
+    // An archived task is a complete one kept out of lists: a new task may name it as a
+    // blocker, and is claimable (tester helper-8: it was "missing", and an agent waiting for
+    // such a task exited 1 under --until-done).
+    use crate::agent::{finish, spawn_agent, Workdir, APPEND};
+    let (server, w) = (EtcdServer::start(), Workdir::new());
+    let e = server.endpoint();
+    let ok = |args: &[&str]| {
+        let out = run(crate::agent::ifc(&e, w.path()).args(args));
+        assert_eq!(code(&out), 0, "{args:?}: {out:?}");
+        text(&out.stdout)
+    };
+    ok(&["put", "A"]);
+    ok(&["claim", "A", "--session", "s"]);
+    ok(&["release", "A", "--session", "s", "--status", "complete"]);
+    assert!(ok(&["archive", "--older-than", "0s"]).starts_with("archived 1"));
+    let a: Value = serde_json::from_str(&ok(&["get", "A", "-o", "json"])).expect("json");
+    assert_eq!(a["status"], "complete", "{a}");
+    ok(&["put", "N", "--blocked-by", "A"]);
+    ok(&["claim", "N", "--session", "cli"]);
+    ok(&["put", "M", "--blocked-by", "A"]);
+    let config = w.session("runner", &["M"], APPEND, "");
+    let log = w.path().join("runner.log");
+    let mut agent = spawn_agent(
+        crate::agent::ifc(&e, w.path()),
+        &config,
+        &log,
+        &["--until-done"],
+    );
+    let status = finish(&mut agent, std::time::Duration::from_secs(30));
+    assert_eq!(
+        status,
+        0,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(w.done(), ["M"]);
+}
