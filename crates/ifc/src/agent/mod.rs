@@ -177,6 +177,7 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         awaited: HashMap::new(),
         history,
         evicted: false,
+        idle_unsaid: false,
         said_restart: Vec::new(),
         warned: HashMap::new(),
     };
@@ -214,6 +215,10 @@ struct Driver {
     history: Option<History>,
     /// Another process took the session over: this one stops (exit 5).
     evicted: bool,
+    /// A task was released and "idle" not published yet: said once the inputs are worked
+    /// through and no task runs (a busy session that goes straight on to its next task writes
+    /// its presence once per task, not twice).
+    idle_unsaid: bool,
     /// The keys of the session file last said to need a restart (said again when they change).
     said_restart: Vec<&'static str>,
     /// The last failure warned about for each (task, operation): the same failure again (a
@@ -296,6 +301,7 @@ impl Driver {
 
     /// Publishes what the session is doing (working on `task`, or idle).
     async fn announce(&mut self, task: Option<&agent_core::TaskId>) {
+        self.idle_unsaid = false;
         self.presence.state = if task.is_some() { "working" } else { "idle" }.into();
         self.presence.current_task = task.cloned();
         self.presence.claim_p95_us = self
@@ -531,6 +537,9 @@ impl Driver {
                     }
                 }
             }
+            if self.idle_unsaid && self.running.is_none() {
+                self.announce(None).await;
+            }
             let wake = self.wake;
             let drain = self.drain_until;
             tokio::select! {
@@ -742,7 +751,7 @@ impl Driver {
                                 inputs.push_back(Input::Fetched(t));
                             }
                         }
-                        self.announce(None).await;
+                        self.idle_unsaid = true;
                     }
                     Err(e) => {
                         if self.first_warning(&task, "release", Some(&e.to_string())) {

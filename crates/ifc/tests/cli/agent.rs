@@ -923,3 +923,55 @@ fn an_agent_says_which_records_of_its_list_cannot_be_read() {
         read()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_agent_writes_its_presence_once_per_task_and_says_idle_at_the_end() {
+    // Half the etcd writes of a busy fleet were presences: "working on X", then "idle" right
+    // before "working on Y".
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    let tasks: Vec<String> = (0..12).map(|i| format!("P.{i:02}")).collect();
+    for t in &tasks {
+        put(&e, w.path(), &[t]);
+    }
+    let config = w.session("busy", &["P.*"], APPEND, "");
+    let log = w.path().join("busy.log");
+    let mut agent = spawn_agent(ifc(&e, w.path()), &config, &log, &[]);
+    let done = w.shared();
+    tokio::task::spawn_blocking(move || {
+        wait_for("all 12 tasks to run", Duration::from_secs(60), || {
+            std::fs::read_to_string(&done).is_ok_and(|s| s.lines().count() == 12)
+        })
+    })
+    .await
+    .expect("wait");
+    let presence = || async {
+        let resp = crate::raw(&etcd)
+            .await
+            .get("sessions/busy", None)
+            .await
+            .expect("get");
+        let kv = resp.kvs().first().cloned().expect("the agent's presence");
+        let value: serde_json::Value = serde_json::from_slice(kv.value()).expect("json");
+        (kv.version(), value)
+    };
+    // It says idle once nothing is left.
+    let mut idle = false;
+    for _ in 0..100 {
+        if presence().await.1["state"] == "idle" {
+            idle = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(idle, "{:?}", presence().await.1);
+    let (writes, _) = presence().await;
+    agent.kill().expect("kill");
+    // Registered, each task's "working on", the final "idle", and a refresh or two whose
+    // figures changed; not an "idle" between every two tasks.
+    assert!(
+        (12..=17).contains(&writes),
+        "{writes} presence writes for 12 tasks:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
