@@ -68,6 +68,14 @@ impl Inner {
         for _ in 0..16 {
             let view = self.read_view(id, false).await?;
             let (outcome, next) = match &view.record {
+                // Done and archived: created again, it would be done again (tester helper-9).
+                None if view.archived_self.is_some() && !force => {
+                    return Ok(Imported::Kept {
+                        reason: format!(
+                            "archived (complete); `ifc archive --restore {id}` puts it back"
+                        ),
+                    })
+                }
                 None => (Imported::Created, Record::plain(want.clone())),
                 Some(stored) => {
                     let (current, _) =

@@ -15,6 +15,7 @@ use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpR
 use crate::cache::{listing, Held};
 use crate::inner::Inner;
 use crate::record::{effective, encode_claim, Record};
+use crate::scoped::TASKS_PER_READ;
 use crate::view::{parse_view, read_ops, stored_claim, stored_record, View};
 
 /// Every task record and claim key at one revision, as stored.
@@ -46,23 +47,40 @@ fn token(rev: i64) -> FencingToken {
 }
 
 impl Inner {
-    /// Reads a fresh view of `id` (two round trips if the record names blockers not yet read).
+    /// Reads a fresh view of `id`: its record and claim key, then (`with_blockers`) the
+    /// blockers the record names at the same revision, [`TASKS_PER_READ`] per read.
     pub(crate) async fn read_view(&self, id: &TaskId, with_blockers: bool) -> BackendResult<View> {
-        let mut blockers: Vec<TaskId> = Vec::new();
-        loop {
-            let txn = Txn::new().and_then(read_ops(&self.keys, id, &blockers));
+        'again: for _ in 0..MAX_ROUNDS {
+            let txn = Txn::new().and_then(read_ops(&self.keys, id, &[]));
             let resp = self.conn.read_txn("read", txn).await?;
-            let view = parse_view(id, &blockers, resp.op_responses());
-            let missing = if with_blockers {
+            let revision = resp.header().map_or(0, |h| h.revision());
+            let mut view = parse_view(id, &[], resp.op_responses());
+            let blockers = if with_blockers {
                 view.missing_blockers()
             } else {
                 Vec::new()
             };
-            if missing.is_empty() {
-                return Ok(view);
+            for chunk in blockers.chunks(TASKS_PER_READ) {
+                let at = Some(GetOptions::new().with_revision(revision));
+                let ops: Vec<TxnOp> = chunk
+                    .iter()
+                    .flat_map(|b| {
+                        [
+                            TxnOp::get(self.keys.task(b), at.clone()),
+                            TxnOp::get(self.keys.archived(b), at.clone()),
+                        ]
+                    })
+                    .collect();
+                let read = match self.conn.read_txn("read", Txn::new().and_then(ops)).await {
+                    Ok(read) => read,
+                    Err(e) if compacted(&e) => continue 'again,
+                    Err(e) => return Err(e),
+                };
+                view.add_blockers(chunk, read.op_responses());
             }
-            blockers.extend(missing);
+            return Ok(view);
         }
+        Err(self.contention(id))
     }
 
     /// The cached view if the cache is synced, else a fresh read. The flag says which.
@@ -95,6 +113,14 @@ impl Inner {
         }
     }
 
+    /// `id` is in the archive: it is not created again.
+    pub(crate) fn archived_already(&self, id: &TaskId) -> BackendError {
+        BackendError::InvalidInput(format!(
+            "{id} is archived (complete, moved out of {}): `ifc archive --restore {id}` puts it back",
+            self.keys.tasks_prefix()
+        ))
+    }
+
     fn contention(&self, id: &TaskId) -> BackendError {
         BackendError::Unavailable {
             endpoint: self.conn.endpoints().to_owned(),
@@ -124,15 +150,12 @@ impl Inner {
     pub(crate) async fn get(&self, id: &TaskId) -> BackendResult<Option<Task>> {
         let view = self.read_view(id, false).await?;
         let Some(stored) = &view.record else {
-            let archived = self.conn.get("get", &self.keys.archived(id), None).await?;
-            return match archived.kvs().first() {
-                Some(kv) => match stored_record(id, kv).record {
-                    Ok(r) => Ok(Some(r.task)),
-                    Err(reason) => Err(BackendError::Corrupt {
-                        key: self.keys.archived(id),
-                        reason,
-                    }),
-                },
+            return match view.archived_self.map(|s| s.record) {
+                Some(Ok(r)) => Ok(Some(r.task)),
+                Some(Err(reason)) => Err(BackendError::Corrupt {
+                    key: self.keys.archived(id),
+                    reason,
+                }),
                 None => Ok(None),
             };
         };
@@ -337,11 +360,16 @@ impl Inner {
                     claim_opts,
                 ));
             }
-            let txn = Txn::new().when(compares).and_then(puts).or_else(read_ops(
-                &self.keys,
-                id,
-                &current.blocked_by,
-            ));
+            // What changed is read back in the failure branch, within etcd's limit of
+            // operations per transaction; more blockers are read afterwards.
+            let read_back = match current.blocked_by.len() < TASKS_PER_READ {
+                true => current.blocked_by.as_slice(),
+                false => &[],
+            };
+            let txn = Txn::new()
+                .when(compares)
+                .and_then(puts)
+                .or_else(read_ops(&self.keys, id, read_back));
             let resp = match self.conn.txn("claim", txn).await {
                 // etcd ended the lease before our keep-alive loop noticed: take a new one.
                 Err(e) if lease.is_some() && crate::lease::lease_gone(&e) => {
@@ -370,9 +398,7 @@ impl Inner {
                     leased: lease.is_some(),
                 }));
             }
-            view = self
-                .refreshed(id, &current.blocked_by, resp.op_responses())
-                .await?;
+            view = self.refreshed(id, read_back, resp.op_responses()).await?;
             fresh = true;
         }
         Err(self.contention(id))
@@ -487,6 +513,9 @@ impl Inner {
         for _ in 0..MAX_ROUNDS {
             let view = self.read_view(id, false).await?;
             let (record, outcome) = match &view.record {
+                // Complete and moved out of the live prefix: created again, it would be done
+                // again (tester helper-9).
+                None if view.archived_self.is_some() => return Err(self.archived_already(id)),
                 None => (Record::plain(patch.create(id.clone())), PutOutcome::Created),
                 Some(stored) => {
                     let (current, _) =
@@ -518,6 +547,12 @@ impl Inner {
                 .when(vec![
                     Compare::mod_revision(task_key.clone(), CompareOp::Equal, view.record_rev()),
                     Compare::mod_revision(self.keys.claim(id), CompareOp::Equal, view.claim_rev()),
+                    // Not archived since it was read.
+                    Compare::mod_revision(
+                        self.keys.archived(id),
+                        CompareOp::Equal,
+                        view.archived_self.as_ref().map_or(0, |s| s.mod_rev),
+                    ),
                 ])
                 .and_then(vec![TxnOp::put(task_key, record.encode(), None)]);
             if self.conn.txn("put", txn).await?.succeeded() {

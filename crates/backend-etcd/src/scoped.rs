@@ -15,6 +15,11 @@ use crate::view::{stored_claim, stored_record};
 /// Records and claim keys by task.
 pub(crate) type Stored = (HashMap<TaskId, StoredRecord>, HashMap<TaskId, StoredClaim>);
 
+/// Tasks read in one transaction (two keys each): etcd refuses a transaction of more than
+/// `--max-txn-ops` operations, 128 by default (tester helper-9: an agent whose list waited for
+/// 70 tasks outside it never started: "too many operations in txn request").
+pub(crate) const TASKS_PER_READ: usize = 60;
+
 /// How many times a read compacted away under it is started again.
 const ROUNDS: usize = 16;
 
@@ -119,35 +124,37 @@ impl Inner {
         Err(self.compacted_under_every_read())
     }
 
-    /// The records and claim keys of `ids` at `revision`, in one read.
+    /// The records and claim keys of `ids` at `revision`: one read per [`TASKS_PER_READ`].
     pub(crate) async fn read_tasks_at(
         &self,
         ids: &[TaskId],
         revision: i64,
     ) -> BackendResult<Stored> {
         let at = GetOptions::new().with_revision(revision);
-        let ops: Vec<TxnOp> = ids
-            .iter()
-            .flat_map(|id| {
-                [
-                    TxnOp::get(self.keys.task(id), Some(at.clone())),
-                    TxnOp::get(self.keys.claim(id), Some(at.clone())),
-                ]
-            })
-            .collect();
-        let resp = self.conn.read_txn("read", Txn::new().and_then(ops)).await?;
         let (mut records, mut claims) = (HashMap::new(), HashMap::new());
-        let mut responses = resp.op_responses().into_iter();
-        let mut first = || match responses.next() {
-            Some(TxnOpResponse::Get(get)) => get.kvs().first().cloned(),
-            _ => None,
-        };
-        for id in ids {
-            if let Some(kv) = first() {
-                records.insert(id.clone(), stored_record(id, &kv));
-            }
-            if let Some(kv) = first() {
-                claims.insert(id.clone(), stored_claim(&kv));
+        for chunk in ids.chunks(TASKS_PER_READ) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .flat_map(|id| {
+                    [
+                        TxnOp::get(self.keys.task(id), Some(at.clone())),
+                        TxnOp::get(self.keys.claim(id), Some(at.clone())),
+                    ]
+                })
+                .collect();
+            let resp = self.conn.read_txn("read", Txn::new().and_then(ops)).await?;
+            let mut responses = resp.op_responses().into_iter();
+            let mut first = || match responses.next() {
+                Some(TxnOpResponse::Get(get)) => get.kvs().first().cloned(),
+                _ => None,
+            };
+            for id in chunk {
+                if let Some(kv) = first() {
+                    records.insert(id.clone(), stored_record(id, &kv));
+                }
+                if let Some(kv) = first() {
+                    claims.insert(id.clone(), stored_claim(&kv));
+                }
             }
         }
         Ok((records, claims))

@@ -20,6 +20,8 @@ pub(crate) struct View {
     /// The blockers not in `tasks/` but archived (complete, `ifc archive`), with the revision
     /// of their archive key.
     pub archived: BTreeMap<TaskId, i64>,
+    /// The task's own archived record, if it has one.
+    pub archived_self: Option<StoredRecord>,
 }
 
 impl View {
@@ -71,12 +73,13 @@ pub(crate) fn stored_claim(kv: &KeyValue) -> StoredClaim {
     }
 }
 
-/// The reads that make a view: the record, the claim key, then each blocker's record and its
-/// archive key.
+/// The reads that make a view: the record, the claim key, the archived record, then each
+/// blocker's record and its archive key.
 pub(crate) fn read_ops(keys: &Keys, id: &TaskId, blockers: &[TaskId]) -> Vec<TxnOp> {
     let mut ops = vec![
         TxnOp::get(keys.task(id), None),
         TxnOp::get(keys.claim(id), None),
+        TxnOp::get(keys.archived(id), None),
     ];
     for b in blockers {
         ops.push(TxnOp::get(keys.task(b), None));
@@ -94,16 +97,29 @@ pub(crate) fn parse_view(id: &TaskId, blockers: &[TaskId], responses: Vec<TxnOpR
     let mut view = View {
         record: first_kv(responses.first()).map(|kv| stored_record(id, &kv)),
         claim: first_kv(responses.get(1)).map(|kv| stored_claim(&kv)),
+        archived_self: first_kv(responses.get(2)).map(|kv| stored_record(id, &kv)),
         ..View::default()
     };
-    for (i, b) in blockers.iter().enumerate() {
-        let stored = first_kv(responses.get(2 + 2 * i)).map(|kv| stored_record(b, &kv));
-        if stored.is_none() {
-            if let Some(kv) = first_kv(responses.get(3 + 2 * i)) {
-                view.archived.insert(b.clone(), kv.mod_revision());
-            }
-        }
-        view.blockers.insert(b.clone(), stored);
-    }
+    let rest = responses.into_iter().skip(3).collect();
+    view.add_blockers(blockers, rest);
     view
+}
+
+impl View {
+    /// Takes in `blockers` from reads of each one's record and archive key, in that order.
+    pub fn add_blockers(&mut self, blockers: &[TaskId], responses: Vec<TxnOpResponse>) {
+        let mut responses = responses.into_iter();
+        let mut first = || match responses.next() {
+            Some(TxnOpResponse::Get(get)) => get.kvs().first().cloned(),
+            _ => None,
+        };
+        for b in blockers {
+            let stored = first().map(|kv| stored_record(b, &kv));
+            let archived = first();
+            if let (None, Some(kv)) = (&stored, archived) {
+                self.archived.insert(b.clone(), kv.mod_revision());
+            }
+            self.blockers.insert(b.clone(), stored);
+        }
+    }
 }

@@ -323,3 +323,46 @@ async fn a_claim_outside_what_the_client_mirrors_is_still_watched_for_its_loss()
     .expect("the holder hears that its claim is gone");
     assert_eq!(lost, tid("X.1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_that_waits_for_many_tasks_outside_it_is_read_within_etcds_limits() {
+    // etcd refuses a transaction of more than 128 operations: an agent whose list waited for
+    // 70 tasks outside it never started (tester helper-9).
+    let server = EtcdServer::start();
+    let mut raw = crate::raw_client(&server).await;
+    let outside: Vec<String> = (0..100).map(|i| format!("B.{i:03}")).collect();
+    for b in &outside {
+        raw.put(format!("tasks/{b}"), record(b, "complete", &[]), None)
+            .await
+            .expect("put");
+    }
+    for (i, b) in outside.iter().take(70).enumerate() {
+        let a = format!("A.{i:03}");
+        raw.put(format!("tasks/{a}"), record(&a, "available", &[b]), None)
+            .await
+            .expect("put");
+    }
+    let all: Vec<&str> = outside.iter().map(String::as_str).collect();
+    raw.put("tasks/C.1", record("C.1", "available", &all), None)
+        .await
+        .expect("put");
+    let (client, sub) = subscribed(&server, &["A.*", "C.*"]).await;
+    assert_eq!(sub.snapshot.tasks.len(), 171);
+    assert_eq!(client.cached_tasks(), 171);
+    for t in ["A.069", "C.1"] {
+        let won = client.claim(&tid(t), &sid("s1")).await.expect("claim");
+        assert!(
+            matches!(won, agent_core::ClaimOutcome::Won(_)),
+            "{t}: {won:?}"
+        );
+    }
+    // A claim decided on a fresh read (another client, no cache) reads them too.
+    let other = crate::backend(&server, false).await;
+    let lost = other.claim(&tid("C.1"), &sid("s2")).await.expect("claim");
+    assert!(
+        matches!(lost, agent_core::ClaimOutcome::Lost { .. }),
+        "{lost:?}"
+    );
+    let won = other.claim(&tid("A.000"), &sid("s2")).await.expect("claim");
+    assert!(matches!(won, agent_core::ClaimOutcome::Won(_)), "{won:?}");
+}

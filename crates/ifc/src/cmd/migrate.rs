@@ -299,9 +299,20 @@ pub async fn verify(
             let line = board.line_of(&row.id).unwrap_or_default();
             BackendError::InvalidInput(format!("{name}:{line}: {why}"))
         })?;
-        let Some(have) = in_etcd.get(&row.id) else {
-            missing.push(row.id.to_string());
-            continue;
+        // Not listed: it may be archived (complete, out of the live prefix), which `get` reads.
+        let archived;
+        let have = match in_etcd.get(&row.id) {
+            Some(have) => *have,
+            None => match b.get(&row.id).await? {
+                Some(t) => {
+                    archived = t;
+                    &archived
+                }
+                None => {
+                    missing.push(row.id.to_string());
+                    continue;
+                }
+            },
         };
         for (field, board_value, etcd_value) in differing_fields(&want, have) {
             mismatched.push((row.id.to_string(), field, board_value, etcd_value));

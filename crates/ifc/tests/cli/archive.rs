@@ -109,7 +109,8 @@ fn a_task_may_wait_for_an_archived_one_and_an_agent_runs_it() {
     ok(&["put", "N", "--blocked-by", "A"]);
     ok(&["claim", "N", "--session", "cli"]);
     ok(&["put", "M", "--blocked-by", "A"]);
-    let config = w.session("runner", &["M"], APPEND, "");
+    // Its list names the archived task too: done, not "no task of the store".
+    let config = w.session("runner", &["M", "A"], APPEND, "");
     let log = w.path().join("runner.log");
     let mut agent = spawn_agent(
         crate::agent::ifc(&e, w.path()),
@@ -125,4 +126,45 @@ fn a_task_may_wait_for_an_archived_one_and_an_agent_runs_it() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     assert_eq!(w.done(), ["M"]);
+}
+
+#[test]
+fn an_archived_task_is_not_created_again_by_migrate_or_put_and_verify_finds_it() {
+    // Re-created as available, finished work would be done again (tester helper-9).
+    let server = EtcdServer::start();
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("board.md"),
+        "# B\n\n| ID | Task | Status | Owner | Blocked by |\n|----|------|--------|-------|------------|\n\
+         | M.1 | one | ✅ DONE | s |  |\n| M.2 | two | ✅ DONE | s |  |\n",
+    )
+    .expect("board");
+    let run_in = |args: &[&str]| run(ifc(&server).current_dir(dir.path()).args(args));
+    assert_eq!(code(&run_in(&["migrate", "--board", "board.md"])), 0);
+    let out = run_in(&["archive"]);
+    assert!(text(&out.stdout).starts_with("archived 2"), "{out:?}");
+    let again = run_in(&["migrate", "--board", "board.md"]);
+    assert_eq!(code(&again), 0, "{again:?}");
+    let said = text(&again.stdout);
+    assert!(said.contains("0 created"), "{said}");
+    assert!(said.contains("archive --restore M.1"), "{said}");
+    assert!(!all_keys_blocking(&server).contains(&"tasks/M.1".to_owned()));
+    let verify = run_in(&["verify", "--board", "board.md"]);
+    assert_eq!(code(&verify), 0, "{verify:?}");
+    let put = run_in(&["put", "M.2"]);
+    assert_eq!(code(&put), 2, "{put:?}");
+    assert!(
+        text(&put.stderr).contains("ifc archive --restore M.2"),
+        "{}",
+        text(&put.stderr)
+    );
+    let get = run_in(&["get", "M.2", "-o", "json"]);
+    let m2: Value = serde_json::from_slice(&get.stdout).expect("json");
+    assert_eq!(m2["status"], "complete", "{m2}");
+}
+
+fn all_keys_blocking(server: &EtcdServer) -> Vec<String> {
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(all_keys(server))
 }
