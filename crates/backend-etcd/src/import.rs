@@ -65,6 +65,7 @@ impl Inner {
         dry_run: bool,
     ) -> BackendResult<Imported> {
         let id: &TaskId = &want.id;
+        self.claimable_with(id, &want.blocked_by)?;
         for _ in 0..16 {
             let view = self.read_view(id, false).await?;
             let (outcome, next) = match &view.record {

@@ -32,6 +32,9 @@ pub(crate) fn compacted(e: &BackendError) -> bool {
     matches!(e, BackendError::Rejected { reason, .. } if reason.contains("compacted"))
 }
 
+/// Most blockers a task on etcd may name (see `Inner::claimable_with`).
+pub(crate) const MAX_BLOCKERS: usize = 100;
+
 /// How many compare-and-swap rounds an operation tries before reporting contention.
 const MAX_ROUNDS: usize = 16;
 
@@ -111,6 +114,19 @@ impl Inner {
             key: self.keys.task(id),
             reason,
         }
+    }
+
+    /// Refuses more blockers than a claim can compare: a claim checks every blocker in its one
+    /// transaction, and etcd takes at most 128 comparisons in one (`--max-txn-ops`). Stored,
+    /// such a task could never be claimed.
+    pub(crate) fn claimable_with(&self, id: &TaskId, blockers: &[TaskId]) -> BackendResult<()> {
+        if blockers.len() > MAX_BLOCKERS {
+            return Err(BackendError::InvalidInput(format!(
+                "{id} names {} blockers; a task on etcd may wait for at most {MAX_BLOCKERS} (a claim compares each in one transaction): chain them through intermediate tasks",
+                blockers.len()
+            )));
+        }
+        Ok(())
     }
 
     /// `id` is in the archive: it is not created again.
@@ -510,6 +526,9 @@ impl Inner {
 
     pub(crate) async fn put(&self, id: &TaskId, patch: &TaskPatch) -> BackendResult<PutOutcome> {
         patch.validate(id)?;
+        if let Some(blockers) = &patch.blocked_by {
+            self.claimable_with(id, blockers)?;
+        }
         for _ in 0..MAX_ROUNDS {
             let view = self.read_view(id, false).await?;
             let (record, outcome) = match &view.record {

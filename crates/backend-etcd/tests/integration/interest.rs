@@ -365,4 +365,20 @@ async fn a_list_that_waits_for_many_tasks_outside_it_is_read_within_etcds_limits
     );
     let won = other.claim(&tid("A.000"), &sid("s2")).await.expect("claim");
     assert!(matches!(won, agent_core::ClaimOutcome::Won(_)), "{won:?}");
+    // More blockers than a claim's one transaction can compare are refused up front.
+    let mut too_many: Vec<_> = outside.iter().map(|b| tid(b)).collect();
+    too_many.push(tid("A.000"));
+    let refused = other
+        .put(
+            &tid("C.2"),
+            &TaskPatch {
+                blocked_by: Some(too_many),
+                ..TaskPatch::default()
+            },
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(agent_core::BackendError::InvalidInput(m)) if m.contains("at most 100")),
+        "{refused:?}"
+    );
 }
