@@ -42,9 +42,11 @@ impl Inner {
             if need_list {
                 if let Err(e) = self.relist().await {
                     tracing::warn!(error = %e, "listing tasks failed; retrying");
+                    *self.list_failure() = Some(e.to_string());
                     tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
+                *self.list_failure() = None;
                 need_list = false;
             }
             let start = self.cache().revision + 1;

@@ -57,6 +57,9 @@ pub(crate) struct Inner {
     /// `EtcdBackend::connect` starts, outside the lease keeper).
     pub republish: mpsc::UnboundedSender<SessionId>,
     tasks: Mutex<Vec<AbortHandle>>,
+    /// Why the watch cache's last list failed (`None`: it did not): what a wait for its first
+    /// list reports, rather than only that it timed out.
+    list_failure: Mutex<Option<String>>,
 }
 
 impl Inner {
@@ -86,6 +89,7 @@ impl Inner {
             repairs,
             republish,
             tasks: Mutex::new(Vec::new()),
+            list_failure: Mutex::new(None),
         }
     }
 
@@ -111,6 +115,11 @@ impl Inner {
     pub fn widen_scope(&self) {
         self.cache().widen();
         self.scope_changed.notify_one();
+    }
+
+    /// Why the watch cache's last list failed, if it did.
+    pub fn list_failure(&self) -> MutexGuard<'_, Option<String>> {
+        self.list_failure.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Remembers a background task so it ends with the backend.

@@ -146,13 +146,19 @@ impl EtcdBackend {
                 synced.await;
             }
         };
-        tokio::time::timeout(deadline, wait)
-            .await
-            .map_err(|_| BackendError::Timeout {
+        tokio::time::timeout(deadline, wait).await.map_err(|_| {
+            // Why the list failed says more than that the wait ended (tester helper-9: a
+            // refused list read only "timed out after 3s" in `/health`).
+            let operation = match self.inner.list_failure().as_deref() {
+                Some(why) => format!("initial list of tasks (its last try: {why})"),
+                None => "initial list of tasks".into(),
+            };
+            BackendError::Timeout {
                 endpoint: self.inner.conn.endpoints().to_owned(),
-                operation: "initial list of tasks".into(),
+                operation,
                 after: deadline,
-            })
+            }
+        })
     }
 
     /// Writes `task` as a board states it (migration): created, updated, unchanged, or kept when

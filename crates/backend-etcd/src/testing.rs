@@ -56,6 +56,8 @@ pub struct EtcdServer {
     child: Option<Child>,
     /// Serve clients over TLS with these files (in `base`), requiring client certificates.
     tls: Option<ServerTls>,
+    /// More of etcd's flags.
+    flags: Vec<String>,
 }
 
 /// The certificate files of a TLS-serving [`EtcdServer`].
@@ -70,13 +72,18 @@ impl EtcdServer {
     /// Starts a single-node etcd on free ports and waits until it serves. Panics (with how to
     /// install etcd) when there is no etcd binary.
     pub fn start() -> EtcdServer {
-        EtcdServer::start_single(None)
+        EtcdServer::start_single(None, &[])
     }
 
-    fn start_single(tls: Option<ServerTls>) -> EtcdServer {
+    /// [`EtcdServer::start`] with more of etcd's flags (`--max-txn-ops 1`, say).
+    pub fn start_with(flags: &[&str]) -> EtcdServer {
+        EtcdServer::start_single(None, flags)
+    }
+
+    fn start_single(tls: Option<ServerTls>, flags: &[&str]) -> EtcdServer {
         // A free port another process took before etcd bound it: new ports, a few times.
         for _ in 0..4 {
-            match EtcdServer::try_start_single(tls.clone()) {
+            match EtcdServer::try_start_single(tls.clone(), flags) {
                 Ok(server) => return server,
                 Err(why) if why.contains("address already in use") => continue,
                 Err(why) => panic!("{why}"),
@@ -85,7 +92,7 @@ impl EtcdServer {
         panic!("etcd: every pair of free ports was taken before etcd bound it");
     }
 
-    fn try_start_single(tls: Option<ServerTls>) -> Result<EtcdServer, String> {
+    fn try_start_single(tls: Option<ServerTls>, flags: &[&str]) -> Result<EtcdServer, String> {
         let dir = tempfile::Builder::new()
             .prefix("ifc-etcd-")
             .tempdir()
@@ -101,6 +108,7 @@ impl EtcdServer {
         );
         server.dir = Some(dir);
         server.tls = tls;
+        server.flags = flags.iter().map(|f| (*f).to_owned()).collect();
         server.launch();
         server.try_ready()?;
         Ok(server)
@@ -123,13 +131,14 @@ impl EtcdServer {
             initial_cluster,
             child: None,
             tls: None,
+            flags: Vec::new(),
         }
     }
 
     /// Starts a single-node etcd that serves clients over TLS and requires a client certificate
     /// signed by `tls.ca`; waits until it listens.
     pub fn start_tls(tls: ServerTls) -> EtcdServer {
-        EtcdServer::start_single(Some(tls))
+        EtcdServer::start_single(Some(tls), &[])
     }
 
     /// The client URL.
@@ -186,6 +195,7 @@ impl EtcdServer {
                 "ifc-test",
             ])
             .args(["--initial-cluster-state", "new", "--log-level", "warn"])
+            .args(&self.flags)
             .args(self.tls.iter().flat_map(|t| {
                 [
                     "--cert-file".into(),

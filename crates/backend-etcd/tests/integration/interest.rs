@@ -382,3 +382,25 @@ async fn a_list_that_waits_for_many_tasks_outside_it_is_read_within_etcds_limits
         "{refused:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_list_that_etcd_refuses_says_why_not_only_that_it_timed_out() {
+    // With `--max-txn-ops 1` etcd refuses the read of a blocker outside the list.
+    let server = EtcdServer::start_with(&["--max-txn-ops", "1"]);
+    let mut raw = crate::raw_client(&server).await;
+    raw.put("tasks/A.1", record("A.1", "available", &["B.1"]), None)
+        .await
+        .expect("put");
+    raw.put("tasks/B.1", record("B.1", "available", &[]), None)
+        .await
+        .expect("put");
+    let client = crate::backend(&server, false).await;
+    let failed = client.subscribe_to(&interest(&["A.*"])).await;
+    let Err(e) = failed else {
+        panic!("the list cannot succeed")
+    };
+    assert!(
+        e.to_string().contains("too many operations in txn request"),
+        "{e}"
+    );
+}
