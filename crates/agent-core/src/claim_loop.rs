@@ -139,6 +139,8 @@ pub struct ClaimLoop {
     /// Whether the store's list has come (`Input::Snapshot`): an empty board is a board too (the
     /// tester's report: `--until-done` on an empty board, a mistyped prefix, waited silently).
     listed: bool,
+    /// The globs of the list that have matched a task at some time.
+    globs_matched: HashSet<String>,
     /// Since when each pattern of the list has matched no task (warned about once).
     unmatched_since: HashMap<String, Instant>,
     /// Without `--until-done`: the task of the list that can never be claimed, as last said
@@ -182,6 +184,7 @@ impl ClaimLoop {
             stopping: false,
             completed: HashSet::new(),
             fetching: HashSet::new(),
+            globs_matched: HashSet::new(),
             listed: false,
             unmatched_since: HashMap::new(),
             said_impossible: None,
@@ -554,6 +557,18 @@ impl ClaimLoop {
         let first = self.first_claimable(now);
         if self.listed {
             let unmatched: Vec<String> = self.view.unmatched().map(str::to_owned).collect();
+            // A glob that matched tasks before and none now: they left the store (archived,
+            // deleted), so it is done, not a typo (tester helper-10: `ifc archive` ended the
+            // --until-done agents whose globs it emptied).
+            for p in self.view.patterns() {
+                if p.contains(['*', '?']) && !unmatched.iter().any(|u| u == p) {
+                    self.globs_matched.insert(p.to_owned());
+                }
+            }
+            let unmatched: Vec<String> = unmatched
+                .into_iter()
+                .filter(|p| !self.globs_matched.contains(p))
+                .collect();
             if self.unmatched(&unmatched, first.is_some(), now, out) {
                 return;
             }
@@ -576,6 +591,13 @@ impl ClaimLoop {
         for p in unmatched {
             if !self.unmatched_since.contains_key(p) {
                 self.unmatched_since.insert(p.clone(), now);
+                // An exact id that no list holds is read once: an archived task is complete
+                // there (tester helper-10: such a list exited 1 under --until-done).
+                if let Ok(id) = TaskId::parse(p) {
+                    if !p.contains(['*', '?']) && !self.fetching.contains(&id) {
+                        self.fetch(id, out);
+                    }
+                }
                 let what = if p.contains(['*', '?']) {
                     format!("the pattern {p} of the session's list matches no task")
                 } else {

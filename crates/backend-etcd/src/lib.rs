@@ -180,6 +180,12 @@ impl EtcdBackend {
         self.inner.archive(task).await
     }
 
+    /// Whether a task may name `blockers` here (see `ifc put`): at most 100, the most a claim's
+    /// one transaction can compare.
+    pub fn claimable_with(&self, task: &TaskId, blockers: &[TaskId]) -> BackendResult<()> {
+        self.inner.claimable_with(task, blockers)
+    }
+
     /// Puts an archived task back.
     pub async fn restore(&self, task: &TaskId) -> BackendResult<Restored> {
         self.inner.restore(task).await

@@ -2,7 +2,7 @@
 //! records, read together in one transaction (or taken from the watch cache), with the revisions
 //! the compare-and-swap then checks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use agent_core::{TaskId, TaskStatus};
 use etcd_client::{KeyValue, TxnOp, TxnOpResponse};
@@ -17,9 +17,8 @@ pub(crate) struct View {
     pub claim: Option<StoredClaim>,
     /// Each blocker's record (`None`: not in `tasks/`).
     pub blockers: BTreeMap<TaskId, Option<StoredRecord>>,
-    /// The blockers not in `tasks/` but archived (complete, `ifc archive`), with the revision
-    /// of their archive key.
-    pub archived: BTreeMap<TaskId, i64>,
+    /// The blockers not in `tasks/` but archived (complete, `ifc archive`).
+    pub archived: BTreeSet<TaskId>,
     /// The task's own archived record, if it has one.
     pub archived_self: Option<StoredRecord>,
 }
@@ -27,7 +26,7 @@ pub(crate) struct View {
 impl View {
     /// A blocker's stored status (`None` if missing or unreadable).
     pub fn blocker_status(&self, id: &TaskId) -> Option<TaskStatus> {
-        if self.archived.contains_key(id) {
+        if self.archived.contains(id) {
             return Some(TaskStatus::Complete);
         }
         let stored = self.blockers.get(id)?.as_ref()?;
@@ -116,8 +115,8 @@ impl View {
         for b in blockers {
             let stored = first().map(|kv| stored_record(b, &kv));
             let archived = first();
-            if let (None, Some(kv)) = (&stored, archived) {
-                self.archived.insert(b.clone(), kv.mod_revision());
+            if stored.is_none() && archived.is_some() {
+                self.archived.insert(b.clone());
             }
             self.blockers.insert(b.clone(), stored);
         }

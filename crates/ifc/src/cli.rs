@@ -189,10 +189,11 @@ pub enum Command {
     },
     /// Move complete tasks out of etcd's live prefix (`tasks/` into `archive/`): watches,
     /// lists and the agents stop carrying finished work. Keeps the complete tasks that tasks
-    /// not complete wait for, and those claimed within --older-than. An archived task is gone
-    /// from the board: a new task cannot wait for it, and a session's list that names it by id
-    /// waits for it (`--restore ID...` puts tasks back). Coordinator mode while git is retired
-    /// or not configured
+    /// not complete wait for, and those claimed within --older-than. An archived task leaves
+    /// lists and watches but stays complete: `get` and `verify` find it, a new task may wait
+    /// for it, a session's list naming it counts it done, and `put` and `migrate` do not create
+    /// it again (`--restore ID...` puts tasks back). Coordinator mode while git is retired or
+    /// not configured
     Archive(ArchiveArgs),
     /// Show one task
     Get {

@@ -922,3 +922,52 @@ fn an_idle_session_on_a_busy_board_works_out_why_it_waits_at_most_every_so_often
         "the change is said when the interval is over"
     );
 }
+
+#[test]
+fn an_exact_id_no_list_holds_is_read_and_an_archived_one_counts_done() {
+    // Tester helper-10: a list naming an archived task by id exited 1 under --until-done.
+    let now = Instant::now();
+    let mut l = ClaimLoop::new(plan(&["Y1"]));
+    let out = l.step(Input::Snapshot(Vec::new()), now);
+    assert!(out.contains(&Output::Fetch(id("Y1"))), "{out:?}");
+    let out = l.step(
+        Input::Fetched(task("Y1", TaskStatus::Complete, &[])),
+        now + UNMATCHED_GRACE + Duration::from_millis(1),
+    );
+    assert!(out.contains(&Output::Exit(0)), "{out:?}");
+}
+
+#[test]
+fn a_glob_whose_tasks_all_left_the_store_is_done_and_one_that_never_matched_is_not() {
+    // Tester helper-10: `ifc archive` emptied a running agent's glob, which then exited 1.
+    let now = Instant::now();
+    let later = now + UNMATCHED_GRACE + Duration::from_millis(1);
+    let mut l = ClaimLoop::new(plan(&["W.0.*", "W.1.*"]));
+    l.step(
+        Input::Snapshot(vec![
+            task("W.0.1", TaskStatus::Complete, &[]),
+            task("W.1.1", TaskStatus::Blocked, &["X"]),
+            task("X", TaskStatus::Available, &[]),
+        ]),
+        now,
+    );
+    let out = l.step(
+        Input::Changed {
+            task: id("W.0.1"),
+            status: None,
+            holder: None,
+            blocked_by: None,
+        },
+        now,
+    );
+    assert!(!out.iter().any(|o| matches!(o, Output::Warn(_))), "{out:?}");
+    let out = l.step(Input::Tick, later);
+    assert!(!out.contains(&Output::Exit(1)), "{out:?}");
+    let out = l.step(changed("X", TaskStatus::Complete, None), later);
+    assert_eq!(claims(&out), ["W.1.1"], "{out:?}");
+    // A glob that never matched anything is still a list that can never be done.
+    let mut typo = ClaimLoop::new(plan(&["Q.*"]));
+    typo.step(Input::Snapshot(Vec::new()), now);
+    let out = typo.step(Input::Tick, later);
+    assert!(out.contains(&Output::Exit(1)), "{out:?}");
+}

@@ -222,6 +222,11 @@ impl View {
         self.open.is_empty()
     }
 
+    /// The list's patterns, in order.
+    pub fn patterns(&self) -> impl Iterator<Item = &str> {
+        self.patterns.iter().map(TaskPattern::as_str)
+    }
+
     /// The list's patterns that match no task.
     pub fn unmatched(&self) -> impl Iterator<Item = &str> {
         self.patterns

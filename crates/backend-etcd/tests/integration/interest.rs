@@ -404,3 +404,32 @@ async fn a_first_list_that_etcd_refuses_says_why_not_only_that_it_timed_out() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_waiting_for_a_hundred_archived_tasks_is_claimable() {
+    // An archived blocker cost a claim two compares: 64 of them overflowed etcd's 128 (tester
+    // helper-10).
+    let server = EtcdServer::start();
+    let mut raw = crate::raw_client(&server).await;
+    let client = crate::backend(&server, false).await;
+    let done: Vec<String> = (0..100).map(|i| format!("H.{i:03}")).collect();
+    for h in &done {
+        raw.put(format!("tasks/{h}"), record(h, "complete", &[]), None)
+            .await
+            .expect("put");
+        let archived = client.archive(&tid(h)).await.expect("archive");
+        assert_eq!(archived, backend_etcd::Archived::Archived);
+    }
+    client
+        .put(
+            &tid("N.1"),
+            &TaskPatch {
+                blocked_by: Some(done.iter().map(|h| tid(h)).collect()),
+                ..TaskPatch::default()
+            },
+        )
+        .await
+        .expect("put");
+    let won = client.claim(&tid("N.1"), &sid("s1")).await.expect("claim");
+    assert!(matches!(won, agent_core::ClaimOutcome::Won(_)), "{won:?}");
+}

@@ -187,7 +187,13 @@ pub async fn migrate(
     let (board, mut problems) = Board::parse_all(&name, &text);
     let mut tasks = Vec::new();
     for t in board.tasks() {
-        match from_board(t) {
+        // Refused here, not half-way through the writes (tester helper-10).
+        let checked = from_board(t).and_then(|task| {
+            b.claimable_with(&task.id, &task.blocked_by)
+                .map(|()| task)
+                .map_err(|e| e.to_string())
+        });
+        match checked {
             Ok(task) => tasks.push(task),
             Err(message) => problems.push(backend_git::board::BoardError {
                 file: name.clone(),

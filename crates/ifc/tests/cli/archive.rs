@@ -109,23 +109,26 @@ fn a_task_may_wait_for_an_archived_one_and_an_agent_runs_it() {
     ok(&["put", "N", "--blocked-by", "A"]);
     ok(&["claim", "N", "--session", "cli"]);
     ok(&["put", "M", "--blocked-by", "A"]);
+    // An --until-done agent of `list` exits 0.
+    let until_done = |name: &str, list: &[&str]| {
+        let config = w.session(name, list, APPEND, "");
+        let log = w.path().join(format!("{name}.log"));
+        let mut agent = spawn_agent(
+            crate::agent::ifc(&e, w.path()),
+            &config,
+            &log,
+            &["--until-done"],
+        );
+        let status = finish(&mut agent, std::time::Duration::from_secs(30));
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(status, 0, "{said}");
+    };
     // Its list names the archived task too: done, not "no task of the store".
-    let config = w.session("runner", &["M", "A"], APPEND, "");
-    let log = w.path().join("runner.log");
-    let mut agent = spawn_agent(
-        crate::agent::ifc(&e, w.path()),
-        &config,
-        &log,
-        &["--until-done"],
-    );
-    let status = finish(&mut agent, std::time::Duration::from_secs(30));
-    assert_eq!(
-        status,
-        0,
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    until_done("runner", &["M", "A"]);
     assert_eq!(w.done(), ["M"]);
+    // A list of the archived task alone is done too (it exited 1).
+    until_done("only-a", &["A"]);
+    assert_eq!(w.done(), ["M"], "A is not run again");
 }
 
 #[test]

@@ -385,3 +385,30 @@ async fn a_migration_rides_out_a_short_outage_of_its_store() {
     let tasks: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
     assert_eq!(tasks.as_array().map(Vec::len), Some(400));
 }
+
+#[test]
+fn a_row_with_more_blockers_than_a_claim_can_compare_is_refused_before_anything_is_written() {
+    // Tester helper-10: the rows before it were written, then migrate stopped at it.
+    let (etcd, dir) = setup();
+    let blockers: Vec<String> = (0..101).map(|i| format!("M.B{i}")).collect();
+    let mut board = String::from(
+        "# Board\n\n| ID | Task | Status | Owner | Blocked by |\n|----|------|--------|-------|------------|\n",
+    );
+    for b in &blockers {
+        board.push_str(&format!("| {b} | blocker | ✅ DONE | s |  |\n"));
+    }
+    board.push_str(&format!(
+        "| M.big | too many | 🔵 AVAILABLE |  | {} |\n",
+        blockers.join(", ")
+    ));
+    std::fs::write(dir.path().join("big.md"), board).expect("board");
+    let out = run(ifc(&etcd, dir.path()).args(["migrate", "--board", "big.md"]));
+    assert_eq!(code(&out), 2, "{out:?}");
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("big.md:106") && said.contains("101 blockers"),
+        "{said}"
+    );
+    let status = run(ifc(&etcd, dir.path()).args(["status", "--output", "json"]));
+    assert_eq!(text(&status.stdout).trim(), "[]", "nothing written");
+}
