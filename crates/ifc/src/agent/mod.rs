@@ -122,6 +122,9 @@ pub async fn run(g: &Global, args: &AgentArgs) -> Result<u8> {
         .into());
     }
     tracing::info!(session = %id, mode = mode.as_str(), from = %source, backend = backend.serving_name(), "agent started");
+    for run in task::kill_left_behind(&id, &log_dir) {
+        tracing::warn!(session = %id, run = %run, "killed a run that a previous process of the session left running (its agent and supervisor were killed together): it would have run beside this one");
+    }
     if fleet.as_ref().is_some_and(|f| f.slo.is_some()) && mode != Mode::Hybrid {
         tracing::info!(session = %id, mode = mode.as_str(), "the fleet file's slo: applies to hybrid sessions only: not to this one");
     }

@@ -26,6 +26,11 @@ pub const SHIM: &str = "__task-shim";
 /// agent killed then ran the finished task again on restart).
 const NOTE_DIR: &str = "IFC_SHIM_NOTE_DIR";
 
+/// The task's environment variable naming its session's log directory: with the session id,
+/// what marks a run as this session's here (`kill_left_behind`), not another fleet's that uses
+/// the same session id on this host.
+const LOG_DIR: &str = "IFC_LOG_DIR";
+
 /// Runs in the shim process: start the command in this process group, and kill the group when
 /// stdin (held by the agent) closes. Exits with the command's status.
 pub fn shim(argv: &[String]) -> std::process::ExitCode {
@@ -92,6 +97,70 @@ fn note_finished(dir: Option<&Path>) {
             dir.display()
         );
     }
+}
+
+/// Kills what a previous process of `session` left running on this host: the process groups
+/// of task processes (their environment names the session, its log directory `log_dir`, a
+/// task and a fencing token) whose shim is gone, other than this process's. A run outlives its agent only when the agent and its shim are both
+/// killed (`kill -9` of both, `killall -9 ifc`); the session's next agent would run the task
+/// again beside it (tester helper-10). Called once the session is registered here, so no
+/// live agent of the session owns them. Returns what it killed, for the log.
+pub fn kill_left_behind(session: &agent_core::SessionId, log_dir: &Path) -> Vec<String> {
+    let ours = nix::unistd::getpgrp();
+    let wanted = format!("IFC_SESSION_ID={session}");
+    let mut dir = format!("{LOG_DIR}=").into_bytes();
+    let Ok(log_dir) = std::fs::canonicalize(log_dir) else {
+        return Vec::new(); // no log directory yet: nothing ran here
+    };
+    dir.extend_from_slice(log_dir.as_os_str().as_encoded_bytes());
+    let mut groups = std::collections::BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // Another user's processes do not read: not ours.
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+        let has = |prefix: &str| vars.iter().find(|v| v.starts_with(prefix.as_bytes()));
+        let here = vars.contains(&dir.as_slice());
+        let task = match (has(&wanted), has("IFC_FENCING_TOKEN="), has("IFC_TASK_ID=")) {
+            (Some(v), Some(_), Some(task)) if here && v.len() == wanted.len() => {
+                String::from_utf8_lossy(&task["IFC_TASK_ID=".len()..]).into_owned()
+            }
+            _ => continue,
+        };
+        match nix::unistd::getpgid(Some(Pid::from_raw(pid))) {
+            // A group whose leader, the shim, still runs is its agent's (a process taken over
+            // finishes its run) or ends with it: the shim kills it when the agent goes.
+            Ok(group) if group != ours && !running(group) => {
+                groups.insert(group, task);
+            }
+            _ => {}
+        }
+    }
+    groups
+        .into_iter()
+        .filter(|(group, _)| killpg(*group, Signal::SIGKILL).is_ok())
+        .map(|(group, task)| format!("{task} (process group {group})"))
+        .collect()
+}
+
+/// Whether process `pid` runs (exists and is not a zombie waiting to be reaped).
+fn running(pid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
 }
 
 /// Checks that the session's command can be started: its program exists and may be executed
@@ -188,6 +257,7 @@ impl TaskProcess {
             .env("IFC_SESSION_ID", claim.session.as_str())
             .env("IFC_FENCING_TOKEN", claim.token.to_string())
             .env("IFC_BACKEND", backend)
+            .env(LOG_DIR, std::fs::canonicalize(log_dir)?)
             .env(NOTE_DIR, log_dir)
             .stdin(Stdio::piped())
             .stdout(out)

@@ -975,3 +975,56 @@ async fn a_busy_agent_writes_its_presence_once_per_task_and_says_idle_at_the_end
         std::fs::read_to_string(&log).unwrap_or_default()
     );
 }
+
+#[test]
+fn a_run_left_behind_by_an_agent_killed_with_its_supervisor_is_killed_by_the_next_agent() {
+    // Tester helper-10: `kill -9` of the agent and its shim together left the run going, and the
+    // next agent ran the task again beside it.
+    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let e = etcd.endpoint();
+    put(&e, w.path(), &["K"]);
+    let script = r#"echo $$ > "$MARKS/run-$IFC_FENCING_TOKEN.pid"; exec sleep 120"#;
+    let config = w.session("keeper", &["K"], script, "");
+    let pid_of_run = || -> Option<i32> {
+        std::fs::read_dir(w.path())
+            .ok()?
+            .flatten()
+            .find(|f| f.file_name().to_string_lossy().starts_with("run-"))
+            .and_then(|f| std::fs::read_to_string(f.path()).ok())
+            .and_then(|s| s.trim().parse().ok())
+    };
+    // Running: not gone, and not a zombie waiting to be reaped.
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        })
+    };
+    let mut first = spawn_agent(ifc(&e, w.path()), &config, &w.path().join("1.log"), &[]);
+    wait_for("the run to start", Duration::from_secs(30), || {
+        pid_of_run().is_some()
+    });
+    let run = pid_of_run().expect("pid");
+    // The run's process group is led by its supervisor (`ifc __task-shim`): both go, the
+    // supervisor first (else it kills the run as the agent dies, as it should).
+    let shim = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(run))).expect("group");
+    nix::sys::signal::kill(shim, nix::sys::signal::Signal::SIGKILL).expect("kill the shim");
+    first.kill().expect("kill the agent");
+    let _ = first.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        alive(run),
+        "the run outlives both (what this test is about)"
+    );
+    let _second = spawn_agent(ifc(&e, w.path()), &config, &w.path().join("2.log"), &[]);
+    wait_for(
+        "the run left behind to be killed",
+        Duration::from_secs(30),
+        || !alive(run),
+    );
+    let said = || std::fs::read_to_string(w.path().join("2.log")).unwrap_or_default();
+    wait_for("the agent to say so", Duration::from_secs(10), || {
+        said().contains("killed a run that a previous process")
+    });
+}
