@@ -768,8 +768,25 @@ async fn running_agent(
 
 async fn status(b: &dyn Backend, output: Output, out: &mut impl Write) -> Result<u8> {
     let listing = b.list().await?;
-    let statuses: std::collections::HashMap<&TaskId, agent_core::TaskStatus> =
-        listing.tasks.iter().map(|t| (&t.id, t.status)).collect();
+    let mut statuses: std::collections::HashMap<TaskId, agent_core::TaskStatus> = listing
+        .tasks
+        .iter()
+        .map(|t| (t.id.clone(), t.status))
+        .collect();
+    // A blocker the list lacks may be archived (complete, out of the live prefix): read, it
+    // does not show as missing (tester helper-10).
+    let unlisted: std::collections::BTreeSet<TaskId> = listing
+        .tasks
+        .iter()
+        .flat_map(|t| t.blocked_by.iter())
+        .filter(|blocker| !statuses.contains_key(*blocker))
+        .cloned()
+        .collect();
+    for id in unlisted {
+        if let Some(t) = b.get(&id).await? {
+            statuses.insert(id, t.status);
+        }
+    }
     let status_of = |id: &TaskId| statuses.get(id).copied();
     match output {
         Output::Json => {

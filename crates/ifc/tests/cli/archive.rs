@@ -107,6 +107,11 @@ fn a_task_may_wait_for_an_archived_one_and_an_agent_runs_it() {
     let a: Value = serde_json::from_str(&ok(&["get", "A", "-o", "json"])).expect("json");
     assert_eq!(a["status"], "complete", "{a}");
     ok(&["put", "N", "--blocked-by", "A"]);
+    let table = ok(&["status"]);
+    assert!(
+        !table.contains("(missing)") && !table.contains("waiting"),
+        "{table}"
+    );
     ok(&["claim", "N", "--session", "cli"]);
     ok(&["put", "M", "--blocked-by", "A"]);
     // An --until-done agent of `list` exits 0.
