@@ -66,6 +66,8 @@ struct State {
     /// Set by [`MemoryStore::set_silent`]: every call waits, as a paused or hung etcd keeps
     /// a caller waiting (until its deadline).
     silent: bool,
+    /// Set by [`MemoryStore::set_list_delay`]: how long a list's answer takes to arrive.
+    list_delay: Duration,
 }
 
 impl State {
@@ -237,6 +239,12 @@ impl MemoryStore {
         lock(&self.state).silent = silent;
     }
 
+    /// Makes a list's answer arrive `delay` after it was read (changes meanwhile are not in
+    /// it), as a big board's list over a network does. For tests of what sits above a backend.
+    pub fn set_list_delay(&self, delay: Duration) {
+        lock(&self.state).list_delay = delay;
+    }
+
     /// Waits while the store is set silent.
     async fn answer(&self) {
         while lock(&self.state).silent {
@@ -372,7 +380,14 @@ impl Backend for MemoryBackend {
     }
 
     async fn list(&self) -> BackendResult<Listing> {
-        Ok(self.up().await?.listing())
+        let (listing, delay) = {
+            let state = self.up().await?;
+            (state.listing(), state.list_delay)
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(listing)
     }
 
     /// Like a watch cache that saw every change: the store's state, even while it is set down.

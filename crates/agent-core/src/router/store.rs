@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::switch::Confirmed;
 use super::{lock, missing, Held, Router, Shared, Side};
-use crate::backend::{Backend, Health, Subscription};
+use crate::backend::{Backend, BackendEvent, Health, Subscription};
 use crate::error::{BackendError, BackendResult};
 use crate::ids::{SessionId, TaskId};
 use crate::interest::Interest;
@@ -427,10 +427,14 @@ impl Backend for Router {
                 .unwrap_or_else(|p| p.into_inner())
                 .extend(pumps);
         }
+        // Registered before the snapshot is read: a change that came between the read and the
+        // registration was heard by nobody (an agent started while others worked waited for
+        // good for a completion it never heard). What the snapshot has already is dropped.
+        lock(&me.state).subscribers.push(tx);
         let serving = lock(&me.state).serving;
         let snapshot = me.backend(serving)?.list_of(interest).await?;
-        lock(&me.state).subscribers.push(tx);
-        Ok(Subscription::new(snapshot, rx))
+        let events = after_snapshot(rx, snapshot.revision);
+        Ok(Subscription::new(snapshot, events))
     }
 
     async fn announce(&self, presence: &Presence) -> BackendResult<()> {
@@ -612,4 +616,24 @@ pub(super) fn merge_sessions(
         }
     }
     by_id.into_values().collect()
+}
+
+/// The events of `rx` less the task changes older than a snapshot at `revision` (it has them;
+/// one of that revision is the snapshot's own state, harmless again).
+fn after_snapshot(
+    mut rx: mpsc::UnboundedReceiver<BackendEvent>,
+    revision: u64,
+) -> mpsc::UnboundedReceiver<BackendEvent> {
+    let (tx, out) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            if matches!(&event, BackendEvent::Task(e) if e.revision < revision) {
+                continue;
+            }
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    out
 }

@@ -1050,3 +1050,44 @@ fn a_session_both_stores_list_is_shown_as_the_store_serving_it_says() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_change_while_the_first_snapshot_is_on_its_way_is_heard() {
+    // The router registered its subscriber only after the snapshot's list came back: a
+    // completion in between was heard by nobody, and an --until-done agent waited for good
+    // (CI: an agent of `three_agents_complete_thirty_chained_tasks_exactly_once` ran past 120 s).
+    let fleet = Fleet::new(&["A"]).await;
+    let r = fleet.router(Mode::Coordinator);
+    fleet.etcd.set_list_delay(Duration::from_millis(300));
+    let subscribing = tokio::spawn(async move {
+        let sub = r.subscribe().await.expect("subscribe");
+        (r, sub)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let other = MemoryBackend::new(fleet.etcd.clone(), None);
+    let claim = won(other.claim(&tid("A"), &sid("s9")).await.expect("claim"));
+    other
+        .release(
+            &tid("A"),
+            &sid("s9"),
+            ReleaseTo::Complete,
+            Some(claim.token),
+        )
+        .await
+        .expect("release");
+    let (_r, mut sub) = subscribing.await.expect("join");
+    let in_snapshot = sub
+        .snapshot
+        .tasks
+        .iter()
+        .any(|t| t.status == TaskStatus::Complete);
+    assert!(!in_snapshot, "the snapshot was read before the completion");
+    let heard = eventually(Duration::from_secs(5), "the completion", || {
+        let got = std::iter::from_fn(|| sub.try_next()).find(
+            |e| matches!(e, BackendEvent::Task(t) if t.new_status == Some(TaskStatus::Complete)),
+        );
+        async move { got }
+    })
+    .await;
+    assert!(matches!(heard, BackendEvent::Task(t) if t.task == tid("A")));
+}
