@@ -5,12 +5,12 @@
 use std::collections::{BTreeSet, HashMap};
 
 use agent_core::{BackendResult, Interest, TaskId};
-use etcd_client::{GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{GetOptions, GetResponse, Txn, TxnOp};
 
 use crate::inner::Inner;
 use crate::ops::{compacted, RawListing};
 use crate::record::{StoredClaim, StoredRecord};
-use crate::view::{stored_claim, stored_record};
+use crate::view::{next_kv, stored_claim, stored_record};
 
 /// Records and claim keys by task.
 pub(crate) type Stored = (HashMap<TaskId, StoredRecord>, HashMap<TaskId, StoredClaim>);
@@ -144,15 +144,11 @@ impl Inner {
                 .collect();
             let resp = self.conn.read_txn("read", Txn::new().and_then(ops)).await?;
             let mut responses = resp.op_responses().into_iter();
-            let mut first = || match responses.next() {
-                Some(TxnOpResponse::Get(get)) => get.kvs().first().cloned(),
-                _ => None,
-            };
             for id in chunk {
-                if let Some(kv) = first() {
+                if let Some(kv) = next_kv(&mut responses) {
                     records.insert(id.clone(), stored_record(id, &kv));
                 }
-                if let Some(kv) = first() {
+                if let Some(kv) = next_kv(&mut responses) {
                     claims.insert(id.clone(), stored_claim(&kv));
                 }
             }

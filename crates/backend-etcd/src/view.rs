@@ -87,34 +87,38 @@ pub(crate) fn read_ops(keys: &Keys, id: &TaskId, blockers: &[TaskId]) -> Vec<Txn
     ops
 }
 
-/// Builds a view from the responses of [`read_ops`] (the same `blockers`, in order).
-pub(crate) fn parse_view(id: &TaskId, blockers: &[TaskId], responses: Vec<TxnOpResponse>) -> View {
-    let first_kv = |r: Option<&TxnOpResponse>| match r {
+/// The key the next of a transaction's responses read (`None`: no such key, or no get).
+pub(crate) fn next_kv(responses: &mut impl Iterator<Item = TxnOpResponse>) -> Option<KeyValue> {
+    match responses.next() {
         Some(TxnOpResponse::Get(get)) => get.kvs().first().cloned(),
         _ => None,
-    };
+    }
+}
+
+/// Builds a view from the responses of [`read_ops`] (the same `blockers`, in order).
+pub(crate) fn parse_view(id: &TaskId, blockers: &[TaskId], responses: Vec<TxnOpResponse>) -> View {
+    let mut responses = responses.into_iter();
     let mut view = View {
-        record: first_kv(responses.first()).map(|kv| stored_record(id, &kv)),
-        claim: first_kv(responses.get(1)).map(|kv| stored_claim(&kv)),
-        archived_self: first_kv(responses.get(2)).map(|kv| stored_record(id, &kv)),
+        record: next_kv(&mut responses).map(|kv| stored_record(id, &kv)),
+        claim: next_kv(&mut responses).map(|kv| stored_claim(&kv)),
+        archived_self: next_kv(&mut responses).map(|kv| stored_record(id, &kv)),
         ..View::default()
     };
-    let rest = responses.into_iter().skip(3).collect();
-    view.add_blockers(blockers, rest);
+    view.add_blockers(blockers, responses);
     view
 }
 
 impl View {
     /// Takes in `blockers` from reads of each one's record and archive key, in that order.
-    pub fn add_blockers(&mut self, blockers: &[TaskId], responses: Vec<TxnOpResponse>) {
+    pub fn add_blockers(
+        &mut self,
+        blockers: &[TaskId],
+        responses: impl IntoIterator<Item = TxnOpResponse>,
+    ) {
         let mut responses = responses.into_iter();
-        let mut first = || match responses.next() {
-            Some(TxnOpResponse::Get(get)) => get.kvs().first().cloned(),
-            _ => None,
-        };
         for b in blockers {
-            let stored = first().map(|kv| stored_record(b, &kv));
-            let archived = first();
+            let stored = next_kv(&mut responses).map(|kv| stored_record(b, &kv));
+            let archived = next_kv(&mut responses);
             if stored.is_none() && archived.is_some() {
                 self.archived.insert(b.clone());
             }
