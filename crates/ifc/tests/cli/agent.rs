@@ -1009,12 +1009,14 @@ fn a_run_left_behind_by_an_agent_killed_with_its_supervisor_is_killed_by_the_nex
         pid_of_run().is_some()
     });
     let run = pid_of_run().expect("pid");
-    // The run's process group is led by its supervisor (`ifc __task-shim`): both go, the
-    // supervisor first (else it kills the run as the agent dies, as it should).
+    // The run's process group is led by its supervisor (`ifc __task-shim`): both go. The
+    // supervisor is stopped first, so it cannot kill the run as the agent dies, nor the agent
+    // when it sees the supervisor die (both as they should); then the agent, then it.
     let shim = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(run))).expect("group");
-    nix::sys::signal::kill(shim, nix::sys::signal::Signal::SIGKILL).expect("kill the shim");
+    nix::sys::signal::kill(shim, nix::sys::signal::Signal::SIGSTOP).expect("stop the shim");
     first.kill().expect("kill the agent");
     let _ = first.wait();
+    nix::sys::signal::kill(shim, nix::sys::signal::Signal::SIGKILL).expect("kill the shim");
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         alive(run),
