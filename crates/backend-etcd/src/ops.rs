@@ -39,7 +39,7 @@ pub(crate) const MAX_BLOCKERS: usize = 100;
 const MAX_ROUNDS: usize = 16;
 
 /// The claim of `view`'s task that ended with its lease, with nobody's write since.
-fn lapsed_in(view: &View) -> Option<crate::record::Lapsed> {
+fn lapsed_in(view: &View) -> Option<task_record::Lapsed> {
     let stored = view.record.as_ref().filter(|_| view.claim.is_none())?;
     let record = stored.record.as_ref().ok()?;
     record.lapsed_claim(stored.mod_rev)
@@ -337,6 +337,7 @@ impl Inner {
                 task: next,
                 lease,
                 lapsed: None,
+                claim_rev: None,
             };
             let (task_key, claim_key) = (self.keys.task(id), self.keys.claim(id));
             let mut compares = vec![
@@ -552,6 +553,7 @@ impl Inner {
                             task: next,
                             lease,
                             lapsed: None,
+                            claim_rev: None,
                         },
                         PutOutcome::Updated,
                     )
@@ -682,6 +684,7 @@ impl Inner {
                     task,
                     lease: None,
                     lapsed,
+                    claim_rev: None,
                 }
                 .encode(),
                 None,

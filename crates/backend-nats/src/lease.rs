@@ -1,0 +1,206 @@
+//! Leases: a client's `leases.<n>` record, written with a per-message TTL (NATS 2.11+) and
+//! renewed by compare-and-swap on its last sequence, so a lease whose TTL ran out (the server
+//! removes it and leaves a delete marker every watcher sees) can never be renewed again. Claims
+//! name the lease they were made under; a claim whose lease is gone reads available.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use agent_core::{BackendError, BackendResult};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::HeaderMap;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::inner::{lock, Inner};
+use crate::keys;
+
+/// A lease this client keeps alive.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    pub id: i64,
+    /// When a renewal last succeeded.
+    renewed: Arc<Mutex<Instant>>,
+    keeper: JoinHandle<()>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
+/// Why a renewal failed.
+enum Renewal {
+    /// The lease is gone (its TTL ran out, or it was revoked): it can never be renewed.
+    Gone,
+    Failed(String),
+}
+
+fn lease_value() -> bytes::Bytes {
+    serde_json::json!({"host": agent_core::process::hostname(), "pid": std::process::id()})
+        .to_string()
+        .into()
+}
+
+async fn renew(inner: &Inner, id: i64, seq: u64, ttl: Duration) -> Result<u64, Renewal> {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        seq.to_string().as_str(),
+    );
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_TTL,
+        ttl.as_secs().to_string().as_str(),
+    );
+    let subject = format!("{}{}", inner.prefix, keys::lease(id));
+    let ack = match inner
+        .js
+        .publish_with_headers(subject, headers, lease_value())
+        .await
+    {
+        Ok(ack) => ack.await,
+        Err(e) => Err(e),
+    };
+    match ack {
+        Ok(ack) => Ok(ack.sequence),
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(Renewal::Gone),
+        Err(e) => Err(Renewal::Failed(e.to_string())),
+    }
+}
+
+/// Renews lease `id` every third of its TTL until it is gone, or has not been renewed for a
+/// whole TTL (the server has let it go by then): its claims end.
+async fn keep(inner: Weak<Inner>, id: i64, seq: u64, ttl: Duration, renewed: Arc<Mutex<Instant>>) {
+    let seq = AtomicU64::new(seq);
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        let Some(inner) = inner.upgrade() else { return };
+        match renew(&inner, id, seq.load(Ordering::Acquire), ttl).await {
+            Ok(s) => {
+                seq.store(s, Ordering::Release);
+                *lock(&renewed) = Instant::now();
+            }
+            Err(Renewal::Gone) => {
+                tracing::warn!(lease = id, "lease gone: its claims have ended");
+                inner.lease_gone(id).await;
+                return;
+            }
+            Err(Renewal::Failed(e)) => {
+                let since = lock(&renewed).elapsed();
+                if since >= ttl {
+                    tracing::warn!(lease = id, error = %e, ?since, "lease not renewed for its TTL: its claims have ended");
+                    inner.lease_gone(id).await;
+                    return;
+                }
+                tracing::warn!(lease = id, error = %e, "lease renewal failed; retrying");
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn keep(self: &Arc<Self>, id: i64, seq: u64, ttl: Duration) -> Lease {
+        let renewed = Arc::new(Mutex::new(Instant::now()));
+        lock(&self.mine).insert(id);
+        let keeper = tokio::spawn(keep(
+            Arc::downgrade(self),
+            id,
+            seq,
+            ttl,
+            Arc::clone(&renewed),
+        ));
+        Lease {
+            id,
+            renewed,
+            keeper,
+        }
+    }
+
+    /// The lease to claim under (`None` when claims are not leased): the current one, or a new
+    /// one when there is none or it ended.
+    pub async fn claim_lease(self: &Arc<Self>) -> BackendResult<Option<i64>> {
+        let Some(ttl) = self.config.lease_ttl else {
+            return Ok(None);
+        };
+        let mut current = self.lease.lock().await;
+        if let Some(lease) = current.as_ref() {
+            let since = lock(&lease.renewed).elapsed();
+            if since < ttl / 2 {
+                return Ok(Some(lease.id));
+            }
+            // Not renewed for half its TTL: a claim under it might outlive it unseen.
+            return Err(BackendError::Unavailable {
+                endpoint: self.endpoint(),
+                reason: format!("lease {} not renewed for {since:?}", lease.id),
+            });
+        }
+        let id = loop {
+            let id = (rand::random::<u64>() >> 12) as i64;
+            if id != 0 {
+                break id;
+            }
+        };
+        let seq = self
+            .kv
+            .create_with_ttl(keys::lease(id), lease_value(), ttl)
+            .await
+            .map_err(|e| self.error("grant a lease", e))?;
+        *current = Some(self.keep(id, seq, ttl));
+        Ok(Some(id))
+    }
+
+    /// Lease `id` is gone: claims under it end, and the next claim grants a new one.
+    pub async fn lease_gone(&self, id: i64) {
+        let gone = {
+            let mut current = self.lease.lock().await;
+            match current.as_ref() {
+                Some(l) if l.id == id => current.take(),
+                _ => None,
+            }
+        };
+        self.lease_ended(id);
+        drop(gone);
+    }
+
+    /// Keeps alive, as this client's, the lease of a session's process that is gone, until
+    /// `end_inherited` (its claims become this client's: their runs' reports land first).
+    pub async fn inherit(self: &Arc<Self>, id: i64) -> BackendResult<()> {
+        let Some(ttl) = self.config.lease_ttl else {
+            return Ok(());
+        };
+        let entry = self
+            .kv
+            .entry(keys::lease(id))
+            .await
+            .map_err(|e| self.error("read a lease", e))?;
+        if let Some(e) = entry.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+        {
+            let lease = self.keep(id, e.revision, ttl);
+            lock(&self.inherited).push(lease);
+        }
+        Ok(())
+    }
+
+    /// Whether lease `id` lives (its record is there).
+    pub async fn lease_alive(&self, id: i64) -> BackendResult<bool> {
+        let entry = self
+            .kv
+            .entry(keys::lease(id))
+            .await
+            .map_err(|e| self.error("read a lease", e))?;
+        Ok(entry.is_some_and(|e| e.operation == async_nats::jetstream::kv::Operation::Put))
+    }
+
+    /// Ends `leases` now: their records are purged, so their claims free and their presence goes.
+    pub async fn revoke(&self, leases: Vec<Lease>) {
+        for lease in leases {
+            let id = lease.id;
+            drop(lease);
+            if let Err(e) = self.kv.purge(keys::lease(id)).await {
+                tracing::warn!(lease = id, error = %e, "cannot revoke a lease; it ends with its TTL");
+            }
+        }
+    }
+}

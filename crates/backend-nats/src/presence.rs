@@ -1,0 +1,145 @@
+//! Presence and registration: `sessions.<id>` holds a running session's presence under its
+//! client's lease (it goes when the lease does). Registration is a compare-and-swap on that key,
+//! so a session id is live in one process at a time.
+
+use std::sync::Arc;
+
+use agent_core::{process, BackendResult, Presence, SessionId};
+use async_nats::jetstream::kv::{CreateErrorKind, Operation, UpdateErrorKind};
+
+use crate::board::{decode_presence, encode_presence, StoredPresence};
+use crate::inner::{lock, Inner};
+use crate::keys;
+
+/// How many times a registration reads and tries again when the key changed under it.
+const TRIES: usize = 16;
+
+enum Found {
+    Nothing(Option<u64>),
+    Presence(StoredPresence, u64),
+}
+
+impl Inner {
+    async fn presence_of(&self, session: &SessionId) -> BackendResult<Found> {
+        let entry = self
+            .kv
+            .entry(keys::session(session))
+            .await
+            .map_err(|e| self.error("read a presence", e))?;
+        Ok(match entry {
+            None => Found::Nothing(None),
+            Some(e) if e.operation != Operation::Put => Found::Nothing(Some(e.revision)),
+            Some(e) => match decode_presence(&e.value) {
+                Some(p) => Found::Presence(p, e.revision),
+                None => Found::Nothing(Some(e.revision)),
+            },
+        })
+    }
+
+    /// Writes `presence` over revision `rev` (`None`: the key must not exist); `false` if it
+    /// changed meanwhile.
+    async fn write_presence(
+        &self,
+        presence: &Presence,
+        lease: Option<i64>,
+        rev: Option<u64>,
+    ) -> BackendResult<bool> {
+        let key = keys::session(&presence.session_id);
+        let value = encode_presence(presence, lease);
+        match rev {
+            None => match self.kv.create(key, value).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(self.error("write a presence", e)),
+            },
+            Some(rev) => match self.kv.update(key, value, rev).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
+                Err(e) => Err(self.error("write a presence", e)),
+            },
+        }
+    }
+
+    async fn alive(&self, p: &StoredPresence) -> BackendResult<bool> {
+        match p.lease {
+            Some(l) => self.lease_alive(l).await,
+            None => Ok(process::may_be_alive(p.presence.pid, &p.presence.host)),
+        }
+    }
+
+    pub async fn announce(self: &Arc<Self>, presence: &Presence) -> BackendResult<()> {
+        let lease = self.claim_lease().await?;
+        let session = &presence.session_id;
+        for _ in 0..TRIES {
+            let rev = match self.presence_of(session).await? {
+                Found::Nothing(rev) => rev,
+                Found::Presence(p, rev) => {
+                    let taken = lock(&self.registered).contains_key(session)
+                        && p.lease != lease
+                        && !p.lease.is_some_and(|l| self.is_mine(l))
+                        && self.alive(&p).await?;
+                    if taken {
+                        // Another process runs this session now; it was told (`SessionTaken`).
+                        return Ok(());
+                    }
+                    Some(rev)
+                }
+            };
+            if self.write_presence(presence, lease, rev).await? {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn register(
+        self: &Arc<Self>,
+        presence: &Presence,
+        take_over: bool,
+    ) -> BackendResult<Option<Presence>> {
+        let lease = self.claim_lease().await?;
+        let session = &presence.session_id;
+        for _ in 0..TRIES {
+            let rev = match self.presence_of(session).await? {
+                Found::Nothing(rev) => rev,
+                Found::Presence(p, rev) => {
+                    let ours = p.lease == lease || p.lease.is_some_and(|l| self.is_mine(l));
+                    if !ours && self.alive(&p).await? && !take_over {
+                        if process::may_be_alive(p.presence.pid, &p.presence.host) {
+                            return Ok(Some(p.presence));
+                        }
+                        // Its process is gone: its claims become this process's until
+                        // `end_inherited`, so that the runs it finished are reported first.
+                        if let Some(l) = p.lease {
+                            self.inherit(l).await?;
+                        }
+                    }
+                    Some(rev)
+                }
+            };
+            if self.write_presence(presence, lease, rev).await? {
+                lock(&self.registered).insert(session.clone(), lease);
+                return Ok(None);
+            }
+        }
+        Err(agent_core::BackendError::Unavailable {
+            endpoint: self.endpoint(),
+            reason: format!(
+                "register {session}: the presence changed under {TRIES} tries in a row"
+            ),
+        })
+    }
+
+    pub async fn end_inherited(&self) -> BackendResult<()> {
+        let leases = std::mem::take(&mut *lock(&self.inherited));
+        self.revoke(leases).await;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        let current = self.lease.lock().await.take();
+        let mut leases = std::mem::take(&mut *lock(&self.inherited));
+        leases.extend(current);
+        self.revoke(leases).await;
+    }
+}

@@ -1,0 +1,175 @@
+//! Reading the bucket through one ordered consumer: the last value of every key (a consistent
+//! snapshot, as of the last sequence delivered) and then every change after it, in stream order.
+//! A list is a snapshot alone; a subscription keeps its consumer and turns changes into events.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use agent_core::{BackendEvent, BackendResult, Subscription};
+use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::board::{decode_presence, Board, Change};
+use crate::inner::{lock, Inner};
+use crate::keys::{self, Key};
+
+type Messages = push::Ordered;
+
+/// One message of the bucket's stream, read; `None` for one that is not a key of this bucket.
+fn change(inner: &Inner, m: &async_nats::jetstream::Message) -> Option<(Change, u64)> {
+    let info = m.info().ok()?;
+    let key = m.subject.as_str().strip_prefix(&inner.prefix)?.to_owned();
+    let deleted = m.headers.as_ref().is_some_and(|h| {
+        h.get("KV-Operation")
+            .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE")
+            || h.get(async_nats::header::NATS_MARKER_REASON).is_some()
+    });
+    Some((
+        Change {
+            key,
+            put: !deleted,
+            value: m.payload.clone(),
+            rev: info.stream_sequence,
+        },
+        info.pending,
+    ))
+}
+
+/// A new consumer of every key's last value and what follows, drained up to the present: the
+/// board as of its revision, and the consumer to read on from.
+pub(crate) async fn open(inner: &Inner) -> BackendResult<(Board, Messages)> {
+    let timeout = inner.config.request_timeout;
+    let last = inner
+        .stream
+        .clone()
+        .info()
+        .await
+        .map_err(|e| inner.error("read the bucket's state", e))?
+        .state
+        .last_sequence;
+    let consumer = inner
+        .stream
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: inner.client.new_inbox(),
+            description: Some("ifc watch".into()),
+            filter_subject: format!("{}>", inner.prefix),
+            replay_policy: ReplayPolicy::Instant,
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| inner.error("open a watch", e))?;
+    let mut pending = consumer.cached_info().num_pending;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| inner.error("open a watch", e))?;
+    let mut board = Board {
+        revision: last,
+        ..Board::default()
+    };
+    while pending > 0 {
+        let next = tokio::time::timeout(timeout, messages.next())
+            .await
+            .map_err(|_| inner.error("read the bucket", "timed out"))?;
+        let m = match next {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(inner.error("read the bucket", e)),
+            None => return Err(inner.error("read the bucket", "the watch ended")),
+        };
+        if let Some((c, left)) = change(inner, &m) {
+            board.apply(&c);
+            pending = left;
+        }
+    }
+    Ok((board, messages))
+}
+
+/// A subscription: a snapshot and, from a task of its own, the changes after it.
+pub(crate) async fn subscribe(inner: &Arc<Inner>) -> BackendResult<Subscription> {
+    let (board, messages) = open(inner).await?;
+    let snapshot = board.listing();
+    let (tx, rx) = mpsc::unbounded_channel();
+    lock(&inner.subscribers).push(tx.clone());
+    let board = Arc::new(Mutex::new(board));
+    {
+        let mut watched = lock(&inner.watched);
+        if watched.as_ref().and_then(Weak::upgrade).is_none() {
+            *watched = Some(Arc::downgrade(&board));
+        }
+    }
+    tokio::spawn(pump(Arc::downgrade(inner), board, messages, tx));
+    Ok(Subscription::new(snapshot, rx))
+}
+
+/// Feeds a subscriber the changes its consumer delivers. If the consumer ends (the server lost
+/// it), a new one starts and the subscriber gets its snapshot as a `Resync`.
+async fn pump(
+    inner: Weak<Inner>,
+    board: Arc<Mutex<Board>>,
+    mut messages: Messages,
+    tx: mpsc::UnboundedSender<BackendEvent>,
+) {
+    loop {
+        let next = tokio::select! {
+            next = messages.next() => next,
+            () = tx.closed() => return,
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        match next {
+            Some(Ok(m)) => {
+                let Some((c, _)) = change(&inner, &m) else {
+                    continue;
+                };
+                let mut board = lock(&board);
+                let events = board.apply(&c);
+                match keys::parse(&c.key) {
+                    Key::Session(s) if c.put => {
+                        if let Some(p) = decode_presence(&c.value) {
+                            inner.presence_written(&s, &p);
+                        }
+                    }
+                    _ => {}
+                }
+                let touched: Vec<_> = events.iter().map(|e| e.task.clone()).collect();
+                for e in events {
+                    if tx.send(BackendEvent::Task(e)).is_err() {
+                        return;
+                    }
+                }
+                inner.check_held(&board, touched.into_iter());
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "watch hiccup; the ordered consumer goes on");
+            }
+            None => {
+                tracing::warn!("watch ended; starting again from a fresh snapshot");
+                inner
+                    .reconnects
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                loop {
+                    match open(&inner).await {
+                        Ok((fresh, m)) => {
+                            let listing = fresh.listing();
+                            let all: Vec<_> = fresh.tasks.keys().cloned().collect();
+                            *lock(&board) = fresh;
+                            messages = m;
+                            if tx.send(BackendEvent::Resync(listing)).is_err() {
+                                return;
+                            }
+                            inner.check_held(&lock(&board), all.into_iter());
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot start the watch again; retrying");
+                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                            if tx.is_closed() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Integration tests of the NATS backend against a real nats-server (started per test).
+
+mod conformance;
