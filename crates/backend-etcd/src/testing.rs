@@ -446,6 +446,11 @@ impl TcpProxy {
         }
     }
 
+    /// The proxy's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// The proxy's client URL.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)

@@ -2,8 +2,10 @@
 //! leases and the presences, the *effective* task (a record claimed under a lease whose record is
 //! gone reads `available`), and the task events each change makes.
 
-use std::collections::{BTreeMap, HashSet};
-use std::time::SystemTime;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use agent_core::{
     CorruptRecord, Listing, Presence, SessionId, Task, TaskEvent, TaskId, TaskStatus,
@@ -73,14 +75,26 @@ pub(crate) struct Change {
     pub put: bool,
     pub value: bytes::Bytes,
     pub rev: u64,
+    /// The message's own TTL (`Nats-TTL`), for a lease.
+    pub ttl: Option<Duration>,
 }
+
+/// A live lease as a board saw it: when its last renewal arrived, and its TTL.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseSeen {
+    pub at: Instant,
+    pub ttl: Duration,
+}
+
+/// The TTL assumed for a lease whose message does not say (the default lease TTL).
+const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
 /// The bucket as of `revision`.
 #[derive(Debug, Default)]
 pub(crate) struct Board {
     pub revision: u64,
     pub tasks: BTreeMap<TaskId, Stored>,
-    pub leases: HashSet<i64>,
+    pub leases: HashMap<i64, LeaseSeen>,
     pub sessions: BTreeMap<SessionId, StoredPresence>,
 }
 
@@ -90,7 +104,7 @@ type Face = (TaskStatus, Option<SessionId>, Vec<TaskId>);
 impl Board {
     pub fn task(&self, id: &TaskId) -> Option<Result<(Task, Option<u64>), String>> {
         let stored = self.tasks.get(id)?;
-        Some(stored.effective(|l| self.leases.contains(&l)))
+        Some(stored.effective(|l| self.leases.contains_key(&l)))
     }
 
     fn face(&self, id: &TaskId) -> Option<Face> {
@@ -134,7 +148,9 @@ impl Board {
                     .collect();
                 let before: Vec<Option<Face>> = under.iter().map(|id| self.face(id)).collect();
                 if change.put {
-                    self.leases.insert(lease);
+                    let ttl = change.ttl.unwrap_or(DEFAULT_LEASE_TTL);
+                    let at = Instant::now();
+                    self.leases.insert(lease, LeaseSeen { at, ttl });
                 } else {
                     self.leases.remove(&lease);
                     self.sessions.retain(|_, p| p.lease != Some(lease));
@@ -188,6 +204,23 @@ impl Board {
         })
     }
 
+    /// Leases whose renewals stopped arriving for twice their TTL: the server has let them go,
+    /// unless this board's watch missed messages (a delete marker lives 1 s). Read them to know.
+    pub fn overdue(&self) -> Vec<i64> {
+        self.leases
+            .iter()
+            .filter(|(_, seen)| seen.at.elapsed() > seen.ttl * 2)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Lease `id` was read and lives: its renewals are late, not gone.
+    pub fn lease_lives(&mut self, id: i64) {
+        if let Some(seen) = self.leases.get_mut(&id) {
+            seen.at = Instant::now();
+        }
+    }
+
     /// Every task as of `revision`; records that cannot be read are listed apart.
     pub fn listing(&self) -> Listing {
         let mut listing = Listing {
@@ -212,7 +245,7 @@ impl Board {
     pub fn presences(&self) -> Vec<Presence> {
         self.sessions
             .values()
-            .filter(|p| p.lease.is_none_or(|l| self.leases.contains(&l)))
+            .filter(|p| p.lease.is_none_or(|l| self.leases.contains_key(&l)))
             .map(|p| p.presence.clone())
             .collect()
     }

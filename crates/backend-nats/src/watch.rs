@@ -24,12 +24,19 @@ fn change(inner: &Inner, m: &async_nats::jetstream::Message) -> Option<(Change, 
             .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE")
             || h.get(async_nats::header::NATS_MARKER_REASON).is_some()
     });
+    let ttl = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_TTL))
+        .and_then(|v| v.as_str().trim_end_matches('s').parse::<u64>().ok())
+        .map(std::time::Duration::from_secs);
     Some((
         Change {
             key,
             put: !deleted,
             value: m.payload.clone(),
             rev: info.stream_sequence,
+            ttl,
         },
         info.pending,
     ))
@@ -102,6 +109,55 @@ pub(crate) async fn subscribe(inner: &Arc<Inner>) -> BackendResult<Subscription>
     Ok(Subscription::new(snapshot, rx))
 }
 
+/// Sends a change's events and tells the holders of claims it ended; `false` once the
+/// subscriber is gone.
+fn deliver(
+    inner: &Inner,
+    board: &Board,
+    events: Vec<agent_core::TaskEvent>,
+    tx: &mpsc::UnboundedSender<BackendEvent>,
+) -> bool {
+    let touched: Vec<_> = events.iter().map(|e| e.task.clone()).collect();
+    for e in events {
+        if tx.send(BackendEvent::Task(e)).is_err() {
+            return false;
+        }
+    }
+    inner.check_held(board, touched.into_iter());
+    true
+}
+
+/// Reads the leases whose renewals stopped arriving; one that is gone is applied as gone (its
+/// delete marker was missed while the watch was away). `false` once the subscriber is gone.
+async fn sweep_leases(
+    inner: &Inner,
+    board: &Mutex<Board>,
+    tx: &mpsc::UnboundedSender<BackendEvent>,
+) -> bool {
+    let overdue = lock(board).overdue();
+    for lease in overdue {
+        match inner.lease_alive(lease).await {
+            Ok(true) => lock(board).lease_lives(lease),
+            Ok(false) => {
+                let mut board = lock(board);
+                let change = Change {
+                    key: keys::lease(lease),
+                    put: false,
+                    value: bytes::Bytes::new(),
+                    rev: board.revision,
+                    ttl: None,
+                };
+                let events = board.apply(&change);
+                if !deliver(inner, &board, events, tx) {
+                    return false;
+                }
+            }
+            Err(e) => tracing::debug!(lease, error = %e, "cannot read an overdue lease"),
+        }
+    }
+    true
+}
+
 /// Feeds a subscriber the changes its consumer delivers. If the consumer ends (the server lost
 /// it), a new one starts and the subscriber gets its snapshot as a `Resync`.
 async fn pump(
@@ -110,10 +166,18 @@ async fn pump(
     mut messages: Messages,
     tx: mpsc::UnboundedSender<BackendEvent>,
 ) {
+    let mut sweep = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         let next = tokio::select! {
             next = messages.next() => next,
             () = tx.closed() => return,
+            _ = sweep.tick() => {
+                let Some(inner) = inner.upgrade() else { return };
+                if !sweep_leases(&inner, &board, &tx).await {
+                    return;
+                }
+                continue;
+            }
         };
         let Some(inner) = inner.upgrade() else { return };
         match next {
@@ -131,13 +195,9 @@ async fn pump(
                     }
                     _ => {}
                 }
-                let touched: Vec<_> = events.iter().map(|e| e.task.clone()).collect();
-                for e in events {
-                    if tx.send(BackendEvent::Task(e)).is_err() {
-                        return;
-                    }
+                if !deliver(&inner, &board, events, &tx) {
+                    return;
                 }
-                inner.check_held(&board, touched.into_iter());
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "watch hiccup; the ordered consumer goes on");

@@ -1,3 +1,4 @@
 //! Integration tests of the NATS backend against a real nats-server (started per test).
 
 mod conformance;
+mod watch;

@@ -1,0 +1,154 @@
+//! Subscriptions across a nats-server killed with SIGKILL and restarted on the same store:
+//! nothing missed, nothing twice, in order; a lease that ended while the watch was away is
+//! found gone.
+
+use std::time::Duration;
+
+use agent_core::testing::{next_event_for, sid, tid};
+use agent_core::{Backend, BackendEvent, ClaimOutcome, TaskPatch, TaskStatus};
+use backend_nats::testing::NatsServer;
+use backend_nats::NatsBackend;
+
+const TTL: Duration = Duration::from_secs(2);
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn client(server: &NatsServer) -> NatsBackend {
+    NatsBackend::connect(server.config(Some(TTL)))
+        .await
+        .expect("connect to nats-server")
+}
+
+async fn available(b: &NatsBackend, id: &str) {
+    let patch = TaskPatch {
+        status: Some(TaskStatus::Available),
+        ..TaskPatch::default()
+    };
+    // The server may still be coming back: try again for a while.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match b.put(&tid(id), &patch).await {
+            Ok(_) => return,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "put: retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("put {id}: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_after_a_server_restart_reach_a_subscriber_once_and_in_order() {
+    let mut server = NatsServer::start();
+    let (writer, observer) = (client(&server).await, client(&server).await);
+    available(&writer, "BEFORE").await;
+    let mut sub = observer.subscribe().await.expect("subscribe");
+    assert!(sub.snapshot.tasks.iter().any(|t| t.id == tid("BEFORE")));
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.restart();
+    let ids: Vec<String> = (0..5).map(|i| format!("AFTER.{i}")).collect();
+    for id in &ids {
+        available(&writer, id).await;
+    }
+    let mut heard = Vec::new();
+    let mut last = 0;
+    tokio::time::timeout(WAIT, async {
+        while heard.len() < ids.len() {
+            match sub.next().await.expect("the subscription goes on") {
+                BackendEvent::Task(e) => {
+                    assert!(
+                        e.revision > last,
+                        "revisions rise: {} after {last}",
+                        e.revision
+                    );
+                    last = e.revision;
+                    heard.push(e.task.to_string());
+                }
+                BackendEvent::Resync(listing) => {
+                    // A fresh start is allowed; it must hold what was written so far.
+                    last = listing.revision;
+                    for t in listing.tasks {
+                        if t.id.as_str().starts_with("AFTER") && !heard.contains(&t.id.to_string())
+                        {
+                            heard.push(t.id.to_string());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("heard only {heard:?} within {WAIT:?}"));
+    assert_eq!(heard, ids, "each once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_ended_while_the_server_was_down_frees_its_task_for_subscribers() {
+    let mut server = NatsServer::start();
+    let observer = client(&server).await;
+    available(&observer, "T").await;
+    let mut sub = observer.subscribe().await.expect("subscribe");
+    {
+        let holder = client(&server).await;
+        let won = holder
+            .claim(&tid("T"), &sid("holder"))
+            .await
+            .expect("claim");
+        assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+        let e = next_event_for(&mut sub, &tid("T"), WAIT).await;
+        assert_eq!(e.new_status, Some(TaskStatus::Claimed));
+        // The holder dies with the server: nobody renews its lease from now on.
+        server.kill();
+    }
+    tokio::time::sleep(TTL * 2).await;
+    server.restart();
+    let e = next_event_for(&mut sub, &tid("T"), WAIT).await;
+    assert_eq!(
+        (e.new_status, e.holder),
+        (Some(TaskStatus::Available), None),
+        "the dead holder's task reads available to a subscriber that was away"
+    );
+    let t = observer.get(&tid("T")).await.expect("get").expect("kept");
+    assert_eq!(t.status, TaskStatus::Available);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_ended_while_a_subscriber_was_cut_off_frees_its_task_for_it() {
+    let server = NatsServer::start();
+    let target = format!(
+        "127.0.0.1:{}",
+        server.url().rsplit(':').next().expect("port")
+    )
+    .parse()
+    .expect("address");
+    let proxy = backend_etcd::testing::TcpProxy::start(target).await;
+    let observer = NatsBackend::connect(backend_nats::NatsConfig {
+        servers: vec![format!("nats://{}", proxy.addr())],
+        ..server.config(Some(TTL))
+    })
+    .await
+    .expect("connect through the proxy");
+    available(&observer, "T").await;
+    let mut sub = observer.subscribe().await.expect("subscribe");
+    let holder = client(&server).await;
+    let won = holder
+        .claim(&tid("T"), &sid("holder"))
+        .await
+        .expect("claim");
+    assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+    let e = next_event_for(&mut sub, &tid("T"), WAIT).await;
+    assert_eq!(e.new_status, Some(TaskStatus::Claimed));
+    proxy.cut();
+    drop(holder); // the holder dies while the observer is away
+                  // Its lease ends after the TTL, and the delete marker is gone a second later.
+    tokio::time::sleep(TTL * 3).await;
+    proxy.restore();
+    let e = next_event_for(&mut sub, &tid("T"), WAIT).await;
+    assert_eq!(
+        (e.new_status, e.holder),
+        (Some(TaskStatus::Available), None),
+        "the dead holder's task reads available to the subscriber that was away"
+    );
+}
