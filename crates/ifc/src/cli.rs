@@ -59,9 +59,25 @@ pub struct Global {
     #[arg(long, env = "IFC_FLEET", global = true)]
     pub fleet: Option<PathBuf>,
 
-    /// etcd client URLs, comma-separated (a cluster: every member) [default: http://127.0.0.1:2379]
+    /// The coordinator store: etcd, or NATS JetStream [default: nats when every endpoint is a
+    /// nats:// or tls:// URL, else etcd]
+    #[arg(long, env = "IFC_STORE", value_enum, global = true)]
+    pub store: Option<Store>,
+
+    /// The coordinator's URLs, comma-separated: etcd client URLs (a cluster: every member), or
+    /// NATS server URLs (nats://HOST:4222) [default: http://127.0.0.1:2379, or
+    /// nats://127.0.0.1:4222 with --store nats]
     #[arg(long, env = "IFC_ENDPOINTS", value_delimiter = ',', global = true)]
     pub endpoints: Option<Vec<String>>,
+
+    /// NATS: the key-value bucket holding tasks, leases and sessions (created if missing)
+    /// [default: ifc]
+    #[arg(long, env = "IFC_BUCKET", global = true)]
+    pub bucket: Option<String>,
+
+    /// NATS: a credentials file (JWT and NKey seed), as `nats --creds` takes it
+    #[arg(long, env = "IFC_CREDS", global = true)]
+    pub creds: Option<PathBuf>,
 
     /// Key namespace: tasks live at <PREFIX>tasks/<id> [default: "", the migration guide's keys]
     #[arg(long, env = "IFC_PREFIX", global = true)]
@@ -129,6 +145,16 @@ pub struct GitArgs {
     /// .ifc/git/ifc-cli]
     #[arg(long, env = "IFC_GIT_WORKDIR", global = true)]
     pub git_workdir: Option<PathBuf>,
+}
+
+/// The coordinator store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Store {
+    /// etcd 3.5+: one transaction per claim, lease-bound claim keys
+    Etcd,
+    /// NATS JetStream 2.11+: a key-value bucket, claims by compare-and-swap, leases with
+    /// message TTLs
+    Nats,
 }
 
 /// Which store the command talks to.
@@ -319,9 +345,10 @@ pub fn command() -> clap::Command {
             .filter(|a| {
                 let id = a.get_id().as_str();
                 let is_git = git.iter().any(|g| g == id);
-                let log = id == "log_format";
+                // `ifc dev --store nats` runs a nats-server.
+                let shown = id == "log_format" || (*name == "dev" && id == "store");
                 let runs = kinds.contains(&RUNS) && RUN_FLAGS.contains(&id);
-                !log && (runs || kinds.contains(&if is_git { GIT } else { STORES }))
+                !shown && (runs || kinds.contains(&if is_git { GIT } else { STORES }))
             })
             .map(|a| a.clone().hide(true))
             .collect();
@@ -342,10 +369,13 @@ pub struct DevArgs {
     /// The etcd binary [default: etcd on PATH]
     #[arg(long)]
     pub etcd_bin: Option<PathBuf>,
-    /// Client port (the peer port is the next one)
-    #[arg(long, default_value_t = 2379)]
-    pub port: u16,
-    /// Where etcd keeps its data and log
+    /// The nats-server binary, with --store nats [default: nats-server on PATH]
+    #[arg(long)]
+    pub nats_bin: Option<PathBuf>,
+    /// Client port (etcd's peer port is the next one) [default: 2379, or 4222 with --store nats]
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Where the server keeps its data and log
     #[arg(long, default_value = ".ifc/dev")]
     pub data_dir: PathBuf,
 }

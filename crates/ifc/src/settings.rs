@@ -1,5 +1,6 @@
 //! Where each setting comes from: a flag (or its `IFC_*` variable) over the session file over the
-//! fleet file over the built-in default. Builds the etcd and git backend configs.
+//! fleet file over the built-in default. Builds the coordinator's (etcd or NATS) and git's
+//! backend configs.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,8 +12,9 @@ use agent_core::{Backend, BackendError, SessionId};
 use anyhow::{Context, Result};
 use backend_etcd::{EtcdBackend, EtcdConfig, TlsFiles};
 use backend_git::{GitBackend, GitConfig};
+use backend_nats::{NatsBackend, NatsConfig, NatsTls};
 
-use crate::cli::Global;
+use crate::cli::{Global, Store};
 
 /// What a config problem becomes: a usage error (exit 2) naming file, line and key.
 pub fn config_error(e: ConfigError) -> anyhow::Error {
@@ -65,16 +67,6 @@ pub fn router_config(
 /// Whether git settings were given at all (flag, variable or fleet file).
 pub fn git_configured(g: &Global, fleet: Option<&FleetFile>) -> bool {
     g.git.git_remote.is_some() || fleet.is_some_and(|f| f.git.remote.is_some())
-}
-
-/// Connects to etcd.
-pub async fn open_etcd(
-    g: &Global,
-    fleet: Option<&FleetFile>,
-    lease_ttl: Option<Duration>,
-) -> Result<Arc<EtcdBackend>> {
-    let config = etcd_config(g, fleet, lease_ttl)?;
-    Ok(Arc::new(connect_etcd(config).await?))
 }
 
 /// Connects to etcd; an error says what to do next.
@@ -163,6 +155,182 @@ where
     }
 }
 
+/// The coordinator store: `--store`/`IFC_STORE`, else NATS when every endpoint given (flag,
+/// variable or fleet file) is a `nats://` or `tls://` URL, else etcd.
+pub fn store(g: &Global, fleet: Option<&FleetFile>) -> Store {
+    if let Some(store) = g.store {
+        return store;
+    }
+    let endpoints = g
+        .endpoints
+        .clone()
+        .or_else(|| fleet.and_then(|f| f.etcd.endpoints.clone()))
+        .unwrap_or_default();
+    let nats = |e: &String| {
+        let e = e.trim();
+        e.starts_with("nats://") || e.starts_with("tls://")
+    };
+    if !endpoints.is_empty() && endpoints.iter().all(nats) {
+        Store::Nats
+    } else {
+        Store::Etcd
+    }
+}
+
+/// How to reach the coordinator store.
+#[derive(Debug, Clone)]
+pub enum CoordinatorConfig {
+    Etcd(EtcdConfig),
+    Nats(NatsConfig),
+}
+
+/// The coordinator's settings; claims are leased with `lease_ttl`.
+pub fn coordinator_config(
+    g: &Global,
+    fleet: Option<&FleetFile>,
+    lease_ttl: Option<Duration>,
+) -> Result<CoordinatorConfig> {
+    Ok(match store(g, fleet) {
+        Store::Etcd => CoordinatorConfig::Etcd(etcd_config(g, fleet, lease_ttl)?),
+        Store::Nats => CoordinatorConfig::Nats(nats_config(g, fleet, lease_ttl)?),
+    })
+}
+
+/// Connects to the coordinator; an error says what to do next.
+pub async fn connect_coordinator(config: CoordinatorConfig) -> Result<Arc<dyn Backend>> {
+    Ok(match config {
+        CoordinatorConfig::Etcd(c) => Arc::new(connect_etcd(c).await?),
+        CoordinatorConfig::Nats(c) => Arc::new(NatsBackend::connect(c).await.map_err(nats_error)?),
+    })
+}
+
+/// Connects to the coordinator named by the flags and the fleet file.
+pub async fn open_coordinator(
+    g: &Global,
+    fleet: Option<&FleetFile>,
+    lease_ttl: Option<Duration>,
+) -> Result<Arc<dyn Backend>> {
+    connect_coordinator(coordinator_config(g, fleet, lease_ttl)?).await
+}
+
+/// Connects to the coordinator, waiting for it as long as it does not answer (see `wait_for`).
+pub async fn wait_for_coordinator(
+    config: CoordinatorConfig,
+    quiet: bool,
+    waiting: &(dyn Fn(&str) + Sync),
+) -> Result<Arc<dyn Backend>> {
+    match config {
+        CoordinatorConfig::Etcd(c) => Ok(wait_for_etcd(c, quiet, waiting).await?),
+        CoordinatorConfig::Nats(c) => {
+            let at = c.endpoint();
+            let connect = || NatsBackend::connect(c.clone());
+            let nats = wait_for("NATS", &at, quiet, waiting, connect)
+                .await
+                .map_err(nats_error)?;
+            Ok(Arc::new(nats))
+        }
+    }
+}
+
+/// The error of a failed connection to NATS, with the next step.
+pub fn nats_error(e: BackendError) -> anyhow::Error {
+    let next = match &e {
+        BackendError::Rejected { .. } => {
+            "NATS answered but refused to let ifc in (check --creds, --user / IFC_PASSWORD and the TLS files)"
+        }
+        e if e.is_transient() => {
+            "cannot connect to NATS (to try ifc, `ifc dev --store nats` runs one on 127.0.0.1:4222; --endpoints or IFC_ENDPOINTS names yours)"
+        }
+        _ => "cannot use NATS",
+    };
+    anyhow::Error::new(e).context(next)
+}
+
+/// USER or USER:PASSWORD of `--user` (the password may come from `IFC_PASSWORD`).
+fn user_and_password(g: &Global, store: &str) -> Result<Option<(String, String)>> {
+    let Some(spec) = &g.user else {
+        return Ok(None);
+    };
+    Ok(Some(match spec.split_once(':') {
+        Some((user, password)) => (user.to_owned(), password.to_owned()),
+        None => {
+            let password = std::env::var("IFC_PASSWORD").map_err(|_| {
+                BackendError::InvalidInput(format!(
+                    "no password for {store} user {spec:?}: use --user {spec}:PASSWORD or set IFC_PASSWORD"
+                ))
+            })?;
+            (spec.clone(), password)
+        }
+    }))
+}
+
+/// A deadline of 0 can only time out (the testers': `--request-timeout 0s`, and the same in
+/// the fleet file, were exit 3 "timed out after 0ns").
+fn check_deadlines(deadlines: [(&str, Duration); 2]) -> Result<()> {
+    for (key, value) in deadlines {
+        if value.is_zero() {
+            return Err(BackendError::InvalidInput(format!(
+                "the {key} is 0: a deadline must be longer than nothing (e.g. 500ms, 2s)"
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// The NATS backend settings; claims are leased with `lease_ttl` (rounded up to whole seconds,
+/// as NATS message TTLs are).
+pub fn nats_config(
+    g: &Global,
+    fleet: Option<&FleetFile>,
+    lease_ttl: Option<Duration>,
+) -> Result<NatsConfig> {
+    let file = fleet.map(|f| &f.etcd);
+    let defaults = NatsConfig::default();
+    let servers: Vec<String> = g
+        .endpoints
+        .clone()
+        .or_else(|| file.and_then(|f| f.endpoints.clone()))
+        .unwrap_or(defaults.servers.clone())
+        .iter()
+        .map(|e| e.trim().to_owned())
+        .filter(|e| !e.is_empty())
+        .collect();
+    let tls = (g.cacert.is_some() || g.cert.is_some()).then(|| NatsTls {
+        ca: g.cacert.clone(),
+        cert: g.cert.clone(),
+        key: g.key.clone(),
+    });
+    let config = NatsConfig {
+        servers,
+        bucket: g.bucket.clone().unwrap_or(defaults.bucket.clone()),
+        connect_timeout: g
+            .dial_timeout
+            .or_else(|| file.and_then(|f| f.dial_timeout.map(|d| d.0)))
+            .unwrap_or(defaults.connect_timeout),
+        request_timeout: g
+            .request_timeout
+            .or_else(|| file.and_then(|f| f.request_timeout.map(|d| d.0)))
+            .unwrap_or(defaults.request_timeout),
+        lease_ttl: lease_ttl.map(|t| Duration::from_secs(t.as_secs_f64().ceil().max(1.0) as u64)),
+        creds: g.creds.clone(),
+        user: user_and_password(g, "NATS")?,
+        tls,
+        ..defaults
+    };
+    check_deadlines([
+        (
+            "dial timeout (--dial-timeout, etcd.dial_timeout)",
+            config.connect_timeout,
+        ),
+        (
+            "request timeout (--request-timeout, etcd.request_timeout)",
+            config.request_timeout,
+        ),
+    ])?;
+    Ok(config)
+}
+
 /// Opens the git board (a clone named after `session`) for a one-shot command.
 pub async fn open_git(
     g: &Global,
@@ -236,12 +404,12 @@ pub async fn open_router(
     let mut later = None;
     let etcd: Option<Arc<dyn Backend>> = match mode {
         Mode::Coordinator if both => {
-            let config = etcd_config(g, fleet, lease_ttl)?;
-            Some(wait_for_etcd(config, false, waiting.unwrap_or(&|_| {})).await?)
+            let config = coordinator_config(g, fleet, lease_ttl)?;
+            Some(wait_for_coordinator(config, false, waiting.unwrap_or(&|_| {})).await?)
         }
-        Mode::Coordinator => Some(open_etcd(g, fleet, lease_ttl).await?),
+        Mode::Coordinator => Some(open_coordinator(g, fleet, lease_ttl).await?),
         Mode::Git if !both => None,
-        Mode::Git | Mode::Hybrid => match open_etcd(g, fleet, lease_ttl).await {
+        Mode::Git | Mode::Hybrid => match open_coordinator(g, fleet, lease_ttl).await {
             Ok(e) => Some(e),
             Err(e) => {
                 let transient = e
@@ -263,7 +431,7 @@ pub async fn open_router(
                     }
                 }
                 if both {
-                    later = Some(etcd_config(g, fleet, lease_ttl)?);
+                    later = Some(coordinator_config(g, fleet, lease_ttl)?);
                 }
                 None
             }
@@ -277,11 +445,11 @@ pub async fn open_router(
         let quiet = mode == Mode::Git;
         router.attach_coordinator(async move {
             loop {
-                match wait_for_etcd(config.clone(), quiet, &|_| {}).await {
-                    Ok(etcd) => return etcd as Arc<dyn Backend>,
+                match wait_for_coordinator(config.clone(), quiet, &|_| {}).await {
+                    Ok(coordinator) => return coordinator,
                     // Only the first attempt's errors end the wait, and that one was transient.
                     Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "cannot connect to etcd");
+                        tracing::warn!(error = %format!("{e:#}"), "cannot connect to the coordinator");
                         tokio::time::sleep(Duration::from_secs(10)).await;
                     }
                 }
@@ -298,20 +466,7 @@ pub fn etcd_config(
     lease_ttl: Option<Duration>,
 ) -> Result<EtcdConfig> {
     let file = fleet.map(|f| &f.etcd);
-    let user = match &g.user {
-        None => None,
-        Some(spec) => Some(match spec.split_once(':') {
-            Some((user, password)) => (user.to_owned(), password.to_owned()),
-            None => {
-                let password = std::env::var("IFC_PASSWORD").map_err(|_| {
-                    BackendError::InvalidInput(format!(
-                        "no password for etcd user {spec:?}: use --user {spec}:PASSWORD or set IFC_PASSWORD"
-                    ))
-                })?;
-                (spec.clone(), password)
-            }
-        }),
-    };
+    let user = user_and_password(g, "etcd")?;
     let tls = (g.cacert.is_some() || g.cert.is_some()).then(|| TlsFiles {
         ca: g.cacert.clone(),
         cert: g.cert.clone(),
@@ -347,9 +502,7 @@ pub fn etcd_config(
         user,
         ..defaults
     };
-    // A zero deadline can only time out (the testers': `--request-timeout 0s`, and the same in
-    // the fleet file, were exit 3 "timed out after 0ns").
-    for (key, value) in [
+    check_deadlines([
         (
             "dial timeout (--dial-timeout, etcd.dial_timeout)",
             config.dial_timeout,
@@ -358,14 +511,7 @@ pub fn etcd_config(
             "request timeout (--request-timeout, etcd.request_timeout)",
             config.request_timeout,
         ),
-    ] {
-        if value.is_zero() {
-            return Err(BackendError::InvalidInput(format!(
-                "the {key} is 0: a deadline must be longer than nothing (e.g. 500ms, 2s)"
-            ))
-            .into());
-        }
-    }
+    ])?;
     Ok(config)
 }
 

@@ -29,7 +29,7 @@ async fn open(
     fleet: Option<&FleetFile>,
     clone: &str,
 ) -> Result<(Arc<dyn Backend>, Arc<dyn Backend>)> {
-    let etcd: Arc<dyn Backend> = settings::open_etcd(g, fleet, None).await?;
+    let etcd = settings::open_coordinator(g, fleet, None).await?;
     let name = SessionId::parse(clone).context("the clone's name")?;
     let git: Arc<dyn Backend> = settings::open_git(g, fleet, Some(&name)).await?;
     Ok((etcd, git))
@@ -490,17 +490,19 @@ pub async fn run(
         .unwrap_or(Duration::from_secs(1));
     let (etcd, git) = open(g, fleet.as_ref(), "ifc-bridge").await?;
     let stores = {
-        let (e, gc) = (
-            settings::etcd_config(g, fleet.as_ref(), None)?,
-            settings::git_config(g, fleet.as_ref(), None)?,
-        );
+        let gc = settings::git_config(g, fleet.as_ref(), None)?;
+        // etcd's wording is the one earlier versions hashed into the state file's name.
+        let coordinator = match settings::coordinator_config(g, fleet.as_ref(), None)? {
+            settings::CoordinatorConfig::Etcd(e) => {
+                format!("etcd {} prefix {:?}", e.endpoints.join(","), e.prefix)
+            }
+            settings::CoordinatorConfig::Nats(n) => {
+                format!("NATS {} bucket {:?}", n.endpoint(), n.bucket)
+            }
+        };
         format!(
-            "etcd {} prefix {:?}; git {} branch {} board {}",
-            e.endpoints.join(","),
-            e.prefix,
-            gc.remote,
-            gc.branch,
-            gc.board
+            "{coordinator}; git {} branch {} board {}",
+            gc.remote, gc.branch, gc.board
         )
     };
     // One file per pair of stores by default: bridges of two pairs run from one directory

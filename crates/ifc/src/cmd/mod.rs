@@ -66,6 +66,12 @@ async fn etcd_only(g: &Global, what: &str) -> Result<EtcdBackend> {
         ))
         .into());
     }
+    if settings::store(g, fleet.as_ref()) == crate::cli::Store::Nats {
+        return Err(BackendError::InvalidInput(format!(
+            "`ifc {what}` works with etcd only for now, not with --store nats"
+        ))
+        .into());
+    }
     settings::connect_etcd(settings::etcd_config(g, fleet.as_ref(), None)?).await
 }
 
@@ -268,7 +274,7 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
         }
         Command::Dev(args) => {
             drop(out);
-            dev::run(args).await
+            dev::run(args, settings::store(g, None)).await
         }
     }
 }

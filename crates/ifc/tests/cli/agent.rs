@@ -137,7 +137,7 @@ pub(crate) fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> b
     }
 }
 
-fn alive(pid: i32) -> bool {
+pub(crate) fn alive(pid: i32) -> bool {
     // A zombie (exited, not yet reaped by init) is not alive.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
@@ -196,25 +196,35 @@ pub(crate) const LISTS: [&[&str]; 3] = [&["T0*", "T*"], &["T1*", "T*"], &["T2*",
 #[test]
 fn three_agents_complete_thirty_chained_tasks_exactly_once() {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
-    let e = etcd.endpoint();
+    three_agents_run_the_chains(&etcd.endpoint(), &w);
+}
+
+/// Three `--until-done` agents run `chains()` on the store at `e`: each task once, all complete,
+/// and the history checks clean.
+pub(crate) fn three_agents_run_the_chains(e: &str, w: &Workdir) {
     for (id, blocker) in chains() {
         match blocker {
             Some(b) => put(
-                &e,
+                e,
                 w.path(),
                 &[&id, "--status", "blocked", "--blocked-by", &b],
             ),
-            None => put(&e, w.path(), &[&id]),
+            None => put(e, w.path(), &[&id]),
         }
     }
+    let h = w
+        .path()
+        .join("history.jsonl")
+        .to_string_lossy()
+        .into_owned();
     let mut agents: Vec<Agent> = (0..3)
         .map(|k| {
             let config = w.session(&format!("session-{k}"), LISTS[k], APPEND, "");
             spawn_agent(
-                ifc(&e, w.path()),
+                ifc(e, w.path()),
                 &config,
                 &w.path().join(format!("agent-{k}.log")),
-                &["--until-done"],
+                &["--until-done", "--history", &h],
             )
         })
         .collect();
@@ -226,9 +236,11 @@ fn three_agents_complete_thirty_chained_tasks_exactly_once() {
     }
     let expected: Vec<String> = chains().into_iter().map(|(id, _)| id).collect();
     assert_eq!(w.done(), expected, "every task ran exactly once");
-    assert!(statuses(&e, w.path())
+    assert!(statuses(e, w.path())
         .iter()
         .all(|t| t["status"] == "complete"));
+    let out = run(ifc(e, w.path()).args(["check-history", &h]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stdout));
 }
 
 #[test]
@@ -388,9 +400,9 @@ fn a_waiting_agent_claims_its_task_when_the_blocker_clears_without_polling() {
 }
 
 /// A task that writes its pid, waits long, then appends (so a killed run leaves no trace).
-const SLOW: &str = r#"echo $$ > "$MARKS/$IFC_TASK_ID.$IFC_SESSION_ID.pid"; sleep "${SLOW:-30}"; echo "$IFC_TASK_ID" >> "$SHARED""#;
+pub(crate) const SLOW: &str = r#"echo $$ > "$MARKS/$IFC_TASK_ID.$IFC_SESSION_ID.pid"; sleep "${SLOW:-30}"; echo "$IFC_TASK_ID" >> "$SHARED""#;
 
-fn pid_of(w: &Workdir, task: &str, session: &str) -> i32 {
+pub(crate) fn pid_of(w: &Workdir, task: &str, session: &str) -> i32 {
     let path = w.path().join(format!("{task}.{session}.pid"));
     wait_for("the task to start", Duration::from_secs(20), || {
         std::fs::read_to_string(&path).is_ok_and(|s| s.trim().parse::<i32>().is_ok())
@@ -405,21 +417,26 @@ fn pid_of(w: &Workdir, task: &str, session: &str) -> i32 {
 #[test]
 fn kill_9_of_an_agent_kills_its_task_and_another_agent_takes_over() {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
-    let e = etcd.endpoint();
-    put(&e, w.path(), &["K"]);
+    kill_9_then_another_agent_takes_over(&etcd.endpoint(), &w);
+}
+
+/// An agent on the store at `e` is killed with SIGKILL mid-task: its task (and the task's
+/// grandchild) dies, its session leaves `ifc status`, and another agent does the task, once.
+pub(crate) fn kill_9_then_another_agent_takes_over(e: &str, w: &Workdir) {
+    put(e, w.path(), &["K"]);
     // The task also starts a grandchild: it must not outlive the agent either.
     let spawner = format!(r#"sleep 300 & echo $! > "$MARKS/grandchild.pid"; {SLOW}"#);
     let doomed_config = w.session("doomed", &["K"], &spawner, "");
     let mut doomed = spawn_agent(
-        ifc(&e, w.path()),
+        ifc(e, w.path()),
         &doomed_config,
         &w.path().join("doomed.log"),
         &[],
     );
-    let pid = pid_of(&w, "K", "doomed");
+    let pid = pid_of(w, "K", "doomed");
     assert!(alive(pid));
     // `ifc status` lists the live session and what it works on.
-    let status_text = || text(&run(ifc(&e, w.path()).arg("status")).stdout);
+    let status_text = || text(&run(ifc(e, w.path()).arg("status")).stdout);
     wait_for(
         "the session to show as working",
         Duration::from_secs(10),
@@ -443,64 +460,84 @@ fn kill_9_of_an_agent_kills_its_task_and_another_agent_takes_over() {
     );
     let rescuer_config = w.session("rescuer", &["K"], APPEND, "");
     let mut rescuer = spawn_agent(
-        ifc(&e, w.path()),
+        ifc(e, w.path()),
         &rescuer_config,
         &w.path().join("rescuer.log"),
         &["--until-done"],
     );
     assert_eq!(finish(&mut rescuer, Duration::from_secs(30)), 0);
     assert_eq!(w.done(), ["K"], "completed once, by the rescuer");
-    assert_eq!(status_of(&e, w.path(), "K"), "complete");
+    assert_eq!(status_of(e, w.path(), "K"), "complete");
 }
 
 #[tokio::test]
 async fn a_revoked_lease_kills_the_task_and_it_is_not_reported_done() {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
     let e = etcd.endpoint();
-    put(&e, w.path(), &["L"]);
-    let config = w.session("fenced", &["L"], SLOW, "");
-    let mut fenced = spawn_agent(
-        ifc(&e, w.path()),
-        &config,
-        &w.path().join("fenced.log"),
-        &[],
-    );
-    let pid = pid_of(&w, "L", "fenced");
-    // The other agent waits for L; when the lease goes, it takes L at once (the fenced session
-    // backs off before trying L again).
-    let other = w.session("other", &["L"], APPEND, "");
-    let mut other = spawn_agent(
-        ifc(&e, w.path()),
-        &other,
-        &w.path().join("other.log"),
-        &["--until-done"],
-    );
+    let fenced = start_fenced(&e, &w);
     let mut raw = etcd_client::Client::connect([e.clone()], None)
         .await
         .expect("raw client");
     let lease = raw.get("claims/L", None).await.expect("get").kvs()[0].lease();
     raw.lease_revoke(lease).await.expect("revoke");
-    wait_for(
-        "the fenced task to be killed",
-        Duration::from_secs(10),
-        || !alive(pid),
+    fenced.check(&w);
+}
+
+/// An agent running task L (slowly) on some store, and another waiting for L.
+pub(crate) struct Fenced {
+    fenced: Agent,
+    pid: i32,
+    other: Agent,
+}
+
+/// Starts the agents of [`Fenced`] on the store at `e`; the test then ends the first one's
+/// lease and calls [`Fenced::check`].
+pub(crate) fn start_fenced(e: &str, w: &Workdir) -> Fenced {
+    put(e, w.path(), &["L"]);
+    let config = w.session("fenced", &["L"], SLOW, "");
+    let fenced = spawn_agent(ifc(e, w.path()), &config, &w.path().join("fenced.log"), &[]);
+    let pid = pid_of(w, "L", "fenced");
+    // The other agent waits for L; when the lease goes, it takes L at once (the fenced session
+    // backs off before trying L again).
+    let other = w.session("other", &["L"], APPEND, "");
+    let other = spawn_agent(
+        ifc(e, w.path()),
+        &other,
+        &w.path().join("other.log"),
+        &["--until-done"],
     );
-    let log = std::fs::read_to_string(w.path().join("fenced.log")).unwrap_or_default();
-    assert!(log.contains("claim lost"), "{log}");
-    assert_eq!(finish(&mut other, Duration::from_secs(30)), 0);
-    assert_eq!(
-        w.done(),
-        ["L"],
-        "done once, by the other agent (the fenced one backed off)"
-    );
-    let _ = fenced.kill();
-    let _ = fenced.wait();
-    let log = std::fs::read_to_string(w.path().join("fenced.log")).unwrap_or_default();
-    assert!(
-        !log.lines()
-            .any(|l| l.contains("release") && l.contains("status=complete")),
-        "{log}"
-    );
+    Fenced { fenced, pid, other }
+}
+
+impl Fenced {
+    /// After the lease of the first agent ended: its task was killed and not reported done,
+    /// and the other agent did it, once.
+    pub(crate) fn check(mut self, w: &Workdir) {
+        let pid = self.pid;
+        wait_for(
+            "the fenced task to be killed",
+            Duration::from_secs(10),
+            || !alive(pid),
+        );
+        let log = std::fs::read_to_string(w.path().join("fenced.log")).unwrap_or_default();
+        assert!(log.contains("claim lost"), "{log}");
+        let code = finish(&mut self.other, Duration::from_secs(30));
+        let other_log = std::fs::read_to_string(w.path().join("other.log")).unwrap_or_default();
+        assert_eq!(code, 0, "{other_log}");
+        assert_eq!(
+            w.done(),
+            ["L"],
+            "done once, by the other agent (the fenced one backed off)"
+        );
+        let _ = self.fenced.kill();
+        let _ = self.fenced.wait();
+        let log = std::fs::read_to_string(w.path().join("fenced.log")).unwrap_or_default();
+        assert!(
+            !log.lines()
+                .any(|l| l.contains("release") && l.contains("status=complete")),
+            "{log}"
+        );
+    }
 }
 
 #[test]

@@ -17,22 +17,27 @@ const SLOW_APPEND: &str = r#"echo "$IFC_TASK_ID" >> "$SHARED"; sleep 1"#;
 #[test]
 fn two_agents_with_one_session_file_run_each_task_once_and_the_second_names_the_first() {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
-    let e = etcd.endpoint();
+    one_session_file_twice(&etcd.endpoint(), &w);
+}
+
+/// Two agents started with one session file on the store at `e`: the second refuses, naming
+/// the first, which runs each task once.
+pub(crate) fn one_session_file_twice(e: &str, w: &Workdir) {
     for t in ["A", "B", "C"] {
-        put(&e, w.path(), &[t]);
+        put(e, w.path(), &[t]);
     }
     let config = w.session("session-1-x", &["A", "B", "C"], SLOW_APPEND, "");
     let history = w.path().join("history.jsonl");
     let h = history.to_string_lossy().into_owned();
     let mut first = spawn_agent(
-        ifc(&e, w.path()),
+        ifc(e, w.path()),
         &config,
         &w.path().join("first.log"),
         &["--until-done", "--history", &h],
     );
     std::thread::sleep(Duration::from_millis(1500));
     let mut second = spawn_agent(
-        ifc(&e, w.path()),
+        ifc(e, w.path()),
         &config,
         &w.path().join("second.log"),
         &["--until-done", "--history", &h],
@@ -52,7 +57,7 @@ fn two_agents_with_one_session_file_run_each_task_once_and_the_second_names_the_
     let first_log = std::fs::read_to_string(w.path().join("first.log")).unwrap_or_default();
     assert_eq!(first_code, 0, "{first_log}");
     assert_eq!(w.done(), ["A", "B", "C"], "each task ran exactly once");
-    let out = run(ifc(&e, w.path()).args(["check-history", &h]));
+    let out = run(ifc(e, w.path()).args(["check-history", &h]));
     assert_eq!(code(&out), 0, "{}", text(&out.stdout));
 }
 

@@ -11,6 +11,7 @@ mod hybrid;
 mod lapsed;
 mod metrics;
 mod migrate;
+mod nats;
 mod readme;
 mod security;
 mod ui;
@@ -219,14 +220,22 @@ async fn ten_processes_race_over_a_thousand_tasks_with_exactly_one_winner_each()
             .await
             .expect("seed");
     }
+    race(&server.endpoint(), &ids);
+}
+
+/// Ten real processes race over `ids` (available on the store at `endpoint`), each in its own
+/// order: exactly one winner per task, and the store names it.
+pub(crate) fn race(endpoint: &str, ids: &[String]) {
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let step = ids.len() / 10;
     let children: Vec<_> = (0..10)
         .map(|k| {
-            let mut order = ids.clone();
-            order.rotate_left(k * 100);
+            let mut order = ids.to_vec();
+            order.rotate_left(k * step);
             if k % 2 == 1 {
                 order.reverse();
             }
-            ifc(&server)
+            agent::ifc(endpoint, cwd.path())
                 .args(["claim", "--session", &format!("racer-{k}"), "-o", "json"])
                 .args(&order)
                 .stdout(Stdio::piped())
@@ -260,10 +269,8 @@ async fn ten_processes_race_over_a_thousand_tasks_with_exactly_one_winner_each()
             }
         }
     }
-    assert_eq!(winners.len(), 1000, "every task won exactly once");
-    let out = run(ifc(&server).args(["status", "-o", "json"]));
-    let tasks: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");
-    for t in tasks {
+    assert_eq!(winners.len(), ids.len(), "every task won exactly once");
+    for t in agent::statuses(endpoint, cwd.path()) {
         assert_eq!(
             t["claimed_by"].as_str(),
             winners
