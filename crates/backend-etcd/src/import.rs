@@ -10,18 +10,7 @@ use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use crate::inner::Inner;
 use crate::record::{effective, Record};
 use crate::view::View;
-
-/// What importing one task did (or, in a dry run, would do).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Imported {
-    Created,
-    Updated,
-    Unchanged,
-    /// etcd is ahead of the board (or holds a live claim): kept as it is.
-    Kept {
-        reason: String,
-    },
-}
+use task_record::Imported;
 
 /// What deleting one task did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -38,7 +38,8 @@ use tokio::sync::{mpsc, OnceCell};
 
 pub use config::{EtcdConfig, TlsFiles};
 pub use floor::BareWatch;
-pub use import::{Archived, Deleted, Imported, Restored};
+pub use import::{Archived, Deleted, Restored};
+pub use task_record::Imported;
 
 use inner::Inner;
 

@@ -65,6 +65,17 @@ impl NatsBackend {
             .and_then(|r| r.lease))
     }
 
+    /// Writes a board row into the bucket (`ifc migrate`): never moving a task backwards unless
+    /// `force`; a dry run only says what it would do.
+    pub async fn import(
+        &self,
+        task: &Task,
+        force: bool,
+        dry_run: bool,
+    ) -> BackendResult<task_record::Imported> {
+        self.inner.import(task, force, dry_run).await
+    }
+
     /// Ends lease `id` now, as its TTL running out would (for tests and operators).
     pub async fn revoke_lease(&self, id: i64) -> BackendResult<()> {
         self.inner

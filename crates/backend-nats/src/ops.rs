@@ -12,7 +12,7 @@ use agent_core::{
 };
 use async_nats::jetstream::kv::{CreateErrorKind, Operation, UpdateErrorKind};
 use chrono::Utc;
-use task_record::Record;
+use task_record::{Imported, Record};
 
 use crate::board::Stored;
 use crate::inner::{lock, Held, Inner};
@@ -313,5 +313,60 @@ impl Inner {
             }
         }
         Err(self.too_busy("record", id))
+    }
+}
+
+impl Inner {
+    /// Writes a board row as the board states it: never moving the task backwards (complete
+    /// stays complete, a live claim of another session stays) unless `force`; in a dry run,
+    /// only says what it would do.
+    pub async fn import(&self, want: &Task, force: bool, dry_run: bool) -> BackendResult<Imported> {
+        let id = &want.id;
+        for _ in 0..TRIES {
+            let stored = self.read(id).await?;
+            let (outcome, next, rev) = match &stored {
+                None => (Imported::Created, Record::plain(want.clone()), None),
+                Some(stored) => {
+                    let (current, _) = self.effective(id, stored).await?;
+                    let live_claim = current.status == TaskStatus::Claimed
+                        && current.claimed_by != want.claimed_by;
+                    if !force && mirror::rank(current.status) > mirror::rank(want.status) {
+                        return Ok(Imported::Kept {
+                            reason: format!(
+                                "NATS says {}, the board {}",
+                                current.status, want.status
+                            ),
+                        });
+                    }
+                    if !force && live_claim {
+                        let holder = current
+                            .claimed_by
+                            .map(|h| h.to_string())
+                            .unwrap_or_default();
+                        return Ok(Imported::Kept {
+                            reason: format!("claimed by {holder} in NATS"),
+                        });
+                    }
+                    let mut task = want.clone();
+                    task.extra = current.extra.clone();
+                    if task.claimed_at.is_none() && task.claimed_by == current.claimed_by {
+                        task.claimed_at = current.claimed_at;
+                    }
+                    let leased = stored.record.as_ref().is_ok_and(|r| r.lease.is_some());
+                    if task == current && !(force && leased) {
+                        return Ok(Imported::Unchanged);
+                    }
+                    (Imported::Updated, Record::plain(task), Some(stored.rev))
+                }
+            };
+            if dry_run {
+                return Ok(outcome);
+            }
+            match self.write(id, &next, rev).await? {
+                Write::Done(_) => return Ok(outcome),
+                Write::Moved => continue,
+            }
+        }
+        Err(self.too_busy("import", id))
     }
 }

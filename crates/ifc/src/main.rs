@@ -4,6 +4,7 @@
 mod agent;
 mod cli;
 mod cmd;
+mod coordinator;
 mod exit;
 mod history;
 mod metrics;

@@ -204,6 +204,21 @@ pub async fn connect_coordinator(config: CoordinatorConfig) -> Result<Arc<dyn Ba
     })
 }
 
+/// Opens the coordinator named by the flags and the fleet file for a command that works on it
+/// directly (no lease: it claims nothing).
+pub async fn coordinator(
+    g: &Global,
+    fleet: Option<&FleetFile>,
+) -> Result<crate::coordinator::Coordinator> {
+    use crate::coordinator::Coordinator;
+    Ok(match coordinator_config(g, fleet, None)? {
+        CoordinatorConfig::Etcd(c) => Coordinator::Etcd(connect_etcd(c).await?),
+        CoordinatorConfig::Nats(c) => {
+            Coordinator::Nats(NatsBackend::connect(c).await.map_err(nats_error)?)
+        }
+    })
+}
+
 /// Connects to the coordinator named by the flags and the fleet file.
 pub async fn open_coordinator(
     g: &Global,

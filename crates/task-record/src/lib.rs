@@ -1,6 +1,7 @@
 //! The migration guide's JSON task record (`task_id`, `status`, `claimed_by`, `claimed_at`, plus
 //! `blocked_by`, `title`), with unknown fields kept and ifc's own fields (the lease a claim was
-//! made under, a lapsed claim, a copied claim): how the etcd and NATS stores read and write it.
+//! made under, a lapsed claim, a copied claim): how the etcd and NATS stores read and write it,
+//! and what importing a board row into either did.
 
 use agent_core::{SessionId, Task, TaskId, TaskStatus};
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
@@ -14,6 +15,18 @@ const LAPSED_FIELD: &str = "ifc_lapsed";
 const CLAIM_REV_FIELD: &str = "ifc_claim_rev";
 /// Field marking a claim written here from the git side, not won here (see `Task::copied`).
 const COPIED_FIELD: &str = "ifc_copied";
+
+/// What importing one task did (or, in a dry run, would do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Imported {
+    Created,
+    Updated,
+    Unchanged,
+    /// The store is ahead of the board (or holds a live claim): kept as it is.
+    Kept {
+        reason: String,
+    },
+}
 
 /// A task record as stored (its status may describe a claim whose lease is gone).
 #[derive(Debug, Clone, PartialEq)]

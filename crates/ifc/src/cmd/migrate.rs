@@ -6,9 +6,11 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use agent_core::{Backend, BackendError, Task, TaskStatus};
+use agent_core::{BackendError, Task, TaskStatus};
 use anyhow::{Context, Result};
-use backend_etcd::{EtcdBackend, Imported};
+use task_record::Imported;
+
+use crate::coordinator::Coordinator;
 use backend_git::board::{Board, BoardTask};
 use backend_git::GitBackend;
 use serde_json::json;
@@ -70,7 +72,7 @@ async fn read_board(source: &BoardSource) -> Result<(String, String, Board)> {
 /// etcd (it may be put later). `put` refuses both; agents report them (the tester's report:
 /// migrate took them without a word).
 async fn warn_unclaimable(
-    b: &EtcdBackend,
+    b: &Coordinator,
     name: &str,
     board: &Board,
     tasks: &[Task],
@@ -96,11 +98,11 @@ async fn warn_unclaimable(
     }
     for t in tasks {
         for blocker in t.blocked_by.iter().filter(|x| !by_id.contains_key(x)) {
-            if b.get(blocker).await?.is_none() {
+            if b.backend().get(blocker).await?.is_none() {
                 let line = board.line_of(&t.id).unwrap_or_default();
                 eprintln!(
-                    "warning: {name}:{line}: {} is blocked by {blocker}, which is neither on the board nor in etcd: nobody can claim {} until it is",
-                    t.id, t.id
+                    "warning: {name}:{line}: {} is blocked by {blocker}, which is neither on the board nor in {}: nobody can claim {} until it is",
+                    t.id, b.name(), t.id
                 );
             }
         }
@@ -173,7 +175,7 @@ struct Planned {
 }
 
 pub async fn migrate(
-    b: &EtcdBackend,
+    b: &Coordinator,
     output: Output,
     source: &BoardSource,
     dry_run: bool,
@@ -219,7 +221,7 @@ pub async fn migrate(
             b.inc(1);
         }
         let before = if dry_run {
-            b.get(&task.id).await?
+            b.backend().get(&task.id).await?
         } else {
             None
         };
@@ -289,14 +291,14 @@ pub async fn migrate(
 }
 
 pub async fn verify(
-    b: &EtcdBackend,
+    b: &Coordinator,
     output: Output,
     source: &BoardSource,
     out: &mut impl Write,
 ) -> Result<u8> {
     let (name, _, board) = read_board(source).await?;
     require_task_table(&name, &board)?;
-    let listing = b.list().await?;
+    let listing = b.backend().list().await?;
     let in_etcd: std::collections::BTreeMap<_, _> =
         listing.tasks.iter().map(|t| (t.id.clone(), t)).collect();
     let (mut missing, mut mismatched) = (Vec::new(), Vec::new());
@@ -309,7 +311,7 @@ pub async fn verify(
         let archived;
         let have = match in_etcd.get(&row.id) {
             Some(have) => *have,
-            None => match b.get(&row.id).await? {
+            None => match b.backend().get(&row.id).await? {
                 Some(t) => {
                     archived = t;
                     &archived
@@ -336,41 +338,38 @@ pub async fn verify(
         && mismatched.is_empty()
         && extra.is_empty()
         && listing.corrupt.is_empty();
+    let (store, key) = (b.name(), b.key());
     match output {
-        Output::Json => writeln!(
-            out,
-            "{}",
-            json!({"agree": agree, "board": board.tasks().len(), "etcd": listing.tasks.len(), "missing": missing, "extra": extra,
+        Output::Json => {
+            let mut v = json!({"agree": agree, "board": board.tasks().len(), "missing": missing, "extra": extra,
                    "corrupt": listing.corrupt.iter().map(|c| &c.key).collect::<Vec<_>>(),
-                   "mismatched": mismatched.iter().map(|(t, f, b, e)| json!({"task_id": t, "field": f, "board": b, "etcd": e})).collect::<Vec<_>>()})
-        )?,
+                   "mismatched": mismatched.iter().map(|(t, f, b, e)| json!({"task_id": t, "field": f, "board": b, key: e})).collect::<Vec<_>>()});
+            v[key] = json!(listing.tasks.len());
+            writeln!(out, "{v}")?
+        }
         Output::Table => {
             writeln!(
                 out,
-                "board: {} tasks, etcd: {} tasks",
+                "board: {} tasks, {store}: {} tasks",
                 board.tasks().len(),
                 listing.tasks.len()
             )?;
             for t in &missing {
-                writeln!(out, "missing in etcd: {t}")?;
+                writeln!(out, "missing in {store}: {t}")?;
             }
             for t in &extra {
-                writeln!(out, "in etcd, not on the board: {t}")?;
+                writeln!(out, "in {store}, not on the board: {t}")?;
             }
             for c in &listing.corrupt {
-                writeln!(out, "corrupt in etcd: {}: {}", c.key, c.reason)?;
+                writeln!(out, "corrupt in {store}: {}: {}", c.key, c.reason)?;
             }
             for (t, f, b, e) in &mismatched {
-                writeln!(out, "mismatch {t} {f}: board {b:?}, etcd {e:?}")?;
+                writeln!(out, "mismatch {t} {f}: board {b:?}, {store} {e:?}")?;
             }
             writeln!(
                 out,
-                "{}",
-                if agree {
-                    "board and etcd agree"
-                } else {
-                    "board and etcd differ"
-                }
+                "board and {store} {}",
+                if agree { "agree" } else { "differ" }
             )?;
         }
     }
@@ -378,12 +377,12 @@ pub async fn verify(
 }
 
 pub async fn export(
-    b: &EtcdBackend,
+    b: &Coordinator,
     output: Output,
     target: &BoardSource,
     out: &mut impl Write,
 ) -> Result<u8> {
-    let listing = b.list().await?;
+    let listing = b.backend().list().await?;
     let rows: Vec<BoardTask> = listing.tasks.iter().map(to_board).collect();
     // etcd's state spliced into `text`: only the cells that differ change.
     let render = {
@@ -452,7 +451,7 @@ fn join(ids: &[agent_core::TaskId]) -> String {
 /// backoff (an import decides from a fresh read, so one that landed unseen reads as unchanged).
 /// One slow answer on a loaded machine does not end a migration of thousands of tasks.
 async fn import_retrying(
-    b: &EtcdBackend,
+    b: &Coordinator,
     task: &Task,
     force: bool,
     dry_run: bool,

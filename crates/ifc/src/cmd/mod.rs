@@ -12,6 +12,8 @@ use agent_core::{
 };
 use anyhow::Result;
 use backend_etcd::EtcdBackend;
+
+use crate::coordinator::Coordinator;
 use serde_json::json;
 
 use crate::cli::{ClaimArgs, Command, Global, Mode, Output, PutArgs, ReleaseArgs, ReleaseStatus};
@@ -58,11 +60,23 @@ fn no_git_side(g: &Global, instead: &str) -> Result<()> {
     Ok(())
 }
 
+/// The coordinator a board command (`migrate`, `verify`, `export`) works on: etcd or NATS.
+async fn board_store(g: &Global, what: &str) -> Result<Coordinator> {
+    let fleet = settings::fleet(g)?;
+    if g.mode == Some(Mode::Git) {
+        return Err(BackendError::InvalidInput(format!(
+            "`ifc {what}` moves tasks between a board file and the coordinator: it has no git mode"
+        ))
+        .into());
+    }
+    settings::coordinator(g, fleet.as_ref()).await
+}
+
 async fn etcd_only(g: &Global, what: &str) -> Result<EtcdBackend> {
     let fleet = settings::fleet(g)?;
     if g.mode == Some(Mode::Git) {
         return Err(BackendError::InvalidInput(format!(
-            "`ifc {what}` moves tasks between a board file and etcd: it has no git mode"
+            "`ifc {what}` works on etcd: it has no git mode"
         ))
         .into());
     }
@@ -155,7 +169,7 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
             force,
             from_git,
         } => {
-            let b = etcd_only(g, "migrate").await?;
+            let b = board_store(g, "migrate").await?;
             let source = board_source(g, *from_git).await?;
             migrate::migrate(&b, output, &source, *dry_run, *force, &mut out).await
         }
@@ -187,12 +201,12 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
             }
         }
         Command::Verify { from_git } => {
-            let b = etcd_only(g, "verify").await?;
+            let b = board_store(g, "verify").await?;
             let source = board_source(g, *from_git).await?;
             migrate::verify(&b, output, &source, &mut out).await
         }
         Command::Export { push } => {
-            let b = etcd_only(g, "export").await?;
+            let b = board_store(g, "export").await?;
             let target = board_source(g, *push).await?;
             migrate::export(&b, output, &target, &mut out).await
         }
