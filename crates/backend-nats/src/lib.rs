@@ -8,6 +8,7 @@
 
 mod board;
 mod config;
+mod floor;
 mod inner;
 mod keys;
 mod lease;
@@ -28,6 +29,7 @@ use agent_core::{
 use async_trait::async_trait;
 
 pub use config::{NatsConfig, NatsTls};
+pub use floor::BareWatch;
 
 use inner::{lock, Inner};
 

@@ -104,11 +104,84 @@ impl Inner {
         Ok(out)
     }
 
+    /// A claim decided from the watch's board, when this client has one and the board says the
+    /// task may be claimed: one compare-and-swap on the revision the board holds. `None` when
+    /// the board cannot decide (it lacks the task, says no, or the record moved on since): the
+    /// caller reads the store. A "no" is never taken from the board, which may be behind.
+    async fn claim_from_board(
+        self: &std::sync::Arc<Self>,
+        id: &TaskId,
+        session: &SessionId,
+    ) -> BackendResult<Option<ClaimOutcome>> {
+        let Some(board) = lock(&self.watched)
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade)
+        else {
+            return Ok(None);
+        };
+        let (rev, current) = {
+            let b = lock(&board);
+            let Some(Ok((current, _))) = b.task(id) else {
+                return Ok(None);
+            };
+            let status_of = |x: &TaskId| b.task(x).and_then(Result::ok).map(|(t, _)| t.status);
+            if current.claimability(session, status_of) != Claimability::Yes {
+                return Ok(None);
+            }
+            let Some(stored) = b.tasks.get(id) else {
+                return Ok(None);
+            };
+            (stored.rev, current)
+        };
+        self.write_claim(id, session, current, rev).await
+    }
+
+    /// Writes the claim of `current` (the task as read at `rev`) for `session`: the outcome, or
+    /// `None` if the record moved on since `rev`.
+    async fn write_claim(
+        self: &std::sync::Arc<Self>,
+        id: &TaskId,
+        session: &SessionId,
+        current: Task,
+        rev: u64,
+    ) -> BackendResult<Option<ClaimOutcome>> {
+        let lease = self.claim_lease().await?;
+        let mut next = current;
+        next.status = TaskStatus::Claimed;
+        next.claimed_by = Some(session.clone());
+        next.claimed_at = Some(Utc::now());
+        next.copied = false;
+        let record = Record {
+            lease,
+            ..Record::plain(next)
+        };
+        let Write::Done(token) = self.write(id, &record, Some(rev)).await? else {
+            return Ok(None);
+        };
+        lock(&self.held).insert(
+            id.clone(),
+            Held {
+                session: session.clone(),
+                token,
+                lease,
+            },
+        );
+        Ok(Some(ClaimOutcome::Won(Claim {
+            task: id.clone(),
+            session: session.clone(),
+            token: FencingToken(token),
+            leased: lease.is_some(),
+        })))
+    }
+
     pub async fn claim(
         self: &std::sync::Arc<Self>,
         id: &TaskId,
         session: &SessionId,
     ) -> BackendResult<ClaimOutcome> {
+        if let Some(outcome) = self.claim_from_board(id, session).await? {
+            return Ok(outcome);
+        }
         for _ in 0..TRIES {
             let Some(stored) = self.read(id).await? else {
                 return Ok(ClaimOutcome::NotFound);
@@ -120,34 +193,8 @@ impl Inner {
                 Claimability::No(status) => return Ok(ClaimOutcome::NotClaimable { status }),
                 Claimability::Yes => {}
             }
-            let lease = self.claim_lease().await?;
-            let mut next = current;
-            next.status = TaskStatus::Claimed;
-            next.claimed_by = Some(session.clone());
-            next.claimed_at = Some(Utc::now());
-            next.copied = false;
-            let record = Record {
-                lease,
-                ..Record::plain(next)
-            };
-            match self.write(id, &record, Some(stored.rev)).await? {
-                Write::Moved => continue,
-                Write::Done(token) => {
-                    lock(&self.held).insert(
-                        id.clone(),
-                        Held {
-                            session: session.clone(),
-                            token,
-                            lease,
-                        },
-                    );
-                    return Ok(ClaimOutcome::Won(Claim {
-                        task: id.clone(),
-                        session: session.clone(),
-                        token: FencingToken(token),
-                        leased: lease.is_some(),
-                    }));
-                }
+            if let Some(outcome) = self.write_claim(id, session, current, stored.rev).await? {
+                return Ok(outcome);
             }
         }
         Err(self.too_busy("claim", id))

@@ -1,4 +1,5 @@
 //! Integration tests of the NATS backend against a real nats-server (started per test).
 
+mod claim;
 mod conformance;
 mod watch;

@@ -4,6 +4,7 @@
 //! sessions in `fleet`, the Python peer in `peer`, memory in `probe`.
 
 mod fleet;
+mod nats;
 mod peer;
 mod phases;
 mod probe;
@@ -127,6 +128,9 @@ fn verdict(met: bool) -> &'static str {
 }
 
 pub async fn run(g: &Global, args: &BenchArgs, output: Output, out: &mut impl Write) -> Result<u8> {
+    if settings::store(g, settings::fleet(g)?.as_ref()) == crate::cli::Store::Nats {
+        return nats::run(g, args, output, out).await;
+    }
     let sessions = args.sessions as usize;
     // One connection per 1,000 sessions unless told: each connection is a watch cache decoding
     // every event in this process, which on a small machine competes with what is measured.

@@ -1,0 +1,73 @@
+//! Claims of a subscribed client, which are decided from its watch's board when it says the
+//! task may be taken: a board that is behind the store never wins a task someone else holds.
+
+use std::time::Duration;
+
+use agent_core::testing::{sid, tid};
+use agent_core::{Backend, ClaimOutcome, TaskPatch, TaskStatus};
+use backend_nats::testing::NatsServer;
+use backend_nats::NatsBackend;
+
+const TTL: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_board_behind_the_store_loses_to_the_claim_it_has_not_heard_of() {
+    let server = NatsServer::start();
+    let connect = || NatsBackend::connect(server.config(Some(TTL)));
+    let (a, b) = (connect().await.expect("a"), connect().await.expect("b"));
+    let patch = TaskPatch {
+        status: Some(TaskStatus::Available),
+        ..TaskPatch::default()
+    };
+    let ids: Vec<String> = (0..50).map(|i| format!("R.{i}")).collect();
+    for id in &ids {
+        b.put(&tid(id), &patch).await.expect("put");
+    }
+    // `a` holds a board of every task, each available.
+    let sub = a.subscribe().await.expect("subscribe");
+    assert_eq!(sub.snapshot.tasks.len(), ids.len());
+    for id in &ids {
+        let won = b.claim(&tid(id), &sid("b")).await.expect("claim");
+        assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+        // At once: `a`'s board has most likely not heard of it yet.
+        let out = a.claim(&tid(id), &sid("a")).await.expect("claim");
+        assert_eq!(
+            out,
+            ClaimOutcome::Lost {
+                holder: Some(sid("b"))
+            },
+            "{id}"
+        );
+    }
+    drop(sub);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribed_client_wins_free_tasks_and_its_tokens_rise() {
+    let server = NatsServer::start();
+    let a = NatsBackend::connect(server.config(Some(TTL)))
+        .await
+        .expect("connect");
+    let patch = TaskPatch {
+        status: Some(TaskStatus::Available),
+        ..TaskPatch::default()
+    };
+    for i in 0..20 {
+        a.put(&tid(&format!("F.{i}")), &patch).await.expect("put");
+    }
+    let _sub = a.subscribe().await.expect("subscribe");
+    let mut last = 0;
+    for i in 0..20 {
+        let id = tid(&format!("F.{i}"));
+        let ClaimOutcome::Won(claim) = a.claim(&id, &sid("a")).await.expect("claim") else {
+            panic!("F.{i} was free");
+        };
+        assert!(claim.token.0 > last);
+        last = claim.token.0;
+        let stored = a.get(&id).await.expect("get").expect("there");
+        assert_eq!(
+            (stored.status, stored.claimed_by),
+            (TaskStatus::Claimed, Some(sid("a")))
+        );
+    }
+}
