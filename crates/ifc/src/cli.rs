@@ -75,6 +75,11 @@ pub struct Global {
     #[arg(long, env = "IFC_BUCKET", global = true)]
     pub bucket: Option<String>,
 
+    /// NATS: replicas of the bucket when ifc creates it (3 on a 3-node JetStream cluster)
+    /// [default: 1]
+    #[arg(long, env = "IFC_REPLICAS", global = true, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub replicas: Option<u8>,
+
     /// NATS: a credentials file (JWT and NKey seed), as `nats --creds` takes it
     #[arg(long, env = "IFC_CREDS", global = true)]
     pub creds: Option<PathBuf>,

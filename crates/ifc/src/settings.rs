@@ -319,6 +319,7 @@ pub fn nats_config(
     let config = NatsConfig {
         servers,
         bucket: g.bucket.clone().unwrap_or(defaults.bucket.clone()),
+        replicas: g.replicas.map_or(defaults.replicas, usize::from),
         connect_timeout: g
             .dial_timeout
             .or_else(|| file.and_then(|f| f.dial_timeout.map(|d| d.0)))
