@@ -318,7 +318,7 @@ pub fn nats_config(
     });
     let config = NatsConfig {
         servers,
-        bucket: g.bucket.clone().unwrap_or(defaults.bucket.clone()),
+        bucket: g.bucket.clone().unwrap_or(defaults.bucket),
         replicas: g.replicas.map_or(defaults.replicas, usize::from),
         connect_timeout: g
             .dial_timeout
@@ -332,7 +332,6 @@ pub fn nats_config(
         creds: g.creds.clone(),
         user: user_and_password(g, "NATS")?,
         tls,
-        ..defaults
     };
     check_deadlines([
         (
