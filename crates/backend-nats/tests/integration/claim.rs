@@ -71,3 +71,37 @@ async fn a_subscribed_client_wins_free_tasks_and_its_tokens_rise() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_completion_of_a_claim_is_not_written_over_a_reopen() {
+    use agent_core::{Mirrored, RecordOutcome, ReleaseTo};
+    let server = NatsServer::start();
+    let a = NatsBackend::connect(server.config(Some(TTL)))
+        .await
+        .expect("connect");
+    let t = tid("REOPENED");
+    let available = TaskPatch {
+        status: Some(TaskStatus::Available),
+        ..TaskPatch::default()
+    };
+    a.put(&t, &available).await.expect("put");
+    let ClaimOutcome::Won(claim) = a.claim(&t, &sid("s")).await.expect("claim") else {
+        panic!("free task");
+    };
+    a.release(&t, &sid("s"), ReleaseTo::Complete, Some(claim.token))
+        .await
+        .expect("release");
+    // An operator reopens it; then the completion of the old claim arrives from git, late.
+    a.put(&t, &available).await.expect("reopen");
+    let late = Mirrored {
+        task: t.clone(),
+        status: TaskStatus::Complete,
+        holder: Some(sid("s")),
+        token: Some(claim.token),
+        read_as: None,
+    };
+    let out = a.record(&[late]).await.expect("record");
+    assert!(matches!(out[..], [RecordOutcome::Kept { .. }]), "{out:?}");
+    let now = a.get(&t).await.expect("get").expect("there");
+    assert_eq!(now.status, TaskStatus::Available, "the reopen stands");
+}
