@@ -25,6 +25,9 @@ pub struct NatsConfig {
     pub user: Option<(String, String)>,
     /// TLS material (PEM files): the CA to trust, and a client certificate and key.
     pub tls: Option<NatsTls>,
+    /// Most events a subscriber's queue holds; one that falls further behind starts again from
+    /// a fresh snapshot (a `Resync`), as on etcd.
+    pub event_queue_bound: usize,
 }
 
 /// PEM files for TLS.
@@ -50,6 +53,7 @@ impl Default for NatsConfig {
             creds: None,
             user: None,
             tls: None,
+            event_queue_bound: 10_000,
         }
     }
 }
@@ -73,6 +77,7 @@ impl std::fmt::Debug for NatsConfig {
             .field("creds", &self.creds)
             .field("user", &self.user.as_ref().map(|(u, _)| u))
             .field("tls", &self.tls)
+            .field("event_queue_bound", &self.event_queue_bound)
             .finish()
     }
 }

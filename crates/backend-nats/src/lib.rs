@@ -125,7 +125,7 @@ impl Backend for NatsBackend {
     }
 
     async fn subscribe(&self) -> BackendResult<Subscription> {
-        watch::subscribe(&self.inner).await
+        watch::subscribe(Arc::clone(&self.inner)).await
     }
 
     async fn announce(&self, presence: &Presence) -> BackendResult<()> {

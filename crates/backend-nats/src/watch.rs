@@ -2,9 +2,12 @@
 //! snapshot, as of the last sequence delivered) and then every change after it, in stream order.
 //! A list is a snapshot alone; a subscription keeps its consumer and turns changes into events.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 
-use agent_core::{BackendEvent, BackendResult, Subscription};
+use agent_core::backend::{Queue, Resubscribe};
+use agent_core::{BackendError, BackendEvent, BackendResult, Subscription};
 use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -93,33 +96,66 @@ pub(crate) async fn open(inner: &Inner) -> BackendResult<(Board, Messages)> {
 }
 
 /// A subscription: a snapshot and, from a task of its own, the changes after it.
-pub(crate) async fn subscribe(inner: &Arc<Inner>) -> BackendResult<Subscription> {
-    let (board, messages) = open(inner).await?;
-    let snapshot = board.listing();
-    let (tx, rx) = mpsc::unbounded_channel();
-    lock(&inner.subscribers).push(tx.clone());
-    let board = Arc::new(Mutex::new(board));
-    {
-        let mut watched = lock(&inner.watched);
-        if watched.as_ref().and_then(Weak::upgrade).is_none() {
-            *watched = Some(Arc::downgrade(&board));
+pub(crate) fn subscribe(
+    inner: Arc<Inner>,
+) -> Pin<Box<dyn Future<Output = BackendResult<Subscription>> + Send>> {
+    Box::pin(async move {
+        let (board, messages) = open(&inner).await?;
+        let snapshot = board.listing();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(Queue::default());
+        lock(&inner.subscribers).push(tx.clone());
+        let board = Arc::new(Mutex::new(board));
+        {
+            let mut watched = lock(&inner.watched);
+            if watched.as_ref().and_then(Weak::upgrade).is_none() {
+                *watched = Some(Arc::downgrade(&board));
+            }
         }
+        let feed = Feed {
+            tx,
+            queue: Arc::clone(&queue),
+            bound: inner.config.event_queue_bound,
+        };
+        tokio::spawn(pump(Arc::downgrade(&inner), board, messages, feed));
+        // Fallen behind, it starts again from a fresh snapshot.
+        let again: Resubscribe = {
+            let inner = Arc::downgrade(&inner);
+            Arc::new(move || match inner.upgrade() {
+                Some(inner) => subscribe(inner),
+                None => Box::pin(async {
+                    Err(BackendError::Unavailable {
+                        endpoint: "nats".into(),
+                        reason: "the client is closed".into(),
+                    })
+                }),
+            })
+        };
+        Ok(Subscription::bounded(snapshot, rx, queue, again))
+    })
+}
+
+/// Where a pump sends: the subscriber's channel and its bounded queue's count.
+struct Feed {
+    tx: mpsc::UnboundedSender<BackendEvent>,
+    queue: Arc<Queue>,
+    bound: usize,
+}
+
+impl Feed {
+    /// Sends `event`; `false` once the subscriber is gone or its queue overflowed (it then
+    /// starts again from a fresh snapshot, and this feed ends).
+    fn send(&self, event: BackendEvent) -> bool {
+        self.queue.push(self.bound) && self.tx.send(event).is_ok()
     }
-    tokio::spawn(pump(Arc::downgrade(inner), board, messages, tx));
-    Ok(Subscription::new(snapshot, rx))
 }
 
 /// Sends a change's events and tells the holders of claims it ended; `false` once the
 /// subscriber is gone.
-fn deliver(
-    inner: &Inner,
-    board: &Board,
-    events: Vec<agent_core::TaskEvent>,
-    tx: &mpsc::UnboundedSender<BackendEvent>,
-) -> bool {
+fn deliver(inner: &Inner, board: &Board, events: Vec<agent_core::TaskEvent>, feed: &Feed) -> bool {
     let touched: Vec<_> = events.iter().map(|e| e.task.clone()).collect();
     for e in events {
-        if tx.send(BackendEvent::Task(e)).is_err() {
+        if !feed.send(BackendEvent::Task(e)) {
             return false;
         }
     }
@@ -129,11 +165,7 @@ fn deliver(
 
 /// Reads the leases whose renewals stopped arriving; one that is gone is applied as gone (its
 /// delete marker was missed while the watch was away). `false` once the subscriber is gone.
-async fn sweep_leases(
-    inner: &Inner,
-    board: &Mutex<Board>,
-    tx: &mpsc::UnboundedSender<BackendEvent>,
-) -> bool {
+async fn sweep_leases(inner: &Inner, board: &Mutex<Board>, feed: &Feed) -> bool {
     let overdue = lock(board).overdue();
     for lease in overdue {
         match inner.lease_alive(lease).await {
@@ -148,7 +180,7 @@ async fn sweep_leases(
                     ttl: None,
                 };
                 let events = board.apply(&change);
-                if !deliver(inner, &board, events, tx) {
+                if !deliver(inner, &board, events, feed) {
                     return false;
                 }
             }
@@ -160,12 +192,8 @@ async fn sweep_leases(
 
 /// Feeds a subscriber the changes its consumer delivers. If the consumer ends (the server lost
 /// it), a new one starts and the subscriber gets its snapshot as a `Resync`.
-async fn pump(
-    inner: Weak<Inner>,
-    board: Arc<Mutex<Board>>,
-    mut messages: Messages,
-    tx: mpsc::UnboundedSender<BackendEvent>,
-) {
+async fn pump(inner: Weak<Inner>, board: Arc<Mutex<Board>>, mut messages: Messages, feed: Feed) {
+    let tx = &feed.tx;
     let mut sweep = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         let next = tokio::select! {
@@ -173,7 +201,7 @@ async fn pump(
             () = tx.closed() => return,
             _ = sweep.tick() => {
                 let Some(inner) = inner.upgrade() else { return };
-                if !sweep_leases(&inner, &board, &tx).await {
+                if !sweep_leases(&inner, &board, &feed).await {
                     return;
                 }
                 continue;
@@ -195,7 +223,7 @@ async fn pump(
                     }
                     _ => {}
                 }
-                if !deliver(&inner, &board, events, &tx) {
+                if !deliver(&inner, &board, events, &feed) {
                     return;
                 }
             }
@@ -214,7 +242,7 @@ async fn pump(
                             let all: Vec<_> = fresh.tasks.keys().cloned().collect();
                             *lock(&board) = fresh;
                             messages = m;
-                            if tx.send(BackendEvent::Resync(listing)).is_err() {
+                            if !feed.send(BackendEvent::Resync(listing)) {
                                 return;
                             }
                             inner.check_held(&lock(&board), all.into_iter());

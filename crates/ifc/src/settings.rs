@@ -332,6 +332,7 @@ pub fn nats_config(
         creds: g.creds.clone(),
         user: user_and_password(g, "NATS")?,
         tls,
+        event_queue_bound: defaults.event_queue_bound,
     };
     check_deadlines([
         (

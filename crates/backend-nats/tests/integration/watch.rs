@@ -152,3 +152,34 @@ async fn a_lease_that_ended_while_a_subscriber_was_cut_off_frees_its_task_for_it
         "the dead holder's task reads available to the subscriber that was away"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_falls_behind_starts_again_from_a_fresh_snapshot() {
+    let server = NatsServer::start();
+    let writer = client(&server).await;
+    let slow = NatsBackend::connect(backend_nats::NatsConfig {
+        event_queue_bound: 20,
+        ..server.config(Some(TTL))
+    })
+    .await
+    .expect("connect");
+    let mut sub = slow.subscribe().await.expect("subscribe");
+    for i in 0..60 {
+        available(&writer, &format!("FLOOD.{i}")).await;
+    }
+    // Nothing read meanwhile: more than 20 waited, so the next event is a fresh snapshot.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let listing = loop {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(BackendEvent::Resync(listing))) => break listing,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the subscription ended"),
+            Err(_) => panic!("no Resync within {WAIT:?}"),
+        }
+    };
+    assert!(listing.tasks.len() >= 21, "{} tasks", listing.tasks.len());
+    // And it goes on: a later change arrives as an event.
+    available(&writer, "AFTER").await;
+    let e = next_event_for(&mut sub, &tid("AFTER"), WAIT).await;
+    assert_eq!(e.new_status, Some(TaskStatus::Available));
+}
