@@ -54,6 +54,8 @@ pub(crate) struct Inner {
     /// The board of the first subscription, for `last_known`.
     pub watched: Mutex<Option<Weak<Mutex<Board>>>>,
     pub reconnects: AtomicU64,
+    /// Subscriptions that fell behind and started again from a fresh snapshot.
+    pub resyncs: AtomicU64,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -179,6 +181,7 @@ impl Inner {
             subscribers: Mutex::new(Vec::new()),
             watched: Mutex::new(None),
             reconnects: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
         })
     }
 

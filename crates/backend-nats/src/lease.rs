@@ -65,7 +65,17 @@ async fn renew(inner: &Inner, id: i64, seq: u64, ttl: Duration) -> Result<u64, R
     };
     match ack {
         Ok(ack) => Ok(ack.sequence),
-        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(Renewal::Gone),
+        // Either the lease is gone, or an earlier renewal landed whose answer was lost (this
+        // client is the lease's only writer): the record says which.
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+            match inner.kv.entry(keys::lease(id)).await {
+                Ok(Some(e)) if e.operation == async_nats::jetstream::kv::Operation::Put => {
+                    Ok(e.revision)
+                }
+                Ok(_) => Err(Renewal::Gone),
+                Err(e) => Err(Renewal::Failed(e.to_string())),
+            }
+        }
         Err(e) => Err(Renewal::Failed(e.to_string())),
     }
 }

@@ -186,6 +186,12 @@ impl Backend for NatsBackend {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn resyncs(&self) -> u64 {
+        self.inner
+            .resyncs
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn close(&self) {
         self.inner.close().await;
     }

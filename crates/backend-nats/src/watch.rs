@@ -122,7 +122,12 @@ pub(crate) fn subscribe(
         let again: Resubscribe = {
             let inner = Arc::downgrade(&inner);
             Arc::new(move || match inner.upgrade() {
-                Some(inner) => subscribe(inner),
+                Some(inner) => {
+                    inner
+                        .resyncs
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    subscribe(inner)
+                }
                 None => Box::pin(async {
                     Err(BackendError::Unavailable {
                         endpoint: "nats".into(),

@@ -105,3 +105,57 @@ async fn a_late_completion_of_a_claim_is_not_written_over_a_reopen() {
     let now = a.get(&t).await.expect("get").expect("there");
     assert_eq!(now.status, TaskStatus::Available, "the reopen stands");
 }
+
+/// A renewal that landed but whose answer was lost leaves the client's idea of the lease's last
+/// sequence behind; its next renewal must find the lease alive, not give its claims up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_whose_answer_was_lost_does_not_end_the_lease() {
+    use agent_core::BackendEvent;
+    let server = NatsServer::start();
+    let a = NatsBackend::connect(server.config(Some(TTL)))
+        .await
+        .expect("connect");
+    let t = tid("KEPT");
+    a.put(
+        &t,
+        &TaskPatch {
+            status: Some(TaskStatus::Available),
+            ..TaskPatch::default()
+        },
+    )
+    .await
+    .expect("put");
+    let mut sub = a.subscribe().await.expect("subscribe");
+    let won = a.claim(&t, &sid("a")).await.expect("claim");
+    assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+    let lease = a.lease_of(&t).await.expect("read").expect("leased");
+    // What a's own renewal would write, written behind its back.
+    let raw = async_nats::jetstream::new(async_nats::connect(server.url()).await.expect("raw"));
+    let kv = raw.get_key_value("ifc").await.expect("bucket");
+    let key = format!("leases.{lease}");
+    let rev = kv
+        .entry(&key)
+        .await
+        .expect("entry")
+        .expect("there")
+        .revision;
+    kv.update(&key, "{}".into(), rev).await.expect("renew");
+    // Two TTLs: a's keeper renews several times meanwhile, the first one from a stale sequence.
+    let lost = tokio::time::timeout(TTL * 2, async {
+        loop {
+            match sub.next().await {
+                Some(BackendEvent::ClaimLost { task, .. }) if task == t => return true,
+                Some(_) => continue,
+                None => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(!lost, "the claim was given up");
+    let now = a.get(&t).await.expect("get").expect("there");
+    assert_eq!(
+        (now.status, now.claimed_by),
+        (TaskStatus::Claimed, Some(sid("a")))
+    );
+}
