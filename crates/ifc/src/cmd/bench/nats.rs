@@ -193,12 +193,16 @@ async fn measure(config: &NatsConfig, args: &BenchArgs) -> Result<Report> {
     })
 }
 
-/// `c` sessions, each its own connection and subscription, take `n` tasks between them; then as
-/// many workers on the same connections make `n` bare compare-and-swaps. The level, and how
-/// the tasks won (once per win).
+/// Sessions per connection at a concurrency level, as the etcd bench multiplexes its simulated
+/// sessions: each connection holds one subscription, which every session on it claims from.
+const SESSIONS_PER_CONNECTION: usize = 25;
+
+/// `c` sessions, over one connection (and subscription) per 25 of them, take `n` tasks between
+/// them; then `c` workers on the same connections make `n` bare compare-and-swaps. The level,
+/// and the tasks won (once per win).
 async fn level(config: &NatsConfig, n: usize, c: usize) -> Result<(Level, Vec<TaskId>)> {
-    let mut clients = Vec::with_capacity(c);
-    for _ in 0..c {
+    let mut clients = Vec::new();
+    for _ in 0..c.div_ceil(SESSIONS_PER_CONNECTION) {
         clients.push(Arc::new(connect(config).await?));
     }
     let ids: Arc<Vec<TaskId>> = Arc::new(
@@ -214,7 +218,8 @@ async fn level(config: &NatsConfig, n: usize, c: usize) -> Result<(Level, Vec<Ta
     let next = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
     let mut workers = JoinSet::new();
-    for (k, b) in clients.iter().enumerate() {
+    for k in 0..c {
+        let b = &clients[k % clients.len()];
         let (b, ids, next) = (Arc::clone(b), Arc::clone(&ids), Arc::clone(&next));
         let session = SessionId::parse(&format!("bench-{c}-{k}")).context("session id")?;
         workers.spawn(async move {
@@ -242,7 +247,8 @@ async fn level(config: &NatsConfig, n: usize, c: usize) -> Result<(Level, Vec<Ta
     let next = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
     let mut workers = JoinSet::new();
-    for b in &clients {
+    for k in 0..c {
+        let b = &clients[k % clients.len()];
         let (b, revs, next, floor) = (
             Arc::clone(b),
             Arc::clone(&revs),
@@ -286,7 +292,7 @@ async fn level(config: &NatsConfig, n: usize, c: usize) -> Result<(Level, Vec<Ta
 fn table(r: &Report, out: &mut impl Write) -> Result<()> {
     writeln!(
         out,
-        "ifc bench against NATS JetStream at {} (scratch bucket, lease TTL {} s).",
+        "ifc bench against NATS JetStream at {} (scratch bucket, lease TTL {} s; at each concurrency, one connection and subscription per {SESSIONS_PER_CONNECTION} sessions).",
         r.endpoint, r.lease_ttl_s
     )?;
     writeln!(out)?;
