@@ -80,17 +80,25 @@ async fn renew(inner: &Inner, id: i64, seq: u64, ttl: Duration) -> Result<u64, R
     }
 }
 
-/// Renews lease `id` every third of its TTL until it is gone, or has not been renewed for a
-/// whole TTL (the server has let it go by then): its claims end.
+/// Renews lease `id` every third of its TTL until it is gone, or might be: the server lets a
+/// lease go a TTL after the last renewal it took (no earlier than when that renewal was sent),
+/// so once the next try would come too late, its claims end here first. A renewal that does not
+/// answer within a third of the TTL counts as failed.
 async fn keep(inner: Weak<Inner>, id: i64, seq: u64, ttl: Duration, renewed: Arc<Mutex<Instant>>) {
     let seq = AtomicU64::new(seq);
+    let step = ttl / 3;
     loop {
-        tokio::time::sleep(ttl / 3).await;
+        tokio::time::sleep(step).await;
         let Some(inner) = inner.upgrade() else { return };
-        match renew(&inner, id, seq.load(Ordering::Acquire), ttl).await {
+        let sent = Instant::now();
+        let outcome =
+            tokio::time::timeout(step, renew(&inner, id, seq.load(Ordering::Acquire), ttl))
+                .await
+                .unwrap_or_else(|_| Err(Renewal::Failed(format!("no answer within {step:?}"))));
+        match outcome {
             Ok(s) => {
                 seq.store(s, Ordering::Release);
-                *lock(&renewed) = Instant::now();
+                *lock(&renewed) = sent;
             }
             Err(Renewal::Gone) => {
                 tracing::warn!(lease = id, "lease gone: its claims have ended");
@@ -99,8 +107,8 @@ async fn keep(inner: Weak<Inner>, id: i64, seq: u64, ttl: Duration, renewed: Arc
             }
             Err(Renewal::Failed(e)) => {
                 let since = lock(&renewed).elapsed();
-                if since >= ttl {
-                    tracing::warn!(lease = id, error = %e, ?since, "lease not renewed for its TTL: its claims have ended");
+                if since + step >= ttl {
+                    tracing::warn!(lease = id, error = %e, ?since, "lease not renewed in time: its claims have ended");
                     inner.lease_gone(id).await;
                     return;
                 }
@@ -111,8 +119,9 @@ async fn keep(inner: Weak<Inner>, id: i64, seq: u64, ttl: Duration, renewed: Arc
 }
 
 impl Inner {
-    fn keep(self: &Arc<Self>, id: i64, seq: u64, ttl: Duration) -> Lease {
-        let renewed = Arc::new(Mutex::new(Instant::now()));
+    /// Keeps lease `id` (last written at `seq`, sent at `sent`) alive from now on.
+    fn keep(self: &Arc<Self>, id: i64, seq: u64, ttl: Duration, sent: Instant) -> Lease {
+        let renewed = Arc::new(Mutex::new(sent));
         lock(&self.mine).insert(id);
         let keeper = tokio::spawn(keep(
             Arc::downgrade(self),
@@ -152,12 +161,13 @@ impl Inner {
                 break id;
             }
         };
+        let sent = Instant::now();
         let seq = self
             .kv
             .create_with_ttl(keys::lease(id), lease_value(), ttl)
             .await
             .map_err(|e| self.error("grant a lease", e))?;
-        *current = Some(self.keep(id, seq, ttl));
+        *current = Some(self.keep(id, seq, ttl, sent));
         Ok(Some(id))
     }
 
@@ -185,12 +195,24 @@ impl Inner {
             .entry(keys::lease(id))
             .await
             .map_err(|e| self.error("read a lease", e))?;
-        if let Some(e) = entry.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
-        {
-            let lease = self.keep(id, e.revision, ttl);
-            lock(&self.inherited).push(lease);
+        let Some(e) = entry.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+        else {
+            return Ok(());
+        };
+        // Its last renewal was the gone process's, up to a TTL ago: renewed at once, it is ours.
+        let sent = Instant::now();
+        match renew(self, id, e.revision, ttl).await {
+            Ok(seq) => {
+                let lease = self.keep(id, seq, ttl, sent);
+                lock(&self.inherited).push(lease);
+                Ok(())
+            }
+            Err(Renewal::Gone) => Ok(()),
+            Err(Renewal::Failed(reason)) => Err(BackendError::Unavailable {
+                endpoint: self.endpoint(),
+                reason: format!("take over lease {id}: {reason}"),
+            }),
         }
-        Ok(())
     }
 
     /// Whether lease `id` lives (its record is there).

@@ -183,3 +183,60 @@ async fn a_subscriber_that_falls_behind_starts_again_from_a_fresh_snapshot() {
     let e = next_event_for(&mut sub, &tid("AFTER"), WAIT).await;
     assert_eq!(e.new_status, Some(TaskStatus::Available));
 }
+
+/// A holder cut off from the server is told its claim is lost before anyone else can win the
+/// task: the server lets its lease go a TTL after the last renewal it took, and the holder ends
+/// its claims once its next renewal would come too late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_holder_is_told_before_another_session_wins_its_task() {
+    let server = NatsServer::start();
+    let target = format!(
+        "127.0.0.1:{}",
+        server.url().rsplit(':').next().expect("port")
+    )
+    .parse()
+    .expect("address");
+    let proxy = backend_etcd::testing::TcpProxy::start(target).await;
+    let holder = NatsBackend::connect(backend_nats::NatsConfig {
+        servers: vec![format!("nats://{}", proxy.addr())],
+        ..server.config(Some(TTL))
+    })
+    .await
+    .expect("connect through the proxy");
+    let other = client(&server).await;
+    available(&other, "T").await;
+    let mut sub = holder.subscribe().await.expect("subscribe");
+    let won = holder
+        .claim(&tid("T"), &sid("holder"))
+        .await
+        .expect("claim");
+    assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+    let told = tokio::spawn(async move {
+        loop {
+            match sub.next().await {
+                Some(BackendEvent::ClaimLost { task, .. }) if task == tid("T") => {
+                    return tokio::time::Instant::now()
+                }
+                Some(_) => continue,
+                None => panic!("the holder's subscription ended"),
+            }
+        }
+    });
+    proxy.black_hole();
+    let won_at = loop {
+        match other.claim(&tid("T"), &sid("other")).await.expect("claim") {
+            ClaimOutcome::Won(_) => break tokio::time::Instant::now(),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let told_at = tokio::time::timeout(WAIT, told)
+        .await
+        .expect("the holder is told at all")
+        .expect("the watcher task");
+    assert!(
+        told_at <= won_at,
+        "the holder was told {:?} after the other session won",
+        told_at - won_at
+    );
+    drop(holder);
+}
