@@ -38,13 +38,27 @@ enum Renewal {
     Failed(String),
 }
 
-fn lease_value() -> bytes::Bytes {
-    serde_json::json!({"host": agent_core::process::hostname(), "pid": std::process::id()})
-        .to_string()
-        .into()
+/// Field of a lease record marking the lease of a one-shot command (`ifc claim --ttl`): no
+/// process keeps it alive after the command, so its claims are their session's to adopt or end
+/// from any command, as claims without a lease are.
+const ONE_SHOT_FIELD: &str = "oneshot";
+
+fn lease_value(one_shot: bool) -> bytes::Bytes {
+    let mut v =
+        serde_json::json!({"host": agent_core::process::hostname(), "pid": std::process::id()});
+    if one_shot {
+        v[ONE_SHOT_FIELD] = serde_json::Value::Bool(true);
+    }
+    v.to_string().into()
 }
 
-async fn renew(inner: &Inner, id: i64, seq: u64, ttl: Duration) -> Result<u64, Renewal> {
+async fn renew(
+    inner: &Inner,
+    id: i64,
+    seq: u64,
+    ttl: Duration,
+    value: bytes::Bytes,
+) -> Result<u64, Renewal> {
     let mut headers = HeaderMap::new();
     headers.insert(
         async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
@@ -55,11 +69,7 @@ async fn renew(inner: &Inner, id: i64, seq: u64, ttl: Duration) -> Result<u64, R
         ttl.as_secs().to_string().as_str(),
     );
     let subject = format!("{}{}", inner.prefix, keys::lease(id));
-    let ack = match inner
-        .js
-        .publish_with_headers(subject, headers, lease_value())
-        .await
-    {
+    let ack = match inner.js.publish_with_headers(subject, headers, value).await {
         Ok(ack) => ack.await,
         Err(e) => Err(e),
     };
@@ -84,17 +94,22 @@ async fn renew(inner: &Inner, id: i64, seq: u64, ttl: Duration) -> Result<u64, R
 /// lease go a TTL after the last renewal it took (no earlier than when that renewal was sent),
 /// so once the next try would come too late, its claims end here first. A renewal that does not
 /// answer within a third of the TTL counts as failed.
-async fn keep(inner: Weak<Inner>, id: i64, seq: u64, ttl: Duration, renewed: Arc<Mutex<Instant>>) {
+async fn keep(
+    inner: Weak<Inner>,
+    (id, seq, value): (i64, u64, bytes::Bytes),
+    ttl: Duration,
+    renewed: Arc<Mutex<Instant>>,
+) {
     let seq = AtomicU64::new(seq);
     let step = ttl / 3;
     loop {
         tokio::time::sleep(step).await;
         let Some(inner) = inner.upgrade() else { return };
         let sent = Instant::now();
-        let outcome =
-            tokio::time::timeout(step, renew(&inner, id, seq.load(Ordering::Acquire), ttl))
-                .await
-                .unwrap_or_else(|_| Err(Renewal::Failed(format!("no answer within {step:?}"))));
+        let renewal = renew(&inner, id, seq.load(Ordering::Acquire), ttl, value.clone());
+        let outcome = tokio::time::timeout(step, renewal)
+            .await
+            .unwrap_or_else(|_| Err(Renewal::Failed(format!("no answer within {step:?}"))));
         match outcome {
             Ok(s) => {
                 seq.store(s, Ordering::Release);
@@ -119,14 +134,18 @@ async fn keep(inner: Weak<Inner>, id: i64, seq: u64, ttl: Duration, renewed: Arc
 }
 
 impl Inner {
-    /// Keeps lease `id` (last written at `seq`, sent at `sent`) alive from now on.
-    fn keep(self: &Arc<Self>, id: i64, seq: u64, ttl: Duration, sent: Instant) -> Lease {
+    /// Keeps lease `id` (last written at `seq` with `value`, sent at `sent`) alive from now on.
+    fn keep(
+        self: &Arc<Self>,
+        (id, seq, value): (i64, u64, bytes::Bytes),
+        ttl: Duration,
+        sent: Instant,
+    ) -> Lease {
         let renewed = Arc::new(Mutex::new(sent));
         lock(&self.mine).insert(id);
         let keeper = tokio::spawn(keep(
             Arc::downgrade(self),
-            id,
-            seq,
+            (id, seq, value),
             ttl,
             Arc::clone(&renewed),
         ));
@@ -138,8 +157,19 @@ impl Inner {
     }
 
     /// The lease to claim under (`None` when claims are not leased): the current one, or a new
-    /// one when there is none or it ended.
+    /// one when there is none or it ended. A lease granted before this client registered a
+    /// session is a one-shot command's (see `ONE_SHOT_FIELD`).
     pub async fn claim_lease(self: &Arc<Self>) -> BackendResult<Option<i64>> {
+        let one_shot = lock(&self.registered).is_empty();
+        self.lease_for(one_shot).await
+    }
+
+    /// The lease of a client that is registering a session (never a one-shot command's).
+    pub async fn session_lease(self: &Arc<Self>) -> BackendResult<Option<i64>> {
+        self.lease_for(false).await
+    }
+
+    async fn lease_for(self: &Arc<Self>, one_shot: bool) -> BackendResult<Option<i64>> {
         let Some(ttl) = self.config.lease_ttl else {
             return Ok(None);
         };
@@ -162,12 +192,13 @@ impl Inner {
             }
         };
         let sent = Instant::now();
+        let value = lease_value(one_shot);
         let seq = self
             .kv
-            .create_with_ttl(keys::lease(id), lease_value(), ttl)
+            .create_with_ttl(keys::lease(id), value.clone(), ttl)
             .await
             .map_err(|e| self.error("grant a lease", e))?;
-        *current = Some(self.keep(id, seq, ttl, sent));
+        *current = Some(self.keep((id, seq, value), ttl, sent));
         Ok(Some(id))
     }
 
@@ -201,9 +232,10 @@ impl Inner {
         };
         // Its last renewal was the gone process's, up to a TTL ago: renewed at once, it is ours.
         let sent = Instant::now();
-        match renew(self, id, e.revision, ttl).await {
+        let value = lease_value(false);
+        match renew(self, id, e.revision, ttl, value.clone()).await {
             Ok(seq) => {
-                let lease = self.keep(id, seq, ttl, sent);
+                let lease = self.keep((id, seq, value), ttl, sent);
                 lock(&self.inherited).push(lease);
                 Ok(())
             }
@@ -213,6 +245,19 @@ impl Inner {
                 reason: format!("take over lease {id}: {reason}"),
             }),
         }
+    }
+
+    /// Whether lease `id` lives and is a one-shot command's (see `ONE_SHOT_FIELD`).
+    pub async fn one_shot_lease(&self, id: i64) -> BackendResult<bool> {
+        let entry = self
+            .kv
+            .entry(keys::lease(id))
+            .await
+            .map_err(|e| self.error("read a lease", e))?;
+        Ok(entry
+            .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+            .and_then(|e| serde_json::from_slice::<serde_json::Value>(&e.value).ok())
+            .is_some_and(|v| v[ONE_SHOT_FIELD] == serde_json::Value::Bool(true)))
     }
 
     /// Whether lease `id` lives (its record is there).

@@ -91,6 +91,16 @@ impl Inner {
         }
     }
 
+    /// Whether the claim `stored` records is this client's to take again or end: made without a
+    /// lease, under one of this client's, or under a one-shot command's (no process runs it).
+    async fn ours(&self, stored: &Stored) -> BackendResult<bool> {
+        match stored.record.as_ref().ok().and_then(|r| r.lease) {
+            None => Ok(true),
+            Some(l) if self.is_mine(l) => Ok(true),
+            Some(l) => self.one_shot_lease(l).await,
+        }
+    }
+
     /// The effective status of each of `task`'s blockers (`None`: no such task).
     async fn blockers(&self, task: &Task) -> BackendResult<HashMap<TaskId, Option<TaskStatus>>> {
         let mut out = HashMap::new();
@@ -125,7 +135,10 @@ impl Inner {
                 return Ok(None);
             };
             let status_of = |x: &TaskId| b.task(x).and_then(Result::ok).map(|(t, _)| t.status);
-            if current.claimability(session, status_of) != Claimability::Yes {
+            // A task its session holds already is decided from a read (whose lease it is under).
+            if current.status == TaskStatus::Claimed
+                || current.claimability(session, status_of) != Claimability::Yes
+            {
                 return Ok(None);
             }
             let Some(stored) = b.tasks.get(id) else {
@@ -193,6 +206,20 @@ impl Inner {
                 Claimability::No(status) => return Ok(ClaimOutcome::NotClaimable { status }),
                 Claimability::Yes => {}
             }
+            // Held by this session under another process's lease: that process runs it (an
+            // agent of the session), unless the lease is a one-shot command's, or that process
+            // is known to be gone (its lease is revoked now, and so its claim).
+            if current.status == TaskStatus::Claimed && !self.ours(&stored).await? {
+                let lease = stored.record.as_ref().ok().and_then(|r| r.lease);
+                if let Some(l) = lease {
+                    if self.revoke_if_dead(session, l).await? {
+                        continue;
+                    }
+                }
+                return Ok(ClaimOutcome::Lost {
+                    holder: Some(session.clone()),
+                });
+            }
             if let Some(outcome) = self.write_claim(id, session, current, stored.rev).await? {
                 return Ok(outcome);
             }
@@ -223,7 +250,7 @@ impl Inner {
                 .then(|| current.claimed_by.clone())
                 .flatten();
             // Under a lease of another client (the same session id run twice): not ours to end.
-            let ours = record.lease.is_none_or(|l| self.is_mine(l));
+            let ours = self.ours(&stored).await?;
             let holds = holder.as_ref() == Some(session)
                 && token.is_none_or(|t| Some(t.0) == live_token)
                 && ours;

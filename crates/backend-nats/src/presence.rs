@@ -68,7 +68,7 @@ impl Inner {
     }
 
     pub async fn announce(self: &Arc<Self>, presence: &Presence) -> BackendResult<()> {
-        let lease = self.claim_lease().await?;
+        let lease = self.session_lease().await?;
         let session = &presence.session_id;
         for _ in 0..TRIES {
             let rev = match self.presence_of(session).await? {
@@ -97,7 +97,7 @@ impl Inner {
         presence: &Presence,
         take_over: bool,
     ) -> BackendResult<Option<Presence>> {
-        let lease = self.claim_lease().await?;
+        let lease = self.session_lease().await?;
         let session = &presence.session_id;
         for _ in 0..TRIES {
             let rev = match self.presence_of(session).await? {
@@ -128,6 +128,22 @@ impl Inner {
                 "register {session}: the presence changed under {TRIES} tries in a row"
             ),
         })
+    }
+
+    /// Revokes `lease` if it is the lease of `session`'s registered process and that process is
+    /// known to be gone (it ran on this host and no such pid exists): `true` if revoked.
+    pub async fn revoke_if_dead(&self, session: &SessionId, lease: i64) -> BackendResult<bool> {
+        let Found::Presence(p, _) = self.presence_of(session).await? else {
+            return Ok(false);
+        };
+        if p.lease != Some(lease) || process::may_be_alive(p.presence.pid, &p.presence.host) {
+            return Ok(false);
+        }
+        self.kv
+            .purge(keys::lease(lease))
+            .await
+            .map_err(|e| self.error("revoke a gone process's lease", e))?;
+        Ok(true)
     }
 
     pub async fn end_inherited(&self) -> BackendResult<()> {

@@ -64,8 +64,13 @@ pub(crate) fn one_session_file_twice(e: &str, w: &Workdir) {
 #[test]
 fn a_cli_claim_for_a_session_whose_agent_runs_the_task_does_not_take_it() {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
-    let e = etcd.endpoint();
-    put(&e, w.path(), &["A"]);
+    a_cli_claim_leaves_the_agents_run(&etcd.endpoint(), &w);
+}
+
+/// A CLI claim (with and without `--ttl`) for a session whose agent runs the task, on the
+/// store at `e`: refused, naming another process; the agent's run goes on and counts once.
+pub(crate) fn a_cli_claim_leaves_the_agents_run(e: &str, w: &Workdir) {
+    put(e, w.path(), &["A"]);
     let marker = w.path().join("A.started");
     let script = format!(
         r#"echo "$IFC_TASK_ID" >> "$SHARED"; touch {:?}; sleep 3"#,
@@ -73,7 +78,7 @@ fn a_cli_claim_for_a_session_whose_agent_runs_the_task_does_not_take_it() {
     );
     let config = w.session("session-1-x", &["A"], &script, "");
     let mut agent = spawn_agent(
-        ifc(&e, w.path()),
+        ifc(e, w.path()),
         &config,
         &w.path().join("agent.log"),
         &["--until-done"],
@@ -82,7 +87,7 @@ fn a_cli_claim_for_a_session_whose_agent_runs_the_task_does_not_take_it() {
         marker.exists()
     });
     for extra in [&[][..], &["--ttl", "10"][..]] {
-        let out = run(ifc(&e, w.path())
+        let out = run(ifc(e, w.path())
             .args(["claim", "A", "--session", "session-1-x"])
             .args(extra));
         assert_eq!(code(&out), 1, "{}{}", text(&out.stdout), text(&out.stderr));
@@ -100,7 +105,7 @@ fn a_cli_claim_for_a_session_whose_agent_runs_the_task_does_not_take_it() {
         ["A"],
         "the agent's run was neither killed nor repeated"
     );
-    assert_eq!(status_of(&e, w.path(), "A"), "complete");
+    assert_eq!(status_of(e, w.path(), "A"), "complete");
 }
 
 fn ifc_git(remote: &BareRemote, cwd: &std::path::Path) -> std::process::Command {
@@ -205,8 +210,13 @@ fn a_take_over_stops_the_running_agent_which_finishes_its_task_and_claims_nothin
 #[test]
 fn a_claim_held_by_a_killed_agent_of_the_session_is_the_sessions_again_at_once() {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
-    let e = etcd.endpoint();
-    put(&e, w.path(), &["A"]);
+    a_killed_agents_claim_is_its_sessions_at_once(&etcd.endpoint(), &w);
+}
+
+/// The claim of an agent killed with SIGKILL, on the store at `e`, is its session's again at
+/// once from a CLI claim on the same host (the long lease is not waited for); not another's.
+pub(crate) fn a_killed_agents_claim_is_its_sessions_at_once(e: &str, w: &Workdir) {
+    put(e, w.path(), &["A"]);
     let marker = w.path().join("A.started");
     let script = format!(r#"touch {:?}; sleep 30"#, marker.display().to_string());
     // A long lease: without knowing the holder is gone, the claim would last 60 s.
@@ -216,15 +226,15 @@ fn a_claim_held_by_a_killed_agent_of_the_session_is_the_sessions_again_at_once()
         format!("session_id: session-1-x\ntasks: [A]\ncommand: [/bin/sh, -c, {script:?}]\nlease_ttl: 60s\n"),
     )
     .expect("session file");
-    let mut agent = spawn_agent(ifc(&e, w.path()), &config, &w.path().join("agent.log"), &[]);
+    let mut agent = spawn_agent(ifc(e, w.path()), &config, &w.path().join("agent.log"), &[]);
     wait_for("A to start", Duration::from_secs(30), || marker.exists());
     agent.kill().expect("kill -9");
     agent.wait().expect("reap");
     // Its process is gone from this host: a claim for the session takes the task back now.
-    let out = run(ifc(&e, w.path()).args(["claim", "A", "--session", "session-1-x"]));
+    let out = run(ifc(e, w.path()).args(["claim", "A", "--session", "session-1-x"]));
     assert_eq!(code(&out), 0, "{}{}", text(&out.stdout), text(&out.stderr));
     // Another session still cannot.
-    let out = run(ifc(&e, w.path()).args(["claim", "A", "--session", "session-2-y"]));
+    let out = run(ifc(e, w.path()).args(["claim", "A", "--session", "session-2-y"]));
     assert_eq!(code(&out), 1, "{}", text(&out.stdout));
 }
 

@@ -9,7 +9,10 @@ use backend_nats::NatsBackend;
 use crate::agent::{
     kill_9_then_another_agent_takes_over, start_fenced, three_agents_run_the_chains, Workdir,
 };
-use crate::exclusive::one_session_file_twice;
+use crate::exclusive::{
+    a_cli_claim_leaves_the_agents_run, a_killed_agents_claim_is_its_sessions_at_once,
+    one_session_file_twice,
+};
 
 fn tid(id: &str) -> TaskId {
     TaskId::parse(id).expect("a valid id")
@@ -67,4 +70,16 @@ async fn a_revoked_lease_kills_the_task_and_it_is_not_reported_done() {
 fn two_agents_with_one_session_file_run_each_task_once_and_the_second_names_the_first() {
     let (server, w) = (NatsServer::start(), Workdir::new());
     one_session_file_twice(&server.url(), &w);
+}
+
+#[test]
+fn a_cli_claim_for_a_session_whose_agent_runs_the_task_does_not_take_it() {
+    let (server, w) = (NatsServer::start(), Workdir::new());
+    a_cli_claim_leaves_the_agents_run(&server.url(), &w);
+}
+
+#[test]
+fn a_claim_held_by_a_killed_agent_of_the_session_is_the_sessions_again_at_once() {
+    let (server, w) = (NatsServer::start(), Workdir::new());
+    a_killed_agents_claim_is_its_sessions_at_once(&server.url(), &w);
 }
