@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use agent_core::{BackendError, BackendResult};
 use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::kv;
 use async_nats::HeaderMap;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -79,9 +80,7 @@ async fn renew(
         // client is the lease's only writer): the record says which.
         Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
             match inner.kv.entry(keys::lease(id)).await {
-                Ok(Some(e)) if e.operation == async_nats::jetstream::kv::Operation::Put => {
-                    Ok(e.revision)
-                }
+                Ok(Some(e)) if e.operation == kv::Operation::Put => Ok(e.revision),
                 Ok(_) => Err(Renewal::Gone),
                 Err(e) => Err(Renewal::Failed(e.to_string())),
             }
@@ -221,13 +220,7 @@ impl Inner {
         let Some(ttl) = self.config.lease_ttl else {
             return Ok(());
         };
-        let entry = self
-            .kv
-            .entry(keys::lease(id))
-            .await
-            .map_err(|e| self.error("read a lease", e))?;
-        let Some(e) = entry.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
-        else {
+        let Some(e) = self.live_lease(id).await? else {
             return Ok(());
         };
         // Its last renewal was the gone process's, up to a TTL ago: renewed at once, it is ours.
@@ -247,27 +240,28 @@ impl Inner {
         }
     }
 
-    /// Whether lease `id` lives and is a one-shot command's (see `ONE_SHOT_FIELD`).
-    pub async fn one_shot_lease(&self, id: i64) -> BackendResult<bool> {
+    /// Lease `id`'s record while the lease lives.
+    async fn live_lease(&self, id: i64) -> BackendResult<Option<kv::Entry>> {
         let entry = self
             .kv
             .entry(keys::lease(id))
             .await
             .map_err(|e| self.error("read a lease", e))?;
-        Ok(entry
-            .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+        Ok(entry.filter(|e| e.operation == kv::Operation::Put))
+    }
+
+    /// Whether lease `id` lives and is a one-shot command's (see `ONE_SHOT_FIELD`).
+    pub async fn one_shot_lease(&self, id: i64) -> BackendResult<bool> {
+        Ok(self
+            .live_lease(id)
+            .await?
             .and_then(|e| serde_json::from_slice::<serde_json::Value>(&e.value).ok())
             .is_some_and(|v| v[ONE_SHOT_FIELD] == serde_json::Value::Bool(true)))
     }
 
     /// Whether lease `id` lives (its record is there).
     pub async fn lease_alive(&self, id: i64) -> BackendResult<bool> {
-        let entry = self
-            .kv
-            .entry(keys::lease(id))
-            .await
-            .map_err(|e| self.error("read a lease", e))?;
-        Ok(entry.is_some_and(|e| e.operation == async_nats::jetstream::kv::Operation::Put))
+        Ok(self.live_lease(id).await?.is_some())
     }
 
     /// Ends `leases` now: their records are purged, so their claims free and their presence goes.
