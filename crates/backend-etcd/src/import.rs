@@ -4,28 +4,13 @@
 //! operator removing a task: never a held one or one others wait for, unless forced).
 
 use agent_core::mirror::{self, rank, Decision, Mirrored, RecordOutcome};
-use agent_core::{BackendError, BackendResult, Interest, SessionId, Task, TaskId, TaskStatus};
+use agent_core::{BackendError, BackendResult, Interest, Task, TaskId, TaskStatus};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
 use crate::inner::Inner;
 use crate::record::{effective, Record};
 use crate::view::View;
-use task_record::Imported;
-
-/// What deleting one task did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Deleted {
-    Deleted,
-    NotFound,
-    /// Claimed: only its holder's release (or `force`) ends that.
-    Held {
-        holder: Option<SessionId>,
-    },
-    /// Tasks not complete yet wait for it: they would wait for ever.
-    Blocks {
-        dependents: Vec<TaskId>,
-    },
-}
+use task_record::{Deleted, Imported};
 
 /// What `archive` did.
 #[derive(Debug, Clone, PartialEq)]

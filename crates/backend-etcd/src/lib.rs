@@ -38,8 +38,8 @@ use tokio::sync::{mpsc, OnceCell};
 
 pub use config::{EtcdConfig, TlsFiles};
 pub use floor::BareWatch;
-pub use import::{Archived, Deleted, Restored};
-pub use task_record::Imported;
+pub use import::{Archived, Restored};
+pub use task_record::{Deleted, Imported};
 
 use inner::Inner;
 

@@ -78,6 +78,12 @@ impl NatsBackend {
         self.inner.import(task, force, dry_run).await
     }
 
+    /// Deletes a task (`ifc delete`): never a claimed one or one that tasks not complete wait
+    /// for, unless `force`.
+    pub async fn delete(&self, id: &TaskId, force: bool) -> BackendResult<task_record::Deleted> {
+        self.inner.delete(id, force).await
+    }
+
     /// Ends lease `id` now, as its TTL running out would (for tests and operators).
     pub async fn revoke_lease(&self, id: i64) -> BackendResult<()> {
         self.inner

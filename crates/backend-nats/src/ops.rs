@@ -12,7 +12,7 @@ use agent_core::{
 };
 use async_nats::jetstream::kv::{CreateErrorKind, Operation, UpdateErrorKind};
 use chrono::Utc;
-use task_record::{Imported, Record};
+use task_record::{Deleted, Imported, Record};
 
 use crate::board::Stored;
 use crate::inner::{lock, Held, Inner};
@@ -469,5 +469,58 @@ impl Inner {
             }
         }
         Err(self.too_busy("import", id))
+    }
+}
+
+impl Inner {
+    /// An operator's delete of a task, by compare-and-swap: never a claimed task (its holder's
+    /// run would be fenced) nor one that tasks not complete wait for, unless `force`.
+    pub async fn delete(&self, id: &TaskId, force: bool) -> BackendResult<Deleted> {
+        for _ in 0..TRIES {
+            let Some(stored) = self.read(id).await? else {
+                return Ok(Deleted::NotFound);
+            };
+            match self.effective(id, &stored).await {
+                Ok((current, _)) if !force => {
+                    if current.status == TaskStatus::Claimed {
+                        return Ok(Deleted::Held {
+                            holder: current.claimed_by,
+                        });
+                    }
+                    let dependents: Vec<TaskId> = crate::watch::open(self)
+                        .await?
+                        .0
+                        .listing()
+                        .tasks
+                        .into_iter()
+                        .filter(|t| t.status != TaskStatus::Complete && t.blocked_by.contains(id))
+                        .map(|t| t.id)
+                        .collect();
+                    if !dependents.is_empty() {
+                        return Ok(Deleted::Blocks { dependents });
+                    }
+                }
+                // Forced; an unreadable record holds nothing and nobody waits for it by name.
+                Ok(_) => {}
+                Err(BackendError::Corrupt { .. }) if force => {}
+                Err(BackendError::Corrupt { key, reason }) => {
+                    return Err(BackendError::Corrupt {
+                        key,
+                        reason: format!("{reason} (`ifc delete {id} --force` removes it)"),
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+            match self
+                .kv
+                .delete_expect_revision(keys::task(id), Some(stored.rev))
+                .await
+            {
+                Ok(()) => return Ok(Deleted::Deleted),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(self.error("delete a task", e)),
+            }
+        }
+        Err(self.too_busy("delete", id))
     }
 }

@@ -1,10 +1,11 @@
 //! The coordinator store a command works on directly, without the router (`migrate`, `verify`,
-//! `export`): etcd or NATS, with what only those two do (importing board rows).
+//! `export`, `delete`): etcd or NATS, with what only those two do (importing board rows,
+//! deleting tasks).
 
 use agent_core::{Backend, BackendResult, Task, TaskId};
 use backend_etcd::EtcdBackend;
 use backend_nats::NatsBackend;
-use task_record::Imported;
+use task_record::{Deleted, Imported};
 
 /// An opened coordinator store.
 #[derive(Debug)]
@@ -43,6 +44,15 @@ impl Coordinator {
         match self {
             Coordinator::Etcd(b) => b.import(task, force, dry_run).await,
             Coordinator::Nats(b) => b.import(task, force, dry_run).await,
+        }
+    }
+
+    /// Deletes a task (never a claimed one or one that tasks not complete wait for, unless
+    /// `force`).
+    pub async fn delete(&self, task: &TaskId, force: bool) -> BackendResult<Deleted> {
+        match self {
+            Coordinator::Etcd(b) => b.delete(task, force).await,
+            Coordinator::Nats(b) => b.delete(task, force).await,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The migration guide's JSON task record (`task_id`, `status`, `claimed_by`, `claimed_at`, plus
 //! `blocked_by`, `title`), with unknown fields kept and ifc's own fields (the lease a claim was
 //! made under, a lapsed claim, a copied claim): how the etcd and NATS stores read and write it,
-//! and what importing a board row into either did.
+//! and what importing a board row into either, or deleting a task from it, did.
 
 use agent_core::{SessionId, Task, TaskId, TaskStatus};
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
@@ -25,6 +25,21 @@ pub enum Imported {
     /// The store is ahead of the board (or holds a live claim): kept as it is.
     Kept {
         reason: String,
+    },
+}
+
+/// What deleting one task did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deleted {
+    Deleted,
+    NotFound,
+    /// Claimed: only its holder's release (or `force`) ends that.
+    Held {
+        holder: Option<SessionId>,
+    },
+    /// Tasks not complete yet wait for it: they would wait for ever.
+    Blocks {
+        dependents: Vec<TaskId>,
     },
 }
 

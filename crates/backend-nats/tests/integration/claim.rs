@@ -159,3 +159,61 @@ async fn a_renewal_whose_answer_was_lost_does_not_end_the_lease() {
         (TaskStatus::Claimed, Some(sid("a")))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_refuses_a_held_task_and_a_blocker_unless_forced() {
+    use task_record::Deleted;
+    let server = NatsServer::start();
+    let a = NatsBackend::connect(server.config(Some(TTL)))
+        .await
+        .expect("connect");
+    let put = |id: &'static str, blockers: Vec<&'static str>| {
+        let a = &a;
+        async move {
+            let patch = TaskPatch {
+                status: Some(TaskStatus::Available),
+                blocked_by: Some(blockers.into_iter().map(tid).collect()),
+                ..TaskPatch::default()
+            };
+            a.put(&tid(id), &patch).await.expect("put");
+        }
+    };
+    put("B", vec![]).await;
+    put("W", vec!["B"]).await;
+    put("H", vec![]).await;
+    assert!(matches!(
+        a.claim(&tid("H"), &sid("s")).await.expect("claim"),
+        ClaimOutcome::Won(_)
+    ));
+    assert_eq!(
+        a.delete(&tid("B"), false).await.expect("delete"),
+        Deleted::Blocks {
+            dependents: vec![tid("W")]
+        }
+    );
+    assert_eq!(
+        a.delete(&tid("H"), false).await.expect("delete"),
+        Deleted::Held {
+            holder: Some(sid("s"))
+        }
+    );
+    assert!(a.get(&tid("B")).await.expect("get").is_some(), "kept");
+    assert!(a.get(&tid("H")).await.expect("get").is_some(), "kept");
+    assert_eq!(
+        a.delete(&tid("W"), false).await.expect("delete"),
+        Deleted::Deleted
+    );
+    assert_eq!(
+        a.delete(&tid("B"), false).await.expect("delete"),
+        Deleted::Deleted
+    );
+    assert_eq!(
+        a.delete(&tid("H"), true).await.expect("delete"),
+        Deleted::Deleted
+    );
+    assert_eq!(
+        a.delete(&tid("H"), false).await.expect("delete"),
+        Deleted::NotFound
+    );
+    assert!(a.list().await.expect("list").tasks.is_empty());
+}

@@ -60,7 +60,8 @@ fn no_git_side(g: &Global, instead: &str) -> Result<()> {
     Ok(())
 }
 
-/// The coordinator a board command (`migrate`, `verify`, `export`) works on: etcd or NATS.
+/// The coordinator a command works on directly (`migrate`, `verify`, `export`, `delete`): etcd
+/// or NATS.
 async fn board_store(g: &Global, what: &str) -> Result<Coordinator> {
     let fleet = settings::fleet(g)?;
     if g.mode == Some(Mode::Git) {
@@ -178,7 +179,7 @@ pub async fn run(g: &Global, command: &Command) -> Result<u8> {
                 g,
                 "delete the task's row from the board in a commit, and here once git.retired is true",
             )?;
-            let b = etcd_only(g, "delete").await?;
+            let b = board_store(g, "delete").await?;
             delete(&b, output, tasks, *force, &mut out).await
         }
         Command::Archive(args) => {
@@ -703,13 +704,13 @@ async fn release(
 }
 
 async fn delete(
-    b: &EtcdBackend,
+    b: &Coordinator,
     output: Output,
     tasks: &[TaskId],
     force: bool,
     out: &mut impl Write,
 ) -> Result<u8> {
-    use backend_etcd::Deleted;
+    use task_record::Deleted;
     let mut code = 0;
     for task in tasks {
         let mut retried = false;
