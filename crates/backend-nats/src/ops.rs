@@ -506,7 +506,7 @@ impl Inner {
                 Err(BackendError::Corrupt { key, reason }) => {
                     return Err(BackendError::Corrupt {
                         key,
-                        reason: format!("{reason} (`ifc delete {id} --force` removes it)"),
+                        reason: Deleted::corrupt_reason(id, &reason),
                     })
                 }
                 Err(e) => return Err(e),

@@ -43,6 +43,13 @@ pub enum Deleted {
     },
 }
 
+impl Deleted {
+    /// The reason a corrupt record cannot be deleted without `--force`, saying so.
+    pub fn corrupt_reason(id: &TaskId, reason: &str) -> String {
+        format!("{reason} (`ifc delete {id} --force` removes it)")
+    }
+}
+
 /// A task record as stored (its status may describe a claim whose lease is gone).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
