@@ -178,9 +178,15 @@ pub struct FleetFile {
     /// The bridge between etcd and git.
     #[serde(default)]
     pub bridge: BridgeSection,
+    /// The coordinator store: `etcd` (the default) or `nats`.
+    #[serde(default)]
+    pub store: Option<StoreKind>,
     /// etcd settings.
     #[serde(default)]
     pub etcd: EtcdSection,
+    /// NATS JetStream settings (with `store: nats`).
+    #[serde(default)]
+    pub nats: NatsSection,
     /// git settings.
     #[serde(default)]
     pub git: GitSection,
@@ -392,6 +398,30 @@ pub fn mode_for(
 pub struct EtcdSection {
     pub endpoints: Option<Vec<String>>,
     pub prefix: Option<String>,
+    pub dial_timeout: Option<ConfigDuration>,
+    pub request_timeout: Option<ConfigDuration>,
+}
+
+/// The fleet file's `store:`: which coordinator the fleet uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Etcd,
+    Nats,
+}
+
+/// The fleet file's `nats:` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSection {
+    /// Server URLs (`nats://HOST:4222`).
+    pub endpoints: Option<Vec<String>>,
+    /// The key-value bucket.
+    pub bucket: Option<String>,
+    /// Replicas of the bucket when ifc creates it.
+    pub replicas: Option<u8>,
+    /// A NATS credentials file.
+    pub creds: Option<std::path::PathBuf>,
     pub dial_timeout: Option<ConfigDuration>,
     pub request_timeout: Option<ConfigDuration>,
 }

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent_core::config::{mode_for, ConfigError, FleetFile, Mode, ModeSource, SessionFile};
+use agent_core::config::{
+    mode_for, ConfigError, FleetFile, Mode, ModeSource, SessionFile, StoreKind,
+};
 use agent_core::router::{Router, RouterConfig};
 use agent_core::{Backend, BackendError, SessionId};
 use anyhow::{Context, Result};
@@ -155,15 +157,22 @@ where
     }
 }
 
-/// The coordinator store: `--store`/`IFC_STORE`, else NATS when every endpoint given (flag,
-/// variable or fleet file) is a `nats://` or `tls://` URL, else etcd.
+/// The coordinator store: `--store`/`IFC_STORE`, else the fleet file's `store:`, else NATS when
+/// every endpoint given (flag, variable, or the fleet file's `nats:` or `etcd:` section) is a
+/// `nats://` or `tls://` URL, else etcd.
 pub fn store(g: &Global, fleet: Option<&FleetFile>) -> Store {
     if let Some(store) = g.store {
         return store;
     }
+    match fleet.and_then(|f| f.store) {
+        Some(StoreKind::Etcd) => return Store::Etcd,
+        Some(StoreKind::Nats) => return Store::Nats,
+        None => {}
+    }
     let endpoints = g
         .endpoints
         .clone()
+        .or_else(|| fleet.and_then(|f| f.nats.endpoints.clone()))
         .or_else(|| fleet.and_then(|f| f.etcd.endpoints.clone()))
         .unwrap_or_default();
     let nats = |e: &String| {
@@ -300,12 +309,14 @@ pub fn nats_config(
     fleet: Option<&FleetFile>,
     lease_ttl: Option<Duration>,
 ) -> Result<NatsConfig> {
-    let file = fleet.map(|f| &f.etcd);
+    let file = fleet.map(|f| &f.nats);
     let defaults = NatsConfig::default();
     let servers: Vec<String> = g
         .endpoints
         .clone()
         .or_else(|| file.and_then(|f| f.endpoints.clone()))
+        // Before the fleet file had a `nats:` section, `etcd.endpoints` named NATS servers.
+        .or_else(|| fleet.and_then(|f| f.etcd.endpoints.clone()))
         .unwrap_or(defaults.servers.clone())
         .iter()
         .map(|e| e.trim().to_owned())
@@ -318,8 +329,15 @@ pub fn nats_config(
     });
     let config = NatsConfig {
         servers,
-        bucket: g.bucket.clone().unwrap_or(defaults.bucket),
-        replicas: g.replicas.map_or(defaults.replicas, usize::from),
+        bucket: g
+            .bucket
+            .clone()
+            .or_else(|| file.and_then(|f| f.bucket.clone()))
+            .unwrap_or(defaults.bucket),
+        replicas: g
+            .replicas
+            .or_else(|| file.and_then(|f| f.replicas))
+            .map_or(defaults.replicas, usize::from),
         connect_timeout: g
             .dial_timeout
             .or_else(|| file.and_then(|f| f.dial_timeout.map(|d| d.0)))
@@ -329,18 +347,21 @@ pub fn nats_config(
             .or_else(|| file.and_then(|f| f.request_timeout.map(|d| d.0)))
             .unwrap_or(defaults.request_timeout),
         lease_ttl: lease_ttl.map(|t| Duration::from_secs(t.as_secs_f64().ceil().max(1.0) as u64)),
-        creds: g.creds.clone(),
+        creds: g
+            .creds
+            .clone()
+            .or_else(|| file.and_then(|f| f.creds.clone())),
         user: user_and_password(g, "NATS")?,
         tls,
         event_queue_bound: defaults.event_queue_bound,
     };
     check_deadlines([
         (
-            "dial timeout (--dial-timeout, etcd.dial_timeout)",
+            "dial timeout (--dial-timeout, nats.dial_timeout)",
             config.connect_timeout,
         ),
         (
-            "request timeout (--request-timeout, etcd.request_timeout)",
+            "request timeout (--request-timeout, nats.request_timeout)",
             config.request_timeout,
         ),
     ])?;
@@ -594,4 +615,72 @@ pub fn git_config(
     }
     config.session = session.cloned();
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn global(args: &[&str]) -> Global {
+        let mut argv = vec!["ifc"];
+        argv.extend(args);
+        argv.push("status");
+        crate::cli::Cli::try_parse_from(argv).expect("args").global
+    }
+
+    fn fleet(yaml: &str) -> FleetFile {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("coordinator.yaml");
+        std::fs::write(&path, yaml).expect("write");
+        FleetFile::load(&path).expect("a valid fleet file")
+    }
+
+    #[test]
+    fn the_store_comes_from_the_flag_then_the_fleet_file_then_the_endpoints() {
+        let nats_file = fleet(
+            "store: nats\nnats:\n  endpoints: [nats://n1:4222]\n  bucket: team\n  replicas: 3\n",
+        );
+        assert_eq!(store(&global(&[]), None), Store::Etcd);
+        assert_eq!(store(&global(&[]), Some(&nats_file)), Store::Nats);
+        assert_eq!(
+            store(&global(&["--store", "etcd"]), Some(&nats_file)),
+            Store::Etcd
+        );
+        assert_eq!(
+            store(
+                &global(&["--endpoints", "nats://a:4222,tls://b:4222"]),
+                None
+            ),
+            Store::Nats
+        );
+        assert_eq!(
+            store(
+                &global(&["--endpoints", "nats://a:4222,http://b:2379"]),
+                None
+            ),
+            Store::Etcd,
+            "a mix is etcd's, which then says what is wrong with the nats:// one"
+        );
+        let inferred = fleet("nats:\n  endpoints: [nats://n1:4222]\n");
+        assert_eq!(store(&global(&[]), Some(&inferred)), Store::Nats);
+        let c = nats_config(
+            &global(&[]),
+            Some(&nats_file),
+            Some(Duration::from_millis(2500)),
+        )
+        .expect("config");
+        assert_eq!(
+            (c.servers, c.bucket.as_str(), c.replicas, c.lease_ttl),
+            (
+                vec!["nats://n1:4222".to_owned()],
+                "team",
+                3,
+                Some(Duration::from_secs(3))
+            )
+        );
+        let c =
+            nats_config(&global(&["--bucket", "mine"]), Some(&nats_file), None).expect("config");
+        assert_eq!(c.bucket, "mine", "a flag beats the fleet file");
+    }
 }
