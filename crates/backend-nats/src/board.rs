@@ -65,6 +65,8 @@ impl Stored {
 pub(crate) struct StoredPresence {
     pub presence: Presence,
     pub lease: Option<i64>,
+    /// See `PRESENCE_INHERITED_FIELD`.
+    pub inherited: Vec<i64>,
 }
 
 /// What one message of the bucket's stream says.
@@ -253,21 +255,44 @@ impl Board {
 
 /// Field of a presence naming the lease it lives under.
 pub(crate) const PRESENCE_LEASE_FIELD: &str = "ifc_lease";
+/// Field of a presence naming the other leases its process may end claims under: its own
+/// earlier ones and those it took over from the session's gone processes. The session's next
+/// process takes them over in turn, so runs finished under any of them are reported, however
+/// many times in a row the session's agent was killed.
+pub(crate) const PRESENCE_INHERITED_FIELD: &str = "ifc_inherited_leases";
 
 pub(crate) fn decode_presence(value: &[u8]) -> Option<StoredPresence> {
     let mut v: serde_json::Value = serde_json::from_slice(value).ok()?;
-    let lease = v
-        .as_object_mut()?
-        .remove(PRESENCE_LEASE_FIELD)
-        .and_then(|l| l.as_i64());
+    let map = v.as_object_mut()?;
+    let lease = map.remove(PRESENCE_LEASE_FIELD).and_then(|l| l.as_i64());
+    let inherited = map
+        .remove(PRESENCE_INHERITED_FIELD)
+        .and_then(|l| serde_json::from_value(l).ok())
+        .unwrap_or_default();
     let presence = serde_json::from_value(v).ok()?;
-    Some(StoredPresence { presence, lease })
+    Some(StoredPresence {
+        presence,
+        lease,
+        inherited,
+    })
 }
 
-pub(crate) fn encode_presence(presence: &Presence, lease: Option<i64>) -> bytes::Bytes {
+pub(crate) fn encode_presence(
+    presence: &Presence,
+    lease: Option<i64>,
+    inherited: &[i64],
+) -> bytes::Bytes {
     let mut v = serde_json::to_value(presence).unwrap_or_default();
-    if let (Some(map), Some(lease)) = (v.as_object_mut(), lease) {
-        map.insert(PRESENCE_LEASE_FIELD.into(), serde_json::Value::from(lease));
+    if let Some(map) = v.as_object_mut() {
+        if let Some(lease) = lease {
+            map.insert(PRESENCE_LEASE_FIELD.into(), serde_json::Value::from(lease));
+        }
+        if !inherited.is_empty() {
+            map.insert(
+                PRESENCE_INHERITED_FIELD.into(),
+                serde_json::json!(inherited),
+            );
+        }
     }
     serde_json::to_vec(&v).unwrap_or_default().into()
 }

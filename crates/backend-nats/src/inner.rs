@@ -9,7 +9,6 @@ use std::sync::{Mutex, MutexGuard, Weak};
 
 use agent_core::{BackendError, BackendEvent, FencingToken, SessionId, TaskId};
 use async_nats::jetstream::{self, kv, stream::Stream};
-use tokio::sync::mpsc;
 
 use crate::board::Board;
 use crate::config::NatsConfig;
@@ -50,7 +49,7 @@ pub(crate) struct Inner {
     pub held: Mutex<HashMap<TaskId, Held>>,
     /// Sessions registered by this client, with the lease their presence lives under.
     pub registered: Mutex<HashMap<SessionId, Option<i64>>>,
-    pub subscribers: Mutex<Vec<mpsc::UnboundedSender<BackendEvent>>>,
+    pub subscribers: Mutex<Vec<crate::watch::WeakFeed>>,
     /// The board of the first subscription, for `last_known`.
     pub watched: Mutex<Option<Weak<Mutex<Board>>>>,
     pub reconnects: AtomicU64,
@@ -211,7 +210,7 @@ impl Inner {
 
     /// Sends `event` to every subscriber of this client.
     pub fn broadcast(&self, event: BackendEvent) {
-        lock(&self.subscribers).retain(|tx| tx.send(event.clone()).is_ok());
+        lock(&self.subscribers).retain(|feed| feed.send(event.clone()));
     }
 
     /// The claim on `task` ended otherwise than by this client's release: its holder is told.

@@ -16,7 +16,7 @@ const TRIES: usize = 16;
 
 enum Found {
     Nothing(Option<u64>),
-    Presence(StoredPresence, u64),
+    Presence(Box<StoredPresence>, u64),
 }
 
 impl Inner {
@@ -30,7 +30,7 @@ impl Inner {
             None => Found::Nothing(None),
             Some(e) if e.operation != Operation::Put => Found::Nothing(Some(e.revision)),
             Some(e) => match decode_presence(&e.value) {
-                Some(p) => Found::Presence(p, e.revision),
+                Some(p) => Found::Presence(Box::new(p), e.revision),
                 None => Found::Nothing(Some(e.revision)),
             },
         })
@@ -45,7 +45,16 @@ impl Inner {
         rev: Option<u64>,
     ) -> BackendResult<bool> {
         let key = keys::session(&presence.session_id);
-        let value = encode_presence(presence, lease);
+        let others: Vec<i64> = {
+            let mut mine: Vec<i64> = lock(&self.mine)
+                .iter()
+                .copied()
+                .filter(|&l| Some(l) != lease)
+                .collect();
+            mine.sort_unstable();
+            mine
+        };
+        let value = encode_presence(presence, lease, &others);
         match rev {
             None => match self.kv.create(key, value).await {
                 Ok(_) => Ok(true),
@@ -104,14 +113,24 @@ impl Inner {
                 Found::Nothing(rev) => rev,
                 Found::Presence(p, rev) => {
                     let ours = p.lease == lease || p.lease.is_some_and(|l| self.is_mine(l));
-                    if !ours && self.alive(&p).await? && !take_over {
-                        if process::may_be_alive(p.presence.pid, &p.presence.host) {
-                            return Ok(Some(p.presence));
-                        }
-                        // Its process is gone: its claims become this process's until
-                        // `end_inherited`, so that the runs it finished are reported first.
-                        if let Some(l) = p.lease {
-                            self.inherit(l).await?;
+                    if !ours {
+                        match self.alive(&p).await? {
+                            // Taken over alive: its claims stay its own until it stops.
+                            true if take_over => {}
+                            true if process::may_be_alive(p.presence.pid, &p.presence.host) => {
+                                return Ok(Some(p.presence));
+                            }
+                            // Its process is gone: its claims become this process's until
+                            // `end_inherited`, so that the runs it finished are reported first.
+                            true => {
+                                if let Some(l) = p.lease {
+                                    self.inherit(l).await?;
+                                }
+                                self.adopt(&p);
+                            }
+                            // Its lease ended: a run it finished with nobody's write since is
+                            // still this session's to report, under that lease.
+                            false => self.adopt(&p),
                         }
                     }
                     Some(rev)
@@ -128,6 +147,13 @@ impl Inner {
                 "register {session}: the presence changed under {TRIES} tries in a row"
             ),
         })
+    }
+
+    /// Takes the leases of a gone process of the session as this process's to end claims under.
+    fn adopt(&self, p: &StoredPresence) {
+        let mut mine = lock(&self.mine);
+        mine.extend(p.lease);
+        mine.extend(p.inherited.iter().copied());
     }
 
     /// Revokes `lease` if it is the lease of `session`'s registered process and that process is

@@ -103,6 +103,11 @@ impl NatsServer {
         }
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the server with SIGKILL (its store stays) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -104,7 +104,6 @@ pub(crate) fn subscribe(
         let snapshot = board.listing();
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(Queue::default());
-        lock(&inner.subscribers).push(tx.clone());
         let board = Arc::new(Mutex::new(board));
         {
             let mut watched = lock(&inner.watched);
@@ -117,6 +116,8 @@ pub(crate) fn subscribe(
             queue: Arc::clone(&queue),
             bound: inner.config.event_queue_bound,
         };
+        // Weakly: once this feed's pump ends, the channel closes and the subscriber learns it.
+        lock(&inner.subscribers).push(feed.downgrade());
         tokio::spawn(pump(Arc::downgrade(&inner), board, messages, feed));
         // Fallen behind, it starts again from a fresh snapshot.
         let again: Resubscribe = {
@@ -140,8 +141,10 @@ pub(crate) fn subscribe(
     })
 }
 
-/// Where a pump sends: the subscriber's channel and its bounded queue's count.
-struct Feed {
+/// Where a pump sends: the subscriber's channel and its bounded queue's count. Every event
+/// goes through `send`, so the count is right (a `ClaimLost` sent past it made the count wrap
+/// and the queue look overflowed for good).
+pub(crate) struct Feed {
     tx: mpsc::UnboundedSender<BackendEvent>,
     queue: Arc<Queue>,
     bound: usize,
@@ -150,8 +153,40 @@ struct Feed {
 impl Feed {
     /// Sends `event`; `false` once the subscriber is gone or its queue overflowed (it then
     /// starts again from a fresh snapshot, and this feed ends).
-    fn send(&self, event: BackendEvent) -> bool {
+    pub(crate) fn send(&self, event: BackendEvent) -> bool {
         self.queue.push(self.bound) && self.tx.send(event).is_ok()
+    }
+
+    fn downgrade(&self) -> WeakFeed {
+        WeakFeed {
+            tx: self.tx.downgrade(),
+            queue: Arc::clone(&self.queue),
+            bound: self.bound,
+        }
+    }
+}
+
+/// A feed as the client keeps it to send what no change delivers (`ClaimLost`,
+/// `SessionTaken`): it does not keep the channel open.
+#[derive(Debug)]
+pub(crate) struct WeakFeed {
+    tx: mpsc::WeakUnboundedSender<BackendEvent>,
+    queue: Arc<Queue>,
+    bound: usize,
+}
+
+impl WeakFeed {
+    /// Sends `event` while the feed's pump runs; `false` once it is gone.
+    pub(crate) fn send(&self, event: BackendEvent) -> bool {
+        let Some(tx) = self.tx.upgrade() else {
+            return false;
+        };
+        Feed {
+            tx,
+            queue: Arc::clone(&self.queue),
+            bound: self.bound,
+        }
+        .send(event)
     }
 }
 

@@ -37,6 +37,32 @@ async fn available(b: &NatsBackend, id: &str) {
     }
 }
 
+/// `other` puts T, `holder` subscribes and claims T: the holder's subscription.
+async fn subscribed_holder_of_t(
+    holder: &NatsBackend,
+    other: &NatsBackend,
+) -> agent_core::Subscription {
+    available(other, "T").await;
+    let sub = holder.subscribe().await.expect("subscribe");
+    let won = holder
+        .claim(&tid("T"), &sid("holder"))
+        .await
+        .expect("claim");
+    assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+    sub
+}
+
+/// Waits for the `ClaimLost` of `task` on `sub`, skipping other events.
+async fn claim_lost(sub: &mut agent_core::Subscription, task: &str) {
+    loop {
+        match sub.next().await {
+            Some(BackendEvent::ClaimLost { task: t, .. }) if t == tid(task) => return,
+            Some(_) => continue,
+            None => panic!("the subscription ended"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_after_a_server_restart_reach_a_subscriber_once_and_in_order() {
     let mut server = NatsServer::start();
@@ -204,23 +230,10 @@ async fn a_cut_off_holder_is_told_before_another_session_wins_its_task() {
     .await
     .expect("connect through the proxy");
     let other = client(&server).await;
-    available(&other, "T").await;
-    let mut sub = holder.subscribe().await.expect("subscribe");
-    let won = holder
-        .claim(&tid("T"), &sid("holder"))
-        .await
-        .expect("claim");
-    assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+    let mut sub = subscribed_holder_of_t(&holder, &other).await;
     let told = tokio::spawn(async move {
-        loop {
-            match sub.next().await {
-                Some(BackendEvent::ClaimLost { task, .. }) if task == tid("T") => {
-                    return tokio::time::Instant::now()
-                }
-                Some(_) => continue,
-                None => panic!("the holder's subscription ended"),
-            }
-        }
+        claim_lost(&mut sub, "T").await;
+        tokio::time::Instant::now()
     });
     proxy.black_hole();
     let won_at = loop {
@@ -239,4 +252,28 @@ async fn a_cut_off_holder_is_told_before_another_session_wins_its_task() {
         told_at - won_at
     );
     drop(holder);
+}
+
+/// A `ClaimLost` (sent by the client itself, not by a change) does not upset the subscription's
+/// bounded queue: the changes after it still arrive (they stopped, and the agent waited for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_after_a_claim_lost_still_arrive() {
+    let server = NatsServer::start();
+    let (holder, other) = (client(&server).await, client(&server).await);
+    let mut sub = subscribed_holder_of_t(&holder, &other).await;
+    let lease = holder
+        .lease_of(&tid("T"))
+        .await
+        .expect("read")
+        .expect("leased");
+    other.revoke_lease(lease).await.expect("revoke");
+    tokio::time::timeout(WAIT, claim_lost(&mut sub, "T"))
+        .await
+        .expect("the holder is told its claim is lost");
+    for i in 0..3 {
+        let id = format!("LATER.{i}");
+        available(&other, &id).await;
+        let e = next_event_for(&mut sub, &tid(&id), WAIT).await;
+        assert_eq!(e.new_status, Some(TaskStatus::Available));
+    }
 }

@@ -155,9 +155,14 @@ fn git_cli_claims_of_one_session_keep_each_other_from_one_directory_or_two() {
 #[test]
 fn a_take_over_stops_the_running_agent_which_finishes_its_task_and_claims_nothing_more() {
     let (etcd, w) = (EtcdServer::start(), Workdir::new());
-    let e = etcd.endpoint();
+    a_take_over_lets_the_running_task_finish_once(&etcd.endpoint(), &w);
+}
+
+/// An agent taken over (`--take-over`) on the store at `e` while it runs A: it finishes A and
+/// reports it, starts nothing more and exits 5; the new agent does B and C; each ran once.
+pub(crate) fn a_take_over_lets_the_running_task_finish_once(e: &str, w: &Workdir) {
     for t in ["A", "B", "C"] {
-        put(&e, w.path(), &[t]);
+        put(e, w.path(), &[t]);
     }
     let marker = w.path().join("A.started");
     // A runs long enough for the take-over to happen during it; B and C are quick.
@@ -169,14 +174,14 @@ fn a_take_over_stops_the_running_agent_which_finishes_its_task_and_claims_nothin
     let history = w.path().join("history.jsonl");
     let h = history.to_string_lossy().into_owned();
     let mut first = spawn_agent(
-        ifc(&e, w.path()),
+        ifc(e, w.path()),
         &config,
         &w.path().join("first.log"),
         &["--until-done", "--history", &h],
     );
     wait_for("A to start", Duration::from_secs(30), || marker.exists());
     let mut second = spawn_agent(
-        ifc(&e, w.path()),
+        ifc(e, w.path()),
         &config,
         &w.path().join("second.log"),
         &["--until-done", "--take-over", "--history", &h],
@@ -200,10 +205,10 @@ fn a_take_over_stops_the_running_agent_which_finishes_its_task_and_claims_nothin
     let second_log = std::fs::read_to_string(w.path().join("second.log")).unwrap_or_default();
     assert_eq!(second_code, 0, "{second_log}");
     for t in ["A", "B", "C"] {
-        assert_eq!(status_of(&e, w.path(), t), "complete", "{t}");
+        assert_eq!(status_of(e, w.path(), t), "complete", "{t}");
     }
     assert_eq!(w.done(), ["A", "B", "C"], "each task ran once");
-    let out = run(ifc(&e, w.path()).args(["check-history", &h]));
+    let out = run(ifc(e, w.path()).args(["check-history", &h]));
     assert_eq!(code(&out), 0, "{}", text(&out.stdout));
 }
 

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use backend_etcd::testing::EtcdServer;
 use backend_git::testing::BareRemote;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::agent::{finish, ifc, put, spawn_agent, wait_for, Agent, Workdir};
+use crate::Coordinator;
 
 /// Marks that it started, works 2 s, then records that it ran.
 const SLOW: &str =
@@ -20,21 +20,39 @@ fn started(w: &Workdir) -> bool {
 }
 
 fn both_finish(w: &Workdir, mut agents: Vec<(Agent, std::path::PathBuf)>) {
-    for (agent, log) in &mut agents {
-        let code = finish(agent, Duration::from_secs(120));
-        let text = std::fs::read_to_string(&*log).unwrap_or_default();
-        assert_eq!(code, 0, "{}:\n{text}", log.display());
-    }
+    let codes: Vec<i32> = agents
+        .iter_mut()
+        .map(|(agent, _)| finish(agent, Duration::from_secs(120)))
+        .collect();
     let logs: Vec<String> = agents
         .iter()
-        .map(|(_, log)| std::fs::read_to_string(log).unwrap_or_default())
+        .map(|(_, log)| {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            format!("{}:\n{text}", log.display())
+        })
         .collect();
+    assert!(
+        codes.iter().all(|&c| c == 0),
+        "exit codes {codes:?}:\n{}",
+        logs.join("\n----\n")
+    );
     assert_eq!(w.done(), ["T1"], "T1 ran once:\n{}", logs.join("\n----\n"));
 }
 
 #[test]
 fn a_run_that_finished_while_etcd_was_paused_past_the_ttl_is_not_run_again() {
-    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    paused_past_the_ttl(Coordinator::etcd());
+}
+
+#[test]
+fn a_run_that_finished_while_nats_was_paused_past_the_ttl_is_not_run_again() {
+    paused_past_the_ttl(Coordinator::nats());
+}
+
+/// T1's run finishes while the coordinator is paused for three lease TTLs; another session
+/// waits for T1 all along: T1 is reported done and not run again.
+fn paused_past_the_ttl(etcd: Coordinator) {
+    let w = Workdir::new();
     let e = etcd.endpoint();
     put(&e, w.path(), &["T1"]);
     let mut agents = Vec::new();
@@ -50,8 +68,7 @@ fn a_run_that_finished_while_etcd_was_paused_past_the_ttl_is_not_run_again() {
         }
     }
     std::thread::sleep(Duration::from_millis(300));
-    let pid = etcd.pid().expect("etcd runs");
-    let pid = Pid::from_raw(i32::try_from(pid).expect("pid"));
+    let pid = Pid::from_raw(i32::try_from(etcd.pid()).expect("pid"));
     kill(pid, Signal::SIGSTOP).expect("pause etcd");
     // Three lease TTLs: the run ends (2 s) while etcd is away, and the claim's lease ends.
     std::thread::sleep(Duration::from_secs(6));
@@ -99,7 +116,8 @@ fn a_run_that_finished_while_the_git_remote_was_away_past_stale_after_is_not_run
 /// agent itself (it cannot even see the run end).
 #[derive(Clone, Copy)]
 enum Stopped {
-    Etcd,
+    /// The coordinator (etcd or nats-server).
+    Store,
     Agent,
 }
 
@@ -107,10 +125,11 @@ enum Stopped {
 /// agent reports the run instead of running T1 again; with `taker`, another session waits for
 /// T1 all along.
 fn a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(
+    etcd: Coordinator,
     stopped: Stopped,
     taker: bool,
 ) {
-    let (etcd, w) = (EtcdServer::start(), Workdir::new());
+    let w = Workdir::new();
     let e = etcd.endpoint();
     put(&e, w.path(), &["T1"]);
     let gated = r#"touch "$MARKS/started-$IFC_TASK_ID"; while [ ! -e "$MARKS/go" ]; do sleep 0.05; done; echo "$IFC_TASK_ID" >> "$SHARED""#;
@@ -119,7 +138,7 @@ fn a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(
     let mut first = spawn_agent(ifc(&e, w.path()), &config, &log, &["--until-done"]);
     wait_for("T1 to start", Duration::from_secs(30), || started(&w));
     let pid = match stopped {
-        Stopped::Etcd => etcd.pid().expect("etcd runs"),
+        Stopped::Store => etcd.pid(),
         Stopped::Agent => first.id(),
     };
     let pid = Pid::from_raw(i32::try_from(pid).expect("pid"));
@@ -140,7 +159,7 @@ fn a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(
     std::thread::sleep(Duration::from_millis(500));
     first.kill().expect("kill -9 the agent");
     first.wait().expect("reap");
-    if let Stopped::Etcd = stopped {
+    if let Stopped::Store = stopped {
         kill(pid, Signal::SIGCONT).expect("resume etcd");
     }
 
@@ -159,7 +178,21 @@ fn a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(
 fn a_run_whose_agent_was_killed_before_reporting_it_is_reported_by_the_next_agent() {
     // Seeds 220000005 and others: an agent killed -9 between its task's exit and the
     // completion's landing; the restarted agent (or another session) ran the task again.
-    a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(Stopped::Etcd, false);
+    a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(
+        Coordinator::etcd(),
+        Stopped::Store,
+        false,
+    );
+}
+
+#[test]
+fn a_run_whose_agent_was_killed_before_reporting_it_on_nats_is_reported_by_the_next_agent() {
+    // The tester's report (helper-11): on NATS the next agent ran it again ("not the holder").
+    a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(
+        Coordinator::nats(),
+        Stopped::Store,
+        false,
+    );
 }
 
 #[test]
@@ -167,7 +200,11 @@ fn a_run_that_finished_while_its_agent_was_busy_is_noted_and_not_run_again() {
     // The tester's report: a hung etcd call kept the agent from seeing its task's exit for a
     // second; killed then, the agent left no note, and its restart ran the finished task
     // again. Here the agent is stopped outright while its run finishes, then killed -9.
-    a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(Stopped::Agent, false);
+    a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(
+        Coordinator::etcd(),
+        Stopped::Agent,
+        false,
+    );
 }
 
 #[test]
@@ -176,7 +213,20 @@ fn a_run_its_killed_agent_finished_is_not_taken_by_a_waiting_session_before_it_i
     // process's claims at once; a session waiting for the task claimed it within milliseconds,
     // before the restart reported the finished run, and ran it again. The claims of a gone
     // process now end only after its finished runs are reported (`Backend::end_inherited`).
-    a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(Stopped::Agent, true);
+    a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(
+        Coordinator::etcd(),
+        Stopped::Agent,
+        true,
+    );
+}
+
+#[test]
+fn a_run_its_killed_agent_finished_on_nats_is_not_taken_by_a_waiting_session_first() {
+    a_run_finished_then_its_agent_killed_is_reported_by_the_next_agent(
+        Coordinator::nats(),
+        Stopped::Agent,
+        true,
+    );
 }
 
 #[test]

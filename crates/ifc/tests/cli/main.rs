@@ -24,6 +24,39 @@ use std::time::Duration;
 use backend_etcd::testing::EtcdServer;
 use serde_json::Value;
 
+/// The coordinator a test runs against: a real etcd or a real nats-server.
+pub(crate) enum Coordinator {
+    Etcd(EtcdServer),
+    Nats(backend_nats::testing::NatsServer),
+}
+
+impl Coordinator {
+    pub(crate) fn etcd() -> Coordinator {
+        Coordinator::Etcd(EtcdServer::start())
+    }
+
+    pub(crate) fn nats() -> Coordinator {
+        Coordinator::Nats(backend_nats::testing::NatsServer::start())
+    }
+
+    /// Its client URL (`nats://` selects NATS by itself).
+    pub(crate) fn endpoint(&self) -> String {
+        match self {
+            Coordinator::Etcd(s) => s.endpoint(),
+            Coordinator::Nats(s) => s.url(),
+        }
+    }
+
+    /// Its process id.
+    pub(crate) fn pid(&self) -> u32 {
+        match self {
+            Coordinator::Etcd(s) => s.pid(),
+            Coordinator::Nats(s) => s.pid(),
+        }
+        .expect("the server runs")
+    }
+}
+
 fn ifc(server: &EtcdServer) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ifc"));
     cmd.env("IFC_ENDPOINTS", server.endpoint())

@@ -11,7 +11,7 @@ use crate::agent::{
 };
 use crate::exclusive::{
     a_cli_claim_leaves_the_agents_run, a_killed_agents_claim_is_its_sessions_at_once,
-    one_session_file_twice,
+    a_take_over_lets_the_running_task_finish_once, one_session_file_twice,
 };
 
 fn tid(id: &str) -> TaskId {
@@ -82,4 +82,11 @@ fn a_cli_claim_for_a_session_whose_agent_runs_the_task_does_not_take_it() {
 fn a_claim_held_by_a_killed_agent_of_the_session_is_the_sessions_again_at_once() {
     let (server, w) = (NatsServer::start(), Workdir::new());
     a_killed_agents_claim_is_its_sessions_at_once(&server.url(), &w);
+}
+
+#[test]
+fn a_take_over_stops_the_running_agent_which_finishes_its_task_and_claims_nothing_more() {
+    // The tester's report (helper-11): on NATS the new agent took the old one's running task.
+    let (server, w) = (NatsServer::start(), Workdir::new());
+    a_take_over_lets_the_running_task_finish_once(&server.url(), &w);
 }
