@@ -12,6 +12,8 @@ pub struct NatsConfig {
     pub bucket: String,
     /// How many replicas a bucket created here keeps (1 for a single server, 3 for a cluster).
     pub replicas: usize,
+    /// Whether a missing bucket is created (a command that only reads says it is missing).
+    pub create_bucket: bool,
     /// How long to wait for the first connection.
     pub connect_timeout: Duration,
     /// Deadline of every request.
@@ -47,6 +49,7 @@ impl Default for NatsConfig {
             servers: vec!["nats://127.0.0.1:4222".into()],
             bucket: "ifc".into(),
             replicas: 1,
+            create_bucket: true,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(2),
             lease_ttl: Some(Duration::from_secs(10)),
@@ -72,6 +75,7 @@ impl std::fmt::Debug for NatsConfig {
             .field("servers", &self.servers)
             .field("bucket", &self.bucket)
             .field("replicas", &self.replicas)
+            .field("create_bucket", &self.create_bucket)
             .field("request_timeout", &self.request_timeout)
             .field("lease_ttl", &self.lease_ttl)
             .field("creds", &self.creds)

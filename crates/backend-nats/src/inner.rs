@@ -63,6 +63,76 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A bucket name NATS takes.
+fn valid_bucket(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// Opens the bucket, creating it when missing and `config.create_bucket`.
+async fn open_bucket(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+) -> Result<kv::Store, BackendError> {
+    let endpoint = config.endpoint();
+    let bucket = &config.bucket;
+    if !valid_bucket(bucket) {
+        return Err(BackendError::InvalidInput(format!(
+            "bucket {bucket:?}: a NATS bucket name is letters, digits, '-' and '_' (--bucket)"
+        )));
+    }
+    // Whether JetStream answers at all, apart from whether the bucket exists.
+    if let Err(e) = js.query_account().await {
+        let reason = e.to_string();
+        return Err(if reason.contains("timed out") {
+            BackendError::Timeout {
+                endpoint,
+                operation: "ask JetStream".into(),
+                after: config.request_timeout,
+            }
+        } else {
+            BackendError::Unavailable {
+                endpoint,
+                reason: format!(
+                    "JetStream does not answer ({reason}): start nats-server with -js (--jetstream)"
+                ),
+            }
+        });
+    }
+    if let Ok(kv) = js.get_key_value(bucket).await {
+        return Ok(kv);
+    }
+    if !config.create_bucket {
+        return Err(BackendError::InvalidInput(format!(
+            "no key-value bucket {bucket:?} on {endpoint}: `ifc put`, `ifc migrate` or an agent \
+             creates it (or check --bucket, IFC_BUCKET)"
+        )));
+    }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: bucket.clone(),
+            description: "ifc: tasks, leases and sessions".into(),
+            history: HISTORY,
+            num_replicas: config.replicas,
+            storage: jetstream::stream::StorageType::File,
+            limit_markers: Some(MARKER_TTL),
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(kv) => Ok(kv),
+        // Another client created it meanwhile.
+        Err(create) => js.get_key_value(bucket).await.map_err(|_| {
+            BackendError::InvalidInput(format!(
+                "cannot create the key-value bucket {bucket:?} with {} replica(s) on {endpoint}: {create}",
+                config.replicas
+            ))
+        }),
+    }
+}
+
 impl Inner {
     /// Connects and opens (or creates) the bucket.
     pub async fn connect(config: NatsConfig) -> Result<Inner, BackendError> {
@@ -123,31 +193,7 @@ impl Inner {
         })?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(config.request_timeout);
-        let kv = match js.get_key_value(&config.bucket).await {
-            Ok(kv) => kv,
-            Err(_) => match js
-                .create_key_value(kv::Config {
-                    bucket: config.bucket.clone(),
-                    description: "ifc: tasks, leases and sessions".into(),
-                    history: HISTORY,
-                    num_replicas: config.replicas,
-                    storage: jetstream::stream::StorageType::File,
-                    limit_markers: Some(MARKER_TTL),
-                    ..Default::default()
-                })
-                .await
-            {
-                Ok(kv) => kv,
-                // Another client created it meanwhile.
-                Err(create) => js.get_key_value(&config.bucket).await.map_err(|_| {
-                    unavailable(format!(
-                        "cannot open or create the key-value bucket {:?} (is JetStream enabled? \
-                         start nats-server with -js): {create}",
-                        config.bucket
-                    ))
-                })?,
-            },
-        };
+        let kv = open_bucket(&js, &config).await?;
         let mut stream = js
             .get_stream(format!("KV_{}", config.bucket))
             .await

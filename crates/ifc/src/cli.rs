@@ -238,7 +238,8 @@ pub enum Command {
     Watch,
     /// Run a session agent: claim the session's tasks, run its command for each, report them done
     Agent(AgentArgs),
-    /// Load the task board (--board FILE) into etcd (idempotent; never moves a task backwards)
+    /// Load the task board (--board FILE) into the coordinator, etcd or NATS (idempotent; never
+    /// moves a task backwards)
     Migrate {
         /// Print what would change; write nothing
         #[arg(long)]
@@ -251,13 +252,15 @@ pub enum Command {
         #[arg(long)]
         from_git: bool,
     },
-    /// Compare the task board (--board FILE) with etcd: exit 0 when they agree, 1 otherwise
+    /// Compare the task board (--board FILE) with the coordinator (etcd or NATS): exit 0 when
+    /// they agree, 1 otherwise
     Verify {
         /// Read the board from the coordination repo instead of a file
         #[arg(long)]
         from_git: bool,
     },
-    /// Write etcd's state into the task board (--board FILE), changing only the cells that differ
+    /// Write the coordinator's state (etcd or NATS) into the task board (--board FILE), changing
+    /// only the cells that differ
     Export {
         /// Write it into the coordination repo's board instead: one commit, pushed (retried on a
         /// concurrent push)
@@ -392,9 +395,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub samples: u32,
     /// Sessions set up before measuring: each announces itself with its own lease (kept alive)
-    /// and holds its own subscription (see --lists)
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub sessions: u32,
+    /// and holds its own subscription (see --lists); etcd only [default: 100]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub sessions: Option<u32>,
     /// etcd connections shared by the simulated sessions, each with one watch (the measured
     /// claimer and observer have one each besides) [default: one per 1,000 sessions]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -410,8 +413,9 @@ pub struct BenchArgs {
     /// whole fleet); `disjoint`, a list of their own that none of the bench's tasks is on (the
     /// realistic fleet: each hears nothing of the others' work). The measured claimer and
     /// observer always hear every task
-    #[arg(long, value_enum, default_value_t = Lists::Shared)]
-    pub lists: Lists,
+    /// (etcd only) [default: shared]
+    #[arg(long, value_enum)]
+    pub lists: Option<Lists>,
     /// Also run the migration guide's Python stack against the same etcd and compare
     #[arg(long)]
     pub peer: bool,

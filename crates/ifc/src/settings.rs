@@ -193,15 +193,21 @@ pub enum CoordinatorConfig {
     Nats(NatsConfig),
 }
 
-/// The coordinator's settings; claims are leased with `lease_ttl`.
+/// The coordinator's settings; claims are leased with `lease_ttl`. A command that does not
+/// `write` does not create a missing NATS bucket (a mistyped `--bucket` would show an empty
+/// board).
 pub fn coordinator_config(
     g: &Global,
     fleet: Option<&FleetFile>,
     lease_ttl: Option<Duration>,
+    writes: bool,
 ) -> Result<CoordinatorConfig> {
     Ok(match store(g, fleet) {
         Store::Etcd => CoordinatorConfig::Etcd(etcd_config(g, fleet, lease_ttl)?),
-        Store::Nats => CoordinatorConfig::Nats(nats_config(g, fleet, lease_ttl)?),
+        Store::Nats => CoordinatorConfig::Nats(NatsConfig {
+            create_bucket: writes,
+            ..nats_config(g, fleet, lease_ttl)?
+        }),
     })
 }
 
@@ -218,9 +224,10 @@ pub async fn connect_coordinator(config: CoordinatorConfig) -> Result<Arc<dyn Ba
 pub async fn coordinator(
     g: &Global,
     fleet: Option<&FleetFile>,
+    writes: bool,
 ) -> Result<crate::coordinator::Coordinator> {
     use crate::coordinator::Coordinator;
-    Ok(match coordinator_config(g, fleet, None)? {
+    Ok(match coordinator_config(g, fleet, None, writes)? {
         CoordinatorConfig::Etcd(c) => Coordinator::Etcd(connect_etcd(c).await?),
         CoordinatorConfig::Nats(c) => {
             Coordinator::Nats(NatsBackend::connect(c).await.map_err(nats_error)?)
@@ -233,8 +240,9 @@ pub async fn open_coordinator(
     g: &Global,
     fleet: Option<&FleetFile>,
     lease_ttl: Option<Duration>,
+    writes: bool,
 ) -> Result<Arc<dyn Backend>> {
-    connect_coordinator(coordinator_config(g, fleet, lease_ttl)?).await
+    connect_coordinator(coordinator_config(g, fleet, lease_ttl, writes)?).await
 }
 
 /// Connects to the coordinator, waiting for it as long as it does not answer (see `wait_for`).
@@ -309,6 +317,14 @@ pub fn nats_config(
     fleet: Option<&FleetFile>,
     lease_ttl: Option<Duration>,
 ) -> Result<NatsConfig> {
+    if g.prefix.as_deref().is_some_and(|p| !p.is_empty()) {
+        return Err(BackendError::InvalidInput(
+            "--prefix (IFC_PREFIX) is an etcd key namespace; on NATS a board is a bucket: use \
+             --bucket NAME (IFC_BUCKET) instead"
+                .into(),
+        )
+        .into());
+    }
     let file = fleet.map(|f| &f.nats);
     let defaults = NatsConfig::default();
     let servers: Vec<String> = g
@@ -354,6 +370,7 @@ pub fn nats_config(
         user: user_and_password(g, "NATS")?,
         tls,
         event_queue_bound: defaults.event_queue_bound,
+        create_bucket: defaults.create_bucket,
     };
     check_deadlines([
         (
@@ -441,38 +458,40 @@ pub async fn open_router(
     let mut later = None;
     let etcd: Option<Arc<dyn Backend>> = match mode {
         Mode::Coordinator if both => {
-            let config = coordinator_config(g, fleet, lease_ttl)?;
+            let config = coordinator_config(g, fleet, lease_ttl, true)?;
             Some(wait_for_coordinator(config, false, waiting.unwrap_or(&|_| {})).await?)
         }
-        Mode::Coordinator => Some(open_coordinator(g, fleet, lease_ttl).await?),
+        Mode::Coordinator => Some(open_coordinator(g, fleet, lease_ttl, writes || both).await?),
         Mode::Git if !both => None,
-        Mode::Git | Mode::Hybrid => match open_coordinator(g, fleet, lease_ttl).await {
-            Ok(e) => Some(e),
-            Err(e) => {
-                let transient = e
-                    .downcast_ref::<BackendError>()
-                    .is_some_and(BackendError::is_transient);
-                if !transient {
-                    return Err(e);
-                }
-                // A git session only needs etcd if its mode changes: no warning for it.
-                match (mode, both) {
-                    (Mode::Hybrid, true) => {
-                        tracing::warn!(error = %format!("{e:#}"), "etcd is unreachable: starting on git, moving to etcd once it answers")
+        Mode::Git | Mode::Hybrid => {
+            match open_coordinator(g, fleet, lease_ttl, writes || both).await {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    let transient = e
+                        .downcast_ref::<BackendError>()
+                        .is_some_and(BackendError::is_transient);
+                    if !transient {
+                        return Err(e);
                     }
-                    (Mode::Hybrid, false) => {
-                        tracing::warn!(error = %format!("{e:#}"), "etcd is unreachable: this command goes to git")
+                    // A git session only needs etcd if its mode changes: no warning for it.
+                    match (mode, both) {
+                        (Mode::Hybrid, true) => {
+                            tracing::warn!(error = %format!("{e:#}"), "etcd is unreachable: starting on git, moving to etcd once it answers")
+                        }
+                        (Mode::Hybrid, false) => {
+                            tracing::warn!(error = %format!("{e:#}"), "etcd is unreachable: this command goes to git")
+                        }
+                        _ => {
+                            tracing::debug!(error = %format!("{e:#}"), "etcd is unreachable (needed only if this session's mode changes)")
+                        }
                     }
-                    _ => {
-                        tracing::debug!(error = %format!("{e:#}"), "etcd is unreachable (needed only if this session's mode changes)")
+                    if both {
+                        later = Some(coordinator_config(g, fleet, lease_ttl, true)?);
                     }
+                    None
                 }
-                if both {
-                    later = Some(coordinator_config(g, fleet, lease_ttl)?);
-                }
-                None
             }
-        },
+        }
     };
     let name = session.map_or_else(|| "ifc".to_owned(), |s| s.to_string());
     let config = router_config(&name, mode, fleet, both);

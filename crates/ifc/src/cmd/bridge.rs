@@ -29,7 +29,9 @@ async fn open(
     fleet: Option<&FleetFile>,
     clone: &str,
 ) -> Result<(Arc<dyn Backend>, Arc<dyn Backend>)> {
-    let etcd = settings::open_coordinator(g, fleet, None).await?;
+    // The bridge writes to the coordinator; `audit` only reads.
+    let writes = clone == "ifc-bridge";
+    let etcd = settings::open_coordinator(g, fleet, None, writes).await?;
     let name = SessionId::parse(clone).context("the clone's name")?;
     let git: Arc<dyn Backend> = settings::open_git(g, fleet, Some(&name)).await?;
     Ok((etcd, git))
@@ -59,6 +61,12 @@ pub async fn audit(g: &Global, output: Output, out: &mut impl Write) -> Result<u
     let fleet = settings::fleet(g)?;
     let (etcd, git) = open(g, fleet.as_ref(), "ifc-audit").await?;
     let (e, b) = (etcd.list().await?, git.list().await?);
+    // What the table calls the coordinator (JSON keeps its `etcd` keys for either).
+    let coordinator = if etcd.name() == "nats" {
+        "NATS"
+    } else {
+        "etcd"
+    };
     let diffs = bridge::compare(&e.tasks, &b.tasks);
     let blockers = bridge::blocker_differences(&e.tasks, &b.tasks);
     let conflicts = diffs.iter().filter(|d| d.conflict).count();
@@ -82,7 +90,8 @@ pub async fn audit(g: &Global, output: Output, out: &mut impl Write) -> Result<u
         )?,
         Output::Table => {
             if !agree {
-                writeln!(out, "{:<24} {:<28} {:<28} KIND", "TASK", "ETCD", "GIT")?;
+                let column = coordinator.to_uppercase();
+                writeln!(out, "{:<24} {:<28} {:<28} KIND", "TASK", column, "GIT")?;
                 for d in &diffs {
                     writeln!(
                         out,
@@ -105,7 +114,7 @@ pub async fn audit(g: &Global, output: Output, out: &mut impl Write) -> Result<u
             }
             writeln!(
                 out,
-                "{} tasks in etcd, {} on the board: {} differ, {conflicts} conflict(s)",
+                "{} tasks in {coordinator}, {} on the board: {} differ, {conflicts} conflict(s)",
                 e.tasks.len(),
                 b.tasks.len(),
                 diffs.len() - conflicts + blockers.len()
@@ -492,7 +501,7 @@ pub async fn run(
     let stores = {
         let gc = settings::git_config(g, fleet.as_ref(), None)?;
         // etcd's wording is the one earlier versions hashed into the state file's name.
-        let coordinator = match settings::coordinator_config(g, fleet.as_ref(), None)? {
+        let coordinator = match settings::coordinator_config(g, fleet.as_ref(), None, true)? {
             settings::CoordinatorConfig::Etcd(e) => {
                 format!("etcd {} prefix {:?}", e.endpoints.join(","), e.prefix)
             }

@@ -70,7 +70,8 @@ async fn board_store(g: &Global, what: &str) -> Result<Coordinator> {
         ))
         .into());
     }
-    settings::coordinator(g, fleet.as_ref()).await
+    let writes = matches!(what, "migrate" | "delete");
+    settings::coordinator(g, fleet.as_ref(), writes).await
 }
 
 async fn etcd_only(g: &Global, what: &str) -> Result<EtcdBackend> {

@@ -131,7 +131,7 @@ pub async fn run(g: &Global, args: &BenchArgs, output: Output, out: &mut impl Wr
     if settings::store(g, settings::fleet(g)?.as_ref()) == crate::cli::Store::Nats {
         return nats::run(g, args, output, out).await;
     }
-    let sessions = args.sessions as usize;
+    let sessions = args.sessions.unwrap_or(100) as usize;
     // One connection per 1,000 sessions unless told: each connection is a watch cache decoding
     // every event in this process, which on a small machine competes with what is measured.
     let connections = args
@@ -165,7 +165,8 @@ pub async fn run(g: &Global, args: &BenchArgs, output: Output, out: &mut impl Wr
     // Its own connection, without a watch: it removes the scratch prefix after the sessions' are
     // closed, whatever happened.
     let scratch = crate::settings::connect_etcd(config.clone()).await?;
-    let started = Fleet::start(&config, sessions, connections, args.lists).await;
+    let lists = args.lists.unwrap_or(crate::cli::Lists::Shared);
+    let started = Fleet::start(&config, sessions, connections, lists).await;
     let measured = match started {
         Ok((fleet, heard)) => {
             let measured = measure(&fleet, heard, args, &concurrency, &config, &endpoint).await;

@@ -79,6 +79,14 @@ pub async fn run(g: &Global, args: &BenchArgs, output: Output, out: &mut impl Wr
     if args.peer {
         bail!("--peer runs the guide's etcd stack: it has no NATS counterpart here");
     }
+    if args.sessions.is_some() || args.connections.is_some() || args.lists.is_some() {
+        return Err(agent_core::BackendError::InvalidInput(
+            "--sessions, --connections and --lists set up simulated sessions, which the NATS \
+             bench does not have yet: leave them out with --store nats"
+                .into(),
+        )
+        .into());
+    }
     let fleet_file = settings::fleet(g)?;
     let mut config = settings::nats_config(g, fleet_file.as_ref(), Some(args.lease_ttl))?;
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S");
