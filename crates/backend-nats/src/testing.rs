@@ -47,12 +47,19 @@ pub struct NatsServer {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    /// More of nats-server's flags.
+    flags: Vec<String>,
 }
 
 impl NatsServer {
     /// Starts nats-server with JetStream on a free port and waits until it serves. Panics (with
     /// how to install it) when there is no nats-server binary.
     pub fn start() -> NatsServer {
+        NatsServer::start_with(&[])
+    }
+
+    /// [`NatsServer::start`] with more of nats-server's flags (`--user u --pass p`, say).
+    pub fn start_with(flags: &[&str]) -> NatsServer {
         let binary = nats_binary().unwrap_or_else(|hint| panic!("{hint}"));
         let dir = tempfile::tempdir().expect("temp dir for nats-server");
         let mut server = NatsServer {
@@ -60,6 +67,7 @@ impl NatsServer {
             dir,
             port: free_port(),
             child: None,
+            flags: flags.iter().map(|f| (*f).to_owned()).collect(),
         };
         server.spawn();
         server
@@ -72,6 +80,7 @@ impl NatsServer {
             .arg(self.port.to_string())
             .arg("-sd")
             .arg(self.dir.path().join("js"))
+            .args(&self.flags)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

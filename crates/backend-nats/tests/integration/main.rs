@@ -2,4 +2,5 @@
 
 mod claim;
 mod conformance;
+mod security;
 mod watch;

@@ -1,13 +1,24 @@
 //! Security end to end: etcd over TLS with client certificates (a throwaway CA made with
 //! `openssl`, a real etcd that requires client certificates, `ifc --cacert/--cert/--key`; without
 //! a client certificate or a trusted CA the command fails naming the endpoint, exit 3), and a
-//! password (flag or `IFC_PASSWORD`) that never shows in output or logs, even at trace level.
+//! password (flag or `IFC_PASSWORD`) that never shows in output or logs, even at trace level;
+//! and NATS over TLS with client certificates.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::{code, run, text};
+
+/// The flags of a client with the certificates `make_certs` made.
+const CLIENT_TLS: [&str; 6] = [
+    "--cacert",
+    "ca.crt",
+    "--cert",
+    "client.crt",
+    "--key",
+    "client.key",
+];
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -106,14 +117,7 @@ fn tls_with_client_certificates_works_and_a_missing_certificate_is_refused_by_na
         ca: d.join("ca.crt"),
     });
     let endpoint = etcd.endpoint();
-    let tls = [
-        "--cacert",
-        "ca.crt",
-        "--cert",
-        "client.crt",
-        "--key",
-        "client.key",
-    ];
+    let tls = CLIENT_TLS;
     // etcd may take a moment after it listens.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -295,4 +299,45 @@ async fn a_user_rbac_keeps_off_a_prefix_is_told_so_not_that_etcd_is_unreachable(
             && !err.contains("cannot connect"),
         "{err}"
     );
+}
+
+#[test]
+fn nats_over_tls_with_client_certificates_works_and_a_missing_certificate_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    make_certs(d);
+    let path = |f: &str| d.join(f).to_string_lossy().into_owned();
+    let (cert, key, ca) = (path("server.crt"), path("server.key"), path("ca.crt"));
+    let server = backend_nats::testing::NatsServer::start_with(&[
+        "--tlsverify",
+        "--tlscert",
+        &cert,
+        "--tlskey",
+        &key,
+        "--tlscacert",
+        &ca,
+    ]);
+    let endpoint = server.url().replacen("nats://", "tls://", 1);
+    let tls = CLIENT_TLS;
+    let out = run(ifc(d, &endpoint)
+        .args(tls)
+        .args(["put", "TLS-1", "--title", "over tls"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let out = run(ifc(d, &endpoint)
+        .args(tls)
+        .args(["claim", "TLS-1", "--session", "s-tls"]));
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    // Without a client certificate the server refuses the connection: nothing read or written.
+    let out = run(ifc(d, &endpoint).args(["--cacert", "ca.crt", "get", "TLS-1"]));
+    assert_ne!(code(&out), 0, "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains(&endpoint),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(ifc(d, &endpoint)
+        .args(tls)
+        .args(["get", "TLS-1", "-o", "json"]));
+    let task: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(task["claimed_by"], "s-tls");
 }
