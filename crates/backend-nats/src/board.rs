@@ -95,6 +95,9 @@ const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 pub(crate) struct Board {
     pub revision: u64,
+    /// When the bucket's stream this board was read from was created (unix nanoseconds): a
+    /// bucket deleted and made again is another stream, whose sequences start over.
+    pub stream_created: i128,
     pub tasks: BTreeMap<TaskId, Stored>,
     pub leases: HashMap<i64, LeaseSeen>,
     pub sessions: BTreeMap<SessionId, StoredPresence>,

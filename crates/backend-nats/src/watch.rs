@@ -49,14 +49,14 @@ fn change(inner: &Inner, m: &async_nats::jetstream::Message) -> Option<(Change, 
 /// board as of its revision, and the consumer to read on from.
 pub(crate) async fn open(inner: &Inner) -> BackendResult<(Board, Messages)> {
     let timeout = inner.config.request_timeout;
-    let last = inner
+    let info = inner
         .stream
         .clone()
         .info()
         .await
         .map_err(|e| inner.error("read the bucket's state", e))?
-        .state
-        .last_sequence;
+        .clone();
+    let last = info.state.last_sequence;
     let consumer = inner
         .stream
         .create_consumer(push::OrderedConfig {
@@ -76,6 +76,7 @@ pub(crate) async fn open(inner: &Inner) -> BackendResult<(Board, Messages)> {
         .map_err(|e| inner.error("open a watch", e))?;
     let mut board = Board {
         revision: last,
+        stream_created: info.created.unix_timestamp_nanos(),
         ..Board::default()
     };
     while pending > 0 {
@@ -231,10 +232,13 @@ async fn sweep_leases(inner: &Inner, board: &Mutex<Board>, feed: &Feed) -> bool 
 }
 
 /// Feeds a subscriber the changes its consumer delivers. If the consumer ends (the server lost
-/// it), a new one starts and the subscriber gets its snapshot as a `Resync`.
+/// it), or the bucket is not the one the board was read from (deleted and made again, or a
+/// server restarted without its store), a new consumer starts and the subscriber gets its
+/// snapshot as a `Resync`.
 async fn pump(inner: Weak<Inner>, board: Arc<Mutex<Board>>, mut messages: Messages, feed: Feed) {
     let tx = &feed.tx;
     let mut sweep = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut ticks = 0u64;
     loop {
         let next = tokio::select! {
             next = messages.next() => next,
@@ -244,7 +248,12 @@ async fn pump(inner: Weak<Inner>, board: Arc<Mutex<Board>>, mut messages: Messag
                 if !sweep_leases(&inner, &board, &feed).await {
                     return;
                 }
-                continue;
+                ticks += 1;
+                if ticks % STREAM_CHECK_TICKS != 0 || !replaced(&inner, &board).await {
+                    continue;
+                }
+                tracing::warn!("the bucket was made again since it was read; starting again from a fresh snapshot");
+                None
             }
         };
         let Some(inner) = inner.upgrade() else { return };
@@ -271,31 +280,64 @@ async fn pump(inner: Weak<Inner>, board: Arc<Mutex<Board>>, mut messages: Messag
                 tracing::debug!(error = %e, "watch hiccup; the ordered consumer goes on");
             }
             None => {
-                tracing::warn!("watch ended; starting again from a fresh snapshot");
                 inner
                     .reconnects
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                loop {
-                    match open(&inner).await {
-                        Ok((fresh, m)) => {
-                            let listing = fresh.listing();
-                            let all: Vec<_> = fresh.tasks.keys().cloned().collect();
-                            *lock(&board) = fresh;
-                            messages = m;
-                            if !feed.send(BackendEvent::Resync(listing)) {
-                                return;
-                            }
-                            inner.check_held(&lock(&board), all.into_iter());
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot start the watch again; retrying");
-                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                            if tx.is_closed() {
-                                return;
-                            }
-                        }
-                    }
+                match restart(&inner, &board, &feed).await {
+                    Some(m) => messages = m,
+                    None => return,
+                }
+            }
+        }
+    }
+}
+
+/// How many sweeps (seconds) apart a subscription checks that its bucket is the one it read.
+const STREAM_CHECK_TICKS: u64 = 5;
+
+/// Whether the bucket's stream is not the one `board` was read from: made again since (its
+/// creation time differs), or behind the board (a server restarted without its store).
+async fn replaced(inner: &Inner, board: &Mutex<Board>) -> bool {
+    match inner.stream.clone().info().await {
+        Ok(info) => {
+            let board = lock(board);
+            info.created.unix_timestamp_nanos() != board.stream_created
+                || info.state.last_sequence < board.revision
+        }
+        Err(e) => {
+            // Gone (deleted, or a server without it): read again once it is back.
+            let gone = e.to_string().contains("not found");
+            tracing::debug!(error = %e, gone, "cannot read the bucket's state");
+            gone
+        }
+    }
+}
+
+/// Starts a subscription's consumer again from a fresh snapshot, handed to the subscriber as a
+/// `Resync`; retried until the bucket answers. `None` once the subscriber is gone.
+async fn restart(inner: &Inner, board: &Mutex<Board>, feed: &Feed) -> Option<Messages> {
+    tracing::warn!("watch ended; starting again from a fresh snapshot");
+    let mut backoff = agent_core::retry::Backoff::new(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(5),
+    );
+    loop {
+        match open(inner).await {
+            Ok((fresh, m)) => {
+                let listing = fresh.listing();
+                let all: Vec<_> = fresh.tasks.keys().cloned().collect();
+                *lock(board) = fresh;
+                if !feed.send(BackendEvent::Resync(listing)) {
+                    return None;
+                }
+                inner.check_held(&lock(board), all.into_iter());
+                return Some(m);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the watch again; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+                if feed.tx.is_closed() {
+                    return None;
                 }
             }
         }

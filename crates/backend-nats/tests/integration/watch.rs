@@ -277,3 +277,39 @@ async fn changes_after_a_claim_lost_still_arrive() {
         assert_eq!(e.new_status, Some(TaskStatus::Available));
     }
 }
+
+/// The bucket deleted and made again (an operator's reset, or a server restarted without its
+/// store): a subscriber reads the new bucket from a fresh snapshot and hears its changes (it
+/// heard nothing more, and an agent waited for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_made_again_is_read_afresh_by_its_subscribers() {
+    let server = NatsServer::start();
+    let observer = client(&server).await;
+    available(&observer, "OLD").await;
+    let mut sub = observer.subscribe().await.expect("subscribe");
+    let raw = async_nats::jetstream::new(async_nats::connect(server.url()).await.expect("raw"));
+    raw.delete_key_value("ifc")
+        .await
+        .expect("delete the bucket");
+    // A new client makes the bucket again, with tasks of its own.
+    let writer = client(&server).await;
+    available(&writer, "NEW").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut heard = false;
+    while !heard {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(BackendEvent::Resync(listing))) => {
+                let ids: Vec<_> = listing.tasks.iter().map(|t| t.id.to_string()).collect();
+                assert!(!ids.contains(&"OLD".to_owned()), "{ids:?}");
+                heard = ids.contains(&"NEW".to_owned());
+            }
+            Ok(Some(BackendEvent::Task(e))) => heard = e.task == tid("NEW"),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the subscription ended"),
+            Err(_) => panic!("the new bucket's task was not heard within {WAIT:?}"),
+        }
+    }
+    available(&writer, "LATER").await;
+    let e = next_event_for(&mut sub, &tid("LATER"), WAIT).await;
+    assert_eq!(e.new_status, Some(TaskStatus::Available));
+}
