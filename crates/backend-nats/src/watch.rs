@@ -249,7 +249,7 @@ async fn pump(inner: Weak<Inner>, board: Arc<Mutex<Board>>, mut messages: Messag
                     return;
                 }
                 ticks += 1;
-                if ticks % STREAM_CHECK_TICKS != 0 || !replaced(&inner, &board).await {
+                if !ticks.is_multiple_of(STREAM_CHECK_TICKS) || !replaced(&inner, &board).await {
                     continue;
                 }
                 tracing::warn!("the bucket was made again since it was read; starting again from a fresh snapshot");
