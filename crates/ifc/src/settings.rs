@@ -473,16 +473,20 @@ pub async fn open_router(
                     if !transient {
                         return Err(e);
                     }
-                    // A git session only needs etcd if its mode changes: no warning for it.
+                    // A git session only needs the coordinator if its mode changes: no warning.
+                    let coordinator = match store(g, fleet) {
+                        Store::Etcd => "etcd",
+                        Store::Nats => "NATS",
+                    };
                     match (mode, both) {
                         (Mode::Hybrid, true) => {
-                            tracing::warn!(error = %format!("{e:#}"), "etcd is unreachable: starting on git, moving to etcd once it answers")
+                            tracing::warn!(error = %format!("{e:#}"), "{coordinator} is unreachable: starting on git, moving to {coordinator} once it answers")
                         }
                         (Mode::Hybrid, false) => {
-                            tracing::warn!(error = %format!("{e:#}"), "etcd is unreachable: this command goes to git")
+                            tracing::warn!(error = %format!("{e:#}"), "{coordinator} is unreachable: this command goes to git")
                         }
                         _ => {
-                            tracing::debug!(error = %format!("{e:#}"), "etcd is unreachable (needed only if this session's mode changes)")
+                            tracing::debug!(error = %format!("{e:#}"), "{coordinator} is unreachable (needed only if this session's mode changes)")
                         }
                     }
                     if both {
