@@ -3,7 +3,7 @@
 //! (a transition mirrored from git, under `agent_core::mirror::decide`) and `delete` (an
 //! operator removing a task: never a held one or one others wait for, unless forced).
 
-use agent_core::mirror::{self, rank, Decision, Mirrored, RecordOutcome};
+use agent_core::mirror::{self, Decision, Mirrored, RecordOutcome};
 use agent_core::{BackendError, BackendResult, Interest, Task, TaskId, TaskStatus};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
@@ -60,33 +60,11 @@ impl Inner {
                                 reason,
                             }
                         })?;
-                    let live_claim = current.status == TaskStatus::Claimed
-                        && current.claimed_by != want.claimed_by;
-                    if !force && rank(current.status) > rank(want.status) {
-                        return Ok(Imported::Kept {
-                            reason: format!(
-                                "etcd says {}, the board {}",
-                                current.status, want.status
-                            ),
-                        });
-                    }
-                    if !force && live_claim {
-                        let holder = current
-                            .claimed_by
-                            .map(|h| h.to_string())
-                            .unwrap_or_default();
-                        return Ok(Imported::Kept {
-                            reason: format!("claimed by {holder} in etcd"),
-                        });
-                    }
-                    let mut task = want.clone();
-                    task.extra = current.extra.clone();
-                    if task.claimed_at.is_none() && task.claimed_by == current.claimed_by {
-                        task.claimed_at = current.claimed_at;
-                    }
-                    if task == current && !(force && view.claim.is_some()) {
-                        return Ok(Imported::Unchanged);
-                    }
+                    let task =
+                        match Imported::plan(&current, want, force, view.claim.is_some(), "etcd") {
+                            Ok(task) => task,
+                            Err(outcome) => return Ok(outcome),
+                        };
                     (Imported::Updated, Record::plain(task))
                 }
             };

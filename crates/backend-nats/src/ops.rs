@@ -429,34 +429,11 @@ impl Inner {
                 None => (Imported::Created, Record::plain(want.clone()), None),
                 Some(stored) => {
                     let (current, _) = self.effective(id, stored).await?;
-                    let live_claim = current.status == TaskStatus::Claimed
-                        && current.claimed_by != want.claimed_by;
-                    if !force && mirror::rank(current.status) > mirror::rank(want.status) {
-                        return Ok(Imported::Kept {
-                            reason: format!(
-                                "NATS says {}, the board {}",
-                                current.status, want.status
-                            ),
-                        });
-                    }
-                    if !force && live_claim {
-                        let holder = current
-                            .claimed_by
-                            .map(|h| h.to_string())
-                            .unwrap_or_default();
-                        return Ok(Imported::Kept {
-                            reason: format!("claimed by {holder} in NATS"),
-                        });
-                    }
-                    let mut task = want.clone();
-                    task.extra = current.extra.clone();
-                    if task.claimed_at.is_none() && task.claimed_by == current.claimed_by {
-                        task.claimed_at = current.claimed_at;
-                    }
                     let leased = stored.record.as_ref().is_ok_and(|r| r.lease.is_some());
-                    if task == current && !(force && leased) {
-                        return Ok(Imported::Unchanged);
-                    }
+                    let task = match Imported::plan(&current, want, force, leased, "NATS") {
+                        Ok(task) => task,
+                        Err(outcome) => return Ok(outcome),
+                    };
                     (Imported::Updated, Record::plain(task), Some(stored.rev))
                 }
             };

@@ -43,6 +43,50 @@ pub enum Deleted {
     },
 }
 
+impl Imported {
+    /// What writing the board's `want` over the store's `current` comes to: the task to write,
+    /// or why nothing is written (`Kept`: the store is ahead, or another session holds it;
+    /// `Unchanged`). Never backwards unless `force`; `leased`: the stored claim is bound to a
+    /// lease, which a forced write ends even when the task reads the same. `store` names the
+    /// store in a reason (`etcd`, `NATS`).
+    pub fn plan(
+        current: &Task,
+        want: &Task,
+        force: bool,
+        leased: bool,
+        store: &str,
+    ) -> Result<Task, Imported> {
+        if !force
+            && agent_core::mirror::rank(current.status) > agent_core::mirror::rank(want.status)
+        {
+            return Err(Imported::Kept {
+                reason: format!("{store} says {}, the board {}", current.status, want.status),
+            });
+        }
+        let live_claim =
+            current.status == TaskStatus::Claimed && current.claimed_by != want.claimed_by;
+        if !force && live_claim {
+            let holder = current
+                .claimed_by
+                .as_ref()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            return Err(Imported::Kept {
+                reason: format!("claimed by {holder} in {store}"),
+            });
+        }
+        let mut task = want.clone();
+        task.extra = current.extra.clone();
+        if task.claimed_at.is_none() && task.claimed_by == current.claimed_by {
+            task.claimed_at = current.claimed_at;
+        }
+        if task == *current && !(force && leased) {
+            return Err(Imported::Unchanged);
+        }
+        Ok(task)
+    }
+}
+
 impl Deleted {
     /// The reason a corrupt record cannot be deleted without `--force`, saying so.
     pub fn corrupt_reason(id: &TaskId, reason: &str) -> String {
