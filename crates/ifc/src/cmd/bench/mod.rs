@@ -41,6 +41,40 @@ impl Spread {
         }
     }
 
+    /// The heading of a table of spreads from `samples` samples.
+    fn header(out: &mut dyn Write, samples: usize) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "{:<44} {:>8} {:>8} {:>8}",
+            format!("{samples} sequential samples"),
+            "p50 ms",
+            "p95 ms",
+            "p99 ms"
+        )
+    }
+
+    /// One row of that table.
+    fn row(out: &mut dyn Write, label: &str, s: &Spread) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "{label:<44} {:>8.3} {:>8.3} {:>8.3}",
+            s.p50_ms, s.p95_ms, s.p99_ms
+        )
+    }
+
+    /// A row of ratios, ending with whether its p95 meets the target (issue 16: no marker said
+    /// so), judged on the figure as printed, so the table never contradicts itself.
+    fn ratio_row(out: &mut dyn Write, label: &str, s: &Spread) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "{label:<44} {:>8.3} {:>8.3} {:>8.3}  {}",
+            s.p50_ms,
+            s.p95_ms,
+            s.p99_ms,
+            verdict((s.p95_ms * 1000.0).round() / 1000.0 <= RATIO_TARGET)
+        )
+    }
+
     /// Each percentile of `self` over the same of `floor`.
     fn over(&self, floor: &Spread) -> Spread {
         let r = |a: f64, b: f64| if b > 0.0 { round3(a / b) } else { 0.0 };
@@ -370,33 +404,9 @@ fn table(r: &Report, out: &mut impl Write) -> Result<()> {
         opt(r.etcd_watchers),
     )?;
     writeln!(out)?;
-    writeln!(
-        out,
-        "{:<44} {:>8} {:>8} {:>8}",
-        format!("{} sequential samples", r.samples),
-        "p50 ms",
-        "p95 ms",
-        "p99 ms"
-    )?;
-    let row = |out: &mut dyn Write, label: &str, s: &Spread| {
-        writeln!(
-            out,
-            "{label:<44} {:>8.3} {:>8.3} {:>8.3}",
-            s.p50_ms, s.p95_ms, s.p99_ms
-        )
-    };
-    // A ratio row ends with whether its p95 meets the target (issue 16: no marker said so).
-    let ratio_row = |out: &mut dyn Write, label: &str, s: &Spread| {
-        writeln!(
-            out,
-            "{label:<44} {:>8.3} {:>8.3} {:>8.3}  {}",
-            s.p50_ms,
-            s.p95_ms,
-            s.p99_ms,
-            // Judged on the figure as printed, so the table never contradicts itself.
-            verdict((s.p95_ms * 1000.0).round() / 1000.0 <= RATIO_TARGET)
-        )
-    };
+    Spread::header(out, r.samples)?;
+    let row = Spread::row;
+    let ratio_row = Spread::ratio_row;
     row(out, "ifc claim, one session", &r.claim)?;
     row(out, "bare etcd txn, same connection", &r.bare_txn)?;
     ratio_row(out, "  ratio (target p95 <= 1.15)", &r.claim_over_bare)?;

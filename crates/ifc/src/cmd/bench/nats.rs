@@ -15,7 +15,7 @@ use backend_nats::{NatsBackend, NatsConfig};
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use super::{verdict, Spread, RATIO_TARGET, THROUGHPUT_TARGET};
+use super::{verdict, Spread, THROUGHPUT_TARGET};
 use crate::cli::{BenchArgs, Global, Output};
 use crate::settings;
 
@@ -304,31 +304,9 @@ fn table(r: &Report, out: &mut impl Write) -> Result<()> {
         r.endpoint, r.lease_ttl_s
     )?;
     writeln!(out)?;
-    writeln!(
-        out,
-        "{:<44} {:>8} {:>8} {:>8}",
-        format!("{} sequential samples", r.samples),
-        "p50 ms",
-        "p95 ms",
-        "p99 ms"
-    )?;
-    let row = |out: &mut dyn Write, label: &str, s: &Spread| {
-        writeln!(
-            out,
-            "{label:<44} {:>8.3} {:>8.3} {:>8.3}",
-            s.p50_ms, s.p95_ms, s.p99_ms
-        )
-    };
-    let ratio_row = |out: &mut dyn Write, label: &str, s: &Spread| {
-        writeln!(
-            out,
-            "{label:<44} {:>8.3} {:>8.3} {:>8.3}  {}",
-            s.p50_ms,
-            s.p95_ms,
-            s.p99_ms,
-            verdict((s.p95_ms * 1000.0).round() / 1000.0 <= RATIO_TARGET)
-        )
-    };
+    Spread::header(out, r.samples)?;
+    let row = Spread::row;
+    let ratio_row = Spread::ratio_row;
     row(out, "ifc claim, one session", &r.claim)?;
     row(out, "bare KV update (CAS), same connection", &r.bare_update)?;
     ratio_row(out, "  ratio (target p95 <= 1.15)", &r.claim_over_bare)?;
