@@ -103,6 +103,11 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The address it listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
     /// A client configuration for this server, leasing claims with `ttl`.
     pub fn config(&self, ttl: Option<Duration>) -> NatsConfig {
         NatsConfig {

@@ -37,6 +37,18 @@ async fn available(b: &NatsBackend, id: &str) {
     }
 }
 
+/// A client that reaches `server` through a proxy the test can cut.
+async fn through_proxy(server: &NatsServer) -> (backend_etcd::testing::TcpProxy, NatsBackend) {
+    let proxy = backend_etcd::testing::TcpProxy::start(server.addr()).await;
+    let b = NatsBackend::connect(backend_nats::NatsConfig {
+        servers: vec![format!("nats://{}", proxy.addr())],
+        ..server.config(Some(TTL))
+    })
+    .await
+    .expect("connect through the proxy");
+    (proxy, b)
+}
+
 /// `other` puts T, `holder` subscribes and claims T: the holder's subscription.
 async fn subscribed_holder_of_t(
     holder: &NatsBackend,
@@ -143,19 +155,7 @@ async fn a_lease_that_ended_while_the_server_was_down_frees_its_task_for_subscri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_that_ended_while_a_subscriber_was_cut_off_frees_its_task_for_it() {
     let server = NatsServer::start();
-    let target = format!(
-        "127.0.0.1:{}",
-        server.url().rsplit(':').next().expect("port")
-    )
-    .parse()
-    .expect("address");
-    let proxy = backend_etcd::testing::TcpProxy::start(target).await;
-    let observer = NatsBackend::connect(backend_nats::NatsConfig {
-        servers: vec![format!("nats://{}", proxy.addr())],
-        ..server.config(Some(TTL))
-    })
-    .await
-    .expect("connect through the proxy");
+    let (proxy, observer) = through_proxy(&server).await;
     available(&observer, "T").await;
     let mut sub = observer.subscribe().await.expect("subscribe");
     let holder = client(&server).await;
@@ -216,19 +216,7 @@ async fn a_subscriber_that_falls_behind_starts_again_from_a_fresh_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_holder_is_told_before_another_session_wins_its_task() {
     let server = NatsServer::start();
-    let target = format!(
-        "127.0.0.1:{}",
-        server.url().rsplit(':').next().expect("port")
-    )
-    .parse()
-    .expect("address");
-    let proxy = backend_etcd::testing::TcpProxy::start(target).await;
-    let holder = NatsBackend::connect(backend_nats::NatsConfig {
-        servers: vec![format!("nats://{}", proxy.addr())],
-        ..server.config(Some(TTL))
-    })
-    .await
-    .expect("connect through the proxy");
+    let (proxy, holder) = through_proxy(&server).await;
     let other = client(&server).await;
     let mut sub = subscribed_holder_of_t(&holder, &other).await;
     let told = tokio::spawn(async move {
