@@ -69,6 +69,12 @@ impl Inner {
         }
     }
 
+    /// Whether presence `p` was written by this client (under `lease`, its lease now, or one it
+    /// holds or took over).
+    fn written_here(&self, p: &StoredPresence, lease: Option<i64>) -> bool {
+        p.lease == lease || p.lease.is_some_and(|l| self.is_mine(l))
+    }
+
     async fn alive(&self, p: &StoredPresence) -> BackendResult<bool> {
         match p.lease {
             Some(l) => self.lease_alive(l).await,
@@ -84,8 +90,7 @@ impl Inner {
                 Found::Nothing(rev) => rev,
                 Found::Presence(p, rev) => {
                     let taken = lock(&self.registered).contains_key(session)
-                        && p.lease != lease
-                        && !p.lease.is_some_and(|l| self.is_mine(l))
+                        && !self.written_here(&p, lease)
                         && self.alive(&p).await?;
                     if taken {
                         // Another process runs this session now; it was told (`SessionTaken`).
@@ -112,8 +117,7 @@ impl Inner {
             let rev = match self.presence_of(session).await? {
                 Found::Nothing(rev) => rev,
                 Found::Presence(p, rev) => {
-                    let ours = p.lease == lease || p.lease.is_some_and(|l| self.is_mine(l));
-                    if !ours {
+                    if !self.written_here(&p, lease) {
                         match self.alive(&p).await? {
                             // Taken over alive: its claims stay its own until it stops.
                             true if take_over => {}

@@ -74,14 +74,9 @@ async fn board_store(g: &Global, what: &str) -> Result<Coordinator> {
     settings::coordinator(g, fleet.as_ref(), writes).await
 }
 
+/// etcd, for a command that only etcd has (`archive`, which refuses git mode itself).
 async fn etcd_only(g: &Global, what: &str) -> Result<EtcdBackend> {
     let fleet = settings::fleet(g)?;
-    if g.mode == Some(Mode::Git) {
-        return Err(BackendError::InvalidInput(format!(
-            "`ifc {what}` works on etcd: it has no git mode"
-        ))
-        .into());
-    }
     if settings::store(g, fleet.as_ref()) == crate::cli::Store::Nats {
         return Err(BackendError::InvalidInput(format!(
             "`ifc {what}` works with etcd only for now, not with --store nats"
