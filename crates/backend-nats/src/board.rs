@@ -145,6 +145,19 @@ impl Board {
                     .collect()
             }
             Key::Lease(lease) => {
+                let ttl = change.ttl.unwrap_or(DEFAULT_LEASE_TTL);
+                let seen = LeaseSeen {
+                    at: Instant::now(),
+                    ttl,
+                };
+                // A renewal of a lease already alive changes no task: no scan of the board
+                // (every client renews every third of a TTL, and every board hears it).
+                if change.put {
+                    if let Some(known) = self.leases.get_mut(&lease) {
+                        *known = seen;
+                        return Vec::new();
+                    }
+                }
                 let under: Vec<TaskId> = self
                     .tasks
                     .iter()
@@ -153,9 +166,7 @@ impl Board {
                     .collect();
                 let before: Vec<Option<Face>> = under.iter().map(|id| self.face(id)).collect();
                 if change.put {
-                    let ttl = change.ttl.unwrap_or(DEFAULT_LEASE_TTL);
-                    let at = Instant::now();
-                    self.leases.insert(lease, LeaseSeen { at, ttl });
+                    self.leases.insert(lease, seen);
                 } else {
                     self.leases.remove(&lease);
                     self.sessions.retain(|_, p| p.lease != Some(lease));
@@ -298,4 +309,49 @@ pub(crate) fn encode_presence(
         }
     }
     serde_json::to_vec(&v).unwrap_or_default().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(key: &str, put: bool, value: Vec<u8>, rev: u64) -> Change {
+        Change {
+            key: key.into(),
+            put,
+            value: value.into(),
+            rev,
+            ttl: Some(Duration::from_secs(2)),
+        }
+    }
+
+    #[test]
+    fn a_lease_renewal_changes_nothing_and_its_end_frees_its_claims() {
+        let id = TaskId::parse("T").expect("id");
+        let mut task = Task::new(id.clone(), TaskStatus::Claimed);
+        task.claimed_by = Some(SessionId::parse("s").expect("id"));
+        let record = Record {
+            lease: Some(7),
+            ..Record::plain(task)
+        };
+        let mut board = Board::default();
+        assert!(board
+            .apply(&change("leases.7", true, b"{}".to_vec(), 1))
+            .is_empty());
+        let events = board.apply(&change("tasks.T", true, record.encode(), 2));
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].new_status, Some(TaskStatus::Claimed));
+        for rev in 3..6 {
+            let renewed = board.apply(&change("leases.7", true, b"{}".to_vec(), rev));
+            assert!(renewed.is_empty(), "a renewal is no event: {renewed:?}");
+        }
+        let ended = board.apply(&change("leases.7", false, Vec::new(), 6));
+        assert_eq!(
+            ended
+                .iter()
+                .map(|e| (e.task.clone(), e.new_status, e.holder.clone()))
+                .collect::<Vec<_>>(),
+            [(id, Some(TaskStatus::Available), None)]
+        );
+    }
 }
