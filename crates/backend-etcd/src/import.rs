@@ -108,7 +108,11 @@ impl Inner {
                     reason: "held under a live lease: only its holder's release or the lease's end frees it".into(),
                 });
             }
-            if self.changed_since_claim(&view, want) {
+            let changed = view.record.as_ref().is_some_and(|stored| {
+                let rev = u64::try_from(stored.mod_rev).unwrap_or_default();
+                task_record::changed_since_claim(stored.record.as_ref(), rev, want)
+            });
+            if changed {
                 return Ok(RecordOutcome::Kept {
                     reason: "the task was reopened or changed hands here after that claim".into(),
                 });
@@ -122,30 +126,6 @@ impl Inner {
             endpoint: self.conn.endpoints().to_owned(),
             reason: format!("{id}: kept changing while recording"),
         })
-    }
-
-    /// Whether `want` ends an etcd claim (its token) that the task's record no longer shows:
-    /// someone set the task's status after that claim (an operator reopened it, another
-    /// session completed it), so a completion or release of the old claim, carried late from
-    /// git, is not the task's word any more (seed 60000054: a reopened task was marked complete
-    /// again by the session that had done it before, returning from git).
-    fn changed_since_claim(&self, view: &View, want: &Mirrored) -> bool {
-        let Some(token) = want.token else {
-            return false;
-        };
-        if !matches!(
-            want.status,
-            TaskStatus::Complete | TaskStatus::Available | TaskStatus::Blocked
-        ) {
-            return false;
-        }
-        let Some(stored) = &view.record else {
-            return false;
-        };
-        let still_that_claim = stored.record.as_ref().is_ok_and(|r| {
-            r.task.status == TaskStatus::Claimed && r.task.claimed_by == want.holder
-        });
-        u64::try_from(stored.mod_rev).is_ok_and(|rev| rev > token.0) && !still_that_claim
     }
 
     /// Removes a task's record and claim key, if neither changed since they were read; a claimed

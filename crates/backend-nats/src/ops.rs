@@ -368,7 +368,13 @@ impl Inner {
                         reason: "held under a live lease".into(),
                     })
                 }
-                Decision::Write if changed_since_claim(&stored, want) => {
+                Decision::Write
+                    if task_record::changed_since_claim(
+                        stored.record.as_ref(),
+                        stored.rev,
+                        want,
+                    ) =>
+                {
                     return Ok(RecordOutcome::Kept {
                         reason: "the task was reopened or changed hands here after that claim"
                             .into(),
@@ -394,27 +400,6 @@ impl Inner {
         }
         Err(self.too_busy("record", id))
     }
-}
-
-/// Whether `want` ends a claim (its token) that the task's record no longer shows: someone set
-/// the task's status after that claim (an operator reopened it, another session completed it),
-/// so a completion or release of the old claim, carried late from git, is not the task's word
-/// any more (as etcd: seed 60000054).
-fn changed_since_claim(stored: &Stored, want: &Mirrored) -> bool {
-    let Some(token) = want.token else {
-        return false;
-    };
-    if !matches!(
-        want.status,
-        TaskStatus::Complete | TaskStatus::Available | TaskStatus::Blocked
-    ) {
-        return false;
-    }
-    let still_that_claim = stored
-        .record
-        .as_ref()
-        .is_ok_and(|r| r.task.status == TaskStatus::Claimed && r.task.claimed_by == want.holder);
-    stored.rev > token.0 && !still_that_claim
 }
 
 impl Inner {

@@ -43,6 +43,31 @@ pub enum Deleted {
     },
 }
 
+/// Whether `want` (a transition carried from another store) ends a claim, its token, that
+/// the record no longer shows: someone set the task's status after that claim (an operator
+/// reopened it, another session completed it), so a completion or release of the old claim,
+/// carried late from git, is not the task's word any more (seed 60000054: a reopened task was
+/// marked complete again by the session that had done it before, returning from git).
+/// `record` is the stored record (`Err`: unreadable), written at revision `rev`.
+pub fn changed_since_claim(
+    record: Result<&Record, &String>,
+    rev: u64,
+    want: &agent_core::Mirrored,
+) -> bool {
+    let Some(token) = want.token else {
+        return false;
+    };
+    if !matches!(
+        want.status,
+        TaskStatus::Complete | TaskStatus::Available | TaskStatus::Blocked
+    ) {
+        return false;
+    }
+    let still_that_claim = record
+        .is_ok_and(|r| r.task.status == TaskStatus::Claimed && r.task.claimed_by == want.holder);
+    rev > token.0 && !still_that_claim
+}
+
 impl Imported {
     /// What writing the board's `want` over the store's `current` comes to: the task to write,
     /// or why nothing is written (`Kept`: the store is ahead, or another session holds it;
