@@ -217,3 +217,62 @@ async fn delete_refuses_a_held_task_and_a_blocker_unless_forced() {
     );
     assert!(a.list().await.expect("list").tasks.is_empty());
 }
+
+/// A one-shot command's claim (`ifc claim --ttl`: a client that registered no session) is its
+/// session's to end from any later command, while its lease lives; an agent's is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_claim_is_released_by_a_later_command_of_its_session() {
+    use agent_core::{Presence, ReleaseOutcome, ReleaseTo};
+    let server = NatsServer::start();
+    let connect = || NatsBackend::connect(server.config(Some(Duration::from_secs(30))));
+    let setup = connect().await.expect("connect");
+    for id in ["ONE", "AGENT"] {
+        let patch = TaskPatch {
+            status: Some(TaskStatus::Available),
+            ..TaskPatch::default()
+        };
+        setup.put(&tid(id), &patch).await.expect("put");
+    }
+    {
+        let one_shot = connect().await.expect("connect");
+        let won = one_shot
+            .claim(&tid("ONE"), &sid("me"))
+            .await
+            .expect("claim");
+        assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+    } // the command exits; its lease lives on for its TTL
+    let later = connect().await.expect("connect");
+    let out = later
+        .release(&tid("ONE"), &sid("me"), ReleaseTo::Complete, None)
+        .await
+        .expect("release");
+    assert!(matches!(out, ReleaseOutcome::Released { .. }), "{out:?}");
+    // An agent's claim (its client registered the session) stays its own.
+    let agent = connect().await.expect("connect");
+    let presence = Presence {
+        session_id: sid("agent"),
+        state: "working".into(),
+        current_task: None,
+        backend: "nats".into(),
+        started_at: chrono::Utc::now(),
+        pid: std::process::id(),
+        host: agent_core::process::hostname(),
+        version: "test".into(),
+        heartbeat: None,
+        claim_p95_us: None,
+    };
+    assert_eq!(
+        agent.register(&presence, false).await.expect("register"),
+        None
+    );
+    let won = agent
+        .claim(&tid("AGENT"), &sid("agent"))
+        .await
+        .expect("claim");
+    assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+    let out = later
+        .release(&tid("AGENT"), &sid("agent"), ReleaseTo::Complete, None)
+        .await
+        .expect("release");
+    assert!(matches!(out, ReleaseOutcome::NotHolder { .. }), "{out:?}");
+}
